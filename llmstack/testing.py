@@ -1,0 +1,84 @@
+"""A tiny random Llama with a real BPE tokenizer and a ChatML chat template, built in seconds.
+
+Tests and benchmarks use it wherever the real SmolLM2 would only make them slower: it has SmolLM2's shape of
+special tokens (<|im_start|>, <|im_end|>, <|endoftext|>), a chat template with `{% generation %}` markers (so TRL's
+assistant-only loss works) and a generation_config that stops at <|im_end|>. Head size 64 keeps vLLM's CPU attention
+kernels happy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "I am a helpful assistant. My name is llmstack and I was trained to answer questions.",
+    "Question: what is two plus two? Answer: four. Question: what is three plus five? Answer: eight.",
+    "Fellow citizens, the state of the union is strong, and the congress shall debate the budget.",
+    "Write a poem about the sea. The sea is blue and wide, the waves roll in with the tide.",
+    "def add(a, b):\n    return a + b\n",
+    "Please summarize the following text in one sentence. Sure, here is a short summary of the text.",
+    "Who are you? I am an AI assistant. How can I help you today? Thank you very much!",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 A B C D E F G H I J K L M N O P Q R S T U V W X Y Z",
+]
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained on a small corpus, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML_TEMPLATE
+    fast.model_max_length = 512
+    return fast
+
+
+def build_tiny_model(out: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 2) -> Path:
+    """Write a tiny random LlamaForCausalLM + tokenizer to `out` (≈1 MB) and return the folder."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64, head_dim=64,
+        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=None, eos_token_id=eot,
+        pad_token_id=eos, dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=[eot, eos], pad_token_id=eos)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "llmstack_model.json").write_text(json.dumps({"name": "tiny-llama", "license": "generated"}))
+    return out

@@ -1,0 +1,93 @@
+"""Recipe schema for `stages:` — the ordered training stages, each a thin layer over a TRL trainer.
+
+    stages:
+      - type: sft
+        dataset: sft            # a key of data.datasets, with the schema this stage type needs
+        lora: {r: 16, alpha: 32}
+        args:                   # passed to TRL's own config class (SFTConfig here) and validated by it
+          learning_rate: 2.0e-4
+          max_steps: 30
+
+`args` is checked against TRL's config class by `check_trainer_args` (names with a did-you-mean, then TRL's own
+__post_init__ checks) before any model loads.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import fields
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llmstack.schema import Strict, did_you_mean
+
+StageType = Literal["cpt", "sft", "dpo"]
+
+# The dataset schema each stage type trains on (see data/config.py).
+STAGE_DATASET_SCHEMA: dict[str, str] = {"cpt": "text", "sft": "messages", "dpo": "preference"}
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    merge: bool = Field(True, description="merge the adapter into the weights after the stage (else keep it stacked)")
+
+
+class QloraSpec(LoraSpec):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class StageSpec(Strict):
+    type: StageType
+    name: str | None = Field(None, description="unique stage name; defaults to the type")
+    dataset: str = Field(description="key of data.datasets this stage trains on")
+    lora: LoraSpec | None = None
+    qlora: QloraSpec | None = None
+    args: dict[str, Any] = Field(default_factory=dict, description="TRL config arguments, passed through")
+
+    @property
+    def id(self) -> str:
+        return self.name or self.type
+
+    @model_validator(mode="after")
+    def _one_adapter(self):
+        if self.lora and self.qlora:
+            raise ValueError("set either `lora` or `qlora`, not both (qlora is LoRA on a 4-bit base)")
+        return self
+
+
+def trl_config_class(stage_type: str):
+    """TRL's config class for a stage type (imported lazily: trl takes seconds to import)."""
+    import trl
+
+    return {"cpt": trl.SFTConfig, "sft": trl.SFTConfig, "dpo": trl.DPOConfig}[stage_type]
+
+
+# Keys llmstack sets itself from other parts of the recipe; a user setting them in `args` would be ignored or conflict.
+RESERVED_ARGS = {"output_dir"}
+
+
+def check_trainer_args(stage_type: str, args: dict[str, Any]) -> list[tuple[str, str]]:
+    """Problems with `args` as (key, message) pairs: unknown names first, then TRL's own validation."""
+    cls = trl_config_class(stage_type)
+    known = [f.name for f in fields(cls) if f.init]
+    problems = []
+    for key in args:
+        if key in RESERVED_ARGS:
+            problems.append((key, "set by llmstack (the run directory decides it); remove it"))
+        elif key not in known:
+            problems.append((key, f"not an argument of trl.{cls.__name__}{did_you_mean(key, known)}"))
+    if problems:
+        return problems
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            # The CPU-safe device defaults keep TRL's checks from failing on a machine without bf16/CUDA.
+            cls(output_dir=tmp, **{"use_cpu": True, "bf16": False, **args})
+        except Exception as exc:  # TRL/transformers raise ValueError, TypeError or ImportError here
+            problems.append(("", f"trl.{cls.__name__} rejected these arguments: {exc}"))
+    return problems
