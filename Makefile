@@ -15,8 +15,9 @@ quickstart: $(STAMP)
 	$(BIN)/llmstack models fetch smollm2-135m-instruct
 	$(BIN)/llmstack run recipes/quickstart.yaml
 
+# pytest exits 5 when it collects no tests: that is not a failure of the suite.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 setup: $(STAMP)
 
