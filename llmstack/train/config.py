@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -33,7 +34,11 @@ class LoraSpec(Strict):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
-    merge: bool = Field(True, description="merge the adapter into the weights after the stage (else keep it stacked)")
+    merge: bool = Field(
+        True,
+        description="true: the stage outputs a plain HF folder with the adapter merged in. false: it outputs the "
+                    "adapter alone (a PEFT folder whose base_model_name_or_path is the stage's input model, with the "
+                    "tokenizer beside it); the next stage loads base + adapter and merges them before it trains")
 
 
 class QloraSpec(LoraSpec):
@@ -49,6 +54,13 @@ class StageSpec(Strict):
     lora: LoraSpec | None = None
     qlora: QloraSpec | None = None
     args: dict[str, Any] = Field(default_factory=dict, description="TRL config arguments, passed through")
+    launch: str | None = Field(
+        None,
+        description="accelerate config for this stage: a name in recipes/accelerate/ (cpu, cpu-ddp, ddp, fsdp2, "
+                    "zero3) or a YAML path; the pipeline then runs it under `accelerate launch`. None: in-process")
+    probe: list[str] = Field(
+        default_factory=list,
+        description="user prompts answered greedily by the trained model; answers go into the report and metrics")
 
     @property
     def id(self) -> str:
@@ -59,6 +71,27 @@ class StageSpec(Strict):
         if self.lora and self.qlora:
             raise ValueError("set either `lora` or `qlora`, not both (qlora is LoRA on a 4-bit base)")
         return self
+
+    @model_validator(mode="after")
+    def _launch_exists(self):
+        if self.launch is not None:
+            launch_config_path(self.launch)  # raises with the list of shipped names
+        return self
+
+
+ACCELERATE_DIR = Path(__file__).resolve().parent.parent.parent / "recipes" / "accelerate"
+
+
+def launch_config_path(launch: str) -> Path:
+    """`cpu-ddp` -> recipes/accelerate/cpu-ddp.yaml; a path to a YAML file is taken as is."""
+    path = Path(launch).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = ACCELERATE_DIR / f"{launch}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+    raise ValueError(f"launch: '{launch}' is neither an accelerate config file nor one of {names}")
 
 
 def trl_config_class(stage_type: str):

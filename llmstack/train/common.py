@@ -1,0 +1,386 @@
+"""What the three training stages share: device defaults, model loading (full / LoRA / QLoRA), the training chat
+template, resume, merge-and-save, and the stage's report (loss curve PNG, section.md, metrics).
+
+The stage modules (cpt.py, sft.py, dpo.py) stay straight TRL calls; everything here is plumbing around them that
+would otherwise be copied three times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmstack.runs import sha256_json
+
+log = logging.getLogger("llmstack")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer arguments: our defaults < device defaults < the recipe's `args` (the user always wins)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def device_defaults() -> dict[str, Any]:
+    """TRL defaults to bf16=True and gradient_checkpointing=True. Both are wrong for small models: on an AVX2 CPU bf16
+    is emulated (≈4x slower) and checkpointing costs ≈1.7x; on an H100 the two together cost ≈8x for a 1.1B model
+    that fits in memory anyway. So choose per device, and let the recipe's `args` turn them back on."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"use_cpu": False, "bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": False}
+    return {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}
+
+
+def common_defaults(ctx) -> dict[str, Any]:
+    return {
+        "seed": ctx.recipe.seed,
+        "logging_steps": 1,
+        "report_to": ["tensorboard"],
+        "save_total_limit": 2,
+        "ddp_find_unused_parameters": False,  # LoRA freezes most parameters; the search costs a pass per step
+        "disable_tqdm": False,
+    }
+
+
+def trainer_config(ctx, stage_defaults: dict[str, Any]):
+    """TRL's config for this stage: output_dir is the stage folder, so checkpoints and TensorBoard logs live there."""
+    from llmstack.train.config import trl_config_class
+
+    spec = ctx.spec
+    kwargs = {**common_defaults(ctx), **device_defaults(), **stage_defaults, **spec.args}
+    return trl_config_class(spec.type)(output_dir=str(ctx.dir), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model and tokenizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(folder: Path, dtype: str, qlora=None):
+    """The stage's starting model. A folder holding only an adapter (from a stage with lora.merge: false) is loaded
+    onto its base and merged in memory, so every stage trains a plain model."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder = Path(folder)
+    kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
+    if qlora is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=qlora.quant_type, bnb_4bit_use_double_quant=qlora.double_quant,
+            bnb_4bit_compute_dtype=_dtype(qlora.compute_dtype))
+    if (folder / "adapter_config.json").exists():
+        if qlora is not None:
+            merged = folder.parent / "merged-input"
+            if not (merged / "config.json").exists():
+                _merge_adapter(folder, merged, dtype)
+            folder = merged
+        else:
+            from peft import PeftModel
+
+            base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+            model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+            return PeftModel.from_pretrained(model, folder).merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def peft_config(spec):
+    adapter = spec.lora or spec.qlora
+    if adapter is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                      target_modules=adapter.target_modules, task_type="CAUSAL_LM")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat template with {% generation %} markers (for assistant-only loss)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# SmolLM2's (and most ChatML models') template writes every message with one expression. TRL's assistant-only loss
+# needs the assistant part wrapped in {% generation %}; we rewrite that one expression and then check the result
+# renders byte-identically to the original, so training sees exactly the text the model is served with.
+_CHATML_MESSAGE = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+_CHATML_MESSAGE_MARKED = (
+    "{% if message['role'] == 'assistant' %}"
+    "{{'<|im_start|>assistant\n'}}{% generation %}{{message['content'] + '<|im_end|>'}}{% endgeneration %}{{'\n'}}"
+    "{% else %}" + _CHATML_MESSAGE + "{% endif %}"
+)
+
+_PROBE_CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+     {"role": "assistant", "content": "6\nDone."}],
+]
+
+
+class ChatTemplateError(ValueError):
+    pass
+
+
+def training_chat_template(tokenizer) -> str:
+    """The template to train with: the tokenizer's own if it has generation markers, else a marked equivalent."""
+    from trl.chat_template_utils import has_generation_markers
+
+    original = tokenizer.chat_template
+    if not original:
+        raise ChatTemplateError("the model's tokenizer has no chat template; an sft stage trains on chat messages")
+    if has_generation_markers(original):
+        return original
+    if _CHATML_MESSAGE not in original:
+        raise ChatTemplateError(
+            "the chat template has no {% generation %} markers and is not a ChatML template llmstack can mark; "
+            "set `args.assistant_only_loss: false` for this stage (trains on the whole conversation)")
+    marked = original.replace(_CHATML_MESSAGE, _CHATML_MESSAGE_MARKED)
+    for conv in _PROBE_CONVERSATIONS:
+        for gen_prompt, msgs in ((False, conv), (True, conv[:-1])):
+            a = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+            b = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt,
+                                              chat_template=marked)
+            if a != b:
+                raise ChatTemplateError(f"marked chat template renders differently from the original: {a!r} != {b!r}")
+    return marked
+
+
+def check_single_bos(tokenizer, text: str) -> None:
+    """A chat template that writes BOS plus a tokenizer that adds one gives <bos><bos>: a silent quality loss."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return
+    ids = tokenizer(text).input_ids
+    if len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        raise ValueError(f"tokenised training text starts with two BOS tokens ({tokenizer.bos_token!r})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resume_checkpoint(ctx, trainer) -> str | None:
+    """The last checkpoint in the stage folder if it was written for these same inputs, else None (and stale
+    checkpoints are removed, so a changed recipe never resumes from another run's state). The trainer's own
+    resume restores model, optimizer, scheduler and RNG state and skips the batches already seen: same data order."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
+                            "datasets": {k: str(v) for k, v in ctx.datasets.items()}, "seed": ctx.recipe.seed})
+    stamp = ctx.dir / "checkpoint-inputs.sha256"
+    last = get_last_checkpoint(str(ctx.dir))
+    fresh = bool(last) and stamp.exists() and stamp.read_text().strip() == identity
+    trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 touches the folder
+    if fresh:
+        log.info("resuming %s from %s", ctx.name, last)
+        return last
+    if trainer.accelerator.is_main_process:
+        for old in ctx.dir.glob("checkpoint-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        stamp.write_text(identity)
+    trainer.accelerator.wait_for_everyone()
+    return None
+
+
+def eval_split(data, args):
+    """The curated validation split, when the recipe asks for evaluation (args.eval_strategy) and it has rows."""
+    if str(getattr(args, "eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
+        return None
+    split = data.get("validation")
+    return split if split is not None and len(split) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-process: the pipeline hands a stage with `launch:` to `accelerate launch -m llmstack.train`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def in_launched_process() -> bool:
+    return os.environ.get("LLMSTACK_LAUNCHED") == "1"
+
+
+def launch(ctx):
+    """Run this stage under `accelerate launch` with the stage's config; rank 0 leaves result.json for us."""
+    from llmstack.pipeline import StageResult
+    from llmstack.train.config import launch_config_path
+
+    result_file = ctx.dir / "result.json"
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config_path(ctx.spec.launch)),
+           "-m", "llmstack.train", str(Path(ctx.recipe_path).resolve()), "--stage", ctx.name,
+           "--run-id", ctx.run.dir.name, "--runs-dir", str(ctx.run.dir.parent.parent.resolve()), "--no-record"]
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env={**os.environ, "LLMSTACK_LAUNCHED": "1"})
+    if proc.returncode != 0 or not result_file.exists():
+        raise RuntimeError(f"`accelerate launch` of stage {ctx.name} failed (exit {proc.returncode}); see its log above")
+    res = json.loads(result_file.read_text())
+    model = Path(res["model"])
+    return StageResult(outputs={"model": model}, metrics=res["metrics"], model=model)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save: a plain HF folder (merged) or a stacked adapter, with the ORIGINAL chat template and end-of-turn eos
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _merge_adapter(adapter_dir: Path, out: Path, dtype: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    # Merge into a full-precision copy of the base, never into a 4-bit one (QLoRA): the result is a plain model.
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=_dtype(dtype))
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out)
+
+
+def save_model(trainer, ctx, tokenizer, chat_template: str | None) -> Path:
+    """Write ctx.dir/model. Call on every process (FSDP/ZeRO gather the weights collectively)."""
+    from transformers import GenerationConfig
+
+    spec = ctx.spec
+    adapter = spec.lora or spec.qlora
+    out = ctx.dir / "model"
+    if adapter is None:
+        trainer.save_model(str(out))
+    else:
+        target = ctx.dir / "adapter" if adapter.merge else out
+        trainer.save_model(str(target))
+        if adapter.merge and trainer.accelerator.is_main_process:
+            _merge_adapter(target, out, ctx.recipe.model.dtype)
+        elif trainer.accelerator.is_main_process:
+            # A stacked adapter names its base: this stage's input model (loaded and merged by the next stage).
+            cfg_file = out / "adapter_config.json"
+            cfg = json.loads(cfg_file.read_text())
+            cfg["base_model_name_or_path"] = str(Path(ctx.model).resolve())
+            cfg_file.write_text(json.dumps(cfg, indent=2))
+    if trainer.accelerator.is_main_process:
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(out)
+        # The input model's generation_config carries the end-of-turn eos (<|im_end|>): keep it verbatim.
+        source = Path(ctx.model)
+        if (source / "generation_config.json").exists():
+            GenerationConfig.from_pretrained(source).save_pretrained(out)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def cleanup_checkpoints(ctx) -> None:
+    """A finished stage's checkpoints are only useful for resuming it; drop them (full-FT ones are 3x the model)."""
+    for old in ctx.dir.glob("checkpoint-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(ctx.dir / "merged-input", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report: metrics, loss curve, section.md
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def metrics_from(trainer, train_output) -> dict[str, Any]:
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    runtime = train_output.metrics.get("train_runtime", 0.0)
+    m = {
+        "steps": trainer.state.global_step,
+        "train_loss": round(float(train_output.training_loss), 5),
+        "first_loss": round(float(losses[0]), 5) if losses else None,
+        "last_loss": round(float(losses[-1]), 5) if losses else None,
+        "train_runtime_s": round(float(runtime), 2),
+        "tokens": int(tokens),
+        "tokens_per_s": round(tokens / runtime, 2) if runtime else None,
+    }
+    for key in ("rewards/margins", "rewards/accuracies"):
+        vals = [h[key] for h in history if key in h]
+        if vals:
+            m[key.replace("/", "_") + "_first"] = round(float(vals[0]), 5)
+            m[key.replace("/", "_") + "_last"] = round(float(vals[-1]), 5)
+    return m
+
+
+def plot_curves(history: list[dict], out: Path, keys: tuple[str, ...]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key in keys:
+        points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot(*zip(*points), marker="." if len(points) < 60 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = key.replace("/", "_") + ".png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def probe_answers(model_dir: Path, questions: list[str]) -> list[dict[str, Any]]:
+    from llmstack.models import chat_greedy
+
+    rows = []
+    for q in questions:
+        ans = chat_greedy(model_dir, q, max_new_tokens=48)
+        rows.append({"question": q, "answer": ans["text"], "stopped_at_eos": ans["stopped_at_eos"]})
+    return rows
+
+
+def write_report(ctx, trainer, metrics: dict[str, Any], curve_keys: tuple[str, ...] = ("loss",),
+                 probes: list[dict] | None = None) -> None:
+    history = trainer.state.log_history
+    (ctx.dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    images = plot_curves(history, ctx.dir, curve_keys)
+    spec = ctx.spec
+    adapter = "qlora" if spec.qlora else "lora" if spec.lora else "full fine-tune"
+    lines = [f"## Training: {ctx.name} ({spec.type}, {adapter}, dataset `{spec.dataset}`)", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in metrics.items() if not isinstance(v, (list, dict))]
+    lines += [""] + [f"![{n}]({n})" for n in images]
+    if probes:
+        lines += ["", "| prompt | greedy answer |", "|---|---|"]
+        lines += [f"| {p['question']} | {p['answer'].replace('|', '/').replace(chr(10), ' ')} |" for p in probes]
+    lines.append(f"\nTensorBoard: `tensorboard --logdir {ctx.dir / 'runs'}`")
+    (ctx.dir / "section.md").write_text("\n".join(lines) + "\n")
+
+
+def finish(ctx, trainer, train_output, tokenizer, chat_template, curve_keys=("loss",)):
+    """Save the model, write the report and return the StageResult every training stage returns."""
+    from llmstack.pipeline import StageResult
+
+    out = save_model(trainer, ctx, tokenizer, chat_template)
+    metrics = metrics_from(trainer, train_output)
+    if trainer.accelerator.is_main_process:
+        merged = (out / "config.json").exists()
+        probes = probe_answers(out, ctx.spec.probe) if ctx.spec.probe and merged else None
+        if probes:
+            metrics["probe"] = probes
+        write_report(ctx, trainer, metrics, curve_keys, probes)
+        cleanup_checkpoints(ctx)
+        (ctx.dir / "result.json").write_text(json.dumps({"model": str(out), "metrics": metrics}, indent=2))
+    return StageResult(outputs={"model": out}, metrics=metrics, model=out)
