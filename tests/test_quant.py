@@ -1,0 +1,66 @@
+"""Quantization: llm-compressor (in .venv-quant) exports compressed-tensors the main environment loads and runs."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from llmstack.pipeline import run_recipe
+from llmstack.quant.run import bytes_16bit, compress, vllm_kernel_for, weights_bytes
+from llmstack.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_w4(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "w4a16"
+    info = compress(tiny_model, out, "w4a16", "rtn", group_size=64)
+    return out, info
+
+
+def test_rtn_w4a16_export_is_compressed_tensors(tiny_w4, tiny_model):
+    out, info = tiny_w4
+    assert info["scheme"] == "w4a16" and info["method"] == "rtn"
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    weights = q["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["strategy"]) == (4, 64, "group")
+    assert q["ignore"] == ["lm_head"]
+    # Linear weights packed 8 per int32: much smaller than the 16-bit model even with the 16-bit embeddings kept.
+    assert weights_bytes(out) < bytes_16bit(tiny_model)
+
+
+def test_w4a16_loads_in_main_env_and_tracks_the_original(tiny_w4, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = tiny_w4
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    q = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    x = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        a, b = ref(x).logits, q(x).logits
+    assert not torch.equal(a, b)  # the weights really were rounded ...
+    rel = (a - b).norm() / a.norm()
+    assert rel < 0.5, rel  # ... but the model still computes roughly the same function
+
+
+def test_group_size_must_divide_hidden(tiny_model, tmp_path):
+    from llmstack.quant.run import QuantizeError
+
+    with pytest.raises(QuantizeError, match="does not divide the hidden size 128"):
+        compress(tiny_model, tmp_path / "bad", "w4a16", "rtn", group_size=96)
+
+
+def test_quantize_stage_in_a_recipe(tiny_model, tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump({"name": "q", "model": {"source": str(tiny_model)},
+                                    "quantize": {"scheme": "w4a16", "method": "rtn"}}))
+    run = run_recipe(load_recipe(path), path, tmp_path / "runs")
+    entry = run.manifest["stages"]["int4"]
+    assert entry["status"] == "done"
+    serve = json.loads((run.dir / "int4" / "serve.json").read_text())
+    has_kernel, _ = vllm_kernel_for("w4a16")
+    assert serve["scheme"] == ("w4a16" if has_kernel else "w8a8")
+    assert (run.dir / "int4" / serve["scheme"] / "config.json").exists()
+    assert entry["metrics"]["w4a16"]["size_vs_16bit"] < 1
+    assert "## Quantization (int4)" in (run.dir / "report.md").read_text()
