@@ -163,3 +163,39 @@ def run(ctx: StageContext) -> StageResult:
     outputs = {scheme: out for scheme, out in exports.items()}
     outputs["serve"] = ctx.dir / "serve.json"
     return StageResult(outputs=outputs, metrics=metrics, model=exports[spec.scheme])
+
+
+def render_jsonl(src: Path, tokenizer_dir: Path, out: Path) -> None:
+    """A user's calibration jsonl (rows with `messages` or `text`) -> rendered `text` rows for compress.py."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with open(src) as f, open(out, "w") as w:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "messages" in row:
+                text = tok.apply_chat_template(row["messages"], tokenize=False)
+            elif "text" in row:
+                text = row["text"]
+            else:
+                raise QuantizeError(f"{src}:{n}: a calibration row needs `messages` or `text`")
+            w.write(json.dumps({"text": text}) + "\n")
+
+
+def quantize_cli(model: Path, out: Path, scheme: str, method: str, group_size: int, calibration: Path | None,
+                 samples: int, seed: int) -> dict:
+    """`llmstack quantize`: one folder in, one compressed-tensors folder out, with its size and a sample answer."""
+    rendered = None
+    if calibration:
+        rendered = out.with_name(out.name + ".calibration.jsonl")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        render_jsonl(calibration, model, rendered)
+    elif method != "rtn":
+        raise QuantizeError(f"method {method} needs --calibration FILE.jsonl (rows with `messages` or `text`); "
+                            f"or use --method rtn")
+    info = compress(model, out, scheme, method, group_size, rendered, samples, seed=seed)
+    info["size_vs_16bit"] = round(weights_bytes(out) / bytes_16bit(model), 3)
+    info["serve"] = dict(zip(("vllm_kernel", "why"), vllm_kernel_for(scheme)))
+    return info
