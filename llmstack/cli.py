@@ -18,6 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="One YAML recipe from data curation to a guarded OpenAI-compatible endpoint.")
 models_app = typer.Typer(no_args_is_help=True, help="Fetch, convert and list base models (offline-capable).")
 app.add_typer(models_app, name="models")
+from llmstack.serve.server import serve as _serve, serve_key as _serve_key  # noqa: E402
+
+app.command("serve")(_serve)
+app.command("serve-key")(_serve_key)
 
 console = Console(stderr=True)
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/quickstart.yaml")]

@@ -1,0 +1,214 @@
+"""The guard in front of the engine: API keys (stored hashed, per-key model allowlist), per-key rate limits
+(the `limits` library: in memory, or redis:// shared by replicas), and input/output rails (prompt-injection
+heuristics, PII redact/block, blocklist) that also work on streamed text.
+
+The rails are regular expressions written here on purpose: the libraries that do this (presidio, NeMo Guardrails,
+llm-guard) pull spaCy or model downloads that a hub-less CPU box cannot have, and a guard that needs a model of its
+own to start is not a front door. The patterns are heuristics; the policy decides what each match does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from llmstack.serve.config import GuardPolicy, KeyEntry, KeyFile, Rails
+
+# ------------------------------------------------------------------------------------------------------- keys
+KEY_PREFIX = "sk-llmstack-"
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    # Keys are 256-bit random tokens, so a plain sha256 is enough (no password-style slow hash is needed).
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    """Authenticates a presented key against the hashed key file; never keeps a raw key."""
+
+    def __init__(self, keys: KeyFile):
+        self.entries = keys.keys
+
+    def authenticate(self, presented: str | None) -> KeyEntry | None:
+        if not presented:
+            return None
+        digest = hash_key(presented)
+        found = None
+        for entry in self.entries:  # compare against every entry in constant time, so timing says nothing
+            if hmac.compare_digest(digest, entry.sha256):
+                found = entry
+        return found
+
+    @staticmethod
+    def allows(entry: KeyEntry, model: str) -> bool:
+        return "*" in entry.models or model in entry.models
+
+
+def presented_key(headers) -> str | None:
+    auth = headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return headers.get("x-api-key")
+
+
+# ------------------------------------------------------------------------------------------------ rate limits
+class RateLimiter:
+    """Requests/min and tokens/min per key. Tokens are reserved up front (prompt + max_tokens), as OpenAI does,
+    so a burst of long generations cannot overrun the budget before the first one finishes."""
+
+    def __init__(self, policy: GuardPolicy):
+        from limits import parse
+        from limits.aio import strategies
+        from limits.storage import storage_from_string
+
+        cfg = policy.rate_limits
+        uri = cfg.storage
+        options = {}
+        if uri.startswith(("redis", "rediss")):
+            options["implementation"] = "redispy"  # the installed client (coredis is not)
+        self.storage = storage_from_string("async+" + uri, **options)
+        cls = {"moving-window": strategies.MovingWindowRateLimiter,
+               "fixed-window": strategies.FixedWindowRateLimiter,
+               "sliding-window-counter": strategies.SlidingWindowCounterRateLimiter}[cfg.strategy]
+        self.limiter = cls(self.storage)
+        self.defaults = cfg
+        self._parse = parse
+
+    def _limits(self, entry: KeyEntry):
+        rpm = entry.requests_per_minute or self.defaults.requests_per_minute
+        tpm = entry.tokens_per_minute or self.defaults.tokens_per_minute
+        return self._parse(f"{rpm}/minute"), self._parse(f"{tpm}/minute")
+
+    async def admit(self, entry: KeyEntry, tokens: int) -> tuple[str, float] | None:
+        """None if admitted (and charged); else (which limit, seconds until retry)."""
+        rpm, tpm = self._limits(entry)
+        if tokens > tpm.amount:
+            return "tokens_per_minute", 60.0  # can never fit; still a 429 so clients back off
+        if not await self.limiter.test(tpm, "tpm", entry.id, cost=tokens):
+            return "tokens_per_minute", await self._retry_after(tpm, entry.id, "tpm")
+        if not await self.limiter.hit(rpm, "rpm", entry.id):
+            return "requests_per_minute", await self._retry_after(rpm, entry.id, "rpm")
+        if not await self.limiter.hit(tpm, "tpm", entry.id, cost=tokens):  # lost a race with another replica
+            return "tokens_per_minute", await self._retry_after(tpm, entry.id, "tpm")
+        return None
+
+    async def _retry_after(self, item, key_id: str, kind: str) -> float:
+        stats = await self.limiter.get_window_stats(item, kind, key_id)
+        return max(1.0, stats.reset_time - time.time())
+
+
+# ------------------------------------------------------------------------------------------------------ rails
+INJECTION_PATTERNS = [
+    r"\b(ignore|disregard|forget|override)\b.{0,40}\b(previous|prior|above|earlier|all|your|system)\b.{0,20}"
+    r"\b(instructions?|prompts?|rules|directions|guidelines)\b",
+    r"\b(reveal|print|show|repeat|leak)\b.{0,30}\b(system prompt|hidden instructions|initial prompt)\b",
+    r"\byou are now\b.{0,40}\b(DAN|jailbroken|unrestricted|unfiltered|developer mode)\b",
+    r"\b(enable|enter|activate)\b.{0,20}\b(developer|god|jailbreak|DAN) mode\b",
+    r"\bdo anything now\b",
+    r"<\|im_start\|>\s*system",  # a chat-template role marker smuggled into content
+]
+_INJECTION = [re.compile(p, re.IGNORECASE | re.DOTALL) for p in INJECTION_PATTERNS]
+
+
+def _luhn(digits: str) -> bool:
+    total, alt = 0, False
+    for ch in reversed(digits):
+        d = int(ch)
+        if alt:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+        alt = not alt
+    return total % 10 == 0
+
+
+PII_PATTERNS: dict[str, re.Pattern] = {
+    "EMAIL": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
+    "CARD": re.compile(r"\b(?:\d[ -]?){12,18}\d\b"),
+    "SSN": re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
+    "PHONE": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]?\d{4}\b"),
+}
+
+
+def find_pii(text: str) -> list[tuple[int, int, str]]:
+    spans = []
+    for label, pattern in PII_PATTERNS.items():
+        for m in pattern.finditer(text):
+            if label == "CARD" and not _luhn(re.sub(r"\D", "", m.group())):
+                continue
+            if any(s < m.end() and m.start() < e for s, e, _ in spans):  # an earlier label already covers it
+                continue
+            spans.append((m.start(), m.end(), label))
+    return sorted(spans)
+
+
+def redact_pii(text: str) -> tuple[str, list[str]]:
+    spans = find_pii(text)
+    out, last = [], 0
+    for s, e, label in spans:
+        out += [text[last:s], f"[{label}]"]
+        last = e
+    out.append(text[last:])
+    return "".join(out), [label for _, _, label in spans]
+
+
+@dataclass
+class Verdict:
+    text: str  # the text to use (redacted if the policy redacts)
+    blocked: str | None = None  # reason code when the text must not pass: injection | pii | blocklist
+    decisions: list[str] = field(default_factory=list)  # e.g. ["pii:redact:EMAIL", "injection:flag"]
+
+
+def check_text(text: str, rails: Rails) -> Verdict:
+    v = Verdict(text)
+    if rails.injection != "off" and any(p.search(text) for p in _INJECTION):
+        v.decisions.append(f"injection:{rails.injection}")
+        if rails.injection == "block":
+            v.blocked = "injection"
+            return v
+    if rails.blocklist:
+        low = text.lower()
+        hit = next((w for w in rails.blocklist if w.lower() in low), None)
+        if hit is not None:
+            v.decisions.append("blocklist:block")
+            v.blocked = "blocklist"
+            return v
+    if rails.pii != "off":
+        labels = [label for _, _, label in find_pii(text)]
+        if labels:
+            v.decisions += [f"pii:{rails.pii}:{label}" for label in sorted(set(labels))]
+            if rails.pii == "block":
+                v.blocked = "pii"
+            elif rails.pii == "redact":
+                v.text, _ = redact_pii(text)
+    return v
+
+
+class StreamRail:
+    """Output rails over a stream. Text is released only `holdback` characters behind what the engine produced, so a
+    PII match or blocked phrase that spans two chunks is seen whole before any of it goes out."""
+
+    def __init__(self, rails: Rails, holdback: int):
+        self.rails, self.holdback = rails, holdback
+        self.raw = ""
+        self.sent = 0
+        self.decisions: set[str] = set()
+
+    def feed(self, chunk: str, final: bool = False) -> Verdict:
+        """Returns the next text that may be sent (maybe ""), or a blocked verdict."""
+        self.raw += chunk
+        v = check_text(self.raw, self.rails)
+        self.decisions.update(v.decisions)
+        if v.blocked:
+            return v
+        safe_end = len(v.text) if final else max(self.sent, len(v.text) - self.holdback)
+        out = v.text[self.sent:safe_end]
+        self.sent = safe_end
+        return Verdict(out, decisions=v.decisions)

@@ -1,0 +1,27 @@
+"""Prometheus metrics for the API (served at /metrics, behind a key). One registry per app, so several apps in one
+process (tests, benchmarks) keep separate counts."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServeMetrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("llmstack_requests", "API requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("llmstack_request_latency_seconds", "request latency (to the last byte)", ["route"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llmstack_time_to_first_token_seconds", "time to the first generated token", ["route"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("llmstack_tokens", "tokens processed", ["kind"], registry=r)  # prompt | completion
+        self.guard_blocks = Counter("llmstack_guard_blocks", "requests refused by the guard, by reason", ["reason"],
+                                    registry=r)
+        self.queue_depth = Gauge("llmstack_queue_depth", "requests waiting for an engine slot", registry=r)
+        self.in_flight = Gauge("llmstack_in_flight", "requests being generated", registry=r)
+        self.aborted = Counter("llmstack_aborted", "generations aborted because the client went away", registry=r)
+        self.engine_restarts = Gauge("llmstack_engine_restarts", "times the engine was rebuilt after dying",
+                                     registry=r)
