@@ -1,0 +1,355 @@
+"""The `curate` stage: every dataset in `data.datasets`, from sources to a saved DatasetDict plus a data card.
+
+    <stage dir>/<name>/                the DatasetDict (train, validation), `save_to_disk`; what training reads
+    <stage dir>/quarantine/<name>/<step>/*.jsonl   every dropped row, with its step and reason
+    <stage dir>/cards/<name>.md|.json|.png        the data card (also copied to data.cards_dir, e.g. data_cards/)
+    <stage dir>/work/<name>/           intermediate datatrove outputs and logs
+
+Two datatrove passes run on its LocalPipelineExecutor: pass 1 (per row, parallel over `data.workers` tasks) reads,
+adapts, cleans and filters; pass 2 (one task, in source order so the first copy wins) removes exact and near
+duplicates and decontaminates. Then mixing (per-source weights, seeded) and the train/validation split. Nothing is
+lost: rows_in == rows_kept + Σ rows_dropped[reason] is checked against the quarantine files themselves, and a
+mismatch fails the stage. Same seed + same inputs => byte-identical dataset folder (its hash goes on the card).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import random
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.writers import JsonlWriter
+
+from llmstack.data.config import DatasetSpec
+from llmstack.data.formats import BadRow, flat_text, to_row
+from llmstack.data.sources import BadRecord, FetchedSource, describe, fetch_source, iter_records
+
+log = logging.getLogger("llmstack")
+
+class CurationError(Exception):
+    pass
+
+
+def _quiet_datatrove() -> None:
+    # datatrove logs every task at INFO through loguru; our own logging says what matters.
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def _writer(folder: Path) -> JsonlWriter:
+    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None)
+
+
+# ---------------------------------------------------------------- pass 1 reader
+
+
+class SourceReader(PipelineStep):
+    """Raw records -> Documents holding a canonical row. Bad records go to quarantine/read with a reason."""
+
+    type = "📖 - READER"
+    name = "sources"
+
+    def __init__(self, fetched: list[FetchedSource], spec: DatasetSpec, quarantine: Path, counts: Path):
+        super().__init__()
+        self.fetched, self.spec, self.quarantine, self.counts = fetched, spec, quarantine, counts
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        order = -1
+        per_source: Counter = Counter()
+        with _writer(self.quarantine) as bad:
+            for src in self.fetched:
+                single = len(src.files) == 1
+                for label, row_no, rec in iter_records(src, self.spec.filters.max_chars):
+                    order += 1
+                    if order % world_size != rank:
+                        continue
+                    per_source[src.spec.name] += 1
+                    doc_id = f"{src.spec.name}#{row_no}" if single else f"{src.spec.name}/{Path(label).name}#{row_no}"
+                    meta = {"source": src.spec.name, "order": order}
+                    if isinstance(rec, BadRecord):
+                        bad.write(Document(text=rec.raw, id=doc_id, metadata={**meta, "filter_reason": rec.reason}),
+                                  rank)
+                        continue
+                    try:
+                        row = to_row(rec, src.spec.format, self.spec.schema_, self.spec.placeholders,
+                                     src.spec.text_field)
+                    except BadRow as exc:
+                        raw = json.dumps(rec, ensure_ascii=False, default=str)
+                        bad.write(Document(text=raw, id=doc_id, metadata={**meta, "filter_reason": str(exc)}), rank)
+                        continue
+                    self.stat_update("rows")
+                    yield Document(text=flat_text(row), id=doc_id, metadata={**meta, "row": row})
+        self.counts.mkdir(parents=True, exist_ok=True)
+        (self.counts / f"{rank}.json").write_text(json.dumps(dict(per_source)))
+
+
+# ---------------------------------------------------------------- pass 2 reader
+
+
+def _read_jsonl(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.jsonl"), key=lambda p: int(p.stem))
+
+
+def _docs(path: Path) -> Iterator[dict]:
+    with open(path, "rb") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+class OrderedReader(PipelineStep):
+    """Pass 1's per-task outputs merged back into source order (each is sorted; heapq.merge streams them)."""
+
+    type = "📖 - READER"
+    name = "ordered merge"
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        streams = [_docs(p) for p in _read_jsonl(self.folder)]
+        for d in heapq.merge(*streams, key=lambda d: d["metadata"]["order"]):
+            yield Document(text=d["text"], id=d["id"], metadata=d["metadata"])
+
+
+# ---------------------------------------------------------------- one dataset
+
+
+def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | None, seed: int,
+                   eval_items: Iterable[tuple[str, str, str]] | None = None, eval_suites: list[str] | None = None,
+                   workers: int = 1) -> dict:
+    """Curate one dataset. Returns the card dict (also written as cards/<name>.json)."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+
+    from llmstack.data import filters as F
+    from llmstack.data.decontam import DecontaminationFilter, NGramIndex
+    from llmstack.data.dedup import ExactDedupFilter, NearDedupFilter
+
+    _quiet_datatrove()
+    work, quarantine = stage_dir / "work" / name, stage_dir / "quarantine" / name
+    for d in (work, quarantine, stage_dir / name):
+        shutil.rmtree(d, ignore_errors=True)
+    fspec = spec.filters
+
+    log.info("curate %s: fetching %d source(s)", name, len(spec.sources))
+    fetched = [fetch_source(s) for s in spec.sources]
+
+    # ---- pass 1: read, adapt, clean, filter (parallel over tasks)
+    q = lambda step: _writer(quarantine / step)  # noqa: E731
+    steps: list = [SourceReader(fetched, spec, quarantine / "read", work / "counts"),
+                   F.MaxCharsFilter(fspec.max_chars, exclusion_writer=q("max_chars")),
+                   F.CleanRows(fspec.fix_unicode, fspec.redact_pii),
+                   F.NonEmptyFilter(exclusion_writer=q("non_empty"))]
+    if tokenizer is not None:
+        steps.append(F.TokenLengthFilter(str(tokenizer), fspec.min_tokens, fspec.max_tokens,
+                                         exclusion_writer=q("token_length")))
+    if fspec.gopher_repetition if fspec.gopher_repetition is not None else spec.schema_ == "text":
+        steps.append(GopherRepetitionFilter(language=F.WORDS, exclusion_writer=q("gopher_repetition")))
+    if fspec.gopher_quality if fspec.gopher_quality is not None else spec.schema_ == "text":
+        steps.append(GopherQualityFilter(language=F.WORDS, exclusion_writer=q("gopher_quality")))
+    if fspec.languages:
+        steps.append(F.LangIdFilter(fspec.languages, fspec.language_min_chars, exclusion_writer=q("language")))
+    if fspec.blocklist:
+        steps.append(F.BlocklistFilter(fspec.blocklist, exclusion_writer=q("blocklist")))
+    steps.append(_writer(work / "pass1"))
+    log.info("curate %s: pass 1 (read, clean, filter) on %d task(s)", name, workers)
+    LocalPipelineExecutor(steps, tasks=workers, workers=workers, logging_dir=str(work / "logs1"),
+                          skip_completed=False).run()
+
+    # ---- pass 2: dedup + decontamination, in source order
+    steps = [OrderedReader(work / "pass1")]
+    if spec.dedup.exact:
+        steps.append(ExactDedupFilter(exclusion_writer=q("exact_dedup")))
+    if spec.dedup.near:
+        steps.append(NearDedupFilter(spec.dedup.near_threshold, spec.dedup.num_perm, spec.dedup.shingle_words,
+                                     exclusion_writer=q("near_dedup")))
+    index = None
+    if spec.decontaminate.enabled and eval_items is not None:
+        index = NGramIndex(eval_items, spec.decontaminate.n)
+        steps.append(DecontaminationFilter(index, exclusion_writer=q("decontaminate")))
+    steps.append(_writer(work / "kept"))
+    log.info("curate %s: pass 2 (dedup, decontaminate)", name)
+    LocalPipelineExecutor(steps, tasks=1, workers=1, logging_dir=str(work / "logs2"), skip_completed=False).run()
+
+    # ---- mixing and split
+    kept = [d for p in _read_jsonl(work / "kept") for d in _docs(p)]
+    selected, unselected = mix(kept, spec, seed)
+    if unselected:
+        with _writer(quarantine / "mixing") as w:
+            for d in unselected:
+                w.write(Document(text=d["text"], id=d["id"],
+                                 metadata={**d["metadata"], "filter_reason": "mixing: not sampled (max_rows cap)"}))
+    splits = split(selected, spec.validation_fraction, seed)
+    out = stage_dir / name
+    content_hash = save(splits, spec.schema_, out)
+
+    # ---- reconciliation: counted from the files, not from counters that could agree with themselves
+    rows_in = sum(sum(json.loads(p.read_text()).values()) for p in (work / "counts").glob("*.json"))
+    per_source_in: Counter = Counter()
+    for p in (work / "counts").glob("*.json"):
+        per_source_in.update(json.loads(p.read_text()))
+    dropped = quarantine_counts(quarantine)
+    n_kept = sum(len(v) for v in splits.values())
+    n_dropped = sum(dropped.values())
+    if rows_in != n_kept + n_dropped:
+        raise CurationError(f"dataset '{name}': rows_in {rows_in} != kept {n_kept} + dropped {n_dropped} "
+                            f"({dict(dropped)}): rows were lost; see {quarantine}")
+    log.info("curate %s: %d in, %d kept, %d quarantined", name, rows_in, n_kept, n_dropped)
+
+    from llmstack.data.card import build_card
+
+    return build_card(name=name, spec=spec, sources=[describe(f) for f in fetched], per_source_in=per_source_in,
+                      rows_in=rows_in, dropped=dropped, splits=splits, content_hash=content_hash, dataset_dir=out,
+                      quarantine_dir=quarantine, index=index, eval_suites=eval_suites or [], tokenizer=tokenizer,
+                      seed=seed, card_dir=stage_dir / "cards")
+
+
+def quarantine_counts(quarantine: Path) -> Counter:
+    """(step, reason) -> rows, read back from the quarantine files."""
+    counts: Counter = Counter()
+    for step_dir in sorted(p for p in quarantine.iterdir() if p.is_dir()) if quarantine.exists() else []:
+        for path in step_dir.glob("*.jsonl"):
+            for d in _docs(path):
+                counts[(step_dir.name, d.get("metadata", {}).get("filter_reason") or "dropped")] += 1
+    return counts
+
+
+def mix(kept: list[dict], spec: DatasetSpec, seed: int) -> tuple[list[dict], list[dict]]:
+    """Per-source weighted, seeded sampling down to `max_rows`; without a cap every kept row is used."""
+    if not spec.max_rows or len(kept) <= spec.max_rows:
+        return kept, []
+    by_source: dict[str, list[dict]] = {s.name: [] for s in spec.sources}
+    for d in kept:
+        by_source[d["metadata"]["source"]].append(d)
+    weights = {s.name: s.weight for s in spec.sources}
+    quota = {s: 0 for s in by_source}
+    left = spec.max_rows
+    # Water-filling: share what is left by weight among sources that still have rows, until the cap is reached.
+    while left > 0:
+        open_ = [s for s in by_source if quota[s] < len(by_source[s])]
+        if not open_:
+            break
+        total_w = sum(weights[s] for s in open_)
+        shares = {s: max(1, int(left * weights[s] / total_w)) for s in open_}
+        for s in open_:
+            take = min(shares[s], len(by_source[s]) - quota[s], left)
+            quota[s] += take
+            left -= take
+    rng = random.Random(seed)
+    selected, unselected = [], []
+    for s, docs in by_source.items():
+        chosen = set(rng.sample(range(len(docs)), quota[s]))
+        for i, d in enumerate(docs):
+            (selected if i in chosen else unselected).append(d)
+    selected.sort(key=lambda d: d["metadata"]["order"])
+    return selected, unselected
+
+
+def split(docs: list[dict], validation_fraction: float, seed: int) -> dict[str, list[dict]]:
+    docs = list(docs)
+    random.Random(seed).shuffle(docs)  # mixes sources; same seed -> same order
+    n_val = round(len(docs) * validation_fraction)
+    if validation_fraction > 0 and n_val == 0 and len(docs) >= 2:
+        n_val = 1
+    return {"train": docs[n_val:], "validation": docs[:n_val]}
+
+
+def features(schema: str):
+    from datasets import Features, List, Value
+
+    turn = {"role": Value("string"), "content": Value("string")}
+    if schema == "messages":
+        return Features({"messages": List(turn)})
+    if schema == "preference":
+        return Features({"prompt": List(turn), "chosen": List(turn), "rejected": List(turn)})
+    return Features({"text": Value("string")})
+
+
+def save(splits: dict[str, list[dict]], schema: str, out: Path) -> str:
+    """save_to_disk with a content-derived fingerprint, so the same rows give a byte-identical folder."""
+    import hashlib
+
+    import datasets
+
+    feats = features(schema)
+    dd = {}
+    h_all = hashlib.sha256()
+    for name, docs in splits.items():
+        rows = [{k: d["metadata"]["row"][k] for k in feats} for d in docs]
+        h = hashlib.sha256()
+        for r in rows:
+            h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        ds = datasets.Dataset.from_list(rows, features=feats)
+        ds._fingerprint = h.hexdigest()[:16]
+        dd[name] = ds
+        h_all.update(name.encode() + b"\0" + h.digest())
+    datasets.DatasetDict(dd).save_to_disk(str(out), num_shards={k: 1 for k in dd})
+    from llmstack.runs import sha256_path
+
+    return sha256_path(out)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def suites_for(recipe, spec: DatasetSpec) -> list[str]:
+    if spec.decontaminate.suites is not None:
+        return spec.decontaminate.suites
+    return [recipe.eval.suite] if recipe.eval else []
+
+
+def eval_items_for(suites: list[str]) -> list[tuple[str, str, str]] | None:
+    if not suites:
+        return None
+    from llmstack.data.decontam import eval_texts
+
+    return [item for s in suites for item in eval_texts(s)]
+
+
+def curate_recipe(recipe, stage_dir: Path, tokenizer: Path | None, only: list[str] | None = None) -> dict[str, dict]:
+    cards = {}
+    for name, spec in recipe.data.datasets.items():
+        if only and name not in only:
+            continue
+        suites = suites_for(recipe, spec) if spec.decontaminate.enabled else []
+        cards[name] = curate_dataset(name, spec, stage_dir, tokenizer, recipe.seed, eval_items_for(suites), suites,
+                                     workers=recipe.data.workers)
+        if recipe.data.cards_dir:
+            publish_card(stage_dir / "cards", Path(recipe.data.cards_dir) / recipe.name, name)
+    return cards
+
+
+def publish_card(src: Path, dest: Path, name: str) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in (".md", ".json", ".png"):
+        if (src / f"{name}{suffix}").exists():
+            shutil.copyfile(src / f"{name}{suffix}", dest / f"{name}{suffix}")
+
+
+def run(ctx):
+    from llmstack.pipeline import StageResult
+
+    cards = curate_recipe(ctx.recipe, ctx.dir, ctx.model)
+    section = ["## Data", ""]
+    for name, card in cards.items():
+        section.append(f"- **{name}** ({card['schema']}): {card['counts']['rows_in']} rows in, "
+                       f"{card['counts']['train']} train / {card['counts']['validation']} validation, "
+                       f"{card['counts']['dropped']} quarantined — card: cards/{name}.md")
+    (ctx.dir / "section.md").write_text("\n".join(section) + "\n")
+    return StageResult(
+        outputs={**{name: ctx.dir / name for name in cards}, **{f"{name}.card": ctx.dir / "cards" / f"{name}.json"
+                                                               for name in cards}},
+        metrics={name: card["counts"] for name, card in cards.items()},
+        datasets={name: ctx.dir / name for name in cards},
+    )

@@ -1,0 +1,94 @@
+"""Exact and near-duplicate removal, as datatrove filters run in one ordered pass (the first occurrence is kept).
+
+Exact: sha1 of the text normalised by datatrove's `simplify_text` (case, whitespace, punctuation, digits), so rows
+that differ only in formatting count as the same. Near: MinHash over word shingles with datasketch's `MinHashLSH`;
+a row whose estimated Jaccard similarity to an already kept row reaches the threshold is dropped, and the quarantine
+record names the row it duplicates. The LSH index holds one signature per kept row (num_perm × 8 bytes): memory grows
+with the kept corpus, not with the rows streamed through — for billions of rows use datatrove's disk-based
+MinhashDedup stages on a Slurm/Ray executor instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+from datatrove.data import Document
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.utils.text import simplify_text
+
+
+@lru_cache(maxsize=8)
+def normalised(text: str) -> str:
+    # Cached: exact dedup, near dedup and decontamination see the same text one after another in pass 2.
+    return simplify_text(text)
+
+
+class ExactDedupFilter(BaseFilter):
+    name = "exact dedup"
+
+    def __init__(self, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.seen: dict[bytes, str] = {}
+
+    def filter(self, doc: Document):
+        key = hashlib.sha1(normalised(doc.text).encode()).digest()
+        first = self.seen.setdefault(key, doc.id)
+        if first != doc.id:
+            doc.metadata["duplicate_of"] = first
+            return False, "exact duplicate"
+        return True
+
+
+def shingles(text: str, k: int) -> list[bytes]:
+    words = normalised(text).split()
+    if len(words) <= k:
+        return [" ".join(words).encode()]
+    return [" ".join(words[i:i + k]).encode() for i in range(len(words) - k + 1)]
+
+
+class NearDedupFilter(BaseFilter):
+    name = "near dedup"
+
+    def __init__(self, threshold: float, num_perm: int, shingle_words: int, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.threshold, self.num_perm, self.k = threshold, num_perm, shingle_words
+        self._lsh = None
+        self._template = None
+        self._sigs: dict = {}  # kept row id -> LeanMinHash, to confirm LSH candidates
+
+    def signature(self, text: str):
+        from datasketch import MinHash
+
+        if self._template is None:
+            self._template = MinHash(num_perm=self.num_perm, seed=1)
+        m = self._template.copy()  # reuses the permutation arrays instead of regenerating them per row
+        m.update_batch(shingles(text, self.k))
+        return m
+
+    def filter(self, doc: Document):
+        from datasketch import LeanMinHash, MinHashLSH
+
+        if self._lsh is None:
+            self._lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        m = self.signature(doc.text)
+        hits = self._lsh.query(m)
+        if hits:
+            # LSH candidates can be false positives: confirm against the estimated Jaccard of each candidate.
+            best = max(hits, key=lambda h: (self._sigs[h].jaccard(m), h))
+            score = float(self._sigs[best].jaccard(m))
+            if score >= self.threshold:
+                doc.metadata["duplicate_of"] = best
+                doc.metadata["similarity"] = round(score, 3)
+                return False, f"near duplicate (Jaccard >= {self.threshold})"
+        lean = LeanMinHash(m)
+        self._sigs[doc.id] = lean
+        self._lsh.insert(doc.id, lean, check_duplication=False)
+        return True
+
+
+def jaccard(a: str, b: str, k: int = 5) -> float:
+    """Exact Jaccard of two texts' shingle sets (tests compare MinHash estimates against it)."""
+    sa, sb = set(shingles(a, k)), set(shingles(b, k))
+    return len(sa & sb) / max(1, len(sa | sb))
+

@@ -1,0 +1,255 @@
+"""Per-row cleaning and filters, as datatrove pipeline steps (so LocalPipelineExecutor can run them in parallel and
+Slurm/Ray executors can scale them out).
+
+Each `Document` carries the canonical row in `metadata["row"]` and, in `text`, every turn's content joined (what the
+text heuristics look at). Filters are datatrove `BaseFilter`s: a dropped row goes to that step's `exclusion_writer`
+(our quarantine) with its reason. Gopher heuristics are datatrove's own; what is written here is what datatrove does not
+have: cleaning that sees every turn of a chat row, PII kinds beyond email/IP, token length under the recipe's chat
+template, language id with py3langid (datatrove's LanguageFilter downloads a fastText model), and a blocklist.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from functools import lru_cache
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.formatters.pii import PIIFormatter, public_ip_validator
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from llmstack.data.formats import flat_text, map_strings
+
+# ---------------------------------------------------------------- PII
+
+# Emails and IPs: datatrove's patterns. Phones, cards and secrets: ours (datatrove has none).
+_DT = PIIFormatter()
+EMAIL = _DT.emails_replacer.regex
+IPV4 = _DT.ip_replacer.regex
+PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])")
+CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+SECRET = re.compile(
+    r"\b(?:sk-(?:proj-)?[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}"
+    r"|AIza[0-9A-Za-z_-]{35}|hf_[A-Za-z0-9]{30,})\b"
+    r"|(?i:(?:api[_-]?key|secret|token|password)\s*[:=]\s*['\"]?)[A-Za-z0-9_\-/+=]{16,}"
+)
+
+
+def luhn_ok(number: str) -> bool:
+    digits = [int(c) for c in number if c.isdigit()]
+    if not 13 <= len(digits) <= 19:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def redact_pii(text: str, counts: Counter | None = None) -> str:
+    """Replace PII with typed placeholders (<EMAIL>, <PHONE>, <IP>, <CREDIT_CARD>, <SECRET>); counts per kind."""
+    counts = counts if counts is not None else Counter()
+
+    def sub(kind: str, check=None):
+        def repl(m: re.Match) -> str:
+            if check and not check(m.group(0)):
+                return m.group(0)
+            counts[kind] += 1
+            return f"<{kind}>"
+
+        return repl
+
+    text = SECRET.sub(sub("SECRET"), text)
+    text = EMAIL.sub(sub("EMAIL"), text)
+    text = CARD.sub(sub("CREDIT_CARD", luhn_ok), text)  # before phones: a card number also looks like digit groups
+    text = IPV4.sub(sub("IP", public_ip_validator), text)
+    text = PHONE.sub(sub("PHONE"), text)
+    return text
+
+
+def clean_text(text: str, fix_unicode: bool, pii: bool, counts: Counter) -> str:
+    if fix_unicode:
+        import ftfy
+
+        # Repair mojibake and control characters, but keep curly quotes and full-width CJK punctuation: they are
+        # correct text, and changing them would teach the model a different style than the source's.
+        fixed = unicodedata.normalize("NFC", ftfy.fix_text(text, normalization="NFC", uncurl_quotes=False,
+                                                            fix_character_width=False))
+        if fixed != text:
+            counts["unicode_fixed"] += 1
+        text = fixed
+    if pii:
+        text = redact_pii(text, counts)
+    return text
+
+
+class CleanRows(PipelineStep):
+    """ftfy + NFC + PII redaction on every content string of the row (not just `text`), then re-render `text`."""
+
+    type = "✂️ - FORMAT"
+    name = "clean + PII"
+
+    def __init__(self, fix_unicode: bool = True, pii: bool = True):
+        super().__init__()
+        self.fix_unicode, self.pii = fix_unicode, pii
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            counts: Counter = Counter()
+            row = map_strings(doc.metadata["row"], lambda s: clean_text(s, self.fix_unicode, self.pii, counts))
+            doc.metadata["row"] = row
+            doc.text = flat_text(row)
+            for k, v in counts.items():
+                self.stat_update(k, value=v)
+            if counts:
+                doc.metadata["cleaned"] = dict(counts)
+            yield doc
+
+
+# ---------------------------------------------------------------- filters
+
+
+class RegexWordTokenizer(WordTokenizer):
+    """Words and sentences by regex. datatrove's English tokenizer needs spaCy (a large extra dependency); for the
+    Gopher heuristics' word counts and ratios a regex split gives the same decisions on English prose."""
+
+    _words = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
+    _sents = re.compile(r"[^.!?\n]+(?:[.!?]+|$)|\n")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return self._words.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s.strip() for s in self._sents.findall(text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in self._sents.finditer(text) if m.group().strip()]
+
+
+WORDS = RegexWordTokenizer("en")
+
+
+class NonEmptyFilter(BaseFilter):
+    name = "non-empty"
+
+    def filter(self, doc: Document):
+        if not doc.text.strip():
+            return False, "empty: no text"
+        row = doc.metadata["row"]
+        answers = row.get("messages", [])[-1:] + row.get("chosen", []) + row.get("rejected", [])
+        if any(not m["content"].strip() for m in answers):
+            return False, "empty: an assistant answer is blank"
+        return True
+
+
+class MaxCharsFilter(BaseFilter):
+    name = "max chars"
+
+    def __init__(self, max_chars: int, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.max_chars = max_chars
+
+    def filter(self, doc: Document):
+        if len(doc.text) > self.max_chars:
+            return False, f"too large: more than max_chars {self.max_chars}"
+        return True
+
+
+@lru_cache(maxsize=2)
+def load_tokenizer(path: str):
+    # Loading takes seconds; every dataset of a recipe uses the same tokenizer.
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class TokenLengthFilter(BaseFilter):
+    """Token count under the recipe's tokenizer and chat template (what the trainer will actually see)."""
+
+    name = "token length"
+
+    def __init__(self, tokenizer_path: str, min_tokens: int, max_tokens: int | None, exclusion_writer=None):
+        super().__init__(exclusion_writer, batch_size=64)
+        self.tokenizer_path, self.min_tokens, self.max_tokens = tokenizer_path, min_tokens, max_tokens
+        self._tok = None
+
+    @property
+    def tok(self):
+        if self._tok is None:  # loaded in the worker, not pickled with the step
+            self._tok = load_tokenizer(self.tokenizer_path)
+        return self._tok
+
+    def _rendered(self, row: dict) -> list[str]:
+        if "text" in row:
+            return [row["text"]]
+        tmpl = self.tok.chat_template is not None
+        convs = [row["messages"]] if "messages" in row else [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+        if not tmpl:
+            return ["\n".join(m["content"] for m in c) for c in convs]
+        return [self.tok.apply_chat_template(c, tokenize=False) for c in convs]
+
+    def filter_batch(self, batch: list[Document]):
+        texts, owners = [], []
+        for i, doc in enumerate(batch):
+            for t in self._rendered(doc.metadata["row"]):
+                texts.append(t)
+                owners.append(i)
+        lengths = [0] * len(batch)
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        for owner, toks in zip(owners, ids):
+            lengths[owner] = max(lengths[owner], len(toks))
+        out = []
+        for doc, n in zip(batch, lengths):
+            doc.metadata["n_tokens"] = n
+            if n < self.min_tokens:
+                out.append((False, f"too short: under min_tokens {self.min_tokens}"))
+            elif self.max_tokens is not None and n > self.max_tokens:
+                out.append((False, f"too long: over max_tokens {self.max_tokens}"))
+            else:
+                out.append(True)
+        return out
+
+    def filter(self, doc: Document):
+        return self.filter_batch([doc])[0]
+
+
+class LangIdFilter(BaseFilter):
+    """py3langid (offline, pure numpy). Texts under `min_chars` are kept unjudged: langid guesses wildly on 'hi'."""
+
+    name = "language"
+
+    def __init__(self, languages: list[str], min_chars: int, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.languages, self.min_chars = set(languages), min_chars
+        self._ident = None
+
+    def filter(self, doc: Document):
+        if len(doc.text) < self.min_chars:
+            return True
+        if self._ident is None:
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+            self._ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        lang, prob = self._ident.classify(doc.text[:5000])
+        doc.metadata["lang"] = lang
+        if lang not in self.languages:
+            return False, f"language: {lang} not in {sorted(self.languages)}"
+        return True
+
+
+class BlocklistFilter(BaseFilter):
+    name = "blocklist"
+
+    def __init__(self, words: list[str], exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+
+    def filter(self, doc: Document):
+        m = self.pattern.search(doc.text)
+        if m:
+            return False, f"blocklist: contains '{m.group(1).lower()}'"
+        return True
