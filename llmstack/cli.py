@@ -18,6 +18,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="One YAML recipe from data curation to a guarded OpenAI-compatible endpoint.")
 models_app = typer.Typer(no_args_is_help=True, help="Fetch, convert and list base models (offline-capable).")
 app.add_typer(models_app, name="models")
+from llmstack.data.command import curate as _curate  # noqa: E402
+
+app.command("curate")(_curate)
+from llmstack.eval.cli import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+from llmstack.train.command import train as _train  # noqa: E402
+
+app.command("train")(_train)
 from llmstack.serve.server import serve as _serve, serve_key as _serve_key  # noqa: E402
 
 app.command("serve")(_serve)
@@ -154,6 +163,21 @@ def quantize(model: Annotated[Path, typer.Argument(help="HF model folder (or a p
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1)
     print(json.dumps(info, indent=2))
+
+
+@app.command()
+def chat(api_base: Annotated[str, typer.Option(help="the llmstack server's /v1 URL")] = "http://127.0.0.1:8000/v1",
+         api_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = "LLMSTACK_API_KEY",
+         host: Annotated[str, typer.Option(help="where the demo listens")] = "127.0.0.1",
+         port: Annotated[int, typer.Option(help="demo port")] = 7860):
+    """Open the Gradio chat demo on an llmstack server (through the openai client: streaming, model picker, guard)."""
+    import os
+
+    if not os.environ.get(api_key_env):
+        console.print(f"[yellow]warning:[/] ${api_key_env} is not set: the server will answer 401 until it is")
+    from llmstack.demo.app import launch
+
+    launch(api_base, api_key_env, host=host, port=port)
 
 
 def main() -> None:  # pragma: no cover - entry for `python -m llmstack`
