@@ -201,7 +201,7 @@ def test_stream_rail_redacts_pii_split_across_chunks():
 class ScriptedEngine:
     """Streams a fixed text a few characters at a time (a model that says a given thing on cue)."""
 
-    kind, state, restarts = "scripted", "ready", 0
+    kind, state, restarts, max_model_len = "scripted", "ready", 0, 512
 
     def __init__(self, tokenizer, text: str, delay: float = 0.0):
         self.tokenizer, self.text, self.delay = tokenizer, text, delay
@@ -340,3 +340,18 @@ def test_serve_cli_errors_are_one_line(tmp_path, tiny_model):
     assert res.exit_code == 2 and "sha256 hex digest" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["serve", "--model", str(tiny_model)])
     assert res.exit_code == 2 and "no API keys" in res.output
+
+
+def test_shipped_serve_files_validate():
+    from llmstack.serve.config import load_yaml_model
+    from llmstack.serve.server import load_spec
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent / "serve"
+    spec = load_spec(root / "server.yaml")
+    assert spec.engine == "vllm" and spec.keys == str(root / "keys.example.yaml")
+    load_yaml_model(root / "guard.yaml", GuardPolicy)
+    keys = load_yaml_model(root / "keys.example.yaml", KeyFile)
+    from llmstack.serve.guard import KeyRing
+
+    assert KeyRing(keys).authenticate("sk-llmstack-example-do-not-use").id == "example"
+    assert yaml.safe_load((root / "prometheus.yml").read_text())["scrape_configs"][0]["metrics_path"] == "/metrics"

@@ -264,7 +264,8 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     async def ready():
         if not engine.ready:
             raise APIError(503, f"engine is {engine.state}", code="engine_unavailable", headers={"Retry-After": "5"})
-        return {"status": "ready", "engine": engine.kind, "models": engine.names, "restarts": engine.restarts}
+        return {"status": "ready", "engine": engine.kind, "models": engine.names, "restarts": engine.restarts,
+                "running": engine.running()}
 
     @app.get("/metrics")
     async def metrics():
@@ -381,8 +382,9 @@ async def _generate(request: Request, srv: Server, chat: bool):
         # ---- input rails, then the prompt tokens the engine will see
         prompt_ids, prompt_text = _render(req, chat, srv, audit)
         n_prompt = len(prompt_ids)
-        if n_prompt + params.max_tokens > srv.spec.max_model_len:
-            raise APIError(400, f"this model's context is {srv.spec.max_model_len} tokens; the prompt has {n_prompt} "
+        context = srv.engine.max_model_len
+        if n_prompt + params.max_tokens > context:
+            raise APIError(400, f"this model's context is {context} tokens; the prompt has {n_prompt} "
                            f"and max_tokens asks for {params.max_tokens} more. Shorten the prompt or lower max_tokens.",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
 

