@@ -106,7 +106,10 @@ def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str =
         if wanted and wanted not in names:
             raise ValueError(f"no stage named '{wanted}' in this recipe (stages: {', '.join(names)})")
     functions = {s.kind: stage_function(s.kind) for s in steps}
-    missing = [s.name for s in steps if functions[s.kind] is None]
+    # With `only`, stages after the last requested one are neither run nor required (`llmstack curate` runs
+    # model + curate of a recipe whose training stages have not run yet).
+    last = max(names.index(n) for n in only) if only else len(steps)
+    missing = [s.name for i, s in enumerate(steps) if functions[s.kind] is None and i <= last]
     if missing and not skip_unavailable:
         raise StageUnavailable(
             f"stage(s) {', '.join(missing)} are not implemented in this version of llmstack; "
@@ -121,10 +124,12 @@ def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str =
     models: dict[str, Path] = {}
     datasets: dict[str, Path] = {}
     upstream = sha256_json({"seed": recipe.seed})
-    for step in steps:
+    for i, step in enumerate(steps):
         fn = functions[step.kind]
         fingerprint = sha256_json({"kind": step.kind, "spec": _spec_json(step.spec), "upstream": upstream})
         upstream = fingerprint
+        if i > last and step.kind != "report":
+            continue
         if fn is None:
             log.warning("stage %-8s not available in this version: skipped", step.name)
             run.record(step.name, status="unavailable")

@@ -14,6 +14,7 @@ mismatch fails the stage. Same seed + same inputs => byte-identical dataset fold
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
@@ -38,12 +39,21 @@ class CurationError(Exception):
     pass
 
 
-def _quiet_datatrove() -> None:
-    # datatrove logs every task at INFO through loguru; our own logging says what matters.
-    from loguru import logger
+def _execute(steps: list, work: Path, tag: str, tasks: int) -> None:
+    """Run a pipeline on datatrove's LocalPipelineExecutor. Its per-task logs and stats tables go to
+    work/<tag>.log, not the terminal: datatrove attaches its loguru handlers to whatever sys.stderr is."""
+    from datatrove.executor import LocalPipelineExecutor
 
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / f"{tag}.log", "a") as log_file, contextlib.redirect_stderr(log_file):
+        try:
+            LocalPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=str(work / f"logs_{tag}"),
+                                  skip_completed=False).run()
+        finally:
+            from loguru import logger
+
+            logger.remove()  # datatrove re-adds a handler on the redirected (soon closed) stream
+            logger.add(sys.stderr, level="WARNING")
 
 
 def _writer(folder: Path) -> JsonlWriter:
@@ -129,14 +139,12 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
                    eval_items: Iterable[tuple[str, str, str]] | None = None, eval_suites: list[str] | None = None,
                    workers: int = 1) -> dict:
     """Curate one dataset. Returns the card dict (also written as cards/<name>.json)."""
-    from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 
     from llmstack.data import filters as F
     from llmstack.data.decontam import DecontaminationFilter, NGramIndex
     from llmstack.data.dedup import ExactDedupFilter, NearDedupFilter
 
-    _quiet_datatrove()
     work, quarantine = stage_dir / "work" / name, stage_dir / "quarantine" / name
     for d in (work, quarantine, stage_dir / name):
         shutil.rmtree(d, ignore_errors=True)
@@ -164,8 +172,7 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
         steps.append(F.BlocklistFilter(fspec.blocklist, exclusion_writer=q("blocklist")))
     steps.append(_writer(work / "pass1"))
     log.info("curate %s: pass 1 (read, clean, filter) on %d task(s)", name, workers)
-    LocalPipelineExecutor(steps, tasks=workers, workers=workers, logging_dir=str(work / "logs1"),
-                          skip_completed=False).run()
+    _execute(steps, work, "pass1", workers)
 
     # ---- pass 2: dedup + decontamination, in source order
     steps = [OrderedReader(work / "pass1")]
@@ -180,7 +187,7 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
         steps.append(DecontaminationFilter(index, exclusion_writer=q("decontaminate")))
     steps.append(_writer(work / "kept"))
     log.info("curate %s: pass 2 (dedup, decontaminate)", name)
-    LocalPipelineExecutor(steps, tasks=1, workers=1, logging_dir=str(work / "logs2"), skip_completed=False).run()
+    _execute(steps, work, "pass2", 1)
 
     # ---- mixing and split
     kept = [d for p in _read_jsonl(work / "kept") for d in _docs(p)]
@@ -290,7 +297,8 @@ def save(splits: dict[str, list[dict]], schema: str, out: Path) -> str:
         h = hashlib.sha256()
         for r in rows:
             h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode() + b"\n")
-        ds = datasets.Dataset.from_list(rows, features=feats)
+        # from_dict, not from_list: an empty split must still have the schema's columns
+        ds = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats)
         ds._fingerprint = h.hexdigest()[:16]
         dd[name] = ds
         h_all.update(name.encode() + b"\0" + h.digest())

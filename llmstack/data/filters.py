@@ -29,7 +29,9 @@ from llmstack.data.formats import flat_text, map_strings
 _DT = PIIFormatter()
 EMAIL = _DT.emails_replacer.regex
 IPV4 = _DT.ip_replacer.regex
-PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])")
+# Digit groups glued to more digit groups (a longer number, e.g. a card that failed Luhn) are not phone numbers.
+PHONE = re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}"
+                   r"(?![\w-])(?![ .]\d)")
 CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 SECRET = re.compile(
     r"\b(?:sk-(?:proj-)?[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}"

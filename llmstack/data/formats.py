@@ -35,7 +35,7 @@ def detect(rec: dict) -> str:
         return "kto" if "label" in rec else "messages"
     if "conversations" in rec:
         return "sharegpt"
-    if "instruction" in rec and "output" in rec:
+    if "instruction" in rec:
         return "alpaca"
     if "text" in rec:
         return "text"
