@@ -1,0 +1,42 @@
+"""The pipeline's serve stage: serve a model with `llmstack serve` in a subprocess, ask it the recipe's question
+through the openai client, write the transcript. The transformers engine keeps this fast; the vLLM path is the
+same server code, exercised in test_serve_vllm.py."""
+
+from __future__ import annotations
+
+import json
+
+from llmstack.pipeline import StageContext
+from llmstack.recipe import parse_recipe
+from llmstack.serve.smoke import choose_engine, run
+
+
+def test_serve_stage_asks_the_final_model_through_the_api(tiny_model, tmp_path):
+    recipe = parse_recipe({"name": "smoke-test", "model": {"source": str(tiny_model)},
+                           "serve": {"engine": "hf", "smoke_max_tokens": 8}}, check_trainer=False)
+    ctx = StageContext(recipe=recipe, recipe_path=tmp_path / "r.yaml", run=None, name="serve", dir=tmp_path,
+                       spec=recipe.serve, model=tiny_model, models={"base": tiny_model}, datasets={})
+    result = run(ctx)
+    m = result.metrics
+    assert m["engine"] == "hf" and m["question"] == "Who are you?" and m["completion_tokens"] == 8
+    assert m["answer"] and m["stream_matches"] and m["no_key_status"] == 401
+    section = (tmp_path / "section.md").read_text()
+    assert "**user:** Who are you?" in section and m["answer"] in section
+    audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [a["status"] for a in audit if a.get("key_id") == "smoke"] == [200, 200]
+    keyfile = (tmp_path / "keys.yaml").read_text()
+    assert "sk-llmstack-" not in keyfile  # only the hash of the one-off key is on disk
+
+
+def test_int4_on_an_avx2_cpu_falls_back_to_transformers(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
+    monkeypatch.setattr("llmstack.serve.smoke.cpu_has_avx512", lambda: False)
+    engine, why = choose_engine("vllm", tmp_path)
+    assert engine == "hf" and "AVX512" in why
+    monkeypatch.setattr("llmstack.serve.smoke.cpu_has_avx512", lambda: True)
+    assert choose_engine("vllm", tmp_path) == ("vllm", None)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": 8}}}}}))
+    monkeypatch.setattr("llmstack.serve.smoke.cpu_has_avx512", lambda: False)
+    assert choose_engine("vllm", tmp_path) == ("vllm", None)  # W8A8 serves on AVX2
