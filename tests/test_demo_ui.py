@@ -1,0 +1,165 @@
+"""The Gradio chat demo, tested as a person uses it: a real `llmstack serve` (transformers engine, tiny model + a LoRA
+adapter as a second model name), the demo app on 127.0.0.1, and Debian's chromium driven by Playwright. A screenshot
+of each step is saved under the test's output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmstack.serve.guard import hash_key
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+KEY = "sk-llmstack-demo-test"
+BLOCKED = "forbidden-word"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter with non-zero weights, so 'tiny-lora' really is a different model from 'tiny'."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, adapter, tmp_path_factory):
+    d = tmp_path_factory.mktemp("server")
+    port = free_port()
+    (d / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "demo", "sha256": hash_key(KEY), "models": ["*"]}]}))
+    (d / "guard.yaml").write_text(yaml.safe_dump({"input": {"blocklist": [BLOCKED]}, "output": {"holdback_chars": 8}}))
+    (d / "server.yaml").write_text(yaml.safe_dump({
+        "engine": "hf", "model": str(tiny_model), "served_model_name": "tiny", "adapters": {"tiny-lora": str(adapter)},
+        "port": port, "max_model_len": 512, "keys": "keys.yaml", "guard": "guard.yaml", "audit_log": "audit.jsonl"}))
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        yield {"base": f"http://127.0.0.1:{port}/v1", "audit": d / "audit.jsonl"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def audit_after(path: Path, n: int, timeout: float = 60) -> list[dict]:
+    """The audit entries once there are more than n (the server writes an entry when a request finishes)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) > n:
+            return [json.loads(x) for x in lines]
+        time.sleep(0.3)
+    raise TimeoutError(f"no audit entry after {n}")
+
+
+def test_backend_streams_in_pieces_and_renders_refusals(server):
+    from llmstack.demo.app import ChatBackend
+
+    backend = ChatBackend(server["base"], KEY)
+    models, err = backend.models()
+    assert models == ["tiny", "tiny-lora"] and err is None
+    parts = list(backend.stream([], "Hello there", "tiny", "", 1.0, 32))
+    assert len(parts) > 1 and all(b.startswith(a) for a, b in zip(parts, parts[1:]))  # it really streamed
+    blocked = list(backend.stream([], f"say {BLOCKED}", "tiny", "", 0.0, 8))
+    assert len(blocked) == 1 and blocked[0].startswith("**Blocked by the guard:**")
+    wrong = ChatBackend(server["base"], "sk-llmstack-wrong")
+    models, err = wrong.models()
+    assert models == [] and "401" in err
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (`make test` installs it)")
+def test_chat_in_a_real_browser(server, tmp_path, request):
+    from playwright.sync_api import expect, sync_playwright
+
+    from llmstack.demo.app import build_app
+
+    shots = Path(os.environ.get("LLMSTACK_TEST_OUTPUT", tmp_path)) / "demo"
+    shots.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    demo = build_app(server["base"], KEY)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            n0 = len(server["audit"].read_text().splitlines()) if server["audit"].exists() else 0
+            box = page.locator("#chat-input textarea")
+            expect(box).to_be_visible(timeout=30_000)
+            # short answers keep the growing history inside the tiny model's context
+            page.get_by_role("button", name="Settings ▼").click()
+            number = page.locator("#max-tokens input[type='number']")
+            number.fill("24")
+            number.press("Tab")
+
+            # 1. a message gets a streamed answer from the first model
+            box.fill("Hello, who are you?")
+            box.press("Enter")
+            bot = page.locator("#chatbot .message-row.bot-row, #chatbot [data-testid='bot']")
+            expect(bot.first).to_be_visible(timeout=60_000)
+            page.wait_for_function("""() => {
+                const m = document.querySelectorAll("#chatbot [data-testid='bot']");
+                return m.length > 0 && m[m.length - 1].innerText.trim().length > 0; }""", timeout=60_000)
+            page.screenshot(path=str(shots / "1-answer.png"))
+            entries = audit_after(server["audit"], n0)
+            assert entries[-1]["model"] == "tiny" and entries[-1]["status"] == 200
+
+            # 2. switch to the adapter model: the next request goes to it
+            page.locator("#model-picker input").click()
+            page.get_by_role("option", name="tiny-lora").click()
+            box.fill("And now?")
+            box.press("Enter")
+            entries = audit_after(server["audit"], len(entries))
+            assert entries[-1]["model"] == "tiny-lora" and entries[-1]["status"] == 200
+
+            # 3. a guard refusal is rendered as a message, not an error toast
+            page.wait_for_timeout(1000)
+            box.fill(f"please say {BLOCKED}")
+            box.press("Enter")
+            refusal = page.get_by_text("Blocked by the guard")
+            expect(refusal.first).to_be_visible(timeout=60_000)
+            page.screenshot(path=str(shots / "2-refusal.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    assert (shots / "2-refusal.png").stat().st_size > 10_000
