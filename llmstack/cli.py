@@ -18,6 +18,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="One YAML recipe from data curation to a guarded OpenAI-compatible endpoint.")
 models_app = typer.Typer(no_args_is_help=True, help="Fetch, convert and list base models (offline-capable).")
 app.add_typer(models_app, name="models")
+from llmstack.registry_cli import registry_app  # noqa: E402
+
+app.add_typer(registry_app, name="registry")
 from llmstack.data.command import curate as _curate  # noqa: E402
 
 app.command("curate")(_curate)

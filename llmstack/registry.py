@@ -1,0 +1,154 @@
+"""The model registry: named models, numbered versions, and movable aliases (`prod`, `canary`).
+
+Each version points at a run's manifest — so its data card, eval scores, quantization and hashes stay one click away —
+and at the model folder of the stage it was registered from. Aliases move by promotion; every move is kept in the
+alias's history, so `rollback` puts the previous holder back in one command.
+
+The embedded store is one JSON file (default ~/.cache/llmstack/registry/registry.json, or $LLMSTACK_REGISTRY),
+written atomically under a file lock so two `llmstack registry` commands cannot lose each other's writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from filelock import FileLock
+
+from llmstack.runs import now, sha256_file
+
+
+class RegistryError(Exception):
+    pass
+
+
+def default_path() -> Path:
+    from llmstack.models import cache_root
+
+    return Path(os.environ.get("LLMSTACK_REGISTRY", cache_root() / "registry" / "registry.json"))
+
+
+@dataclass
+class Registry:
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> "Registry":
+        p = Path(path) if path else default_path()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return cls(p)
+
+    def _read(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.exists() else {"models": {}}
+
+    @contextmanager
+    def _edit(self) -> Iterator[dict[str, Any]]:
+        with FileLock(str(self.path) + ".lock", timeout=30):
+            data = self._read()
+            yield data
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=2))
+            tmp.replace(self.path)
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def models(self) -> dict[str, Any]:
+        return self._read()["models"]
+
+    def get(self, ref: str) -> dict[str, Any]:
+        """A version by `name`, `name:3` or `name@prod` (plain `name` = its latest version)."""
+        name, version = _parse_ref(ref)
+        entry = self.models().get(name)
+        if entry is None:
+            raise RegistryError(f"no model named '{name}' in the registry ({self.path})")
+        if isinstance(version, str):
+            if version not in entry["aliases"]:
+                raise RegistryError(f"{name} has no alias '{version}' (aliases: {', '.join(entry['aliases']) or 'none'})")
+            version = entry["aliases"][version]
+        version = version or entry["versions"][-1]["version"]
+        for v in entry["versions"]:
+            if v["version"] == version:
+                return {"name": name, **v, "aliases": [a for a, n in entry["aliases"].items() if n == version]}
+        raise RegistryError(f"{name} has no version {version}")
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def register(self, run_dir: str | Path, name: str | None = None, stage: str | None = None) -> dict[str, Any]:
+        """Add a run's model as the next version of `name` (default: the recipe's name)."""
+        run_dir = Path(run_dir).resolve()
+        manifest_path = run_dir / "manifest.json"
+        if not manifest_path.exists():
+            raise RegistryError(f"{run_dir} has no manifest.json: register a run folder (runs/<recipe>/<run-id>)")
+        manifest = json.loads(manifest_path.read_text())
+        stages = manifest["stages"]
+        producers = [s for s, e in stages.items() if e.get("status") == "done" and (e.get("result") or {}).get("model")]
+        if not producers:
+            raise RegistryError(f"{run_dir}: no finished stage produced a model")
+        stage = stage or producers[-1]
+        if stage not in producers:
+            raise RegistryError(f"stage '{stage}' produced no model in this run (choose from {', '.join(producers)})")
+        eval_entry = stages.get("eval", {})
+        version = {
+            "run_dir": str(run_dir), "manifest": str(manifest_path), "manifest_sha256": sha256_file(manifest_path),
+            "stage": stage, "model_path": stages[stage]["result"]["model"],
+            "model_sha256": stages[stage].get("outputs", {}).get("model", {}).get("sha256"),
+            "recipe_sha256": manifest.get("recipe", {}).get("sha256"), "git_sha": manifest.get("git_sha"),
+            "eval": (eval_entry.get("metrics") or {}).get(_eval_key(stage)),
+            "eval_status": eval_entry.get("status", "not run"),
+            "quantization": {s: e.get("metrics", {}).get("serve") for s, e in stages.items() if s in ("int4", "int8")},
+            "registered": now(),
+        }
+        name = name or Path(manifest.get("recipe", {}).get("path", run_dir.parent.name)).stem
+        with self._edit() as data:
+            entry = data["models"].setdefault(name, {"versions": [], "aliases": {}, "history": {}})
+            version["version"] = (entry["versions"][-1]["version"] + 1) if entry["versions"] else 1
+            entry["versions"].append(version)
+        return {"name": name, **version}
+
+    def promote(self, ref: str, alias: str, require_gates: bool = False) -> dict[str, Any]:
+        """Point `alias` at a version. With require_gates, the version's run must have passed its eval gates."""
+        target = self.get(ref)
+        if require_gates and target["eval_status"] != "done":
+            raise RegistryError(
+                f"{target['name']}:{target['version']} cannot become '{alias}': its run's eval "
+                f"{'failed its gates' if target['eval_status'] == 'failed' else 'has not run'} "
+                f"(status: {target['eval_status']})")
+        with self._edit() as data:
+            entry = data["models"][target["name"]]
+            previous = entry["aliases"].get(alias)
+            if previous == target["version"]:
+                return target
+            entry["history"].setdefault(alias, []).append({"version": previous, "until": now()})
+            entry["aliases"][alias] = target["version"]
+        return self.get(f"{target['name']}@{alias}")
+
+    def rollback(self, name: str, alias: str) -> dict[str, Any]:
+        """Move `alias` back to the version it pointed at before its last promotion."""
+        with self._edit() as data:
+            entry = data["models"].get(name)
+            if entry is None or not entry["history"].get(alias):
+                raise RegistryError(f"nothing to roll back: {name}@{alias} has no earlier version")
+            prev = entry["history"][alias].pop()["version"]
+            if prev is None:
+                entry["aliases"].pop(alias, None)
+            else:
+                entry["aliases"][alias] = prev
+        return self.get(f"{name}@{alias}") if prev is not None else {"name": name, "version": None}
+
+
+def _eval_key(stage: str) -> str:
+    return "base" if stage == "model" else stage
+
+
+def _parse_ref(ref: str) -> tuple[str, int | str | None]:
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, alias
+    if ":" in ref:
+        name, version = ref.split(":", 1)
+        if not version.isdigit():
+            raise RegistryError(f"'{ref}': a version is a number (name:3), an alias uses @ (name@prod)")
+        return name, int(version)
+    return ref, None
