@@ -118,8 +118,9 @@ def run(ctx: StageContext) -> StageResult:
                 proc.kill()
     streamed = "".join(parts)
     n = reply.usage.completion_tokens
-    metrics = {"engine": engine, "question": spec.smoke_question, "answer": answer, "finish": reply.choices[0].finish_reason,
-               "completion_tokens": n, "start_s": round(start_s, 1), "latency_s": round(plain_s, 2),
+    metrics = {"engine": engine, "question": spec.smoke_question, "answer": answer,
+               "finish": reply.choices[0].finish_reason, "completion_tokens": n, "max_tokens": spec.smoke_max_tokens,
+               "start_s": round(start_s, 1), "latency_s": round(plain_s, 2),
                "tokens_per_s": round(n / plain_s, 1) if plain_s else None,
                "ttft_s": round(first, 3) if first else None, "stream_matches": streamed == answer,
                "no_key_status": no_key}
@@ -152,7 +153,7 @@ def _write_section(folder: Path, m: dict, models: list[str], name: str, model: P
     lines = ["## Serving smoke test", "",
              f"The final model (`{model}`) served by the **{m['engine']}** engine behind the guarded "
              f"OpenAI-compatible API (started in {m['start_s']} s), asked through the official `openai` client "
-             f"(greedy, max {m['completion_tokens']} tokens):", ""]
+             f"(greedy, at most {m['max_tokens']} tokens):", ""]
     if why:
         lines += [f"> engine note: served with `hf` instead of `vllm`: {why}.", ""]
     lines += [f"**user:** {m['question']}", "", f"**{name}:** {m['answer']}", "",
