@@ -43,8 +43,9 @@ $(QSTAMP): requirements/quant.lock
 	$(QVENV)/bin/python -c "import llmcompressor, compressed_tensors; print('quant env ok: llmcompressor', llmcompressor.__version__)"
 	touch $@
 
-# Debian packages the tests use (a real redis-server for shared rate limits, chromium for the UI test).
-SYSTEM_DEPS := redis-server chromium
+# Debian packages the tests use: a real redis-server (shared rate limits), chromium (the UI test), prometheus (promtool
+# checks and unit-tests serve/alerts.yaml).
+SYSTEM_DEPS := redis-server chromium prometheus
 system-deps:
 	@missing=""; for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
