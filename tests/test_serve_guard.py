@@ -195,6 +195,12 @@ def test_stream_rail_redacts_pii_split_across_chunks():
     pieces = ["Contact: jo", "hn.smi", "th@exam", "ple.org thanks", " a lot"]
     out = "".join(rail.feed(p, final=(i == len(pieces) - 1)).text for i, p in enumerate(pieces))
     assert out == "Contact: [EMAIL] thanks a lot"
+    rail = StreamRail(GuardPolicy.model_validate({"output": {"blocklist": ["secret plan"]}}).output, holdback=48)
+    assert rail.feed("Hello there, my fri").text == "Hello there, my "  # prose goes out a word behind
+    assert rail.feed("end. The secr").text == "friend. The "  # 'secr' might start the blocked phrase
+    assert rail.feed("et garden.").text == "secret "
+    assert rail.feed(" Call 555 12").text == "garden. Call "  # digits might become a phone number
+    assert rail.feed("3 4567 now", final=True).text == "[PHONE] now"
 
 
 # ------------------------------------------------------------------- output rails and the queue (scripted)

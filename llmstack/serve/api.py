@@ -83,6 +83,7 @@ class _Sampling(_Loose):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -348,7 +349,8 @@ def _params(req, chat: bool, caps, spec_json: dict | None, json_object: bool) ->
     if k is not None and k > caps.max_logprobs:
         raise APIError(400, f"at most {caps.max_logprobs} top logprobs", param="top_logprobs" if chat else "logprobs")
     return GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, n=req.n,
-                     stop=stops, logprobs=k, json_schema=spec_json, json_object=json_object)
+                     stop=stops, logprobs=k, json_schema=spec_json, json_object=json_object,
+                     ignore_eos=req.ignore_eos)
 
 
 async def _generate(request: Request, srv: Server, chat: bool):

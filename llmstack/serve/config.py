@@ -96,8 +96,8 @@ class Rails(Strict):
 
 class OutputRails(Rails):
     injection: Literal["block", "flag", "off"] = "off"
-    holdback_chars: int = Field(48, ge=0, description="streamed text held back so a PII match or blocked phrase "
-                                                      "split across chunks is caught before it is sent")
+    holdback_chars: int = Field(48, ge=0, description="at most this much streamed text is held back while it could "
+                                                      "still be the start of a PII match or blocked phrase")
 
 
 class AuditSettings(Strict):

@@ -38,6 +38,7 @@ class GenParams:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob plus the top k
     json_schema: dict | None = None
     json_object: bool = False
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -157,6 +158,7 @@ class VllmEngine:
         try:
             sp = SamplingParams(n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
                                 stop=p.stop or None, logprobs=p.logprobs, structured_outputs=structured,
+                                ignore_eos=p.ignore_eos,
                                 output_kind=RequestOutputKind.DELTA)
         except Exception as exc:
             raise EngineRejected(str(exc)) from None
@@ -313,7 +315,8 @@ class HfEngine:
                 with ctx, torch.inference_mode():
                     self.model.generate(
                         torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                        max_new_tokens=p.max_tokens, do_sample=sample,
+                        max_new_tokens=p.max_tokens, min_new_tokens=p.max_tokens if p.ignore_eos else None,
+                        do_sample=sample,
                         temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
                         top_k=None, streamer=Streamer(),
                         logits_processor=LogitsProcessorList([RecordLogprobs()]),

@@ -192,14 +192,33 @@ def check_text(text: str, rails: Rails) -> Verdict:
 
 
 class StreamRail:
-    """Output rails over a stream. Text is released only `holdback` characters behind what the engine produced, so a
-    PII match or blocked phrase that spans two chunks is seen whole before any of it goes out."""
+    """Output rails over a stream. Text is released as soon as no rule could still change it: only a tail that might
+    be the start of a match (a word not yet ended, a run of digits, the beginning of a blocked phrase) is held back,
+    at most `holdback` characters, so a PII match or blocked phrase split across chunks is seen whole before any of
+    it goes out, and plain prose streams with about one word of delay."""
+
+    _WORD_TAIL = re.compile(r"\S*$")
+    _DIGIT_TAIL = re.compile(r"[+(]?\d[\d ().-]*$")
 
     def __init__(self, rails: Rails, holdback: int):
         self.rails, self.holdback = rails, holdback
         self.raw = ""
         self.sent = 0
         self.decisions: set[str] = set()
+
+    def _tail(self, text: str) -> int:
+        tail = 0
+        if self.rails.pii != "off":
+            tail = len(self._WORD_TAIL.search(text).group())
+            digits = self._DIGIT_TAIL.search(text)
+            tail = max(tail, len(digits.group()) if digits else 0)
+        low = text.lower()
+        for term in self.rails.blocklist:  # the longest end of the text that could begin a blocked term
+            term = term.lower()
+            tail = max([tail] + [k for k in range(1, len(term)) if low.endswith(term[:k])])
+        if self.rails.injection != "off":
+            tail = self.holdback  # phrase heuristics have no cheap prefix test: hold the full window
+        return min(tail, self.holdback)
 
     def feed(self, chunk: str, final: bool = False) -> Verdict:
         """Returns the next text that may be sent (maybe ""), or a blocked verdict."""
@@ -208,7 +227,7 @@ class StreamRail:
         self.decisions.update(v.decisions)
         if v.blocked:
             return v
-        safe_end = len(v.text) if final else max(self.sent, len(v.text) - self.holdback)
+        safe_end = len(v.text) if final else max(self.sent, len(v.text) - self._tail(v.text))
         out = v.text[self.sent:safe_end]
         self.sent = safe_end
         return Verdict(out, decisions=v.decisions)

@@ -1,0 +1,273 @@
+"""Serving benchmark: the same chat prompts at concurrency 1, 8 and 32 through
+  (a) our guarded API (`llmstack serve`, vLLM engine, streamed over HTTP with a key, all rails on),
+  (b) the bare vLLM engine (AsyncLLM in-process: no HTTP, no guard),
+  (c) transformers `generate` (static batches of `concurrency` prompts; at concurrency 1 this is a
+      one-request-at-a-time transformers server),
+all in one run on one machine, every request generating exactly --max-tokens tokens (ignore_eos).
+Prints throughput, p50/p95 latency and time to first token, then the issue's ratios:
+guard overhead at p50 (a vs b, goal <= 5%), and (a) at concurrency 32 vs (c) one at a time (goal >= 5x) and vs
+(c) one static batch of 32 (goal >= 1.3x).
+
+    .venv/bin/python scripts/bench_serve.py                    # SmolLM2-135M-Instruct fp32 (~8 min on 2 cores)
+    .venv/bin/python scripts/bench_serve.py --model tiny --max-tokens 32   # the tiny random model (smoke check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUESTIONS = [
+    "Who are you?", "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis.",
+    "Give me three tips for learning Python.", "What is 17 times 23?", "Summarize the plot of Hamlet.",
+    "Why is the sky blue?", "Name five fruits.", "How do airplanes fly?", "What is a prime number?",
+    "Describe a cat to someone who has never seen one.", "Translate 'good morning' into French.",
+    "What causes rain?", "Write a short story opening line.", "How does a computer store numbers?",
+]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def summarize(name: str, conc: int, wall: float, rows: list[dict]) -> dict:
+    lat = [r["latency"] for r in rows]
+    ttft = [r["ttft"] for r in rows if r.get("ttft") is not None]
+    tokens = sum(r["tokens"] for r in rows)
+    return {"system": name, "concurrency": conc, "requests": len(rows), "tokens": tokens,
+            "tok_s": tokens / wall, "p50_s": statistics.median(lat), "p95_s": percentile(lat, 0.95),
+            "ttft_p50_s": statistics.median(ttft) if ttft else None}
+
+
+def requests_for(conc: int) -> int:
+    return max(conc, 4)
+
+
+# ------------------------------------------------------------------------------------------------ (a) API
+async def bench_api(base: str, key: str, prompts: list[list[dict]], conc: int, max_tokens: int) -> dict:
+    import httpx
+
+    sem = asyncio.Semaphore(conc)
+    rows: list[dict] = []
+
+    async def one(client, messages):
+        async with sem:
+            t0, first, n = time.perf_counter(), None, 0
+            body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            async with client.stream("POST", f"{base}/v1/chat/completions", json=body,
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+                    elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first = time.perf_counter() - t0
+            rows.append({"latency": time.perf_counter() - t0, "ttft": first, "tokens": n})
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client, prompts[i % len(prompts)]) for i in range(requests_for(conc))))
+        return summarize("a_guarded_api", conc, time.perf_counter() - t0, rows)
+
+
+def start_server(model: Path, workdir: Path) -> tuple[subprocess.Popen, str, str]:
+    import socket
+
+    import httpx
+    import yaml
+
+    from llmstack.serve.guard import hash_key, new_key
+
+    key = new_key()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "bench", "sha256": hash_key(key)}]}))
+    # Default rails all on; limits raised so the benchmark measures the guard's cost, not its refusals.
+    (workdir / "guard.yaml").write_text(yaml.safe_dump({"rate_limits": {"requests_per_minute": 100_000,
+                                                                        "tokens_per_minute": 10_000_000}}))
+    (workdir / "server.yaml").write_text(yaml.safe_dump({
+        "engine": "vllm", "model": str(model), "served_model_name": "bench", "port": port, "keys": "keys.yaml",
+        "guard": "guard.yaml", "audit_log": "audit.jsonl", "max_concurrency": 64, "max_queue": 64}))
+    log = open(workdir / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(workdir / "server.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            sys.exit(f"server exited; see {workdir / 'server.log'}")
+        try:
+            if httpx.get(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=2).status_code == 200:
+                return proc, base, key
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    sys.exit("server not ready in 600 s")
+
+
+# ----------------------------------------------------------------------------------------------- (b) engine
+async def bench_engine(model: Path, prompt_ids: list[list[int]], levels: list[int], max_tokens: int) -> list[dict]:
+    from llmstack.serve.config import VllmOptions
+    from llmstack.serve.engine import GenParams, VllmEngine
+
+    engine = VllmEngine(model, "bench", options=VllmOptions())
+    await engine.start()
+    out = []
+    try:
+        for conc in levels:
+            sem, rows = asyncio.Semaphore(conc), []
+
+            async def one(i: int):
+                async with sem:
+                    t0, first, n = time.perf_counter(), None, 0
+                    params = GenParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+                    async for deltas in engine.generate(f"b-{conc}-{i}", prompt_ids[i % len(prompt_ids)], params,
+                                                        "bench"):
+                        for d in deltas:
+                            if first is None and d.token_ids:
+                                first = time.perf_counter() - t0
+                            n += len(d.token_ids)
+                    rows.append({"latency": time.perf_counter() - t0, "ttft": first, "tokens": n})
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(requests_for(conc))))
+            out.append(summarize("b_bare_vllm", conc, time.perf_counter() - t0, rows))
+            print(fmt(out[-1]), flush=True)
+    finally:
+        await engine.shutdown()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ (c) transformers
+def bench_hf(model_dir: Path, prompt_ids: list[list[int]], levels: list[int], max_tokens: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, StoppingCriteria
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else 0
+    out = []
+    for conc in levels:
+        rows = []
+        n_req = requests_for(conc)
+        t_all = time.perf_counter()
+        for start in range(0, n_req, conc):
+            batch = [prompt_ids[i % len(prompt_ids)] for i in range(start, min(n_req, start + conc))]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])  # left padding for generation
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            first: list[float] = []
+            t0 = time.perf_counter()
+
+            class FirstToken(StoppingCriteria):  # called after each step: the first call ends the prefill step
+                def __call__(self, input_ids, scores, **kw):
+                    if not first:
+                        first.append(time.perf_counter() - t0)
+                    return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+            with torch.inference_mode():
+                gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                     do_sample=False, pad_token_id=pad, stopping_criteria=[FirstToken()])
+            lat = time.perf_counter() - t0
+            rows += [{"latency": lat, "ttft": first[0] if first else None, "tokens": gen.shape[1] - width}
+                     for _ in batch]
+        out.append(summarize("c_transformers_generate", conc, time.perf_counter() - t_all, rows))
+        print(fmt(out[-1]), flush=True)
+    return out
+
+
+def fmt(r: dict) -> str:
+    ttft = f"{r['ttft_p50_s']:.3f}" if r["ttft_p50_s"] is not None else "  n/a"
+    return (f"{r['system']:<24} c={r['concurrency']:<3} req={r['requests']:<3} tok={r['tokens']:<5} "
+            f"{r['tok_s']:7.1f} tok/s  p50 {r['p50_s']:6.2f} s  p95 {r['p95_s']:6.2f} s  ttft p50 {ttft} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model folder, packaged name, or 'tiny'")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--skip", default="", help="comma list of a,b,c to skip")
+    ap.add_argument("--out", default="runs/bench/serve.json")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    levels = [int(x) for x in args.levels.split(",")]
+    skip = set(args.skip.split(","))
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    if args.model == "tiny":
+        from llmstack.testing import build_tiny_model
+
+        model = build_tiny_model(work / "tiny")
+    else:
+        from llmstack.models import resolve
+
+        model = resolve(args.model)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    # the token ids the API itself makes (chat template rendered, then tokenized without extra specials)
+    prompt_ids = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                      add_special_tokens=False)["input_ids"] for m in prompts]
+    print(f"model {model}; {args.max_tokens} tokens per request; concurrency {levels}; "
+          f"{os.cpu_count()} CPUs", flush=True)
+    results: list[dict] = []
+    if "a" not in skip:
+        proc, base, key = start_server(model, work)
+        try:
+            for conc in levels:
+                results.append(asyncio.run(bench_api(base, key, prompts, conc, args.max_tokens)))
+                print(fmt(results[-1]), flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    if "b" not in skip:
+        results += asyncio.run(bench_engine(model, prompt_ids, levels, args.max_tokens))
+    if "c" not in skip:
+        results += bench_hf(model, prompt_ids, levels, args.max_tokens)
+
+    by = {(r["system"], r["concurrency"]): r for r in results}
+    ratios = {}
+    print("\nratios (same run, same machine):")
+    for conc in levels:
+        a, b = by.get(("a_guarded_api", conc)), by.get(("b_bare_vllm", conc))
+        if a and b:
+            ratios[f"guard_overhead_p50_c{conc}"] = a["p50_s"] / b["p50_s"] - 1
+            print(f"  guard overhead at p50, concurrency {conc}: {100 * (a['p50_s'] / b['p50_s'] - 1):+.1f}% "
+                  f"(goal <= +5%)")
+    top = max(levels)
+    a, c1, cb = by.get(("a_guarded_api", top)), by.get(("c_transformers_generate", 1)), \
+        by.get(("c_transformers_generate", top))
+    if a and c1:
+        ratios["api_vs_hf_one_at_a_time"] = a["tok_s"] / c1["tok_s"]
+        print(f"  guarded API at concurrency {top} vs transformers one request at a time: "
+              f"{a['tok_s'] / c1['tok_s']:.2f}x (goal >= 5x)")
+    if a and cb:
+        ratios["api_vs_hf_static_batch"] = a["tok_s"] / cb["tok_s"]
+        print(f"  guarded API at concurrency {top} vs transformers static batch of {top}: "
+              f"{a['tok_s'] / cb['tok_s']:.2f}x (goal >= 1.3x)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(model), "max_tokens": args.max_tokens, "results": results,
+                               "ratios": ratios}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
