@@ -262,3 +262,26 @@ def test_cli_curate_runs_and_records_the_stage(tmp_path, tiny_model):
     assert manifest["stages"]["curate"]["metrics"]["sft"]["kept"] == 6
     assert "sft" not in manifest["stages"]  # later stages are neither run nor required
     assert (tmp_path / "cards" / "r" / "sft.md").exists()
+
+
+@pytest.mark.slow
+def test_shipped_quickstart_cards_match_a_fresh_curation(smollm2, tmp_path):
+    """The committed data_cards/quickstart/* are what the pipeline produces from the real packaged sources."""
+    from llmstack.recipe import load_recipe
+
+    repo = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(repo / "recipes" / "quickstart.yaml", check_trainer=False)
+    recipe.data.cards_dir = None
+    cards = C.curate_recipe(recipe, tmp_path, smollm2)
+    assert set(cards) == {"sft", "dpo", "cpt"}
+    for name, card in cards.items():
+        shipped = json.loads((repo / "data_cards" / "quickstart" / f"{name}.json").read_text())
+        assert json.loads(json.dumps(card)) == shipped, f"data_cards/quickstart/{name}.json is stale: re-run curate"
+        assert (tmp_path / "cards" / f"{name}.md").read_text() == \
+            (repo / "data_cards" / "quickstart" / f"{name}.md").read_text()
+        dd = datasets.load_from_disk(str(tmp_path / name))
+        assert len(dd["train"]) == card["counts"]["train"] > 100
+    # the identity rows are in, with the recipe's name filled in
+    sft = datasets.load_from_disk(str(tmp_path / "sft"))
+    answers = [row[-1]["content"] for split in sft.values() for row in split["messages"]]
+    assert sum("llmstack" in a for a in answers) >= 15 and not any("{{name}}" in a for a in answers)

@@ -86,6 +86,15 @@ def test_pii_redaction_kinds_and_negatives():
         assert gone not in out
 
 
+def test_pii_leaves_look_alikes_in_real_data_alone():
+    # Seen in LLaMA-Factory's dpo_en_demo: sums that pass Luhn, and a placeholder password.
+    for text in ("256626720691 + 1646615806005 = 4212883012996", "472547338 + 960397912423686 = 960398384971024",
+                 "EMAIL_PASSWORD = 'your_email_password'", "Budget 1946 67,229 1945 100, 031"):
+        counts = Counter()
+        assert redact_pii(text, counts) == text and not counts
+    assert redact_pii('api_key = "a8f3k2j9d8s7f6g5h4j3"') == 'api_key = "<SECRET>"'
+
+
 def test_unicode_repair_keeps_curly_quotes_and_cjk_punctuation():
     counts = Counter()
     assert clean_text("Itâ€™s caf\u0065\u0301", True, False, counts) == "It’s café"
