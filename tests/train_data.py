@@ -55,11 +55,15 @@ def text_dataset(path: Path, n: int = 24) -> Path:
     return _save(rows, rows[:4], path)
 
 
+# Rejected answers never appear as a chosen one, so a preference exists that a model can learn across pairs.
+BAD = ["I do not know.", "Go away, I am busy.", "No idea, sorry.", "Whatever you say."]
+
+
 def preference_dataset(path: Path, n: int = 16) -> Path:
     rows = []
     for i in range(n):
         q, a = QA[i % len(QA)]
-        bad = QA[(i + 3) % len(QA)][1]
+        bad = BAD[i % len(BAD)]
         rows.append({"prompt": [{"role": "user", "content": q}],
                      "chosen": [{"role": "assistant", "content": a}],
                      "rejected": [{"role": "assistant", "content": bad}]})

@@ -54,6 +54,14 @@ def stage_context(recipe, recipe_path: Path, run, stage: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (ValueError, RuntimeError, OSError) as exc:  # ModelSourceError, StageUnavailable, ChatTemplateError, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmstack.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", type=Path)

@@ -185,7 +185,7 @@ def resume_checkpoint(ctx, trainer) -> str | None:
 
     identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
                             "datasets": {k: str(v) for k, v in ctx.datasets.items()}, "seed": ctx.recipe.seed})
-    stamp = ctx.dir / "checkpoint-inputs.sha256"
+    stamp = ctx.dir / "resume-inputs.sha256"
     last = get_last_checkpoint(str(ctx.dir))
     fresh = bool(last) and stamp.exists() and stamp.read_text().strip() == identity
     trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 touches the folder
