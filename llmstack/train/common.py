@@ -308,6 +308,7 @@ def metrics_from(trainer, train_output) -> dict[str, Any]:
         "train_runtime_s": round(float(runtime), 2),
         "tokens": int(tokens),
         "tokens_per_s": round(tokens / runtime, 2) if runtime else None,
+        "world_size": trainer.args.world_size,
     }
     for key in ("rewards/margins", "rewards/accuracies"):
         vals = [h[key] for h in history if key in h]

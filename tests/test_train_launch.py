@@ -1,0 +1,87 @@
+"""Launching training: `accelerate launch -m llmstack.train` on two CPU processes (gloo), the shipped accelerate
+configs, and the `llmstack train` verb's errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train_data import messages_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    expected = {"cpu": ("NO", 1), "cpu-ddp": ("MULTI_GPU", 2), "ddp": ("MULTI_GPU", 8), "fsdp2": ("FSDP", 8),
+                "zero3": ("DEEPSPEED", 8)}[path.stem]
+    assert (str(cfg.distributed_type).split(".")[-1], cfg.num_processes) == expected
+    if path.stem == "fsdp2":
+        assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if path.stem == "zero3":
+        assert cfg.deepspeed_config["zero_stage"] == 3 and cfg.deepspeed_config["zero3_save_16bit_model"]
+
+
+def _recipe_with_done_inputs(tmp_path: Path, model: Path, stage_extra: dict | None = None) -> Path:
+    """A recipe file plus a run folder whose manifest says model and curate are done (as `llmstack run` leaves it)."""
+    from llmstack.runs import Run
+
+    chat = messages_dataset(tmp_path / "chat")
+    raw = {"name": "launch", "seed": 3, "model": {"source": str(model)},
+           "data": {"datasets": {"chat": {"schema": "messages", "sources": [{"name": "c", "path": str(chat)}]}}},
+           "stages": [{"type": "sft", "dataset": "chat", **(stage_extra or {}),
+                       "args": {"max_steps": 3, "per_device_train_batch_size": 2, "max_length": 128,
+                                "learning_rate": 1e-3, "report_to": []}}]}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    run = Run.open(tmp_path / "runs", "launch", "default")
+    run.record("model", status="done", result={"model": str(model)})
+    run.record("curate", status="done", result={"model": None, "datasets": {"chat": str(chat)}})
+    return recipe
+
+
+def test_two_process_cpu_launch_trains_and_saves_one_model(tmp_path, tiny_model):
+    recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "-m", "llmstack.train", str(recipe), "--stage", "sft",
+           "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "launch" / "default"
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]
+    assert entry["status"] == "done" and entry["metrics"]["world_size"] == 2 and entry["metrics"]["steps"] == 3
+    models = [p.parent for p in run_dir.rglob("config.json")]
+    assert models == [run_dir / "sft" / "model"]  # one model, written once
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(models[0]).num_parameters() > 0
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "llmstack", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_cli_train_unknown_stage_is_one_line_error(tmp_path, tiny_model):
+    recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
+    proc = _cli("train", str(recipe), "--stage", "dpo", "--runs-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 2
+    assert "'dpo' is not a training stage" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_recipe_launch_must_name_a_config(tmp_path, tiny_model):
+    from llmstack.recipe import RecipeError, load_recipe
+
+    recipe = _recipe_with_done_inputs(tmp_path, tiny_model, {"launch": "cpu-dpp"})
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe)
+    assert info.value.problems == [
+        "stages[0]: launch: 'cpu-dpp' is neither an accelerate config file nor one of "
+        "['cpu', 'cpu-ddp', 'ddp', 'fsdp2', 'zero3']"]
