@@ -27,6 +27,8 @@ STAGES: dict[str, str] = {
     "cpt": "llmstack.train.cpt:run",
     "sft": "llmstack.train.sft:run",
     "dpo": "llmstack.train.dpo:run",
+    "reward": "llmstack.train.reward:run",
+    "grpo": "llmstack.train.grpo:run",
     "quantize": "llmstack.quant.run:run",
     "eval": "llmstack.eval.run:run",
     "serve": "llmstack.serve.smoke:run",

@@ -57,6 +57,12 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         where = f"stages[{i}]"
         if stage.id in seen or stage.id in ("base", "int4", "int8", "model", "curate", "eval", "serve", "report"):
             problems.append(f"{where}.name: stage name '{stage.id}' is taken; give this stage a unique `name`")
+        for k, reward in enumerate(stage.rewards):
+            # grpo finds the reward model in the manifest entry of that stage, so it must run earlier in this recipe
+            earlier = [s.id for s in recipe.stages[:i] if s.type == "reward"]
+            if reward.type == "reward_model" and reward.stage not in earlier:
+                problems.append(f"{where}.rewards[{k}].stage: '{reward.stage}' is not a reward stage before this one "
+                                f"(reward stages before it: {earlier or 'none'})")
         seen.add(stage.id)
         if stage.dataset not in datasets:
             have = ", ".join(datasets) or "none"
@@ -73,7 +79,8 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                     f"{stage.dataset}.schema is `{got}`"
                 )
     if recipe.eval:
-        allowed = ["base", *seen] + ([recipe.quantize.stage_name] if recipe.quantize else [])
+        policies = [s.id for s in recipe.stages if s.type != "reward"]  # a reward model scores, it does not answer
+        allowed = ["base", *policies] + ([recipe.quantize.stage_name] if recipe.quantize else [])
         for j, name in enumerate(recipe.eval.stages):
             if name not in allowed:
                 problems.append(f"eval.stages[{j}]: '{name}' is not a stage of this recipe (choose from {allowed})")

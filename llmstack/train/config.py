@@ -23,10 +23,12 @@ from pydantic import Field, model_validator
 
 from llmstack.schema import Strict, did_you_mean
 
-StageType = Literal["cpt", "sft", "dpo"]
+StageType = Literal["cpt", "sft", "dpo", "reward", "grpo"]
 
-# The dataset schema each stage type trains on (see data/config.py).
-STAGE_DATASET_SCHEMA: dict[str, str] = {"cpt": "text", "sft": "messages", "dpo": "preference"}
+# The dataset schema each stage type trains on (see data/config.py). grpo takes `messages` rows: the turns before the
+# last assistant turn are the prompt, that assistant turn's text is the reference answer verifiers compare against.
+STAGE_DATASET_SCHEMA: dict[str, str] = {"cpt": "text", "sft": "messages", "dpo": "preference", "reward": "preference",
+                                        "grpo": "messages"}
 
 
 class LoraSpec(Strict):
@@ -47,6 +49,38 @@ class QloraSpec(LoraSpec):
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+class RewardSpec(Strict):
+    """One reward function of a grpo stage. TRL sums them (weighted) into the reward that advantages are computed from."""
+
+    type: Literal["gsm8k_answer", "format", "reward_model", "python"] = Field(
+        description="gsm8k_answer: 1 if the completion's final number equals the reference answer's (GSM8K '#### N' "
+                    "or its last number), else 0. format: 1 if `pattern` (a Python regex) matches the completion. "
+                    "reward_model: the score of the sequence-classification model a `reward` stage of this recipe "
+                    "trained (`stage`). python: a function 'module:name' with TRL's reward signature "
+                    "(prompts, completions, **columns) -> list[float]")
+    weight: float = Field(1.0, description="this reward's weight in the sum (TRL's reward_weights)")
+    pattern: str | None = Field(None, description="format: the regex; re.search unless `full: true`")
+    full: bool = Field(False, description="format: the whole completion must match the pattern (re.fullmatch)")
+    stage: str | None = Field(None, description="reward_model: the name of the reward stage that trained it")
+    function: str | None = Field(None, description="python: the import string 'package.module:function'")
+
+    @model_validator(mode="after")
+    def _fields_for_type(self):
+        import re
+
+        needs = {"format": "pattern", "reward_model": "stage", "python": "function"}
+        if self.type in needs and getattr(self, needs[self.type]) is None:
+            raise ValueError(f"a `{self.type}` reward needs `{needs[self.type]}`")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern: not a valid regular expression ({exc})") from None
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function: '{self.function}' is not an import string 'package.module:function'")
+        return self
+
+
 class StageSpec(Strict):
     type: StageType
     name: str | None = Field(None, description="unique stage name; defaults to the type")
@@ -61,6 +95,9 @@ class StageSpec(Strict):
     probe: list[str] = Field(
         default_factory=list,
         description="user prompts answered greedily by the trained model; answers go into the report and metrics")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="grpo only: the reward functions scoring each sampled completion (at least one)")
 
     @property
     def id(self) -> str:
@@ -70,6 +107,17 @@ class StageSpec(Strict):
     def _one_adapter(self):
         if self.lora and self.qlora:
             raise ValueError("set either `lora` or `qlora`, not both (qlora is LoRA on a 4-bit base)")
+        return self
+
+    @model_validator(mode="after")
+    def _rewards_for_grpo(self):
+        if self.type == "grpo" and not self.rewards:
+            raise ValueError("a grpo stage needs `rewards` (e.g. [{type: gsm8k_answer}, {type: reward_model, "
+                             "stage: reward}])")
+        if self.type != "grpo" and self.rewards:
+            raise ValueError(f"`rewards` belongs to grpo stages; a {self.type} stage does not use it")
+        if self.rewards and "reward_weights" in self.args:
+            raise ValueError("set each reward's `weight` instead of args.reward_weights")
         return self
 
     @model_validator(mode="after")
@@ -98,7 +146,8 @@ def trl_config_class(stage_type: str):
     """TRL's config class for a stage type (imported lazily: trl takes seconds to import)."""
     import trl
 
-    return {"cpt": trl.SFTConfig, "sft": trl.SFTConfig, "dpo": trl.DPOConfig}[stage_type]
+    return {"cpt": trl.SFTConfig, "sft": trl.SFTConfig, "dpo": trl.DPOConfig, "reward": trl.RewardConfig,
+            "grpo": trl.GRPOConfig}[stage_type]
 
 
 # Keys llmstack sets itself from other parts of the recipe; a user setting them in `args` would be ignored or conflict.
