@@ -12,7 +12,7 @@ from pathlib import Path
 from llmstack.data.config import DatasetSpec
 
 STEP_ORDER = ["read", "max_chars", "clean", "non_empty", "token_length", "gopher_repetition", "gopher_quality",
-              "language", "blocklist", "exact_dedup", "near_dedup", "decontaminate", "mixing"]
+              "language", "blocklist", "decontaminate", "exact_dedup", "near_dedup", "mixing"]
 
 
 def _short(s: str, n: int = 300) -> str:
@@ -40,11 +40,10 @@ def _quarantined(quarantine: Path, step: str) -> list[dict]:
     return out
 
 
-def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_in: Counter, rows_in: int,
-               dropped: Counter, splits: dict[str, list[dict]], content_hash: str, dataset_dir: Path,
-               quarantine_dir: Path, index, eval_suites: list[str], tokenizer: Path | None, seed: int,
-               card_dir: Path) -> dict:
-    kept_docs = [d for docs in splits.values() for d in docs]
+def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_in: Counter, kept_by_source: Counter,
+               rows_in: int, dropped: Counter, sizes: dict[str, int], lengths, cleaning: Counter, content_hash: str,
+               dataset_dir: Path, quarantine_dir: Path, index, eval_suites: list[str], tokenizer: Path | None,
+               seed: int, card_dir: Path) -> dict:
     by_step: dict[str, dict[str, int]] = {}
     for (step, reason), n in sorted(dropped.items()):
         by_step.setdefault(step, {})[reason] = n
@@ -52,15 +51,14 @@ def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_
     for step in STEP_ORDER:
         left -= sum(by_step.get(step, {}).values())
         after.append({"step": step, "rows": left, "dropped": sum(by_step.get(step, {}).values())})
-    kept_by_source = Counter(d["metadata"]["source"] for d in kept_docs)
     for s in sources:
         s["rows_in"] = per_source_in.get(s["name"], 0)
         s["rows_kept"] = kept_by_source.get(s["name"], 0)
+    lengths = sorted(lengths)
+    import datasets
 
-    lengths = sorted(d["metadata"].get("n_tokens", 0) for d in kept_docs)
-    pii: Counter = Counter()
-    for d in kept_docs:
-        pii.update(d["metadata"].get("cleaned", {}))
+    train = datasets.load_from_disk(str(dataset_dir / "train")) if sizes["train"] else []
+    samples = [_sample(train[i]) for i in range(min(3, sizes["train"]))]
 
     dup_examples = []
     for step in ("exact_dedup", "near_dedup"):
@@ -77,13 +75,13 @@ def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_
         "seed": seed,
         "tokenizer": tokenizer.name if tokenizer else None,
         "sources": sources,
-        "counts": {"rows_in": rows_in, "train": len(splits["train"]), "validation": len(splits["validation"]),
-                   "kept": len(kept_docs), "dropped": sum(dropped.values())},
+        "counts": {"rows_in": rows_in, "train": sizes["train"], "validation": sizes["validation"],
+                   "kept": sum(sizes.values()), "dropped": sum(dropped.values())},
         "rows_after_step": after,
         "dropped": by_step,
         "token_lengths": ({"min": lengths[0], "median": statistics.median(lengths), "mean": round(
             statistics.fmean(lengths), 1), "max": lengths[-1], "total": sum(lengths)} if lengths else {}),
-        "cleaning": dict(sorted(pii.items())),
+        "cleaning": dict(sorted(cleaning.items())),
         "dedup": {"exact": spec.dedup.exact, "near": spec.dedup.near, "near_threshold": spec.dedup.near_threshold,
                   "num_perm": spec.dedup.num_perm, "shingle_words": spec.dedup.shingle_words,
                   "exact_dropped": sum(by_step.get("exact_dedup", {}).values()),
@@ -95,7 +93,7 @@ def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_
                             {"suites": eval_suites, "checked": False,
                              "why": "no eval suite (the recipe has no eval block)" if not eval_suites else "disabled"}),
         "filters": spec.filters.model_dump(mode="json"),
-        "samples": [_sample(d["metadata"]["row"]) for d in splits["train"][:3]],
+        "samples": samples,
     }
     card_dir.mkdir(parents=True, exist_ok=True)
     (card_dir / f"{name}.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")

@@ -6,10 +6,11 @@
     <stage dir>/work/<name>/           intermediate datatrove outputs and logs
 
 Two datatrove passes run on its LocalPipelineExecutor: pass 1 (per row, parallel over `data.workers` tasks) reads,
-adapts, cleans and filters; pass 2 (one task, in source order so the first copy wins) removes exact and near
-duplicates and decontaminates. Then mixing (per-source weights, seeded) and the train/validation split. Nothing is
-lost: rows_in == rows_kept + Σ rows_dropped[reason] is checked against the quarantine files themselves, and a
-mismatch fails the stage. Same seed + same inputs => byte-identical dataset folder (its hash goes on the card).
+adapts, cleans, filters, decontaminates and computes dedup signatures; pass 2 (one task, in source order so the first
+copy wins) drops exact and near duplicates with dictionary and LSH lookups. Then mixing (per-source weights, seeded)
+and the train/validation split, streamed through memory-mapped Arrow. Nothing is lost: rows_in == rows_kept +
+Σ rows_dropped[reason] is checked against the quarantine files themselves, and a mismatch fails the stage.
+Same seed + same inputs => byte-identical dataset folder (its hash goes on the card).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import random
 import shutil
 import sys
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -47,8 +49,9 @@ def _execute(steps: list, work: Path, tag: str, tasks: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
     with open(work / f"{tag}.log", "a") as log_file, contextlib.redirect_stderr(log_file):
         try:
+            # fork: workers inherit the redirected stderr (forkserver children would print to the terminal)
             LocalPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=str(work / f"logs_{tag}"),
-                                  skip_completed=False).run()
+                                  skip_completed=False, start_method="fork").run()
         finally:
             from loguru import logger
 
@@ -143,7 +146,7 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
 
     from llmstack.data import filters as F
     from llmstack.data.decontam import DecontaminationFilter, NGramIndex
-    from llmstack.data.dedup import ExactDedupFilter, NearDedupFilter
+    from llmstack.data.dedup import DedupSignatures, ExactDedupFilter, NearDedupFilter
 
     work, quarantine = stage_dir / "work" / name, stage_dir / "quarantine" / name
     for d in (work, quarantine, stage_dir / name):
@@ -170,44 +173,58 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
         steps.append(F.LangIdFilter(fspec.languages, fspec.language_min_chars, exclusion_writer=q("language")))
     if fspec.blocklist:
         steps.append(F.BlocklistFilter(fspec.blocklist, exclusion_writer=q("blocklist")))
+    index = None
+    if spec.decontaminate.enabled and eval_items is not None:
+        # Per row, so it runs in the parallel pass; the card still lists every matched benchmark item.
+        index = NGramIndex(eval_items, spec.decontaminate.n)
+        steps.append(DecontaminationFilter(index, exclusion_writer=q("decontaminate")))
+    if spec.dedup.exact or spec.dedup.near:
+        steps.append(DedupSignatures(spec.dedup.num_perm, spec.dedup.shingle_words, near=spec.dedup.near))
     steps.append(_writer(work / "pass1"))
-    log.info("curate %s: pass 1 (read, clean, filter) on %d task(s)", name, workers)
+    log.info("curate %s: pass 1 (read, clean, filter, decontaminate, signatures) on %d task(s)", name, workers)
     _execute(steps, work, "pass1", workers)
 
-    # ---- pass 2: dedup + decontamination, in source order
+    # ---- pass 2: exact and near dedup, in source order (the first copy wins)
     steps = [OrderedReader(work / "pass1")]
     if spec.dedup.exact:
         steps.append(ExactDedupFilter(exclusion_writer=q("exact_dedup")))
     if spec.dedup.near:
         steps.append(NearDedupFilter(spec.dedup.near_threshold, spec.dedup.num_perm, spec.dedup.shingle_words,
                                      exclusion_writer=q("near_dedup")))
-    index = None
-    if spec.decontaminate.enabled and eval_items is not None:
-        index = NGramIndex(eval_items, spec.decontaminate.n)
-        steps.append(DecontaminationFilter(index, exclusion_writer=q("decontaminate")))
     steps.append(_writer(work / "kept"))
-    log.info("curate %s: pass 2 (dedup, decontaminate)", name)
+    log.info("curate %s: pass 2 (dedup)", name)
     _execute(steps, work, "pass2", 1)
 
-    # ---- mixing and split
-    kept = [d for p in _read_jsonl(work / "kept") for d in _docs(p)]
-    selected, unselected = mix(kept, spec, seed)
-    if unselected:
-        with _writer(quarantine / "mixing") as w:
-            for d in unselected:
-                w.write(Document(text=d["text"], id=d["id"],
-                                 metadata={**d["metadata"], "filter_reason": "mixing: not sampled (max_rows cap)"}))
-    splits = split(selected, spec.validation_fraction, seed)
+    # ---- mixing and split, streamed: memory stays flat however many rows were kept
+    kept_files = _read_jsonl(work / "kept")
+    per_source_kept = Counter(d["metadata"]["source"] for p in kept_files for d in _docs(p))
+    plan = mix_plan(per_source_kept, spec, seed)
+    feats = features(spec.schema_)
+    lengths, kept_by_source, cleaning = array("l"), Counter(), Counter()
+    seen: Counter = Counter()
+    with _writer(quarantine / "mixing") as unused, open(work / "selected.jsonl", "w") as selected:
+        for d in (d for p in kept_files for d in _docs(p)):
+            src = d["metadata"]["source"]
+            seen[src] += 1
+            if plan is not None and seen[src] - 1 not in plan[src]:
+                unused.write(Document(text=d["text"], id=d["id"], metadata={
+                    **d["metadata"], "filter_reason": "mixing: not sampled (max_rows cap)"}))
+                continue
+            row = d["metadata"]["row"]
+            selected.write(json.dumps({k: row[k] for k in feats}, ensure_ascii=False) + "\n")
+            lengths.append(d["metadata"].get("n_tokens", 0))
+            kept_by_source[src] += 1
+            cleaning.update(d["metadata"].get("cleaned", {}))
     out = stage_dir / name
-    content_hash = save(splits, spec.schema_, out)
+    sizes, content_hash = save(work / "selected.jsonl", feats, out, spec.validation_fraction, seed, work / "hf")
 
     # ---- reconciliation: counted from the files, not from counters that could agree with themselves
-    rows_in = sum(sum(json.loads(p.read_text()).values()) for p in (work / "counts").glob("*.json"))
     per_source_in: Counter = Counter()
     for p in (work / "counts").glob("*.json"):
         per_source_in.update(json.loads(p.read_text()))
+    rows_in = sum(per_source_in.values())
     dropped = quarantine_counts(quarantine)
-    n_kept = sum(len(v) for v in splits.values())
+    n_kept = sum(sizes.values())
     n_dropped = sum(dropped.values())
     if rows_in != n_kept + n_dropped:
         raise CurationError(f"dataset '{name}': rows_in {rows_in} != kept {n_kept} + dropped {n_dropped} "
@@ -217,7 +234,8 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
     from llmstack.data.card import build_card
 
     return build_card(name=name, spec=spec, sources=[describe(f) for f in fetched], per_source_in=per_source_in,
-                      rows_in=rows_in, dropped=dropped, splits=splits, content_hash=content_hash, dataset_dir=out,
+                      kept_by_source=kept_by_source, rows_in=rows_in, dropped=dropped, sizes=sizes,
+                      lengths=lengths, cleaning=cleaning, content_hash=content_hash, dataset_dir=out,
                       quarantine_dir=quarantine, index=index, eval_suites=eval_suites or [], tokenizer=tokenizer,
                       seed=seed, card_dir=stage_dir / "cards")
 
@@ -232,44 +250,32 @@ def quarantine_counts(quarantine: Path) -> Counter:
     return counts
 
 
-def mix(kept: list[dict], spec: DatasetSpec, seed: int) -> tuple[list[dict], list[dict]]:
-    """Per-source weighted, seeded sampling down to `max_rows`; without a cap every kept row is used."""
-    if not spec.max_rows or len(kept) <= spec.max_rows:
-        return kept, []
-    by_source: dict[str, list[dict]] = {s.name: [] for s in spec.sources}
-    for d in kept:
-        by_source[d["metadata"]["source"]].append(d)
+def mix_plan(per_source: Counter, spec: DatasetSpec, seed: int) -> dict[str, set[int]] | None:
+    """Which kept rows of each source to use: per-source weighted, seeded sampling down to `max_rows`.
+    None: no cap (or under it), every kept row is used."""
+    total = sum(per_source.values())
+    if not spec.max_rows or total <= spec.max_rows:
+        return None
     weights = {s.name: s.weight for s in spec.sources}
-    quota = {s: 0 for s in by_source}
+    quota = {s.name: 0 for s in spec.sources}
     left = spec.max_rows
-    # Water-filling: share what is left by weight among sources that still have rows, until the cap is reached.
+    # Water-filling: each round shares what is left by weight (largest remainder) among sources that still have
+    # rows; a source that runs out hands its share to the others in the next round.
     while left > 0:
-        open_ = [s for s in by_source if quota[s] < len(by_source[s])]
+        open_ = [s for s in quota if quota[s] < per_source.get(s, 0)]
         if not open_:
             break
         total_w = sum(weights[s] for s in open_)
-        shares = {s: max(1, int(left * weights[s] / total_w)) for s in open_}
+        exact = {s: left * weights[s] / total_w for s in open_}
+        share = {s: int(exact[s]) for s in open_}
+        for s in sorted(open_, key=lambda s: exact[s] - share[s], reverse=True)[: left - sum(share.values())]:
+            share[s] += 1
         for s in open_:
-            take = min(shares[s], len(by_source[s]) - quota[s], left)
+            take = min(share[s], per_source[s] - quota[s])
             quota[s] += take
             left -= take
     rng = random.Random(seed)
-    selected, unselected = [], []
-    for s, docs in by_source.items():
-        chosen = set(rng.sample(range(len(docs)), quota[s]))
-        for i, d in enumerate(docs):
-            (selected if i in chosen else unselected).append(d)
-    selected.sort(key=lambda d: d["metadata"]["order"])
-    return selected, unselected
-
-
-def split(docs: list[dict], validation_fraction: float, seed: int) -> dict[str, list[dict]]:
-    docs = list(docs)
-    random.Random(seed).shuffle(docs)  # mixes sources; same seed -> same order
-    n_val = round(len(docs) * validation_fraction)
-    if validation_fraction > 0 and n_val == 0 and len(docs) >= 2:
-        n_val = 1
-    return {"train": docs[n_val:], "validation": docs[:n_val]}
+    return {s: set(rng.sample(range(per_source.get(s, 0)), quota[s])) for s in quota}
 
 
 def features(schema: str):
@@ -283,29 +289,48 @@ def features(schema: str):
     return Features({"text": Value("string")})
 
 
-def save(splits: dict[str, list[dict]], schema: str, out: Path) -> str:
-    """save_to_disk with a content-derived fingerprint, so the same rows give a byte-identical folder."""
+def save(selected: Path, feats, out: Path, validation_fraction: float, seed: int, cache: Path
+         ) -> tuple[dict[str, int], str]:
+    """JSON lines -> shuffled train/validation DatasetDict on disk. datasets reads and shuffles through memory-mapped
+    Arrow, so this stays flat in memory too. The fingerprint and info are content-derived (no paths), so the same
+    rows and seed give a byte-identical folder; returns the split sizes and the folder's sha256."""
+    import datasets
+
+    n = sum(1 for _ in open(selected, "rb"))
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # our own log line says what was saved
+    try:
+        return _save(selected, feats, out, validation_fraction, seed, cache, n)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _save(selected: Path, feats, out: Path, validation_fraction: float, seed: int, cache: Path, n: int):
     import hashlib
 
     import datasets
 
-    feats = features(schema)
-    dd = {}
-    h_all = hashlib.sha256()
-    for name, docs in splits.items():
-        rows = [{k: d["metadata"]["row"][k] for k in feats} for d in docs]
-        h = hashlib.sha256()
-        for r in rows:
-            h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode() + b"\n")
-        # from_dict, not from_list: an empty split must still have the schema's columns
-        ds = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats)
-        ds._fingerprint = h.hexdigest()[:16]
-        dd[name] = ds
-        h_all.update(name.encode() + b"\0" + h.digest())
-    datasets.DatasetDict(dd).save_to_disk(str(out), num_shards={k: 1 for k in dd})
-    from llmstack.runs import sha256_path
+    from llmstack.runs import sha256_file, sha256_path
 
-    return sha256_path(out)
+    if n:
+        ds = datasets.Dataset.from_json(str(selected), features=feats, cache_dir=str(cache))
+    else:  # from_json cannot read an empty file; an empty dataset still has the schema's columns
+        ds = datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
+    n_val = round(n * validation_fraction)
+    if validation_fraction > 0 and n_val == 0 and n >= 2:
+        n_val = 1
+    if n_val:
+        parts = ds.train_test_split(test_size=n_val, shuffle=True, seed=seed)
+        splits = {"train": parts["train"], "validation": parts["test"]}
+    else:
+        splits = {"train": ds.shuffle(seed=seed), "validation": ds.select([])}
+    base = hashlib.sha256(f"{sha256_file(selected)}:{seed}:{n_val}".encode()).hexdigest()
+    for name, part in splits.items():
+        part._fingerprint = hashlib.sha256(f"{base}:{name}".encode()).hexdigest()[:16]
+        part._info = datasets.DatasetInfo(features=feats)
+    datasets.DatasetDict(splits).save_to_disk(str(out), num_shards={k: 1 for k in splits})
+    return {k: len(v) for k, v in splits.items()}, sha256_path(out)
 
 
 # ---------------------------------------------------------------- the stage

@@ -13,31 +13,16 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from datatrove.data import Document
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.text import simplify_text
 
 
 @lru_cache(maxsize=8)
 def normalised(text: str) -> str:
-    # Cached: exact dedup, near dedup and decontamination see the same text one after another in pass 2.
+    # Cached: decontamination and the dedup signatures look at the same text one after the other.
     return simplify_text(text)
-
-
-class ExactDedupFilter(BaseFilter):
-    name = "exact dedup"
-
-    def __init__(self, exclusion_writer=None):
-        super().__init__(exclusion_writer)
-        self.seen: dict[bytes, str] = {}
-
-    def filter(self, doc: Document):
-        key = hashlib.sha1(normalised(doc.text).encode()).digest()
-        first = self.seen.setdefault(key, doc.id)
-        if first != doc.id:
-            doc.metadata["duplicate_of"] = first
-            return False, "exact duplicate"
-        return True
 
 
 def shingles(text: str, k: int) -> list[bytes]:
@@ -47,15 +32,17 @@ def shingles(text: str, k: int) -> list[bytes]:
     return [" ".join(words[i:i + k]).encode() for i in range(len(words) - k + 1)]
 
 
-class NearDedupFilter(BaseFilter):
-    name = "near dedup"
+class DedupSignatures(PipelineStep):
+    """Per row, in the parallel pass: the normalised-text hash and the MinHash signature. The ordered pass then only
+    does dictionary and LSH lookups (the same split as datatrove's own MinhashDedupSignature/...Filter stages)."""
 
-    def __init__(self, threshold: float, num_perm: int, shingle_words: int, exclusion_writer=None):
-        super().__init__(exclusion_writer)
-        self.threshold, self.num_perm, self.k = threshold, num_perm, shingle_words
-        self._lsh = None
+    type = "🫂 - DEDUP"
+    name = "signatures"
+
+    def __init__(self, num_perm: int, shingle_words: int, near: bool = True):
+        super().__init__()
+        self.num_perm, self.k, self.near = num_perm, shingle_words, near
         self._template = None
-        self._sigs: dict = {}  # kept row id -> LeanMinHash, to confirm LSH candidates
 
     def signature(self, text: str):
         from datasketch import MinHash
@@ -66,12 +53,53 @@ class NearDedupFilter(BaseFilter):
         m.update_batch(shingles(text, self.k))
         return m
 
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            doc.metadata["norm_sha1"] = hashlib.sha1(normalised(doc.text).encode()).hexdigest()
+            if self.near:
+                doc.metadata["minhash"] = self.signature(doc.text).hashvalues.tolist()
+            yield doc
+
+
+class ExactDedupFilter(BaseFilter):
+    name = "exact dedup"
+
+    def __init__(self, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.seen: dict[str, str] = {}
+
     def filter(self, doc: Document):
-        from datasketch import LeanMinHash, MinHashLSH
+        key = doc.metadata.pop("norm_sha1", None) or hashlib.sha1(normalised(doc.text).encode()).hexdigest()
+        first = self.seen.setdefault(key, doc.id)
+        if first != doc.id:
+            doc.metadata["duplicate_of"] = first
+            doc.metadata.pop("minhash", None)
+            return False, "exact duplicate"
+        return True
+
+
+class NearDedupFilter(BaseFilter):
+    """MinHash LSH over the signatures from `DedupSignatures` (computed here if a row has none)."""
+
+    name = "near dedup"
+
+    def __init__(self, threshold: float, num_perm: int, shingle_words: int, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.threshold, self.num_perm, self.k = threshold, num_perm, shingle_words
+        self._lsh = None
+        self._sigs: dict = {}  # kept row id -> LeanMinHash, to confirm LSH candidates
+        self._signer = DedupSignatures(num_perm, shingle_words)
+
+    def filter(self, doc: Document):
+        import numpy as np
+        from datasketch import LeanMinHash, MinHash, MinHashLSH
 
         if self._lsh is None:
             self._lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
-        m = self.signature(doc.text)
+            self._scheme = MinHash(num_perm=self.num_perm, seed=1).scheme  # what DedupSignatures used
+        values = doc.metadata.pop("minhash", None)
+        m = (LeanMinHash(seed=1, hashvalues=np.array(values, dtype=np.uint64), scheme=self._scheme)
+             if values is not None else LeanMinHash(self._signer.signature(doc.text)))
         hits = self._lsh.query(m)
         if hits:
             # LSH candidates can be false positives: confirm against the estimated Jaccard of each candidate.
@@ -81,9 +109,8 @@ class NearDedupFilter(BaseFilter):
                 doc.metadata["duplicate_of"] = best
                 doc.metadata["similarity"] = round(score, 3)
                 return False, f"near duplicate (Jaccard >= {self.threshold})"
-        lean = LeanMinHash(m)
-        self._sigs[doc.id] = lean
-        self._lsh.insert(doc.id, lean, check_duplication=False)
+        self._sigs[doc.id] = m
+        self._lsh.insert(doc.id, m, check_duplication=False)
         return True
 
 
