@@ -1,0 +1,162 @@
+"""Tokens/s of llmstack's SFT path vs TRL SFTTrainer defaults, same model, data, batch and length, in one run.
+
+    .venv/bin/python scripts/bench_train.py                      # SmolLM2-135M-Instruct, a few steps each
+    .venv/bin/python scripts/bench_train.py --model tiny --steps 20
+    .venv/bin/python scripts/bench_train.py --data runs/quickstart/default/curate/sft --lora
+
+"TRL defaults" is SFTConfig with only the run's size set (max_steps, batch, max_length): bf16=True,
+gradient_checkpointing=True, no packing. "llmstack" is what the sft stage uses: device defaults (on CPU: fp32, no
+checkpointing), bfd packing with per-document attention, assistant-only loss. Tokens are real (non-padding) tokens
+seen by the model; the first step (warm-up) is excluded from the timing. On CUDA it also prints MFU (6·N·tokens/s over
+the card's bf16 peak) and peak memory. Prints a table and the ratio; timings go here, never into tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+WORDS = ("the model learns to answer questions about data training evaluation serving tokens packing attention "
+         "gradient optimizer batch sequence document assistant user system language science history music").split()
+
+
+def synthetic_chat(n: int, seed: int = 0):
+    """Chat rows of varied length (as real SFT data is: short answers and long ones), deterministic."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q = " ".join(rng.choices(WORDS, k=rng.randint(5, 40))) + "?"
+        a = " ".join(rng.choices(WORDS, k=int(rng.paretovariate(1.2) * 30))[:400]) + "."
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return Dataset.from_list(rows)
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every step after the first (the first pays for lazy init and allocator warm-up)."""
+
+    def __init__(self):
+        self.t0 = None
+        self.elapsed = 0.0
+        self.steps = 0
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step > 1:
+            self.elapsed += time.perf_counter() - self.t0
+            self.steps += 1
+
+
+def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: bool) -> dict:
+    from trl import SFTConfig, SFTTrainer
+
+    from peft import LoraConfig
+
+    from llmstack.train.common import load_model
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
+                         **args_kwargs)
+        model = load_model(model_dir, "float32")
+        timer = StepTimer()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None,
+                             callbacks=[timer])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        hist = [h for h in trainer.state.log_history if "num_tokens" in h]
+        tokens_after_first = hist[-1]["num_tokens"] - hist[0]["num_tokens"]
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+    row = {"path": label, "steps": timer.steps, "tokens": int(tokens_after_first),
+           "tokens_per_s": tokens_after_first / timer.elapsed, "s_per_step": timer.elapsed / max(timer.steps, 1),
+           "bf16": args.bf16, "grad_ckpt": args.gradient_checkpointing, "packing": args.packing}
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        row["mfu"] = 6 * n_params * row["tokens_per_s"] / peak if peak else None
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def random_llama_1b(out: Path) -> Path:
+    """The 1.1B Llama shape of ../shared/gpu/README.md (TinyLlama), random init, with the test BPE tokenizer: no hub
+    needed, and throughput does not depend on the weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmstack.testing import build_tiny_model
+
+    build_tiny_model(out)  # tokenizer, chat template, generation_config
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
+                      tie_word_embeddings=False, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="packaged name, HF folder, 'tiny', or 'llama-1.1b-random' (TinyLlama shape, random init)")
+    p.add_argument("--data", help="curated messages DatasetDict folder (default: synthetic chat rows)")
+    p.add_argument("--steps", type=int, default=4, help="steps per path (the first is not timed)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--lora", action="store_true", help="LoRA r=16 all-linear on both paths")
+    a = p.parse_args()
+
+    from llmstack.models import resolve
+    from llmstack.train.common import device_defaults, load_tokenizer, training_chat_template
+    from llmstack.train.sft import SFT_DEFAULTS
+
+    if a.model == "tiny":
+        from llmstack.testing import build_tiny_model
+
+        model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    elif a.model == "llama-1.1b-random":
+        model_dir = random_llama_1b(Path(tempfile.mkdtemp()) / "llama-1.1b-random")
+    else:
+        model_dir = resolve(a.model)
+    if a.data:
+        from datasets import load_from_disk
+
+        data = load_from_disk(a.data)["train"]
+    else:
+        data = synthetic_chat(a.batch * a.steps * 8)
+    size = {"max_steps": a.steps, "per_device_train_batch_size": a.batch, "max_length": a.max_length,
+            "use_cpu": not torch.cuda.is_available()}
+
+    trl_tok = load_tokenizer(model_dir)
+    ours_tok = load_tokenizer(model_dir)
+    ours_tok.chat_template = training_chat_template(ours_tok)
+    rows = [run("TRL SFTTrainer defaults", model_dir, data, trl_tok, size, a.lora),
+            run("llmstack sft", model_dir, data, ours_tok, {**size, **device_defaults(), **SFT_DEFAULTS}, a.lora)]
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nmodel {model_dir.name}, {device}, batch {a.batch} x max_length {a.max_length}, "
+          f"{a.steps} steps each (first untimed){', LoRA r=16' if a.lora else ''}")
+    cols = ["path", "bf16", "grad_ckpt", "packing", "steps", "tokens", "s_per_step", "tokens_per_s"]
+    cols += ["mfu", "peak_gib"] if torch.cuda.is_available() else []
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    print(f"ratio llmstack / TRL defaults (tokens/s): {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The training GPU check for one H100 (see ../shared/gpu/README.md): SFT full, SFT LoRA (each: TRL defaults vs the
+# llmstack path, tokens/s, MFU, peak memory), then QLoRA and DPO steps through the real llmstack stages.
+# The GPU machine has no registry: first, here, `echo /.whl/ >> .git/info/exclude && ../shared/gpu/fetch_wheels.sh`,
+# then run this script there with `.whl` carried along:   bash scripts/gpu_check.sh 2>&1 | tail -40
+# Model: the 1.1B Llama shape (TinyLlama) with random weights: throughput does not depend on them, and no hub is needed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ! python3 -c "import trl, datasets, bitsandbytes" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed: run ../shared/gpu/fetch_wheels.sh here first and carry .whl"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:-$PWD}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+STEPS=${STEPS:-8}
+
+echo "== SFT full fine-tune, 1.1B, batch 8 x 2048 =="
+timeout 900 python3 scripts/bench_train.py --model llama-1.1b-random --steps "$STEPS" --batch 8 --max-length 2048 \
+  2>&1 | grep -A6 "^model "
+echo "== SFT LoRA r=16 all-linear, 1.1B, batch 8 x 2048 =="
+timeout 900 python3 scripts/bench_train.py --model llama-1.1b-random --steps "$STEPS" --batch 8 --max-length 2048 --lora \
+  2>&1 | grep -A6 "^model "
+
+echo "== QLoRA sft and LoRA dpo through the llmstack stages (1.1B) =="
+timeout 900 python3 - <<'PY' 2>&1 | grep "^|\|Error\|error"
+import sys, tempfile, time
+from pathlib import Path
+import torch
+sys.path.insert(0, "tests")
+sys.path.insert(0, "scripts")
+from bench_train import random_llama_1b, synthetic_chat
+from train_data import make_ctx, make_recipe, preference_dataset
+from datasets import DatasetDict
+from llmstack.pipeline import stage_function
+
+root = Path(tempfile.mkdtemp())
+model = random_llama_1b(root / "m")
+chat = root / "chat"
+rows = synthetic_chat(256)
+DatasetDict({"train": rows, "validation": rows.select(range(8))}).save_to_disk(str(chat))
+prefs = preference_dataset(root / "prefs", n=256)
+size = {"max_steps": 6, "per_device_train_batch_size": 8, "max_length": 2048, "report_to": [], "save_strategy": "no"}
+print("| stage | adapter | steps | tokens/s | peak GiB | s |")
+for stage, ds, schema, adapter in [("sft", chat, "messages", "qlora"), ("dpo", prefs, "preference", "lora")]:
+    spec = {"type": stage, "dataset": "d", adapter: {"r": 16, "compute_dtype": "bfloat16"} if adapter == "qlora"
+            else {"r": 16}, "args": size}
+    recipe = make_recipe(model, {"d": (schema, ds)}, [spec])
+    recipe.model.dtype = "bfloat16"
+    ctx = make_ctx(recipe, root / "runs", stage, model, {"d": ds})
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    m = stage_function(stage)(ctx).metrics
+    print(f"| {stage} | {adapter} | {m['steps']} | {m['tokens_per_s']} | "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {time.time() - t0:.0f} |")
+PY
