@@ -54,3 +54,40 @@ for stage, ds, schema, adapter in [("sft", chat, "messages", "qlora"), ("dpo", p
     print(f"| {stage} | {adapter} | {m['steps']} | {m['tokens_per_s']} | "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {time.time() - t0:.0f} |")
 PY
+
+echo "== GRPO (issue 10): LoRA r=16 on the 1.1B, rule-based rewards, transformers generation (no vLLM on this machine) =="
+# Reports steps/s and peak memory. Generation dominates a GRPO step: 4 prompts x 8 completions x 256 new tokens through
+# HF generate (random weights never emit the end of turn, so every completion runs the full 256: the worst case).
+timeout 900 python3 - <<'PY' 2>&1 | grep "^|\|Error\|error"
+import sys, tempfile, time
+from pathlib import Path
+import torch
+sys.path.insert(0, "tests")
+sys.path.insert(0, "scripts")
+from bench_train import random_llama_1b
+from train_data import make_ctx, make_recipe
+from datasets import Dataset, DatasetDict
+from llmstack.pipeline import stage_function
+
+root = Path(tempfile.mkdtemp())
+model = random_llama_1b(root / "m")
+rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}? End with '#### <number>'."},
+                      {"role": "assistant", "content": f"{a} + {b} = {a + b}\n#### {a + b}"}]}
+        for a in range(1, 17) for b in range(1, 5)]
+gsm = root / "gsm"
+DatasetDict({"train": Dataset.from_list(rows), "validation": Dataset.from_list(rows[:4])}).save_to_disk(str(gsm))
+args = {"max_steps": 4, "per_device_train_batch_size": 32, "num_generations": 8, "max_completion_length": 256,
+        "learning_rate": 1e-5, "report_to": [], "save_strategy": "no"}
+spec = {"type": "grpo", "dataset": "d", "lora": {"r": 16}, "args": args,
+        "rewards": [{"type": "gsm8k_answer"}, {"type": "format", "pattern": "#### -?\\d+", "weight": 0.2}]}
+recipe = make_recipe(model, {"d": ("messages", gsm)}, [spec])
+recipe.model.dtype = "bfloat16"
+ctx = make_ctx(recipe, root / "runs", "grpo", model, {"d": gsm})
+torch.cuda.reset_peak_memory_stats()
+t0 = time.time()
+m = stage_function("grpo")(ctx).metrics
+s = time.time() - t0
+print("| stage | adapter | steps | completions/step | steps/s | peak GiB | s | reward first -> last |")
+print(f"| grpo | lora | {m['steps']} | 32 x 256 tok | {m['steps'] / m['train_runtime_s']:.3f} | "
+      f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {s:.0f} | {m['reward_first']} -> {m['reward_last']} |")
+PY
