@@ -85,3 +85,22 @@ def test_recipe_launch_must_name_a_config(tmp_path, tiny_model):
     assert info.value.problems == [
         "stages[0]: launch: 'cpu-dpp' is neither an accelerate config file nor one of "
         "['cpu', 'cpu-ddp', 'ddp', 'fsdp2', 'zero3']"]
+
+
+def test_pipeline_hands_a_stage_with_launch_to_accelerate(tmp_path, tiny_model):
+    """What `llmstack run` does for a stage with `launch:` — the stage runs in `accelerate launch` children, and the
+    pipeline gets their result (model folder + metrics) back."""
+    from llmstack.pipeline import stage_function
+    from llmstack.recipe import load_recipe
+    from llmstack.runs import Run
+    from llmstack.train.__main__ import stage_context
+
+    recipe_path = _recipe_with_done_inputs(tmp_path, tiny_model, {"launch": "cpu"})
+    recipe = load_recipe(recipe_path)
+    run = Run.open(tmp_path / "runs", "launch", "default")
+    ctx = stage_context(recipe, recipe_path, run, "sft")
+    assert ctx.model == tiny_model and set(ctx.datasets) == {"chat"}
+    result = stage_function("sft")(ctx)
+    assert result.model == ctx.dir / "model" and (result.model / "model.safetensors").exists()
+    assert result.metrics["steps"] == 3 and result.metrics["world_size"] == 1
+    assert "sft" not in json.loads(run.manifest_path.read_text())["stages"]  # the children left the manifest alone

@@ -264,3 +264,24 @@ def test_device_defaults_lose_to_the_recipe_args(tmp_path, tiny_model, data):
     assert cfg.gradient_checkpointing is True  # the user's choice
     assert cfg.bf16 is False and cfg.use_cpu is True  # the CPU default, not TRL's bf16=True
     assert cfg.packing is True and cfg.output_dir == str(ctx.dir) and cfg.seed == 7
+
+
+@pytest.mark.slow
+def test_smollm2_training_template_is_byte_identical_and_masks_assistant(smollm2):
+    """On the real SmolLM2 tokenizer: the marked template renders exactly as the shipped one, and the loss mask covers
+    the assistant's words and its <|im_end|>, nothing of the default system prompt or the user turn."""
+    from transformers import AutoTokenizer
+
+    from llmstack.train.common import training_chat_template
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    marked = training_chat_template(tok)
+    assert marked != tok.chat_template
+    msgs = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am llmstack."}]
+    for gen in (False, True):
+        conv = msgs if not gen else msgs[:1]
+        assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, chat_template=marked) == \
+            tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+    enc = tok.apply_chat_template(msgs, chat_template=marked, return_dict=True, return_assistant_tokens_mask=True)
+    assert tok.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]) == "I am llmstack.<|im_end|>"
+    assert enc["input_ids"][0] == tok.convert_tokens_to_ids("<|im_start|>") and enc["input_ids"][1] != enc["input_ids"][0]
