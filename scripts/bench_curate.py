@@ -10,7 +10,7 @@ Gopher repetition + quality (datatrove's filters), language id (py3langid), exac
 (datasketch, 128 perms, Jaccard 0.8), 13-gram decontamination against the `smoke` eval suite, shuffled split saved
 with save_to_disk. The baseline is what one writes first: one `Dataset.map`/`filter` per step, one row at a time,
 the tokenizer called per row and MinHash fed one shingle at a time. Each run is a fresh subprocess; peak memory is the
-largest resident set of its whole process tree (workers included), sampled every 50 ms.
+proportional set size (PSS) summed over its whole process tree (workers included), sampled every 50 ms.
 """
 
 from __future__ import annotations
@@ -106,17 +106,16 @@ def baseline(corpus: Path, tok_path: Path, work: Path) -> int:
     from datasketch import MinHash, MinHashLSH
     from datatrove.data import Document
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
     from transformers import AutoTokenizer
 
     from llmstack.data.decontam import NGramIndex
     from llmstack.data.dedup import normalised, shingles
-    from llmstack.data.filters import WORDS, clean_text
+    from llmstack.data.filters import WORDS, clean_text, langid_model
 
     datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(str(tok_path))
     rep, qual = GopherRepetitionFilter(language=WORDS), GopherQualityFilter(language=WORDS)
-    ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    ident = langid_model()
     index = NGramIndex(eval_items(), 13)
 
     ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(work / "hf"))
@@ -161,9 +160,9 @@ def _tree_rss(pid: int) -> int:
         return 0
     total = 0
     for q in procs:
-        try:
-            total += q.memory_info().rss
-        except psutil.NoSuchProcess:
+        try:  # PSS: pages shared by forked workers are split between them, not counted once per process
+            total += q.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
             pass
     return total
 

@@ -82,7 +82,9 @@ class SourceReader(PipelineStep):
         with _writer(self.quarantine) as bad:
             for src in self.fetched:
                 single = len(src.files) == 1
-                for label, row_no, rec in iter_records(src, self.spec.filters.max_chars):
+                base = order + 1
+                mine = lambda i, base=base: (base + i) % world_size == rank  # noqa: E731
+                for label, row_no, rec in iter_records(src, self.spec.filters.max_chars, want=mine):
                     order += 1
                     if order % world_size != rank:
                         continue
@@ -181,6 +183,11 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
     if spec.dedup.exact or spec.dedup.near:
         steps.append(DedupSignatures(spec.dedup.num_perm, spec.dedup.shingle_words, near=spec.dedup.near))
     steps.append(_writer(work / "pass1"))
+    # Load models once here: forked workers inherit them instead of each loading their own.
+    if tokenizer is not None:
+        F.load_tokenizer(str(tokenizer))
+    if fspec.languages:
+        F.langid_model()
     log.info("curate %s: pass 1 (read, clean, filter, decontaminate, signatures) on %d task(s)", name, workers)
     _execute(steps, work, "pass1", workers)
 

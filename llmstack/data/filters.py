@@ -241,6 +241,13 @@ class TokenLengthFilter(BaseFilter):
         return self.filter_batch([doc])[0]
 
 
+@lru_cache(maxsize=1)
+def langid_model():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
 class LangIdFilter(BaseFilter):
     """py3langid (offline, pure numpy). Texts under `min_chars` are kept unjudged: langid guesses wildly on 'hi'."""
 
@@ -249,16 +256,11 @@ class LangIdFilter(BaseFilter):
     def __init__(self, languages: list[str], min_chars: int, exclusion_writer=None):
         super().__init__(exclusion_writer)
         self.languages, self.min_chars = set(languages), min_chars
-        self._ident = None
 
     def filter(self, doc: Document):
         if len(doc.text) < self.min_chars:
             return True
-        if self._ident is None:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-            self._ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        lang, prob = self._ident.classify(doc.text[:5000])
+        lang, prob = langid_model().classify(doc.text[:5000])
         doc.metadata["lang"] = lang
         if lang not in self.languages:
             return False, f"language: {lang} not in {sorted(self.languages)}"

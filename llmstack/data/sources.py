@@ -186,11 +186,14 @@ def _write(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def iter_records(fetched: FetchedSource, max_chars: int) -> Iterator[tuple[str, int, dict | BadRecord]]:
-    """Every raw record of a source, in a fixed order. Never raises for a bad row; raises SourceError for a bad file."""
+def iter_records(fetched: FetchedSource, max_chars: int, want=None) -> Iterator[tuple[str, int, dict | BadRecord | None]]:
+    """Every raw record of a source, in a fixed order. Never raises for a bad row; raises SourceError for a bad file.
+    `want(n)` (n counts records of this source): JSON lines it does not want are yielded as None, unparsed, so
+    parallel tasks each parse only their own share."""
     n = 0
     for label, path in fetched.files:
-        for row, rec in _iter_file(path, fetched.spec, max_chars):
+        skip = (lambda i, base=n: not want(base + i)) if want else None
+        for row, rec in _iter_file(path, fetched.spec, max_chars, skip):
             yield label, row, rec
             n += 1
             if fetched.spec.max_rows and n >= fetched.spec.max_rows:
@@ -203,12 +206,12 @@ def _preview(raw: str | bytes, limit: int = 2000) -> str:
     return raw[:limit]
 
 
-def _iter_file(path: Path, spec: SourceSpec, max_chars: int) -> Iterator[tuple[int, dict | BadRecord]]:
+def _iter_file(path: Path, spec: SourceSpec, max_chars: int, skip=None) -> Iterator[tuple[int, dict | BadRecord]]:
     name = path.name
     if path.is_dir():
         yield from _iter_saved(path, spec)
     elif name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _iter_jsonl(path, max_chars)
+        yield from _iter_jsonl(path, max_chars, skip)
     elif name.endswith(".json"):
         yield from _iter_json(path, max_chars)
     elif name.endswith(".parquet"):
@@ -235,12 +238,15 @@ def _iter_file(path: Path, spec: SourceSpec, max_chars: int) -> Iterator[tuple[i
         raise SourceError(f"source '{spec.name}': don't know how to read {name} (use one of {', '.join(DATA_SUFFIXES)})")
 
 
-def _iter_jsonl(path: Path, max_chars: int) -> Iterator[tuple[int, dict | BadRecord]]:
+def _iter_jsonl(path: Path, max_chars: int, skip=None) -> Iterator[tuple[int, dict | BadRecord | None]]:
     import gzip
 
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         for i, line in enumerate(f):
+            if skip and skip(i):
+                yield i, None
+                continue
             if not line.strip():
                 yield i, BadRecord("malformed: empty line", "")
                 continue
