@@ -121,35 +121,55 @@ def start_server(model: Path, workdir: Path) -> tuple[subprocess.Popen, str, str
 
 
 # ----------------------------------------------------------------------------------------------- (b) engine
-async def bench_engine(model: Path, prompt_ids: list[list[int]], levels: list[int], max_tokens: int) -> list[dict]:
-    from llmstack.serve.config import VllmOptions
-    from llmstack.serve.engine import GenParams, VllmEngine
+async def bench_engine_level(engine, prompt_ids: list[list[int]], conc: int, max_tokens: int) -> dict:
+    from llmstack.serve.engine import GenParams
 
-    engine = VllmEngine(model, "bench", options=VllmOptions())
-    await engine.start()
+    sem, rows = asyncio.Semaphore(conc), []
+
+    async def one(i: int):
+        async with sem:
+            t0, first, n = time.perf_counter(), None, 0
+            params = GenParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            async for deltas in engine.generate(f"b-{conc}-{i}-{time.time()}", prompt_ids[i % len(prompt_ids)],
+                                                params, "bench"):
+                for d in deltas:
+                    if first is None and d.token_ids:
+                        first = time.perf_counter() - t0
+                    n += len(d.token_ids)
+            rows.append({"latency": time.perf_counter() - t0, "ttft": first, "tokens": n})
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(requests_for(conc))))
+    return summarize("b_bare_vllm", conc, time.perf_counter() - t0, rows)
+
+
+async def bench_a_and_b(model: Path, work: Path, prompts, prompt_ids, levels, max_tokens, skip) -> list[dict]:
+    """(a) and (b) interleaved level by level, both engines loaded, so a shared machine's load drifts equally
+    over both (an idle vLLM engine costs no CPU)."""
+    from llmstack.serve.config import VllmOptions
+    from llmstack.serve.engine import VllmEngine
+
+    proc = base = key = engine = None
     out = []
     try:
+        if "a" not in skip:
+            proc, base, key = start_server(model, work)
+        if "b" not in skip:
+            engine = VllmEngine(model, "bench", options=VllmOptions())
+            await engine.start()
         for conc in levels:
-            sem, rows = asyncio.Semaphore(conc), []
-
-            async def one(i: int):
-                async with sem:
-                    t0, first, n = time.perf_counter(), None, 0
-                    params = GenParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-                    async for deltas in engine.generate(f"b-{conc}-{i}", prompt_ids[i % len(prompt_ids)], params,
-                                                        "bench"):
-                        for d in deltas:
-                            if first is None and d.token_ids:
-                                first = time.perf_counter() - t0
-                            n += len(d.token_ids)
-                    rows.append({"latency": time.perf_counter() - t0, "ttft": first, "tokens": n})
-
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(requests_for(conc))))
-            out.append(summarize("b_bare_vllm", conc, time.perf_counter() - t0, rows))
-            print(fmt(out[-1]), flush=True)
+            if proc is not None:
+                out.append(await bench_api(base, key, prompts, conc, max_tokens))
+                print(fmt(out[-1]), flush=True)
+            if engine is not None:
+                out.append(await bench_engine_level(engine, prompt_ids, conc, max_tokens))
+                print(fmt(out[-1]), flush=True)
     finally:
-        await engine.shutdown()
+        if engine is not None:
+            await engine.shutdown()
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
     return out
 
 
@@ -204,7 +224,13 @@ def main() -> None:
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--skip", default="", help="comma list of a,b,c to skip")
     ap.add_argument("--out", default="runs/bench/serve.json")
+    ap.add_argument("--hf-only", help=argparse.SUPPRESS)  # internal: (c) in a fresh process, see below
     args = ap.parse_args()
+    if args.hf_only:
+        model, prompt_ids = json.loads(Path(args.hf_only).read_text())
+        rows = bench_hf(Path(model), prompt_ids, [int(x) for x in args.levels.split(",")], args.max_tokens)
+        print("RESULTS " + json.dumps(rows))
+        return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     levels = [int(x) for x in args.levels.split(",")]
@@ -227,20 +253,19 @@ def main() -> None:
                       add_special_tokens=False)["input_ids"] for m in prompts]
     print(f"model {model}; {args.max_tokens} tokens per request; concurrency {levels}; "
           f"{os.cpu_count()} CPUs", flush=True)
-    results: list[dict] = []
-    if "a" not in skip:
-        proc, base, key = start_server(model, work)
-        try:
-            for conc in levels:
-                results.append(asyncio.run(bench_api(base, key, prompts, conc, args.max_tokens)))
-                print(fmt(results[-1]), flush=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
-    if "b" not in skip:
-        results += asyncio.run(bench_engine(model, prompt_ids, levels, args.max_tokens))
+    results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip))
     if "c" not in skip:
-        results += bench_hf(model, prompt_ids, levels, args.max_tokens)
+        # In a fresh process: after vLLM ran here, torch's threading is no longer what a plain transformers
+        # program gets (generate measured >10x slower in-process), and that would flatter the ratios.
+        (work / "hf.json").write_text(json.dumps([str(model), prompt_ids]))
+        run = subprocess.run([sys.executable, __file__, "--hf-only", str(work / "hf.json"), "--levels", args.levels,
+                              "--max-tokens", str(args.max_tokens)], capture_output=True, text=True)
+        lines = [x for x in run.stdout.splitlines() if x.startswith("RESULTS ")]
+        if not lines:
+            sys.exit(f"transformers benchmark failed:\n{run.stderr[-3000:]}")
+        for row in json.loads(lines[-1][8:]):
+            results.append(row)
+            print(fmt(row), flush=True)
 
     by = {(r["system"], r["concurrency"]): r for r in results}
     ratios = {}

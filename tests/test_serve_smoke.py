@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from llmstack.pipeline import StageContext
 from llmstack.recipe import parse_recipe
 from llmstack.serve.smoke import choose_engine, run
 
 
+@pytest.mark.slow
 def test_serve_stage_asks_the_final_model_through_the_api(tiny_model, tmp_path):
     recipe = parse_recipe({"name": "smoke-test", "model": {"source": str(tiny_model)},
                            "serve": {"engine": "hf", "smoke_max_tokens": 8}}, check_trainer=False)

@@ -191,7 +191,7 @@ def test_client_disconnect_aborts_generation(server):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]  # a few chunks, then hang up
     assert any(x.startswith("data: ") for x in got)
-    for _ in range(100):  # the server notices on its next write
+    for _ in range(300):  # the server notices at once; allow for a loaded machine
         if _metric(b, "llmstack_aborted_total") > before and httpx.get(f"{b}/ready", headers=H).json()["running"] == 0:
             break
         time.sleep(0.1)

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -255,6 +256,11 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
 
     # ------------------------------------------------------------------------------------------- plain routes
     @app.get("/health")
@@ -584,6 +590,7 @@ async def _stream(srv: Server, slot, rid, req, params, prompt_ids, prompt_text, 
         return _sse(body)
 
     gen = srv.engine.generate(rid, prompt_ids, params, req.model)
+    done = False  # still False in `finally` means the client went away (cancelled, or the generator was closed)
     try:
         if chat:
             for i in range(params.n):
@@ -596,7 +603,7 @@ async def _stream(srv: Server, slot, rid, req, params, prompt_ids, prompt_text, 
                 texts[d.index] += d.text
                 v = rails[d.index].feed(d.text, final=d.finish_reason is not None)
                 if v.blocked:
-                    status = 400
+                    status, done = 400, True
                     srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
                     audit["guard"] += v.decisions
                     err = APIError(400, f"the response was stopped by the output guard ({v.blocked})",
@@ -604,28 +611,30 @@ async def _stream(srv: Server, slot, rid, req, params, prompt_ids, prompt_text, 
                     yield _sse(err.body(), event="error")
                     yield "data: [DONE]\n\n"
                     return
-                if v.text or d.logprobs or d.finish_reason:
-                    if v.text or d.logprobs:
-                        yield chunk(d.index, v.text, lp=d.logprobs)
-                    if d.finish_reason:
-                        yield chunk(d.index, finish=d.finish_reason)
+                if v.text or d.logprobs:
+                    yield chunk(d.index, v.text, lp=d.logprobs)
+                if d.finish_reason:
+                    yield chunk(d.index, finish=d.finish_reason)
         if include_usage:
             yield _sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
                         "usage": _usage(len(prompt_ids), n_out)})
+        done = True
         yield "data: [DONE]\n\n"
     except EngineUnavailable as exc:
-        status = 503
+        status, done = 503, True
         yield _sse(APIError(503, f"the model engine is unavailable ({exc})", code="engine_unavailable").body(),
                    event="error")
         yield "data: [DONE]\n\n"
-    except asyncio.CancelledError:  # the client went away: closing `gen` below aborts the engine request
-        status = 499
-        srv.metrics.aborted.inc()
-        audit["guard"].append("client_disconnected")
-        raise
     finally:
-        await gen.aclose()
-        await slot.__aexit__(None, None, None)
+        if not done:  # closing `gen` below aborts the engine request
+            status = 499
+            srv.metrics.aborted.inc()
+            audit["guard"].append("client_disconnected")
+        # Shielded: after a disconnect the task is cancelled, and an unshielded await here would be cancelled too,
+        # leaving the engine request running and the slot taken.
+        with anyio.CancelScope(shield=True):
+            await gen.aclose()
+            await slot.__aexit__(None, None, None)
         for r in rails:
             audit["guard"] += sorted(r.decisions - set(audit["guard"]))
         _finish_metrics(srv, route, n_out, ttft)
