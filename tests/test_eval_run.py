@@ -84,8 +84,10 @@ def test_gates_name_stage_task_score_and_threshold():
         "sft: arc_easy = 0.3000 dropped 0.2000 from base 0.5000, more than max_regression = 0.05",
     ]
     assert check_gates(scores, GateSpec(min={"boolq": 0.5}, max_regression=0.25)) == []  # a 0.2 drop is allowed
-    # with only the base evaluated, `min` judges the base
+    # with only the base evaluated, `min` judges the base; otherwise only the last stage (the shipped model)
     assert check_gates(_scores(base={"arc_easy": 0.1}), GateSpec(min={"arc_easy": 0.2}))[0].startswith("base:")
+    three = _scores(base={"identity": 0.0}, cpt={"identity": 0.0}, sft={"identity": 1.0})
+    assert check_gates(three, GateSpec(min={"identity": 0.5})) == []
 
 
 def test_eval_config_rejects_unknown_suite_and_gate_task():

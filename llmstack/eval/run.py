@@ -244,18 +244,21 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
 
 
 def check_gates(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[str]:
-    """Gate failures as lines naming stage, task, score and threshold. Gates judge every stage except the reference
-    `base` (or `base` itself when it is the only one evaluated); `max_regression` compares each stage with `base`."""
+    """Gate failures as lines naming stage, task, score and threshold. `min` judges the last stage evaluated (the
+    model the recipe ships: an intermediate stage like cpt need not know its name yet); `max_regression` judges
+    every stage against `base`."""
     problems = []
-    judged = [s for s in scores if s != base] or list(scores)
-    for stage in judged:
-        for task, threshold in gates.min.items():
-            got = scores[stage].get(task, {}).get("score")
-            if got is None:
-                problems.append(f"{stage}: gate min.{task} = {threshold}: task was not scored")
-            elif got < threshold:
-                problems.append(f"{stage}: {task} = {got:.4f} is below the gate min.{task} = {threshold}")
-        if gates.max_regression is not None and base in scores and stage != base:
+    last = list(scores)[-1]
+    for task, threshold in gates.min.items():
+        got = scores[last].get(task, {}).get("score")
+        if got is None:
+            problems.append(f"{last}: gate min.{task} = {threshold}: task was not scored")
+        elif got < threshold:
+            problems.append(f"{last}: {task} = {got:.4f} is below the gate min.{task} = {threshold}")
+    if gates.max_regression is not None and base in scores:
+        for stage in scores:
+            if stage == base:
+                continue
             for task, res in scores[stage].items():
                 ref = scores[base].get(task, {}).get("score")
                 if ref is None or res.get("score") is None:
