@@ -10,7 +10,8 @@ from llmstack.schema import Strict
 
 
 class GateSpec(Strict):
-    min: dict[str, float] = Field(default_factory=dict, description="task -> lowest acceptable score (primary metric) of the last stage in eval.stages")
+    min: dict[str, float] = Field(default_factory=dict,
+                                  description="task -> lowest acceptable score of the last stage in eval.stages")
     max_regression: float | None = Field(None, ge=0, description="largest allowed drop vs the base model, any task")
 
     @model_validator(mode="after")
