@@ -1,4 +1,4 @@
-"""lm-eval over our suites on the tiny model: real scores, exact counts, adapters, gates, the pipeline stage, the CLI."""
+"""lm-eval over our suites on the tiny model: scores, exact counts, adapters, gates, the pipeline stage, the CLI."""
 
 import json
 from pathlib import Path

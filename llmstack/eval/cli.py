@@ -28,7 +28,7 @@ def eval_main(
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter folder applied to the (single) model")] = None,
     backend: Annotated[str, typer.Option(help="hf | vllm | server")] = "hf",
     base_url: Annotated[Optional[str], typer.Option(help="server backend: e.g. http://127.0.0.1:8000")] = None,
-    served_name: Annotated[Optional[str], typer.Option(help="server backend: the model name the server expects")] = None,
+    served_name: Annotated[Optional[str], typer.Option(help="server backend: the served model name")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="LLMSTACK_API_KEY", help="server backend: API key")] = None,
     suite: Annotated[str, typer.Option(help="smoke | quick | core (eval_suites/suites/)")] = "smoke",
     limit: Annotated[Optional[int], typer.Option(help="at most this many items per task")] = None,
