@@ -24,7 +24,7 @@ timeout 900 python3 scripts/bench_train.py --model llama-1.1b-random --steps "$S
 
 echo "== QLoRA sft and LoRA dpo through the llmstack stages (1.1B) =="
 timeout 900 python3 - <<'PY' 2>&1 | grep "^|\|Error\|error"
-import sys, tempfile, time
+import os, sys, tempfile, time
 from pathlib import Path
 import torch
 sys.path.insert(0, "tests")
@@ -35,31 +35,38 @@ from datasets import DatasetDict
 from llmstack.pipeline import stage_function
 
 root = Path(tempfile.mkdtemp())
-model = random_llama_1b(root / "m")
+dry = os.environ.get("GPU_CHECK_DRY") == "1"  # CPU dry run of this block with the tiny model
+if dry:
+    from llmstack.testing import build_tiny_model
+    model = build_tiny_model(root / "m")
+else:
+    model = random_llama_1b(root / "m")
+cuda = torch.cuda.is_available()
 chat = root / "chat"
 rows = synthetic_chat(256)
 DatasetDict({"train": rows, "validation": rows.select(range(8))}).save_to_disk(str(chat))
 prefs = preference_dataset(root / "prefs", n=256)
-size = {"max_steps": 6, "per_device_train_batch_size": 8, "max_length": 2048, "report_to": [], "save_strategy": "no"}
+size = {"max_steps": 2 if dry else 6, "per_device_train_batch_size": 8, "max_length": 256 if dry else 2048, "report_to": [], "save_strategy": "no"}
 print("| stage | adapter | steps | tokens/s | peak GiB | s |")
 for stage, ds, schema, adapter in [("sft", chat, "messages", "qlora"), ("dpo", prefs, "preference", "lora")]:
     spec = {"type": stage, "dataset": "d", adapter: {"r": 16, "compute_dtype": "bfloat16"} if adapter == "qlora"
             else {"r": 16}, "args": size}
     recipe = make_recipe(model, {"d": (schema, ds)}, [spec])
-    recipe.model.dtype = "bfloat16"
+    recipe.model.dtype = "bfloat16" if cuda else "float32"
     ctx = make_ctx(recipe, root / "runs", stage, model, {"d": ds})
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     m = stage_function(stage)(ctx).metrics
     print(f"| {stage} | {adapter} | {m['steps']} | {m['tokens_per_s']} | "
-          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {time.time() - t0:.0f} |")
+          f"{torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.1f} | {time.time() - t0:.0f} |")
 PY
 
 echo "== GRPO (issue 10): LoRA r=16 on the 1.1B, rule-based rewards, transformers generation (no vLLM on this machine) =="
 # Reports steps/s and peak memory. Generation dominates a GRPO step: 4 prompts x 8 completions x 256 new tokens through
 # HF generate (random weights never emit the end of turn, so every completion runs the full 256: the worst case).
 timeout 900 python3 - <<'PY' 2>&1 | grep "^|\|Error\|error"
-import sys, tempfile, time
+import os, sys, tempfile, time
 from pathlib import Path
 import torch
 sys.path.insert(0, "tests")
@@ -70,7 +77,13 @@ from datasets import Dataset, DatasetDict
 from llmstack.pipeline import stage_function
 
 root = Path(tempfile.mkdtemp())
-model = random_llama_1b(root / "m")
+dry = os.environ.get("GPU_CHECK_DRY") == "1"  # CPU dry run of this block with the tiny model
+if dry:
+    from llmstack.testing import build_tiny_model
+    model = build_tiny_model(root / "m")
+else:
+    model = random_llama_1b(root / "m")
+cuda = torch.cuda.is_available()
 rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}? End with '#### <number>'."},
                       {"role": "assistant", "content": f"{a} + {b} = {a + b}\n#### {a + b}"}]}
         for a in range(1, 17) for b in range(1, 5)]
