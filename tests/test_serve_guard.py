@@ -266,7 +266,8 @@ def test_output_rails_redact_and_block_streams(tokenizer):
         assert err["error"]["code"] == "output_blocklist"
         assert "forbidden-word" not in "".join(lines)
         # and the official client turns that event into an exception instead of a silently cut answer
-        client = openai.OpenAI(api_key=ALICE, base_url="http://testserver/v1", http_client=c)  # TestClient is an httpx.Client
+        # (TestClient is an httpx.Client, so the official client can run against the in-process app)
+        client = openai.OpenAI(api_key=ALICE, base_url="http://testserver/v1", http_client=c)
         with pytest.raises(openai.APIError, match="output guard"):
             for _ in client.chat.completions.create(model="tiny", messages=CHAT["messages"], stream=True):
                 pass
@@ -363,3 +364,25 @@ def test_shipped_serve_files_validate():
 
     assert KeyRing(keys).authenticate("sk-llmstack-example-do-not-use").id == "example"
     assert yaml.safe_load((root / "prometheus.yml").read_text())["scrape_configs"][0]["metrics_path"] == "/metrics"
+
+
+def test_hf_engine_serves_lora_adapters_as_model_names(tiny_model, tmp_path):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                          LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "lora")
+    engine = HfEngine(tiny_model, "tiny", adapters={"tiny-lora": str(tmp_path / "lora")})
+    with TestClient(build_app(engine, ServeSpec(engine="hf"), policy(), KEYS)) as c:
+        assert [m["id"] for m in c.get("/v1/models", headers=H).json()["data"]] == ["tiny", "tiny-lora"]
+        out = {m: c.post("/v1/completions", headers=H, json={"model": m, "prompt": "The quick", "max_tokens": 6,
+                                                               "temperature": 0}).json()["choices"][0]["text"]
+               for m in ("tiny", "tiny-lora", "tiny")}
+    tok = engine.tokenizer
+    ids = torch.tensor([tok("The quick")["input_ids"]])
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "lora") \
+        .generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert out["tiny-lora"] == tok.decode(want, skip_special_tokens=True) != out["tiny"]

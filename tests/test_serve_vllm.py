@@ -58,7 +58,8 @@ def server(tiny_model, adapter, tmp_path_factory):
     (d / "guard.yaml").write_text(yaml.safe_dump({"caps": {"max_tokens": 1000, "max_n": 2},
                                                   "rate_limits": {"requests_per_minute": 10_000}}))
     (d / "server.yaml").write_text(yaml.safe_dump({
-        "engine": "vllm", "model": str(tiny_model), "served_model_name": "tiny", "adapters": {"tiny-lora": str(adapter)},
+        "engine": "vllm", "model": str(tiny_model), "served_model_name": "tiny",
+        "adapters": {"tiny-lora": str(adapter)},
         "port": port, "keys": "keys.yaml", "guard": "guard.yaml", "audit_log": "audit.jsonl",
         "drain_timeout_s": 60}))
     log = open(d / "server.log", "w")

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.serve.audit import AuditLog
 from llmstack.serve.config import GuardPolicy, KeyEntry, KeyFile, ServeSpec
-from llmstack.serve.engine import Delta, EngineRejected, EngineUnavailable, GenParams
+from llmstack.serve.engine import EngineRejected, EngineUnavailable, GenParams
 from llmstack.serve.guard import KeyRing, RateLimiter, StreamRail, check_text, presented_key
 from llmstack.serve.metrics import ServeMetrics
 

@@ -9,6 +9,7 @@ watchdog builds a new AsyncLLM in the same API process, so the HTTP side never r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -166,7 +167,8 @@ class VllmEngine:
             async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, sp, request_id,
                                                lora_request=self._lora.get(model)):
                 yield [Delta(index=o.index, text=o.text, token_ids=list(o.token_ids),
-                             logprobs=self._logprobs(o.logprobs, o.token_ids, p.logprobs), finish_reason=o.finish_reason)
+                             logprobs=self._logprobs(o.logprobs, o.token_ids, p.logprobs),
+                             finish_reason=o.finish_reason)
                        for o in out.outputs]
         except EngineDeadError:
             asyncio.get_running_loop().create_task(self._restart())
@@ -305,12 +307,11 @@ class HfEngine:
             try:
                 if p.seed is not None:
                     torch.manual_seed(p.seed + index)
-                if self.adapters:
-                    if model_name in self.adapters:
-                        self.model.set_adapter(model_name)
-                    ctx = self.model.disable_adapter() if model_name not in self.adapters else _null()
-                else:
-                    ctx = _null()
+                ctx = contextlib.nullcontext()
+                if model_name in self.adapters:
+                    self.model.set_adapter(model_name)
+                elif self.adapters:  # the base model's name: generate with the adapters switched off
+                    ctx = self.model.disable_adapter()
                 sample = p.temperature > 0
                 with ctx, torch.inference_mode():
                     self.model.generate(
@@ -328,7 +329,9 @@ class HfEngine:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         ids: list[int] = []
-        sent = ""
+        text = sent = ""
+        pending_ids: list[int] = []  # tokens whose text is held back (a partial UTF-8 character)
+        pending_lps: list[dict] = []
         finish = None
         try:
             while True:
@@ -340,26 +343,29 @@ class HfEngine:
                 new = [t for t in item if t not in eos]
                 if len(new) < len(item):
                     finish = "stop"
-                lps = None
-                if p.logprobs is not None and new:
-                    lps = [self._lp_row(step_logprobs[len(ids) + i], t, p.logprobs) for i, t in enumerate(new)]
+                if p.logprobs is not None:
+                    pending_lps += [self._lp_row(step_logprobs[len(ids) + i], t, p.logprobs)
+                                    for i, t in enumerate(new)]
                 ids += new
+                pending_ids += new
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 cut = _first_stop(text, p.stop)
                 if cut is not None:
                     text, finish = text[:cut], "stop"
                     stop_flag.set()
-                # Hold back a trailing partial UTF-8 character until the next token completes it.
-                if text.endswith("\ufffd") and finish is None:
-                    continue
-                yield Delta(index=index, text=text[len(sent):], token_ids=new, logprobs=lps)
-                sent = text
                 if finish:
                     break
+                # Hold back a trailing partial UTF-8 character until the next token completes it.
+                if text.endswith("\ufffd"):
+                    continue
+                yield Delta(index=index, text=text[len(sent):], token_ids=pending_ids,
+                            logprobs=pending_lps if p.logprobs is not None else None)
+                sent, pending_ids, pending_lps = text, [], []
         finally:
             stop_flag.set()  # client went away or we are done: let the thread finish its step and exit
             await asyncio.to_thread(thread.join)
-        yield Delta(index=index, text="", token_ids=[], finish_reason=finish or "length")
+        yield Delta(index=index, text=text[len(sent):], token_ids=pending_ids,
+                    logprobs=pending_lps if p.logprobs is not None else None, finish_reason=finish or "length")
 
     def _lp_row(self, lp, token: int, k: int) -> dict:
         top = lp.topk(k) if k else None
@@ -371,14 +377,6 @@ class HfEngine:
 
     async def shutdown(self) -> None:
         self.state = "stopped"
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _eos_ids(generation_config, tokenizer) -> list[int]:

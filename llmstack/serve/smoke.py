@@ -9,6 +9,7 @@ AVX512 build), so for such a model on such a CPU the stage serves it with the tr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ import yaml
 from llmstack.pipeline import StageContext, StageResult
 from llmstack.serve.guard import hash_key, new_key
 
-log = __import__("logging").getLogger("llmstack")
+log = logging.getLogger("llmstack")
 
 
 def cpu_has_avx512() -> bool:
