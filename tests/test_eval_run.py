@@ -47,8 +47,8 @@ def identity_adapter(tiny_model, tmp_path_factory):
         batch.append(tok.apply_chat_template(msgs, tokenize=False))
     enc = tok(batch, return_tensors="pt", padding=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(30):
         loss = model(**enc, labels=labels).loss
         loss.backward()
         opt.step()
