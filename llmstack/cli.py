@@ -21,6 +21,9 @@ app.add_typer(models_app, name="models")
 from llmstack.registry_cli import registry_app  # noqa: E402
 
 app.add_typer(registry_app, name="registry")
+from llmstack.serve.route_cli import route_app  # noqa: E402
+
+app.add_typer(route_app, name="route")
 from llmstack.data.command import curate as _curate  # noqa: E402
 
 app.command("curate")(_curate)

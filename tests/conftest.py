@@ -27,3 +27,22 @@ def smollm2() -> Path:
     from llmstack.models import fetch
 
     return fetch("smollm2-135m-instruct")
+
+
+def make_lora(base: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random non-zero weights, so serving it really is a different model from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_model, tmp_path_factory) -> list[Path]:
+    """Two different LoRA adapters on the tiny model (read-only)."""
+    d = tmp_path_factory.mktemp("loras")
+    return [make_lora(tiny_model, d / f"lora{i}", seed=i) for i in (1, 2)]

@@ -44,18 +44,9 @@ def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = No
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model, tmp_path_factory) -> Path:
-    """A LoRA adapter with non-zero weights, so 'tiny-lora' really is a different model from 'tiny'."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    out = tmp_path_factory.mktemp("adapter") / "lora"
-    peft.save_pretrained(out)
-    return out
+def adapter(tiny_loras) -> Path:
+    """'tiny-lora' really is a different model from 'tiny' (random non-zero LoRA weights)."""
+    return tiny_loras[0]
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from llmstack.serve.config import GuardPolicy, KeyEntry, KeyFile, ServeSpec
 from llmstack.serve.engine import EngineRejected, EngineUnavailable, GenParams
 from llmstack.serve.guard import KeyRing, RateLimiter, StreamRail, check_text, presented_key
 from llmstack.serve.metrics import ServeMetrics
+from llmstack.serve.routing import Route, Router
 
 log = logging.getLogger("llmstack.serve")
 PUBLIC_PATHS = {"/health"}
@@ -76,6 +77,7 @@ class StreamOptions(_Loose):
 
 class _Sampling(_Loose):
     model: str
+    user: str | None = None  # the end user's id: keeps one user on one side of a canary split
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -141,6 +143,8 @@ class Server:
     limiter: RateLimiter
     metrics: ServeMetrics
     audit: AuditLog
+    router: Router = field(default_factory=Router)
+    background: set = field(default_factory=set)  # shadow generations in flight (kept referenced until done)
     slots: asyncio.Semaphore = field(init=False)
     waiting: int = 0
 
@@ -228,12 +232,14 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     """The app. The engine is started in the app's lifespan and shut down (after uvicorn drains) at its end."""
     policy = policy or GuardPolicy()
     ref: dict = {}
+    _check_routes(spec.routes, engine.names)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         ref["server"] = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
                                limiter=RateLimiter(policy), metrics=ServeMetrics(),
-                               audit=AuditLog(audit_path or spec.audit_log, policy.audit.log_prompts))
+                               audit=AuditLog(audit_path or spec.audit_log, policy.audit.log_prompts),
+                               router=Router(spec.routes))
         if not engine.ready:
             await engine.start()
         log.info("serving %s with the %s engine", ", ".join(engine.names), engine.kind)
@@ -299,8 +305,45 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     async def list_models(request: Request):
         key: KeyEntry = request.state.key
         now = int(time.time())
+        names = [*engine.names, *[r for r in ref["server"].router.names() if r not in engine.names]]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": now, "owned_by": "llmstack"}
-                                           for name in engine.names if KeyRing.allows(key, name)]}
+                                           for name in names if KeyRing.allows(key, name)]}
+
+    # ------------------------------------------------------------------------ routing admin (canary, rollback)
+    def _admin(request: Request) -> Router:
+        if not request.state.key.admin:
+            raise APIError(403, "this API key may not change routes (needs `admin: true` in the key file)",
+                           code="admin_only")
+        return ref["server"].router
+
+    @app.get("/admin/routes")
+    async def get_routes(request: Request):
+        return _admin(request).snapshot()
+
+    @app.put("/admin/routes/{name}")
+    async def put_route(name: str, request: Request):
+        router = _admin(request)
+        try:
+            route = Route.model_validate(await request.json())
+        except (ValidationError, ValueError) as exc:
+            raise APIError(400, f"not a valid route: {exc}", code="invalid_route") from None
+        try:
+            _check_routes({name: route}, engine.names)
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_route") from None
+        router.set(name, route)
+        log.info("route %s set to %s", name, route.model_dump(exclude_none=True))
+        return router.snapshot()
+
+    @app.post("/admin/routes/{name}/rollback")
+    async def rollback_route(name: str, request: Request):
+        router = _admin(request)
+        try:
+            router.rollback(name)
+        except KeyError as exc:
+            raise APIError(409, str(exc.args[0]), code="nothing_to_roll_back") from None
+        log.info("route %s rolled back", name)
+        return router.snapshot()
 
     # -------------------------------------------------------------------------------------------- generation
     @app.post("/v1/chat/completions")
@@ -369,13 +412,20 @@ async def _generate(request: Request, srv: Server, chat: bool):
         req = await _read_json(request, srv, ChatRequest if chat else CompletionRequest)
         audit["model"] = req.model
         engine = srv.engine
-        if req.model not in engine.names:
-            raise APIError(404, f"model '{req.model}' does not exist; this server has: {', '.join(engine.names)}",
+        known = [*engine.names, *[r for r in srv.router.names() if r not in engine.names]]
+        if req.model not in known:
+            raise APIError(404, f"model '{req.model}' does not exist; this server has: {', '.join(known)}",
                            param="model", code="model_not_found")
         if not KeyRing.allows(key, req.model):
             srv.metrics.guard_blocks.labels("model_not_allowed").inc()
             raise APIError(403, f"this API key may not use model '{req.model}'", param="model",
                            code="model_not_allowed")
+        # ---- canary / shadow: the public name picks a serving version; the response names the version that answered
+        public = req.model
+        req.model, arm, shadow = srv.router.pick(public, req.user or rid)
+        if public in srv.router.names():
+            audit.update(served_by=req.model, arm=arm)
+            srv.metrics.routed.labels(public, req.model, arm).inc()
         schema, json_object = None, False
         if chat and req.response_format is not None and req.response_format.type != "text":
             if req.response_format.type == "json_schema":
@@ -413,6 +463,10 @@ async def _generate(request: Request, srv: Server, chat: bool):
     audit["prompt_tokens"] = n_prompt
     ctx = dict(rid=rid, req=req, params=params, prompt_ids=prompt_ids, prompt_text=prompt_text, chat=chat,
                route=route, audit=audit, t0=t0)
+    if shadow:
+        task = asyncio.create_task(_shadow(srv, shadow, public, rid, prompt_ids, params))
+        srv.background.add(task)
+        task.add_done_callback(srv.background.discard)
     if req.stream:
         slot = srv.slot()
         try:
@@ -424,6 +478,39 @@ async def _generate(request: Request, srv: Server, chat: bool):
         return StreamingResponse(_stream(srv, slot, **ctx), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
     return await _complete(request, srv, **ctx)
+
+
+def _check_routes(routes: dict[str, Route], served: list[str]) -> None:
+    for name, r in routes.items():
+        missing = [m for m in (r.primary, r.canary.model if r.canary else None, r.shadow) if m and m not in served]
+        if missing:
+            raise ValueError(f"routes.{name}: {', '.join(missing)} is not served here (served: {', '.join(served)})")
+
+
+async def _shadow(srv: Server, model: str, public: str, rid: str, prompt_ids: list[int], params: GenParams) -> None:
+    """Run the same request on the shadow version; its answer goes to the audit log (and metrics), never to the
+    client. It waits for a free engine slot like any request, and gives up rather than queue past the limit."""
+    t0, texts, n_out, status = time.perf_counter(), [""] * params.n, 0, 200
+    try:
+        async with srv.slot():
+            async for deltas in srv.engine.generate(rid + "-shadow", prompt_ids, params, model):
+                for d in deltas:
+                    texts[d.index] += d.text
+                    n_out += len(d.token_ids)
+    except APIError as exc:
+        status = exc.status
+    except Exception as exc:  # noqa: BLE001 - a failing shadow must never touch the live request
+        log.warning("shadow %s failed: %s", model, exc)
+        status = 500
+    latency = time.perf_counter() - t0
+    srv.metrics.routed.labels(public, model, "shadow").inc()
+    if status == 200:
+        srv.metrics.version_latency.labels(model, "shadow").observe(latency)
+    else:
+        srv.metrics.version_errors.labels(model, "shadow").inc()
+    srv.audit.write({"request_id": rid, "shadow": True, "model": public, "served_by": model, "arm": "shadow",
+                     "status": status, "completion_tokens": n_out, "latency_s": round(latency, 4)},
+                    completion=texts)
 
 
 def _render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
@@ -530,6 +617,8 @@ async def _complete(request: Request, srv: Server, rid, req, params, prompt_ids,
         raise
     finally:
         if status != 200:
+            if "arm" in audit:
+                srv.metrics.version_errors.labels(req.model, audit["arm"]).inc()
             audit.update(status=status, latency_s=round(time.perf_counter() - t0, 4), completion_tokens=n_out)
             srv.audit.write(audit, prompt=prompt_text, completion=texts)
 
@@ -550,6 +639,8 @@ async def _complete(request: Request, srv: Server, rid, req, params, prompt_ids,
                       "logprobs": _completion_logprobs(lps[i]) if params.logprobs is not None else None}
         choices.append(choice)
     _finish_metrics(srv, route, n_out, ttft)
+    if "arm" in audit:
+        srv.metrics.version_latency.labels(req.model, audit["arm"]).observe(time.perf_counter() - t0)
     audit.update(status=200, completion_tokens=n_out, latency_s=round(time.perf_counter() - t0, 4),
                  ttft_s=round(ttft, 4) if ttft else None, finish=[c["finish_reason"] for c in choices])
     srv.audit.write(audit, prompt=prompt_text, completion=texts)

@@ -11,6 +11,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from llmstack.schema import Strict, format_errors
+from llmstack.serve.routing import Route
 
 
 class VllmOptions(Strict):
@@ -43,6 +44,8 @@ class ServeSpec(Strict):
     keys: str | None = Field(None, description="API key file (hashed keys); required by `llmstack serve`")
     audit_log: str | None = Field(None, description="JSONL audit log path; default: no audit log")
     seed: int = 0
+    routes: dict[str, Route] = Field(default_factory=dict, description="public model name -> primary / canary / "
+                                     "shadow versions (served model or adapter names); see llmstack/serve/routing.py")
     vllm: VllmOptions = Field(default_factory=VllmOptions)
     smoke: bool = Field(True, description="`llmstack run` ends by serving the final model and asking it a question")
     smoke_question: str = Field("Who are you?", description="what the serve smoke stage asks the final model")
@@ -125,6 +128,7 @@ class KeyEntry(Strict):
     models: list[str] = Field(default_factory=lambda: ["*"], description="served model names this key may use; * = all")
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)
+    admin: bool = Field(False, description="may change routes (/admin/routes: canary share, rollback)")
 
     @field_validator("sha256")
     @classmethod

@@ -23,5 +23,11 @@ class ServeMetrics:
         self.queue_depth = Gauge("llmstack_queue_depth", "requests waiting for an engine slot", registry=r)
         self.in_flight = Gauge("llmstack_in_flight", "requests being generated", registry=r)
         self.aborted = Counter("llmstack_aborted", "generations aborted because the client went away", registry=r)
+        self.routed = Counter("llmstack_routed_requests", "requests per public name, serving version and arm",
+                              ["name", "model", "arm"], registry=r)  # arm: primary | canary | shadow
+        self.version_latency = Histogram("llmstack_version_latency_seconds", "latency by serving version (non-stream)",
+                                         ["model", "arm"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.version_errors = Counter("llmstack_version_errors", "failed generations by serving version",
+                                      ["model", "arm"], registry=r)
         self.engine_restarts = Gauge("llmstack_engine_restarts", "times the engine was rebuilt after dying",
                                      registry=r)
