@@ -111,7 +111,7 @@ def _main(argv: list[str] | None) -> int:
 
         run.record(a.stage, status="done", wall_s=round(time.perf_counter() - t0, 2), metrics=result.metrics,
                    outputs=describe_outputs(result.outputs),
-                   result={"model": str(result.model), "datasets": {}})
+                   result={"model": str(result.model) if result.model else None, "datasets": {}})
     return 0
 
 
