@@ -31,6 +31,7 @@ from llmstack.serve.config import GuardPolicy, KeyEntry, KeyFile, ServeSpec
 from llmstack.serve.engine import EngineRejected, EngineUnavailable, GenParams
 from llmstack.serve.guard import KeyRing, RateLimiter, StreamRail, check_text, presented_key
 from llmstack.serve.metrics import ServeMetrics
+from llmstack.monitor import TrafficProfile, compare, load_profile
 from llmstack.serve.routing import Route, Router
 
 log = logging.getLogger("llmstack.serve")
@@ -144,6 +145,8 @@ class Server:
     metrics: ServeMetrics
     audit: AuditLog
     router: Router = field(default_factory=Router)
+    traffic: Any = None  # llmstack.monitor.TrafficProfile: binned counts of live prompts (never the text)
+    drift_reference: Any = None  # the training data's profile, when serve.drift_reference is set
     background: set = field(default_factory=set)  # shadow generations in flight (kept referenced until done)
     slots: asyncio.Semaphore = field(init=False)
     waiting: int = 0
@@ -219,7 +222,7 @@ class KeyGate:
 
 
 ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/chat/completions",
-          "/v1/completions"}
+          "/v1/completions", "/v1/monitor/profile"}
 
 
 def _rid(prefix: str = "req") -> str:
@@ -239,7 +242,8 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         ref["server"] = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
                                limiter=RateLimiter(policy), metrics=ServeMetrics(),
                                audit=AuditLog(audit_path or spec.audit_log, policy.audit.log_prompts),
-                               router=Router(spec.routes))
+                               router=Router(spec.routes), traffic=TrafficProfile(),
+                               drift_reference=load_profile(spec.drift_reference) if spec.drift_reference else None)
         if not engine.ready:
             await engine.start()
         log.info("serving %s with the %s engine", ", ".join(engine.names), engine.kind)
@@ -286,6 +290,9 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
 
         srv: Server = ref["server"]
         srv.metrics.engine_restarts.set(engine.restarts)
+        if srv.drift_reference is not None and srv.traffic.n >= spec.drift_min_requests:
+            for feature, f in compare(srv.drift_reference, srv.traffic)["features"].items():
+                srv.metrics.drift_psi.labels(feature).set(f["psi"])
         return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -308,6 +315,11 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         names = [*engine.names, *[r for r in ref["server"].router.names() if r not in engine.names]]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": now, "owned_by": "llmstack"}
                                            for name in names if KeyRing.allows(key, name)]}
+
+    @app.get("/v1/monitor/profile")
+    async def traffic_profile():
+        """Binned feature counts of the prompts served so far, for `llmstack monitor` (no text is kept)."""
+        return ref["server"].traffic.to_json()
 
     # ------------------------------------------------------------------------ routing admin (canary, rollback)
     def _admin(request: Request) -> Router:
@@ -439,6 +451,7 @@ async def _generate(request: Request, srv: Server, chat: bool):
 
         # ---- input rails, then the prompt tokens the engine will see
         prompt_ids, prompt_text = _render(req, chat, srv, audit)
+        await anyio.to_thread.run_sync(srv.traffic.observe, _user_text(req, chat))
         n_prompt = len(prompt_ids)
         context = srv.engine.max_model_len
         if n_prompt + params.max_tokens > context:
@@ -478,6 +491,13 @@ async def _generate(request: Request, srv: Server, chat: bool):
         return ClosingStreamingResponse(_stream(srv, slot, **ctx), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
     return await _complete(request, srv, **ctx)
+
+
+def _user_text(req, chat: bool) -> str:
+    """What the end user wrote (the last user turn, or the prompt): the text drift is measured on."""
+    if chat:
+        return next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
+    return req.prompt if isinstance(req.prompt, str) else ""
 
 
 def _check_routes(routes: dict[str, Route], served: list[str]) -> None:

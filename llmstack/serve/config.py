@@ -46,6 +46,9 @@ class ServeSpec(Strict):
     seed: int = 0
     routes: dict[str, Route] = Field(default_factory=dict, description="public model name -> primary / canary / "
                                      "shadow versions (served model or adapter names); see llmstack/serve/routing.py")
+    drift_reference: str | None = Field(None, description="training data profile (JSON) or curated dataset folder: "
+                                        "/metrics then exports llmstack_drift_psi per feature")
+    drift_min_requests: int = Field(50, gt=0, description="live prompts needed before drift is reported")
     vllm: VllmOptions = Field(default_factory=VllmOptions)
     smoke: bool = Field(True, description="`llmstack run` ends by serving the final model and asking it a question")
     smoke_question: str = Field("Who are you?", description="what the serve smoke stage asks the final model")

@@ -29,5 +29,7 @@ class ServeMetrics:
                                          ["model", "arm"], buckets=_LATENCY_BUCKETS, registry=r)
         self.version_errors = Counter("llmstack_version_errors", "failed generations by serving version",
                                       ["model", "arm"], registry=r)
+        self.drift_psi = Gauge("llmstack_drift_psi", "PSI of live prompts vs the training data, per feature",
+                               ["feature"], registry=r)
         self.engine_restarts = Gauge("llmstack_engine_restarts", "times the engine was rebuilt after dying",
                                      registry=r)
