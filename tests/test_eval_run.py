@@ -152,3 +152,20 @@ def test_cli_prints_a_table_and_fails_cleanly(tiny_model):
     assert res.exit_code == 1 and "no eval suite 'nope'" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["eval", "--model", str(tiny_model), "--backend", "server"])
     assert res.exit_code == 1 and "needs base_url" in res.output
+
+
+def test_quantization_recovery_is_quantized_over_its_source():
+    from types import SimpleNamespace
+
+    from llmstack.eval.run import quantization_recovery
+
+    ctx = SimpleNamespace(recipe=SimpleNamespace(stages=[SimpleNamespace(id="sft", type="sft"),
+                                                         SimpleNamespace(id="dpo", type="dpo")]))
+    scores = {"base": {"arc_easy": {"score": 0.5}},
+              "dpo": {"arc_easy": {"score": 0.4}, "identity": {"score": 0.8}, "refusal": {"score": 0.0}},
+              "int4": {"arc_easy": {"score": 0.38}, "identity": {"score": 0.6}, "refusal": {"score": 0.1}}}
+    rec = quantization_recovery(ctx, scores)
+    assert rec["reference"] == "dpo" and rec["quantized"] == "int4"
+    assert rec["per_task"] == {"arc_easy": 0.95, "identity": 0.75}  # refusal: a ratio to 0 says nothing
+    assert rec["mean"] == 0.85
+    assert quantization_recovery(ctx, {"base": {}, "dpo": {}}) is None

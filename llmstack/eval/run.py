@@ -340,6 +340,9 @@ def run(ctx):
     problems = check_gates(scores, spec.gates)
     section = [f"## Evaluation (suite `{suite.name}`, backend `{spec.backend}`)", "", markdown_table(scores), "",
                f"![eval scores per stage]({chart.name})", ""]
+    recovery = quantization_recovery(ctx, scores)
+    if recovery:
+        section += _recovery_table(recovery)
     if "identity" in scores[spec.stages[-1]]:
         section += _identity_answers(ctx.dir / "samples", spec.stages)
     gate_lines = [f"- FAILED {p}" for p in problems] or ["- all gates passed" if _has_gates(spec.gates) else
@@ -349,7 +352,36 @@ def run(ctx):
     if problems:
         raise EvalGateError("eval gate failed: " + "; ".join(problems))
     metrics = {stage: {t: r["score"] for t, r in res.items()} for stage, res in scores.items()}
+    if recovery:
+        metrics["recovery"] = recovery
     return StageResult(outputs={"scores": ctx.dir / "scores.json", "chart": chart}, metrics=metrics)
+
+
+def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Quality recovery of the quantized model: its score / the score of the model it was made from, per task and
+    averaged over tasks whose reference score is above zero (a ratio to zero says nothing)."""
+    quant = next((s for s in ("int4", "int8") if s in scores), None)
+    if quant is None:
+        return None
+    trained = [s.id for s in ctx.recipe.stages if s.type not in ("reward",)]
+    source = trained[-1] if trained else "base"
+    if source not in scores:
+        return None
+    per_task = {}
+    for task, res in scores[quant].items():
+        ref = scores[source].get(task, {}).get("score")
+        if ref and res.get("score") is not None:
+            per_task[task] = round(res["score"] / ref, 4)
+    mean = round(sum(per_task.values()) / len(per_task), 4) if per_task else None
+    return {"quantized": quant, "reference": source, "per_task": per_task, "mean": mean}
+
+
+def _recovery_table(rec: dict[str, Any]) -> list[str]:
+    lines = [f"Quality recovery of `{rec['quantized']}` vs `{rec['reference']}` (quantized score / unquantized):", "",
+             "| task | recovery |", "|---|---|"]
+    lines += [f"| {t} | {v:.1%} |" for t, v in rec["per_task"].items()]
+    lines += [f"| **mean** | **{rec['mean']:.1%}** |" if rec["mean"] is not None else "| mean | n/a |", ""]
+    return lines
 
 
 def _has_gates(gates) -> bool:
