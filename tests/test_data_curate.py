@@ -289,7 +289,7 @@ def test_shipped_quickstart_cards_match_a_fresh_curation(smollm2, tmp_path):
         assert (tmp_path / "cards" / f"{name}.md").read_text() == \
             (repo / "data_cards" / "quickstart" / f"{name}.md").read_text()
         dd = datasets.load_from_disk(str(tmp_path / name))
-        assert len(dd["train"]) == card["counts"]["train"] > 100
+        assert len(dd["train"]) == card["counts"]["train"] >= 60  # sft is capped at 64 rows in the quickstart
     # the identity rows are in, with the recipe's name filled in
     sft = datasets.load_from_disk(str(tmp_path / "sft"))
     answers = [row[-1]["content"] for split in sft.values() for row in split["messages"]]
