@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmstack.eval.suites import SUITES_DIR, Suite, ensure_prepared, load_suite
+from llmstack.eval.suites import SUITES_DIR, Suite, ensure_prepared, load_suite, read_task
 
 log = logging.getLogger("llmstack")
 
@@ -216,7 +216,8 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
         group = [t for t in wanted if t.chat == chat]
         if not group:
             continue
-        counts = {t.name: min(x for x in (t.n, limit, 10**9) if x) for t in group}
+        # A suite's task without its own size takes all its items: cap the limit there too (lm-eval rejects more).
+        counts = {t.name: min(x for x in (t.n, limit, len(read_task(t.name))) if x) for t in group}
         # In-process backends reuse one loaded model for both modes; the server needs a different client per mode.
         if lm is None or target.backend == "server":
             lm = _lm(target, chat)
