@@ -75,8 +75,10 @@ def run(ctx: StageContext) -> StageResult:
                   # paths in a recipe are relative to where `llmstack run` runs, not to this stage's folder
                   "guard": str(Path(spec.guard).resolve()) if spec.guard else None,
                   "adapters": {k: str(Path(v).resolve()) for k, v in spec.adapters.items()},
-                  "model": str(model), "engine": engine, "served_model_name": name, "port": port,
-                  "host": "127.0.0.1", "keys": str(ctx.dir / "keys.yaml"), "audit_log": str(ctx.dir / "audit.jsonl")}
+                  # absolute: `llmstack serve` reads paths in a server YAML relative to that YAML's folder
+                  "model": str(Path(model).resolve()), "engine": engine, "served_model_name": name, "port": port,
+                  "host": "127.0.0.1", "keys": str((ctx.dir / "keys.yaml").resolve()),
+                  "audit_log": str((ctx.dir / "audit.jsonl").resolve())}
     if dtype:
         server_cfg["vllm"] = {**server_cfg["vllm"], "dtype": dtype}
     (ctx.dir / "server.yaml").write_text(yaml.safe_dump(server_cfg, sort_keys=False))
