@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -82,15 +83,8 @@ def bytes_16bit(folder: Path) -> int:
     total = 0
     for f in folder.glob("*.safetensors"):
         with safe_open(f, "pt") as st:
-            total += sum(_numel(st.get_slice(k).get_shape()) * 2 for k in st.keys())
+            total += sum(math.prod(st.get_slice(k).get_shape()) * 2 for k in st.keys())
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def vllm_kernel_for(scheme: str) -> tuple[bool, str, str]:
