@@ -13,6 +13,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: quickstart test setup system-deps clean-venv
 
+# pip warns once per package about this machine's empty local index folders; hide those lines, keep pip's exit code.
+QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; exit $${PIPESTATUS[0]}
+
 quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack models fetch smollm2-135m-instruct
 	$(BIN)/llmstack run recipes/quickstart.yaml
@@ -28,10 +31,9 @@ setup: $(STAMP) $(QSTAMP)
 # next to the CPU torch, and text models never need them, so they go.
 $(STAMP): requirements/main.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-deps -r requirements/main.lock 2>&1 | grep -v "is ignored: it is neither" || true
-	test "$${PIPESTATUS[0]}" = 0 || $(BIN)/python -m pip install --no-deps -r requirements/main.lock
+	$(BIN)/python -m pip install -q --no-deps -r requirements/main.lock $(QUIET_PIP)
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q --no-deps -e . $(QUIET_PIP)
 	$(BIN)/python -c "import torch, transformers, trl, vllm; print('env ok: torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
@@ -39,7 +41,7 @@ $(STAMP): requirements/main.lock pyproject.toml
 # own venv; `llmstack quantize` and the int4 stage call into it (llmstack/quant/run.py). Never resolve the two together.
 $(QSTAMP): requirements/quant.lock
 	test -x $(QVENV)/bin/python || $(PY) -m venv $(QVENV)
-	$(QVENV)/bin/python -m pip install -q --no-deps -r requirements/quant.lock 2>&1 | grep -v "is ignored: it is neither" || true
+	$(QVENV)/bin/python -m pip install -q --no-deps -r requirements/quant.lock $(QUIET_PIP)
 	$(QVENV)/bin/python -c "import llmcompressor, compressed_tensors; print('quant env ok: llmcompressor', llmcompressor.__version__)"
 	touch $@
 
