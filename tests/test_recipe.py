@@ -153,3 +153,12 @@ def test_cli_validate_yaml_syntax_error(tmp_path):
 def test_cli_validate_good_recipe():
     proc = _cli("validate", "recipes/quickstart.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readme_recipe_example_validates():
+    """The recipe reference in the README is a real recipe: it must keep validating as the schema changes."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```yaml\nname:") + len("```yaml\n")
+    raw = yaml.safe_load(text[start:text.index("```", start)])
+    recipe = parse_recipe(raw, check_trainer=True)
+    assert [s.id for s in recipe.stages] == ["sft"] and recipe.quantize.scheme == "w4a16"
