@@ -154,6 +154,10 @@ class Server:
     def __post_init__(self):
         self.slots = asyncio.Semaphore(self.spec.max_concurrency)
 
+    def public_names(self) -> list[str]:
+        """What clients may ask for: the engine's models and adapters, then route names that are not one of them."""
+        return [*self.engine.names, *[r for r in self.router.names() if r not in self.engine.names]]
+
     @contextlib.asynccontextmanager
     async def slot(self):
         """A place in the engine's bounded queue: past max_queue waiting requests, refuse instead of piling up."""
@@ -312,9 +316,8 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     async def list_models(request: Request):
         key: KeyEntry = request.state.key
         now = int(time.time())
-        names = [*engine.names, *[r for r in ref["server"].router.names() if r not in engine.names]]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": now, "owned_by": "llmstack"}
-                                           for name in names if KeyRing.allows(key, name)]}
+                                           for name in ref["server"].public_names() if KeyRing.allows(key, name)]}
 
     @app.get("/v1/monitor/profile")
     async def traffic_profile():
@@ -423,8 +426,7 @@ async def _generate(request: Request, srv: Server, chat: bool):
     try:
         req = await _read_json(request, srv, ChatRequest if chat else CompletionRequest)
         audit["model"] = req.model
-        engine = srv.engine
-        known = [*engine.names, *[r for r in srv.router.names() if r not in engine.names]]
+        known = srv.public_names()
         if req.model not in known:
             raise APIError(404, f"model '{req.model}' does not exist; this server has: {', '.join(known)}",
                            param="model", code="model_not_found")
