@@ -28,6 +28,13 @@ def test_rtn_w4a16_export_is_compressed_tensors(tiny_w4, tiny_model):
     assert q["ignore"] == ["lm_head"]
     # Linear weights packed 8 per int32: much smaller than the 16-bit model even with the 16-bit embeddings kept.
     assert weights_bytes(out) < bytes_16bit(tiny_model)
+    # What is not packed (embedding, norms, scales) is saved in bfloat16, not the float32 it was calibrated in.
+    from safetensors import safe_open
+
+    with safe_open(next(out.glob("*.safetensors")), "pt") as st:
+        dtypes = {k: st.get_slice(k).get_dtype() for k in st.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "BF16"
+    assert {d for k, d in dtypes.items() if k.endswith(("norm.weight", "weight_scale"))} == {"BF16"}
 
 
 def test_w4a16_loads_in_main_env_and_tracks_the_original(tiny_w4, tiny_model):
