@@ -6,7 +6,9 @@
 
 "TRL defaults" is SFTConfig with only the run's size set (max_steps, batch, max_length): bf16=True,
 gradient_checkpointing=True, no packing. "llmstack" is what the sft stage uses: device defaults (on CPU: fp32, no
-checkpointing), bfd packing with per-document attention, assistant-only loss. Tokens are real (non-padding) tokens
+checkpointing; on CUDA bf16 + Liger kernels + PyTorch's varlen flash attention, llmstack/train/attention.py), bfd
+packing with per-document attention, assistant-only loss. On CUDA a third row runs the llmstack path on SDPA with
+transformers' block-diagonal mask, to show what the varlen kernel is worth. Tokens are real (non-padding) tokens
 seen by the model; the first step (warm-up) is excluded from the timing. On CUDA it also prints MFU (6·N·tokens/s over
 the card's bf16 peak) and peak memory. Prints a table and the ratio; timings go here, never into tests.
 """
@@ -62,17 +64,18 @@ class StepTimer(TrainerCallback):
             self.steps += 1
 
 
-def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: bool) -> dict:
+def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: bool, varlen: bool = False) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from peft import LoraConfig
 
-    from llmstack.train.common import load_model
+    from llmstack.train.common import load_model, packed_attention
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
                          **args_kwargs)
-        model = load_model(model_dir, "float32")
+        attention = packed_attention(args) if varlen else None
+        model = load_model(model_dir, "float32", attention=attention)
         timer = StepTimer()
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None,
@@ -83,9 +86,9 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
         hist = [h for h in trainer.state.log_history if "num_tokens" in h]
         tokens_after_first = hist[-1]["num_tokens"] - hist[0]["num_tokens"]
         n_params = sum(p.numel() for p in trainer.model.parameters())
-    row = {"path": label, "steps": timer.steps, "tokens": int(tokens_after_first),
+    row = {"path": label, "attention": attention or "sdpa", "steps": timer.steps, "tokens": int(tokens_after_first),
            "tokens_per_s": tokens_after_first / timer.elapsed, "s_per_step": timer.elapsed / max(timer.steps, 1),
-           "bf16": args.bf16, "grad_ckpt": args.gradient_checkpointing, "packing": args.packing}
+           "bf16": args.bf16, "liger": args.use_liger_kernel, "grad_ckpt": args.gradient_checkpointing, "packing": args.packing}
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -101,6 +104,8 @@ def random_llama_1b(out: Path) -> Path:
 
     from llmstack.testing import build_tiny_model
 
+    if (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists():
+        return out  # built by an earlier run on this machine (gpu_check.sh builds it once for all its blocks)
     build_tiny_model(out)  # tokenizer, chat template, generation_config
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
@@ -121,7 +126,7 @@ def main() -> None:
     a = p.parse_args()
 
     from llmstack.models import resolve
-    from llmstack.train.common import device_defaults, load_tokenizer, training_chat_template
+    from llmstack.train.common import device_defaults, liger_defaults, load_tokenizer, training_chat_template
     from llmstack.train.sft import SFT_DEFAULTS
 
     if a.model == "tiny":
@@ -129,7 +134,7 @@ def main() -> None:
 
         model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     elif a.model == "llama-1.1b-random":
-        model_dir = random_llama_1b(Path(tempfile.mkdtemp()) / "llama-1.1b-random")
+        model_dir = random_llama_1b(Path(tempfile.gettempdir()) / "llmstack-llama-1.1b-random")
     else:
         model_dir = resolve(a.model)
     if a.data:
@@ -144,13 +149,16 @@ def main() -> None:
     trl_tok = load_tokenizer(model_dir)
     ours_tok = load_tokenizer(model_dir)
     ours_tok.chat_template = training_chat_template(ours_tok)
+    ours = {**size, **device_defaults(), **SFT_DEFAULTS, **liger_defaults()}
     rows = [run("TRL SFTTrainer defaults", model_dir, data, trl_tok, size, a.lora),
-            run("llmstack sft", model_dir, data, ours_tok, {**size, **device_defaults(), **SFT_DEFAULTS}, a.lora)]
+            run("llmstack sft", model_dir, data, ours_tok, ours, a.lora, varlen=True)]
+    if rows[1]["attention"] != "sdpa":  # show what the varlen kernel is worth: the same path on SDPA + block mask
+        rows.append(run("llmstack sft, SDPA", model_dir, data, ours_tok, ours, a.lora))
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nmodel {model_dir.name}, {device}, batch {a.batch} x max_length {a.max_length}, "
           f"{a.steps} steps each (first untimed){', LoRA r=16' if a.lora else ''}")
-    cols = ["path", "bf16", "grad_ckpt", "packing", "steps", "tokens", "s_per_step", "tokens_per_s"]
+    cols = ["path", "attention", "bf16", "liger", "grad_ckpt", "packing", "steps", "tokens", "s_per_step", "tokens_per_s"]
     cols += ["mfu", "peak_gib"] if torch.cuda.is_available() else []
     print(" | ".join(cols))
     for r in rows:

@@ -26,11 +26,12 @@ def run(ctx: StageContext) -> StageResult:
     from trl import SFTTrainer
 
     # ---- load -----------------------------------------------------------------------------------------------------
-    args = common.trainer_config(ctx, CPT_DEFAULTS)
+    args = common.trainer_config(ctx, {**CPT_DEFAULTS, **common.liger_defaults()})
     tokenizer = common.load_tokenizer(ctx.model)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     common.check_single_bos(tokenizer, data["train"][0][args.dataset_text_field])
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora)
+    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora,
+                              attention=common.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = SFTTrainer(

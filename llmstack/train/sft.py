@@ -26,14 +26,15 @@ def run(ctx: StageContext) -> StageResult:
     from trl import SFTTrainer
 
     # ---- load -----------------------------------------------------------------------------------------------------
-    args = common.trainer_config(ctx, SFT_DEFAULTS)
+    args = common.trainer_config(ctx, {**SFT_DEFAULTS, **common.liger_defaults()})
     tokenizer = common.load_tokenizer(ctx.model)
     original_template = tokenizer.chat_template
     if args.assistant_only_loss:
         tokenizer.chat_template = common.training_chat_template(tokenizer)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     common.check_single_bos(tokenizer, tokenizer.apply_chat_template(data["train"][0]["messages"], tokenize=False))
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora)
+    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora,
+                              attention=common.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = SFTTrainer(
