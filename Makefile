@@ -6,12 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmstack-installed
 QVENV := .venv-quant
 QSTAMP := $(QVENV)/.llmstack-installed
+MVENV := .venv-mlflow
+MSTAMP := $(MVENV)/.llmstack-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: quickstart test setup system-deps clean-venv
+.PHONY: quickstart test setup system-deps clean-venv mlflow-server
 
 # pip warns once per package about this machine's empty local index folders; hide those lines, keep pip's exit code.
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; exit $${PIPESTATUS[0]}
@@ -21,7 +23,7 @@ quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack run recipes/quickstart.yaml
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
-test: $(STAMP) $(QSTAMP) system-deps
+test: $(STAMP) $(QSTAMP) $(MSTAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 setup: $(STAMP) $(QSTAMP)
@@ -45,6 +47,24 @@ $(QSTAMP): requirements/quant.lock
 	$(QVENV)/bin/python -c "import llmcompressor, compressed_tensors; print('quant env ok: llmcompressor', llmcompressor.__version__)"
 	touch $@
 
+# The MLflow server environment, for teams that keep the registry in MLflow (`--store mlflow://HOST:PORT`) and for its
+# test, which starts a real server. Full mlflow caps pyarrow<26 and the main env pins 26.0.1, so the server gets its own
+# venv (≈850 MB, ≈2 min from PyPI); the main env holds only the client, mlflow-skinny (≈12 small packages; its
+# cachetools<8 cap moved the main lock from cachetools 8.0.2 to 7.3.3, which vllm — its only other user — accepts).
+# `make setup` leaves it out: the quickstart never needs it.
+$(MSTAMP): requirements/mlflow.lock
+	test -x $(MVENV)/bin/python || $(PY) -m venv $(MVENV)
+	$(MVENV)/bin/python -m pip install -q --no-deps -r requirements/mlflow.lock $(QUIET_PIP)
+	$(MVENV)/bin/mlflow --version
+	touch $@
+
+# A local MLflow tracking + registry server (sqlite and artifacts under ~/.cache/llmstack/mlflow) on 127.0.0.1:5000.
+MLFLOW_HOME ?= $(HOME)/.cache/llmstack/mlflow
+mlflow-server: $(MSTAMP)
+	mkdir -p $(MLFLOW_HOME)
+	$(MVENV)/bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_HOME)/mlflow.db \
+	  --artifacts-destination $(MLFLOW_HOME)/artifacts
+
 # Debian packages the tests use: a real redis-server (shared rate limits), chromium (the UI test), prometheus (promtool
 # checks and unit-tests serve/alerts.yaml).
 SYSTEM_DEPS := redis-server chromium prometheus
@@ -55,4 +75,4 @@ system-deps:
 	  || echo "warning: could not install$$missing; tests that need them will say so when they skip"; fi
 
 clean-venv:
-	rm -rf $(VENV) $(QVENV)
+	rm -rf $(VENV) $(QVENV) $(MVENV)
