@@ -59,10 +59,11 @@ $(MSTAMP): requirements/mlflow.lock
 	touch $@
 
 # A local MLflow tracking + registry server (sqlite and artifacts under ~/.cache/llmstack/mlflow) on 127.0.0.1:5000.
+# Its GenAI job runner (seven worker processes) stays off: a model registry never uses it.
 MLFLOW_HOME ?= $(HOME)/.cache/llmstack/mlflow
 mlflow-server: $(MSTAMP)
 	mkdir -p $(MLFLOW_HOME)
-	$(MVENV)/bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_HOME)/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(MVENV)/bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_HOME)/mlflow.db \
 	  --artifacts-destination $(MLFLOW_HOME)/artifacts
 
 # Debian packages the tests use: a real redis-server (shared rate limits), chromium (the UI test), prometheus (promtool

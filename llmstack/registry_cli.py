@@ -13,8 +13,9 @@ from rich.table import Table
 from llmstack.registry import Registry, RegistryError
 
 registry_app = typer.Typer(no_args_is_help=True, help="Model registry: versions and aliases (prod, canary).")
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="registry file (default $LLMSTACK_REGISTRY or "
-                                                   "~/.cache/llmstack/registry/registry.json)")]
+StoreOpt = Annotated[Optional[str], typer.Option(
+    "--store", help="a registry file, or an MLflow server as mlflow://HOST:PORT (mlflow+https://HOST for TLS); "
+                    "default $LLMSTACK_REGISTRY, else ~/.cache/llmstack/registry/registry.json")]
 err = Console(stderr=True)
 
 
@@ -29,7 +30,11 @@ def list_(store: StoreOpt = None):
     table = Table()
     for col in ("model", "version", "aliases", "stage", "eval", "run"):
         table.add_column(col)
-    for name, entry in Registry.open(store).models().items():
+    try:
+        models = Registry.open(store).models()
+    except RegistryError as exc:
+        _fail(exc)
+    for name, entry in models.items():
         holders = {}
         for alias, v in entry["aliases"].items():
             holders.setdefault(v, []).append(alias)
