@@ -67,7 +67,8 @@ def runs(tiny_model, tmp_path_factory):
         path = d / f"{label}.yaml"
         path.write_text(yaml.safe_dump({
             "name": "tiny", "seed": 1, "model": {"source": str(tiny_model)},
-            "data": {"datasets": {"sft": {"schema": "messages", "sources": [{"name": "rows", "path": str(rows)}]}}},
+            "data": {"cards_dir": str(d / "cards"),  # not the repo's data_cards/
+                     "datasets": {"sft": {"schema": "messages", "sources": [{"name": "rows", "path": str(rows)}]}}},
             "eval": {"suite": "smoke", "limit": 1, "tasks": ["identity"], "gates": {"min": {"identity": gate}}}}))
         try:
             run_recipe(load_recipe(path), path, d / "runs", run_id=label)
