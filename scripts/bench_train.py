@@ -149,7 +149,7 @@ def main() -> None:
     trl_tok = load_tokenizer(model_dir)
     ours_tok = load_tokenizer(model_dir)
     ours_tok.chat_template = training_chat_template(ours_tok)
-    ours = {**size, **device_defaults(), **SFT_DEFAULTS, **liger_defaults()}
+    ours = {**device_defaults(), **SFT_DEFAULTS, **liger_defaults(), **size}  # the run's size wins over SFT_DEFAULTS
     rows = [run("TRL SFTTrainer defaults", model_dir, data, trl_tok, size, a.lora),
             run("llmstack sft", model_dir, data, ours_tok, ours, a.lora, varlen=True)]
     if rows[1]["attention"] != "sdpa":  # show what the varlen kernel is worth: the same path on SDPA + block mask

@@ -16,14 +16,16 @@ if ! $PY -c "import trl, datasets, bitsandbytes" 2>/dev/null; then
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
 STEPS=${STEPS:-6}
+BLOCKS=${BLOCKS:-"kernel sft lora stages grpo"}  # a subset reruns only those blocks
+want() { [[ " $BLOCKS " == *" $1 "* ]]; }
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then MODEL=tiny; SIZE="--batch 2 --max-length 256"; STEPS=2; else
   MODEL=llama-1.1b-random; SIZE="--batch 8 --max-length 2048"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; fi
 $PY -c "import torch, transformers, trl, peft; from llmstack.train import attention
 import importlib.util as u; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__,
 'peft', peft.__version__, 'liger', u.find_spec('liger_kernel') is not None, 'varlen kernel', attention.available())"
 
-echo "== varlen attention kernel vs per-document SDPA (bf16, GQA 32/4 heads, 8 documents, forward and backward) =="
-timeout 120 $PY - <<'PY' 2>&1 | grep "^|\|Error\|error"
+want kernel && echo "== varlen attention kernel vs per-document SDPA (bf16, GQA 32/4 heads, 8 documents, forward and backward) =="
+want kernel && timeout 120 $PY - <<'PY' 2>&1 | grep "^|\|Error\|error"
 import torch
 from llmstack.train import attention
 if not attention.available():
@@ -46,13 +48,13 @@ print("| tensor | max abs diff | max abs value |")
 for name, a, b in [("out", o1, o2), ("dq", g1[0], g2[0]), ("dk", g1[1], g2[1]), ("dv", g1[2], g2[2])]:
     print(f"| {name} | {(a - b).abs().max().item():.3g} | {b.abs().max().item():.3g} |")
 PY
-echo "== SFT full fine-tune, 1.1B, batch 8 x 2048 =="
-timeout 240 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE 2>&1 | grep -A6 "^model \|Error"
-echo "== SFT LoRA r=16 all-linear, 1.1B, batch 8 x 2048 =="
-timeout 180 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE --lora 2>&1 | grep -A6 "^model \|Error"
+want sft && echo "== SFT full fine-tune, 1.1B, batch 8 x 2048 =="
+want sft && timeout 240 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE 2>&1 | grep -A6 "^model \|Error"
+want lora && echo "== SFT LoRA r=16 all-linear, 1.1B, batch 8 x 2048 =="
+want lora && timeout 180 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE --lora 2>&1 | grep -A6 "^model \|Error"
 
-echo "== QLoRA sft and LoRA dpo through the llmstack stages (1.1B) =="
-timeout 180 $PY - <<'PY' 2>&1 | grep "^|\|Error\|error"
+want stages && echo "== QLoRA sft and LoRA dpo through the llmstack stages (1.1B) =="
+want stages && timeout 180 $PY - <<'PY' 2>&1 | grep "^|\|Error\|error"
 import os, sys, tempfile, time
 from pathlib import Path
 import torch
@@ -91,10 +93,10 @@ for stage, ds, schema, adapter in [("sft", chat, "messages", "qlora"), ("dpo", p
           f"{torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.1f} | {time.time() - t0:.0f} |")
 PY
 
-echo "== GRPO (issue 10): LoRA r=16 on the 1.1B, rule-based rewards, transformers generation (no vLLM on this machine) =="
+want grpo && echo "== GRPO (issue 10): LoRA r=16 on the 1.1B, rule-based rewards, transformers generation (no vLLM on this machine) =="
 # Reports steps/s and peak memory. Generation dominates a GRPO step: 4 prompts x 8 completions x 256 new tokens through
 # HF generate (random weights never emit the end of turn, so every completion runs the full 256: the worst case).
-timeout 180 $PY - <<'PY' 2>&1 | grep "^|\|Error\|error"
+want grpo && timeout 180 $PY - <<'PY' 2>&1 | grep "^|\|Error\|error"
 import os, sys, tempfile, time
 from pathlib import Path
 import torch
