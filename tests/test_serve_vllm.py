@@ -167,6 +167,30 @@ def test_greedy_tokens_equal_transformers(server, tiny_model, adapter, model_nam
         assert served == [tok.decode([t]) for t in want], question
 
 
+def test_prompt_logprobs_are_vllms_own_and_equal_transformers(server, tiny_model):
+    """echo + logprobs (lm-eval's scoring call): vLLM's prompt logprobs, the same numbers a transformers forward
+    pass gives, in OpenAI's legacy shape; max_tokens 0 returns the prompt alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = "Question: What is the capital of France?\nAnswer: Paris"
+    ids = tok(prompt)["input_ids"]
+    with torch.inference_mode():
+        lps = torch.log_softmax(AutoModelForCausalLM.from_pretrained(tiny_model)(torch.tensor([ids])).logits[0], -1)
+    want = [float(lps[i, t]) for i, t in enumerate(ids[1:])]
+    for max_tokens in (1, 0):
+        r = httpx.post(f"{server['base']}/v1/completions", headers=H, timeout=60,
+                       json={"model": "tiny", "prompt": [ids], "max_tokens": max_tokens, "temperature": 0,
+                             "logprobs": 1, "echo": True})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        got = choice["logprobs"]["token_logprobs"]
+        assert len(got) == len(ids) + max_tokens and got[0] is None and choice["text"].startswith(prompt)
+        assert got[1:len(ids)] == pytest.approx(want, abs=1e-3)
+    assert choice["text"] == prompt and r.json()["usage"]["completion_tokens"] == 0
+
+
 def test_lora_adapter_changes_the_answer(client):
     base, lora = (client.chat.completions.create(model=m, messages=MESSAGES, max_tokens=10, temperature=0)
                   .choices[0].message.content for m in ("tiny", "tiny-lora"))

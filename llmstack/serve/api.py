@@ -102,10 +102,11 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's default for /v1/completions; 0 only with `echo` (score the prompt, generate nothing)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
+    echo: bool = False  # the prompt comes back before the completion, with its tokens' logprobs if `logprobs` is set
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -397,6 +398,13 @@ def _params(req, chat: bool, caps, spec_json: dict | None, json_object: bool) ->
     max_tokens = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
     if max_tokens is None:
         max_tokens = caps.default_max_tokens
+    echo = not chat and req.echo
+    if echo and req.stream:
+        raise APIError(400, "echo is not supported with stream=true; send stream=false to get the prompt back",
+                       param="echo")
+    if max_tokens == 0 and not echo:
+        raise APIError(400, "max_tokens 0 generates nothing: it is only allowed with echo=true (to score the prompt)",
+                       param="max_tokens")
     if max_tokens > caps.max_tokens:
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {caps.max_tokens}",
                        param="max_tokens", code="max_tokens_exceeded")
@@ -412,9 +420,11 @@ def _params(req, chat: bool, caps, spec_json: dict | None, json_object: bool) ->
         k = req.logprobs
     if k is not None and k > caps.max_logprobs:
         raise APIError(400, f"at most {caps.max_logprobs} top logprobs", param="top_logprobs" if chat else "logprobs")
-    return GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, n=req.n,
-                     stop=stops, logprobs=k, json_schema=spec_json, json_object=json_object,
-                     ignore_eos=req.ignore_eos)
+    # echo + max_tokens 0: the engine still takes one step (vLLM needs max_tokens >= 1, as its own server does);
+    # _complete drops that token.
+    return GenParams(max_tokens=max(max_tokens, 1), temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                     n=req.n, stop=stops, logprobs=k, prompt_logprobs=k if echo else None, json_schema=spec_json,
+                     json_object=json_object, ignore_eos=req.ignore_eos)
 
 
 async def _generate(request: Request, srv: Server, chat: bool):
@@ -574,13 +584,18 @@ def _render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
         prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tok(prompt_text, add_special_tokens=False)["input_ids"], prompt_text
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        prompt = tok.decode(prompt)
-    elif isinstance(prompt, list):
-        if len(prompt) != 1:
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        if len(prompt) != 1:  # a batch of prompts (texts or token lists), as lm-eval and vLLM's server send
             raise APIError(400, "send one prompt per request (a list of several prompts is not supported)",
                            param="prompt")
         prompt = prompt[0]
+    if isinstance(prompt, list):  # token ids: used as given (as OpenAI and vLLM do), so scoring sees exact tokens
+        if not prompt or not all(0 <= t < len(tok) for t in prompt):
+            raise APIError(400, f"prompt token ids must be a non-empty list of ids in [0, {len(tok)})",
+                           param="prompt")
+        text = tok.decode(prompt)
+        checked = guard(text, "prompt")
+        return (prompt if checked == text else tok(checked)["input_ids"]), checked
     prompt = guard(prompt, "prompt")
     return tok(prompt)["input_ids"], prompt
 
@@ -592,13 +607,17 @@ def _chat_logprobs(rows: list[dict]) -> dict:
     return {"content": [{**item(r), "top_logprobs": [item(t) for t in r["top"]]} for r in rows]}
 
 
-def _completion_logprobs(rows: list[dict]) -> dict:
-    offsets, pos = [], 0
+def _completion_logprobs(rows: list[dict | None], first_token: str = "") -> dict:
+    """OpenAI's legacy shape. A None row is the first echoed prompt token, which nothing predicts: its logprob and
+    top_logprobs are null (as OpenAI and vLLM return them), its text is `first_token`."""
+    offsets, pos, texts = [], 0, []
     for r in rows:
+        texts.append(r["token"] if r is not None else first_token)
         offsets.append(pos)
-        pos += len(r["token"])
-    return {"tokens": [r["token"] for r in rows], "token_logprobs": [r["logprob"] for r in rows],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in r["top"]} for r in rows], "text_offset": offsets}
+        pos += len(texts[-1])
+    return {"tokens": texts, "token_logprobs": [r["logprob"] if r else None for r in rows],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in r["top"]} if r else None for r in rows],
+            "text_offset": offsets}
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -609,6 +628,7 @@ async def _complete(request: Request, srv: Server, rid, req, params, prompt_ids,
                     t0):
     texts = [""] * params.n
     lps: list[list[dict]] = [[] for _ in range(params.n)]
+    prompt_lps: list[dict | None] = []
     finish: list[str | None] = [None] * params.n
     n_out = 0
     ttft = None
@@ -623,6 +643,8 @@ async def _complete(request: Request, srv: Server, rid, req, params, prompt_ids,
                 texts[d.index] += d.text
                 n_out += len(d.token_ids)
                 lps[d.index] += d.logprobs or []
+                if d.prompt_logprobs:
+                    prompt_lps[:] = d.prompt_logprobs
                 finish[d.index] = d.finish_reason or finish[d.index]
 
     try:
@@ -657,21 +679,31 @@ async def _complete(request: Request, srv: Server, rid, req, params, prompt_ids,
             audit.update(status=status, latency_s=round(time.perf_counter() - t0, 4), completion_tokens=n_out)
             srv.audit.write(audit, prompt=prompt_text, completion=texts)
 
+    echo = not chat and req.echo
+    if echo and req.max_tokens == 0:  # scoring only: drop the one step the engine had to take
+        texts, lps, finish, n_out = [""] * params.n, [[] for _ in range(params.n)], ["length"] * params.n, 0
+    if echo and params.logprobs is not None and len(prompt_lps) != len(prompt_ids):
+        raise APIError(500, f"the engine returned {len(prompt_lps)} prompt logprobs for {len(prompt_ids)} prompt "
+                       "tokens", code="internal_error")  # never hand out misaligned scores
     choices = []
     for i in range(params.n):
         v = check_text(texts[i], srv.policy.output)
         audit["guard"] += v.decisions
         reason = finish[i] or "length"
-        text = v.text
-        if v.blocked:  # the output rail withholds this choice (as OpenAI/Azure content filters do)
+        text, rows = v.text, lps[i]
+        if v.blocked:  # the output rail withholds this choice (as OpenAI/Azure content filters do), logprobs too
             srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
-            text, reason = "", "content_filter"
+            text, rows, reason = "", [], "content_filter"
         if chat:
             choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                      "logprobs": _chat_logprobs(lps[i]) if params.logprobs is not None else None}
+                      "logprobs": _chat_logprobs(rows) if params.logprobs is not None else None}
         else:
+            if echo:  # the prompt (as the input guard passed it) before the completion, its logprobs before theirs
+                text = prompt_text + text
+                rows = [*prompt_lps, *rows]
+            first = srv.engine.tokenizer.decode(prompt_ids[:1]) if echo else ""
             choice = {"index": i, "text": text, "finish_reason": reason,
-                      "logprobs": _completion_logprobs(lps[i]) if params.logprobs is not None else None}
+                      "logprobs": _completion_logprobs(rows, first) if params.logprobs is not None else None}
         choices.append(choice)
     _finish_metrics(srv, route, n_out, ttft)
     if "arm" in audit:

@@ -37,6 +37,7 @@ class GenParams:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (`echo`: scoring a text, as lm-eval does)
     json_schema: dict | None = None
     json_object: bool = False
     ignore_eos: bool = False
@@ -49,6 +50,9 @@ class Delta:
     token_ids: list[int]
     logprobs: list[dict] | None = None  # per token: {"token", "logprob", "top": [{"token", "logprob"}]}
     finish_reason: str | None = None
+    # Once per request, on its first delta: one row per prompt token (as `logprobs`); the first is None, since
+    # nothing comes before it to predict it.
+    prompt_logprobs: list[dict | None] | None = None
 
 
 def load_tokenizer(model: str | Path):
@@ -158,18 +162,24 @@ class VllmEngine:
             structured = StructuredOutputsParams(json_object=True)
         try:
             sp = SamplingParams(n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                                stop=p.stop or None, logprobs=p.logprobs, structured_outputs=structured,
-                                ignore_eos=p.ignore_eos,
+                                stop=p.stop or None, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+                                structured_outputs=structured, ignore_eos=p.ignore_eos,
                                 output_kind=RequestOutputKind.DELTA)
         except Exception as exc:
             raise EngineRejected(str(exc)) from None
         try:
+            prompt_rows = None
             async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, sp, request_id,
                                                lora_request=self._lora.get(model)):
-                yield [Delta(index=o.index, text=o.text, token_ids=list(o.token_ids),
-                             logprobs=self._logprobs(o.logprobs, o.token_ids, p.logprobs),
-                             finish_reason=o.finish_reason)
-                       for o in out.outputs]
+                deltas = [Delta(index=o.index, text=o.text, token_ids=list(o.token_ids),
+                                logprobs=self._logprobs(o.logprobs, o.token_ids, p.logprobs),
+                                finish_reason=o.finish_reason)
+                          for o in out.outputs]
+                if prompt_rows is None and out.prompt_logprobs and deltas:
+                    # vLLM's own prompt logprobs (computed in the prefill), first entry None like ours
+                    prompt_rows = [None, *self._logprobs(out.prompt_logprobs[1:], prompt_ids[1:], p.prompt_logprobs)]
+                    deltas[0].prompt_logprobs = prompt_rows
+                yield deltas
         except EngineDeadError:
             asyncio.get_running_loop().create_task(self._restart())
             raise EngineUnavailable("the engine died; it is restarting") from None
@@ -180,7 +190,7 @@ class VllmEngine:
         if k is None or lps is None:
             return None
         rows = []
-        for token, step in zip(token_ids, lps):  # step: {token id: Logprob}, the sampled token plus the top k
+        for token, step in zip(token_ids, lps):  # step: {token id: Logprob}, the given token plus the top k
             ranked = sorted(((t, v) for t, v in step.items() if v.rank is not None and v.rank <= k),
                             key=lambda tv: tv[1].rank)
             rows.append({"token": self._text(token, step[token]), "logprob": step[token].logprob,
@@ -267,11 +277,34 @@ class HfEngine:
         self._running += 1
         try:
             async with self._lock:
+                prompt_rows = None
+                if p.prompt_logprobs is not None:
+                    prompt_rows = await asyncio.to_thread(self._prompt_logprobs, prompt_ids, p.prompt_logprobs, model)
                 for index in range(p.n):
                     async for delta in self._one(prompt_ids, p, model, index):
+                        if prompt_rows is not None:
+                            delta.prompt_logprobs, prompt_rows = prompt_rows, None
                         yield [delta]
         finally:
             self._running -= 1
+
+    def _prompt_logprobs(self, prompt_ids: list[int], k: int, model_name: str) -> list[dict | None]:
+        """Every prompt token's logprob under the model, from one forward pass (the engine's own model; `generate`
+        keeps only the last position's logits, so this is a second prefill — fine for the fallback engine)."""
+        import torch
+
+        with self._adapter(model_name), torch.inference_mode():
+            logits = self.model(torch.tensor([prompt_ids])).logits[0, :-1]
+        lps = torch.log_softmax(logits.float(), dim=-1)
+        return [None, *(self._lp_row(lp, t, k) for lp, t in zip(lps, prompt_ids[1:]))]
+
+    def _adapter(self, model_name: str):
+        """Select the adapter a model name asks for; the base model's name runs with adapters switched off."""
+        if model_name in self.adapters:
+            self.model.set_adapter(model_name)
+        elif self.adapters:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
 
     async def _one(self, prompt_ids: list[int], p: GenParams, model_name: str, index: int) -> AsyncIterator[Delta]:
         import torch
@@ -307,13 +340,8 @@ class HfEngine:
             try:
                 if p.seed is not None:
                     torch.manual_seed(p.seed + index)
-                ctx = contextlib.nullcontext()
-                if model_name in self.adapters:
-                    self.model.set_adapter(model_name)
-                elif self.adapters:  # the base model's name: generate with the adapters switched off
-                    ctx = self.model.disable_adapter()
                 sample = p.temperature > 0
-                with ctx, torch.inference_mode():
+                with self._adapter(model_name), torch.inference_mode():
                     self.model.generate(
                         torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                         max_new_tokens=p.max_tokens, min_new_tokens=p.max_tokens if p.ignore_eos else None,
@@ -355,12 +383,16 @@ class HfEngine:
                     stop_flag.set()
                 if finish:
                     break
-                # Hold back a trailing partial UTF-8 character until the next token completes it.
+                # Hold back a trailing partial UTF-8 character until the next token completes it, and a tail that
+                # may be the start of a stop string (stop "\n\n" arriving as two "\n" tokens must not leak one).
                 if text.endswith("\ufffd"):
                     continue
-                yield Delta(index=index, text=text[len(sent):], token_ids=pending_ids,
+                ready = text[:len(text) - _stop_prefix_len(text, p.stop)]
+                if len(ready) <= len(sent):
+                    continue
+                yield Delta(index=index, text=ready[len(sent):], token_ids=pending_ids,
                             logprobs=pending_lps if p.logprobs is not None else None)
-                sent, pending_ids, pending_lps = text, [], []
+                sent, pending_ids, pending_lps = ready, [], []
         finally:
             stop_flag.set()  # client went away or we are done: let the thread finish its step and exit
             await asyncio.to_thread(thread.join)
@@ -388,6 +420,11 @@ def _eos_ids(generation_config, tokenizer) -> list[int]:
 def _first_stop(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is the beginning of a stop string (0 if none)."""
+    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
 
 
 def make_engine(spec, model: str | Path, served_name: str):
