@@ -3,7 +3,8 @@
 Order: model -> curate -> training stages (as listed) -> quantize -> eval -> serve -> report.
 A stage is a plain function `run(ctx: StageContext) -> StageResult`, found through the STAGES registry by import
 string (so `llmstack validate` never imports torch). Fingerprints chain: each stage's fingerprint hashes its own
-config and the fingerprint of the stage before it, so changing anything upstream re-runs everything downstream.
+config (and, for curate, the contents of its local source files) and the fingerprint of the stage before it, so
+changing anything upstream re-runs everything downstream.
 """
 
 from __future__ import annotations
@@ -98,6 +99,16 @@ def _spec_json(spec: Any) -> Any:
     return spec.model_dump(mode="json", by_alias=True) if hasattr(spec, "model_dump") else spec
 
 
+def _input_hashes(step: PlannedStage) -> dict[str, Any]:
+    """Contents of the files a stage reads that its config only names by path (curate's local sources): editing
+    such a file re-runs the stage and everything after it."""
+    if step.kind != "curate":
+        return {}
+    from llmstack.data.sources import local_inputs_sha256
+
+    return {"inputs": local_inputs_sha256(step.spec)}
+
+
 def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str = "default",
                force_from: str | None = None, only: list[str] | None = None,
                skip_unavailable: bool = False) -> Run:
@@ -128,7 +139,8 @@ def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str =
     upstream = sha256_json({"seed": recipe.seed})
     for i, step in enumerate(steps):
         fn = functions[step.kind]
-        fingerprint = sha256_json({"kind": step.kind, "spec": _spec_json(step.spec), "upstream": upstream})
+        fingerprint = sha256_json({"kind": step.kind, "spec": _spec_json(step.spec), "upstream": upstream,
+                                   **_input_hashes(step)})
         upstream = fingerprint
         if i > last and step.kind != "report":
             continue

@@ -294,3 +294,29 @@ def test_shipped_quickstart_cards_match_a_fresh_curation(smollm2, tmp_path):
     sft = datasets.load_from_disk(str(tmp_path / "sft"))
     answers = [row[-1]["content"] for split in sft.values() for row in split["messages"]]
     assert sum("llmstack" in a for a in answers) >= 15 and not any("{{name}}" in a for a in answers)
+
+
+def test_editing_a_local_source_file_reruns_curate(tmp_path, tiny_model):
+    """The recipe only names the file: its contents are part of the curate stage's fingerprint."""
+    from llmstack.pipeline import run_recipe
+    from llmstack.recipe import load_recipe
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join(json.dumps(ROW(f"q{i}", prose(i))) for i in range(5)) + "\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\nmodel: {{source: {tiny_model}}}\ndata:\n  cards_dir: {tmp_path}/cards\n  datasets:\n"
+                    f"    sft:\n      schema: messages\n      sources: [{{name: x, path: {src}}}]\n"
+                    f"stages: [{{type: sft, dataset: sft}}]\n")
+
+    def curate():
+        run = run_recipe(load_recipe(path), path, tmp_path / "runs", only=["model", "curate"])
+        return run.manifest["stages"]["curate"]
+
+    first = curate()
+    assert first["metrics"]["sft"]["kept"] == 5
+    again = curate()
+    assert again["started"] == first["started"] and again["fingerprint"] == first["fingerprint"]  # reused
+    with src.open("a") as f:
+        f.write(json.dumps(ROW("q-new", prose(99))) + "\n")
+    edited = curate()
+    assert edited["fingerprint"] != first["fingerprint"] and edited["metrics"]["sft"]["kept"] == 6

@@ -71,6 +71,20 @@ def fetch_source(spec: SourceSpec) -> FetchedSource:
     return _packaged(spec, kind, value)
 
 
+def local_inputs_sha256(data) -> dict[str, str]:
+    """sha256 of every local file or folder the `data:` block reads, by dataset/source. The pipeline folds these into
+    the curate stage's fingerprint: the recipe only names a local path, so editing the file must re-run curation
+    (packaged sources are pinned by version and checked against their sha256 when fetched)."""
+    hashes = {}
+    for dname, dspec in data.datasets.items():
+        for src in dspec.sources:
+            kind, value = src.origin
+            if kind == "path":
+                path = Path(value).expanduser()
+                hashes[f"{dname}/{src.name}"] = _hash(path) if path.exists() else "missing"
+    return hashes
+
+
 def _local(spec: SourceSpec, path: Path) -> FetchedSource:
     if not path.exists():
         raise SourceError(f"source '{spec.name}': no such file or folder: {path}")
