@@ -157,8 +157,9 @@ def run(ctx: StageContext) -> StageResult:
     metrics["serve"] = serve
     (ctx.dir / "section.md").write_text("\n".join([
         f"## Quantization ({ctx.name})", "",
-        f"llm-compressor, group size {spec.group_size}, lm_head kept in 16-bit, {n_calib} calibration samples. "
-        f"16-bit size of the same weights: {full16 / 2**20:.1f} MiB.", "",
+        f"llm-compressor, group size {spec.group_size}, lm_head kept in 16-bit, {n_calib} calibration samples; "
+        f"what is not quantized (embedding, norms) and the scales are saved in bfloat16. "
+        f"16-bit reference: the same weights at 2 bytes per parameter (bfloat16), {full16 / 2**20:.1f} MiB.", "",
         "| scheme | method | size | vs 16-bit | time | answer to 'What is the capital of France?' |",
         "|---|---|---|---|---|---|", *rows, "",
         f"Served: **{serve['scheme']}** with the {serve['engine']} engine, dtype {serve['dtype']} — {serve['reason']}.",
