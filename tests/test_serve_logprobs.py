@@ -60,7 +60,7 @@ def test_echo_returns_the_prompt_logprobs_of_a_forward_pass(client, reference):
     assert all(len(top) == 1 and max(top.values()) >= got - 1e-6
                for top, got in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
     # the text is the prompt and then the completion; tokens and offsets line up with it
-    assert choice["text"].startswith(PROMPT) and "".join(lp["tokens"]) == choice["text"]
+    assert choice["text"].startswith(PROMPT) and "".join(lp["tokens"][:len(ids)]) == PROMPT
     assert lp["text_offset"][len(ids)] == len(PROMPT)
     assert r.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
 
@@ -135,3 +135,16 @@ def test_a_stop_string_split_across_tokens_is_not_leaked(client):
     with client.stream("POST", "/v1/completions", headers=H, json={**body, "stop": [stop], "stream": True}) as s:
         frames = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
     assert "".join(f["choices"][0]["text"] for f in frames) == want
+
+
+def test_an_end_of_turn_token_is_a_generated_token_with_its_logprob(client, reference):
+    """Found by the SmolLM2 parity check: when the one generated token is the end of the turn, it must still be
+    counted and scored (as vLLM does), or lm-eval, which drops the last row as the generated one, loses a prompt
+    token's logprob instead. The tiny random model repeats the last token, so a prompt ending in <|im_end|> ends."""
+    _, _, tok = reference
+    ids = tok("Hello<|im_end|>")["input_ids"]
+    r = _score(client, prompt=ids).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
+    assert len(choice["logprobs"]["token_logprobs"]) == len(ids) + 1
+    assert choice["logprobs"]["tokens"][-1] == "<|im_end|>" and choice["text"] == tok.decode(ids)

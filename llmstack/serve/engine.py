@@ -368,14 +368,18 @@ class HfEngine:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                new = [t for t in item if t not in eos]
-                if len(new) < len(item):
+                # The end-of-turn token ends the text but is a generated token all the same: like vLLM (and OpenAI),
+                # count it and give its logprob. `echo` scoring (lm-eval) relies on one row per generated token.
+                end = next((i for i, t in enumerate(item) if t in eos), None)
+                step = item if end is None else item[:end + 1]
+                new = step if end is None else step[:-1]
+                if end is not None:
                     finish = "stop"
                 if p.logprobs is not None:
                     pending_lps += [self._lp_row(step_logprobs[len(ids) + i], t, p.logprobs)
-                                    for i, t in enumerate(new)]
+                                    for i, t in enumerate(step)]
                 ids += new
-                pending_ids += new
+                pending_ids += step
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 cut = _first_stop(text, p.stop)
                 if cut is not None:
