@@ -33,10 +33,14 @@ def eval_texts(suite: str) -> Iterator[EvalItem]:
     return iter_eval_texts(suite)
 
 
+def _digest(words: list[str]) -> bytes:
+    return hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest()
+
+
 def _grams(text: str, n: int) -> Iterator[bytes]:
     words = normalised(text).split()
     for i in range(len(words) - n + 1):
-        yield hashlib.blake2b(" ".join(words[i:i + n]).encode(), digest_size=8).digest()
+        yield _digest(words[i:i + n])
 
 
 class NGramIndex:
@@ -46,20 +50,30 @@ class NGramIndex:
         self.items = 0
         self.too_short: dict[str, int] = {}  # task -> items with fewer than n words (cannot be checked this way)
         self.tasks: dict[str, int] = {}
+        self.vocab: set[str] = set()  # every word of an indexed n-gram
         for task, item_id, text in items:
             self.items += 1
             self.tasks[task] = self.tasks.get(task, 0) + 1
             grams = list(_grams(text, n))
             if not grams:
                 self.too_short[task] = self.too_short.get(task, 0) + 1
+                continue
+            self.vocab.update(normalised(text).split())
             for g in grams:
                 self.index.setdefault(g, (task, item_id))
 
     def match(self, text: str) -> tuple[str, str] | None:
-        for g in _grams(text, self.n):
-            hit = self.index.get(g)
-            if hit:
-                return hit
+        """The first eval item (in the row's word order) sharing an n-gram with the text. Only n-grams whose words
+        are all in the eval vocabulary can match, so only those are hashed: hashing every n-gram of every row was
+        the cost of this step, and most rows have few such runs."""
+        words = normalised(text).split()
+        n, vocab, index, run = self.n, self.vocab, self.index, 0
+        for end, word in enumerate(words, 1):
+            run = run + 1 if word in vocab else 0
+            if run >= n:
+                hit = index.get(_digest(words[end - n:end]))
+                if hit:
+                    return hit
         return None
 
 

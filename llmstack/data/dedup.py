@@ -10,19 +10,25 @@ MinhashDedup stages on a Slurm/Ray executor instead.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from functools import lru_cache
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.utils.text import simplify_text
+from datatrove.utils.text import DEF_TEXT_NORM_CONFIG, simplify_text
+
+
+# In ASCII text, removing diacritics (NFD, then drop combining marks) changes nothing, and it was most of the time
+# simplify_text took: skip that step there.
+_ASCII_TEXT = dataclasses.replace(DEF_TEXT_NORM_CONFIG, norm_unicode_diacritics=False)
 
 
 @lru_cache(maxsize=8)
 def normalised(text: str) -> str:
     # Cached: decontamination and the dedup signatures look at the same text one after the other.
-    return simplify_text(text)
+    return simplify_text(text, _ASCII_TEXT if text.isascii() else DEF_TEXT_NORM_CONFIG)
 
 
 def shingles(text: str, k: int) -> list[bytes]:
