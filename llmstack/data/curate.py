@@ -45,23 +45,26 @@ def _execute(steps: list, work: Path, tag: str, tasks: int) -> None:
     """Run a pipeline on datatrove's LocalPipelineExecutor. Its per-task logs and stats tables go to
     work/<tag>.log, not the terminal: datatrove attaches its loguru handlers to whatever sys.stderr is."""
     from datatrove.executor import LocalPipelineExecutor
+    from loguru import logger
 
     work.mkdir(parents=True, exist_ok=True)
     with open(work / f"{tag}.log", "a") as log_file, contextlib.redirect_stderr(log_file):
         try:
+            # With several workers the parent never re-points its handlers, so its merged stats table would go to
+            # the stream loguru captured at import (the terminal): point them at the log file here.
+            logger.remove()
+            logger.add(sys.stderr)
             # fork: workers inherit the redirected stderr (forkserver children would print to the terminal)
             LocalPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=str(work / f"logs_{tag}"),
                                   skip_completed=False, start_method="fork").run()
         finally:
-            from loguru import logger
-
             logger.remove()  # datatrove re-adds a handler on the redirected (soon closed) stream
             logger.add(sys.stderr, level="WARNING")
 
 
 def _as_json(writer, doc: Document) -> dict:
     """What datatrove's default adapter writes, without its `dataclasses.asdict`: that deep-copies every row and
-    signature just to serialise them, and was a tenth of pass 1's time. Our documents carry no media."""
+    signature just to serialise them (~0.4 ms of CPU per row and write here). Our documents carry no media."""
     if doc.media:
         return writer._default_adapter(doc)
     return {k: v for k, v in (("text", doc.text), ("id", doc.id), ("metadata", doc.metadata)) if v}
