@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=50, help="items per task (the first N of the suite's)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64, help="generated tokens per prompt for throughput")
+    ap.add_argument("--no-eval", action="store_true", help="skip the quality runs")
     ap.add_argument("--no-serve", action="store_true", help="skip the vLLM throughput runs")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/quant"))
@@ -113,6 +114,7 @@ def main() -> None:
     model = resolve(args.model)
     methods = [m for m in args.methods.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
+    args.out = args.out.resolve()  # the vLLM subprocess runs inside it
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = load_results(path, args.reuse)
@@ -144,7 +146,7 @@ def main() -> None:
     # ---- 3. the same items on the 16-bit model and each INT4 folder
     scores = results.setdefault("scores", {})
     for name, folder in [("16-bit", model), *[(m, args.out / m) for m in methods]]:
-        if name in scores:
+        if name in scores or args.no_eval:
             continue
         print(f"[eval] {name} on {args.suite} ({', '.join(tasks)}; limit {args.limit}) ...", flush=True)
         t0 = time.perf_counter()
@@ -153,7 +155,7 @@ def main() -> None:
         print(f"[eval] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         save(path, results)
     recovery = {}
-    for m in methods:
+    for m in [m for m in methods if m in scores and "16-bit" in scores]:
         per_task = {t: scores[m][t]["score"] / ref["score"] for t, ref in scores["16-bit"].items() if ref["score"]}
         recovery[m] = {"per_task": per_task, "mean": sum(per_task.values()) / len(per_task)}
     results["recovery"] = recovery
@@ -179,6 +181,7 @@ def main() -> None:
 def markdown(results: dict, methods: list[str], tasks: list[str]) -> str:
     s, q, rec = results["setup"], results["quantize"], results["recovery"]
     scores = results["scores"]
+    tasks = tasks if all(m in rec for m in methods) else []  # quality rows only when every method was scored
     lines = [f"INT4 W4A16 (group 64, lm_head 16-bit) of `{Path(s['model']).name}`; {s['samples']} calibration rows; "
              f"suite `{s['suite']}`, {s['limit']} items per task, lm-eval hf backend in float32.", "",
              "| | 16-bit | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods),
@@ -188,7 +191,8 @@ def markdown(results: dict, methods: list[str], tasks: list[str]) -> str:
         ref = scores["16-bit"][t]["score"]
         cells = [f"{scores[m][t]['score']:.3f} ({rec[m]['per_task'].get(t, float('nan')):.0%})" for m in methods]
         lines.append(f"| {t} (n={scores['16-bit'][t]['n']}) | {ref:.3f} | " + " | ".join(cells) + " |")
-    lines.append("| **mean recovery** | 100% | " + " | ".join(f"**{rec[m]['mean']:.1%}**" for m in methods) + " |")
+    if tasks:
+        lines.append("| **mean recovery** | 100% | " + " | ".join(f"**{rec[m]['mean']:.1%}**" for m in methods) + " |")
     serve = results.get("serve")
     if serve:
         base = serve.get("16-bit float32", {}).get("tokens_per_s")
