@@ -2,7 +2,9 @@
 # The training GPU check for one H100/H200 (see ../shared/gpu/README.md): a numerical check of the varlen attention
 # kernel, SFT full and LoRA (each: TRL defaults vs the llmstack path vs the llmstack path on SDPA; tokens/s, MFU, peak
 # memory), then QLoRA and DPO steps through the real llmstack stages, then a GRPO step (issue 10).
-# The GPU machine has no registry: first, here, `echo /.whl/ >> .git/info/exclude && ../shared/gpu/fetch_wheels.sh`,
+# The GPU machine has no registry and no pydantic: first, here, `echo /.whl/ >> .git/info/exclude &&
+# ../shared/gpu/fetch_wheels.sh pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5`
+# (the versions of requirements/main.lock),
 # then run this script there with `.whl` carried along:   bash scripts/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
 # Model: the 1.1B Llama shape (TinyLlama) with random weights: throughput does not depend on them, and no hub is needed.
 # GPU_CHECK_DRY=1 runs every block on this CPU with the tiny model (a rehearsal: catches errors before device time).
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 if ! $PY -c "import trl, datasets, bitsandbytes" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed: run ../shared/gpu/fetch_wheels.sh here first and carry .whl"; exit 1; }
+    || { echo "wheel install failed: run ../shared/gpu/fetch_wheels.sh (with pydantic, see above) here first and carry .whl"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
