@@ -119,9 +119,10 @@ def test_chat_in_a_real_browser(server, tmp_path, request):
             expect(box).to_be_visible(timeout=30_000)
             # short answers keep the growing history inside the tiny model's context
             page.get_by_role("button", name="Settings ▼").click()
-            number = page.locator("#max-tokens input[type='number']")
-            number.fill("24")
-            number.press("Tab")
+            # set through the range input (typing into the number box was sometimes dropped while the accordion
+            # opened: the request then asked for 256 tokens and the history outgrew the 512-token context)
+            page.locator("#max-tokens input[type='range']").fill("24")
+            expect(page.locator("#max-tokens input[type='number']")).to_have_value("24", timeout=10_000)
 
             # 1. a message gets a streamed answer from the first model
             box.fill("Hello, who are you?")
@@ -134,6 +135,7 @@ def test_chat_in_a_real_browser(server, tmp_path, request):
             page.screenshot(path=str(shots / "1-answer.png"))
             entries = audit_after(server["audit"], n0)
             assert entries[-1]["model"] == "tiny" and entries[-1]["status"] == 200
+            assert entries[-1]["completion_tokens"] <= 24, "the Max tokens setting did not reach the request"
 
             # 2. switch to the adapter model: the next request goes to it
             page.locator("#model-picker input").click()
@@ -141,7 +143,7 @@ def test_chat_in_a_real_browser(server, tmp_path, request):
             box.fill("And now?")
             box.press("Enter")
             entries = audit_after(server["audit"], len(entries))
-            assert entries[-1]["model"] == "tiny-lora" and entries[-1]["status"] == 200
+            assert entries[-1]["model"] == "tiny-lora" and entries[-1]["status"] == 200, entries[-1]
 
             # 3. a guard refusal is rendered as a message, not an error toast
             page.wait_for_timeout(1000)
