@@ -255,15 +255,21 @@ def test_cli_curate_errors_are_one_line(tmp_path, tiny_model):
     assert res.exit_code == 2 and "data.datasets.sft.sources[0]: set exactly one of path" in res.output
 
 
-def test_cli_curate_runs_and_records_the_stage(tmp_path, tiny_model):
-    from llmstack.cli import app
-
+def one_source_recipe(tmp_path: Path, tiny_model: Path, rows: int) -> Path:
+    """A recipe whose sft dataset is one local jsonl file of `rows` chat rows (tmp_path/rows.jsonl)."""
     src = tmp_path / "rows.jsonl"
-    src.write_text("\n".join(json.dumps(ROW(f"q{i}", prose(i))) for i in range(6)) + "\n")
+    src.write_text("\n".join(json.dumps(ROW(f"q{i}", prose(i))) for i in range(rows)) + "\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: r\nmodel: {{source: {tiny_model}}}\ndata:\n  cards_dir: {tmp_path}/cards\n  datasets:\n"
                       f"    sft:\n      schema: messages\n      sources: [{{name: x, path: {src}}}]\n"
                       f"stages: [{{type: sft, dataset: sft}}]\n")
+    return recipe
+
+
+def test_cli_curate_runs_and_records_the_stage(tmp_path, tiny_model):
+    from llmstack.cli import app
+
+    recipe = one_source_recipe(tmp_path, tiny_model, rows=6)
     res = CliRunner().invoke(app, ["curate", str(recipe), "--runs-dir", str(tmp_path / "runs")])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "runs" / "r" / "default" / "manifest.json").read_text())
@@ -301,12 +307,8 @@ def test_editing_a_local_source_file_reruns_curate(tmp_path, tiny_model):
     from llmstack.pipeline import run_recipe
     from llmstack.recipe import load_recipe
 
+    path = one_source_recipe(tmp_path, tiny_model, rows=5)
     src = tmp_path / "rows.jsonl"
-    src.write_text("\n".join(json.dumps(ROW(f"q{i}", prose(i))) for i in range(5)) + "\n")
-    path = tmp_path / "r.yaml"
-    path.write_text(f"name: r\nmodel: {{source: {tiny_model}}}\ndata:\n  cards_dir: {tmp_path}/cards\n  datasets:\n"
-                    f"    sft:\n      schema: messages\n      sources: [{{name: x, path: {src}}}]\n"
-                    f"stages: [{{type: sft, dataset: sft}}]\n")
 
     def curate():
         run = run_recipe(load_recipe(path), path, tmp_path / "runs", only=["model", "curate"])
