@@ -175,7 +175,8 @@ def quantize(model: Annotated[Path, typer.Argument(help="HF model folder (or a p
 def chat(api_base: Annotated[str, typer.Option(help="the llmstack server's /v1 URL")] = "http://127.0.0.1:8000/v1",
          api_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = "LLMSTACK_API_KEY",
          host: Annotated[str, typer.Option(help="where the demo listens")] = "127.0.0.1",
-         port: Annotated[int, typer.Option(help="demo port")] = 7860):
+         port: Annotated[int, typer.Option(help="demo port")] = 7860,
+         max_tokens: Annotated[int, typer.Option(min=1, help="the Max tokens control's starting value")] = 256):
     """Open the Gradio chat demo on an llmstack server (through the openai client: streaming, model picker, guard)."""
     import os
 
@@ -183,7 +184,7 @@ def chat(api_base: Annotated[str, typer.Option(help="the llmstack server's /v1 U
         console.print(f"[yellow]warning:[/] ${api_key_env} is not set: the server will answer 401 until it is")
     from llmstack.demo.app import launch
 
-    launch(api_base, api_key_env, host=host, port=port)
+    launch(api_base, api_key_env, host=host, port=port, max_tokens=max_tokens)
 
 
 @app.command()

@@ -81,6 +81,17 @@ def audit_after(path: Path, n: int, timeout: float = 60) -> list[dict]:
     raise TimeoutError(f"no audit entry after {n}")
 
 
+def audit_until_ok(path: Path, n: int, timeout: float = 60) -> list[dict]:
+    """The audit entries after the first n, once one of them is a 200 (entries are written as requests finish)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        entries = [json.loads(x) for x in path.read_text().splitlines()[n:]]
+        if any(e["status"] == 200 for e in entries):
+            return entries
+        time.sleep(0.3)
+    raise TimeoutError(f"no 200 in the audit log after entry {n}")
+
+
 def test_backend_streams_in_pieces_and_renders_refusals(server):
     from llmstack.demo.app import ChatBackend
 
@@ -96,6 +107,37 @@ def test_backend_streams_in_pieces_and_renders_refusals(server):
     assert models == [] and "401" in err
 
 
+def test_backend_fits_a_long_conversation_into_the_context(server):
+    """The server's context is 512 tokens: a history that outgrows it loses its oldest turns instead of failing, and a
+    message that leaves less room than Max tokens asks for gets the room there is."""
+    from llmstack.demo.app import ChatBackend
+
+    backend = ChatBackend(server["base"], KEY)
+    long = " ".join(["word"] * 150)
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i}: {long}"}, {"role": "assistant", "content": long}]
+    n0 = len(server["audit"].read_text().splitlines())
+    parts = list(backend.stream(history, "and now?", "tiny", "", 0.0, 16))
+    assert parts and not parts[-1].startswith("**"), parts[-1]
+    entries = audit_until_ok(server["audit"], n0)
+    assert [e["status"] for e in entries][-1] == 200
+    assert any(e["status"] == 400 for e in entries), "the history was meant to overflow the context at first"
+
+    n0 += len(entries)
+    parts = list(backend.stream([], f"one message: {' '.join(['word'] * 95)}", "tiny", "", 0.0, 400))
+    assert parts and not parts[-1].startswith("**"), parts[-1]
+    entries = audit_until_ok(server["audit"], n0)
+    assert [e["status"] for e in entries] == [400, 200], entries
+    assert entries[-1]["prompt_tokens"] + entries[-1]["completion_tokens"] <= 512, entries[-1]
+
+    # a 400 that is not about the context is shown, not retried
+    n0 = len(server["audit"].read_text().splitlines())
+    parts = list(backend.stream([], "hi", "tiny", "", 5.0, 8))  # temperature above the API's 2.0
+    assert len(parts) == 1 and "400" in parts[0]
+    assert len(server["audit"].read_text().splitlines()) - n0 <= 1
+
+
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (`make test` installs it)")
 def test_chat_in_a_real_browser(server, tmp_path, request):
     from playwright.sync_api import expect, sync_playwright
@@ -105,7 +147,7 @@ def test_chat_in_a_real_browser(server, tmp_path, request):
     shots = Path(os.environ.get("LLMSTACK_TEST_OUTPUT", tmp_path)) / "demo"
     shots.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    demo = build_app(server["base"], KEY)
+    demo = build_app(server["base"], KEY, max_tokens=24)  # short answers keep the history inside the 512 context
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         with sync_playwright() as p:
@@ -117,11 +159,7 @@ def test_chat_in_a_real_browser(server, tmp_path, request):
             n0 = len(server["audit"].read_text().splitlines()) if server["audit"].exists() else 0
             box = page.locator("#chat-input textarea")
             expect(box).to_be_visible(timeout=30_000)
-            # short answers keep the growing history inside the tiny model's context
             page.get_by_role("button", name="Settings ▼").click()
-            # set through the range input (typing into the number box was sometimes dropped while the accordion
-            # opened: the request then asked for 256 tokens and the history outgrew the 512-token context)
-            page.locator("#max-tokens input[type='range']").fill("24")
             expect(page.locator("#max-tokens input[type='number']")).to_have_value("24", timeout=10_000)
 
             # 1. a message gets a streamed answer from the first model

@@ -7,7 +7,9 @@ message in the chat rather than an exception.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Iterator
 
 import gradio as gr
@@ -20,6 +22,9 @@ GUARD_MESSAGES = {
     429: "Rate limit reached (429): wait a moment and try again.",
     503: "The server is busy or its engine is restarting (503): try again shortly.",
 }
+# the server's context_length_exceeded message: "this model's context is C tokens; the prompt has P and max_tokens ..."
+CONTEXT_NUMBERS = re.compile(r"context is (\d+) tokens; the prompt has (\d+)")
+log = logging.getLogger("llmstack.demo")
 
 
 def refusal_text(exc: openai.APIError) -> str:
@@ -53,18 +58,57 @@ class ChatBackend:
 
     def stream(self, history: list[dict], message: str, model: str, system: str, temperature: float,
                max_tokens: int) -> Iterator[str]:
-        """Yield the growing answer as chunks arrive; a refusal or a mid-stream error ends it with a message."""
-        messages = ([{"role": "system", "content": system}] if system.strip() else [])
-        messages += [{"role": m["role"], "content": _text(m["content"])} for m in history]
-        messages.append({"role": "user", "content": message})
+        """Yield the growing answer as chunks arrive; a refusal or a mid-stream error ends it with a message.
+
+        A conversation that outgrows the model's context is not an error to the person chatting: the oldest turns are
+        left out (the server says `context_length_exceeded`), and when the new message alone leaves less room than
+        Max tokens asks for, the answer gets the room there is.
+        """
+        turns = [{"role": m["role"], "content": _text(m["content"])} for m in history]
+        max_tokens = int(max_tokens)
+        while True:
+            messages = ([{"role": "system", "content": system}] if system.strip() else [])
+            messages += turns + [{"role": "user", "content": message}]
+            try:
+                yield from self._answer(messages, model, temperature, max_tokens)
+                return
+            except openai.BadRequestError as exc:
+                fit = self._fit(exc, turns, max_tokens)
+                if fit is None:
+                    yield refusal_text(exc)
+                    return
+                turns, max_tokens = fit
+
+    @staticmethod
+    def _fit(exc: openai.BadRequestError, turns: list[dict], max_tokens: int) -> tuple[list[dict], int] | None:
+        """The next, smaller request after a context overflow, or None when nothing can be left out."""
+        if exc.code != "context_length_exceeded":
+            return None
+        if turns:  # leave out the oldest exchange (a user turn and the answer to it)
+            drop = 2 if len(turns) > 1 and turns[1]["role"] == "assistant" else 1
+            log.info("conversation outgrew the context: leaving out its %d oldest turn(s)", drop)
+            return turns[drop:], max_tokens
+        numbers = CONTEXT_NUMBERS.search(str(exc.message))
+        room = int(numbers[1]) - int(numbers[2]) if numbers else 0
+        if 0 < room < max_tokens:
+            log.info("max_tokens %d lowered to the %d tokens the context leaves", max_tokens, room)
+            return turns, room
+        return None
+
+    def _answer(self, messages: list[dict], model: str, temperature: float, max_tokens: int) -> Iterator[str]:
         answer = ""
         try:
             stream = self.client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                         temperature=temperature, max_tokens=int(max_tokens))
+                                                         temperature=temperature, max_tokens=max_tokens)
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     answer += chunk.choices[0].delta.content
                     yield answer
+        except openai.BadRequestError:
+            if answer:  # not raised mid-stream by this server, but never retry over an answer already shown
+                yield answer
+                return
+            raise  # before any output: stream() decides whether a smaller request fits
         except openai.APIStatusError as exc:
             yield (answer + "\n\n" if answer else "") + refusal_text(exc)
             return
@@ -86,7 +130,7 @@ def _text(content) -> str:
     return str(content)
 
 
-def build_app(api_base: str, api_key: str | None, title: str = "llmstack chat") -> gr.Blocks:
+def build_app(api_base: str, api_key: str | None, title: str = "llmstack chat", max_tokens: int = 256) -> gr.Blocks:
     backend = ChatBackend(api_base, api_key)
     models, error = backend.models()
 
@@ -111,7 +155,7 @@ def build_app(api_base: str, api_key: str | None, title: str = "llmstack chat") 
             system = gr.Textbox("", label="System prompt", placeholder="(none: the model's default)",
                                 elem_id="system-prompt")
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
-            max_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max tokens", elem_id="max-tokens")
+            max_tokens = gr.Slider(1, 1024, value=max_tokens, step=1, label="Max tokens", elem_id="max-tokens")
         gr.ChatInterface(respond, additional_inputs=[model, system, temperature, max_tokens],
                          chatbot=gr.Chatbot(elem_id="chatbot", height=420), api_name="respond",
                          textbox=gr.Textbox(placeholder="Type a message…", elem_id="chat-input", scale=7),
@@ -120,6 +164,7 @@ def build_app(api_base: str, api_key: str | None, title: str = "llmstack chat") 
     return demo
 
 
-def launch(api_base: str, api_key_env: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+def launch(api_base: str, api_key_env: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           max_tokens: int = 256) -> None:
     key = os.environ.get(api_key_env)
-    build_app(api_base, key).queue().launch(server_name=host, server_port=port, share=share, show_error=True)
+    build_app(api_base, key, max_tokens=max_tokens).queue().launch(server_name=host, server_port=port, share=share, show_error=True)
