@@ -111,3 +111,33 @@ def test_writer_writes_what_datatroves_default_adapter_writes(tmp_path):
     doc = Document(text="a row", id="src#3", metadata={"row": {"messages": [{"role": "user", "content": "hé"}]},
                                                         "minhash": [1, 2**32 - 1], "order": 0, "filter_reason": "x"})
     assert json.dumps(writer.adapter(doc)) == json.dumps(writer._default_adapter(doc))
+
+
+def test_token_counts_without_transformers_equal_the_transformers_tokenizer(smollm2, tiny_model):
+    """The token-length filter counts plain text with `tokenizers` straight from tokenizer.json: the counts must be
+    what the transformers tokenizer (what the trainer uses) gives, on prose, code, unicode and special-token text."""
+    from transformers import AutoTokenizer
+
+    from llmstack.data.filters import load_text_encoder
+
+    samples = texts(120, seed=3) + [
+        "", " ", "  leading and trailing  ", "naïve café — “quotes” 🙂 漢字 кириллица", "def f(x):\n\treturn x ** 2\n",
+        "<|im_start|>user\nhi<|im_end|>\n", "a\u00a0b\u200bc", "ﬁ ligature, Ⅻ numeral, é vs e\u0301", "x" * 3000]
+    for folder in (smollm2, tiny_model):
+        encoder = load_text_encoder(str(folder))
+        assert encoder is not None, f"{folder} should take the plain tokenizers path"
+        reference = AutoTokenizer.from_pretrained(folder)(samples, add_special_tokens=False)["input_ids"]
+        ours = [e.ids for e in encoder.encode_batch(samples, add_special_tokens=False)]
+        assert ours == reference
+
+
+def test_a_tokenizer_transformers_changes_is_not_read_raw(tmp_path, tiny_model):
+    import shutil
+
+    from llmstack.data.filters import load_text_encoder
+
+    folder = tmp_path / "llama-like"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    assert load_text_encoder(str(folder)) is None  # its normaliser may be rebuilt by transformers: let it count

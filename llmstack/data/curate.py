@@ -194,8 +194,9 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
         steps.append(DedupSignatures(spec.dedup.num_perm, spec.dedup.shingle_words, near=spec.dedup.near))
     steps.append(_writer(work / "pass1"))
     # Load models once here: forked workers inherit them instead of each loading their own.
-    if tokenizer is not None:
-        F.load_tokenizer(str(tokenizer))
+    if tokenizer is not None:  # plain text needs no transformers (see filters.load_text_encoder)
+        if spec.schema_ != "text" or F.load_text_encoder(str(tokenizer)) is None:
+            F.load_tokenizer(str(tokenizer))
     if fspec.languages:
         F.langid_model()
     log.info("curate %s: pass 1 (read, clean, filter, decontaminate, signatures) on %d task(s)", name, workers)

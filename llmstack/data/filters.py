@@ -10,10 +10,12 @@ template, language id with py3langid (datatrove's LanguageFilter downloads a fas
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections import Counter
 from functools import lru_cache
+from pathlib import Path
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -191,6 +193,35 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+# tokenizer classes whose transformers tokenizer runs tokenizer.json as it is, adding nothing to plain-text encoding
+PLAIN_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
+                           "Qwen2Tokenizer", "Qwen2TokenizerFast"}
+
+
+@lru_cache(maxsize=2)
+def load_text_encoder(path: str):
+    """The `tokenizers` pipeline from a local folder's tokenizer.json, or None where transformers must do the work.
+
+    Written by hand because measuring plain text needs no more than this, and transformers costs each worker ~6.5 s
+    and ~540 MB here just to import (it brings torch). Used only where transformers would run the very same
+    tokenizer.json (tests/test_data_fastpaths.py compares the counts); chat rows still go through transformers for
+    the chat template.
+    """
+    folder = Path(path)
+    config = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not config.is_file():
+        return None
+    try:
+        tokenizer_class = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+    if tokenizer_class not in PLAIN_TOKENIZER_CLASSES:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
 class TokenLengthFilter(BaseFilter):
     """Token count under the recipe's tokenizer and chat template (what the trainer will actually see)."""
 
@@ -216,6 +247,12 @@ class TokenLengthFilter(BaseFilter):
             return ["\n".join(m["content"] for m in c) for c in convs]
         return [self.tok.apply_chat_template(c, tokenize=False) for c in convs]
 
+    def _lengths(self, texts: list[str]) -> list[int]:
+        encoder = load_text_encoder(self.tokenizer_path)
+        if encoder is not None:
+            return [len(e.ids) for e in encoder.encode_batch(texts, add_special_tokens=False)]
+        return [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
     def filter_batch(self, batch: list[Document]):
         texts, owners = [], []
         for i, doc in enumerate(batch):
@@ -223,9 +260,8 @@ class TokenLengthFilter(BaseFilter):
                 texts.append(t)
                 owners.append(i)
         lengths = [0] * len(batch)
-        ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-        for owner, toks in zip(owners, ids):
-            lengths[owner] = max(lengths[owner], len(toks))
+        for owner, n in zip(owners, self._lengths(texts) if texts else []):
+            lengths[owner] = max(lengths[owner], n)
         out = []
         for doc, n in zip(batch, lengths):
             doc.metadata["n_tokens"] = n
