@@ -64,7 +64,8 @@ class StepTimer(TrainerCallback):
             self.steps += 1
 
 
-def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: bool, varlen: bool = False) -> dict:
+def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: bool, varlen: bool = False,
+        dtype: str = "float32") -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from peft import LoraConfig
@@ -75,7 +76,7 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
         args = SFTConfig(output_dir=out, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
                          **args_kwargs)
         attention = packed_attention(args) if varlen else None
-        model = load_model(model_dir, "float32", attention=attention)
+        model = load_model(model_dir, dtype, attention=attention)
         timer = StepTimer()
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None,
@@ -88,6 +89,7 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
         n_params = sum(p.numel() for p in trainer.model.parameters())
     row = {"path": label, "attention": attention or "sdpa", "steps": timer.steps, "tokens": int(tokens_after_first),
            "tokens_per_s": tokens_after_first / timer.elapsed, "s_per_step": timer.elapsed / max(timer.steps, 1),
+           "weights": dtype, "optim": str(args.optim).split(".")[-1].lower(), "compile": args.torch_compile,
            "bf16": args.bf16, "liger": args.use_liger_kernel, "grad_ckpt": args.gradient_checkpointing, "packing": args.packing}
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
@@ -123,6 +125,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lora", action="store_true", help="LoRA r=16 all-linear on both paths")
+    p.add_argument("--candidates", action="store_true",
+                   help="also time what might lift MFU further (CUDA): bf16 weights, and torch.compile")
     a = p.parse_args()
 
     from llmstack.models import resolve
@@ -154,11 +158,20 @@ def main() -> None:
             run("llmstack sft", model_dir, data, ours_tok, ours, a.lora, varlen=True)]
     if rows[1]["attention"] != "sdpa":  # show what the varlen kernel is worth: the same path on SDPA + block mask
         rows.append(run("llmstack sft, SDPA", model_dir, data, ours_tok, ours, a.lora))
+    if a.candidates:
+        # Not defaults yet: measured first (issue 4's MFU goal). bf16 weights drop the fp32 master copy that bf16
+        # autocast re-casts every step (and halve AdamW's state), at the price of bf16 rounding in the update (the
+        # optimizer is already transformers' default fused AdamW). torch.compile meets a new packed length on most
+        # steps: watch for recompiles eating the gain.
+        rows.append(run("candidate: bf16 weights", model_dir, data, ours_tok, ours, a.lora, varlen=True,
+                        dtype="bfloat16"))
+        rows.append(run("candidate: torch.compile", model_dir, data, ours_tok, {**ours, "torch_compile": True}, a.lora,
+                        varlen=True))
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nmodel {model_dir.name}, {device}, batch {a.batch} x max_length {a.max_length}, "
           f"{a.steps} steps each (first untimed){', LoRA r=16' if a.lora else ''}")
-    cols = ["path", "attention", "bf16", "liger", "grad_ckpt", "packing", "steps", "tokens", "s_per_step", "tokens_per_s"]
+    cols = ["path", "attention", "weights", "optim", "compile", "bf16", "liger", "grad_ckpt", "packing", "steps", "tokens", "s_per_step", "tokens_per_s"]
     cols += ["mfu", "peak_gib"] if torch.cuda.is_available() else []
     print(" | ".join(cols))
     for r in rows:

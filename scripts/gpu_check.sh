@@ -18,7 +18,8 @@ if ! $PY -c "import trl, datasets, bitsandbytes" 2>/dev/null; then
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
 STEPS=${STEPS:-6}
-BLOCKS=${BLOCKS:-"kernel sft lora stages grpo"}  # a subset reruns only those blocks
+BLOCKS=${BLOCKS:-"kernel sft lora stages grpo"}  # a subset reruns only those blocks; "mfu" (not in the default
+# set) times the MFU candidates next to the sft block's paths: BLOCKS=mfu bash scripts/gpu_check.sh
 want() { [[ " $BLOCKS " == *" $1 "* ]]; }
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then MODEL=tiny; SIZE="--batch 2 --max-length 256"; STEPS=2; else
   MODEL=llama-1.1b-random; SIZE="--batch 8 --max-length 2048"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; fi
@@ -30,6 +31,8 @@ want kernel && echo "== varlen attention kernel vs per-document SDPA (bf16, GQA 
 want kernel && timeout 120 $PY scripts/gpu_stages.py kernel 2>&1 | grep "^|\|Error"
 want sft && echo "== SFT full fine-tune, 1.1B, batch 8 x 2048 =="
 want sft && timeout 240 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE 2>&1 | grep -A6 "^model \|Error"
+want mfu && echo "== SFT full, 1.1B, batch 8 x 2048: the candidates for more MFU (bf16 weights; torch.compile) =="
+want mfu && timeout 420 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE --candidates 2>&1 | grep -A8 "^model \|Error"
 want lora && echo "== SFT LoRA r=16 all-linear, 1.1B, batch 8 x 2048 =="
 want lora && timeout 180 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE --lora 2>&1 | grep -A6 "^model \|Error"
 
