@@ -82,3 +82,20 @@ def build_tiny_model(out: str | Path, seed: int = 0, hidden_size: int = 128, lay
     tok.save_pretrained(out)
     (out / "llmstack_model.json").write_text(json.dumps({"name": "tiny-llama", "license": "generated"}))
     return out
+
+
+def stop_process_group(proc, timeout: float = 60) -> None:
+    """Stop a server started with `start_new_session=True` and everything it spawned (vLLM's engine core, uvicorn
+    workers): SIGTERM to the group so it can drain, SIGKILL if it has not exited within `timeout` seconds."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

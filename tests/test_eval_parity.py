@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from llmstack.eval.run import Target, evaluate, parity
+from llmstack.testing import stop_process_group
 
 pytestmark = pytest.mark.slow
 KEY = "sk-llmstack-eval-parity"
@@ -80,11 +80,7 @@ def vllm_server(smollm2, tmp_path_factory):
         _wait(f"http://127.0.0.1:{port}/ready", proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         log.close()
 
 

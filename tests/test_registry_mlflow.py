@@ -3,7 +3,6 @@ checked promotion, aliases and rollback through the CLI, each checked against wh
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -19,6 +18,7 @@ from llmstack.cli import app
 from llmstack.pipeline import run_recipe
 from llmstack.recipe import load_recipe
 from llmstack.registry import Registry, RegistryError
+from llmstack.testing import stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 MLFLOW = REPO / ".venv-mlflow" / "bin" / "mlflow"
@@ -45,12 +45,7 @@ def server(tmp_path_factory):
          "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     yield SimpleNamespace(proc=proc, port=port, log=d / "server.log")
-    os.killpg(proc.pid, signal.SIGTERM)  # its own session: the uvicorn worker goes with it
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_process_group(proc, timeout=20)  # its own session: the uvicorn worker goes with it
     log.close()
 
 

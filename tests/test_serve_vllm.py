@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from llmstack.serve.guard import hash_key
+from llmstack.testing import stop_process_group
 
 pytestmark = pytest.mark.slow
 KEY = "sk-llmstack-vllm-test"
@@ -81,12 +82,7 @@ def server(tiny_model, adapter, tmp_path_factory):
         proc.kill()
         pytest.fail(f"server not ready in 300 s:\n{(d / 'server.log').read_text()[-3000:]}")
     yield {"base": base, "proc": proc, "dir": d}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    stop_process_group(proc)
     log.close()
 
 
@@ -209,21 +205,30 @@ def _audit(server) -> list[dict]:
 
 def test_client_disconnect_aborts_generation(server):
     b = server["base"]
-    before = _metric(b, "llmstack_aborted_total")
-    with httpx.stream("POST", f"{b}/v1/chat/completions", headers=H, timeout=60,
-                      json={"model": "tiny", "messages": MESSAGES, "max_tokens": 450, "temperature": 0,
-                            "stream": True}) as r:
-        lines = r.iter_lines()
-        got = [next(lines) for _ in range(6)]  # a few chunks, then hang up
-    assert any(x.startswith("data: ") for x in got)
-    for _ in range(300):  # the server notices at once; allow for a loaded machine
-        if _metric(b, "llmstack_aborted_total") > before and httpx.get(f"{b}/ready", headers=H).json()["running"] == 0:
-            break
-        time.sleep(0.1)
-    assert _metric(b, "llmstack_aborted_total") == before + 1
-    assert httpx.get(f"{b}/ready", headers=H).json()["running"] == 0
-    last = [x for x in _audit(server) if x.get("stream")][-1]
-    assert last["status"] == 499 and 0 < last["completion_tokens"] < 450
+    for attempt in range(5):
+        before = _metric(b, "llmstack_aborted_total")
+        t0 = time.perf_counter()
+        with httpx.stream("POST", f"{b}/v1/chat/completions", headers=H, timeout=60,
+                          json={"model": "tiny", "messages": MESSAGES, "max_tokens": 450, "temperature": 0,
+                                "stream": True}) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]  # a few chunks, then hang up
+        hung_up = time.perf_counter() - t0
+        assert any(x.startswith("data: ") for x in got)
+        for _ in range(300):  # the server notices at once; allow for a loaded machine
+            if _metric(b, "llmstack_aborted_total") > before and httpx.get(f"{b}/ready", headers=H).json()["running"] == 0:
+                break
+            time.sleep(0.1)
+        last = [x for x in _audit(server) if x.get("stream")][-1]
+        if last["status"] == 200 and last["completion_tokens"] == 450 and hung_up > last["latency_s"]:
+            # void, not a failure: the whole answer took 1.5 s, and on an oversubscribed box this client only got to
+            # its sixth line after that (measured: hung up at 1.8 s) — it never hung up mid-generation. Try again.
+            continue
+        assert _metric(b, "llmstack_aborted_total") == before + 1, f"hung up after {hung_up:.3f} s; the server: {last}"
+        assert httpx.get(f"{b}/ready", headers=H).json()["running"] == 0
+        assert last["status"] == 499 and 0 < last["completion_tokens"] < 450
+        return
+    pytest.fail("in 5 tries the client never hung up before the 450-token answer was complete (machine overloaded?)")
 
 
 def test_engine_death_gives_503_then_recovers(server):

@@ -754,6 +754,10 @@ async def _stream(srv: Server, slot, rid, req, params, prompt_ids, prompt_text, 
             for i in range(params.n):
                 yield chunk(i, role=True)
         async for deltas in gen:
+            # A turn for the event loop per engine step. When the engine is ahead of this process, vLLM's output
+            # queue is never empty and sending does not suspend either (until the socket buffer fills), so nothing
+            # else — Starlette's disconnect listener, other requests — would run until this stream ended.
+            await asyncio.sleep(0)
             for d in deltas:
                 if ttft is None and d.token_ids:
                     ttft = time.perf_counter() - t0
