@@ -118,7 +118,7 @@ def test_token_counts_without_transformers_equal_the_transformers_tokenizer(smol
     what the transformers tokenizer (what the trainer uses) gives, on prose, code, unicode and special-token text."""
     from transformers import AutoTokenizer
 
-    from llmstack.data.filters import load_text_encoder
+    from llmstack.data.filters import TokenLengthFilter, load_text_encoder
 
     samples = texts(120, seed=3) + [
         "", " ", "  leading and trailing  ", "naïve café — “quotes” 🙂 漢字 кириллица", "def f(x):\n\treturn x ** 2\n",
@@ -127,8 +127,21 @@ def test_token_counts_without_transformers_equal_the_transformers_tokenizer(smol
         encoder = load_text_encoder(str(folder))
         assert encoder is not None, f"{folder} should take the plain tokenizers path"
         reference = AutoTokenizer.from_pretrained(folder)(samples, add_special_tokens=False)["input_ids"]
-        ours = [e.ids for e in encoder.encode_batch(samples, add_special_tokens=False)]
-        assert ours == reference
+        assert [e.ids for e in encoder.encode_batch(samples, add_special_tokens=False)] == reference
+        assert TokenLengthFilter(str(folder), 1, None)._lengths(samples) == [len(ids) for ids in reference]
+
+
+def test_language_id_with_a_float32_table_scores_bitwise_like_py3langid():
+    import numpy as np
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    from llmstack.data.filters import langid_model
+
+    reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    samples = texts(150, seed=5) + ["Das ist ein deutscher Satz über das Wetter.", "C'est une phrase en français.",
+                                    "Это предложение на русском языке.", "これは日本語の文です。", "12 34 56", "", "HELLO"]
+    for text in samples:
+        assert np.array_equal(langid_model()._decide(text), reference._decide(text)), text
 
 
 def test_a_tokenizer_transformers_changes_is_not_read_raw(tmp_path, tiny_model):
