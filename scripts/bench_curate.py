@@ -171,13 +171,15 @@ def baseline(corpus: Path, tok_path: Path, work: Path) -> tuple[int, Path]:
     from datatrove.utils.text import simplify_text
     from transformers import AutoTokenizer
 
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
     from llmstack.data.decontam import NGramIndex
-    from llmstack.data.filters import WORDS, langid_model, redact_pii
+    from llmstack.data.filters import WORDS, redact_pii
 
     datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(str(tok_path))
     rep, qual = GopherRepetitionFilter(language=WORDS), GopherQualityFilter(language=WORDS)
-    ident = langid_model()
+    ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)  # py3langid as it comes
     eval_grams = NGramIndex(eval_items(), 13).index  # 8-byte blake2b of each eval 13-gram -> item
 
     def clean(text: str) -> str:

@@ -131,17 +131,21 @@ def test_token_counts_without_transformers_equal_the_transformers_tokenizer(smol
         assert TokenLengthFilter(str(folder), 1, None)._lengths(samples) == [len(ids) for ids in reference]
 
 
-def test_language_id_with_a_float32_table_scores_bitwise_like_py3langid():
+def test_compiled_language_id_scores_bitwise_like_py3langid():
     import numpy as np
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     from llmstack.data.filters import langid_model
 
     reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    samples = texts(150, seed=5) + ["Das ist ein deutscher Satz über das Wetter.", "C'est une phrase en français.",
-                                    "Это предложение на русском языке.", "これは日本語の文です。", "12 34 56", "", "HELLO"]
+    samples = texts(150, seed=5) + [
+        "Das ist ein deutscher Satz über das Wetter.", "C'est une phrase en français.", "Это предложение на русском языке.",
+        "これは日本語の文です。", "هذه جملة باللغة العربية", "12 34 56", "", "HELLO", "\x00\x01", "🙂" * 20,
+        b"\xff\xfe undecodable bytes", b"plain bytes", "x" * 5000]
     for text in samples:
         assert np.array_equal(langid_model()._decide(text), reference._decide(text)), text
+        assert langid_model().classify(text) == reference.classify(text)
+    assert langid_model()._scratch.sum() == 0  # the walk's per-feature scratch is left clean for the next row
 
 
 def test_a_tokenizer_transformers_changes_is_not_read_raw(tmp_path, tiny_model):
