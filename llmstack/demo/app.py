@@ -104,9 +104,9 @@ class ChatBackend:
                 if chunk.choices and chunk.choices[0].delta.content:
                     answer += chunk.choices[0].delta.content
                     yield answer
-        except openai.BadRequestError:
+        except openai.BadRequestError as exc:
             if answer:  # not raised mid-stream by this server, but never retry over an answer already shown
-                yield answer
+                yield answer + "\n\n" + refusal_text(exc)
                 return
             raise  # before any output: stream() decides whether a smaller request fits
         except openai.APIStatusError as exc:
@@ -155,8 +155,8 @@ def build_app(api_base: str, api_key: str | None, title: str = "llmstack chat", 
             system = gr.Textbox("", label="System prompt", placeholder="(none: the model's default)",
                                 elem_id="system-prompt")
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
-            max_tokens = gr.Slider(1, 1024, value=max_tokens, step=1, label="Max tokens", elem_id="max-tokens")
-        gr.ChatInterface(respond, additional_inputs=[model, system, temperature, max_tokens],
+            length = gr.Slider(1, 1024, value=max_tokens, step=1, label="Max tokens", elem_id="max-tokens")
+        gr.ChatInterface(respond, additional_inputs=[model, system, temperature, length],
                          chatbot=gr.Chatbot(elem_id="chatbot", height=420), api_name="respond",
                          textbox=gr.Textbox(placeholder="Type a message…", elem_id="chat-input", scale=7),
                          fill_height=False)
@@ -167,4 +167,5 @@ def build_app(api_base: str, api_key: str | None, title: str = "llmstack chat", 
 def launch(api_base: str, api_key_env: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            max_tokens: int = 256) -> None:
     key = os.environ.get(api_key_env)
-    build_app(api_base, key, max_tokens=max_tokens).queue().launch(server_name=host, server_port=port, share=share, show_error=True)
+    app = build_app(api_base, key, max_tokens=max_tokens)
+    app.queue().launch(server_name=host, server_port=port, share=share, show_error=True)
