@@ -81,6 +81,21 @@ def audit_after(path: Path, n: int, timeout: float = 60) -> list[dict]:
     raise TimeoutError(f"no audit entry after {n}")
 
 
+def settled_count(path: Path, quiet: float = 0.6, timeout: float = 30) -> int:
+    """Audit lines once none has been added for `quiet` seconds: a streamed request's entry is written just after its
+    client has read [DONE], so counting right after the previous test could miss it."""
+    deadline = time.time() + timeout
+    last, since = -1, time.time()
+    while time.time() < deadline:
+        n = len(path.read_text().splitlines()) if path.exists() else 0
+        if n != last:
+            last, since = n, time.time()
+        elif time.time() - since >= quiet:
+            return n
+        time.sleep(0.1)
+    return last
+
+
 def audit_until_ok(path: Path, n: int, timeout: float = 60) -> list[dict]:
     """The audit entries after the first n, once one of them is a 200 (entries are written as requests finish)."""
     deadline = time.time() + timeout
@@ -117,14 +132,14 @@ def test_backend_fits_a_long_conversation_into_the_context(server):
     history = []
     for i in range(6):
         history += [{"role": "user", "content": f"question {i}: {long}"}, {"role": "assistant", "content": long}]
-    n0 = len(server["audit"].read_text().splitlines())
+    n0 = settled_count(server["audit"])
     parts = list(backend.stream(history, "and now?", "tiny", "", 0.0, 16))
     assert parts and not parts[-1].startswith("**"), parts[-1]
     entries = audit_until_ok(server["audit"], n0)
     assert [e["status"] for e in entries][-1] == 200
     assert any(e["status"] == 400 for e in entries), "the history was meant to overflow the context at first"
 
-    n0 += len(entries)
+    n0 = settled_count(server["audit"])
     parts = list(backend.stream([], f"one message: {' '.join(['word'] * 95)}", "tiny", "", 0.0, 400))
     assert parts and not parts[-1].startswith("**"), parts[-1]
     entries = audit_until_ok(server["audit"], n0)
@@ -132,7 +147,7 @@ def test_backend_fits_a_long_conversation_into_the_context(server):
     assert entries[-1]["prompt_tokens"] + entries[-1]["completion_tokens"] <= 512, entries[-1]
 
     # a 400 that is not about the context is shown, not retried
-    n0 = len(server["audit"].read_text().splitlines())
+    n0 = settled_count(server["audit"])
     parts = list(backend.stream([], "hi", "tiny", "", 5.0, 8))  # temperature above the API's 2.0
     assert len(parts) == 1 and "400" in parts[0]
     assert len(server["audit"].read_text().splitlines()) - n0 <= 1
@@ -156,7 +171,7 @@ def test_chat_in_a_real_browser(server, tmp_path, request):
                 "--disable-component-update", "--disable-sync"])
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/")
-            n0 = len(server["audit"].read_text().splitlines()) if server["audit"].exists() else 0
+            n0 = settled_count(server["audit"])
             box = page.locator("#chat-input textarea")
             expect(box).to_be_visible(timeout=30_000)
             page.get_by_role("button", name="Settings ▼").click()
