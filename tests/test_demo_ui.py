@@ -70,15 +70,16 @@ def server(tiny_model, adapter, tmp_path_factory):
         log.close()
 
 
-def audit_after(path: Path, n: int, timeout: float = 60) -> list[dict]:
-    """The audit entries once there are more than n (the server writes an entry when a request finishes)."""
+def audit_after(path: Path, n: int, until=bool, timeout: float = 60) -> list[dict]:
+    """All audit entries, once the ones after the first n satisfy `until` (by default: there is one). The server writes
+    an entry when a request finishes."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) > n:
-            return [json.loads(x) for x in lines]
+        entries = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        if until(entries[n:]):
+            return entries
         time.sleep(0.3)
-    raise TimeoutError(f"no audit entry after {n}")
+    raise TimeoutError(f"the audit entries after {n} never satisfied {until.__name__}")
 
 
 def settled_count(path: Path, quiet: float = 0.6, timeout: float = 30) -> int:
@@ -96,15 +97,8 @@ def settled_count(path: Path, quiet: float = 0.6, timeout: float = 30) -> int:
     return last
 
 
-def audit_until_ok(path: Path, n: int, timeout: float = 60) -> list[dict]:
-    """The audit entries after the first n, once one of them is a 200 (entries are written as requests finish)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        entries = [json.loads(x) for x in path.read_text().splitlines()[n:]]
-        if any(e["status"] == 200 for e in entries):
-            return entries
-        time.sleep(0.3)
-    raise TimeoutError(f"no 200 in the audit log after entry {n}")
+def answered(entries: list[dict]) -> bool:
+    return any(e["status"] == 200 for e in entries)
 
 
 def test_backend_streams_in_pieces_and_renders_refusals(server):
@@ -135,14 +129,14 @@ def test_backend_fits_a_long_conversation_into_the_context(server):
     n0 = settled_count(server["audit"])
     parts = list(backend.stream(history, "and now?", "tiny", "", 0.0, 16))
     assert parts and not parts[-1].startswith("**"), parts[-1]
-    entries = audit_until_ok(server["audit"], n0)
+    entries = audit_after(server["audit"], n0, until=answered)[n0:]
     assert [e["status"] for e in entries][-1] == 200
     assert any(e["status"] == 400 for e in entries), "the history was meant to overflow the context at first"
 
     n0 = settled_count(server["audit"])
     parts = list(backend.stream([], f"one message: {' '.join(['word'] * 95)}", "tiny", "", 0.0, 400))
     assert parts and not parts[-1].startswith("**"), parts[-1]
-    entries = audit_until_ok(server["audit"], n0)
+    entries = audit_after(server["audit"], n0, until=answered)[n0:]
     assert [e["status"] for e in entries] == [400, 200], entries
     assert entries[-1]["prompt_tokens"] + entries[-1]["completion_tokens"] <= 512, entries[-1]
 

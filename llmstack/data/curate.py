@@ -174,9 +174,11 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
                    F.MaxCharsFilter(fspec.max_chars, exclusion_writer=q("max_chars")),
                    F.CleanRows(fspec.fix_unicode, fspec.redact_pii),
                    F.NonEmptyFilter(exclusion_writer=q("non_empty"))]
+    token_length = None
     if tokenizer is not None:
-        steps.append(F.TokenLengthFilter(str(tokenizer), fspec.min_tokens, fspec.max_tokens,
-                                         exclusion_writer=q("token_length")))
+        token_length = F.TokenLengthFilter(str(tokenizer), fspec.min_tokens, fspec.max_tokens,
+                                           exclusion_writer=q("token_length"))
+        steps.append(token_length)
     if fspec.gopher_repetition if fspec.gopher_repetition is not None else spec.schema_ == "text":
         steps.append(GopherRepetition(language=F.WORDS, exclusion_writer=q("gopher_repetition")))
     if fspec.gopher_quality if fspec.gopher_quality is not None else spec.schema_ == "text":
@@ -194,9 +196,8 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
         steps.append(DedupSignatures(spec.dedup.num_perm, spec.dedup.shingle_words, near=spec.dedup.near))
     steps.append(_writer(work / "pass1"))
     # Load models once here: forked workers inherit them instead of each loading their own.
-    if tokenizer is not None:  # plain text needs no transformers (see filters.load_text_encoder)
-        if spec.schema_ != "text" or F.load_text_encoder(str(tokenizer)) is None:
-            F.load_tokenizer(str(tokenizer))
+    if token_length is not None:
+        token_length.preload(chat_rows=spec.schema_ != "text")
     if fspec.languages:
         F.langid_model()
     log.info("curate %s: pass 1 (read, clean, filter, decontaminate, signatures) on %d task(s)", name, workers)

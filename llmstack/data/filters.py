@@ -247,6 +247,12 @@ class TokenLengthFilter(BaseFilter):
             return ["\n".join(m["content"] for m in c) for c in convs]
         return [self.tok.apply_chat_template(c, tokenize=False) for c in convs]
 
+    def preload(self, chat_rows: bool) -> None:
+        """Load in this process what filter_batch will use, into the module caches that forked workers inherit (not
+        into the step, which is pickled): transformers only for a chat template or where tokenizers cannot count."""
+        if chat_rows or load_text_encoder(self.tokenizer_path) is None:
+            load_tokenizer(self.tokenizer_path)
+
     def _lengths(self, texts: list[str]) -> list[int]:
         encoder = load_text_encoder(self.tokenizer_path)
         if encoder is not None:  # encode_batch_fast (tokenizers >= 0.20) skips the offsets: the same ids, ~20% faster
