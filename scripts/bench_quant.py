@@ -3,7 +3,7 @@
     nice -n 10 .venv/bin/python scripts/bench_quant.py                       # SmolLM2-135M-Instruct, the defaults below
     nice -n 10 .venv/bin/python scripts/bench_quant.py --methods rtn --limit 10 --no-serve   # a quick look
 
-1. quantize: llmstack.quant.run.compress (llm-compressor in .venv-quant) with each method, the same calibration rows
+1. quantize: llmstack.quant.export.compress (llm-compressor in .venv-quant) with each method, the same calibration rows
    (the quickstart's curated SFT data rendered with the chat template, seeded: what the `int4` stage uses)
 2. size: weights on disk / the same model's weights at 2 bytes per parameter (its bfloat16 size, not its fp32 folder)
 3. recovery: llmstack.eval.run.evaluate (lm-eval, hf backend, float32) on the 16-bit model and on each INT4 folder,
@@ -109,7 +109,7 @@ def main() -> None:
 
     from llmstack.eval.run import Target, evaluate
     from llmstack.models import resolve
-    from llmstack.quant.run import bytes_16bit, compress, weights_bytes, write_calibration
+    from llmstack.quant.export import bytes_16bit, compress, weights_bytes, write_calibration
 
     model = resolve(args.model)
     methods = [m for m in args.methods.split(",") if m]

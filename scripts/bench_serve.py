@@ -122,7 +122,7 @@ def start_server(model: Path, workdir: Path) -> tuple[subprocess.Popen, str, str
 
 # ----------------------------------------------------------------------------------------------- (b) engine
 async def bench_engine_level(engine, prompt_ids: list[list[int]], conc: int, max_tokens: int) -> dict:
-    from llmstack.serve.engine import GenParams
+    from llmstack.serve.engines import GenParams
 
     sem, rows = asyncio.Semaphore(conc), []
 
@@ -146,8 +146,8 @@ async def bench_engine_level(engine, prompt_ids: list[list[int]], conc: int, max
 async def bench_a_and_b(model: Path, work: Path, prompts, prompt_ids, levels, max_tokens, skip) -> list[dict]:
     """(a) and (b) interleaved level by level, both engines loaded, so a shared machine's load drifts equally
     over both (an idle vLLM engine costs no CPU)."""
-    from llmstack.serve.config import VllmOptions
-    from llmstack.serve.engine import VllmEngine
+    from llmstack.config.serve import VllmOptions
+    from llmstack.serve.engines import VllmEngine
 
     proc = base = key = engine = None
     out = []
@@ -217,36 +217,19 @@ def guard_cost_ms(model: Path, max_tokens: int, n: int = 20) -> float:
     API adds to each request, measured apart from the model so a loaded machine's noise does not swamp it."""
     from fastapi.testclient import TestClient
 
-    from llmstack.serve.api import build_app
-    from llmstack.serve.config import GuardPolicy, KeyFile, ServeSpec
-    from llmstack.serve.engine import Delta, load_tokenizer
+    from llmstack.serve.app import build_app
+    from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.engines import load_tokenizer
     from llmstack.serve.guard import hash_key
-
-    class FreeEngine:  # yields max_tokens one-word deltas at once
-        kind, state, restarts, ready, names, max_model_len = "free", "ready", 0, True, ["bench"], 2048
-
-        def __init__(self):
-            self.tokenizer = load_tokenizer(model)
-
-        def running(self):
-            return 0
-
-        async def start(self):
-            pass
-
-        async def shutdown(self):
-            pass
-
-        async def generate(self, rid, prompt_ids, params, name):
-            for i in range(params.max_tokens):
-                yield [Delta(0, " word", [1], finish_reason="length" if i == params.max_tokens - 1 else None)]
+    from llmstack.testing import ScriptedEngine
 
     key = "sk-llmstack-bench"
     keys = KeyFile.model_validate({"keys": [{"id": "bench", "sha256": hash_key(key)}]})
     policy = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 100_000,
                                                          "tokens_per_minute": 10_000_000}})
     times = []
-    with TestClient(build_app(FreeEngine(), ServeSpec(engine="hf"), policy, keys)) as client:
+    engine = ScriptedEngine(load_tokenizer(model), names=["bench"], max_model_len=2048)  # one " word" per token
+    with TestClient(build_app(engine, ServeSpec(engine="hf"), policy, keys)) as client:
         for i in range(n + 2):
             t0 = time.perf_counter()
             body = {"model": "bench", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],

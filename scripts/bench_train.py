@@ -131,7 +131,7 @@ def main() -> None:
 
     from llmstack.models import resolve
     from llmstack.train.common import device_defaults, liger_defaults, load_tokenizer, training_chat_template
-    from llmstack.train.sft import SFT_DEFAULTS
+    from llmstack.stages.sft import SFT_DEFAULTS
 
     if a.model == "tiny":
         from llmstack.testing import build_tiny_model

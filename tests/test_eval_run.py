@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llmstack.eval import suites
-from llmstack.eval.config import EvalSpec, GateSpec
+from llmstack.config.eval import EvalSpec, GateSpec
 from llmstack.eval.run import EvalGateError, Target, check_gates, evaluate, resolve_folder
 
 
@@ -96,7 +96,7 @@ def test_gates_name_stage_task_score_and_threshold():
 
 
 def test_eval_config_rejects_unknown_suite_and_gate_task():
-    from llmstack.recipe import RecipeError, parse_recipe
+    from llmstack.config.recipe import RecipeError, parse_recipe
 
     raw = {"name": "t", "model": {"source": "x"}, "eval": {"suite": "smoke", "gates": {"min": {"arc_esay": 0.4}}}}
     with pytest.raises(RecipeError) as err:
@@ -124,7 +124,7 @@ def _ctx(tmp_path, models, spec):
 
 
 def test_pipeline_stage_compares_stages_and_fails_a_gate(tiny_model, identity_adapter, tmp_path):
-    from llmstack.eval.run import run
+    from llmstack.stages.eval import run
 
     spec = EvalSpec(suite="smoke", stages=["base", "sft"], limit=2, tasks=["arc_easy", "identity"],
                     gates={"min": {"identity": 0.5}})
@@ -162,7 +162,7 @@ def test_cli_prints_a_table_and_fails_cleanly(tiny_model):
 def test_quantization_recovery_is_quantized_over_its_source():
     from types import SimpleNamespace
 
-    from llmstack.eval.run import quantization_recovery
+    from llmstack.stages.eval import quantization_recovery
 
     ctx = SimpleNamespace(recipe=SimpleNamespace(stages=[SimpleNamespace(id="sft", type="sft"),
                                                          SimpleNamespace(id="dpo", type="dpo")]))
@@ -186,9 +186,9 @@ def tiny_server(tiny_model):
     import httpx
     import uvicorn
 
-    from llmstack.serve.api import build_app
-    from llmstack.serve.config import GuardPolicy, KeyFile, ServeSpec
-    from llmstack.serve.engine import HfEngine
+    from llmstack.serve.app import build_app
+    from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.engines import HfEngine
     from llmstack.serve.guard import hash_key
 
     keys = KeyFile.model_validate({"keys": [{"id": "eval", "sha256": hash_key("sk-eval-tiny"), "models": ["*"]}]})

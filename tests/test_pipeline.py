@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from llmstack.pipeline import run_recipe
-from llmstack.recipe import load_recipe
+from llmstack.config.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,10 +56,10 @@ def test_from_forces_rerun(recipe_file, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     fp = _run(recipe_file, runs).manifest["stages"]["model"]
     calls = []
-    import llmstack.models
+    import llmstack.stages.model
 
-    real = llmstack.models.stage
-    monkeypatch.setattr(llmstack.models, "stage", lambda ctx: calls.append(ctx.name) or real(ctx))
+    real = llmstack.stages.model.run
+    monkeypatch.setattr(llmstack.stages.model, "run", lambda ctx: calls.append(ctx.name) or real(ctx))
     _run(recipe_file, runs)
     assert calls == []
     _run(recipe_file, runs, force_from="model")

@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from llmstack.pipeline import run_recipe
-from llmstack.quant.run import bytes_16bit, compress, vllm_kernel_for, weights_bytes
-from llmstack.recipe import load_recipe
+from llmstack.quant.export import bytes_16bit, compress, vllm_kernel_for, weights_bytes
+from llmstack.config.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_w4a16_loads_in_main_env_and_tracks_the_original(tiny_w4, tiny_model):
 
 
 def test_group_size_must_divide_hidden(tiny_model, tmp_path):
-    from llmstack.quant.run import QuantizeError
+    from llmstack.quant.export import QuantizeError
 
     with pytest.raises(QuantizeError, match="does not divide the hidden size 128"):
         compress(tiny_model, tmp_path / "bad", "w4a16", "rtn", group_size=96)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmstack.recipe import RecipeError, load_recipe, parse_recipe
+from llmstack.config.recipe import RecipeError, load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -120,6 +120,40 @@ def test_trl_post_init_errors_surface():
     assert len(probs) == 1 and probs[0].startswith("stages[1].args: trl.DPOConfig rejected these arguments")
 
 
+def test_trl_arg_types_checked_before_any_model_loads():
+    """TRL's config classes do not check types: `max_steps: "ten"` would construct and fail (or not) much later."""
+    raw = with_changes()
+    raw["stages"][0]["args"] = {"max_steps": "ten", "learning_rate": "5e-4", "per_device_train_batch_size": 2.5,
+                                "report_to": "none", "max_length": None}
+    probs = problems_of(raw, check_trainer=True)
+    assert "stages[0].args.max_steps: must be int, got 'ten'" in probs
+    assert ("stages[0].args.learning_rate: must be float, got '5e-4' (YAML reads 5e-4 as text: write it with a dot, "
+            "e.g. 5.0e-4)") in probs
+    assert "stages[0].args.per_device_train_batch_size: must be int, got 2.5" in probs
+    assert len(probs) == 3  # report_to (str) and max_length (int or null) are fine
+
+
+def test_group_size_must_divide_the_local_models_sizes(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 576, "intermediate_size": 1536}')
+    raw = with_changes(model__source=str(model), quantize={"scheme": "w4a16", "group_size": 128})
+    assert problems_of(raw) == [f"quantize.group_size: 128 does not divide the model's hidden_size 576 (read from "
+                                f"{model / 'config.json'}); use 64"]
+    parse_recipe(with_changes(model__source=str(model), quantize={"scheme": "w4a16", "group_size": 64}))
+    # w8a8 has no groups; a hub id cannot be read offline and is not guessed at
+    parse_recipe(with_changes(model__source=str(model), quantize={"scheme": "w8a8", "group_size": 128, "serve_fallback": None}))
+    parse_recipe(with_changes(model__source="org/not-here", quantize={"scheme": "w4a16", "group_size": 100}))
+
+
+def test_validate_is_torch_free():
+    code = ("import sys; from llmstack.config.recipe import load_recipe; "
+            "load_recipe('recipes/quickstart.yaml', check_trainer=False); "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'datatrove') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_lora_and_qlora_exclusive():
     probs = problems_of(with_changes(stages__0__qlora={"r": 4}))
     assert probs == ["stages[0]: set either `lora` or `qlora`, not both (qlora is LoRA on a 4-bit base)"]
@@ -150,9 +184,12 @@ def test_cli_validate_yaml_syntax_error(tmp_path):
     assert proc.returncode == 2 and "not valid YAML" in proc.stdout and "Traceback" not in proc.stderr
 
 
-def test_cli_validate_good_recipe():
+def test_cli_validate_good_recipe_prints_only_its_answer():
     proc = _cli("validate", "recipes/quickstart.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # third-party import noise (bitsandbytes' "Failed to load CPU gemm_4bit_forward ...") stays out of the answer
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert out == "recipes/quickstart.yaml: OK — quickstart: smollm2-135m-instruct; cpt, sft, dpo", out
 
 
 def test_readme_recipe_example_validates():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from llmstack.pipeline import run_recipe
-from llmstack.recipe import load_recipe
+from llmstack.config.recipe import load_recipe
 from llmstack.registry import Registry, RegistryError
 
 REPO = Path(__file__).resolve().parent.parent

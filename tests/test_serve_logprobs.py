@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from llmstack.serve.api import build_app
-from llmstack.serve.config import GuardPolicy, KeyFile, ServeSpec
-from llmstack.serve.engine import HfEngine
+from llmstack.serve.app import build_app
+from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+from llmstack.serve.engines import HfEngine
 from llmstack.serve.guard import hash_key
 
 KEY = "sk-llmstack-echo-test"

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from llmstack.pipeline import StageContext
-from llmstack.recipe import parse_recipe
-from llmstack.serve.smoke import choose_engine, run
+from llmstack.stage import StageContext
+from llmstack.config.recipe import parse_recipe
+from llmstack.stages.serve import choose_engine, run
 
 
 @pytest.mark.slow
@@ -37,9 +37,9 @@ def test_engine_choice_for_quantized_models(tmp_path, monkeypatch):
             "quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": bits}}}}}))
 
     quant(4)  # INT4 on a CPU: vLLM with bfloat16 activations (the kernel has no float32 path), as measured
-    monkeypatch.setattr("llmstack.quant.run.vllm_kernel_for", lambda s: (True, "bfloat16", "cpu kernel"))
+    monkeypatch.setattr("llmstack.quant.export.vllm_kernel_for", lambda s: (True, "bfloat16", "cpu kernel"))
     assert choose_engine("vllm", tmp_path) == ("vllm", "bfloat16", "cpu kernel")
-    monkeypatch.setattr("llmstack.quant.run.vllm_kernel_for", lambda s: (False, "", "no kernel"))
+    monkeypatch.setattr("llmstack.quant.export.vllm_kernel_for", lambda s: (False, "", "no kernel"))
     assert choose_engine("vllm", tmp_path) == ("hf", None, "no kernel")  # where none exists: transformers
     quant(8)
     assert choose_engine("vllm", tmp_path) == ("vllm", None, None)  # W8A8 serves everywhere

@@ -1,7 +1,8 @@
-"""Launching training: `accelerate launch -m llmstack.train` on two CPU processes (gloo), the shipped accelerate
+"""Launching training: `accelerate launch -m llmstack.cli.launch` on two CPU processes (gloo), the shipped accelerate
 configs, and the `llmstack train` verb's errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,22 +36,34 @@ def _recipe_with_done_inputs(tmp_path: Path, model: Path, stage_extra: dict | No
 
     chat = messages_dataset(tmp_path / "chat")
     raw = {"name": "launch", "seed": 3, "model": {"source": str(model)},
-           "data": {"datasets": {"chat": {"schema": "messages", "sources": [{"name": "c", "path": str(chat)}]}}},
+           "data": {"datasets": {"chat": {"schema": "messages", "sources": [{"name": "c", "path": str(chat)}]}},
+                    "cards_dir": str(tmp_path / "cards")},
            "stages": [{"type": "sft", "dataset": "chat", **(stage_extra or {}),
                        "args": {"max_steps": 3, "per_device_train_batch_size": 2, "max_length": 128,
                                 "learning_rate": 1e-3, "report_to": []}}]}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
+    from llmstack.config.recipe import load_recipe
+    from llmstack.pipeline import fingerprints
+
+    # model and curate come before the stages in the chain, so a recipe without `stage_extra` gives their fingerprints
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({**raw, "stages": [{k: v for k, v in raw["stages"][0].items()
+                                                          if k not in (stage_extra or {})}]}))
+    fp = fingerprints(load_recipe(plain, check_trainer=False))
     run = Run.open(tmp_path / "runs", "launch", "default")
-    run.record("model", status="done", result={"model": str(model)})
-    run.record("curate", status="done", result={"model": None, "datasets": {"chat": str(chat)}})
+    run.record("model", status="done", fingerprint=fp["model"], result={"model": str(model)})
+    # the curated copy training reads (datasets writes cache files next to what it maps): the source stays as hashed
+    curated = shutil.copytree(chat, tmp_path / "curated")
+    run.record("curate", status="done", fingerprint=fp["curate"],
+               result={"model": None, "datasets": {"chat": str(curated)}})
     return recipe
 
 
 def test_two_process_cpu_launch_trains_and_saves_one_model(tmp_path, tiny_model):
     recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "-m", "llmstack.train", str(recipe), "--stage", "sft",
+           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft",
            "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,6 +75,24 @@ def test_two_process_cpu_launch_trains_and_saves_one_model(tmp_path, tiny_model)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(models[0]).num_parameters() > 0
+
+    # One fingerprint chain: the next `llmstack run` reuses the stage the launched processes recorded (the chain
+    # includes curate's local input files, which an earlier copy of it in the launch entry left out).
+    from llmstack.config.recipe import load_recipe
+    from llmstack.pipeline import run_recipe
+
+    again = run_recipe(load_recipe(recipe), recipe, tmp_path / "runs", only=["model", "curate", "sft"])
+    assert again.manifest["stages"]["sft"]["started"] == entry["started"]  # not trained again
+    assert again.manifest["stages"]["sft"]["fingerprint"] == entry["fingerprint"]
+
+
+def test_old_launch_entry_points_to_the_new_one():
+    proc = subprocess.run([sys.executable, "-m", "llmstack.train", "r.yaml", "--stage", "sft"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "llmstack.train is not a launch entry any more: use `accelerate launch [--config_file ...] -m llmstack.cli.launch "
+        "RECIPE --stage NAME` (same arguments)"]
 
 
 def _cli(*args):
@@ -77,7 +108,7 @@ def test_cli_train_unknown_stage_is_one_line_error(tmp_path, tiny_model):
 
 
 def test_recipe_launch_must_name_a_config(tmp_path, tiny_model):
-    from llmstack.recipe import RecipeError, load_recipe
+    from llmstack.config.recipe import RecipeError, load_recipe
 
     recipe = _recipe_with_done_inputs(tmp_path, tiny_model, {"launch": "cpu-dpp"})
     with pytest.raises(RecipeError) as info:
@@ -90,10 +121,9 @@ def test_recipe_launch_must_name_a_config(tmp_path, tiny_model):
 def test_pipeline_hands_a_stage_with_launch_to_accelerate(tmp_path, tiny_model):
     """What `llmstack run` does for a stage with `launch:` — the stage runs in `accelerate launch` children, and the
     pipeline gets their result (model folder + metrics) back."""
-    from llmstack.pipeline import stage_function
-    from llmstack.recipe import load_recipe
+    from llmstack.config.recipe import load_recipe
+    from llmstack.pipeline import stage_context, stage_function
     from llmstack.runs import Run
-    from llmstack.train.__main__ import stage_context
 
     recipe_path = _recipe_with_done_inputs(tmp_path, tiny_model, {"launch": "cpu"})
     recipe = load_recipe(recipe_path)

@@ -60,7 +60,7 @@ def _untrained_reward_model(tiny_model, out):
 
 
 def _margin(model_dir, rows):
-    from llmstack.train.reward import scores
+    from llmstack.train.rewards import scores
 
     rows = list(rows)
     c = scores(model_dir, [r["prompt"] + r["chosen"] for r in rows])
@@ -72,7 +72,7 @@ def test_reward_model_learns_the_preference_and_is_not_the_next_policy(tmp_path,
     from datasets import load_from_disk
     from transformers import AutoModelForSequenceClassification
 
-    from llmstack.train.reward import pairwise_accuracy
+    from llmstack.train.rewards import pairwise_accuracy
 
     ctx, res = train(tmp_path, tiny_model, data, [{"type": "reward", "dataset": "prefs", "args": REWARD_ARGS}])
     folder = res.outputs["reward_model"]
@@ -164,7 +164,7 @@ def test_grpo_scores_with_the_reward_stage_model_found_in_the_manifest(tmp_path,
 
 
 def test_gsm8k_verifier_compares_final_numbers():
-    from llmstack.train.grpo import format_reward, gsm8k_answer
+    from llmstack.train.rewards import format_reward, gsm8k_answer
 
     refs = ["She sold 48/2 = 24 clips.\n#### 72", "#### 1,234", "#### -3", "#### 5"]
     completions = [[{"role": "assistant", "content": "48 + 24 = 72. The answer is 72."}],
@@ -178,7 +178,7 @@ def test_gsm8k_verifier_compares_final_numbers():
 
 
 def test_grpo_messages_row_splits_into_prompt_and_reference():
-    from llmstack.train.grpo import to_prompt
+    from llmstack.train.rewards import to_prompt
 
     row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                         {"role": "assistant", "content": "#### 7"}]}
@@ -197,7 +197,7 @@ def test_grpo_messages_row_splits_into_prompt_and_reference():
      "did you mean"),
 ])
 def test_bad_rlhf_stages_get_actionable_errors(tmp_path, stage, message):
-    from llmstack.recipe import RecipeError
+    from llmstack.config.recipe import RecipeError
 
     with pytest.raises(RecipeError) as info:
         make_recipe(tmp_path, {"chat": ("messages", tmp_path)}, [stage])

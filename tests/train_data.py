@@ -75,7 +75,7 @@ SCHEMAS = {"text": "text", "messages": "messages", "preference": "preference"}
 
 def make_recipe(model: Path, datasets: dict[str, tuple[str, Path]], stages: list[dict], name: str = "t"):
     """A recipe whose datasets point at already-curated folders: {name: (schema, folder)}."""
-    from llmstack.recipe import parse_recipe
+    from llmstack.config.recipe import parse_recipe
 
     raw = {"name": name, "seed": 7, "model": {"source": str(model)},
            "data": {"datasets": {k: {"schema": schema, "sources": [{"name": k, "path": str(p)}]}
@@ -86,7 +86,7 @@ def make_recipe(model: Path, datasets: dict[str, tuple[str, Path]], stages: list
 
 def make_ctx(recipe, runs: Path, stage: str, model: Path, datasets: dict[str, Path], recipe_path: Path | None = None):
     """The StageContext the pipeline builds for one training stage (input model + curated datasets)."""
-    from llmstack.pipeline import StageContext
+    from llmstack.stage import StageContext
     from llmstack.runs import Run
 
     run = Run.open(runs, recipe.name, "test")

@@ -9,7 +9,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from llmstack.data.config import DatasetSpec
+from llmstack.config.data import DatasetSpec
 
 STEP_ORDER = ["read", "max_chars", "clean", "non_empty", "token_length", "gopher_repetition", "gopher_quality",
               "language", "blocklist", "decontaminate", "exact_dedup", "near_dedup", "mixing"]

@@ -31,7 +31,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers import JsonlWriter
 
-from llmstack.data.config import DatasetSpec
+from llmstack.config.data import DatasetSpec
 from llmstack.data.formats import BadRow, flat_text, to_row
 from llmstack.data.sources import BadRecord, FetchedSource, describe, fetch_source, iter_records
 
@@ -387,21 +387,3 @@ def publish_card(src: Path, dest: Path, name: str) -> None:
     for suffix in (".md", ".json", ".png"):
         if (src / f"{name}{suffix}").exists():
             shutil.copyfile(src / f"{name}{suffix}", dest / f"{name}{suffix}")
-
-
-def run(ctx):
-    from llmstack.pipeline import StageResult
-
-    cards = curate_recipe(ctx.recipe, ctx.dir, ctx.model)
-    section = ["## Data", ""]
-    for name, card in cards.items():
-        section.append(f"- **{name}** ({card['schema']}): {card['counts']['rows_in']} rows in, "
-                       f"{card['counts']['train']} train / {card['counts']['validation']} validation, "
-                       f"{card['counts']['dropped']} quarantined — card: cards/{name}.md")
-    (ctx.dir / "section.md").write_text("\n".join(section) + "\n")
-    return StageResult(
-        outputs={**{name: ctx.dir / name for name in cards}, **{f"{name}.card": ctx.dir / "cards" / f"{name}.json"
-                                                               for name in cards}},
-        metrics={name: card["counts"] for name, card in cards.items()},
-        datasets={name: ctx.dir / name for name in cards},
-    )

@@ -4,7 +4,7 @@ Slurm/Ray executors can scale them out).
 Each `Document` carries the canonical row in `metadata["row"]` and, in `text`, every turn's content joined (what the
 text heuristics look at). Filters are datatrove `BaseFilter`s: a dropped row goes to that step's `exclusion_writer`
 (our quarantine) with its reason. Gopher heuristics are datatrove's own; what is written here is what datatrove does not
-have: cleaning that sees every turn of a chat row, PII kinds beyond email/IP, token length under the recipe's chat
+have: cleaning that sees every turn of a chat row, PII redaction (`llmstack.pii`), token length under the recipe's chat
 template, language id with py3langid (datatrove's LanguageFilter downloads a fastText model), and a blocklist.
 """
 
@@ -20,81 +20,15 @@ from pathlib import Path
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.formatters.pii import PIIFormatter, public_ip_validator
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from llmstack.data.formats import flat_text, map_strings
+from llmstack.pii import card_ok, luhn_ok, redact_pii  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------- PII
-
-# Emails and IPs: datatrove's patterns. Phones, cards and secrets: ours (datatrove has none).
-_DT = PIIFormatter()
-EMAIL = _DT.emails_replacer.regex
-IPV4 = _DT.ip_replacer.regex
-# Phone shapes: "+CC" then 2-4 digit groups, or a national (area) / 3-digit prefix + 3-4 + 4 digits. Digit groups glued
-# to more digit groups (a longer number, a card that failed Luhn, a table of figures) are not phone numbers.
-PHONE = re.compile(r"(?<![\w+])(?<!\d[ .,-])(?:\+\d{1,3}(?:[ .-]\(?\d{2,4}\)?){2,4}|(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])"
-                   r"\d{3,4}[ .-]\d{4})(?![\w-])(?![ .,]\d)")
-CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
-SECRET = re.compile(
-    r"\b(?:sk-(?:proj-)?[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}"
-    r"|AIza[0-9A-Za-z_-]{35}|hf_[A-Za-z0-9]{30,})\b")
-KEY_VALUE_SECRET = re.compile(r"(?i)\b((?:api[_-]?key|secret|token|password)\s*[:=]\s*['\"]?)([A-Za-z0-9_\-/+=]{16,})")
-
-
-def luhn_ok(number: str) -> bool:
-    digits = [int(c) for c in number if c.isdigit()]
-    if not 13 <= len(digits) <= 19:
-        return False
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-# Issuer prefixes and lengths (Visa, Mastercard, Amex, Discover, JCB, Diners): a long sum in a maths answer passes
-# Luhn one time in ten, so the shape has to look like a card too.
-_ISSUERS = [(re.compile(r"4"), {16, 19}), (re.compile(r"5[1-5]|2[2-7]"), {16}), (re.compile(r"3[47]"), {15}),
-            (re.compile(r"6011|65|64[4-9]"), {16, 19}), (re.compile(r"35"), {16}), (re.compile(r"3(?:0[0-5]|[68])"), {14})]
-
-
-def card_ok(number: str) -> bool:
-    digits = "".join(c for c in number if c.isdigit())
-    shaped = any(p.match(digits) and len(digits) in lengths for p, lengths in _ISSUERS)
-    return shaped and luhn_ok(digits)
-
-
-def _key_value_secret(m: re.Match, counts: Counter) -> str:
-    # `password = 'your_password'` is a placeholder, not a secret: the value needs letters and digits.
-    value = m.group(2)
-    if not (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)):
-        return m.group(0)
-    counts["SECRET"] += 1
-    return m.group(1) + "<SECRET>"
-
-
-def redact_pii(text: str, counts: Counter | None = None) -> str:
-    """Replace PII with typed placeholders (<EMAIL>, <PHONE>, <IP>, <CREDIT_CARD>, <SECRET>); counts per kind."""
-    counts = counts if counts is not None else Counter()
-
-    def sub(kind: str, check=None):
-        def repl(m: re.Match) -> str:
-            if check and not check(m.group(0)):
-                return m.group(0)
-            counts[kind] += 1
-            return f"<{kind}>"
-
-        return repl
-
-    text = SECRET.sub(sub("SECRET"), text)
-    text = KEY_VALUE_SECRET.sub(lambda m: _key_value_secret(m, counts), text)
-    text = EMAIL.sub(sub("EMAIL"), text)
-    text = CARD.sub(sub("CREDIT_CARD", card_ok), text)  # before phones: a card number also looks like digit groups
-    text = IPV4.sub(sub("IP", public_ip_validator), text)
-    text = PHONE.sub(sub("PHONE"), text)
-    return text
+# One detector for curation and the API guard: llmstack.pii (emails, phones, public IPs, Luhn-checked cards, SSNs, API
+# keys and key=value secrets, replaced by <KIND> placeholders; RE2, linear time). `redact_pii`, `luhn_ok` and `card_ok`
+# are imported above, so callers of this module keep finding them here.
 
 
 def clean_text(text: str, fix_unicode: bool, pii: bool, counts: Counter) -> str:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmstack.data.config import SourceSpec
-from llmstack.models import cache_root
+from llmstack.config.data import SourceSpec
+from llmstack.paths import cache_root
 from llmstack.runs import sha256_file
 
 log = logging.getLogger("llmstack")

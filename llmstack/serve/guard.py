@@ -4,19 +4,23 @@ heuristics, PII redact/block, blocklist) that also work on streamed text.
 
 The rails are regular expressions written here on purpose: the libraries that do this (presidio, NeMo Guardrails,
 llm-guard) pull spaCy or model downloads that a hub-less CPU box cannot have, and a guard that needs a model of its
-own to start is not a front door. The patterns are heuristics; the policy decides what each match does.
+own to start is not a front door. The patterns are heuristics; the policy decides what each match does. PII is
+`llmstack.pii`, the detector data curation uses too, so an endpoint redacts what a curated dataset would. All patterns
+run on RE2 (linear time): a backtracking regex on a crafted message could hold a worker for minutes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
 
-from llmstack.serve.config import GuardPolicy, KeyEntry, KeyFile, Rails
+import re2
+
+from llmstack.config.serve import GuardPolicy, KeyEntry, KeyFile, Rails
+from llmstack.pii import find_pii, redact_spans
 
 # ------------------------------------------------------------------------------------------------------- keys
 KEY_PREFIX = "sk-llmstack-"
@@ -107,56 +111,28 @@ class RateLimiter:
 
 # ------------------------------------------------------------------------------------------------------ rails
 INJECTION_PATTERNS = [
-    r"\b(ignore|disregard|forget|override)\b.{0,40}\b(previous|prior|above|earlier|all|your|system)\b.{0,20}"
-    r"\b(instructions?|prompts?|rules|directions|guidelines)\b",
+    (r"\b(ignore|disregard|forget|override)\b.{0,40}\b(previous|prior|above|earlier|all|your|system)\b.{0,20}"
+     r"\b(instructions?|prompts?|rules|directions|guidelines)\b"),
     r"\b(reveal|print|show|repeat|leak)\b.{0,30}\b(system prompt|hidden instructions|initial prompt)\b",
     r"\byou are now\b.{0,40}\b(DAN|jailbroken|unrestricted|unfiltered|developer mode)\b",
     r"\b(enable|enter|activate)\b.{0,20}\b(developer|god|jailbreak|DAN) mode\b",
     r"\bdo anything now\b",
     r"<\|im_start\|>\s*system",  # a chat-template role marker smuggled into content
 ]
-_INJECTION = [re.compile(p, re.IGNORECASE | re.DOTALL) for p in INJECTION_PATTERNS]
 
 
-def _luhn(digits: str) -> bool:
-    total, alt = 0, False
-    for ch in reversed(digits):
-        d = int(ch)
-        if alt:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-        alt = not alt
-    return total % 10 == 0
+def _injection_regex(pattern: str):
+    options = re2.Options()
+    options.never_capture, options.log_errors = True, False  # a match is all we need
+    return re2.compile(("(?is)" + pattern).encode(), options)
 
 
-PII_PATTERNS: dict[str, re.Pattern] = {
-    "EMAIL": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
-    "CARD": re.compile(r"\b(?:\d[ -]?){12,18}\d\b"),
-    "SSN": re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
-    "PHONE": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]?\d{4}\b"),
-}
+_INJECTION = [_injection_regex(p) for p in INJECTION_PATTERNS]
 
 
-def find_pii(text: str) -> list[tuple[int, int, str]]:
-    spans = []
-    for label, pattern in PII_PATTERNS.items():
-        for m in pattern.finditer(text):
-            if label == "CARD" and not _luhn(re.sub(r"\D", "", m.group())):
-                continue
-            if any(s < m.end() and m.start() < e for s, e, _ in spans):  # an earlier label already covers it
-                continue
-            spans.append((m.start(), m.end(), label))
-    return sorted(spans)
-
-
-def redact_pii(text: str) -> tuple[str, list[str]]:
-    spans = find_pii(text)
-    out, last = [], 0
-    for s, e, label in spans:
-        out += [text[last:s], f"[{label}]"]
-        last = e
-    out.append(text[last:])
-    return "".join(out), [label for _, _, label in spans]
+def _injection(text: str) -> bool:
+    data = text.encode("utf-8", "surrogatepass")  # a JSON body may carry a lone surrogate
+    return any(p.search(data) for p in _INJECTION)
 
 
 @dataclass
@@ -168,7 +144,7 @@ class Verdict:
 
 def check_text(text: str, rails: Rails) -> Verdict:
     v = Verdict(text)
-    if rails.injection != "off" and any(p.search(text) for p in _INJECTION):
+    if rails.injection != "off" and _injection(text):
         v.decisions.append(f"injection:{rails.injection}")
         if rails.injection == "block":
             v.blocked = "injection"
@@ -181,14 +157,50 @@ def check_text(text: str, rails: Rails) -> Verdict:
             v.blocked = "blocklist"
             return v
     if rails.pii != "off":
-        labels = [label for _, _, label in find_pii(text)]
-        if labels:
-            v.decisions += [f"pii:{rails.pii}:{label}" for label in sorted(set(labels))]
+        spans = find_pii(text)
+        if spans:
+            v.decisions += [f"pii:{rails.pii}:{kind}" for kind in sorted({span.kind for span in spans})]
             if rails.pii == "block":
                 v.blocked = "pii"
             elif rails.pii == "redact":
-                v.text, _ = redact_pii(text)
+                v.text = redact_spans(text, spans)
     return v
+
+
+# The tails StreamRail holds back, as the regexes `\S*$` and `[+(]?\d[\d ().-]*$` would find them (their `$` also
+# matches before a final newline), but found by walking back from the end: O(tail), where the regexes' search was
+# quadratic on a long run of non-space characters. `limit`: any tail at least this long counts as `limit`.
+def _tail_end(text: str) -> int:
+    return len(text) - 1 if text.endswith("\n") else len(text)
+
+
+def _word_tail(text: str, limit: int) -> int:
+    end = _tail_end(text)
+    i, stop = end, max(0, end - limit)
+    while i > stop and not text[i - 1].isspace():
+        i -= 1
+    return end - i
+
+
+def _digit_tail(text: str, limit: int) -> int:
+    end = _tail_end(text)
+    i, first = end, -1  # the run of [\d ().-] that ends the text starts at i; its first digit is at `first`
+    while i > 0:
+        c = text[i - 1]
+        if c.isdecimal():
+            first = i - 1
+            if end - first >= limit:
+                return limit
+        elif c not in " ().-":
+            break
+        i -= 1
+    if first < 0:
+        return 0
+    if first == i and i > 0 and text[i - 1] == "+":
+        return end - (i - 1)
+    if first > i and text[first - 1] == "(":
+        return end - (first - 1)
+    return end - first
 
 
 class StreamRail:
@@ -196,9 +208,6 @@ class StreamRail:
     be the start of a match (a word not yet ended, a run of digits, the beginning of a blocked phrase) is held back,
     at most `holdback` characters, so a PII match or blocked phrase split across chunks is seen whole before any of
     it goes out, and plain prose streams with about one word of delay."""
-
-    _WORD_TAIL = re.compile(r"\S*$")
-    _DIGIT_TAIL = re.compile(r"[+(]?\d[\d ().-]*$")
 
     def __init__(self, rails: Rails, holdback: int):
         self.rails, self.holdback = rails, holdback
@@ -209,9 +218,7 @@ class StreamRail:
     def _tail(self, text: str) -> int:
         tail = 0
         if self.rails.pii != "off":
-            tail = len(self._WORD_TAIL.search(text).group())
-            digits = self._DIGIT_TAIL.search(text)
-            tail = max(tail, len(digits.group()) if digits else 0)
+            tail = max(_word_tail(text, self.holdback), _digit_tail(text, self.holdback))
         low = text.lower()
         for term in self.rails.blocklist:  # the longest end of the text that could begin a blocked term
             term = term.lower()

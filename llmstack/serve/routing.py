@@ -18,26 +18,7 @@ import hashlib
 import threading
 from typing import Any
 
-from pydantic import Field, model_validator
-
-from llmstack.schema import Strict
-
-
-class Canary(Strict):
-    model: str
-    percent: float = Field(ge=0, le=100, description="share of this name's traffic sent to the canary")
-
-
-class Route(Strict):
-    primary: str
-    canary: Canary | None = None
-    shadow: str | None = Field(None, description="model that receives a copy of each request; never answers")
-
-    @model_validator(mode="after")
-    def _distinct(self):
-        if self.canary and self.canary.model == self.primary:
-            raise ValueError("canary.model is the primary model; a canary must be another version")
-        return self
+from llmstack.config.serve import Route
 
 
 def bucket(sticky: str, name: str) -> float:

@@ -59,7 +59,7 @@ def common_defaults(ctx) -> dict[str, Any]:
 
 def trainer_config(ctx, stage_defaults: dict[str, Any]):
     """TRL's config for this stage: output_dir is the stage folder, so checkpoints and TensorBoard logs live there."""
-    from llmstack.train.config import trl_config_class
+    from llmstack.config.train import trl_config_class
 
     spec = ctx.spec
     kwargs = {**common_defaults(ctx), **device_defaults(), **stage_defaults, **spec.args}
@@ -230,7 +230,7 @@ def eval_split(data, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Multi-process: the pipeline hands a stage with `launch:` to `accelerate launch -m llmstack.train`
+# Multi-process: the pipeline hands a stage with `launch:` to `accelerate launch -m llmstack.cli.launch`
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -240,13 +240,13 @@ def in_launched_process() -> bool:
 
 def launch(ctx):
     """Run this stage under `accelerate launch` with the stage's config; rank 0 leaves result.json for us."""
-    from llmstack.pipeline import StageResult
-    from llmstack.train.config import launch_config_path
+    from llmstack.stage import StageResult
+    from llmstack.config.train import launch_config_path
 
     result_file = ctx.dir / "result.json"
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config_path(ctx.spec.launch)),
-           "-m", "llmstack.train", str(Path(ctx.recipe_path).resolve()), "--stage", ctx.name,
+           "-m", "llmstack.cli.launch", str(Path(ctx.recipe_path).resolve()), "--stage", ctx.name,
            "--run-id", ctx.run.dir.name, "--runs-dir", str(ctx.run.dir.parent.parent.resolve()), "--no-record"]
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.run(cmd, env={**os.environ, "LLMSTACK_LAUNCHED": "1"})
@@ -393,7 +393,7 @@ def write_report(ctx, trainer, metrics: dict[str, Any], curve_keys: tuple[str, .
 
 def finish(ctx, trainer, train_output, tokenizer, chat_template, curve_keys=("loss",)):
     """Save the model, write the report and return the StageResult every training stage returns."""
-    from llmstack.pipeline import StageResult
+    from llmstack.stage import StageResult
 
     out = save_model(trainer, ctx, tokenizer, chat_template)
     metrics = metrics_from(trainer, train_output)

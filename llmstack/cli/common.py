@@ -1,0 +1,39 @@
+"""What every verb shares: the stderr console, logging, and loading a recipe so that its problems print as plain
+`yaml.path: problem` lines (exit 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+console = Console(stderr=True)
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/quickstart.yaml")]
+RunIdOpt = Annotated[str, typer.Option(help="run folder name under runs/<recipe name>/")]
+RunsDirOpt = Annotated[Path, typer.Option(help="root of run folders")]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="%H:%M:%S",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def fail(message: object, code: int = 1) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def load_recipe_or_exit(recipe: Path, check_trainer: bool = True):
+    from llmstack.config.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, check_trainer=check_trainer)
+    except RecipeError as exc:
+        console.print(f"[bold red]{exc.path}: {len(exc.problems)} problem(s)[/]")
+        for line in exc.problems:
+            print(line)
+        raise typer.Exit(2)

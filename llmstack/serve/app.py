@@ -1,0 +1,216 @@
+"""The guarded OpenAI-compatible API (FastAPI) in front of an engine (engines/): the app, its key-gate middleware, and
+its routes. The generation request path is serving.py; wire schemas and error bodies are protocol.py.
+
+Routes: GET /health (no key), /ready, /metrics, /docs, /openapi.json, /v1/models, /v1/monitor/profile; POST
+/v1/chat/completions, /v1/completions; admin (admin key): GET /admin/routes, PUT /admin/routes/{name},
+POST /admin/routes/{name}/rollback. Every error body is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmstack.config.serve import GuardPolicy, KeyEntry, KeyFile, Route, ServeSpec
+from llmstack.monitor import TrafficProfile, compare, load_profile
+from llmstack.serve.audit import AuditLog
+from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
+from llmstack.serve.metrics import ServeMetrics
+from llmstack.serve.protocol import APIError, validation_message
+from llmstack.serve.routing import Router
+from llmstack.serve.serving import Server, check_routes, generate, new_request_id
+
+log = logging.getLogger("llmstack.serve")
+PUBLIC_PATHS = {"/health"}
+
+
+class KeyGate:
+    """ASGI middleware: every path but /health needs a valid key (docs and metrics included); bodies past the cap by
+    Content-Length get 413 before they are read. Also counts requests and latency per route for /metrics."""
+
+    def __init__(self, app, server_ref: dict):
+        self.app, self.ref = app, server_ref
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        srv: Server = self.ref["server"]
+        path, t0, status = scope["path"], time.perf_counter(), {"code": 500}
+        route = path if path in ROUTES else "other"
+
+        async def send_wrapped(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                srv.metrics.requests.labels(route, str(status["code"])).inc()
+                srv.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            await send(message)
+
+        if path not in PUBLIC_PATHS:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            entry = srv.keyring.authenticate(presented_key(headers))
+            if entry is None:
+                srv.metrics.guard_blocks.labels("auth").inc()
+                srv.audit.write({"request_id": new_request_id(), "key_id": None, "route": path, "status": 401,
+                                 "guard": ["auth:missing" if not presented_key(headers) else "auth:invalid"]})
+                err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await err.response()(scope, receive, send_wrapped)
+            scope.setdefault("state", {})["key"] = entry
+            length = headers.get("content-length")
+            if length and length.isdigit() and int(length) > srv.policy.caps.max_body_bytes:
+                srv.metrics.guard_blocks.labels("body_too_large").inc()
+                err = APIError(413, f"request body is {length} bytes; the limit is {srv.policy.caps.max_body_bytes}",
+                               code="request_too_large")
+                return await err.response()(scope, receive, send_wrapped)
+        await self.app(scope, receive, send_wrapped)
+
+
+ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/chat/completions",
+          "/v1/completions", "/v1/monitor/profile"}
+
+
+def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: KeyFile | None = None,
+              audit_path: str | None = None) -> FastAPI:
+    """The app. The engine is started in the app's lifespan and shut down (after uvicorn drains) at its end."""
+    policy = policy or GuardPolicy()
+    ref: dict = {}
+    check_routes(spec.routes, engine.names)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ref["server"] = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
+                               limiter=RateLimiter(policy), metrics=ServeMetrics(),
+                               audit=AuditLog(audit_path or spec.audit_log, policy.audit.log_prompts),
+                               router=Router(spec.routes), traffic=TrafficProfile(),
+                               drift_reference=load_profile(spec.drift_reference) if spec.drift_reference else None)
+        if not engine.ready:
+            await engine.start()
+        log.info("serving %s with the %s engine", ", ".join(engine.names), engine.kind)
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="llmstack", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(KeyGate, server_ref=ref)
+    app.state.ref = ref
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msg, param = validation_message(exc)
+        return APIError(400, msg, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+
+    # ------------------------------------------------------------------------------------------- plain routes
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "engine": engine.state}
+
+    @app.get("/ready")
+    async def ready():
+        if not engine.ready:
+            raise APIError(503, f"engine is {engine.state}", code="engine_unavailable", headers={"Retry-After": "5"})
+        return {"status": "ready", "engine": engine.kind, "models": engine.names, "restarts": engine.restarts,
+                "running": engine.running()}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        srv: Server = ref["server"]
+        srv.metrics.engine_restarts.set(engine.restarts)
+        if srv.drift_reference is not None and srv.traffic.n >= spec.drift_min_requests:
+            for feature, f in compare(srv.drift_reference, srv.traffic)["features"].items():
+                srv.metrics.drift_psi.labels(feature).set(f["psi"])
+        return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        # The browser fetches /openapi.json itself, without the key, so the page embeds the spec instead.
+        html = get_swagger_ui_html(openapi_url="/openapi.json", title="llmstack API").body.decode()
+        html = html.replace("url: '/openapi.json'", f"spec: {json.dumps(app.openapi())}")
+        return Response(html, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        key: KeyEntry = request.state.key
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": now, "owned_by": "llmstack"}
+                                           for name in ref["server"].public_names() if KeyRing.allows(key, name)]}
+
+    @app.get("/v1/monitor/profile")
+    async def traffic_profile():
+        """Binned feature counts of the prompts served so far, for `llmstack monitor` (no text is kept)."""
+        return ref["server"].traffic.to_json()
+
+    # ------------------------------------------------------------------------ routing admin (canary, rollback)
+    def _admin(request: Request) -> Router:
+        if not request.state.key.admin:
+            raise APIError(403, "this API key may not change routes (needs `admin: true` in the key file)",
+                           code="admin_only")
+        return ref["server"].router
+
+    @app.get("/admin/routes")
+    async def get_routes(request: Request):
+        return _admin(request).snapshot()
+
+    @app.put("/admin/routes/{name}")
+    async def put_route(name: str, request: Request):
+        router = _admin(request)
+        try:
+            route = Route.model_validate(await request.json())
+        except (ValidationError, ValueError) as exc:
+            raise APIError(400, f"not a valid route: {exc}", code="invalid_route") from None
+        try:
+            check_routes({name: route}, engine.names)
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_route") from None
+        router.set(name, route)
+        log.info("route %s set to %s", name, route.model_dump(exclude_none=True))
+        return router.snapshot()
+
+    @app.post("/admin/routes/{name}/rollback")
+    async def rollback_route(name: str, request: Request):
+        router = _admin(request)
+        try:
+            router.rollback(name)
+        except KeyError as exc:
+            raise APIError(409, str(exc.args[0]), code="nothing_to_roll_back") from None
+        log.info("route %s rolled back", name)
+        return router.snapshot()
+
+    # -------------------------------------------------------------------------------------------- generation
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, ref["server"], chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, ref["server"], chat=False)
+
+    return app

@@ -1,0 +1,226 @@
+"""transformers `generate` behind the Engine protocol, for machines without vLLM (and the tests' tiny models)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from pathlib import Path
+from typing import AsyncIterator
+
+from llmstack.serve.engines.base import Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer
+
+log = logging.getLogger("llmstack.serve")
+
+
+class HfEngine:
+    """transformers `generate`, one request at a time (a lock): the fallback engine and the benchmark's baseline."""
+
+    kind = "hf"
+
+    def __init__(self, model: str | Path, served_name: str, adapters: dict[str, str] | None = None,
+                 max_model_len: int | None = None, seed: int = 0, dtype: str = "float32"):
+        self.model_path, self.served_name = str(model), served_name
+        self.adapters = dict(adapters or {})
+        self.max_model_len, self.seed, self.dtype = max_model_len, seed, dtype
+        self.tokenizer = load_tokenizer(model)
+        self.model = None
+        self.state = "starting"
+        self.restarts = 0
+        self._lock = asyncio.Lock()
+        self._running = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [self.served_name, *self.adapters]
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    async def start(self) -> None:
+        self.model = await asyncio.to_thread(self._load)
+        self.state = "ready"
+
+    def _load(self):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, self.dtype) if self.dtype != "auto" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.max_model_len = self.max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
+        if self.adapters:
+            from peft import PeftModel
+
+            names = list(self.adapters)
+            model = PeftModel.from_pretrained(model, self.adapters[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(self.adapters[name], adapter_name=name)
+        return model.eval()
+
+    def running(self) -> int:
+        return self._running
+
+    async def generate(self, request_id: str, prompt_ids: list[int], p: GenParams,
+                       model: str) -> AsyncIterator[list[Delta]]:
+        if not self.ready:
+            raise EngineUnavailable(f"engine is {self.state}")
+        if p.json_schema is not None or p.json_object:
+            raise EngineRejected("response_format json needs the vllm engine (structured output); "
+                                 "this server runs engine: hf")
+        self._running += 1
+        try:
+            async with self._lock:
+                prompt_rows = None
+                if p.prompt_logprobs is not None:
+                    prompt_rows = await asyncio.to_thread(self._prompt_logprobs, prompt_ids, p.prompt_logprobs, model)
+                for index in range(p.n):
+                    async for delta in self._one(prompt_ids, p, model, index):
+                        if prompt_rows is not None:
+                            delta.prompt_logprobs, prompt_rows = prompt_rows, None
+                        yield [delta]
+        finally:
+            self._running -= 1
+
+    def _prompt_logprobs(self, prompt_ids: list[int], k: int, model_name: str) -> list[dict | None]:
+        """Every prompt token's logprob under the model, from one forward pass (the engine's own model; `generate`
+        keeps only the last position's logits, so this is a second prefill — fine for the fallback engine)."""
+        import torch
+
+        with self._adapter(model_name), torch.inference_mode():
+            logits = self.model(torch.tensor([prompt_ids])).logits[0, :-1]
+        lps = torch.log_softmax(logits.float(), dim=-1)
+        return [None, *(self._lp_row(lp, t, k) for lp, t in zip(lps, prompt_ids[1:]))]
+
+    def _adapter(self, model_name: str):
+        """Select the adapter a model name asks for; the base model's name runs with adapters switched off."""
+        if model_name in self.adapters:
+            self.model.set_adapter(model_name)
+        elif self.adapters:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    async def _one(self, prompt_ids: list[int], p: GenParams, model_name: str, index: int) -> AsyncIterator[Delta]:
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop_flag = threading.Event()
+        step_logprobs: list[torch.Tensor] = []
+
+        class RecordLogprobs(LogitsProcessor):  # the raw distribution each step, for `logprobs`
+            def __call__(self, input_ids, scores):
+                step_logprobs.append(torch.log_softmax(scores[0].float(), dim=-1))
+                return scores
+
+        class StopWhenAsked(StoppingCriteria):  # client disconnect / stop string / shutdown
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), stop_flag.is_set(), dtype=torch.bool)
+
+        class Streamer:  # transformers' streamer protocol: put(token ids), end()
+            first = True
+
+            def put(self, value):
+                if Streamer.first:  # generate() first "puts" the prompt
+                    Streamer.first = False
+                    return
+                loop.call_soon_threadsafe(queue.put_nowait, value.reshape(-1).tolist())
+
+            def end(self):
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        def work():
+            try:
+                if p.seed is not None:
+                    torch.manual_seed(p.seed + index)
+                sample = p.temperature > 0
+                with self._adapter(model_name), torch.inference_mode():
+                    self.model.generate(
+                        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                        max_new_tokens=p.max_tokens, min_new_tokens=p.max_tokens if p.ignore_eos else None,
+                        do_sample=sample,
+                        temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
+                        top_k=None, streamer=Streamer(),
+                        logits_processor=LogitsProcessorList([RecordLogprobs()]),
+                        stopping_criteria=[StopWhenAsked()])
+            except BaseException as exc:  # surface it to the awaiting request instead of losing it in the thread
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        eos = set(_eos_ids(self.model.generation_config, self.tokenizer))
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        ids: list[int] = []
+        text = sent = ""
+        pending_ids: list[int] = []  # tokens whose text is held back (a partial UTF-8 character)
+        pending_lps: list[dict] = []
+        finish = None
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                # The end-of-turn token ends the text but is a generated token all the same: like vLLM (and OpenAI),
+                # count it and give its logprob. `echo` scoring (lm-eval) relies on one row per generated token.
+                end = next((i for i, t in enumerate(item) if t in eos), None)
+                step = item if end is None else item[:end + 1]
+                new = step if end is None else step[:-1]
+                if end is not None:
+                    finish = "stop"
+                if p.logprobs is not None:
+                    pending_lps += [self._lp_row(step_logprobs[len(ids) + i], t, p.logprobs)
+                                    for i, t in enumerate(step)]
+                ids += new
+                pending_ids += step
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                cut = _first_stop(text, p.stop)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                    stop_flag.set()
+                if finish:
+                    break
+                # Hold back a trailing partial UTF-8 character until the next token completes it, and a tail that
+                # may be the start of a stop string (stop "\n\n" arriving as two "\n" tokens must not leak one).
+                if text.endswith("\ufffd"):
+                    continue
+                ready = text[:len(text) - _stop_prefix_len(text, p.stop)]
+                if len(ready) <= len(sent):
+                    continue
+                yield Delta(index=index, text=ready[len(sent):], token_ids=pending_ids,
+                            logprobs=pending_lps if p.logprobs is not None else None)
+                sent, pending_ids, pending_lps = ready, [], []
+        finally:
+            stop_flag.set()  # client went away or we are done: let the thread finish its step and exit
+            await asyncio.to_thread(thread.join)
+        yield Delta(index=index, text=text[len(sent):], token_ids=pending_ids,
+                    logprobs=pending_lps if p.logprobs is not None else None, finish_reason=finish or "length")
+
+    def _lp_row(self, lp, token: int, k: int) -> dict:
+        top = lp.topk(k) if k else None
+        row = {"token": self.tokenizer.decode([token]), "logprob": float(lp[token]), "top": []}
+        if top is not None:
+            row["top"] = [{"token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
+                          for v, i in zip(top.values, top.indices)]
+        return row
+
+    async def shutdown(self) -> None:
+        self.state = "stopped"
+
+
+def _eos_ids(generation_config, tokenizer) -> list[int]:
+    eos = generation_config.eos_token_id if generation_config is not None else None
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return eos or [tokenizer.eos_token_id]
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is the beginning of a stop string (0 if none)."""
+    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)

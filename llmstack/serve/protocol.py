@@ -1,0 +1,136 @@
+"""The wire: OpenAI's request schemas as this server accepts them, its error type and error body, and the shapes of
+logprobs, usage and server-sent events in responses. Nothing here knows about engines, keys or rails."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+# ------------------------------------------------------------------------------------------- request schemas
+class _Loose(BaseModel):
+    # OpenAI clients send fields we do not use (user, metadata, ...): accept and ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Loose):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Loose):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            if any(p.type != "text" for p in self.content):
+                raise APIError(400, "only text content parts are supported", param="messages")
+            return "".join(p.text or "" for p in self.content)
+        return self.content or ""
+
+
+class JsonSchemaFormat(_Loose):
+    name: str = "response"
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Loose):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(_Loose):
+    include_usage: bool = False
+
+
+class _Sampling(_Loose):
+    model: str
+    user: str | None = None  # the end user's id: keeps one user on one side of a canary split
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's default for /v1/completions; 0 only with `echo` (score the prompt, generate nothing)
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False  # the prompt comes back before the completion, with its tokens' logprobs if `logprobs` is set
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+class APIError(Exception):
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if p not in ("body",))
+    return f"{loc}: {err['msg']}" if loc else err["msg"], loc or None
+
+
+def chat_logprobs(rows: list[dict]) -> dict:
+    def item(r):
+        return {"token": r["token"], "logprob": r["logprob"], "bytes": list(r["token"].encode())}
+
+    return {"content": [{**item(r), "top_logprobs": [item(t) for t in r["top"]]} for r in rows]}
+
+
+def completion_logprobs(rows: list[dict | None], first_token: str = "") -> dict:
+    """OpenAI's legacy shape. A None row is the first echoed prompt token, which nothing predicts: its logprob and
+    top_logprobs are null (as OpenAI and vLLM return them), its text is `first_token`."""
+    offsets, pos, texts = [], 0, []
+    for r in rows:
+        texts.append(r["token"] if r is not None else first_token)
+        offsets.append(pos)
+        pos += len(texts[-1])
+    return {"tokens": texts, "token_logprobs": [r["logprob"] if r else None for r in rows],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in r["top"]} if r else None for r in rows],
+            "text_offset": offsets}
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(obj: dict, event: str | None = None) -> str:
+    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

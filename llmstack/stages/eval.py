@@ -1,0 +1,103 @@
+"""Pipeline stage `eval`: score every stage named in eval.stages with lm-eval over the recipe's suite, compare them,
+chart them, report INT4 recovery, then apply the gates (a failed gate fails the run). The scoring itself is
+llmstack/eval/run.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from llmstack.config.suites import load_suite
+from llmstack.eval.run import EvalGateError, Target, bar_chart, check_gates, evaluate, markdown_table, resolve_folder
+from llmstack.stage import StageContext, StageResult
+
+log = logging.getLogger("llmstack")
+
+
+def _stage_model(ctx, name: str) -> Path:
+    models = ctx.models
+    if name == "int4":
+        folder = models.get("int4") or models.get("quantize")
+    else:
+        folder = models.get(name)
+    if folder is None:
+        raise ValueError(f"eval.stages names '{name}', but no model was produced under that name "
+                         f"(have: {', '.join(models) or 'none'})")
+    return Path(folder)
+
+
+def run(ctx: StageContext) -> StageResult:
+    spec = ctx.spec
+    suite = load_suite(spec.suite)
+    scores: dict[str, dict[str, Any]] = {}
+    for name in spec.stages:
+        model, adapter = resolve_folder(_stage_model(ctx, name))
+        log.info("eval %s on suite %s (%s)", name, suite.name, spec.backend)
+        target = Target(model=model, adapter=adapter, backend=spec.backend, batch_size=spec.batch_size)
+        scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
+                                samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
+    (ctx.dir / "scores.json").write_text(json.dumps(scores, indent=2))
+    chart = bar_chart(scores, ctx.dir / "eval.png", title=f"suite {suite.name}")
+    problems = check_gates(scores, spec.gates)
+    section = [f"## Evaluation (suite `{suite.name}`, backend `{spec.backend}`)", "", markdown_table(scores), "",
+               f"![eval scores per stage]({chart.name})", ""]
+    recovery = quantization_recovery(ctx, scores)
+    if recovery:
+        section += _recovery_table(recovery)
+    if "identity" in scores[spec.stages[-1]]:
+        section += _identity_answers(ctx.dir / "samples", spec.stages)
+    gate_lines = [f"- FAILED {p}" for p in problems] or ["- all gates passed" if _has_gates(spec.gates) else
+                                                         "- no gates configured"]
+    section += ["", "Gates:", *gate_lines, ""]
+    (ctx.dir / "section.md").write_text("\n".join(section))
+    if problems:
+        raise EvalGateError("eval gate failed: " + "; ".join(problems))
+    metrics = {stage: {t: r["score"] for t, r in res.items()} for stage, res in scores.items()}
+    if recovery:
+        metrics["recovery"] = recovery
+    return StageResult(outputs={"scores": ctx.dir / "scores.json", "chart": chart}, metrics=metrics)
+
+
+def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Quality recovery of the quantized model: its score / the score of the model it was made from, per task and
+    averaged over tasks whose reference score is above zero (a ratio to zero says nothing)."""
+    quant = next((s for s in ("int4", "int8") if s in scores), None)
+    if quant is None:
+        return None
+    trained = [s.id for s in ctx.recipe.stages if s.type not in ("reward",)]
+    source = trained[-1] if trained else "base"
+    if source not in scores:
+        return None
+    per_task = {}
+    for task, res in scores[quant].items():
+        ref = scores[source].get(task, {}).get("score")
+        if ref and res.get("score") is not None:
+            per_task[task] = round(res["score"] / ref, 4)
+    mean = round(sum(per_task.values()) / len(per_task), 4) if per_task else None
+    return {"quantized": quant, "reference": source, "per_task": per_task, "mean": mean}
+
+
+def _recovery_table(rec: dict[str, Any]) -> list[str]:
+    lines = [f"Quality recovery of `{rec['quantized']}` vs `{rec['reference']}` (quantized score / unquantized):", "",
+             "| task | recovery |", "|---|---|"]
+    lines += [f"| {t} | {v:.1%} |" for t, v in rec["per_task"].items()]
+    lines += [f"| **mean** | **{rec['mean']:.1%}** |" if rec["mean"] is not None else "| mean | n/a |", ""]
+    return lines
+
+
+def _has_gates(gates) -> bool:
+    return bool(gates.min) or gates.max_regression is not None
+
+
+def _identity_answers(samples: Path, stages: list[str]) -> list[str]:
+    """The first identity answer of each stage: the quickest way to see what tuning changed."""
+    lines = ["", "What each stage says when asked its name:", ""]
+    for stage in stages:
+        path = samples / stage / "identity.jsonl"
+        if path.exists():
+            first = json.loads(path.read_text().splitlines()[0])
+            answer = str(first["resps"][0][0]).strip().replace("\n", " ")[:160]
+            lines.append(f"- **{stage}**: {first['doc']['question']} → {answer!r}")
+    return lines

@@ -1,0 +1,130 @@
+"""Pipeline stage `grpo`: online RL with TRL's GRPOTrainer — sample `num_generations` completions per prompt, score them
+with the recipe's reward functions, and push the policy towards the completions that beat their group's mean.
+
+Data: a `messages` dataset. Each row's turns before its last assistant turn are the prompt (system + user turns, as
+the model is served); that last assistant turn's text is the reference answer (column `answer`) the verifiers compare
+against (GSM8K's answers end in '#### 72'). Rows without an assistant turn are prompts with no reference.
+
+Rewards (`rewards:` in the stage, see config.RewardSpec): rule-based verifiers (llmstack/train/rewards.py),
+the reward model an earlier `reward` stage trained (found through the run manifest: see reward_model_path), or any
+function with TRL's reward signature (`python`). TRL sums them with their weights.
+
+Generation: transformers `generate` by default (works on CPU). TRL's vLLM generation is `args.use_vllm: true`
+(`vllm_mode: colocate` on one GPU); it needs CUDA, so the stage refuses it on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from llmstack.stage import StageContext, StageResult
+from llmstack.train import common, rewards
+
+# Small enough that a CPU step takes seconds on a tiny model and ~a minute on SmolLM2-135M; a GPU recipe raises them.
+GRPO_DEFAULTS = {
+    "num_generations": 4,
+    "per_device_train_batch_size": 4,  # = one prompt x 4 completions per step
+    "max_completion_length": 128,
+    "learning_rate": 1e-6,
+    "use_vllm": False,
+    "log_completions": False,
+}
+
+
+def reward_model_path(ctx: StageContext, stage: str) -> Path:
+    """The reward stage's model folder, from its manifest entry (outputs.reward_model), else its stage folder."""
+    entry = ctx.run.entry(stage) or {}
+    path = (entry.get("outputs") or {}).get("reward_model", {}).get("path")
+    folder = Path(path) if path else ctx.run.dir / stage / "model"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"stage {ctx.name}: no reward model from stage '{stage}' at {folder}; run that stage "
+                                f"first (`llmstack run <recipe> --only {stage}`)")
+    return folder
+
+
+def reward_functions(ctx: StageContext) -> tuple[list, list, list[float]]:
+    """(reward_funcs, reward_processing_classes, weights) for GRPOTrainer, from the stage's `rewards`."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    funcs, tokenizers, weights = [], [], []
+    for r in ctx.spec.rewards:
+        tok = None
+        if r.type == "gsm8k_answer":
+            fn = rewards.gsm8k_answer
+        elif r.type == "format":
+            fn = rewards.format_reward(r.pattern, r.full)
+        elif r.type == "reward_model":
+            folder = reward_model_path(ctx, r.stage)
+            fn = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+            tok = AutoTokenizer.from_pretrained(folder)
+        else:
+            module, name = r.function.split(":")
+            fn = getattr(importlib.import_module(module), name)
+        funcs.append(fn)
+        # TRL wants a tokenizer slot per function; for a callable it is ignored, for a model it must be the model's own
+        tokenizers.append(tok)
+        weights.append(r.weight)
+    return funcs, tokenizers, weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run(ctx: StageContext) -> StageResult:
+    if ctx.spec.launch and not common.in_launched_process():
+        return common.launch(ctx)
+    import torch
+    from datasets import load_from_disk
+    from trl import GRPOTrainer
+
+    # ---- load -----------------------------------------------------------------------------------------------------
+    funcs, reward_tokenizers, weights = reward_functions(ctx)
+    args = common.trainer_config(ctx, {**GRPO_DEFAULTS, "reward_weights": weights})
+    if args.use_vllm and not torch.cuda.is_available():
+        raise ValueError(f"stage {ctx.name}: args.use_vllm needs a CUDA GPU (TRL's vLLM generation); on this machine "
+                         f"leave it false and generation runs through transformers")
+    tokenizer = common.load_tokenizer(ctx.model)
+    data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
+    columns = data["train"].column_names
+    data = data.map(rewards.to_prompt, remove_columns=columns)
+    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora)
+    # generate() stops at the end of the assistant turn only if the generation config says so
+    model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
+
+    # ---- train ----------------------------------------------------------------------------------------------------
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=common.eval_split(data, args),
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizers,
+        peft_config=common.peft_config(ctx.spec),
+    )
+    output = trainer.train(resume_from_checkpoint=common.resume_checkpoint(ctx, trainer))
+
+    # ---- save + report (common.finish, plus the reward curve in the metrics) --------------------------------------
+    out = common.save_model(trainer, ctx, tokenizer, tokenizer.chat_template)
+    metrics = common.metrics_from(trainer, output)
+    history = trainer.state.log_history
+    per_step = [round(float(h["reward"]), 5) for h in history if "reward" in h]
+    metrics.update(reward_first=per_step[0] if per_step else None, reward_last=per_step[-1] if per_step else None,
+                   reward_per_step=per_step)
+    for name in trainer.reward_func_names:
+        vals = [h[f"rewards/{name}/mean"] for h in history if f"rewards/{name}/mean" in h]
+        if vals:
+            metrics[f"reward_{name}_last"] = round(float(vals[-1]), 5)
+    if trainer.accelerator.is_main_process:
+        merged = (out / "config.json").exists()
+        probes = common.probe_answers(out, ctx.spec.probe) if ctx.spec.probe and merged else None
+        if probes:
+            metrics["probe"] = probes
+        common.write_report(ctx, trainer, metrics, curve_keys=("reward", "reward_std", "loss"), probes=probes)
+        common.cleanup_checkpoints(ctx)
+        (ctx.dir / "result.json").write_text(json.dumps({"model": str(out), "metrics": metrics}, indent=2))
+    return StageResult(outputs={"model": out}, metrics=metrics, model=out)

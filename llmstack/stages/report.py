@@ -1,0 +1,41 @@
+"""Pipeline stage `report`: runs/<recipe>/<run>/report.md, the page a person reads after a run.
+
+It lists every stage with status and wall time, the output hashes, and then each stage's own section: a stage that
+has something to show (loss curves, an eval chart, a transcript) writes `section.md` (and its PNGs) into its own
+folder, and the report includes it in pipeline order with image links made relative to the run folder.
+"""
+
+from __future__ import annotations
+
+import re
+
+from llmstack.stage import StageContext, StageResult
+
+
+def run(ctx: StageContext) -> StageResult:
+    manifest = ctx.run.manifest
+    lines = [f"# Run report: {ctx.recipe.name}", "",
+             f"- recipe: `{manifest['recipe']['path']}` (sha256 `{manifest['recipe']['sha256'][:16]}`)",
+             f"- git: `{manifest.get('git_sha')}`; seed {manifest.get('seed')}; base model `{ctx.recipe.model.source}`",
+             f"- versions: " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()), "",
+             "## Stages", "", "| stage | status | wall time (s) |", "|---|---|---|"]
+    total = 0.0
+    for name, e in manifest["stages"].items():
+        if name == "report":
+            continue
+        total += e.get("wall_s", 0) or 0
+        lines.append(f"| {name} | {e.get('status', '')} | {e.get('wall_s', 0):.1f} |")
+    lines += [f"| **total** | | **{total:.1f}** |", "", "## Outputs", "", "| stage | output | sha256 |", "|---|---|---|"]
+    for name, e in manifest["stages"].items():
+        for key, o in e.get("outputs", {}).items():
+            lines.append(f"| {name} | {key}: `{o['path']}` | `{o['sha256'][:16]}` |")
+    for name in manifest["stages"]:
+        section = ctx.run.dir / name / "section.md"
+        if name != "report" and section.exists():
+            text = section.read_text()
+            # Images a stage links as `(plot.png)` live in its own folder: point them there from the run folder.
+            text = re.sub(r"\]\((?!https?://|/)([^)]+\.(?:png|svg|jpg))\)", rf"]({name}/\1)", text)
+            lines += ["", text.strip()]
+    report = ctx.run.dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return StageResult(outputs={"report": report})

@@ -1,0 +1,97 @@
+"""Rewards for RL and reward models: rule-based verifiers with TRL's reward signature (the grpo stage sums them with
+their weights), and scoring with a trained reward model (the reward stage's validation, and tests).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: messages rows -> prompt + reference answer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def to_prompt(row: dict) -> dict:
+    msgs = row["messages"]
+    if msgs and msgs[-1]["role"] == "assistant":
+        return {"prompt": msgs[:-1], "answer": msgs[-1]["content"]}
+    return {"prompt": msgs, "answer": ""}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rule-based rewards (TRL's signature: prompts, completions, **dataset columns -> one float per completion)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _text(completion) -> str:
+    """A conversational completion is [{"role": "assistant", "content": ...}]; a plain one is a string."""
+    return completion[0]["content"] if isinstance(completion, list) else completion
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """GSM8K convention: the number after '####', else the last number in the text ('1,234' -> 1234)."""
+    marked = "####" in text
+    if marked:
+        text = text.rsplit("####", 1)[1]
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    return float(found[0 if marked else -1].replace(",", ""))
+
+
+def gsm8k_answer(prompts, completions, answer, **_) -> list[float]:
+    rewards = []
+    for completion, ref in zip(completions, answer):
+        want, got = final_number(ref or ""), final_number(_text(completion))
+        rewards.append(1.0 if want is not None and got is not None and abs(want - got) < 1e-6 else 0.0)
+    return rewards
+
+
+def format_reward(pattern: str, full: bool):
+    regex = re.compile(pattern, re.DOTALL)
+    check = regex.fullmatch if full else regex.search
+
+    def format_match(prompts, completions, **_) -> list[float]:
+        return [1.0 if check(_text(c)) else 0.0 for c in completions]
+
+    return format_match
+
+
+def reward_peft_config(spec):
+    """LoRA for a reward model: task_type SEQ_CLS makes PEFT train the (new, random) score head in full."""
+    adapter = spec.lora
+    if adapter is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                      target_modules=adapter.target_modules, task_type="SEQ_CLS")
+
+
+def scores(model_dir: Path, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+    """Reward-model scores of whole conversations, rendered with the folder's chat template as TRL renders them."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    out = []
+    for i in range(0, len(conversations), batch_size):
+        texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations[i:i + batch_size]]
+        batch = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        with torch.inference_mode():
+            out += model(**batch).logits[:, 0].tolist()
+    return out
+
+
+def pairwise_accuracy(model_dir: Path, rows) -> float:
+    """Fraction of preference rows where the model scores chosen above rejected (0.5 = chance)."""
+    rows = list(rows)
+    chosen = scores(model_dir, [r["prompt"] + r["chosen"] for r in rows])
+    rejected = scores(model_dir, [r["prompt"] + r["rejected"] for r in rows])
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
