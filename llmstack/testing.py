@@ -105,14 +105,16 @@ class ScriptedEngine:
     """An engine (the Engine protocol of llmstack.serve.engines) that says a given thing on cue: it streams `text`
     `chunk` characters at a time with `delay` seconds between pieces, or, with no text, one " word" delta per
     requested token at once (what the API alone costs, apart from any model: scripts/bench_serve.py). The tests of
-    the output rails, the queue and the request path use it where a real model's answer could not be chosen."""
+    the output rails, the queue and the request path use it where a real model's answer could not be chosen; it keeps
+    the prompt ids it was sent, and `fail_after=N` makes it raise after N pieces (an engine dying mid-answer)."""
 
     kind, state, restarts, ready = "scripted", "ready", 0, True
 
     def __init__(self, tokenizer, text: str | None = None, delay: float = 0.0, chunk: int = 4,
-                 names: list[str] | None = None, max_model_len: int = 512):
+                 names: list[str] | None = None, max_model_len: int = 512, fail_after: int | None = None):
         self.tokenizer, self.text, self.delay, self.chunk = tokenizer, text, delay, chunk
-        self.names, self.max_model_len = names or ["tiny"], max_model_len
+        self.names, self.max_model_len, self.fail_after = names or ["tiny"], max_model_len, fail_after
+        self.prompts: list[list[int]] = []  # the prompt token ids of every request, as the API rendered them
 
     def running(self) -> int:
         return 0
@@ -128,11 +130,18 @@ class ScriptedEngine:
 
         from llmstack.serve.engines import Delta
 
+        self.prompts.append(list(prompt_ids))
         if self.text is None:
             for i in range(params.max_tokens):
                 yield [Delta(0, " word", [1], finish_reason="length" if i == params.max_tokens - 1 else None)]
             return
-        for i in range(0, len(self.text), self.chunk):
+        for n, i in enumerate(range(0, len(self.text), self.chunk)):
+            if self.fail_after is not None and n >= self.fail_after:
+                raise RuntimeError("scripted engine failure")  # an engine that dies mid-answer
             await asyncio.sleep(self.delay)
-            yield [Delta(0, self.text[i:i + self.chunk], [1])]
+            piece = self.text[i:i + self.chunk]
+            # one "token" per piece; with logprobs, the piece itself is the top alternative
+            rows = ([{"token": piece, "logprob": -0.5, "top": [{"token": piece, "logprob": -0.5}]}]
+                    if params.logprobs is not None else None)
+            yield [Delta(0, piece, [1], logprobs=rows)]
         yield [Delta(0, "", [], finish_reason="stop")]

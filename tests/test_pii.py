@@ -115,8 +115,12 @@ def test_guard_rails_linear_time_on_pathological_input():
     start = time.perf_counter()
     v = check_text(text, GuardPolicy().input)  # injection heuristics and PII
     assert v.text == text and not v.blocked
-    rail = StreamRail(GuardPolicy().output, holdback=48)  # the held-back tail of a 1 MB word
-    assert rail.feed("x" * 1_000_000).text == "x" * (1_000_000 - 48)
+    rail = StreamRail(GuardPolicy().output, holdback=48)  # a 1 MB word could still become an address: held whole
+    assert rail.feed("x" * 1_000_000).text == ""
+    assert rail.feed(" done", final=True).text == "x" * 1_000_000 + " done"
+    rail = StreamRail(GuardPolicy().output, holdback=48)  # a long word streamed 4 characters at a time
+    out = "".join(rail.feed("ab.c" if i < 2_499 else "ab.c", final=i == 2_499).text for i in range(2_500))
+    assert out == "ab.c" * 2_500
     assert time.perf_counter() - start < 5.0
 
 

@@ -36,6 +36,7 @@ def client(tiny_model, tiny_loras, tmp_path_factory):
 
 
 def audit(c) -> list[dict]:
+    c.app.state.ref["server"].audit.flush()  # lines are written by the audit thread
     return [json.loads(x) for x in c.audit.read_text().splitlines()]
 
 

@@ -30,11 +30,10 @@ def serve(
     max_model_len: Annotated[Optional[int], typer.Option()] = None,
 ):
     """Serve a model behind the guarded OpenAI-compatible API (vLLM engine by default)."""
-    import uvicorn
     from pydantic import ValidationError
 
     from llmstack.config.base import format_errors
-    from llmstack.serve.server import build_from_spec, load_spec
+    from llmstack.serve.server import build_from_spec, load_spec, run_server
 
     try:
         spec = load_spec(config, model=model, engine=engine, served_model_name=name, keys=keys, guard=guard,
@@ -47,8 +46,7 @@ def serve(
             console.print(f"[bold red]error:[/] {line}")
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(app, host=spec.host, port=spec.port, log_level="info",
-                timeout_graceful_shutdown=int(spec.drain_timeout_s) or None)
+    run_server(app, spec)
 
 
 def serve_key(

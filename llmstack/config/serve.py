@@ -62,6 +62,9 @@ class ServeSpec(Strict):
     seed: int = 0
     routes: dict[str, Route] = Field(default_factory=dict, description="public model name -> primary / canary / "
                                      "shadow versions (served model or adapter names); see llmstack/serve/routing.py")
+    routes_file: str | None = Field(None, description="JSON file the routes and their history are kept in: a "
+                                    "restart (or another replica reading the same file) serves the routes the last "
+                                    "`route set` / `rollback` left, not the YAML's")
     drift_reference: str | None = Field(None, description="training data profile (JSON) or curated dataset folder: "
                                         "/metrics then exports llmstack_drift_psi per feature")
     drift_min_requests: int = Field(50, gt=0, description="live prompts needed before drift is reported")
@@ -86,7 +89,12 @@ class RequestCaps(Strict):
     default_max_tokens: int = Field(256, gt=0, description="used when a request sets no max_tokens")
     max_n: int = Field(4, gt=0, description="n above this gets 400")
     max_stop: int = Field(4, ge=0)
+    max_stop_chars: int = Field(256, gt=0, description="a longer stop sequence gets 400")
     max_logprobs: int = Field(5, ge=0)
+    max_json_depth: int = Field(32, gt=0, description="request bodies nested deeper get 400")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body still arriving after this gets 408")
+    write_timeout_s: float = Field(30.0, gt=0, description="a client that reads nothing of its response for this "
+                                                          "long is dropped and its engine slot freed")
 
 
 class RateLimits(Strict):
@@ -96,6 +104,11 @@ class RateLimits(Strict):
     tokens_per_minute: int = Field(100_000, gt=0, description="prompt + max_tokens reserved per request; "
                                                               "a key may override it")
     strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = "moving-window"
+    shadow_tokens_per_minute: int = Field(100_000, gt=0, description="the operator's budget for shadow copies of "
+                                                                     "requests (prompt + max_tokens x n); past it a "
+                                                                     "request gets no shadow")
+    max_concurrent: int = Field(8, gt=0, description="requests one key may have in flight at once, per replica "
+                                                     "(streams included); more get 429. A key may override it")
 
     @field_validator("storage")
     @classmethod
@@ -116,20 +129,32 @@ class Rails(Strict):
         return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
+class InputRails(Rails):
+    exempt_roles: list[Literal["system", "developer", "user", "assistant", "tool"]] = Field(
+        default_factory=list, description="message roles the input rails skip (e.g. [system]: the operator's own "
+                                          "prompt); every other role's text is checked")
+
+
 class OutputRails(Rails):
     injection: Literal["block", "flag", "off"] = "off"
-    holdback_chars: int = Field(48, ge=0, description="at most this much streamed text is held back while it could "
-                                                      "still be the start of a PII match or blocked phrase")
+    holdback_chars: int = Field(160, ge=0, description="with output `injection` on, the last this many streamed "
+                                                       "characters wait (phrase heuristics have no prefix test); "
+                                                       "text that could begin a PII match or blocked phrase is "
+                                                       "held however long it is")
 
 
 class AuditSettings(Strict):
-    log_prompts: bool = Field(False, description="write raw prompts/completions into the audit log")
+    log_prompts: bool = Field(False, description="also write prompts and completions (as the rails left them: "
+                                                 "redacted) into the audit log")
+    max_field_chars: int = Field(4000, gt=0, description="longer strings in an audit line are cut to this")
+    unauthenticated_per_minute: int = Field(60, ge=0, description="401s written per minute; the rest are only "
+                                                                  "counted (llmstack_audit_dropped_total)")
 
 
 class GuardPolicy(Strict):
     caps: RequestCaps = Field(default_factory=RequestCaps)
     rate_limits: RateLimits = Field(default_factory=RateLimits)
-    input: Rails = Field(default_factory=Rails)
+    input: InputRails = Field(default_factory=InputRails)
     output: OutputRails = Field(default_factory=OutputRails)
     audit: AuditSettings = Field(default_factory=AuditSettings)
 
@@ -147,6 +172,7 @@ class KeyEntry(Strict):
     models: list[str] = Field(default_factory=lambda: ["*"], description="served model names this key may use; * = all")
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)
+    max_concurrent: int | None = Field(None, gt=0)
     admin: bool = Field(False, description="may change routes (/admin/routes: canary share, rollback)")
 
     @field_validator("sha256")

@@ -13,6 +13,8 @@ import json
 import logging
 import time
 
+import anyio
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -32,9 +34,17 @@ log = logging.getLogger("llmstack.serve")
 PUBLIC_PATHS = {"/health"}
 
 
+class SlowReader(Exception):
+    """The client read nothing of its response for caps.write_timeout_s: it is dropped, its slots freed."""
+
+
 class KeyGate:
     """ASGI middleware: every path but /health needs a valid key (docs and metrics included); bodies past the cap by
-    Content-Length get 413 before they are read. Also counts requests and latency per route for /metrics."""
+    Content-Length get 413 before they are read. Also counts requests and latency per route for /metrics.
+
+    It is also the last line: an exception nothing else handled becomes an OpenAI-shaped 500 here, sent as a complete
+    response, so the client's kept-alive connection survives (Starlette's own error middleware re-raises, and uvicorn
+    then drops the connection). A client that stops reading is cut off after caps.write_timeout_s."""
 
     def __init__(self, app, server_ref: dict):
         self.app, self.ref = app, server_ref
@@ -48,19 +58,37 @@ class KeyGate:
 
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 srv.metrics.requests.labels(route, str(status["code"])).inc()
                 srv.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-            await send(message)
+            try:
+                with anyio.fail_after(srv.policy.caps.write_timeout_s):  # the transport waits while a client reads
+                    await send(message)                                 # nothing: not forever
+            except TimeoutError:
+                srv.metrics.guard_blocks.labels("slow_reader").inc()
+                raise SlowReader(path) from None
+
+        try:
+            await self._gate(scope, receive, send_wrapped, srv, path)
+        except SlowReader:
+            log.info("dropped a client that stopped reading its response on %s", path)
+        except Exception:  # noqa: BLE001 - the last line: a 500 with a body, never a dropped connection
+            log.exception("unexpected error on %s", path)
+            if not status.get("started"):
+                err = APIError(500, "internal error: the server failed on this request", code="internal_error")
+                await err.response()(scope, receive, send_wrapped)
+
+    async def _gate(self, scope, receive, send_wrapped, srv, path):
 
         if path not in PUBLIC_PATHS:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             entry = srv.keyring.authenticate(presented_key(headers))
             if entry is None:
                 srv.metrics.guard_blocks.labels("auth").inc()
-                srv.audit.write({"request_id": new_request_id(), "key_id": None, "route": path, "status": 401,
-                                 "guard": ["auth:missing" if not presented_key(headers) else "auth:invalid"]})
+                srv.audit.write_unauthenticated({"request_id": new_request_id(), "key_id": None, "route": path,
+                                                 "status": 401, "guard": ["auth:missing" if not presented_key(headers)
+                                                                          else "auth:invalid"]})
                 err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await err.response()(scope, receive, send_wrapped)
@@ -87,16 +115,22 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        metrics = ServeMetrics()
+        audit = AuditLog(audit_path or spec.audit_log, policy.audit.log_prompts, policy.audit.max_field_chars,
+                         policy.audit.unauthenticated_per_minute, on_failure=metrics.audit_failures.inc,
+                         on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc())
+        router = Router(spec.routes, state_path=spec.routes_file)
+        check_routes({n: router.get(n) for n in router.names()}, engine.names)  # a persisted route must still fit
         ref["server"] = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
-                               limiter=RateLimiter(policy), metrics=ServeMetrics(),
-                               audit=AuditLog(audit_path or spec.audit_log, policy.audit.log_prompts),
-                               router=Router(spec.routes), traffic=TrafficProfile(),
+                               limiter=RateLimiter(policy), metrics=metrics, audit=audit, router=router,
+                               traffic=TrafficProfile(),
                                drift_reference=load_profile(spec.drift_reference) if spec.drift_reference else None)
         if not engine.ready:
             await engine.start()
         log.info("serving %s with the %s engine", ", ".join(engine.names), engine.kind)
         yield
         await engine.shutdown()
+        audit.flush()
 
     app = FastAPI(title="llmstack", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(KeyGate, server_ref=ref)
@@ -114,11 +148,6 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return APIError(exc.status_code, str(exc.detail)).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
 
     # ------------------------------------------------------------------------------------------- plain routes
     @app.get("/health")
@@ -175,6 +204,11 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                            code="admin_only")
         return ref["server"].router
 
+    def _audit_admin(request: Request, action: str, name: str, status: int, detail=None) -> None:
+        ref["server"].audit.write({"request_id": new_request_id("admin"), "key_id": request.state.key.id,
+                                   "route": request.url.path, "admin": action, "name": name, "status": status,
+                                   "detail": detail})
+
     @app.get("/admin/routes")
     async def get_routes(request: Request):
         return _admin(request).snapshot()
@@ -185,13 +219,14 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         try:
             route = Route.model_validate(await request.json())
         except (ValidationError, ValueError) as exc:
-            raise APIError(400, f"not a valid route: {exc}", code="invalid_route") from None
+            raise APIError(400, f"not a valid route: {str(exc)[:500]}", code="invalid_route") from None
         try:
             check_routes({name: route}, engine.names)
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_route") from None
         router.set(name, route)
-        log.info("route %s set to %s", name, route.model_dump(exclude_none=True))
+        _audit_admin(request, "route_set", name, 200, route.model_dump(exclude_none=True))
+        log.info("route %s set to %s by %s", name, route.model_dump(exclude_none=True), request.state.key.id)
         return router.snapshot()
 
     @app.post("/admin/routes/{name}/rollback")
@@ -200,8 +235,10 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         try:
             router.rollback(name)
         except KeyError as exc:
+            _audit_admin(request, "route_rollback", name, 409)
             raise APIError(409, str(exc.args[0]), code="nothing_to_roll_back") from None
-        log.info("route %s rolled back", name)
+        _audit_admin(request, "route_rollback", name, 200, router.snapshot().get(name))
+        log.info("route %s rolled back by %s", name, request.state.key.id)
         return router.snapshot()
 
     # -------------------------------------------------------------------------------------------- generation

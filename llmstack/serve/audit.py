@@ -1,21 +1,42 @@
 """The audit log: one JSON line per request with who (key id, never the key), what (model, route, token counts),
-how long, and what the guard decided. Raw prompts and completions only when the policy asks for them."""
+how long, and what the guard decided; admin actions (route changes) with the admin key's id. Prompts and completions
+only when the policy asks for them, and then as the rails left them (redacted).
+
+It must not become the weak point: lines are written by a thread of their own (a slow disk never stalls the event
+loop), every string in a line is cut to `max_field_chars`, unauthenticated requests are written at most
+`unauthenticated_per_minute` times a minute (a flood of 401s with long paths is counted, not stored), and a write that
+fails (disk full) is counted in `llmstack_audit_failures_total` — an alert rule watches it — instead of failing the
+request. The queue between the request path and the writer is bounded too: past it, lines are counted as dropped.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import threading
 import time
 from pathlib import Path
 
+log = logging.getLogger("llmstack.serve")
+
 
 class AuditLog:
-    def __init__(self, path: str | Path | None, log_prompts: bool = False):
+    def __init__(self, path: str | Path | None, log_prompts: bool = False, max_field_chars: int = 4000,
+                 unauthenticated_per_minute: int = 60, on_failure=None, on_drop=None, max_queue: int = 10_000):
         self.path = Path(path) if path else None
         self.log_prompts = log_prompts
-        self._lock = threading.Lock()
+        self.max_field_chars = max_field_chars
+        self.unauthenticated_per_minute = unauthenticated_per_minute
+        self.on_failure = on_failure or (lambda: None)  # metrics hooks (counters), called from the writer thread
+        self.on_drop = on_drop or (lambda reason: None)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._window = (0, 0)  # (minute, 401 lines written in it)
+        self._thread = None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._thread = threading.Thread(target=self._writer, name="llmstack-audit", daemon=True)
+            self._thread.start()
 
     def write(self, record: dict, prompt=None, completion=None) -> None:
         if not self.path:
@@ -23,6 +44,48 @@ class AuditLog:
         record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **record}
         if self.log_prompts:
             record["prompt"], record["completion"] = prompt, completion
-        line = json.dumps(record, ensure_ascii=False, default=str)
-        with self._lock, self.path.open("a") as f:  # one write per line: lines from concurrent requests never mix
-            f.write(line + "\n")
+        try:
+            self._queue.put_nowait(_bounded(record, self.max_field_chars))
+        except queue.Full:
+            self.on_drop("queue_full")
+
+    def write_unauthenticated(self, record: dict) -> None:
+        """A 401: written while this minute's allowance lasts, counted as dropped after."""
+        minute = int(time.time() // 60)
+        start, written = self._window
+        if start != minute:
+            start, written = minute, 0
+        if written >= self.unauthenticated_per_minute:
+            self.on_drop("unauthenticated_sampled")
+            return
+        self._window = (start, written + 1)
+        self.write(record)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every line handed over so far is on disk (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._thread and self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def _writer(self) -> None:
+        while True:
+            record = self._queue.get()
+            try:
+                line = json.dumps(record, ensure_ascii=False, default=str)
+                with self.path.open("a") as f:  # one write per line: lines never mix
+                    f.write(line + "\n")
+            except Exception as exc:  # noqa: BLE001 - disk full, permissions, a vanished folder: count, go on
+                log.warning("audit log write failed: %s", exc)
+                self.on_failure()
+            finally:
+                self._queue.task_done()
+
+
+def _bounded(value, limit: int):
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + f"…[{len(value) - limit} more characters]"
+    if isinstance(value, dict):
+        return {k: _bounded(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_bounded(v, limit) for v in value]
+    return value

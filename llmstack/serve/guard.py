@@ -91,18 +91,27 @@ class RateLimiter:
         tpm = entry.tokens_per_minute or self.defaults.tokens_per_minute
         return self._parse(f"{rpm}/minute"), self._parse(f"{tpm}/minute")
 
-    async def admit(self, entry: KeyEntry, tokens: int) -> tuple[str, float] | None:
-        """None if admitted (and charged); else (which limit, seconds until retry)."""
-        rpm, tpm = self._limits(entry)
-        if tokens > tpm.amount:
-            return "tokens_per_minute", 60.0  # can never fit; still a 429 so clients back off
-        if not await self.limiter.test(tpm, "tpm", entry.id, cost=tokens):
-            return "tokens_per_minute", await self._retry_after(tpm, entry.id, "tpm")
+    async def admit_request(self, entry: KeyEntry) -> float | None:
+        """Count one request against the key's requests/min, before any work is done for it (a refused request
+        counts too: refusing is work). None if admitted, else seconds until retry."""
+        rpm, _ = self._limits(entry)
         if not await self.limiter.hit(rpm, "rpm", entry.id):
-            return "requests_per_minute", await self._retry_after(rpm, entry.id, "rpm")
-        if not await self.limiter.hit(tpm, "tpm", entry.id, cost=tokens):  # lost a race with another replica
-            return "tokens_per_minute", await self._retry_after(tpm, entry.id, "tpm")
+            return await self._retry_after(rpm, entry.id, "rpm")
         return None
+
+    async def admit_tokens(self, entry: KeyEntry, tokens: int) -> float | None:
+        """Reserve prompt + max_tokens x n against the key's tokens/min. None if admitted (and charged), else seconds
+        until retry. A request larger than the whole budget can never fit: `never_fits` says so (a 400, not a 429
+        that a client would retry forever)."""
+        _, tpm = self._limits(entry)
+        if not await self.limiter.hit(tpm, "tpm", entry.id, cost=tokens):
+            return await self._retry_after(tpm, entry.id, "tpm")
+        return None
+
+    def never_fits(self, entry: KeyEntry, tokens: int) -> int | None:
+        """The key's tokens/min when `tokens` exceeds it, else None."""
+        _, tpm = self._limits(entry)
+        return tpm.amount if tokens > tpm.amount else None
 
     async def _retry_after(self, item, key_id: str, kind: str) -> float:
         stats = await self.limiter.get_window_stats(item, kind, key_id)
@@ -203,38 +212,64 @@ def _digit_tail(text: str, limit: int) -> int:
     return end - first
 
 
+_KEYWORD_TAIL = re2.compile(r"(?i)\b(?:api[_-]?key|secret|token|password)\s*(?:[:=]\s*['\"]?)?\z")
+
+
+def _keyword_tail(text: str) -> int:
+    """A `password = ` (or api_key/secret/token) whose value has not arrived yet: the whole phrase is held, so the
+    value is seen with its key (the key=value secret rule needs both)."""
+    window = text[-64:]
+    m = _KEYWORD_TAIL.search(window)
+    return len(window) - m.start() if m else 0
+
+
 class StreamRail:
-    """Output rails over a stream. Text is released as soon as no rule could still change it: only a tail that might
-    be the start of a match (a word not yet ended, a run of digits, the beginning of a blocked phrase) is held back,
-    at most `holdback` characters, so a PII match or blocked phrase split across chunks is seen whole before any of
-    it goes out, and plain prose streams with about one word of delay."""
+    """Output rails over a stream. Text is released as soon as no rule could still change it: a tail that could still
+    be (the start of) a match — a word not yet ended, a run of digits, `password = ` waiting for its value, the
+    beginning of a blocked phrase — is held however long it grows, so a PII match or blocked phrase split across
+    chunks is seen whole before any of it goes out, and plain prose streams with about one word of delay. Only the
+    text not yet released is checked again on each chunk, so the rail never loses its place after a redaction (the
+    released text is final) and costs time linear in the answer.
+
+    `consumed` is how many raw characters have been released and `redacted` the raw spans (start, end) that went out
+    as placeholders: the API uses both to release logprobs rows only for text that has gone out, redacted alike."""
 
     def __init__(self, rails: Rails, holdback: int):
         self.rails, self.holdback = rails, holdback
-        self.raw = ""
-        self.sent = 0
+        self.pending = ""  # raw text not yet released; it starts at raw offset `consumed`
+        self.consumed = 0
+        self.redacted: list[tuple[int, int]] = []
         self.decisions: set[str] = set()
 
     def _tail(self, text: str) -> int:
         tail = 0
         if self.rails.pii != "off":
-            tail = max(_word_tail(text, self.holdback), _digit_tail(text, self.holdback))
+            tail = max(_word_tail(text, len(text)), _digit_tail(text, len(text)), _keyword_tail(text))
         low = text.lower()
         for term in self.rails.blocklist:  # the longest end of the text that could begin a blocked term
             term = term.lower()
             tail = max([tail] + [k for k in range(1, len(term)) if low.endswith(term[:k])])
         if self.rails.injection != "off":
-            tail = self.holdback  # phrase heuristics have no cheap prefix test: hold the full window
-        return min(tail, self.holdback)
+            tail = max(tail, self.holdback)  # phrase heuristics have no cheap prefix test: hold a window
+        return min(tail, len(text))
 
     def feed(self, chunk: str, final: bool = False) -> Verdict:
         """Returns the next text that may be sent (maybe ""), or a blocked verdict."""
-        self.raw += chunk
-        v = check_text(self.raw, self.rails)
+        text = self.pending + chunk
+        v = check_text(text, self.rails)
         self.decisions.update(v.decisions)
         if v.blocked:
             return v
-        safe_end = len(v.text) if final else max(self.sent, len(v.text) - self._tail(v.text))
-        out = v.text[self.sent:safe_end]
-        self.sent = safe_end
+        spans = find_pii(text) if self.rails.pii != "off" else []
+        cut = len(text) if final else len(text) - self._tail(text)
+        for span in spans:  # never cut through a match
+            if span.start < cut < span.end:
+                cut = span.start
+        released = [sp for sp in spans if sp.end <= cut]
+        out = text[:cut]
+        if self.rails.pii == "redact" and released:
+            out = redact_spans(out, released)
+            self.redacted += [(self.consumed + sp.start, self.consumed + sp.end) for sp in released]
+        self.consumed += cut
+        self.pending = text[cut:]
         return Verdict(out, decisions=v.decisions)

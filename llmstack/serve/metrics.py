@@ -33,3 +33,7 @@ class ServeMetrics:
                                ["feature"], registry=r)
         self.engine_restarts = Gauge("llmstack_engine_restarts", "times the engine was rebuilt after dying",
                                      registry=r)
+        self.audit_failures = Counter("llmstack_audit_failures", "audit lines that could not be written (disk full, "
+                                      "permissions)", registry=r)
+        self.audit_dropped = Counter("llmstack_audit_dropped", "audit lines not written on purpose: 401s past the "
+                                     "per-minute allowance, or a full writer queue", ["reason"], registry=r)

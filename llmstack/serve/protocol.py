@@ -11,6 +11,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 # ------------------------------------------------------------------------------------------- request schemas
 class _Loose(BaseModel):
     # OpenAI clients send fields we do not use (user, metadata, ...): accept and ignore them.
@@ -25,6 +28,9 @@ class ContentPart(_Loose):
 class ChatMessage(_Loose):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    # Tool calling does not exist here yet: a message carrying calls is refused, never rendered without them.
+    tool_calls: list | None = None
+    function_call: dict | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -57,7 +63,7 @@ class _Sampling(_Loose):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # as vLLM's OpenAI layer: the engine takes int64
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
@@ -72,6 +78,13 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None
+    # Accepted only to be refused with a clear 400 (serving.refuse_tools): silently ignoring them would let a client
+    # believe the model was offered its tools.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -134,3 +147,57 @@ def usage(prompt: int, completion: int) -> dict:
 
 def sse(obj: dict, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ------------------------------------------------------------------------------------------------ the body
+def parse_body(body: bytes, max_depth: int) -> dict:
+    """A request body as a JSON object, or an APIError 400 that says what is wrong with it: not UTF-8, not JSON,
+    NaN/Infinity, an integer too long for Python to convert (4,300 digits), nested deeper than `max_depth`, or a lone
+    UTF-16 surrogate (`"\\ud800"`: valid JSON, but no text encoding can carry it, so it would fail deep inside the
+    tokenizer). Linear in the body; the server runs it in a worker thread, off the event loop."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start}: {exc.reason})",
+                       code="invalid_encoding") from None
+    try:
+        raw = json.loads(text or "null", parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"request body is nested too deeply (the limit is {max_depth} levels)",
+                       code="too_deeply_nested") from None
+    except ValueError as exc:  # JSONDecodeError, or int() refusing a number of more than 4,300 digits
+        raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(raw, dict):
+        raise APIError(400, "request body must be a JSON object")
+    _check_tree(raw, max_depth)
+    return raw
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_tree(raw: dict, max_depth: int) -> None:
+    stack: list[tuple[object, int, str]] = [(raw, 1, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > max_depth:
+                raise APIError(400, f"request body is nested too deeply at {path.lstrip('.') or 'the top'} (the limit is "
+                               f"{max_depth} levels)", code="too_deeply_nested")
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                if isinstance(k, str):
+                    _check_text(k, path)
+                stack.append((v, depth + 1, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k}]"))
+        elif isinstance(node, str):
+            _check_text(node, path)
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{path.lstrip('.') or 'body'}: a lone UTF-16 surrogate "
+                       f"(\\u{ord(text[exc.start]):04x}) is not text", param=path.lstrip(".") or None,
+                       code="invalid_encoding") from None

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from llmstack.config.serve import Route
@@ -28,12 +31,31 @@ def bucket(sticky: str, name: str) -> float:
 
 
 class Router:
-    """Thread-safe routing table with a history per route (for rollback)."""
+    """Thread-safe routing table with a history per route (for rollback). With `state_path`, the table and its history
+    are kept in that JSON file (written atomically on every change, read at start): a restart does not silently undo
+    a rollback, and replicas started on one file agree."""
 
-    def __init__(self, routes: dict[str, Route] | None = None):
+    def __init__(self, routes: dict[str, Route] | None = None, state_path: str | Path | None = None):
         self._routes = dict(routes or {})
         self._history: dict[str, list[Route | None]] = {}
         self._lock = threading.Lock()
+        self.state_path = Path(state_path) if state_path else None
+        if self.state_path and self.state_path.is_file():
+            state = json.loads(self.state_path.read_text())
+            self._routes = {n: Route.model_validate(r) for n, r in state["routes"].items()}
+            self._history = {n: [None if r is None else Route.model_validate(r) for r in h]
+                             for n, h in state["history"].items()}
+
+    def _save(self) -> None:
+        if not self.state_path:
+            return
+        state = {"routes": {n: r.model_dump(exclude_none=True) for n, r in self._routes.items()},
+                 "history": {n: [None if r is None else r.model_dump(exclude_none=True) for r in h]
+                             for n, h in self._history.items()}}
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.state_path)
 
     def names(self) -> list[str]:
         return list(self._routes)
@@ -60,6 +82,7 @@ class Router:
         with self._lock:
             self._history.setdefault(name, []).append(copy.deepcopy(self._routes.get(name)))
             self._routes[name] = route
+            self._save()
 
     def rollback(self, name: str) -> Route | None:
         with self._lock:
@@ -70,6 +93,7 @@ class Router:
                 self._routes.pop(name, None)
             else:
                 self._routes[name] = previous
+            self._save()
             return previous
 
     def snapshot(self) -> dict[str, Any]:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from llmstack.config.serve import ConfigError, GuardPolicy, KeyFile, ServeSpec, load_yaml_model
+from llmstack.serve.guard import hash_key
 
 log = logging.getLogger("llmstack.serve")
 
@@ -45,7 +48,59 @@ def build_from_spec(spec: ServeSpec, model_path: Path | None = None):
     if not spec.keys:
         raise ConfigError("no API keys: pass --keys serve/keys.yaml (make a key with `llmstack serve-key NAME`)")
     keys = load_yaml_model(spec.keys, KeyFile)
+    check_example_key(keys, spec.host)
     policy = load_yaml_model(spec.guard, GuardPolicy) if spec.guard else GuardPolicy()
     name = spec.served_model_name or Path(model_path).name
     engine = make_engine(spec, model_path, name)
     return build_app(engine, spec, policy, keys), engine
+
+
+EXAMPLE_KEY = "sk-llmstack-example-do-not-use"  # published in serve/keys.example.yaml: anyone can read it
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def check_example_key(keys: KeyFile, host: str) -> None:
+    """The shipped example key is public: serving it on anything but loopback would open the API to everyone."""
+    published = hash_key(EXAMPLE_KEY)
+    if host not in LOOPBACK and any(k.sha256 == published for k in keys.keys):
+        raise ConfigError(f"the key file holds the published example key ({EXAMPLE_KEY}) and the server would listen "
+                          f"on {host}: anyone could use it. Make your own key (`llmstack serve-key NAME`) and remove "
+                          "the example entry, or bind to 127.0.0.1")
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on request headers: uvicorn times out idle keep-alive connections
+    but not a client that sends its headers a byte at a time (slowloris), which would hold a connection forever.
+    The request line and headers must be complete within `header_timeout` of the connection opening (or of the
+    previous response, on a kept-alive connection). Bodies have their own deadline (caps.body_timeout_s)."""
+
+    header_timeout = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._header_deadline.cancel()
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def connection_lost(self, exc) -> None:
+        self._header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        in_request = self.cycle is not None and not self.cycle.response_complete
+        if not in_request and not self.transport.is_closing():
+            self.transport.close()
+
+
+def run_server(app, spec: ServeSpec) -> None:
+    """uvicorn with the guard's transport settings: the header deadline above, a 5 s keep-alive, 64 KiB of headers at
+    most, and graceful drain on SIGTERM/SIGINT (stop accepting, wait up to drain_timeout_s for requests in flight,
+    streams included, then stop the engine)."""
+    import uvicorn
+
+    uvicorn.run(app, host=spec.host, port=spec.port, log_level="info", http=GuardedH11Protocol,
+                timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+                timeout_graceful_shutdown=int(spec.drain_timeout_s) or None)

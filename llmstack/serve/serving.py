@@ -24,10 +24,11 @@ from pydantic import BaseModel, ValidationError
 from llmstack.config.serve import GuardPolicy, KeyEntry, Route, ServeSpec
 from llmstack.serve.audit import AuditLog
 from llmstack.serve.engines import EngineRejected, EngineUnavailable, GenParams
+from llmstack.pii import find_pii
 from llmstack.serve.guard import KeyRing, RateLimiter, StreamRail, check_text
 from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.protocol import (APIError, ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs,
-                                     sse, usage, validation_message)
+                                     parse_body, sse, usage, validation_message)
 from llmstack.serve.routing import Router
 
 log = logging.getLogger("llmstack.serve")
@@ -49,9 +50,40 @@ class Server:
     background: set = field(default_factory=set)  # shadow generations in flight (kept referenced until done)
     slots: asyncio.Semaphore = field(init=False)
     waiting: int = 0
+    in_flight_by_key: dict = field(default_factory=dict)  # key id -> requests in flight (this replica)
+    # Parsing, rails, chat templates and tokenizing run in worker threads, at most this many at once, so the event
+    # loop only moves bytes: a flood of large bodies queues here instead of stalling every other client.
+    workers: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(4))
+
+    shadow_budget: KeyEntry = field(init=False)
 
     def __post_init__(self):
         self.slots = asyncio.Semaphore(self.spec.max_concurrency)
+        # shadow copies are the operator's traffic: charged to a budget of their own, never to the client's key
+        self.shadow_budget = KeyEntry(id="shadow-budget", sha256="0" * 64,
+                                      tokens_per_minute=self.policy.rate_limits.shadow_tokens_per_minute)
+
+    async def in_worker(self, fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.workers)
+
+    def take_key_slot(self, key: KeyEntry) -> None:
+        """One of the key's concurrent places (rate_limits.max_concurrent, or the key's own): a key cannot hold
+        every engine slot with requests or streams it never finishes reading."""
+        cap = key.max_concurrent or self.policy.rate_limits.max_concurrent
+        held = self.in_flight_by_key.get(key.id, 0)
+        if held >= cap:
+            self.metrics.guard_blocks.labels("rate_limit:concurrent").inc()
+            raise APIError(429, f"key '{key.id}' already has {held} requests in flight (the limit is {cap}); "
+                           "finish reading them or retry shortly", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        self.in_flight_by_key[key.id] = held + 1
+
+    def release_key_slot(self, key: KeyEntry) -> None:
+        left = self.in_flight_by_key.get(key.id, 1) - 1
+        if left > 0:
+            self.in_flight_by_key[key.id] = left
+        else:
+            self.in_flight_by_key.pop(key.id, None)
 
     def public_names(self) -> list[str]:
         """What clients may ask for: the engine's models and adapters, then route names that are not one of them."""
@@ -87,24 +119,50 @@ def new_request_id(prefix: str = "req") -> str:
 
 
 async def read_json(request: Request, srv: Server, schema: type[BaseModel]):
-    cap = srv.policy.caps.max_body_bytes
-    body = b""
-    async for chunk in request.stream():  # chunked bodies have no Content-Length: count while reading
-        body += chunk
-        if len(body) > cap:
-            srv.metrics.guard_blocks.labels("body_too_large").inc()
-            raise APIError(413, f"request body is over the {cap}-byte limit", code="request_too_large")
+    caps = srv.policy.caps
+    chunks, size = [], 0
     try:
-        raw = json.loads(body or b"null")
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise APIError(400, "request body must be a JSON object")
+        with anyio.fail_after(caps.body_timeout_s):  # a body trickled in byte by byte (slowloris) does not hold on
+            async for chunk in request.stream():  # chunked bodies have no Content-Length: count while reading
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > caps.max_body_bytes:
+                    srv.metrics.guard_blocks.labels("body_too_large").inc()
+                    raise APIError(413, f"request body is over the {caps.max_body_bytes}-byte limit",
+                                   code="request_too_large")
+    except TimeoutError:
+        srv.metrics.guard_blocks.labels("body_timeout").inc()
+        raise APIError(408, f"the request body did not arrive within {caps.body_timeout_s:.0f} s",
+                       code="request_timeout") from None
+    return await srv.in_worker(_validated, b"".join(chunks), schema, caps.max_json_depth)
+
+
+def _validated(body: bytes, schema: type[BaseModel], max_depth: int):
+    raw = parse_body(body, max_depth)
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
         msg, param = validation_message(exc)
         raise APIError(400, msg, param=param) from None
+
+
+def refuse_tools(req, chat: bool) -> None:
+    """Tool calling is not served yet: a request that offers tools (or carries tool calls) gets a 400 that says so,
+    never an answer that silently ignored them."""
+    if not chat:
+        return
+    if req.tools or req.functions:
+        raise APIError(400, "this server does not support tool calling yet: send the request without `tools`/"
+                       "`functions`", param="tools" if req.tools else "functions", code="tools_not_supported")
+    for name in ("tool_choice", "function_call"):
+        value = getattr(req, name)
+        if value not in (None, "none", "auto"):
+            raise APIError(400, f"`{name}` asks for a tool call, and this server does not support tool calling yet",
+                           param=name, code="tools_not_supported")
+    for i, m in enumerate(req.messages):
+        if m.tool_calls or m.function_call:
+            raise APIError(400, "this server does not support tool calling yet: messages with `tool_calls` cannot "
+                           "be rendered", param=f"messages[{i}].tool_calls", code="tools_not_supported")
 
 
 def gen_params(req, chat: bool, caps, spec_json: dict | None, json_object: bool) -> GenParams:
@@ -126,6 +184,8 @@ def gen_params(req, chat: bool, caps, spec_json: dict | None, json_object: bool)
     stops = req.stops()
     if len(stops) > caps.max_stop:
         raise APIError(400, f"at most {caps.max_stop} stop sequences", param="stop")
+    if any(len(s) > caps.max_stop_chars for s in stops):
+        raise APIError(400, f"a stop sequence may have at most {caps.max_stop_chars} characters", param="stop")
     k = None
     if chat and req.logprobs:
         k = req.top_logprobs or 0
@@ -141,18 +201,32 @@ def gen_params(req, chat: bool, caps, spec_json: dict | None, json_object: bool)
 
 
 async def generate(request: Request, srv: Server, chat: bool):
+    """Limits before work: the request is counted against its key's budget and concurrency before its body is read,
+    so refused requests cost their sender too; then parse, checks, rails and tokens (in worker threads), then the
+    token budget, then the engine."""
     t0 = time.perf_counter()
     key: KeyEntry = request.state.key
     route = "/v1/chat/completions" if chat else "/v1/completions"
     rid = new_request_id("chatcmpl" if chat else "cmpl")
     audit = {"request_id": rid, "key_id": key.id, "route": route, "guard": []}
+    holding = False  # this request holds one of its key's concurrent places (released when it ends)
+    handed_over = False  # a stream took over the key place and the engine slot: it releases them itself
     try:
+        retry = await srv.limiter.admit_request(key)
+        if retry is not None:
+            srv.metrics.guard_blocks.labels("rate_limit:requests_per_minute").inc()
+            audit["guard"].append("rate_limit:requests_per_minute")
+            raise APIError(429, f"rate limit reached for key '{key.id}' (requests_per_minute); retry in "
+                           f"{retry:.0f} s", code="rate_limit_exceeded", headers={"Retry-After": str(int(retry + 0.999))})
+        srv.take_key_slot(key)
+        holding = True
         req = await read_json(request, srv, ChatRequest if chat else CompletionRequest)
-        audit["model"] = req.model
-        known = srv.public_names()
-        if req.model not in known:
-            raise APIError(404, f"model '{req.model}' does not exist; this server has: {', '.join(known)}",
-                           param="model", code="model_not_found")
+        audit["model"] = req.model[:200]
+        refuse_tools(req, chat)
+        if req.model not in srv.public_names():
+            mine = [m for m in srv.public_names() if KeyRing.allows(key, m)]
+            raise APIError(404, f"model '{req.model[:200]}' does not exist or is not available to this key; this key "
+                           f"may use: {', '.join(mine) or 'no model'}", param="model", code="model_not_found")
         if not KeyRing.allows(key, req.model):
             srv.metrics.guard_blocks.labels("model_not_allowed").inc()
             raise APIError(403, f"this API key may not use model '{req.model}'", param="model",
@@ -170,13 +244,14 @@ async def generate(request: Request, srv: Server, chat: bool):
                     raise APIError(400, "response_format.json_schema is required for type json_schema",
                                    param="response_format")
                 schema = req.response_format.json_schema.schema_
+                await srv.in_worker(check_json_schema, schema)
             else:
                 json_object = True
         params = gen_params(req, chat, srv.policy.caps, schema, json_object)
 
-        # ---- input rails, then the prompt tokens the engine will see
-        prompt_ids, prompt_text = render(req, chat, srv, audit)
-        await anyio.to_thread.run_sync(srv.traffic.observe, user_text(req, chat))
+        # ---- input rails, then the prompt tokens the engine will see (off the event loop)
+        prompt_ids, prompt_text = await srv.in_worker(render, req, chat, srv, audit)
+        await srv.in_worker(srv.traffic.observe, user_text(req, chat))
         n_prompt = len(prompt_ids)
         context = srv.engine.max_model_len
         if n_prompt + params.max_tokens > context:
@@ -184,38 +259,61 @@ async def generate(request: Request, srv: Server, chat: bool):
                            f"and max_tokens asks for {params.max_tokens} more. Shorten the prompt or lower max_tokens.",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
 
-        # ---- rate limits: the request, and its worst-case tokens
-        refused = await srv.limiter.admit(key, n_prompt + params.max_tokens * params.n)
-        if refused:
-            which, retry = refused
-            srv.metrics.guard_blocks.labels(f"rate_limit:{which}").inc()
-            audit["guard"].append(f"rate_limit:{which}")
-            raise APIError(429, f"rate limit reached for key '{key.id}' ({which}); retry in {retry:.0f} s",
+        # ---- the token budget: prompt + worst-case completion, reserved up front
+        cost = n_prompt + params.max_tokens * params.n
+        budget = srv.limiter.never_fits(key, cost)
+        if budget is not None:
+            raise APIError(400, f"this request needs up to {cost} tokens (prompt {n_prompt} + max_tokens "
+                           f"{params.max_tokens} x n {params.n}) and key '{key.id}' may use {budget} a minute: it "
+                           "can never be admitted; shorten it or lower max_tokens", code="tokens_exceed_limit")
+        retry = await srv.limiter.admit_tokens(key, cost)
+        if retry is not None:
+            srv.metrics.guard_blocks.labels("rate_limit:tokens_per_minute").inc()
+            audit["guard"].append("rate_limit:tokens_per_minute")
+            raise APIError(429, f"rate limit reached for key '{key.id}' (tokens_per_minute); retry in {retry:.0f} s",
                            code="rate_limit_exceeded", headers={"Retry-After": str(int(retry + 0.999))})
-    except APIError as exc:
-        audit.update(status=exc.status, error=exc.code or exc.message, latency_s=round(time.perf_counter() - t0, 4))
-        srv.audit.write(audit)
-        raise
 
-    srv.metrics.tokens.labels("prompt").inc(n_prompt)
-    audit["prompt_tokens"] = n_prompt
-    call = Call(srv=srv, rid=rid, req=req, params=params, prompt_ids=prompt_ids, prompt_text=prompt_text, chat=chat,
-                route=route, audit=audit, t0=t0)
-    if shadow:
-        task = asyncio.create_task(run_shadow(srv, shadow, public, rid, prompt_ids, params))
-        srv.background.add(task)
-        task.add_done_callback(srv.background.discard)
-    if req.stream:
-        slot = srv.slot()
-        try:
+        srv.metrics.tokens.labels("prompt").inc(n_prompt)
+        audit["prompt_tokens"] = n_prompt
+        call = Call(srv=srv, rid=rid, req=req, params=params, prompt_ids=prompt_ids, prompt_text=prompt_text,
+                    chat=chat, route=route, audit=audit, t0=t0, key=key)
+        if shadow:
+            call.shadow = await start_shadow(srv, shadow, public, rid, prompt_ids, params)
+        if req.stream:
+            slot = srv.slot()
             await slot.__aenter__()  # refuse (503) before the 200 of the stream goes out
-        except APIError as exc:
-            audit.update(status=exc.status, error=exc.code, latency_s=round(time.perf_counter() - t0, 4))
+            call.slot = slot
+            handed_over = True
+            return ClosingStreamingResponse(call.stream(), call.release, media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        handed_over = True  # complete() releases in its own finally
+        return await call.complete(request)
+    except APIError as exc:
+        if "status" not in audit:
+            audit.update(status=exc.status, error=exc.code or exc.message[:200],
+                         latency_s=round(time.perf_counter() - t0, 4))
             srv.audit.write(audit)
-            raise
-        return ClosingStreamingResponse(call.stream(slot), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
-    return await call.complete(request)
+        raise
+    finally:
+        if holding and not handed_over:
+            srv.release_key_slot(key)
+
+
+def check_json_schema(schema: dict) -> None:
+    """A response_format schema is checked here, in the API process, before the engine compiles it: a schema that is
+    not a JSON Schema, or one too large to compile quickly, is the client's 400, never an engine failure."""
+    size = len(json.dumps(schema))
+    if size > 32_000:
+        raise APIError(400, f"response_format.json_schema.schema is {size} bytes of JSON; the limit is 32000",
+                       param="response_format", code="invalid_json_schema")
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise APIError(400, f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message[:300]}",
+                       param="response_format", code="invalid_json_schema") from None
 
 
 def user_text(req, chat: bool) -> str:
@@ -259,9 +357,14 @@ async def run_shadow(srv: Server, model: str, public: str, rid: str, prompt_ids:
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """Closes the body generator when the response ends, however it ends. After a client disconnect Starlette only
-    cancels the sending task: a generator paused at a `yield` would otherwise wait for the garbage collector (its
-    frames sit in a traceback cycle) before its `finally` aborts the engine request and frees the slot."""
+    """Closes the body generator when the response ends, however it ends, then calls `on_close` (idempotent: frees
+    the engine slot and the key's place). After a client disconnect Starlette only cancels the sending task: a
+    generator paused at a `yield` would otherwise wait for the garbage collector (its frames sit in a traceback cycle)
+    before its `finally` aborts the engine request and frees the slot."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
         try:
@@ -269,6 +372,8 @@ class ClosingStreamingResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                # a generator closed before its first step never runs its own `finally`: release here too
+                await self.on_close()
 
 
 def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
@@ -290,12 +395,10 @@ def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
         messages = []
         for i, m in enumerate(req.messages):
             text = m.text()
-            if m.role in ("user", "tool"):  # system/developer text comes from the app owner, not the end user
+            if m.role not in rails.exempt_roles:  # every role's text is checked unless the policy exempts the role
                 text = guard(text, f"messages[{i}].content")
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        # Rendered to text, then tokenized without extra specials: the same prompt tokens vLLM's own server makes.
-        prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tok(prompt_text, add_special_tokens=False)["input_ids"], prompt_text
+        return encode_chat(tok, messages)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
         if len(prompt) != 1:  # a batch of prompts (texts or token lists), as lm-eval and vLLM's server send
@@ -313,9 +416,56 @@ def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
     return tok(prompt)["input_ids"], prompt
 
 
+_MARK = "\ue000{}\ue001"  # private-use characters around a message index: stand-ins for content while rendering
+
+
+def encode_chat(tok, messages: list[dict]) -> tuple[list[int], str]:
+    """The prompt tokens of a chat, with the message contents tokenized as text: a `<|im_end|><|im_start|>system`
+    typed into a message stays those characters, never the control tokens that would forge a turn.
+
+    Ordinary content goes the way vLLM's own server goes (render to text, tokenize without extra specials), so the
+    prompt tokens are the same as there. Content that spells a special token is rendered with a stand-in, and the
+    template's own text around it is tokenized as usual while the content is tokenized with special tokens split."""
+    prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    specials = [t for t in tok.all_special_tokens if t] + [t.content for t in tok.added_tokens_decoder.values()
+                                                            if t.special]
+    forged = [i for i, m in enumerate(messages) if any(sp in m["content"] for sp in specials)]
+    if not forged:
+        return tok(prompt_text, add_special_tokens=False)["input_ids"], prompt_text
+    stand_in = [{**m, "content": _MARK.format(i) if i in forged else m["content"]} for i, m in enumerate(messages)]
+    template = tok.apply_chat_template(stand_in, add_generation_prompt=True, tokenize=False)
+    ids, rest = [], template
+    for i in forged:
+        mark = _MARK.format(i)
+        if rest.count(mark) != 1:
+            raise APIError(400, f"messages[{i}].content spells a special token of this model, and its chat template "
+                           "does not keep message text apart; remove the special token", param=f"messages[{i}]",
+                           code="special_token_in_content")
+        before, rest = rest.split(mark)
+        ids += tok(before, add_special_tokens=False)["input_ids"]
+        ids += tok(messages[i]["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids += tok(rest, add_special_tokens=False)["input_ids"]
+    return ids, prompt_text
+
+
+async def start_shadow(srv: Server, model: str, public: str, rid: str, prompt_ids: list[int],
+                       params: GenParams) -> asyncio.Task | None:
+    """The shadow copy of a request, charged to the operator's shadow budget (rate_limits.shadow_tokens_per_minute):
+    a flood of live requests cannot double the engine's load through their shadows. None when the budget is spent."""
+    cost = len(prompt_ids) + params.max_tokens * params.n
+    if await srv.limiter.admit_tokens(srv.shadow_budget, cost) is not None:
+        srv.metrics.guard_blocks.labels("shadow_budget").inc()
+        return None
+    task = asyncio.create_task(run_shadow(srv, model, public, rid, prompt_ids, params))
+    srv.background.add(task)
+    task.add_done_callback(srv.background.discard)
+    return task
+
+
 @dataclass
 class Call:
-    """One generation request that passed every check: what the engine is asked, and the audit line it fills in."""
+    """One generation request that passed every check: what the engine is asked, the audit line it fills in, and what
+    it holds until it ends (an engine slot, one of its key's concurrent places, its shadow copy)."""
 
     srv: Server
     rid: str
@@ -327,31 +477,42 @@ class Call:
     route: str
     audit: dict
     t0: float
+    key: KeyEntry
+    slot: Any = None  # the engine slot a stream holds (Server.slot(), entered)
+    shadow: asyncio.Task | None = None
+    released: bool = False
 
-    def _fields(self):
-        return (self.srv, self.rid, self.req, self.params, self.prompt_ids, self.prompt_text, self.chat, self.route,
-                self.audit, self.t0)
+    async def release(self, aborted: bool = False) -> None:
+        """Free what the request holds, once. An aborted request (client gone, engine error) takes its shadow with
+        it: nobody will compare that answer."""
+        if self.released:
+            return
+        self.released = True
+        if self.slot is not None:
+            await self.slot.__aexit__(None, None, None)
+        self.srv.release_key_slot(self.key)
+        if aborted and self.shadow is not None and not self.shadow.done():
+            self.shadow.cancel()
 
     async def complete(self, request: Request):
         """The whole answer as one JSON body; a client that hangs up first aborts the engine request."""
-        srv, rid, req, params, prompt_ids, prompt_text, chat, route, audit, t0 = self._fields()
+        srv, req, params, chat, audit, t0 = self.srv, self.req, self.params, self.chat, self.audit, self.t0
         texts = [""] * params.n
-        lps: list[list[dict]] = [[] for _ in range(params.n)]
+        lps: list[list[tuple[int, int, dict]]] = [[] for _ in range(params.n)]  # (raw start, raw end, row)
         prompt_lps: list[dict | None] = []
         finish: list[str | None] = [None] * params.n
-        n_out = 0
-        ttft = None
-        status = 200
+        n_out, ttft, status = 0, None, 200
 
         async def run():
             nonlocal n_out, ttft
-            async for deltas in srv.engine.generate(rid, prompt_ids, params, req.model):
+            async for deltas in srv.engine.generate(self.rid, self.prompt_ids, params, req.model):
                 for d in deltas:
                     if ttft is None and d.token_ids:
                         ttft = time.perf_counter() - t0
+                    start = len(texts[d.index])
                     texts[d.index] += d.text
                     n_out += len(d.token_ids)
-                    lps[d.index] += d.logprobs or []
+                    lps[d.index] += [(start, len(texts[d.index]), row) for row in d.logprobs or []]
                     if d.prompt_logprobs:
                         prompt_lps[:] = d.prompt_logprobs
                     finish[d.index] = d.finish_reason or finish[d.index]
@@ -381,55 +542,67 @@ class Call:
         except APIError as exc:
             status = exc.status
             raise
+        except Exception as exc:  # noqa: BLE001 - an engine failure is this request's 500, never a dropped connection
+            status = 500
+            log.exception("engine failed on %s", self.rid)
+            raise APIError(500, f"the model engine failed on this request ({type(exc).__name__})",
+                           code="engine_error") from None
         finally:
             if status != 200:
                 if "arm" in audit:
                     srv.metrics.version_errors.labels(req.model, audit["arm"]).inc()
                 audit.update(status=status, latency_s=round(time.perf_counter() - t0, 4), completion_tokens=n_out)
-                srv.audit.write(audit, prompt=prompt_text, completion=texts)
+                srv.audit.write(audit, prompt=self.prompt_text)
+            await self.release(aborted=status != 200)
 
         echo = not chat and req.echo
         if echo and req.max_tokens == 0:  # scoring only: drop the one step the engine had to take
             texts, lps, finish, n_out = [""] * params.n, [[] for _ in range(params.n)], ["length"] * params.n, 0
-        if echo and params.logprobs is not None and len(prompt_lps) != len(prompt_ids):
-            raise APIError(500, f"the engine returned {len(prompt_lps)} prompt logprobs for {len(prompt_ids)} prompt "
-                           "tokens", code="internal_error")  # never hand out misaligned scores
-        choices = []
+        if echo and params.logprobs is not None and len(prompt_lps) != len(self.prompt_ids):
+            raise APIError(500, f"the engine returned {len(prompt_lps)} prompt logprobs for {len(self.prompt_ids)} "
+                           "prompt tokens", code="internal_error")  # never hand out misaligned scores
+        choices, sent = [], []
         for i in range(params.n):
             v = check_text(texts[i], srv.policy.output)
             audit["guard"] += v.decisions
             reason = finish[i] or "length"
-            text, rows = v.text, lps[i]
+            redacted = [(sp.start, sp.end) for sp in find_pii(texts[i])] if v.text != texts[i] else []
+            text, rows = v.text, scrub_rows(lps[i], redacted, srv.policy.output)
             if v.blocked:  # the output rail withholds this choice (as OpenAI/Azure content filters do), logprobs too
                 srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
                 text, rows, reason = "", [], "content_filter"
+            sent.append(text)
             if chat:
                 choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                           "logprobs": chat_logprobs(rows) if params.logprobs is not None else None}
             else:
                 if echo:  # the prompt (as the input guard passed it) before the completion, its logprobs before theirs
-                    text = prompt_text + text
+                    text = self.prompt_text + text
                     rows = [*prompt_lps, *rows]
-                first = srv.engine.tokenizer.decode(prompt_ids[:1]) if echo else ""
+                first = srv.engine.tokenizer.decode(self.prompt_ids[:1]) if echo else ""
                 choice = {"index": i, "text": text, "finish_reason": reason,
                           "logprobs": completion_logprobs(rows, first) if params.logprobs is not None else None}
             choices.append(choice)
-        _finish_metrics(srv, route, n_out, ttft)
+        _finish_metrics(srv, self.route, n_out, ttft)
         if "arm" in audit:
             srv.metrics.version_latency.labels(req.model, audit["arm"]).observe(time.perf_counter() - t0)
         audit.update(status=200, completion_tokens=n_out, latency_s=round(time.perf_counter() - t0, 4),
                      ttft_s=round(ttft, 4) if ttft else None, finish=[c["finish_reason"] for c in choices])
-        srv.audit.write(audit, prompt=prompt_text, completion=texts)
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": usage(len(prompt_ids), n_out)}
+        srv.audit.write(audit, prompt=self.prompt_text, completion=sent)  # what the client got: after the rails
+        return {"id": self.rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": req.model, "choices": choices,
+                "usage": usage(len(self.prompt_ids), n_out)}
 
-    async def stream(self, slot):
-        """Server-sent events, each delta through the output rails; the slot is held until the stream ends."""
-        srv, rid, req, params, prompt_ids, prompt_text, chat, route, audit, t0 = self._fields()
+    async def stream(self):
+        """Server-sent events, each delta through the output rails; the slot is held until the stream ends. Logprobs
+        rows go out with their text, once the rail has released it (redacted alike), never ahead of it."""
+        srv, rid, req, params, chat, audit, t0 = self.srv, self.rid, self.req, self.params, self.chat, self.audit, self.t0
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         rails = [StreamRail(srv.policy.output, srv.policy.output.holdback_chars) for _ in range(params.n)]
-        texts = [""] * params.n
+        raw_len = [0] * params.n
+        held_rows: list[list[tuple[int, int, dict]]] = [[] for _ in range(params.n)]
+        sent = [""] * params.n
         n_out, ttft, status = 0, None, 200
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -447,7 +620,10 @@ class Call:
                 body["usage"] = None
             return sse(body)
 
-        gen = srv.engine.generate(rid, prompt_ids, params, req.model)
+        def error_event(status_code: int, message: str, code: str) -> list[str]:
+            return [sse(APIError(status_code, message, code=code).body(), event="error"), "data: [DONE]\n\n"]
+
+        gen = srv.engine.generate(rid, self.prompt_ids, params, req.model)
         done = False  # still False in `finally` means the client went away (cancelled, or the generator was closed)
         try:
             if chat:
@@ -462,31 +638,42 @@ class Call:
                     if ttft is None and d.token_ids:
                         ttft = time.perf_counter() - t0
                     n_out += len(d.token_ids)
-                    texts[d.index] += d.text
-                    v = rails[d.index].feed(d.text, final=d.finish_reason is not None)
+                    i, start = d.index, raw_len[d.index]
+                    raw_len[i] += len(d.text)
+                    held_rows[i] += [(start, raw_len[i], row) for row in d.logprobs or []]
+                    rail = rails[i]
+                    v = rail.feed(d.text, final=d.finish_reason is not None)
                     if v.blocked:
                         status, done = 400, True
                         srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
                         audit["guard"] += v.decisions
-                        err = APIError(400, f"the response was stopped by the output guard ({v.blocked})",
-                                       code=f"output_{v.blocked}")
-                        yield sse(err.body(), event="error")
-                        yield "data: [DONE]\n\n"
+                        for line in error_event(400, f"the response was stopped by the output guard ({v.blocked})",
+                                                f"output_{v.blocked}"):
+                            yield line
                         return
-                    if v.text or d.logprobs:
-                        yield chunk(d.index, v.text, lp=d.logprobs)
+                    ready = [r for r in held_rows[i] if r[1] <= rail.consumed]
+                    held_rows[i] = held_rows[i][len(ready):]
+                    rows = scrub_rows(ready, rail.redacted, srv.policy.output)
+                    sent[i] += v.text
+                    if v.text or rows:
+                        yield chunk(i, v.text, lp=rows)
                     if d.finish_reason:
-                        yield chunk(d.index, finish=d.finish_reason)
+                        yield chunk(i, finish=d.finish_reason)
             if include_usage:
                 yield sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
-                            "usage": usage(len(prompt_ids), n_out)})
+                           "usage": usage(len(self.prompt_ids), n_out)})
             done = True
             yield "data: [DONE]\n\n"
         except EngineUnavailable as exc:
             status, done = 503, True
-            yield sse(APIError(503, f"the model engine is unavailable ({exc})", code="engine_unavailable").body(),
-                       event="error")
-            yield "data: [DONE]\n\n"
+            for line in error_event(503, f"the model engine is unavailable ({exc})", "engine_unavailable"):
+                yield line
+        except Exception as exc:  # noqa: BLE001 - after the 200 went out, an engine failure is an error event
+            status, done = 500, True
+            log.exception("engine failed while streaming %s", rid)
+            for line in error_event(500, f"the model engine failed on this request ({type(exc).__name__})",
+                                    "engine_error"):
+                yield line
         finally:
             if not done:  # closing `gen` below aborts the engine request
                 status = 499
@@ -496,13 +683,35 @@ class Call:
             # leaving the engine request running and the slot taken.
             with anyio.CancelScope(shield=True):
                 await gen.aclose()
-                await slot.__aexit__(None, None, None)
+                await self.release(aborted=status != 200)
             for r in rails:
                 audit["guard"] += sorted(r.decisions - set(audit["guard"]))
-            _finish_metrics(srv, route, n_out, ttft)
+            _finish_metrics(srv, self.route, n_out, ttft)
             audit.update(status=status, completion_tokens=n_out, latency_s=round(time.perf_counter() - t0, 4),
                          ttft_s=round(ttft, 4) if ttft else None, stream=True)
-            srv.audit.write(audit, prompt=prompt_text, completion=texts)
+            srv.audit.write(audit, prompt=self.prompt_text, completion=sent)
+
+
+def scrub_rows(rows: list[tuple[int, int, dict]], redacted: list[tuple[int, int]], rails) -> list[dict]:
+    """Logprobs rows as the output rails would let them out. A row whose text lies in a span the rails redacted
+    carries no token text (the logprob stays: it says how sure the model was, not what it said); a top alternative
+    that is itself PII or a blocked term is dropped. `rows` are (raw start, raw end, row) of the answer's text."""
+    out = []
+    for start, end, row in rows:
+        hidden = any(s < end and start < e for s, e in redacted)
+        top = [t for t in row.get("top", []) if not _leaks(t["token"], rails)]
+        if hidden:
+            out.append({**row, "token": "", "top": []})
+        else:
+            out.append({**row, "top": top})
+    return out
+
+
+def _leaks(token: str, rails) -> bool:
+    if rails.pii != "off" and find_pii(token):
+        return True
+    low = token.lower()
+    return any(term.lower() in low for term in rails.blocklist)
 
 
 def _finish_metrics(srv: Server, route: str, n_out: int, ttft: float | None) -> None:
