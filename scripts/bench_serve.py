@@ -10,12 +10,20 @@ guard overhead at p50 (a vs b, goal <= 5%), and (a) at concurrency 32 vs (c) one
 
     .venv/bin/python scripts/bench_serve.py                    # SmolLM2-135M-Instruct fp32 (~8 min on 2 cores)
     .venv/bin/python scripts/bench_serve.py --model tiny --max-tokens 32   # the tiny random model (smoke check)
+    .venv/bin/python scripts/bench_serve.py --hostile          # the guard under a hostile mix (~1 min, no model)
+
+--hostile: the guarded API (real uvicorn, in its own process, over the scripted engine: 16 tokens per answer at
+10 ms a token, so the model's cost is fixed and the API's own is what moves) at concurrency 8, first clean, then with
+1 request in 10 replaced by a ~900 KB adversarial body ("a.a.a..." with PII-shaped runs); a /health poller runs
+throughout. Prints normal traffic's p50 in both runs (goal: within 10%), /health p99 (goal: < 100 ms), and the rails'
+cost per KB of text, now (llmstack/pii.py on RE2) and with the regexes the guard used before (Python `re`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -242,6 +250,145 @@ def guard_cost_ms(model: Path, max_tokens: int, n: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
+# ------------------------------------------------------------------------------------------- hostile mix
+# The guard's regexes before llmstack/pii.py (serve/guard.py, 2026-11): the baseline of the rail cost per KB.
+OLD_PII = [r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b", r"\b(?:\d[ -]?){12,18}\d\b", r"\b\d{3}-\d{2}-\d{4}\b",
+           r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]?\d{4}\b"]
+PROSE = ("The committee met on Tuesday to review the budget, and most members agreed that the plan should move "
+         "forward with a few changes to the schedule. ")
+
+
+def rail_cost_per_kb() -> dict:
+    """ms per KB of text through the input rails (injection + PII), now and with the old Python-`re` patterns, on
+    prose and on adversarial text at two sizes (a quadratic cost shows as a per-KB cost that grows with size)."""
+    import re
+
+    from llmstack.config.serve import GuardPolicy
+    from llmstack.serve.guard import check_text
+
+    old = [re.compile(p) for p in OLD_PII]
+    rails = GuardPolicy().input
+    out = {}
+    for name, unit in (("prose", PROSE), ("adversarial", "a.")):
+        for kb in (4, 16):
+            text = (unit * (kb * 1024 // len(unit) + 1))[: kb * 1024]
+            t0 = time.perf_counter()
+            check_text(text, rails)
+            now = (time.perf_counter() - t0) * 1000 / kb
+            t0 = time.perf_counter()
+            for p in old:
+                list(p.finditer(text))
+            before = (time.perf_counter() - t0) * 1000 / kb
+            out[f"{name}_{kb}kb"] = {"now_ms_per_kb": now, "before_ms_per_kb": before}
+    return out
+
+
+def hostile_server(port: int) -> None:
+    """Internal: the guarded API over the scripted engine, under uvicorn with the guard's protocol settings."""
+    import logging
+
+    from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.app import build_app
+    from llmstack.serve.engines import load_tokenizer
+    from llmstack.serve.guard import hash_key
+    from llmstack.serve.server import run_server
+    from llmstack.testing import ScriptedEngine, build_tiny_model
+
+    logging.basicConfig(level=logging.WARNING)
+    model = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    engine = ScriptedEngine(load_tokenizer(model), " word" * 16, chunk=5, delay=0.01, max_model_len=512)
+    keys = KeyFile.model_validate({"keys": [{"id": "bench", "sha256": hash_key("sk-bench")}]})
+    policy = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 1_000_000,
+                                                         "tokens_per_minute": 100_000_000, "max_concurrent": 64}})
+    spec = ServeSpec(engine="hf", host="127.0.0.1", port=port)
+    run_server(build_app(engine, spec, policy, keys), spec)
+
+
+async def hostile_mix(base: str, n: int, conc: int, hostile_every: int | None) -> dict:
+    import httpx
+
+    normal = {"model": "tiny", "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 16}
+    bad = json.dumps({"model": "tiny", "max_tokens": 16, "messages": [{"role": "user", "content": "a." * 400_000 +
+                                                                      " call 555-123-4567 " * 100}]})
+    lat, health, bad_status = [], [], []
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(base_url=base, timeout=600, headers={"Authorization": "Bearer sk-bench"},
+                                 limits=httpx.Limits(max_connections=conc + 4)) as client:
+        async def poll_health():
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                await client.get("/health")
+                health.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.02)
+
+        queue = list(range(n))
+
+        async def worker():
+            while queue:
+                i = queue.pop()
+                t0 = time.perf_counter()
+                if hostile_every and i % hostile_every == 0:
+                    r = await client.post("/v1/chat/completions", content=bad,
+                                          headers={"Content-Type": "application/json"})
+                    bad_status.append(r.status_code)
+                    continue
+                r = await client.post("/v1/chat/completions", json=normal)
+                assert r.status_code == 200, r.text
+                lat.append(time.perf_counter() - t0)
+
+        poller = asyncio.create_task(poll_health())
+        await asyncio.gather(*[worker() for _ in range(conc)])
+        stop.set()
+        await poller
+    return {"normal_p50_s": statistics.median(lat), "normal_requests": len(lat), "health_p99_s": percentile(health, 0.99),
+            "health_max_s": max(health), "health_polls": len(health), "hostile_statuses": sorted(set(bad_status)),
+            "hostile_requests": len(bad_status)}
+
+
+def bench_hostile(n: int, conc: int) -> dict:
+    with socket_port() as port:
+        pass
+    server = subprocess.Popen([sys.executable, __file__, "--hostile-server", str(port)], start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        asyncio.run(hostile_mix(base, 16, conc, None))  # warm-up
+        clean = asyncio.run(hostile_mix(base, n, conc, None))
+        hostile = asyncio.run(hostile_mix(base, n, conc, 10))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    costs = rail_cost_per_kb()
+    ratio = hostile["normal_p50_s"] / clean["normal_p50_s"]
+    print(f"hostile mix, concurrency {conc}, {n} requests per run, 1 in 10 a ~900 KB adversarial body "
+          f"(answered {hostile['hostile_statuses']}):")
+    print(f"  normal p50: clean {clean['normal_p50_s'] * 1000:.0f} ms, hostile {hostile['normal_p50_s'] * 1000:.0f} ms "
+          f"= {ratio:.2f}x (goal <= 1.10x)")
+    print(f"  /health p99: clean {clean['health_p99_s'] * 1000:.1f} ms, hostile {hostile['health_p99_s'] * 1000:.1f} ms "
+          f"(max {hostile['health_max_s'] * 1000:.0f} ms over {hostile['health_polls']} polls; goal < 100 ms)")
+    print("  input rails, ms per KB (now RE2 / before Python re):")
+    for name, c in costs.items():
+        print(f"    {name:<16} {c['now_ms_per_kb']:.3f} / {c['before_ms_per_kb']:.3f}")
+    return {"clean": clean, "hostile": hostile, "normal_p50_ratio": ratio, "rail_cost": costs}
+
+
+@contextlib.contextmanager
+def socket_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 def fmt(r: dict) -> str:
     ttft = f"{r['ttft_p50_s']:.3f}" if r["ttft_p50_s"] is not None else "  n/a"
     return (f"{r['system']:<24} c={r['concurrency']:<3} req={r['requests']:<3} tok={r['tokens']:<5} "
@@ -258,7 +405,20 @@ def main() -> None:
     ap.add_argument("--hf-threads", type=int, default=0, help="torch threads for (c); 0 = torch's default "
                     "(vLLM's CPU engine computes on 1 thread; on a busy machine 2 OpenMP threads can crawl)")
     ap.add_argument("--hf-only", help=argparse.SUPPRESS)  # internal: (c) in a fresh process, see below
+    ap.add_argument("--hostile", action="store_true", help="the guard under a hostile mix (see above)")
+    ap.add_argument("--hostile-requests", type=int, default=160)
+    ap.add_argument("--hostile-server", type=int, help=argparse.SUPPRESS)  # internal: the server of --hostile
     args = ap.parse_args()
+    if args.hostile_server:
+        hostile_server(args.hostile_server)
+        return
+    if args.hostile:
+        result = bench_hostile(args.hostile_requests, 8)
+        out = Path(args.out).with_name("serve_hostile.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return
     if args.hf_only:
         model, prompt_ids = json.loads(Path(args.hf_only).read_text())
         if args.hf_threads:

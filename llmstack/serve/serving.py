@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,14 +55,27 @@ class Server:
     # Parsing, rails, chat templates and tokenizing run in worker threads, at most this many at once, so the event
     # loop only moves bytes: a flood of large bodies queues here instead of stalling every other client.
     workers: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(4))
+    # One tokenizer call at a time: a fast tokenizer's settings (split_special_tokens, truncation) are shared state
+    # that a call may change, and two worker threads must not see each other's.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     shadow_budget: KeyEntry = field(init=False)
 
     def __post_init__(self):
         self.slots = asyncio.Semaphore(self.spec.max_concurrency)
+        self._max_prompt_chars: int | None = None
         # shadow copies are the operator's traffic: charged to a budget of their own, never to the client's key
         self.shadow_budget = KeyEntry(id="shadow-budget", sha256="0" * 64,
                                       tokens_per_minute=self.policy.rate_limits.shadow_tokens_per_minute)
+
+    def max_prompt_chars(self) -> int:
+        """The longest prompt text that could still fit the context: no token is longer than the longest entry of
+        the vocabulary (in a byte-level vocabulary every character stands for one byte, so a token's text has at
+        most that many characters). A longer text is refused before the tokenizer spends seconds on it."""
+        if self._max_prompt_chars is None:
+            longest = max(len(t) for t in self.engine.tokenizer.get_vocab())
+            self._max_prompt_chars = self.engine.max_model_len * longest
+        return self._max_prompt_chars
 
     async def in_worker(self, fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.workers)
@@ -251,7 +265,6 @@ async def generate(request: Request, srv: Server, chat: bool):
 
         # ---- input rails, then the prompt tokens the engine will see (off the event loop)
         prompt_ids, prompt_text = await srv.in_worker(render, req, chat, srv, audit)
-        await srv.in_worker(srv.traffic.observe, user_text(req, chat))
         n_prompt = len(prompt_ids)
         context = srv.engine.max_model_len
         if n_prompt + params.max_tokens > context:
@@ -275,6 +288,7 @@ async def generate(request: Request, srv: Server, chat: bool):
 
         srv.metrics.tokens.labels("prompt").inc(n_prompt)
         audit["prompt_tokens"] = n_prompt
+        await srv.in_worker(srv.traffic.observe, user_text(req, chat))  # the traffic served, for drift
         call = Call(srv=srv, rid=rid, req=req, params=params, prompt_ids=prompt_ids, prompt_text=prompt_text,
                     chat=chat, route=route, audit=audit, t0=t0, key=key)
         if shadow:
@@ -376,6 +390,13 @@ class ClosingStreamingResponse(StreamingResponse):
                 await self.on_close()
 
 
+def too_long(srv: Server, text: str, param: str) -> None:
+    if len(text) > srv.max_prompt_chars():
+        raise APIError(400, f"this model's context is {srv.engine.max_model_len} tokens, and a prompt of "
+                       f"{len(text)} characters cannot fit in it; shorten it", param=param,
+                       code="context_length_exceeded")
+
+
 def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
     rails = srv.policy.input
     tok = srv.engine.tokenizer
@@ -398,7 +419,9 @@ def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
             if m.role not in rails.exempt_roles:  # every role's text is checked unless the policy exempts the role
                 text = guard(text, f"messages[{i}].content")
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        return encode_chat(tok, messages)
+        too_long(srv, "".join(m["content"] for m in messages), "messages")
+        with srv.tokenizer_lock:
+            return encode_chat(tok, messages)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
         if len(prompt) != 1:  # a batch of prompts (texts or token lists), as lm-eval and vLLM's server send
@@ -409,11 +432,17 @@ def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
         if not prompt or not all(0 <= t < len(tok) for t in prompt):
             raise APIError(400, f"prompt token ids must be a non-empty list of ids in [0, {len(tok)})",
                            param="prompt")
-        text = tok.decode(prompt)
+        with srv.tokenizer_lock:
+            text = tok.decode(prompt)
         checked = guard(text, "prompt")
-        return (prompt if checked == text else tok(checked)["input_ids"]), checked
+        if checked == text:
+            return prompt, checked
+        with srv.tokenizer_lock:
+            return tok(checked)["input_ids"], checked
+    too_long(srv, prompt, "prompt")
     prompt = guard(prompt, "prompt")
-    return tok(prompt)["input_ids"], prompt
+    with srv.tokenizer_lock:
+        return tok(prompt)["input_ids"], prompt
 
 
 _MARK = "\ue000{}\ue001"  # private-use characters around a message index: stand-ins for content while rendering
