@@ -92,7 +92,7 @@ async def bench_api(base: str, key: str, prompts: list[list[dict]], conc: int, m
         return summarize("a_guarded_api", conc, time.perf_counter() - t0, rows)
 
 
-def start_server(model: Path, workdir: Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(model: Path, workdir: Path, vllm: dict) -> tuple[subprocess.Popen, str, str]:
     import socket
 
     import httpx
@@ -107,10 +107,11 @@ def start_server(model: Path, workdir: Path) -> tuple[subprocess.Popen, str, str
     (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "bench", "sha256": hash_key(key)}]}))
     # Default rails all on; limits raised so the benchmark measures the guard's cost, not its refusals.
     (workdir / "guard.yaml").write_text(yaml.safe_dump({"rate_limits": {"requests_per_minute": 100_000,
-                                                                        "tokens_per_minute": 10_000_000}}))
+                                                                        "tokens_per_minute": 10_000_000,
+                                                                        "max_concurrent": 64}}))
     (workdir / "server.yaml").write_text(yaml.safe_dump({
         "engine": "vllm", "model": str(model), "served_model_name": "bench", "port": port, "keys": "keys.yaml",
-        "guard": "guard.yaml", "audit_log": "audit.jsonl", "max_concurrency": 64, "max_queue": 64}))
+        "guard": "guard.yaml", "audit_log": "audit.jsonl", "max_concurrency": 64, "max_queue": 64, "vllm": vllm}))
     log = open(workdir / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(workdir / "server.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
@@ -151,7 +152,8 @@ async def bench_engine_level(engine, prompt_ids: list[list[int]], conc: int, max
     return summarize("b_bare_vllm", conc, time.perf_counter() - t0, rows)
 
 
-async def bench_a_and_b(model: Path, work: Path, prompts, prompt_ids, levels, max_tokens, skip) -> list[dict]:
+async def bench_a_and_b(model: Path, work: Path, prompts, prompt_ids, levels, max_tokens, skip,
+                        vllm: dict) -> list[dict]:
     """(a) and (b) interleaved level by level, both engines loaded, so a shared machine's load drifts equally
     over both (an idle vLLM engine costs no CPU)."""
     from llmstack.config.serve import VllmOptions
@@ -161,9 +163,9 @@ async def bench_a_and_b(model: Path, work: Path, prompts, prompt_ids, levels, ma
     out = []
     try:
         if "a" not in skip:
-            proc, base, key = start_server(model, work)
+            proc, base, key = start_server(model, work, vllm)
         if "b" not in skip:
-            engine = VllmEngine(model, "bench", options=VllmOptions())
+            engine = VllmEngine(model, "bench", options=VllmOptions(**vllm))
             await engine.start()
         for conc in levels:
             if proc is not None:
@@ -405,6 +407,7 @@ def main() -> None:
     ap.add_argument("--hf-threads", type=int, default=0, help="torch threads for (c); 0 = torch's default "
                     "(vLLM's CPU engine computes on 1 thread; on a busy machine 2 OpenMP threads can crawl)")
     ap.add_argument("--hf-only", help=argparse.SUPPRESS)  # internal: (c) in a fresh process, see below
+    ap.add_argument("--dtype", help="vLLM dtype for (a) and (b) (default: the server's shipped setting)")
     ap.add_argument("--hostile", action="store_true", help="the guard under a hostile mix (see above)")
     ap.add_argument("--hostile-requests", type=int, default=160)
     ap.add_argument("--hostile-server", type=int, help=argparse.SUPPRESS)  # internal: the server of --hostile
@@ -450,7 +453,13 @@ def main() -> None:
                       add_special_tokens=False)["input_ids"] for m in prompts]
     print(f"model {model}; {args.max_tokens} tokens per request; concurrency {levels}; "
           f"{os.cpu_count()} CPUs", flush=True)
-    results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip))
+    from llmstack.config.serve import VllmOptions
+
+    vllm = {"dtype": args.dtype} if args.dtype else {}
+    print("engine settings: " + ", ".join(f"{k}={v}" for k, v in VllmOptions(**vllm).model_dump().items())
+          + f"; VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}", flush=True)
+    results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip,
+                                                    vllm))
     if "c" not in skip:
         # In a fresh process: after vLLM ran here, torch's threading is no longer what a plain transformers
         # program gets (generate measured >10x slower in-process), and that would flatter the ratios.

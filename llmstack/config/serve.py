@@ -107,7 +107,7 @@ class RateLimits(Strict):
     shadow_tokens_per_minute: int = Field(100_000, gt=0, description="the operator's budget for shadow copies of "
                                                                      "requests (prompt + max_tokens x n); past it a "
                                                                      "request gets no shadow")
-    max_concurrent: int = Field(8, gt=0, description="requests one key may have in flight at once, per replica "
+    max_concurrent: int = Field(16, gt=0, description="requests one key may have in flight at once, per replica "
                                                      "(streams included); more get 429. A key may override it")
 
     @field_validator("storage")
