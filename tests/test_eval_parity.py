@@ -71,7 +71,8 @@ def vllm_server(smollm2, tmp_path_factory):
     (d / "guard.yaml").write_text(yaml.safe_dump({"rate_limits": {"requests_per_minute": 10_000}}))
     (d / "server.yaml").write_text(yaml.safe_dump({
         "engine": "vllm", "model": str(smollm2), "served_model_name": "smollm2", "max_model_len": 2048,
-        "port": port, "keys": "keys.yaml", "guard": "guard.yaml"}))
+        "port": port, "keys": "keys.yaml", "guard": "guard.yaml",
+        "vllm": {"dtype": "float32"}}))  # float32: scores compared with the fp32 hf backend
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
     log = open(d / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],

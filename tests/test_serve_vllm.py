@@ -62,7 +62,7 @@ def server(tiny_model, adapter, tmp_path_factory):
         "engine": "vllm", "model": str(tiny_model), "served_model_name": "tiny",
         "adapters": {"tiny-lora": str(adapter)},
         "port": port, "keys": "keys.yaml", "guard": "guard.yaml", "audit_log": "audit.jsonl",
-        "drain_timeout_s": 60}))
+        "drain_timeout_s": 60, "vllm": {"dtype": "float32"}}))  # float32: greedy tokens compared with fp32 HF
     log = open(d / "server.log", "w")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
     proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],

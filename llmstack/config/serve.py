@@ -31,9 +31,12 @@ class Route(Strict):
 
 
 class VllmOptions(Strict):
-    # Measured on the 2-core AVX2 dev box (DESIGN.md §3): fp32 is 3.5x faster than emulated bf16, eager starts in
+    # bfloat16: measured on the 2-core AVX2 box with scripts/bench_serve.py (SmolLM2-135M, 32 concurrent streams of
+    # 64 tokens, same run): bf16 272 tok/s vs the fp32 engine's 168 (transformers' static batch of 32: 172), as
+    # bench_quant measured before (146 vs 102); DESIGN.md's early fp32-faster figure did not hold. Eager starts in
     # 45-80 s instead of 160-210 s, and vLLM's CPU memory check fails without an explicit KV-cache size.
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # The transformers engine stays float32 unless dtype is set (bf16 is emulated there on AVX2).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
     enforce_eager: bool = Field(True, description="skip torch.compile / graph capture (fast start on CPU)")
     kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB of KV cache)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory vLLM may take (CUDA)")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from llmstack.serve.engines.base import (Delta, Engine, EngineRejected, EngineUnavailable, GenParams,  # noqa: F401
@@ -10,10 +11,17 @@ from llmstack.serve.engines.base import (Delta, Engine, EngineRejected, EngineUn
 from llmstack.serve.engines.hf import HfEngine
 from llmstack.serve.engines.vllm import VllmEngine
 
+log = logging.getLogger("llmstack.serve")
+
 
 def make_engine(spec, model: str | Path, served_name: str):
     """The engine a ServeSpec asks for (not started: `await engine.start()`)."""
     if spec.engine == "vllm":
         return VllmEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, spec.vllm)
-    return HfEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed,
-                    dtype=spec.vllm.dtype)
+    # vllm.dtype is chosen for vLLM's kernels (bfloat16 by default); transformers here runs on the CPU, where bf16
+    # is emulated on most machines (4x slower on AVX2): it computes in float32 there.
+    dtype = spec.vllm.dtype
+    if dtype in ("bfloat16", "float16"):
+        log.info("the transformers engine computes in float32 on the CPU (vllm.dtype %s is for vLLM)", dtype)
+        dtype = "float32"
+    return HfEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, dtype=dtype)
