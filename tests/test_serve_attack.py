@@ -451,3 +451,24 @@ def test_the_published_example_key_only_serves_loopback():
     with pytest.raises(ConfigError, match="published example key"):
         check_example_key(keys, "0.0.0.0")
     check_example_key(KEYS, "0.0.0.0")  # keys of your own: any address
+
+
+def test_a_shadow_is_cancelled_with_its_aborted_live_request(tokenizer, tmp_path):
+    """The client hangs up on the live stream: nobody will compare the shadow's answer, so it stops too."""
+    engine = ScriptedEngine(tokenizer, "slow answer " * 200, chunk=4, delay=0.02, names=["v1", "v2"])
+    audit = tmp_path / "audit.jsonl"
+    app = make_app(tokenizer, engine=engine, audit=str(audit),
+                   routes={"assistant": {"primary": "v1", "shadow": "v2"}})
+    with TestClient(app) as c:
+        with c.stream("POST", "/v1/chat/completions", json={**CHAT, "model": "assistant", "stream": True},
+                      headers=H) as s:
+            next(s.iter_lines())  # the stream has started, and so has its shadow
+        srv = app.state.ref["server"]
+        deadline = time.time() + 10
+        while srv.background and time.time() < deadline:
+            time.sleep(0.05)
+        assert not srv.background, "the shadow kept running after its live request was aborted"
+        srv.audit.flush()
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert [e["status"] for e in lines if not e.get("shadow")] == [499]
+    assert not any(e.get("shadow") and e.get("status") == 200 for e in lines)  # it never finished its answer
