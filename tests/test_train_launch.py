@@ -70,6 +70,7 @@ def test_two_process_cpu_launch_trains_and_saves_one_model(tmp_path, tiny_model)
     run_dir = tmp_path / "runs" / "launch" / "default"
     entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]
     assert entry["status"] == "done" and entry["metrics"]["world_size"] == 2 and entry["metrics"]["steps"] == 3
+    assert entry["metrics"]["distributed"] == "MULTI_CPU"  # data parallel over gloo
     models = [p.parent for p in run_dir.rglob("config.json")]
     assert models == [run_dir / "sft" / "model"]  # one model, written once
     from transformers import AutoModelForCausalLM

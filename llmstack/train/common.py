@@ -198,12 +198,25 @@ def check_single_bos(tokenizer, text: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_sharding(trainer) -> None:
+    """A launch config that asks for FSDP must get FSDP. accelerate (1.15) upgrades only GPU-like device types to
+    FSDP: processes on the CPU (TRL's `use_cpu`) run plain data parallel (MULTI_CPU) with FSDP asked for, every
+    rank holding the whole model. That would train, but not what the config says: refuse with the reason."""
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    got = str(trainer.accelerator.distributed_type).split(".")[-1]
+    if asked and got != "FSDP":
+        raise RuntimeError(f"the launch config asks for FSDP, but accelerate runs these processes as {got}: accelerate "
+                           "shards with FSDP only on GPUs (or other accelerators), not on the CPU. Launch with "
+                           "recipes/accelerate/cpu-ddp.yaml on a CPU, or fsdp2.yaml on GPUs")
+
+
 def resume_checkpoint(ctx, trainer) -> str | None:
     """The last checkpoint in the stage folder if it was written for these same inputs, else None (and stale
     checkpoints are removed, so a changed recipe never resumes from another run's state). The trainer's own
     resume restores model, optimizer, scheduler and RNG state and skips the batches already seen: same data order."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    check_sharding(trainer)
     identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
                             "datasets": {k: str(v) for k, v in ctx.datasets.items()}, "seed": ctx.recipe.seed})
     stamp = ctx.dir / "resume-inputs.sha256"
@@ -330,7 +343,11 @@ def metrics_from(trainer, train_output) -> dict[str, Any]:
         "tokens": int(tokens),
         "tokens_per_s": round(tokens / runtime, 2) if runtime else None,
         "world_size": trainer.args.world_size,
+        # how the processes split the work (NO, MULTI_GPU = DDP, FSDP, DEEPSPEED), and FSDP's version when sharded
+        "distributed": str(trainer.accelerator.distributed_type).split(".")[-1],
     }
+    if trainer.is_fsdp_enabled:
+        m["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
     for key in ("rewards/margins", "rewards/accuracies"):
         vals = [h[key] for h in history if key in h]
         if vals:
