@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmstack.device import policy
 from llmstack.paths import cache_root
 from llmstack.runs import sha256_file
 
@@ -200,10 +201,11 @@ def chat_greedy(folder: Path, question: str, max_new_tokens: int = 48, model=Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    p = policy()  # probes and answer checks on the GPU when the run has one
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
-    model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=p.torch_dtype()).to(p.device)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+                                        return_tensors="pt", return_dict=True).to(model.device)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, ids["input_ids"].shape[1]:].tolist()

@@ -29,7 +29,9 @@ class EvalSpec(Strict):
                               description="'base', stage names, or 'int4'")
     limit: int | None = Field(None, gt=0, description="at most this many items per task (None: the suite's own size)")
     tasks: list[str] | None = Field(None, min_length=1, description="only these tasks of the suite (None: all)")
-    backend: Literal["hf", "vllm"] = Field("hf", description="lm-eval model type used in the pipeline")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="lm-eval model type used in the pipeline; auto: the device policy's (vllm on a GPU when "
+                            "installed, else hf on the run's device)")
     batch_size: int = Field(8, gt=0, description="lm-eval batch size for the hf backend")
     identity_name: str = Field("llmstack", min_length=1,
                                description="the name the `identity` task expects the tuned model to state")

