@@ -29,6 +29,10 @@ def test_smoke_scores_are_fractions_with_exact_counts(smoke_scores):
         assert res["n"] == spec.n, spec.name
         assert 0.0 <= res["score"] <= 1.0, spec.name
         assert res["chat"] == spec.chat
+        # every score carries its items and its 95% interval: the items' mean is the score, the interval holds it
+        assert len(res["items"]) == res["n"] and sum(res["items"]) / res["n"] == pytest.approx(res["score"])
+        lo, hi = res["ci95"]
+        assert lo <= res["score"] <= hi and hi - lo > 0.1  # a handful of items: a wide interval
     assert "exact_match,flexible-extract" in smoke_scores["gsm8k"]["all"]
 
 
@@ -131,7 +135,8 @@ def test_pipeline_stage_compares_stages_and_fails_a_gate(tiny_model, identity_ad
     result = run(_ctx(tmp_path / "ok", {"base": tiny_model, "sft": identity_adapter}, spec))
     assert result.metrics["sft"]["identity"] == 1.0 and result.metrics["base"]["identity"] == 0.0
     section = (tmp_path / "ok" / "eval" / "section.md").read_text()
-    assert "| identity | named | 2 | 0.000 | 1.000 |" in section
+    # with their 95% Wilson intervals: 0 of 2 and 2 of 2 items
+    assert "| identity | named | 2 | 0.000 [0.00, 0.66] | 1.000 [0.34, 1.00] |" in section
     assert "![eval scores per stage](eval.png)" in section and "all gates passed" in section
     assert (tmp_path / "ok" / "eval" / "eval.png").stat().st_size > 5000
 
@@ -173,7 +178,12 @@ def test_quantization_recovery_is_quantized_over_its_source():
     assert rec["reference"] == "dpo" and rec["quantized"] == "int4"
     assert rec["per_task"] == {"arc_easy": 0.95, "identity": 0.75}  # refusal: a ratio to 0 says nothing
     assert rec["mean"] == 0.85
+    assert rec["paired_difference"] == {}  # no per-item scores: nothing to pair
     assert quantization_recovery(ctx, {"base": {}, "dpo": {}}) is None
+    scores["dpo"]["arc_easy"]["items"] = [1.0] * 40 + [0.0] * 60
+    scores["int4"]["arc_easy"]["items"] = [1.0] * 38 + [0.0] * 62  # two items lost, on the same 100 items
+    mean, lo, hi = quantization_recovery(ctx, scores)["paired_difference"]["arc_easy"]
+    assert mean == -0.02 and lo < mean <= hi <= 0
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstack.device import policy
+from llmstack.eval.stats import wilson
 from llmstack.eval.suites import SUITES_DIR, Suite, ensure_prepared, load_suite, read_task
 
 log = logging.getLogger("llmstack")
@@ -255,14 +256,19 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[t.name for t in group], task_manager=manager,
             samples={name: list(range(n)) for name, n in counts.items()},
-            apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=samples_dir is not None,
+            apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=True,
             bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         for task in counts:
             res = out["results"][task]
             metrics = {k: _clean(v) for k, v in res.items() if k != "alias" and "_stderr" not in k}
             n = out["n-samples"][task]["effective"]
-            results[task] = {"score": metrics.get(PRIMARY[task]), "metric": PRIMARY[task], "n": n,
-                             "chat": chat, "all": metrics}
+            items = _item_scores(out["samples"][task], PRIMARY[task])
+            score = metrics.get(PRIMARY[task])
+            results[task] = {"score": score, "metric": PRIMARY[task], "n": n, "chat": chat, "all": metrics,
+                             # 95% Wilson interval of the primary metric (a proportion of items), and the items'
+                             # own scores in doc order, for paired comparisons between stages
+                             "ci95": [round(x, 4) for x in wilson(sum(items), len(items))] if items else None,
+                             "items": items}
             if samples_dir:
                 samples_dir.mkdir(parents=True, exist_ok=True)
                 with open(samples_dir / f"{task}.jsonl", "w") as f:
@@ -270,6 +276,13 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
                         f.write(json.dumps({"doc": s["doc"], "target": s["target"], "resps": s["resps"],
                                             "filtered_resps": s["filtered_resps"]}, default=str) + "\n")
     return {t.name: results[t.name] for t in wanted}
+
+
+def _item_scores(samples: list[dict], primary: str) -> list[float]:
+    """Per-item values of the primary metric (`acc,none` -> each sample's `acc` under filter `none`), by doc id."""
+    metric, _, filt = primary.partition(",")
+    rows = sorted((s["doc_id"], float(s[metric])) for s in samples if s.get("filter") == filt and metric in s)
+    return [v for _, v in rows]
 
 
 # ---------------------------------------------------------------- gates, table, chart
@@ -309,8 +322,9 @@ def markdown_table(scores: dict[str, dict[str, Any]]) -> str:
         first = next(scores[s][task] for s in stages if task in scores[s])
         cells = []
         for s in stages:
-            v = scores[s].get(task, {}).get("score")
-            cells.append("–" if v is None else f"{v:.3f}")
+            r = scores[s].get(task, {})
+            v, ci = r.get("score"), r.get("ci95")
+            cells.append("–" if v is None else f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
         lines.append(f"| {task} | {first['metric'].replace(',none', '')} | {first['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -327,7 +341,9 @@ def bar_chart(scores: dict[str, dict[str, Any]], path: Path, title: str = "") ->
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks) + 2), 4))
     for i, stage in enumerate(stages):
         vals = [scores[stage].get(t, {}).get("score") or 0.0 for t in tasks]
-        ax.bar([x + i * width for x in range(len(tasks))], vals, width, label=stage)
+        cis = [scores[stage].get(t, {}).get("ci95") or [v, v] for t, v in zip(tasks, vals)]
+        errors = [[max(0.0, v - lo) for v, (lo, _) in zip(vals, cis)], [max(0.0, hi - v) for v, (_, hi) in zip(vals, cis)]]
+        ax.bar([x + i * width for x in range(len(tasks))], vals, width, label=stage, yerr=errors, capsize=2)
     ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")

@@ -11,6 +11,7 @@ from typing import Any
 
 from llmstack.config.suites import load_suite
 from llmstack.device import policy
+from llmstack.eval.stats import paired_bootstrap
 from llmstack.eval.run import EvalGateError, Target, bar_chart, check_gates, evaluate, markdown_table, resolve_folder
 from llmstack.stage import StageContext, StageResult
 
@@ -72,20 +73,29 @@ def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, A
     source = trained[-1] if trained else "base"
     if source not in scores:
         return None
-    per_task = {}
+    per_task, paired = {}, {}
     for task, res in scores[quant].items():
         ref = scores[source].get(task, {}).get("score")
         if ref and res.get("score") is not None:
             per_task[task] = round(res["score"] / ref, 4)
+        a, b = scores[source].get(task, {}).get("items"), res.get("items")
+        if a and b and len(a) == len(b):  # the same items, in the same order: the difference is paired
+            paired[task] = [round(x, 4) for x in paired_bootstrap(a, b)]
     mean = round(sum(per_task.values()) / len(per_task), 4) if per_task else None
-    return {"quantized": quant, "reference": source, "per_task": per_task, "mean": mean}
+    return {"quantized": quant, "reference": source, "per_task": per_task, "mean": mean,
+            "paired_difference": paired}
 
 
 def _recovery_table(rec: dict[str, Any]) -> list[str]:
-    lines = [f"Quality recovery of `{rec['quantized']}` vs `{rec['reference']}` (quantized score / unquantized):", "",
-             "| task | recovery |", "|---|---|"]
-    lines += [f"| {t} | {v:.1%} |" for t, v in rec["per_task"].items()]
-    lines += [f"| **mean** | **{rec['mean']:.1%}** |" if rec["mean"] is not None else "| mean | n/a |", ""]
+    lines = [f"Quality recovery of `{rec['quantized']}` vs `{rec['reference']}` (quantized score / unquantized), and the "
+             "paired difference on the same items (quantized - unquantized, 95% bootstrap interval; an interval "
+             "that contains 0 means these items cannot tell the two apart):", "",
+             "| task | recovery | paired difference [95% CI] |", "|---|---|---|"]
+    paired = rec.get("paired_difference", {})
+    for t, v in rec["per_task"].items():
+        d = paired.get(t)
+        lines.append(f"| {t} | {v:.1%} | " + (f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "n/a") + " |")
+    lines += [f"| **mean** | **{rec['mean']:.1%}** | |" if rec["mean"] is not None else "| mean | n/a | |", ""]
     return lines
 
 
