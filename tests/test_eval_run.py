@@ -99,6 +99,28 @@ def test_gates_name_stage_task_score_and_threshold():
     assert check_gates(three, GateSpec(min={"identity": 0.5})) == []
 
 
+def test_regression_gates_decide_on_the_paired_interval():
+    """With per-item scores a drop fails only when significant; a drop the items cannot establish says so."""
+    from llmstack.eval.run import gate_verdicts
+
+    def stage(items):
+        return {"score": sum(items) / len(items), "metric": "acc,none", "n": len(items), "items": items}
+
+    base = [1.0] * 60 + [0.0] * 40
+    big = [1.0] * 30 + [0.0] * 70  # 30 of the same 100 items lost: significant
+    small = [1.0] * 55 + [0.0] * 45  # 5 lost: more than max_regression 0.02, but not significantly
+    gates = GateSpec(max_regression=0.02)
+    verdicts = gate_verdicts({"base": {"arc_easy": stage(base)}, "sft": {"arc_easy": stage(big)}}, gates)
+    assert [v["verdict"] for v in verdicts] == ["fail"] and "paired on 100 items" in verdicts[0]["message"]
+    verdicts = gate_verdicts({"base": {"arc_easy": stage(base)}, "sft": {"arc_easy": stage(small)}}, gates)
+    assert [v["verdict"] for v in verdicts] == ["undecided"] and "more items are needed" in verdicts[0]["message"]
+    assert check_gates({"base": {"arc_easy": stage(base)}, "sft": {"arc_easy": stage(small)}}, gates) == []
+    # a min gate whose interval straddles the threshold passes or fails on the score, and says it is not sure
+    one = {"sft": {"identity": {**stage([1.0] * 6 + [0.0] * 4), "ci95": [0.31, 0.83]}}}
+    (v,) = gate_verdicts(one, GateSpec(min={"identity": 0.5}))
+    assert v["verdict"] == "pass" and "straddles the threshold" in v["message"]
+
+
 def test_eval_config_rejects_unknown_suite_and_gate_task():
     from llmstack.config.recipe import RecipeError, parse_recipe
 

@@ -13,7 +13,9 @@ from llmstack.config.suites import EvalDataError, load_suite
 class GateSpec(Strict):
     min: dict[str, float] = Field(default_factory=dict,
                                   description="task -> lowest acceptable score of the last stage in eval.stages")
-    max_regression: float | None = Field(None, ge=0, description="largest allowed drop vs the base model, any task")
+    max_regression: float | None = Field(None, ge=0, description="largest allowed drop vs the base model, any task; "
+                                         "with per-item scores a drop fails only when significant at `level`")
+    level: float = Field(0.95, gt=0.5, lt=1, description="confidence level of the paired interval max_regression uses")
 
     @model_validator(mode="after")
     def _scores_are_fractions(self):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstack.device import policy
-from llmstack.eval.stats import wilson
+from llmstack.eval.stats import paired_bootstrap, wilson
 from llmstack.eval.suites import SUITES_DIR, Suite, ensure_prepared, load_suite, read_task
 
 log = logging.getLogger("llmstack")
@@ -288,30 +288,64 @@ def _item_scores(samples: list[dict], primary: str) -> list[float]:
 # ---------------------------------------------------------------- gates, table, chart
 
 
-def check_gates(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[str]:
-    """Gate failures as lines naming stage, task, score and threshold. `min` judges the last stage evaluated (the
-    model the recipe ships: an intermediate stage like cpt need not know its name yet); `max_regression` judges
-    every stage against `base`."""
-    problems = []
+def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[dict[str, str]]:
+    """One verdict per gate and task: {"verdict": pass | fail | undecided, "message"}. `min` judges the last stage
+    evaluated (the model the recipe ships: an intermediate stage like cpt need not know its name yet) by its score, and
+    says so when the score's 95% interval still straddles the threshold (too few items to be sure either way).
+    `max_regression` judges every stage against `base`, paired on the same items: a drop fails only when the whole
+    95% interval of the paired difference lies beyond the allowed drop; a larger point drop whose interval still
+    reaches the allowed range is `undecided` (reported, not failed). Without per-item scores, the point estimates decide."""
+    verdicts = []
     last = list(scores)[-1]
     for task, threshold in gates.min.items():
-        got = scores[last].get(task, {}).get("score")
+        res = scores[last].get(task, {})
+        got, ci = res.get("score"), res.get("ci95")
         if got is None:
-            problems.append(f"{last}: gate min.{task} = {threshold}: task was not scored")
-        elif got < threshold:
-            problems.append(f"{last}: {task} = {got:.4f} is below the gate min.{task} = {threshold}")
+            verdicts.append({"verdict": "fail", "message": f"{last}: gate min.{task} = {threshold}: task was not scored"})
+            continue
+        verdict = "fail" if got < threshold else "pass"
+        message = (f"{last}: {task} = {got:.4f} is below the gate min.{task} = {threshold}" if verdict == "fail" else
+                   f"{last}: {task} = {got:.4f} meets min.{task} = {threshold}")
+        if ci and ci[0] < threshold <= ci[1]:
+            message += (f" (but its 95% interval [{ci[0]:.2f}, {ci[1]:.2f}] on {res.get('n')} items straddles the "
+                        f"threshold: more items are needed to be sure)")
+        verdicts.append({"verdict": verdict, "message": message})
     if gates.max_regression is not None and base in scores:
+        allowed = gates.max_regression
         for stage in scores:
             if stage == base:
                 continue
             for task, res in scores[stage].items():
-                ref = scores[base].get(task, {}).get("score")
-                if ref is None or res.get("score") is None:
+                ref = scores[base].get(task, {})
+                if ref.get("score") is None or res.get("score") is None:
                     continue
-                if ref - res["score"] > gates.max_regression + 1e-12:
-                    problems.append(f"{stage}: {task} = {res['score']:.4f} dropped {ref - res['score']:.4f} from "
-                                    f"base {ref:.4f}, more than max_regression = {gates.max_regression}")
-    return problems
+                drop = ref["score"] - res["score"]
+                a, b = ref.get("items"), res.get("items")
+                if a and b and len(a) == len(b):
+                    mean, lo, hi = paired_bootstrap(a, b, level=gates.level)
+                    where = f"paired on {len(a)} items, {gates.level:.0%} interval of the change [{lo:+.3f}, {hi:+.3f}]"
+                    if hi < -allowed - 1e-12:
+                        verdicts.append({"verdict": "fail", "message": (
+                            f"{stage}: {task} = {res['score']:.4f} dropped {drop:.4f} from base {ref['score']:.4f}, "
+                            f"more than max_regression = {allowed} ({where})")})
+                    elif drop > allowed + 1e-12:
+                        verdicts.append({"verdict": "undecided", "message": (
+                            f"{stage}: {task} dropped {drop:.4f} from base, more than max_regression = {allowed}, "
+                            f"but not significantly ({where}): more items are needed to decide")})
+                    else:
+                        verdicts.append({"verdict": "pass", "message": f"{stage}: {task} within max_regression ({where})"})
+                elif drop > allowed + 1e-12:
+                    verdicts.append({"verdict": "fail", "message": (
+                        f"{stage}: {task} = {res['score']:.4f} dropped {drop:.4f} from base {ref['score']:.4f}, more "
+                        f"than max_regression = {allowed}")})
+                else:
+                    verdicts.append({"verdict": "pass", "message": f"{stage}: {task} within max_regression"})
+    return verdicts
+
+
+def check_gates(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[str]:
+    """The failed gates' messages (see gate_verdicts)."""
+    return [v["message"] for v in gate_verdicts(scores, gates, base) if v["verdict"] == "fail"]
 
 
 def markdown_table(scores: dict[str, dict[str, Any]]) -> str:

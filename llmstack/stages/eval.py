@@ -12,7 +12,8 @@ from typing import Any
 from llmstack.config.suites import load_suite
 from llmstack.device import policy
 from llmstack.eval.stats import paired_bootstrap
-from llmstack.eval.run import EvalGateError, Target, bar_chart, check_gates, evaluate, markdown_table, resolve_folder
+from llmstack.eval.run import (EvalGateError, Target, bar_chart, evaluate, gate_verdicts, markdown_table,
+                               resolve_folder)
 from llmstack.stage import StageContext, StageResult
 
 log = logging.getLogger("llmstack")
@@ -43,7 +44,9 @@ def run(ctx: StageContext) -> StageResult:
                                 samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
     (ctx.dir / "scores.json").write_text(json.dumps(scores, indent=2))
     chart = bar_chart(scores, ctx.dir / "eval.png", title=f"suite {suite.name}")
-    problems = check_gates(scores, spec.gates)
+    verdicts = gate_verdicts(scores, spec.gates)
+    problems = [v["message"] for v in verdicts if v["verdict"] == "fail"]
+    undecided = [v["message"] for v in verdicts if v["verdict"] == "undecided"]
     section = [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
                f"![eval scores per stage]({chart.name})", ""]
     recovery = quantization_recovery(ctx, scores)
@@ -51,13 +54,16 @@ def run(ctx: StageContext) -> StageResult:
         section += _recovery_table(recovery)
     if "identity" in scores[spec.stages[-1]]:
         section += _identity_answers(ctx.dir / "samples", spec.stages)
-    gate_lines = [f"- FAILED {p}" for p in problems] or ["- all gates passed" if _has_gates(spec.gates) else
-                                                         "- no gates configured"]
+    gate_lines = [f"- FAILED {p}" for p in problems] + [f"- UNDECIDED {u}" for u in undecided]
+    if not gate_lines:
+        gate_lines = ["- all gates passed" if _has_gates(spec.gates) else "- no gates configured"]
     section += ["", "Gates:", *gate_lines, ""]
     (ctx.dir / "section.md").write_text("\n".join(section))
     if problems:
         raise EvalGateError("eval gate failed: " + "; ".join(problems))
     metrics = {stage: {t: r["score"] for t, r in res.items()} for stage, res in scores.items()}
+    if undecided:
+        metrics["gates_undecided"] = undecided
     if recovery:
         metrics["recovery"] = recovery
     return StageResult(outputs={"scores": ctx.dir / "scores.json", "chart": chart}, metrics=metrics)

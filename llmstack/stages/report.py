@@ -17,7 +17,7 @@ def run(ctx: StageContext) -> StageResult:
     lines = [f"# Run report: {ctx.recipe.name}", "",
              f"- recipe: `{manifest['recipe']['path']}` (sha256 `{manifest['recipe']['sha256'][:16]}`)",
              f"- git: `{manifest.get('git_sha')}`; seed {manifest.get('seed')}; base model `{ctx.recipe.model.source}`",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()), "",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()), "",
              "## Stages", "", "| stage | status | wall time (s) |", "|---|---|---|"]
     total = 0.0
     for name, e in manifest["stages"].items():
