@@ -411,7 +411,7 @@ def test_route_changes_are_audited_and_survive_a_restart(tokenizer, tmp_path):
     state, audit = tmp_path / "routes.json", tmp_path / "audit.jsonl"
     admin = {"Authorization": f"Bearer {ADMIN}"}
     names = ["v1", "v2", "v3"]
-    spec = {"routes": {"assistant": {"primary": "v1"}}, "routes_file": str(state)}
+    spec = {"routes": {"assistant": {"primary": "v1"}}, "routes_store": str(state)}
     app = make_app(tokenizer, engine=ScriptedEngine(tokenizer, "hi", names=names), audit=str(audit), **spec)
     with TestClient(app) as c:
         assert c.put("/admin/routes/assistant", json={"primary": "v2"}, headers=admin).status_code == 200

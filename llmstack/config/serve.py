@@ -65,9 +65,10 @@ class ServeSpec(Strict):
     seed: int = 0
     routes: dict[str, Route] = Field(default_factory=dict, description="public model name -> primary / canary / "
                                      "shadow versions (served model or adapter names); see llmstack/serve/routing.py")
-    routes_file: str | None = Field(None, description="JSON file the routes and their history are kept in: a "
-                                    "restart (or another replica reading the same file) serves the routes the last "
-                                    "`route set` / `rollback` left, not the YAML's")
+    routes_store: str | None = Field(None, description="where the routes and their history live: a JSON file (a "
+                                     "restart serves what the last `route set` / `rollback` left, not the YAML's) or "
+                                     "redis://host:port/db (every replica reads them there: a change sent to one "
+                                     "replica is served by all); default: memory only")
     drift_reference: str | None = Field(None, description="training data profile (JSON) or curated dataset folder: "
                                         "/metrics then exports llmstack_drift_psi per feature")
     drift_min_requests: int = Field(50, gt=0, description="live prompts needed before drift is reported")

@@ -119,7 +119,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         audit = AuditLog(audit_path or spec.audit_log, policy.audit.log_prompts, policy.audit.max_field_chars,
                          policy.audit.unauthenticated_per_minute, on_failure=metrics.audit_failures.inc,
                          on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc())
-        router = Router(spec.routes, state_path=spec.routes_file)
+        router = Router(spec.routes, store=spec.routes_store)
         check_routes({n: router.get(n) for n in router.names()}, engine.names)  # a persisted route must still fit
         ref["server"] = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
                                limiter=RateLimiter(policy), metrics=metrics, audit=audit, router=router,

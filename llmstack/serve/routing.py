@@ -7,8 +7,15 @@
         shadow: assistant-v3              # gets a copy of every request; its answers are logged, never returned
 
 The split is a hash of a sticky key (the request's `user` field when given, else the API key id, else the request id)
-so one user keeps seeing one version. Every change of a route is kept, and `rollback` restores the previous routing
-in one step (`llmstack route rollback NAME` calls the server's admin endpoint).
+so one user keeps seeing one version (on every replica: the hash is all there is to it). Every change of a route is
+kept, and `rollback` restores the previous routing in one step (`llmstack route rollback NAME` calls the server's
+admin endpoint).
+
+Where the routes live (`serve.routes_store`): in memory (the YAML's routes, lost on restart), in a JSON file (a restart
+keeps what the last change left), or in redis (`redis://…`, the same store the rate limits can use): every replica
+reads the routes from there, so a `route set` or `rollback` sent to any replica is what all of them serve within
+`refresh_s`, and survives restarts. Changes are read-modify-write transactions (redis WATCH/MULTI, a file lock), so
+two admins on two replicas cannot lose each other's change.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import hashlib
 import json
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,47 +39,119 @@ def bucket(sticky: str, name: str) -> float:
     return int.from_bytes(digest[:8], "big") % 1_000_000 / 10_000
 
 
-class Router:
-    """Thread-safe routing table with a history per route (for rollback). With `state_path`, the table and its history
-    are kept in that JSON file (written atomically on every change, read at start): a restart does not silently undo
-    a rollback, and replicas started on one file agree."""
+class FileStore:
+    """Routes and history in a JSON file, replaced atomically; changes under an exclusive lock file."""
 
-    def __init__(self, routes: dict[str, Route] | None = None, state_path: str | Path | None = None):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict | None:
+        return json.loads(self.path.read_text()) if self.path.is_file() else None
+
+    def update(self, change: Callable[[dict | None], dict]) -> dict:
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"):
+            state = change(self.load())
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, self.path)
+            return state
+
+
+class RedisStore:
+    """Routes and history under one redis key; changes are WATCH/MULTI transactions (retried on a concurrent write)."""
+
+    KEY = "llmstack:routes"
+
+    def __init__(self, url: str):
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2)
+
+    def load(self) -> dict | None:
+        raw = self.client.get(self.KEY)
+        return json.loads(raw) if raw else None
+
+    def update(self, change: Callable[[dict | None], dict]) -> dict:
+        import redis
+
+        while True:
+            with self.client.pipeline() as pipe:
+                try:
+                    pipe.watch(self.KEY)
+                    raw = pipe.get(self.KEY)
+                    state = change(json.loads(raw) if raw else None)
+                    pipe.multi()
+                    pipe.set(self.KEY, json.dumps(state))
+                    pipe.execute()
+                    return state
+                except redis.WatchError:
+                    continue
+
+
+def open_store(where: str | None):
+    if not where:
+        return None
+    return RedisStore(where) if where.startswith(("redis://", "rediss://", "redis+unix://")) else FileStore(where)
+
+
+def _dump(routes: dict[str, Route], history: dict[str, list[Route | None]]) -> dict:
+    return {"routes": {n: r.model_dump(exclude_none=True) for n, r in routes.items()},
+            "history": {n: [None if r is None else r.model_dump(exclude_none=True) for r in h]
+                        for n, h in history.items()}}
+
+
+def _parse(state: dict) -> tuple[dict[str, Route], dict[str, list[Route | None]]]:
+    return ({n: Route.model_validate(r) for n, r in state["routes"].items()},
+            {n: [None if r is None else Route.model_validate(r) for r in h] for n, h in state["history"].items()})
+
+
+class Router:
+    """Thread-safe routing table with a history per route (for rollback), kept in a store when one is given (see the
+    module docstring): the store's state wins over the YAML's routes, which only seed an empty store."""
+
+    def __init__(self, routes: dict[str, Route] | None = None, store: str | None = None, refresh_s: float = 1.0):
         self._routes = dict(routes or {})
         self._history: dict[str, list[Route | None]] = {}
         self._lock = threading.Lock()
-        self.state_path = Path(state_path) if state_path else None
-        if self.state_path and self.state_path.is_file():
-            state = json.loads(self.state_path.read_text())
-            self._routes = {n: Route.model_validate(r) for n, r in state["routes"].items()}
-            self._history = {n: [None if r is None else Route.model_validate(r) for r in h]
-                             for n, h in state["history"].items()}
+        self.store = open_store(store)
+        self.refresh_s, self._loaded = refresh_s, 0.0
+        if self.store is not None:
+            seed = _dump(self._routes, self._history)
+            self._set_state(self.store.update(lambda state: state or seed))
 
-    def _save(self) -> None:
-        if not self.state_path:
-            return
-        state = {"routes": {n: r.model_dump(exclude_none=True) for n, r in self._routes.items()},
-                 "history": {n: [None if r is None else r.model_dump(exclude_none=True) for r in h]
-                             for n, h in self._history.items()}}
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.state_path)
+    def _set_state(self, state: dict) -> None:
+        self._routes, self._history = _parse(state)
+        self._loaded = time.monotonic()
+
+    def _fresh(self) -> None:
+        """Another replica may have changed the routes: read them again when the last read is refresh_s old."""
+        if self.store is not None and time.monotonic() - self._loaded > self.refresh_s:
+            state = self.store.load()
+            with self._lock:
+                if state is not None:
+                    self._set_state(state)
 
     def names(self) -> list[str]:
+        self._fresh()
         return list(self._routes)
 
     def targets(self) -> set[str]:
+        self._fresh()
         out = set()
         for r in self._routes.values():
             out |= {r.primary, *([r.canary.model] if r.canary else []), *([r.shadow] if r.shadow else [])}
         return out
 
     def get(self, name: str) -> Route | None:
+        self._fresh()
         return self._routes.get(name)
 
     def pick(self, name: str, sticky: str) -> tuple[str, str, str | None]:
         """(model to answer with, 'primary' | 'canary', shadow model or None). Names without a route pass through."""
+        self._fresh()
         route = self._routes.get(name)
         if route is None:
             return name, "primary", None
@@ -78,23 +159,43 @@ class Router:
             return route.canary.model, "canary", route.shadow
         return route.primary, "primary", route.shadow
 
-    def set(self, name: str, route: Route) -> None:
+    def _change(self, apply: Callable[[dict[str, Route], dict[str, list[Route | None]]], Any]) -> Any:
+        """Apply a change to the current state (the store's, read inside its transaction), then keep the result."""
+        result: dict = {}
+
+        def change(state: dict | None) -> dict:
+            routes, history = _parse(state) if state else (dict(self._routes), copy.deepcopy(self._history))
+            result["value"] = apply(routes, history)
+            return _dump(routes, history)
+
         with self._lock:
-            self._history.setdefault(name, []).append(copy.deepcopy(self._routes.get(name)))
-            self._routes[name] = route
-            self._save()
+            if self.store is None:
+                state = change(_dump(self._routes, self._history))
+            else:
+                state = self.store.update(change)
+            self._set_state(state)
+        return result["value"]
+
+    def set(self, name: str, route: Route) -> None:
+        def apply(routes, history):
+            history.setdefault(name, []).append(copy.deepcopy(routes.get(name)))
+            routes[name] = route
+
+        self._change(apply)
 
     def rollback(self, name: str) -> Route | None:
-        with self._lock:
-            if not self._history.get(name):
+        def apply(routes, history):
+            if not history.get(name):
                 raise KeyError(f"route '{name}' has no earlier version to roll back to")
-            previous = self._history[name].pop()
+            previous = history[name].pop()
             if previous is None:
-                self._routes.pop(name, None)
+                routes.pop(name, None)
             else:
-                self._routes[name] = previous
-            self._save()
+                routes[name] = previous
             return previous
 
+        return self._change(apply)
+
     def snapshot(self) -> dict[str, Any]:
+        self._fresh()
         return {n: r.model_dump(exclude_none=True) for n, r in self._routes.items()}

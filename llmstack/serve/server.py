@@ -21,10 +21,10 @@ def load_spec(config: Path | None, **overrides) -> ServeSpec:
     data.update({k: v for k, v in overrides.items() if v is not None})
     spec = ServeSpec.model_validate(data)
     if config:  # file paths inside a server YAML are relative to that YAML
-        for name in ("guard", "keys", "audit_log"):
+        for name in ("guard", "keys", "audit_log", "routes_store"):
             value = getattr(spec, name)
             if value and name not in {k for k, v in overrides.items() if v is not None} \
-                    and not Path(value).is_absolute():
+                    and not Path(value).is_absolute() and "://" not in value:
                 setattr(spec, name, str(base / value))
     return spec
 
