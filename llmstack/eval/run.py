@@ -294,14 +294,16 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
     says so when the score's 95% interval still straddles the threshold (too few items to be sure either way).
     `max_regression` judges every stage against `base`, paired on the same items: a drop fails only when the whole
     95% interval of the paired difference lies beyond the allowed drop; a larger point drop whose interval still
-    reaches the allowed range is `undecided` (reported, not failed). Without per-item scores, the point estimates decide."""
+    reaches the allowed range is `undecided` (reported, not failed). Without per-item scores, the point estimates
+    decide."""
     verdicts = []
     last = list(scores)[-1]
     for task, threshold in gates.min.items():
         res = scores[last].get(task, {})
         got, ci = res.get("score"), res.get("ci95")
         if got is None:
-            verdicts.append({"verdict": "fail", "message": f"{last}: gate min.{task} = {threshold}: task was not scored"})
+            verdicts.append({"verdict": "fail",
+                             "message": f"{last}: gate min.{task} = {threshold}: task was not scored"})
             continue
         verdict = "fail" if got < threshold else "pass"
         message = (f"{last}: {task} = {got:.4f} is below the gate min.{task} = {threshold}" if verdict == "fail" else
@@ -321,25 +323,22 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
                     continue
                 drop = ref["score"] - res["score"]
                 a, b = ref.get("items"), res.get("items")
+                where, significant = "", drop > allowed + 1e-12  # without items: the point estimates decide
                 if a and b and len(a) == len(b):
-                    mean, lo, hi = paired_bootstrap(a, b, level=gates.level)
-                    where = f"paired on {len(a)} items, {gates.level:.0%} interval of the change [{lo:+.3f}, {hi:+.3f}]"
-                    if hi < -allowed - 1e-12:
-                        verdicts.append({"verdict": "fail", "message": (
-                            f"{stage}: {task} = {res['score']:.4f} dropped {drop:.4f} from base {ref['score']:.4f}, "
-                            f"more than max_regression = {allowed} ({where})")})
-                    elif drop > allowed + 1e-12:
-                        verdicts.append({"verdict": "undecided", "message": (
-                            f"{stage}: {task} dropped {drop:.4f} from base, more than max_regression = {allowed}, "
-                            f"but not significantly ({where}): more items are needed to decide")})
-                    else:
-                        verdicts.append({"verdict": "pass", "message": f"{stage}: {task} within max_regression ({where})"})
+                    _, lo, hi = paired_bootstrap(a, b, level=gates.level)
+                    where = (f" (paired on {len(a)} items, {gates.level:.0%} interval of the change "
+                             f"[{lo:+.3f}, {hi:+.3f}])")
+                    significant = hi < -allowed - 1e-12
+                if significant:
+                    verdict, message = "fail", (f"{stage}: {task} = {res['score']:.4f} dropped {drop:.4f} from base "
+                                                f"{ref['score']:.4f}, more than max_regression = {allowed}{where}")
                 elif drop > allowed + 1e-12:
-                    verdicts.append({"verdict": "fail", "message": (
-                        f"{stage}: {task} = {res['score']:.4f} dropped {drop:.4f} from base {ref['score']:.4f}, more "
-                        f"than max_regression = {allowed}")})
+                    verdict, message = "undecided", (f"{stage}: {task} dropped {drop:.4f} from base, more than "
+                                                     f"max_regression = {allowed}, but not significantly{where}: more "
+                                                     "items are needed to decide")
                 else:
-                    verdicts.append({"verdict": "pass", "message": f"{stage}: {task} within max_regression"})
+                    verdict, message = "pass", f"{stage}: {task} within max_regression{where}"
+                verdicts.append({"verdict": verdict, "message": message})
     return verdicts
 
 
@@ -376,7 +375,8 @@ def bar_chart(scores: dict[str, dict[str, Any]], path: Path, title: str = "") ->
     for i, stage in enumerate(stages):
         vals = [scores[stage].get(t, {}).get("score") or 0.0 for t in tasks]
         cis = [scores[stage].get(t, {}).get("ci95") or [v, v] for t, v in zip(tasks, vals)]
-        errors = [[max(0.0, v - lo) for v, (lo, _) in zip(vals, cis)], [max(0.0, hi - v) for v, (_, hi) in zip(vals, cis)]]
+        errors = [[max(0.0, v - lo) for v, (lo, _) in zip(vals, cis)],
+                  [max(0.0, hi - v) for v, (_, hi) in zip(vals, cis)]]
         ax.bar([x + i * width for x in range(len(tasks))], vals, width, label=stage, yerr=errors, capsize=2)
     ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
