@@ -178,28 +178,26 @@ def check_text(text: str, rails: Rails) -> Verdict:
 
 # The tails StreamRail holds back, as the regexes `\S*$` and `[+(]?\d[\d ().-]*$` would find them (their `$` also
 # matches before a final newline), but found by walking back from the end: O(tail), where the regexes' search was
-# quadratic on a long run of non-space characters. `limit`: any tail at least this long counts as `limit`.
+# quadratic on a long run of non-space characters. The tails are held whole however long (StreamRail).
 def _tail_end(text: str) -> int:
     return len(text) - 1 if text.endswith("\n") else len(text)
 
 
-def _word_tail(text: str, limit: int) -> int:
+def _word_tail(text: str) -> int:
     end = _tail_end(text)
-    i, stop = end, max(0, end - limit)
-    while i > stop and not text[i - 1].isspace():
+    i = end
+    while i > 0 and not text[i - 1].isspace():
         i -= 1
     return end - i
 
 
-def _digit_tail(text: str, limit: int) -> int:
+def _digit_tail(text: str) -> int:
     end = _tail_end(text)
     i, first = end, -1  # the run of [\d ().-] that ends the text starts at i; its first digit is at `first`
     while i > 0:
         c = text[i - 1]
         if c.isdecimal():
             first = i - 1
-            if end - first >= limit:
-                return limit
         elif c not in " ().-":
             break
         i -= 1
@@ -244,7 +242,7 @@ class StreamRail:
     def _tail(self, text: str) -> int:
         tail = 0
         if self.rails.pii != "off":
-            tail = max(_word_tail(text, len(text)), _digit_tail(text, len(text)), _keyword_tail(text))
+            tail = max(_word_tail(text), _digit_tail(text), _keyword_tail(text))
         low = text.lower()
         for term in self.rails.blocklist:  # the longest end of the text that could begin a blocked term
             term = term.lower()
