@@ -85,7 +85,8 @@ def supports_tools(chat_template: str | None) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- parsing
 def response_template() -> dict:
-    from trl.chat_template_utils import qwen3_template  # TRL's response template for the Qwen/Hermes family
+    """TRL's response template for the Qwen/Hermes family (transformers' `parse_response` reads it)."""
+    from trl.chat_template_utils import qwen3_template
 
     return qwen3_template
 

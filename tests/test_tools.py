@@ -17,8 +17,8 @@ TOOLS = [{"type": "function", "function": {
 CALL_TEXTS = [
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
      None, [{"name": "get_weather", "arguments": {"city": "Paris"}}]),
-    ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>\n'
-     '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>',
+    (('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>\n'
+     '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'),
      "Let me check.", [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}},
                        {"name": "now", "arguments": {}}]),
     ('plain answer, no call', "plain answer, no call", []),
