@@ -62,9 +62,13 @@ def server(tiny_model, adapter, tmp_path_factory):
         "engine": "vllm", "model": str(tiny_model), "served_model_name": "tiny",
         "adapters": {"tiny-lora": str(adapter)},
         "port": port, "keys": "keys.yaml", "guard": "guard.yaml", "audit_log": "audit.jsonl",
-        "drain_timeout_s": 60, "vllm": {"dtype": "float32"}}))  # float32: greedy tokens compared with fp32 HF
+        "drain_timeout_s": 60, "vllm": {"dtype": "float32"},  # float32: greedy tokens compared with fp32 HF
+        # the tool template's system prompt alone is ~600 of the tiny tokenizer's tokens: serve past the model's 512
+        # positions (RoPE extends; a random model loses nothing)
+        "max_model_len": 2048}))
     log = open(d / "server.log", "w")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1",
+           "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -119,6 +123,42 @@ def test_json_schema_output(client):
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
     data = json.loads(r.choices[0].message.content)  # a random model, yet valid JSON of this shape
     assert set(data) == {"ok", "kind"} and isinstance(data["ok"], bool) and data["kind"] in ("cat", "dog")
+
+
+def test_forced_tool_calls_through_vllm_structured_outputs(client):
+    """tool_choice named / required on vLLM: the call is decoded under its JSON Schema by vLLM's structured outputs,
+    so even the random tiny model returns calls that parse and match the declared parameters, streamed or not."""
+    from jsonschema import Draft202012Validator
+
+    tools = [{"type": "function", "function": {"name": "set_unit", "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["C", "F"]}, "loud": {"type": "boolean"}},
+        "required": ["unit", "loud"], "additionalProperties": False}}},
+        {"type": "function", "function": {"name": "now", "parameters": {
+            "type": "object", "properties": {}, "additionalProperties": False}}}]
+    params = {t["function"]["name"]: Draft202012Validator(t["function"]["parameters"]) for t in tools}
+    named = {"type": "function", "function": {"name": "set_unit"}}
+    for choice, parallel in ((named, True), ("required", False), ("required", True)):
+        kw = dict(model="tiny", messages=MESSAGES, tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
+                  max_tokens=200, temperature=1.0, seed=11)
+        r = client.chat.completions.create(**kw)
+        calls = [(t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls]
+        assert r.choices[0].finish_reason == "tool_calls" and calls
+        assert all(params[name].is_valid(args) for name, args in calls)
+        if choice is named:
+            assert {name for name, _ in calls} == {"set_unit"}
+        if not parallel:
+            assert len(calls) == 1
+        streamed: dict[int, dict] = {}
+        finish = None
+        for ch in client.chat.completions.create(stream=True, **kw):
+            for c in ch.choices:
+                finish = c.finish_reason or finish
+                for tc in c.delta.tool_calls or []:
+                    slot = streamed.setdefault(tc.index, {"name": "", "arguments": ""})
+                    slot["name"] += (tc.function.name or "") if tc.function else ""
+                    slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        assert finish == "tool_calls"
+        assert [(v["name"], json.loads(v["arguments"])) for _, v in sorted(streamed.items())] == calls  # same seed
 
 
 def test_guard_on_the_vllm_server(server):

@@ -96,6 +96,9 @@ class RequestCaps(Strict):
     max_stop_chars: int = Field(256, gt=0, description="a longer stop sequence gets 400")
     max_logprobs: int = Field(5, ge=0)
     max_json_depth: int = Field(32, gt=0, description="request bodies nested deeper get 400")
+    max_tools: int = Field(64, ge=0, description="a request offering more tools gets 400 (OpenAI allows 128)")
+    max_tool_schema_bytes: int = Field(32_000, gt=0, description="a tool's parameters schema (or a response_format "
+                                                                "schema) larger than this as JSON gets 400")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body still arriving after this gets 408")
     write_timeout_s: float = Field(30.0, gt=0, description="a client that reads nothing of its response for this "
                                                           "long is dropped and its engine slot freed")

@@ -25,12 +25,45 @@ class ContentPart(_Loose):
     text: str | None = None
 
 
+class FunctionCall(_Loose):
+    name: str
+    arguments: str | dict = "{}"  # OpenAI sends JSON text; a JSON object is accepted too
+
+
+class ToolCall(_Loose):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(_Loose):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Loose):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class _ChoiceName(_Loose):
+    name: str
+
+
+class NamedToolChoice(_Loose):
+    type: Literal["function"]
+    function: _ChoiceName
+
+
 class ChatMessage(_Loose):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    # Tool calling does not exist here yet: a message carrying calls is refused, never rendered without them.
-    tool_calls: list | None = None
-    function_call: dict | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
+    function_call: dict | None = None  # the legacy form: refused with a pointer to `tool_calls`
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -78,13 +111,12 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None
-    # Accepted only to be refused with a clear 400 (serving.refuse_tools): silently ignoring them would let a client
-    # believe the model was offered its tools.
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # The legacy function-calling fields: refused with a 400 that points to `tools` (never silently ignored)
     functions: list | None = None
     function_call: str | dict | None = None
-    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):

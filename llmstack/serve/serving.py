@@ -22,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from llmstack import tools
 from llmstack.config.serve import GuardPolicy, KeyEntry, Route, ServeSpec
 from llmstack.serve.audit import AuditLog
 from llmstack.serve.engines import EngineRejected, EngineUnavailable, GenParams
@@ -160,23 +161,97 @@ def _validated(body: bytes, schema: type[BaseModel], max_depth: int):
         raise APIError(400, msg, param=param) from None
 
 
-def refuse_tools(req, chat: bool) -> None:
-    """Tool calling is not served yet: a request that offers tools (or carries tool calls) gets a 400 that says so,
-    never an answer that silently ignored them."""
-    if not chat:
-        return
-    if req.tools or req.functions:
-        raise APIError(400, "this server does not support tool calling yet: send the request without `tools`/"
-                       "`functions`", param="tools" if req.tools else "functions", code="tools_not_supported")
-    for name in ("tool_choice", "function_call"):
-        value = getattr(req, name)
-        if value not in (None, "none", "auto"):
-            raise APIError(400, f"`{name}` asks for a tool call, and this server does not support tool calling yet",
-                           param=name, code="tools_not_supported")
+@dataclass
+class ToolPlan:
+    """What a chat request asks of tool calling. `mode`: auto (the model may call), required (it must call one or
+    more), named (it must call `name`), none (tools are not offered to the model). A forced call (required / named)
+    is decoded under the call's JSON Schema, so its arguments always parse and match the declared parameters."""
+
+    tools: list[dict]
+    mode: str
+    name: str | None = None
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        return self.mode in ("required", "named")
+
+    @property
+    def many(self) -> bool:  # a forced answer is a JSON array of calls (required + parallel) or one call object
+        return self.mode == "required" and self.parallel
+
+    def names(self) -> set[str]:
+        return {t["function"]["name"] for t in self.tools}
+
+    def schema(self) -> dict:
+        return tools.call_schema(self.tools, self.name, many=self.many)
+
+
+def plan_tools(req, caps) -> ToolPlan | None:
+    """The request's tools, checked before any work: the legacy `functions` fields get a pointer to `tools`; too
+    many tools, duplicate names, a parameters schema that is not a JSON Schema (or too large to compile quickly), a
+    `tool_choice` naming no offered tool, or one that asks for a call with no tools offered: 400 each."""
+    if req.functions is not None or req.function_call is not None:
+        raise APIError(400, "`functions`/`function_call` are OpenAI's deprecated form: send `tools` and "
+                       "`tool_choice` instead", param="functions" if req.functions is not None else "function_call",
+                       code="unsupported_parameter")
+    choice = req.tool_choice
+    if not req.tools:
+        if choice is None or choice in ("none", "auto"):
+            return None
+        raise APIError(400, "`tool_choice` asks for a tool call, but the request offers no `tools`",
+                       param="tool_choice")
+    if len(req.tools) > caps.max_tools:
+        raise APIError(400, f"{len(req.tools)} tools offered; this server allows at most {caps.max_tools}",
+                       param="tools", code="too_many_tools")
+    seen: set[str] = set()
+    specs = []
+    for i, t in enumerate(req.tools):
+        if t.function.name in seen:
+            raise APIError(400, f"two tools are named '{t.function.name}'; names must be unique",
+                           param=f"tools[{i}].function.name")
+        seen.add(t.function.name)
+        if t.function.parameters is not None:
+            check_json_schema(t.function.parameters, f"tools[{i}].function.parameters", caps.max_tool_schema_bytes)
+        specs.append(t.model_dump(exclude_none=True))
+    if isinstance(choice, str) or choice is None:
+        mode, name = choice or "auto", None
+    else:
+        mode, name = "named", choice.function.name
+        if name not in seen:
+            raise APIError(400, f"tool_choice names '{name[:64]}', which is not one of the offered tools "
+                           f"({', '.join(sorted(seen))})", param="tool_choice")
+    if mode in ("required", "named") and req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, "a forced tool call is decoded as the call's JSON; it cannot also follow "
+                       "`response_format`: send one of the two", param="response_format")
+    return ToolPlan(tools=specs, mode=mode, name=name, parallel=req.parallel_tool_calls)
+
+
+def check_history(req) -> None:
+    """Calls and results in the conversation are OpenAI's shape: calls only on assistant turns, with arguments that
+    are a JSON object; every tool turn answers a call made before it (`tool_call_id`)."""
+    ids: set[str] = set()
     for i, m in enumerate(req.messages):
-        if m.tool_calls or m.function_call:
-            raise APIError(400, "this server does not support tool calling yet: messages with `tool_calls` cannot "
-                           "be rendered", param=f"messages[{i}].tool_calls", code="tools_not_supported")
+        if m.function_call is not None:
+            raise APIError(400, "`function_call` in a message is OpenAI's deprecated form: send `tool_calls`",
+                           param=f"messages[{i}].function_call", code="unsupported_parameter")
+        for j, call in enumerate(m.tool_calls or []):
+            if m.role != "assistant":
+                raise APIError(400, "only assistant messages carry `tool_calls`", param=f"messages[{i}].tool_calls")
+            try:
+                tools.arguments_object(call.function.arguments)
+            except tools.ToolCallError as exc:
+                raise APIError(400, f"tool call arguments: {exc}",
+                               param=f"messages[{i}].tool_calls[{j}].function.arguments") from None
+            if call.id:
+                ids.add(call.id)
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise APIError(400, "a tool message needs `tool_call_id`: the id of the call it answers",
+                               param=f"messages[{i}].tool_call_id")
+            if m.tool_call_id not in ids:
+                raise APIError(400, f"messages[{i}] answers tool call '{m.tool_call_id[:64]}', which no earlier "
+                               "assistant message made", param=f"messages[{i}].tool_call_id")
 
 
 def gen_params(req, chat: bool, caps, spec_json: dict | None, json_object: bool) -> GenParams:
@@ -236,7 +311,10 @@ async def generate(request: Request, srv: Server, chat: bool):
         holding = True
         req = await read_json(request, srv, ChatRequest if chat else CompletionRequest)
         audit["model"] = req.model[:200]
-        refuse_tools(req, chat)
+        plan = None
+        if chat:  # schemas are checked in a worker thread: a request may carry many
+            plan = await srv.in_worker(plan_tools, req, srv.policy.caps)
+            check_history(req)
         if req.model not in srv.public_names():
             mine = [m for m in srv.public_names() if KeyRing.allows(key, m)]
             raise APIError(404, f"model '{req.model[:200]}' does not exist or is not available to this key; this key "
@@ -252,19 +330,21 @@ async def generate(request: Request, srv: Server, chat: bool):
             audit.update(served_by=req.model, arm=arm)
             srv.metrics.routed.labels(public, req.model, arm).inc()
         schema, json_object = None, False
-        if chat and req.response_format is not None and req.response_format.type != "text":
+        if plan is not None and plan.forced:
+            schema = plan.schema()
+        elif chat and req.response_format is not None and req.response_format.type != "text":
             if req.response_format.type == "json_schema":
                 if req.response_format.json_schema is None:
                     raise APIError(400, "response_format.json_schema is required for type json_schema",
                                    param="response_format")
                 schema = req.response_format.json_schema.schema_
-                await srv.in_worker(check_json_schema, schema)
+                await srv.in_worker(check_json_schema, schema, "response_format", srv.policy.caps.max_tool_schema_bytes)
             else:
                 json_object = True
         params = gen_params(req, chat, srv.policy.caps, schema, json_object)
 
         # ---- input rails, then the prompt tokens the engine will see (off the event loop)
-        prompt_ids, prompt_text = await srv.in_worker(render, req, chat, srv, audit)
+        prompt_ids, prompt_text = await srv.in_worker(render, req, chat, srv, audit, plan)
         n_prompt = len(prompt_ids)
         context = srv.engine.max_model_len
         if n_prompt + params.max_tokens > context:
@@ -290,7 +370,11 @@ async def generate(request: Request, srv: Server, chat: bool):
         audit["prompt_tokens"] = n_prompt
         await srv.in_worker(srv.traffic.observe, user_text(req, chat))  # the traffic served, for drift
         call = Call(srv=srv, rid=rid, req=req, params=params, prompt_ids=prompt_ids, prompt_text=prompt_text,
-                    chat=chat, route=route, audit=audit, t0=t0, key=key)
+                    chat=chat, route=route, audit=audit, t0=t0, key=key,
+                    plan=plan if plan is not None and plan.mode != "none" else None)
+        if call.plan is not None:
+            audit["tools_offered"] = len(plan.tools)
+            audit["tool_choice"] = plan.mode
         if shadow:
             call.shadow = await start_shadow(srv, shadow, public, rid, prompt_ids, params)
         if req.stream:
@@ -313,21 +397,23 @@ async def generate(request: Request, srv: Server, chat: bool):
             srv.release_key_slot(key)
 
 
-def check_json_schema(schema: dict) -> None:
-    """A response_format schema is checked here, in the API process, before the engine compiles it: a schema that is
-    not a JSON Schema, or one too large to compile quickly, is the client's 400, never an engine failure."""
+def check_json_schema(schema: dict, param: str, limit: int) -> None:
+    """A response_format or tool parameters schema is checked here, in the API process, before the engine compiles
+    it: a schema that is not a JSON Schema, or one too large to compile quickly, is the client's 400, never an engine
+    failure."""
+    what = "response_format.json_schema.schema" if param == "response_format" else param
     size = len(json.dumps(schema))
-    if size > 32_000:
-        raise APIError(400, f"response_format.json_schema.schema is {size} bytes of JSON; the limit is 32000",
-                       param="response_format", code="invalid_json_schema")
+    if size > limit:
+        raise APIError(400, f"{what} is {size} bytes of JSON; the limit is {limit}", param=param,
+                       code="invalid_json_schema")
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
-        raise APIError(400, f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message[:300]}",
-                       param="response_format", code="invalid_json_schema") from None
+        raise APIError(400, f"{what} is not a valid JSON Schema: {exc.message[:300]}", param=param,
+                       code="invalid_json_schema") from None
 
 
 def user_text(req, chat: bool) -> str:
@@ -397,7 +483,23 @@ def too_long(srv: Server, text: str, param: str) -> None:
                        code="context_length_exceeded")
 
 
-def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
+def _guard_leaves(value, guard, param: str):
+    """Every string in a JSON value through the input rails (redacted in place, or the request refused)."""
+    if isinstance(value, str):
+        return guard(value, param)
+    if isinstance(value, dict):
+        return {k: _guard_leaves(v, guard, param) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_guard_leaves(v, guard, param) for v in value]
+    return value
+
+
+def _specials(tok) -> list[str]:
+    return [t for t in tok.all_special_tokens if t] + [t.content for t in tok.added_tokens_decoder.values()
+                                                       if t.special]
+
+
+def render(req, chat: bool, srv: Server, audit: dict, plan: ToolPlan | None = None) -> tuple[list[int], str]:
     rails = srv.policy.input
     tok = srv.engine.tokenizer
 
@@ -413,15 +515,33 @@ def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
         return v.text
 
     if chat:
-        messages = []
+        messages, tooled = [], plan is not None and plan.mode != "none"
         for i, m in enumerate(req.messages):
             text = m.text()
-            if m.role not in rails.exempt_roles:  # every role's text is checked unless the policy exempts the role
+            railed = m.role not in rails.exempt_roles  # every role's text is checked unless the policy exempts it
+            if railed:
                 text = guard(text, f"messages[{i}].content")
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        too_long(srv, "".join(m["content"] for m in messages), "messages")
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": text}
+            if m.tool_calls:  # the arguments a model sent earlier are text like any other: railed leaf by leaf
+                msg["tool_calls"] = [{"type": "function", "function": {
+                    "name": c.function.name,
+                    "arguments": _guard_leaves(tools.arguments_object(c.function.arguments), guard,
+                                               f"messages[{i}].tool_calls[{j}].function.arguments")
+                    if railed else tools.arguments_object(c.function.arguments)}}
+                    for j, c in enumerate(m.tool_calls)]
+                tooled = True
+            if m.role == "tool":
+                msg["tool_call_id"] = m.tool_call_id
+                tooled = True
+            messages.append(msg)
+        specs = plan.tools if plan is not None and plan.mode != "none" else None
+        extra = json.dumps([specs, [m.get("tool_calls") for m in messages]], ensure_ascii=False) if tooled else ""
+        too_long(srv, "".join(m["content"] for m in messages) + extra, "messages")
         with srv.tokenizer_lock:
-            return encode_chat(tok, messages)
+            if tooled and any(sp in extra for sp in _specials(tok)):
+                raise APIError(400, "a tool spec or tool call spells a special token of this model; remove it",
+                               param="tools", code="special_token_in_content")
+            return encode_chat(tok, messages, specs, tools.template_for(tok) if tooled else None)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
         if len(prompt) != 1:  # a batch of prompts (texts or token lists), as lm-eval and vLLM's server send
@@ -448,22 +568,26 @@ def render(req, chat: bool, srv: Server, audit: dict) -> tuple[list[int], str]:
 _MARK = "\ue000{}\ue001"  # private-use characters around a message index: stand-ins for content while rendering
 
 
-def encode_chat(tok, messages: list[dict]) -> tuple[list[int], str]:
+def encode_chat(tok, messages: list[dict], tool_specs: list[dict] | None = None,
+                template: str | None = None) -> tuple[list[int], str]:
     """The prompt tokens of a chat, with the message contents tokenized as text: a `<|im_end|><|im_start|>system`
     typed into a message stays those characters, never the control tokens that would forge a turn.
 
     Ordinary content goes the way vLLM's own server goes (render to text, tokenize without extra specials), so the
     prompt tokens are the same as there. Content that spells a special token is rendered with a stand-in, and the
     template's own text around it is tokenized as usual while the content is tokenized with special tokens split."""
-    prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    specials = [t for t in tok.all_special_tokens if t] + [t.content for t in tok.added_tokens_decoder.values()
-                                                            if t.special]
+    def apply(msgs):
+        return tok.apply_chat_template(msgs, tools=tool_specs, chat_template=template, add_generation_prompt=True,
+                                       tokenize=False)
+
+    prompt_text = apply(messages)
+    specials = _specials(tok)
     forged = [i for i, m in enumerate(messages) if any(sp in m["content"] for sp in specials)]
     if not forged:
         return tok(prompt_text, add_special_tokens=False)["input_ids"], prompt_text
     stand_in = [{**m, "content": _MARK.format(i) if i in forged else m["content"]} for i, m in enumerate(messages)]
-    template = tok.apply_chat_template(stand_in, add_generation_prompt=True, tokenize=False)
-    ids, rest = [], template
+    rendered = apply(stand_in)
+    ids, rest = [], rendered
     for i in forged:
         mark = _MARK.format(i)
         if rest.count(mark) != 1:
@@ -510,6 +634,26 @@ class Call:
     slot: Any = None  # the engine slot a stream holds (Server.slot(), entered)
     shadow: asyncio.Task | None = None
     released: bool = False
+    plan: ToolPlan | None = None  # tools offered to the model (auto / required / named)
+
+    def read_calls(self, text: str) -> tuple[str | None, list[dict]]:
+        """Content and calls (OpenAI's wire shape) of one finished answer. A forced call is the constrained JSON
+        itself; otherwise the engine's parser reads Hermes blocks (vLLM's own parser on the vllm engine). An answer
+        whose calls do not parse, or name a function that was not offered, stays text: a client is never handed a
+        call it did not declare."""
+        plan = self.plan
+        if plan.forced:
+            calls = tools.parse_forced(text, plan.many)
+            content = None
+        else:
+            parse = getattr(self.srv.engine, "parse_tool_calls", None) or tools.parse_calls
+            content, calls = parse(text)
+        if not calls or any(c["name"] not in plan.names() for c in calls):
+            return text, []
+        if not plan.parallel:
+            calls = calls[:1]
+        self.audit.setdefault("tool_calls", []).extend(c["name"] for c in calls)  # names only, never arguments
+        return content, [wire_call(c) for c in calls]
 
     async def release(self, aborted: bool = False) -> None:
         """Free what the request holds, once. An aborted request (client gone, engine error) takes its shadow with
@@ -602,7 +746,12 @@ class Call:
                 text, rows, reason = "", [], "content_filter"
             sent.append(text)
             if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                message = {"role": "assistant", "content": text}
+                if self.plan is not None and not v.blocked:
+                    message["content"], calls = self.read_calls(text)
+                    if calls:
+                        message["tool_calls"], reason = calls, "tool_calls"
+                choice = {"index": i, "message": message, "finish_reason": reason,
                           "logprobs": chat_logprobs(rows) if params.logprobs is not None else None}
             else:
                 if echo:  # the prompt (as the input guard passed it) before the completion, its logprobs before theirs
@@ -636,9 +785,11 @@ class Call:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(index: int, text: str | None = None, finish: str | None = None, lp: list[dict] | None = None,
-                  role: bool = False) -> str:
+                  role: bool = False, calls: list[dict] | None = None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                if calls:
+                    delta["tool_calls"] = calls
                 choice = {"index": index, "delta": delta, "finish_reason": finish,
                           "logprobs": chat_logprobs(lp) if lp else None}
             else:
@@ -648,6 +799,46 @@ class Call:
             if include_usage:
                 body["usage"] = None
             return sse(body)
+
+        splitters = [tools.CallSplitter() for _ in range(params.n)]
+        forced_text = [""] * params.n
+        calls_out = [0] * params.n
+        rows_due: list[list[dict]] = [[] for _ in range(params.n)]
+
+        def tool_chunks(i: int, text: str, rows: list[dict], finish: str | None):
+            """A choice's railed text as OpenAI streams tool calls: content deltas as they come (a possible
+            `<tool_call>` tag held back), then each call once its block is complete — a delta with its index, id and
+            name, then one with its arguments — and finish_reason `tool_calls`. A forced call goes out at the end.
+            Logprobs rows ride on the next delta that goes out."""
+            plan = self.plan
+            rows_due[i] += rows
+            final = finish is not None
+            if plan.forced:
+                forced_text[i] += text
+                events = []
+                if final:
+                    calls = tools.parse_forced(forced_text[i], plan.many)
+                    events = [("call", c) for c in calls] if calls else [("content", forced_text[i])]
+            else:
+                events = splitters[i].feed(text, final=final)
+            for kind, value in events:
+                if kind == "call" and value["name"] not in plan.names():  # never hand out an undeclared call
+                    kind, value = "content", f"<tool_call>\n{json.dumps(value, ensure_ascii=False)}\n</tool_call>"
+                if kind == "call" and calls_out[i] and not plan.parallel:
+                    continue  # parallel_tool_calls false: the first call only
+                lp, rows_due[i] = rows_due[i], []
+                if kind == "content":
+                    yield chunk(i, value, lp=lp)
+                    continue
+                wc = wire_call(value)
+                audit.setdefault("tool_calls", []).append(value["name"])
+                yield chunk(i, lp=lp, calls=[{"index": calls_out[i], "id": wc["id"], "type": "function",
+                                              "function": {"name": value["name"], "arguments": ""}}])
+                yield chunk(i, calls=[{"index": calls_out[i], "function": {"arguments": wc["function"]["arguments"]}}])
+                calls_out[i] += 1
+            if final:
+                lp, rows_due[i] = rows_due[i], []
+                yield chunk(i, finish="tool_calls" if calls_out[i] else finish, lp=lp)
 
         def error_event(status_code: int, message: str, code: str) -> list[str]:
             return [sse(APIError(status_code, message, code=code).body(), event="error"), "data: [DONE]\n\n"]
@@ -684,6 +875,10 @@ class Call:
                     held_rows[i] = held_rows[i][len(ready):]
                     rows = scrub_rows(ready, rail.redacted, srv.policy.output)
                     sent[i] += v.text
+                    if self.plan is not None:
+                        for line in tool_chunks(i, v.text, rows, d.finish_reason):
+                            yield line
+                        continue
                     if v.text or rows:
                         yield chunk(i, v.text, lp=rows)
                     if d.finish_reason:
@@ -696,6 +891,10 @@ class Call:
         except EngineUnavailable as exc:
             status, done = 503, True
             for line in error_event(503, f"the model engine is unavailable ({exc})", "engine_unavailable"):
+                yield line
+        except EngineRejected as exc:  # e.g. a schema the structured-output backend cannot compile
+            status, done = 400, True
+            for line in error_event(400, str(exc), "invalid_request"):
                 yield line
         except Exception as exc:  # noqa: BLE001 - after the 200 went out, an engine failure is an error event
             status, done = 500, True
@@ -719,6 +918,11 @@ class Call:
             audit.update(status=status, completion_tokens=n_out, latency_s=round(time.perf_counter() - t0, 4),
                          ttft_s=round(ttft, 4) if ttft else None, stream=True)
             srv.audit.write(audit, prompt=self.prompt_text, completion=sent)
+
+
+def wire_call(call: dict) -> dict:
+    return {"id": tools.new_call_id(), "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
 
 
 def scrub_rows(rows: list[tuple[int, int, dict]], redacted: list[tuple[int, int]], rails) -> list[dict]:

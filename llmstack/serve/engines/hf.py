@@ -30,6 +30,8 @@ class HfEngine:
         self.restarts = 0
         self._lock = asyncio.Lock()
         self._running = 0
+        self._grammars: dict[str, object] = {}  # compiled JSON grammars by schema (bounded: see _grammar)
+        self._compiler = None
 
     @property
     def names(self) -> list[str]:
@@ -62,13 +64,35 @@ class HfEngine:
     def running(self) -> int:
         return self._running
 
+    def _grammar(self, p: GenParams):
+        """A logits processor that keeps generation inside a JSON Schema (response_format, forced tool calls) or any
+        JSON object: xgrammar's, the structured-output backend vLLM uses, so both engines constrain alike. Compiled
+        grammars are kept for the last 64 schemas (a compile takes milliseconds to seconds)."""
+        import json
+
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info)
+        key = json.dumps(p.json_schema, sort_keys=True) if p.json_schema is not None else ""
+        compiled = self._grammars.get(key)
+        if compiled is None:
+            try:
+                compiled = (self._compiler.compile_json_schema(key, any_whitespace=False) if key
+                            else self._compiler.compile_builtin_json_grammar())
+            except Exception as exc:  # noqa: BLE001 - xgrammar's errors are the request's 400
+                raise EngineRejected(f"the JSON Schema cannot be compiled for constrained decoding: {exc}") from None
+            if len(self._grammars) >= 64:
+                self._grammars.pop(next(iter(self._grammars)))
+            self._grammars[key] = compiled
+        return LogitsProcessor(compiled)
+
     async def generate(self, request_id: str, prompt_ids: list[int], p: GenParams,
                        model: str) -> AsyncIterator[list[Delta]]:
         if not self.ready:
             raise EngineUnavailable(f"engine is {self.state}")
-        if p.json_schema is not None or p.json_object:
-            raise EngineRejected("response_format json needs the vllm engine (structured output); "
-                                 "this server runs engine: hf")
         self._running += 1
         try:
             async with self._lock:
@@ -136,6 +160,9 @@ class HfEngine:
                 if p.seed is not None:
                     torch.manual_seed(p.seed + index)
                 sample = p.temperature > 0
+                processors = [RecordLogprobs()]
+                if p.json_schema is not None or p.json_object:
+                    processors.insert(0, self._grammar(p))  # masked first: logprobs are of what could be chosen
                 with self._adapter(model_name), torch.inference_mode():
                     self.model.generate(
                         torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
@@ -143,7 +170,7 @@ class HfEngine:
                         do_sample=sample,
                         temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
                         top_k=None, streamer=Streamer(),
-                        logits_processor=LogitsProcessorList([RecordLogprobs()]),
+                        logits_processor=LogitsProcessorList(processors),
                         stopping_criteria=[StopWhenAsked()])
             except BaseException as exc:  # surface it to the awaiting request instead of losing it in the thread
                 loop.call_soon_threadsafe(queue.put_nowait, exc)

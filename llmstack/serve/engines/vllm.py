@@ -39,6 +39,24 @@ class VllmEngine:
     def names(self) -> list[str]:
         return [self.served_name, *self.adapters]
 
+    def parse_tool_calls(self, text: str) -> tuple[str | None, list[dict]]:
+        """Calls in an answer, read by vLLM's own `hermes` tool parser (the format of llmstack.tools' template):
+        content and [{"name", "arguments": dict}], or the whole text as content when it holds no well-formed call."""
+        import json
+
+        from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+
+        info = Hermes2ProToolParser(self.tokenizer).extract_tool_calls(text, request=None)
+        if not info.tools_called:
+            return text, []
+        calls = []
+        for c in info.tool_calls:
+            args = json.loads(c.function.arguments)
+            if not isinstance(args, dict):
+                return text, []
+            calls.append({"name": c.function.name, "arguments": args})
+        return info.content.strip() if info.content and info.content.strip() else None, calls
+
     @property
     def ready(self) -> bool:
         return self.state == "ready" and self.llm is not None and not self.llm.errored
