@@ -56,7 +56,7 @@ def build_tokenizer(vocab_size: int = 1024):
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>",
                                    additional_special_tokens=["<|im_start|>"])
     fast.chat_template = CHATML_TEMPLATE
-    fast.model_max_length = 512
+    fast.model_max_length = 2048  # a tool conversation's system prompt alone is ~600 of these small-vocabulary tokens
     return fast
 
 
@@ -73,7 +73,7 @@ def build_tiny_model(out: str | Path, seed: int = 0, hidden_size: int = 128, lay
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers,
         num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64, head_dim=64,
-        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=None, eos_token_id=eot,
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None, eos_token_id=eot,
         pad_token_id=eos, dtype="float32",
     )
     model = LlamaForCausalLM(config)

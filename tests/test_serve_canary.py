@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -135,6 +136,23 @@ def test_route_cli_rollback_against_a_live_server(tiny_model, tiny_loras, tmp_pa
         assert r.returncode == 0 and json.loads(r.stdout)["canary"] == {"model": "v2", "percent": 5.0}, r.stderr
         r = route("rollback", "assistant")
         assert r.returncode == 1 and "409" in r.stderr and "Traceback" not in r.stderr
+
+        def adapters(*args):
+            return subprocess.run([sys.executable, "-m", "llmstack", "adapters", *args, *base], capture_output=True,
+                                  text=True, env=env)
+
+        # an adapter added at runtime is served under its name at once, and leaves again
+        r = adapters("load", "v3", str(tiny_loras[1]))
+        assert r.returncode == 0 and json.loads(r.stdout)["adapters"]["v3"] == str(tiny_loras[1].resolve()), r.stderr
+        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN}"},
+                          json={"model": "v3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert chat.status_code == 200 and chat.json()["model"] == "v3"
+        r = adapters("unload", "v2")  # the route's canary still sends traffic to it
+        assert r.returncode == 1 and "409" in r.stderr and "assistant" in r.stderr
+        r = adapters("load", "v4", str(tmp_path))  # not an adapter folder: refused before any request
+        assert r.returncode == 2 and "no adapter_config.json" in r.stderr
+        r = adapters("unload", "v3")
+        assert r.returncode == 0 and "v3" not in json.loads(r.stdout)["adapters"], r.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=60)

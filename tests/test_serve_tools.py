@@ -209,7 +209,6 @@ def test_output_rails_apply_to_generated_arguments(tokenizer):
 # ------------------------------------------------------------------- forced calls on the real hf engine
 @pytest.fixture(scope="module")
 def hf_tools(tiny_model):
-    # RoPE runs past the tiny model's 512 positions; the tool system prompt alone is ~600 of its small-vocabulary tokens
     app = build_app(HfEngine(tiny_model, "tiny", max_model_len=2048), ServeSpec(engine="hf", max_model_len=2048),
                     policy(), KEYS)
     with TestClient(app) as c:
@@ -270,3 +269,63 @@ def test_the_vllm_engine_reads_calls_with_vllms_hermes_parser(tiny_model):
     for text in (TWO_CALLS, "no call here", '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>',
                  '<tool_call>\n{"name": "now", "arguments": {\n</tool_call>'):
         assert engine.parse_tool_calls(text) == tools.parse_calls(text)
+
+
+# ------------------------------------------------------------------------------ adapters loaded at runtime
+ADMIN = "sk-llmstack-tools-admin"
+NARROW = "sk-llmstack-tools-narrow"
+ADMIN_KEYS = KeyFile.model_validate({"keys": [
+    {"id": "dev", "sha256": hash_key(KEY), "models": ["*"]},
+    {"id": "ops", "sha256": hash_key(ADMIN), "models": ["*"], "admin": True},
+    {"id": "narrow", "sha256": hash_key(NARROW), "models": ["tiny"]}]})
+
+
+def test_adapters_load_and_unload_at_runtime_on_the_hf_engine(tiny_model, tiny_loras, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    spec = ServeSpec(engine="hf", max_model_len=256, routes={"assistant": {"primary": "tiny"}})
+    app = build_app(HfEngine(tiny_model, "tiny", max_model_len=256), spec, policy(), ADMIN_KEYS,
+                    audit_path=str(audit))
+    ops, dev, narrow = ({"Authorization": f"Bearer {k}"} for k in (ADMIN, KEY, NARROW))
+    chat = {"messages": ASK, "max_tokens": 8, "temperature": 0}
+    with TestClient(app) as c:
+        base = c.post("/v1/chat/completions", headers=dev, json={"model": "tiny", **chat}).json()
+        assert c.put("/admin/adapters/v2", headers=dev, json={"path": str(tiny_loras[0])}).status_code == 403
+        r = c.put("/admin/adapters/v2", headers=ops, json={"path": str(tiny_loras[0])})
+        assert r.status_code == 200 and r.json()["adapters"] == {"v2": str(tiny_loras[0].resolve())}
+        assert "v2" in [m["id"] for m in c.get("/v1/models", headers=dev).json()["data"]]
+        tuned = c.post("/v1/chat/completions", headers=dev, json={"model": "v2", **chat}).json()
+        assert tuned["model"] == "v2"
+        assert tuned["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
+        # the key allowlist applies to the new name as to any other
+        r = c.post("/v1/chat/completions", headers=narrow, json={"model": "v2", **chat})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+        # refusals: taken name, bad name, not an adapter folder, unknown adapter, adapter a route still uses
+        assert c.put("/admin/adapters/v2", headers=ops, json={"path": str(tiny_loras[1])}).json()["error"][
+            "code"] == "name_taken"
+        assert c.put("/admin/adapters/tiny", headers=ops, json={"path": str(tiny_loras[1])}).status_code == 409
+        assert c.put("/admin/adapters/..%2Fx", headers=ops, json={"path": str(tiny_loras[1])}).status_code in (400, 404)
+        r = c.put("/admin/adapters/v3", headers=ops, json={"path": str(tiny_model)})
+        assert r.status_code == 400 and "no adapter_config.json" in r.json()["error"]["message"]
+        r = c.put("/admin/adapters/v3", headers=ops, json={"path": 7})
+        assert r.status_code == 400
+        assert c.delete("/admin/adapters/nope", headers=ops).status_code == 404
+        assert c.put("/admin/routes/assistant", headers=ops, json={"primary": "tiny", "canary": {
+            "model": "v2", "percent": 10}}).status_code == 200
+        r = c.delete("/admin/adapters/v2", headers=ops)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_in_use"
+        assert c.post("/admin/routes/assistant/rollback", headers=ops).status_code == 200
+        # a second adapter next to the first, then both gone: the base answers as before
+        assert c.put("/admin/adapters/v3", headers=ops, json={"path": str(tiny_loras[1])}).status_code == 200
+        other = c.post("/v1/chat/completions", headers=dev, json={"model": "v3", **chat}).json()
+        assert other["choices"][0]["message"]["content"] != tuned["choices"][0]["message"]["content"]
+        assert c.delete("/admin/adapters/v2", headers=ops).json()["adapters"] == {"v3": str(tiny_loras[1].resolve())}
+        assert c.delete("/admin/adapters/v3", headers=ops).json()["adapters"] == {}
+        r = c.post("/v1/chat/completions", headers=dev, json={"model": "v2", **chat})
+        assert r.status_code == 404
+        again = c.post("/v1/chat/completions", headers=dev, json={"model": "tiny", **chat}).json()
+        assert again["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
+        c.app.state.ref["server"].audit.flush()
+    admin = [json.loads(x) for x in audit.read_text().splitlines() if '"admin"' in x]
+    actions = [(a["admin"], a["name"], a["status"], a["key_id"]) for a in admin if a["admin"].startswith("adapter")]
+    assert ("adapter_load", "v2", 200, "ops") in actions and ("adapter_unload", "v3", 200, "ops") in actions
+    assert ("adapter_unload", "v2", 409, "ops") in actions and ("adapter_load", "v3", 400, "ops") in actions

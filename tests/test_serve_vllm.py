@@ -55,20 +55,16 @@ def adapter(tiny_model, tmp_path_factory) -> Path:
 def server(tiny_model, adapter, tmp_path_factory):
     d = tmp_path_factory.mktemp("server")
     port = _free_port()
-    (d / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "tester", "sha256": hash_key(KEY)}]}))
+    (d / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "tester", "sha256": hash_key(KEY), "admin": True}]}))
     (d / "guard.yaml").write_text(yaml.safe_dump({"caps": {"max_tokens": 1000, "max_n": 2},
                                                   "rate_limits": {"requests_per_minute": 10_000}}))
     (d / "server.yaml").write_text(yaml.safe_dump({
         "engine": "vllm", "model": str(tiny_model), "served_model_name": "tiny",
         "adapters": {"tiny-lora": str(adapter)},
         "port": port, "keys": "keys.yaml", "guard": "guard.yaml", "audit_log": "audit.jsonl",
-        "drain_timeout_s": 60, "vllm": {"dtype": "float32"},  # float32: greedy tokens compared with fp32 HF
-        # the tool template's system prompt alone is ~600 of the tiny tokenizer's tokens: serve past the model's 512
-        # positions (RoPE extends; a random model loses nothing)
-        "max_model_len": 2048}))
+        "drain_timeout_s": 60, "vllm": {"dtype": "float32"}}))  # float32: greedy tokens compared with fp32 HF
     log = open(d / "server.log", "w")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1",
-           "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
     proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -85,7 +81,7 @@ def server(tiny_model, adapter, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail(f"server not ready in 300 s:\n{(d / 'server.log').read_text()[-3000:]}")
-    yield {"base": base, "proc": proc, "dir": d}
+    yield {"base": base, "proc": proc, "dir": d, "adapter": adapter}
     stop_process_group(proc)
     log.close()
 
@@ -241,6 +237,25 @@ def _metric(base: str, name: str) -> float:
 
 def _audit(server) -> list[dict]:
     return [json.loads(x) for x in (server["dir"] / "audit.jsonl").read_text().splitlines()]
+
+
+def test_adapter_loaded_at_runtime_is_served_then_unloaded(server, client, tiny_loras):
+    """vLLM's runtime LoRA API behind PUT/DELETE /admin/adapters: the new name answers differently from the base and
+    from the configured adapter, and is gone after unloading."""
+    b = server["base"]
+
+    def greedy(model):
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=10, temperature=0)
+        return r.choices[0].message.content
+
+    r = httpx.put(f"{b}/admin/adapters/tiny-lora-2", headers=H, json={"path": str(tiny_loras[1])}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-lora", "tiny-lora-2"]
+    assert len({greedy("tiny"), greedy("tiny-lora"), greedy("tiny-lora-2")}) == 3
+    r = httpx.delete(f"{b}/admin/adapters/tiny-lora-2", headers=H, timeout=60)
+    assert r.status_code == 200 and r.json()["adapters"] == {"tiny-lora": str(server["adapter"])}
+    r = httpx.post(f"{b}/v1/chat/completions", headers=H, json={"model": "tiny-lora-2", "messages": MESSAGES})
+    assert r.status_code == 404
 
 
 def test_client_disconnect_aborts_generation(server):

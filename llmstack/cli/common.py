@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -37,3 +38,26 @@ def load_recipe_or_exit(recipe: Path, check_trainer: bool = True):
         for line in exc.problems:
             print(line)
         raise typer.Exit(2)
+
+
+# ------------------------------------------------------------- admin calls to a running server (route, adapters)
+Base = Annotated[str, typer.Option(help="the server's base URL")]
+KeyEnv = Annotated[str, typer.Option(help="environment variable holding an admin API key")]
+
+
+def admin_call(method: str, url: str, key_env: str, body: dict | None = None) -> dict:
+    """One admin request (routes, adapters) with the key from $key_env; a refusal is printed as one line."""
+    import httpx
+
+    key = os.environ.get(key_env)
+    if not key:
+        fail(f"${key_env} is not set (an API key with `admin: true`)", code=2)
+    try:
+        r = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {url}: {exc}")
+    if r.status_code != 200:
+        msg = r.json().get("error", {}).get("message", r.text) if r.headers.get("content-type", "").startswith(
+            "application/json") else r.text
+        fail(f"{r.status_code}: {msg}")
+    return r.json()

@@ -8,39 +8,17 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated, Optional
 
 import typer
 
-from llmstack.cli.common import fail
+from llmstack.cli.common import Base, KeyEnv, admin_call
 
 route_app = typer.Typer(no_args_is_help=True, help="Canary/shadow routes of a running server (admin key).")
-Base = Annotated[str, typer.Option(help="the server's base URL")]
-KeyEnv = Annotated[str, typer.Option(help="environment variable holding an admin API key")]
-
-
-def _call(method: str, url: str, key_env: str, body: dict | None = None) -> dict:
-    import httpx
-
-    key = os.environ.get(key_env)
-    if not key:
-        fail(f"${key_env} is not set (an API key with `admin: true`)", code=2)
-    try:
-        r = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach {url}: {exc}")
-    if r.status_code != 200:
-        msg = r.json().get("error", {}).get("message", r.text) if r.headers.get("content-type", "").startswith(
-            "application/json") else r.text
-        fail(f"{r.status_code}: {msg}")
-    return r.json()
-
-
 @route_app.command()
 def show(api_base: Base = "http://127.0.0.1:8000", api_key_env: KeyEnv = "LLMSTACK_ADMIN_KEY"):
     """Print the current routes."""
-    print(json.dumps(_call("GET", f"{api_base}/admin/routes", api_key_env), indent=2))
+    print(json.dumps(admin_call("GET", f"{api_base}/admin/routes", api_key_env), indent=2))
 
 
 @route_app.command("set")
@@ -53,12 +31,12 @@ def set_(name: Annotated[str, typer.Argument(help="public model name")],
     """Set a route (the previous one is kept for rollback)."""
     body = {"primary": primary, **({"canary": {"model": canary, "percent": percent}} if canary else {}),
             **({"shadow": shadow} if shadow else {})}
-    print(json.dumps(_call("PUT", f"{api_base}/admin/routes/{name}", api_key_env, body)[name], indent=2))
+    print(json.dumps(admin_call("PUT", f"{api_base}/admin/routes/{name}", api_key_env, body)[name], indent=2))
 
 
 @route_app.command()
 def rollback(name: Annotated[str, typer.Argument(help="public model name")],
              api_base: Base = "http://127.0.0.1:8000", api_key_env: KeyEnv = "LLMSTACK_ADMIN_KEY"):
     """Put back the routing this name had before its last change."""
-    routes = _call("POST", f"{api_base}/admin/routes/{name}/rollback", api_key_env)
+    routes = admin_call("POST", f"{api_base}/admin/routes/{name}/rollback", api_key_env)
     print(json.dumps(routes.get(name, "(no route: the name serves the model of that name)"), indent=2))

@@ -41,6 +41,9 @@ class VllmOptions(Strict):
     kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB of KV cache)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory vLLM may take (CUDA)")
     max_lora_rank: int = Field(64, gt=0)
+    runtime_adapters: bool = Field(False, description="start with LoRA support even without configured adapters, so "
+                                                      "`llmstack adapters load` can add one later (LoRA kernels cost "
+                                                      "some speed on the base model)")
     compact_json: bool = Field(True, description="structured (JSON) output without free whitespace, which small "
                                                  "models otherwise fill their token budget with")
 

@@ -3,7 +3,8 @@ its routes. The generation request path is serving.py; wire schemas and error bo
 
 Routes: GET /health (no key), /ready, /metrics, /docs, /openapi.json, /v1/models, /v1/monitor/profile; POST
 /v1/chat/completions, /v1/completions; admin (admin key): GET /admin/routes, PUT /admin/routes/{name},
-POST /admin/routes/{name}/rollback. Every error body is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+POST /admin/routes/{name}/rollback, GET /admin/adapters, PUT|DELETE /admin/adapters/{name} (LoRA adapters loaded and
+unloaded at runtime). Every error body is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
+from pathlib import Path
 
 import anyio
 
@@ -26,11 +29,13 @@ from llmstack.monitor import TrafficProfile, compare, load_profile
 from llmstack.serve.audit import AuditLog
 from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
 from llmstack.serve.metrics import ServeMetrics
-from llmstack.serve.protocol import APIError, validation_message
+from llmstack.serve.engines import EngineRejected, EngineUnavailable
+from llmstack.serve.protocol import AdapterLoad, APIError, validation_message
 from llmstack.serve.routing import Router
-from llmstack.serve.serving import Server, check_routes, generate, new_request_id
+from llmstack.serve.serving import Server, check_routes, generate, new_request_id, read_json
 
 log = logging.getLogger("llmstack.serve")
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PUBLIC_PATHS = {"/health"}
 
 
@@ -200,7 +205,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     # ------------------------------------------------------------------------ routing admin (canary, rollback)
     def _admin(request: Request) -> Router:
         if not request.state.key.admin:
-            raise APIError(403, "this API key may not change routes (needs `admin: true` in the key file)",
+            raise APIError(403, "this API key may not change routes or adapters (needs `admin: true` in the key file)",
                            code="admin_only")
         return ref["server"].router
 
@@ -240,6 +245,74 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         _audit_admin(request, "route_rollback", name, 200, router.snapshot().get(name))
         log.info("route %s rolled back by %s", name, request.state.key.id)
         return router.snapshot()
+
+    # ----------------------------------------------------------------------------- adapters loaded at runtime
+    def _adapter_engine(request: Request):
+        _admin(request)
+        if not hasattr(engine, "load_adapter"):
+            raise APIError(400, f"the {engine.kind} engine cannot load adapters at runtime", code="not_supported")
+        return engine
+
+    def _adapters_view() -> dict:
+        return {"base": engine.names[0], "adapters": dict(getattr(engine, "adapters", {}))}
+
+    @app.get("/admin/adapters")
+    async def list_adapters(request: Request):
+        _admin(request)
+        return _adapters_view()
+
+    @app.put("/admin/adapters/{name}")
+    async def load_adapter(name: str, request: Request):
+        """Serve a LoRA adapter (a folder on this server) as model `name`, without a restart. Keys' model allowlists
+        apply to the new name as to any other."""
+        srv = ref["server"]
+        eng = _adapter_engine(request)
+        body = await read_json(request, srv, AdapterLoad)
+        status = 400
+        try:
+            if not ADAPTER_NAME.match(name):
+                raise APIError(400, "an adapter name is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                               "or digit", param="name")
+            if name in srv.public_names():
+                status = 409
+                raise APIError(409, f"'{name}' is already served (a model, adapter or route of that name); unload "
+                               "it first or pick another name", code="name_taken")
+            folder = Path(body.path).expanduser()
+            if not (folder / "adapter_config.json").is_file():
+                raise APIError(400, f"{body.path} is not a LoRA adapter folder on this server (no adapter_config.json)",
+                               param="path")
+            try:
+                await eng.load_adapter(name, str(folder.resolve()))
+            except EngineRejected as exc:
+                raise APIError(400, str(exc), param="path", code="adapter_load_failed") from None
+            except EngineUnavailable as exc:
+                status = 503
+                raise APIError(503, f"the model engine is unavailable ({exc}); retry shortly",
+                               code="engine_unavailable", headers={"Retry-After": "5"}) from None
+        except APIError:
+            _audit_admin(request, "adapter_load", name[:64], status, {"path": body.path[:500]})
+            raise
+        _audit_admin(request, "adapter_load", name, 200, {"path": str(folder.resolve())})
+        log.info("adapter %s loaded from %s by %s", name, folder, request.state.key.id)
+        return _adapters_view()
+
+    @app.delete("/admin/adapters/{name}")
+    async def unload_adapter(name: str, request: Request):
+        srv = ref["server"]
+        eng = _adapter_engine(request)
+        if name not in getattr(eng, "adapters", {}):
+            _audit_admin(request, "adapter_unload", name[:64], 404)
+            raise APIError(404, f"no adapter named '{name[:64]}' is loaded", code="adapter_not_found")
+        users = [r for r, route in srv.router.snapshot().items()
+                 if name in (route.get("primary"), (route.get("canary") or {}).get("model"), route.get("shadow"))]
+        if users:
+            _audit_admin(request, "adapter_unload", name, 409)
+            raise APIError(409, f"route(s) {', '.join(users)} still send traffic to '{name}': change them first",
+                           code="adapter_in_use")
+        await eng.unload_adapter(name)
+        _audit_admin(request, "adapter_unload", name, 200)
+        log.info("adapter %s unloaded by %s", name, request.state.key.id)
+        return _adapters_view()
 
     # -------------------------------------------------------------------------------------------- generation
     @app.post("/v1/chat/completions")

@@ -127,6 +127,10 @@ class CompletionRequest(_Sampling):
     echo: bool = False  # the prompt comes back before the completion, with its tokens' logprobs if `logprobs` is set
 
 
+class AdapterLoad(_Loose):
+    path: str = Field(min_length=1, max_length=4096)  # a LoRA adapter folder on the server's filesystem
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 class APIError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

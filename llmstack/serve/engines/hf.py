@@ -121,9 +121,37 @@ class HfEngine:
         """Select the adapter a model name asks for; the base model's name runs with adapters switched off."""
         if model_name in self.adapters:
             self.model.set_adapter(model_name)
-        elif self.adapters:
+        elif hasattr(self.model, "disable_adapter"):  # a PeftModel, even once its last adapter was unloaded
             return self.model.disable_adapter()
         return contextlib.nullcontext()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter as `name` from now on, without a restart (PEFT's load_adapter). It waits for the
+        request in flight (one at a time here), so no answer ever mixes two adapter sets."""
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._load_adapter, name, path)
+            except Exception as exc:  # noqa: BLE001 - a bad folder or a shape mismatch is the admin's 400
+                raise EngineRejected(f"cannot load adapter '{name}' from {path}: {type(exc).__name__}: "
+                                     f"{str(exc)[:300]}") from None
+            self.adapters[name] = str(path)
+
+    def _load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        self.model.eval()
+
+    async def unload_adapter(self, name: str) -> None:
+        async with self._lock:
+            if len(self.adapters) == 1:  # the last one: back to the plain model (PEFT's unload drops the LoRA layers)
+                self.model = await asyncio.to_thread(self.model.unload)
+            else:
+                await asyncio.to_thread(self.model.delete_adapter, name)
+            del self.adapters[name]
 
     async def _one(self, prompt_ids: list[int], p: GenParams, model_name: str, index: int) -> AsyncIterator[Delta]:
         import torch

@@ -39,6 +39,31 @@ class VllmEngine:
     def names(self) -> list[str]:
         return [self.served_name, *self.adapters]
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter as `name` from now on, with vLLM's runtime LoRA API (the engine must have started
+        with LoRA on: adapters configured, or `vllm.runtime_adapters: true`)."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.ready:
+            raise EngineUnavailable(f"engine is {self.state}")
+        if not self.llm.vllm_config.lora_config:
+            raise EngineRejected("this vLLM engine started without LoRA support: set `vllm.runtime_adapters: true` "
+                                 "in the server config (or configure an adapter) and restart it once")
+        req = LoRARequest(lora_name=name, lora_int_id=max((r.lora_int_id for r in self._lora.values()), default=0) + 1,
+                          lora_path=str(path))
+        try:
+            await self.llm.add_lora(req)
+        except Exception as exc:  # noqa: BLE001 - a bad folder, a rank above max_lora_rank: the admin's 400
+            raise EngineRejected(f"cannot load adapter '{name}' from {path}: {type(exc).__name__}: "
+                                 f"{str(exc)[:300]}") from None
+        self._lora[name], self.adapters[name] = req, str(path)
+
+    async def unload_adapter(self, name: str) -> None:
+        req = self._lora.pop(name)
+        del self.adapters[name]
+        if self.llm is not None:
+            await self.llm.remove_lora(req.lora_int_id)
+
     def parse_tool_calls(self, text: str) -> tuple[str | None, list[dict]]:
         """Calls in an answer, read by vLLM's own `hermes` tool parser (the format of llmstack.tools' template):
         content and [{"name", "arguments": dict}], or the whole text as content when it holds no well-formed call."""
@@ -74,7 +99,8 @@ class VllmEngine:
             model=self.model, tokenizer=self.model, served_model_name=[self.served_name], dtype=o.dtype,
             enforce_eager=o.enforce_eager, max_model_len=self.max_model_len, seed=self.seed,
             gpu_memory_utilization=o.gpu_memory_utilization, disable_log_stats=True,
-            enable_lora=bool(self.adapters), max_lora_rank=o.max_lora_rank, max_loras=max(1, len(self.adapters)),
+            enable_lora=bool(self.adapters) or o.runtime_adapters, max_lora_rank=o.max_lora_rank,
+            max_loras=max(1, len(self.adapters)),
         )
 
     async def start(self) -> None:
