@@ -249,6 +249,12 @@ def test_forced_calls_from_an_untrained_model_always_parse(hf_tools, stream):
             assert {s["name"] for s in calls} == {"set_unit"}
         if not parallel:
             assert len(calls) == 1
+        # the client's loop on the real engine: the calls and their results go back, the model answers
+        follow = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": s["id"], "type": "function", "function": {"name": s["name"], "arguments": s["arguments"]}}
+            for s in calls]}, *({"role": "tool", "tool_call_id": s["id"], "content": "done"} for s in calls)]
+        r2 = hf_tools.chat.completions.create(model="tiny", messages=follow, tools=FORCE_TOOLS, max_tokens=5)
+        assert r2.usage.prompt_tokens > 0 and r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 def test_response_format_json_schema_works_on_the_hf_engine_too(hf_tools):

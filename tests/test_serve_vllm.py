@@ -155,6 +155,12 @@ def test_forced_tool_calls_through_vllm_structured_outputs(client):
                     slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
         assert finish == "tool_calls"
         assert [(v["name"], json.loads(v["arguments"])) for _, v in sorted(streamed.items())] == calls  # same seed
+    # the client's loop: the assistant turn as it came back, one tool message per call, then an answer
+    msg = r.choices[0].message
+    follow = [*MESSAGES, msg.model_dump(exclude_none=True),
+              *({"role": "tool", "tool_call_id": t.id, "content": '{"ok": true}'} for t in msg.tool_calls)]
+    r2 = client.chat.completions.create(model="tiny", messages=follow, tools=tools, max_tokens=8, temperature=0)
+    assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls") and r2.usage.prompt_tokens > 0
 
 
 def test_guard_on_the_vllm_server(server):
