@@ -54,6 +54,29 @@ FIELDS = {
                                         {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}]),
     "tools": st.lists(JSON, max_size=2), "tool_choice": st.sampled_from(["auto", "none", "required"]) | JSON,
 }
+# Tool calling: mostly well-shaped tools, choices and call histories at their edges, sometimes any JSON.
+SCHEMAS = st.sampled_from([None, {"type": "object"}, {"type": "object", "properties": {"city": {"type": "string"}},
+                                                       "required": ["city"]},
+                           {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}},
+                            "additionalProperties": False}, {"type": 5}, {"$ref": "#/nope"}, {"enum": []}])
+TOOL = st.fixed_dictionaries({"type": st.sampled_from(["function", "function", "retrieval"]), "function":
+                              st.fixed_dictionaries({"name": st.sampled_from(["get_weather", "now", "f"]) | TEXT},
+                                                    optional={"parameters": SCHEMAS | JSON, "description": TEXT})})
+CHOICE = (st.sampled_from(["auto", "none", "required", "any"])
+          | st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+              {"name": st.sampled_from(["get_weather", "now", "missing"])})}))
+CALL = st.fixed_dictionaries({"id": st.sampled_from(["c1", "c2"]) | TEXT, "type": st.just("function"),
+                              "function": st.fixed_dictionaries({"name": st.sampled_from(["get_weather", "now"]),
+                                                                 "arguments": TEXT | st.sampled_from(
+                                                                     ['{"city": "Paris"}', "{}", "[1]", '{"a": '])})})
+TOOL_HISTORY = st.lists(st.one_of(
+    MESSAGE,
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none() | TEXT,
+                           "tool_calls": st.lists(CALL, max_size=2)}),
+    st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.sampled_from(["c1", "c2", "zz"]),
+                           "content": TEXT})), min_size=1, max_size=4)
+TOOL_FIELDS = {"tools": st.lists(TOOL, max_size=3), "tool_choice": CHOICE,
+               "parallel_tool_calls": st.booleans() | JSON, "messages": TOOL_HISTORY}
 CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
                "seed", "stream", "stream_options", "logprobs", "top_logprobs", "response_format", "user",
                "ignore_eos", "tools", "tool_choice"]
@@ -95,6 +118,26 @@ def scripted(tiny_model):
 
 
 @pytest.fixture(scope="module")
+def scripted_tools(tiny_model):
+    """An engine that answers with text and a tool call to get_weather (PII in its argument): the parse paths run."""
+    from transformers import AutoTokenizer
+
+    text = 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "a@b.co"}}\n</tool_call>'
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model), text, max_model_len=4096)
+    with TestClient(build_app(engine, ServeSpec(engine="hf"), POLICY, KEYS)) as client:
+        yield client
+        assert client.post("/v1/chat/completions", json=CHAT, headers=H).status_code == 200
+
+
+def tool_requests() -> st.SearchStrategy[dict]:
+    chosen = st.lists(st.sampled_from(list(TOOL_FIELDS)), unique=True, min_size=1, max_size=4)
+    return chosen.flatmap(lambda names: st.builds(
+        lambda stream, values: {**CHAT, "stream": stream, "tools": [{"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object"}}}], **dict(zip(names, values))},
+        st.booleans(), st.tuples(*[TOOL_FIELDS[n] for n in names])))
+
+
+@pytest.fixture(scope="module")
 def hf(tiny_model):
     engine = HfEngine(tiny_model, "tiny", max_model_len=128)
     with TestClient(build_app(engine, ServeSpec(engine="hf", max_model_len=128), POLICY, KEYS)) as client:
@@ -129,3 +172,16 @@ def test_fuzz_raw_bodies(scripted, body):
 def test_fuzz_the_transformers_engine_path(hf, body):
     route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     check(hf.post(route, content=json.dumps(body), headers=H))
+
+
+@FUZZ
+@given(body=tool_requests())
+def test_fuzz_tool_calling(scripted_tools, body):
+    r = scripted_tools.post("/v1/chat/completions", content=json.dumps(body), headers=H)
+    check(r)
+    if r.status_code == 200 and not body.get("stream"):
+        for choice in r.json()["choices"]:  # a call handed out always names an offered tool, arguments always JSON
+            offered = {t["function"]["name"] for t in body["tools"]}
+            for call in choice["message"].get("tool_calls") or []:
+                assert call["function"]["name"] in offered and isinstance(json.loads(call["function"]["arguments"]),
+                                                                          dict)
