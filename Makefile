@@ -66,9 +66,9 @@ mlflow-server: $(MSTAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(MVENV)/bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_HOME)/mlflow.db \
 	  --artifacts-destination $(MLFLOW_HOME)/artifacts
 
-# Debian packages the tests use: a real redis-server (shared rate limits), chromium (the UI test), prometheus (promtool
-# checks and unit-tests serve/alerts.yaml).
-SYSTEM_DEPS := redis-server chromium prometheus
+# Debian packages the tests use: a real redis-server (shared rate limits and routes), chromium (the UI test), prometheus
+# (promtool checks and unit-tests serve/alerts.yaml), nginx (the load balancer in front of two replicas; ≈3 s to install).
+SYSTEM_DEPS := redis-server chromium prometheus nginx
 system-deps:
 	@missing=""; for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
