@@ -8,6 +8,7 @@ QVENV := .venv-quant
 QSTAMP := $(QVENV)/.llmstack-installed
 MVENV := .venv-mlflow
 MSTAMP := $(MVENV)/.llmstack-installed
+RSTAMP := $(VENV)/.llmstack-ray-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -23,7 +24,7 @@ quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack run recipes/quickstart.yaml
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
-test: $(STAMP) $(QSTAMP) $(MSTAMP) system-deps
+test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 setup: $(STAMP) $(QSTAMP)
@@ -45,6 +46,13 @@ $(QSTAMP): requirements/quant.lock
 	test -x $(QVENV)/bin/python || $(PY) -m venv $(QVENV)
 	$(QVENV)/bin/python -m pip install -q --no-deps -r requirements/quant.lock $(QUIET_PIP)
 	$(QVENV)/bin/python -c "import llmcompressor, compressed_tensors; print('quant env ok: llmcompressor', llmcompressor.__version__)"
+	touch $@
+
+# Ray, for curation on a Ray cluster (`data.executor: ray`) and its test (a local `ray start --head`): into the main
+# environment, from its own lock (79 MB wheel, 240 MB installed, ≈8 s), so `make setup` and the quickstart skip it.
+$(RSTAMP): requirements/ray.lock $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps -r requirements/ray.lock $(QUIET_PIP)
+	$(BIN)/python -c "import ray; print('ray', ray.__version__)"
 	touch $@
 
 # The MLflow server environment, for teams that keep the registry in MLflow (`--store mlflow://HOST:PORT`) and for its
