@@ -136,3 +136,75 @@ def test_ray_address_with_no_cluster_is_a_one_line_error(tmp_path, tiny_model):
                       tmp_path / "runs")
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
     assert f"data.executor.address '127.0.0.1:{port}': no Ray cluster there" in proc.stdout + proc.stderr
+
+
+SLURM = "{type: slurm, partition: cpu, time: '00:30:00', cpus_per_task: 2, sbatch_args: {account: proj}}"
+
+
+def test_slurm_dry_run_writes_jobs_that_curate_what_the_local_executor_curates(local_result, tiny_model, tmp_path):
+    """No Slurm here: the dry run's scripts are checked, submit.sh is run against an `sbatch` that records its
+    arguments (the dependency chain), and each job's payload is run as Slurm would run it on a node (its
+    SLURM_ARRAY_TASK_ID, SLURM_NODELIST and `scontrol`), ending with the collect job: the same dataset as local."""
+    recipe = write_recipe(tmp_path, tiny_model, "slurm", SLURM)
+    runs = tmp_path / "runs"
+    plain = curate_cli(recipe, runs)  # without --slurm: a clear error, nothing half-done
+    assert plain.returncode == 1 and "llmstack curate RECIPE --slurm" in " ".join((plain.stdout + plain.stderr).split())
+    proc = curate_cli(recipe, runs, "--slurm", "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stage = runs / "exec" / "default" / "curate"
+    work = stage / "work" / "sft"
+    pass1, pass2 = (work / f"logs_{t}" / "launch_script.slurm" for t in ("pass1", "pass2"))
+    head1 = {line.split("=")[0]: line.split("=", 1)[-1] for line in pass1.read_text().splitlines()
+             if line.startswith("#SBATCH")}
+    assert head1["#SBATCH --partition"] == "cpu" and head1["#SBATCH --time"] == "00:30:00"
+    assert head1["#SBATCH --cpus-per-task"] == "2" and head1["#SBATCH --array"] == "0-1"  # data.workers: 2 tasks
+    assert head1["#SBATCH --mem-per-cpu"] == "2048M" and head1["#SBATCH --account"] == "proj"
+    assert "#SBATCH --array=0-0" in pass2.read_text()
+    assert not (stage / "sft").exists()  # a dry run curates nothing
+    submit = stage / "slurm" / "submit.sh"
+    assert subprocess.run(["bash", "-n", str(submit)]).returncode == 0
+
+    # submit.sh chains the jobs: pass 2 after pass 1, collect after pass 2
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text('#!/bin/bash\nn=$(( $(wc -l < "$LOG" 2>/dev/null || echo 0) + 100 ))\n'
+                                 'echo "$n $*" >> "$LOG"\necho "$n;cluster"\n')
+    (bin_ / "scontrol").write_text('#!/bin/bash\necho localhost\n')  # `scontrol show hostnames $SLURM_NODELIST`
+    for stub in bin_.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "LOG": str(tmp_path / "sbatch.log"), "PYTHONPATH": str(REPO)}
+    out = subprocess.run(["bash", str(submit)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert [c.split()[-1] for c in calls] == [str(pass1), str(pass2), str(stage / "slurm" / "collect.slurm")]
+    assert "--dependency=afterok:100 " in calls[1] and "--dependency=afterok:101 " in calls[2]
+
+    # the payloads, as the nodes would run them
+    def payload(script: Path) -> str:
+        line = next(x for x in script.read_text().splitlines() if "launch_pickled_pipeline" in x)
+        return line.split("srun -l -n 1 ", 1)[-1]
+
+    for script, tasks in ((pass1, 2), (pass2, 1)):
+        for task in range(tasks):
+            ran = subprocess.run(["bash", "-c", payload(script)], capture_output=True, text=True, timeout=300,
+                                 env={**env, "SLURM_ARRAY_TASK_ID": str(task), "RUN_OFFSET": "0",
+                                      "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "1"})
+            assert ran.returncode == 0, ran.stderr[-3000:]
+    collect = (stage / "slurm" / "collect.slurm").read_text()
+    assert "--slurm-collect" in collect and "#SBATCH --partition=cpu" in collect
+    ran = subprocess.run(["bash", "-c", collect.split("set -xe", 1)[1]], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    manifest = json.loads((runs / "exec" / "default" / "manifest.json").read_text())
+    assert manifest["stages"]["curate"]["status"] == "done"  # recorded: `llmstack run` goes on from here
+    assert outcome(runs) == local_result
+
+
+def test_slurm_collect_refuses_incomplete_passes(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, "slurm", SLURM)
+    assert curate_cli(recipe, tmp_path / "runs", "--slurm", "--dry-run").returncode == 0
+    proc = curate_cli(recipe, tmp_path / "runs", "--slurm-collect")  # as if the array job never ran
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 1 and "pass1: 2 of 2 Slurm task(s) did not complete" in out, out
+    assert "Traceback" not in out

@@ -20,7 +20,7 @@ A training stage names the dataset it trains on (`stages[i].dataset: sft`).
 Where the work runs (`data.executor`), always one of datatrove's executors, with the same decisions and output:
 
     executor: local                                   # default: LocalPipelineExecutor, `data.workers` processes
-    executor: {type: ray, address: auto}              # RayPipelineExecutor on a running Ray cluster (or ray://HOST:PORT)
+    executor: {type: ray, address: auto}              # RayPipelineExecutor on a running cluster (or ray://HOST:PORT)
     executor: {type: slurm, partition: cpu, time: "02:00:00", cpus_per_task: 4}   # `llmstack curate --slurm`
 """
 

@@ -475,6 +475,71 @@ def curate_recipe(recipe, stage_dir: Path, tokenizer: Path | None, only: list[st
     return cards
 
 
+def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, workdir: Path) -> list[Path]:
+    """Write the Slurm jobs that curate the recipe's datasets on datatrove's SlurmPipelineExecutor: per dataset,
+    pass 1 as an array job of `data.workers` tasks, pass 2 (one task) after it; after all of them one job that runs
+    `collect` in `workdir` (`llmstack curate --slurm-collect`: checks every task completed, then mixes, splits, writes
+    the cards and records the stage, as the local executor's run would). Each pass's folder gets what datatrove's
+    own launch writes (executor.pik, ranks_to_run.json, launch_script.slurm: `launch_pickled_pipeline` runs the
+    task of its SLURM_ARRAY_TASK_ID); submit.sh submits them, chained with `sbatch --dependency=afterok`.
+    Returns [submit.sh, the job scripts...]. The stage folder must be on a filesystem every node mounts."""
+    import copy
+
+    import dill
+    from datatrove.executor import SlurmPipelineExecutor
+
+    ex = recipe.data.executor
+    folder = stage_dir / "slurm"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env_command = ex.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}"
+    sbatch_args = {"mem-per-cpu": f"{int(ex.mem_per_cpu_gb * 1024)}M", **ex.sbatch_args}
+    common = dict(time=ex.time, partition=ex.partition, cpus_per_task=ex.cpus_per_task, qos=ex.qos,
+                  env_command=env_command, sbatch_args=sbatch_args, skip_completed=True)
+    scripts, submit, last = [], [], []
+    for name, spec in recipe.data.datasets.items():
+        suites = suites_for(recipe, spec) if spec.decontaminate.enabled else []
+        pass1, pass2, work, *_ = _passes(name, spec, stage_dir, tokenizer, eval_items_for(suites), fresh=True,
+                                         preload=False)
+        after = None
+        for tag, steps, tasks in (("pass1", pass1, recipe.data.workers), ("pass2", pass2, 1)):
+            sx = SlurmPipelineExecutor(steps, tasks=tasks, job_name=f"curate-{name}-{tag}",
+                                       logging_dir=str(work / f"logs_{tag}"),
+                                       slurm_logs_folder=str(work / f"slurm_logs_{tag}"), **common)
+            if tasks > sx.max_array_size:
+                raise CurationError(f"data.workers {tasks} is more than one Slurm array holds ({sx.max_array_size})")
+            ranks = sx.get_incomplete_ranks()
+            with sx.logging_dir.open("executor.pik", "wb") as f:  # what SlurmPipelineExecutor.launch_job writes
+                dill.dump(copy.deepcopy(sx), f, fmode=dill.CONTENTS_FMODE)
+            sx.save_executor_as_json()
+            with sx.logging_dir.open("ranks_to_run.json", "w") as f:
+                json.dump(ranks, f)
+            script = Path(sx.logging_dir.resolve_paths("launch_script.slurm"))
+            script.write_text(sx.get_launch_file_contents(
+                sx.get_sbatch_args(len(ranks)),
+                f"srun -l -n 1 launch_pickled_pipeline {sx.logging_dir.resolve_paths('executor.pik')}"))
+            scripts.append(script)
+            var = f"{name.replace('-', '_').replace('.', '_')}_{tag}"
+            dep = f" --dependency=afterok:${after}" if after else ""
+            submit.append(f'{var}=$(jobid --export=ALL,RUN_OFFSET=0{dep} "{script}")')
+            after = var
+        last.append(after)
+    collect_job = folder / "collect.slurm"
+    collect_job.write_text(sx.get_launch_file_contents(
+        {"cpus-per-task": 1, "partition": ex.partition, "job-name": "curate-collect", "time": ex.time,
+         "output": str(folder / "collect-%j.out"), **({"qos": ex.qos} if ex.qos else {}), **sbatch_args},
+        f"cd {workdir}\n{collect}"))
+    deps = ":".join(f"${v}" for v in last)
+    (folder / "submit.sh").write_text(
+        "#!/bin/bash\n# Submit llmstack's curation jobs (written by `llmstack curate --slurm`): per dataset pass 1 "
+        "(array) then pass 2, then collect.\nset -euo pipefail\n"
+        'jobid() { local out; out=$(sbatch --parsable "$@"); echo "${out%%;*}"; }\n'
+        + "\n".join(submit) + f'\ncollect=$(jobid --dependency=afterok:{deps} "{collect_job}")\n'
+        + 'echo "submitted: ' + " ".join(f"{v}=${v}" for v in last) + ' collect=$collect"\n')
+    (folder / "submit.sh").chmod(0o755)
+    return [folder / "submit.sh", *scripts, collect_job]
+
+
 def publish_card(src: Path, dest: Path, name: str) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for suffix in (".md", ".json", ".png"):
