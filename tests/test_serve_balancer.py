@@ -6,7 +6,6 @@ the rate limit is one budget for both. nginx runs as the test user with its pid,
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
 import shutil
@@ -22,9 +21,9 @@ import pytest
 import yaml
 
 from llmstack.serve.guard import hash_key
+from llmstack.testing import nginx_balancer_conf
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "serve" / "deploy" / "nginx-llmstack.conf"
 USER, LIMITED, ADMIN = "sk-llmstack-user-lb", "sk-llmstack-limited-lb", "sk-llmstack-admin-lb"
 A = {"Authorization": f"Bearer {ADMIN}"}
 ASK = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
@@ -35,29 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def nginx_conf(tmp: Path, listen: int, upstreams: list[int]) -> Path:
-    """The shipped site config with our ports, inside a main config that keeps every path under tmp."""
-    site = SHIPPED.read_text()
-    servers = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;\n" for p in upstreams)
-    site, n = re.subn(r"(?m)^\s*server 127\.0\.0\.1:\d+[^\n]*\n", "", site)
-    assert n == 2, "serve/deploy/nginx-llmstack.conf no longer lists two example upstream servers"
-    site = site.replace("upstream llmstack_replicas {\n", "upstream llmstack_replicas {\n" + servers)
-    site, n = re.subn(r"listen 8000;", f"listen 127.0.0.1:{listen};", site)
-    assert n == 1
-    (tmp / "site.conf").write_text(site)
-    temp = {k: tmp / k for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    for d in temp.values():
-        d.mkdir()
-    user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""  # as root, workers would otherwise be nobody
-    main = (f"{user}worker_processes 1;\ndaemon off;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
-            "events { worker_connections 256; }\nhttp {\n"
-            f"  access_log {tmp}/access.log;\n"
-            + "".join(f"  {k}_temp_path {d};\n" for k, d in temp.items())
-            + f"  include {tmp}/site.conf;\n}}\n")
-    (tmp / "nginx.conf").write_text(main)
-    return tmp / "nginx.conf"
 
 
 def wait_ready(proc, url: str, log: Path, timeout=180):
@@ -114,8 +90,7 @@ def cluster(tiny_model, tiny_loras, redis_url, tmp_path_factory):
         for i, (p, port) in enumerate(zip(procs, ports)):
             wait_ready(p, f"http://127.0.0.1:{port}/ready", tmp / f"replica{i}" / "server.log")
         lb_port = free_port()
-        (tmp / "nginx").mkdir()
-        conf = nginx_conf(tmp / "nginx", lb_port, ports)
+        conf = nginx_balancer_conf(tmp / "nginx", lb_port, ports)  # the shipped config, our ports, paths in tmp
         check = subprocess.run([nginx, "-t", "-c", str(conf), "-e", str(tmp / "nginx" / "error.log")],
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
