@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from llmstack.config.data import DataConfig
 from llmstack.config.recipe import Recipe, recipe_sha256
 from llmstack.data.sources import local_inputs_sha256
 from llmstack.runs import Run, describe_outputs, sha256_json
@@ -68,6 +69,8 @@ class StageUnavailable(Exception):
 
 
 def _spec_json(spec: Any) -> Any:
+    if isinstance(spec, DataConfig):  # where curation runs (local, ray, slurm) does not change what it makes
+        return spec.model_dump(mode="json", by_alias=True, exclude={"executor"})
     return spec.model_dump(mode="json", by_alias=True) if hasattr(spec, "model_dump") else spec
 
 

@@ -101,6 +101,39 @@ def stop_process_group(proc, timeout: float = 60) -> None:
         proc.wait()
 
 
+def nginx_balancer_conf(folder: str | Path, listen: int, upstreams: list[int]) -> Path:
+    """serve/deploy/nginx-llmstack.conf (the config an operator copies) with these replica ports and listen port,
+    inside a main nginx.conf that keeps the pid file, logs and temp paths under `folder`, so nginx runs as any user
+    (`nginx -c <returned path> -e <folder>/error.log`)."""
+    import getpass
+    import os
+    import re
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    site = (Path(__file__).resolve().parent.parent / "serve" / "deploy" / "nginx-llmstack.conf").read_text()
+    site, n = re.subn(r"(?m)^\s*server 127\.0\.0\.1:\d+[^\n]*\n", "", site)
+    if n != 2:
+        raise ValueError("serve/deploy/nginx-llmstack.conf no longer lists two example upstream servers")
+    servers = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;\n" for p in upstreams)
+    site = site.replace("upstream llmstack_replicas {\n", "upstream llmstack_replicas {\n" + servers)
+    site, n = re.subn(r"listen 8000;", f"listen 127.0.0.1:{listen};", site)
+    if n != 1:
+        raise ValueError("serve/deploy/nginx-llmstack.conf no longer listens on 8000")
+    (folder / "site.conf").write_text(site)
+    temp = {k: folder / k for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    for d in temp.values():
+        d.mkdir(exist_ok=True)
+    user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""  # as root, workers would otherwise be nobody
+    (folder / "nginx.conf").write_text(
+        f"{user}worker_processes 1;\ndaemon off;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log info;\n"
+        "events { worker_connections 1024; }\nhttp {\n"
+        f"  access_log {folder}/access.log;\n"
+        + "".join(f"  {k}_temp_path {d};\n" for k, d in temp.items())
+        + f"  include {folder}/site.conf;\n}}\n")
+    return folder / "nginx.conf"
+
+
 class ScriptedEngine:
     """An engine (the Engine protocol of llmstack.serve.engines) that says a given thing on cue: it streams `text`
     `chunk` characters at a time with `delay` seconds between pieces, or, with no text, one " word" delta per

@@ -3,6 +3,13 @@ decisions, on the same corpus, in the same run, at two corpus sizes; the two mus
 
     .venv/bin/python scripts/bench_curate.py                          # 8,000 and 32,000 docs; ours on 1 and 2 tasks
     .venv/bin/python scripts/bench_curate.py --sizes 2000 8000 --workers 2   # a quicker look
+    .venv/bin/python scripts/bench_curate.py --executor ray --workers 2       # ours on the local executor vs on Ray
+
+`--executor ray`: ours on datatrove's LocalPipelineExecutor vs its RayPipelineExecutor at the same worker count (no
+baseline), on a Ray cluster this script starts on this machine (`ray start --head`, stopped at the end) unless
+`--ray-address` names one. Ray's tasks run in the cluster's worker processes, not under the measured process: their
+memory is sampled separately (PSS of the cluster's `ray::` workers, peak, and that divided by the worker count);
+CPU seconds are the driver's only on Ray. Needs requirements/ray.lock.
 
 Corpus: State of the Union addresses (the quickstart's CPT source) cut into ~150-word documents, with 5% exact and 5%
 near duplicates planted. Both pipelines: ftfy + PII redaction, empty-row check, token lengths (the recipe tokenizer),
@@ -60,9 +67,12 @@ Before language id was compiled (same day, three runs, `--sizes 2000 8000`): 8,0
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -147,13 +157,14 @@ def kept_digest(saved: Path) -> str:
     return hashlib.sha256("".join(sorted(hashlib.sha256(t.encode()).hexdigest() for t in texts)).encode()).hexdigest()
 
 
-def ours(corpus: Path, tok: Path, work: Path, workers: int) -> tuple[int, Path]:
-    from llmstack.config.data import DatasetSpec
+def ours(corpus: Path, tok: Path, work: Path, workers: int, ray_address: str | None = None) -> tuple[int, Path]:
+    from llmstack.config.data import DatasetSpec, ExecutorSpec
     from llmstack.data.curate import curate_dataset
 
     spec = DatasetSpec.model_validate({"schema": "text", "sources": [{"name": "corpus", "path": str(corpus)}]})
+    executor = ExecutorSpec(type="ray", address=ray_address) if ray_address else ExecutorSpec()
     card = curate_dataset("bench", spec, work, tok, seed=0, eval_items=eval_items(), eval_suites=["smoke"],
-                          workers=workers)
+                          workers=workers, executor=executor)
     return card["counts"]["kept"], work / "bench"
 
 
@@ -241,19 +252,39 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def measure(which: str, n: int, corpus: Path, workers: int) -> dict:
+def _ray_workers_pss(pgid: int) -> int:
+    """PSS of a Ray cluster's worker processes (`ray::...`), found by the process group `ray start` left them in."""
+    import psutil
+
+    total = 0
+    for q in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if os.getpgid(q.pid) == pgid and "default_worker.py" in " ".join(q.info["cmdline"] or []) \
+                    or os.getpgid(q.pid) == pgid and (q.info["name"] or "").startswith("ray::"):
+                total += q.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, AttributeError):
+            pass
+    return total
+
+
+def measure(which: str, n: int, corpus: Path, workers: int, ray: tuple[str, int] | None = None) -> dict:
     cmd = [sys.executable, __file__, "--one", which, "--corpus", str(corpus), "--workers", str(workers)]
+    if which == "ray":
+        cmd += ["--ray-address", ray[0]]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    peak = 0
+    peak = ray_peak = 0
     while proc.poll() is None:
         peak = max(peak, _tree_rss(proc.pid))
+        if which == "ray" and ray[1]:
+            ray_peak = max(ray_peak, _ray_workers_pss(ray[1]))
         time.sleep(0.05)
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed (exit {proc.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(which=which, docs=n, peak_mib=round(peak / 2**20), total_s=round(time.perf_counter() - t0, 1))
+    result.update(which=which, docs=n, peak_mib=round(peak / 2**20), total_s=round(time.perf_counter() - t0, 1),
+                  ray_workers_mib=round(ray_peak / 2**20))
     return result
 
 
@@ -264,12 +295,15 @@ def _cpu_s() -> float:
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def one(which: str, corpus: Path, workers: int) -> None:
+def one(which: str, corpus: Path, workers: int, ray_address: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tok = tokenizer_path(tmp)
         t0, c0 = time.perf_counter(), _cpu_s()
-        kept, saved = ours(corpus, tok, tmp / "run", workers) if which == "ours" else baseline(corpus, tok, tmp)
+        if which == "baseline":
+            kept, saved = baseline(corpus, tok, tmp)
+        else:
+            kept, saved = ours(corpus, tok, tmp / "run", workers, ray_address if which == "ray" else None)
         wall, cpu = time.perf_counter() - t0, _cpu_s() - c0  # CPU: this process and its (finished) workers
         digest = kept_digest(saved)
     n = sum(1 for _ in open(corpus))
@@ -281,26 +315,69 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8000, 32000])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="datatrove tasks for our pass 1 (each)")
-    ap.add_argument("--one", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="ray: ours on the local executor vs on Ray, same workers (no baseline)")
+    ap.add_argument("--ray-address", help="a running Ray cluster (HOST:PORT); default: start one here for the run")
+    ap.add_argument("--one", choices=["ours", "baseline", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        return one(args.one, args.corpus, args.workers[0])
+        return one(args.one, args.corpus, args.workers[0], args.ray_address)
+    if args.executor == "ray":
+        with ray_cluster(args.ray_address, max(args.workers)) as ray:
+            return compare(args, [(x, w) for w in args.workers for x in ("ours", "ray")], ray)
+    return compare(args, [("baseline", 1)] + [("ours", w) for w in args.workers], None)
 
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None, cpus: int):
+    """(address, process group of its workers or 0): the given cluster, or a head started here and stopped after."""
+    if address:
+        yield address, 0
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", str(cpus),
+                             "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
+                             "--disable-usage-stats", "--temp-dir", temp], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL)
+    try:
+        if head.wait(120) != 0:
+            raise SystemExit("ray start failed")
+        print(f"ray: a local cluster of {cpus} CPUs on 127.0.0.1:{port}", flush=True)
+        yield f"127.0.0.1:{port}", head.pid
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(3)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def compare(args, runs: list[tuple[str, int]], ray) -> None:
+    """Each (which, workers) run at each size, in a fresh process; the first run is the reference for speed-ups."""
     print(f"cpu cores: {os.cpu_count()} (other work on the box slows both sides: see each run's load average)")
-    runs = [("baseline", 1)] + [("ours", w) for w in args.workers]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             corpus = build_corpus(n, Path(tmp) / f"corpus_{n}.jsonl")
             for which, workers in runs:
                 load = os.getloadavg()[0]
-                r = measure(which, n, corpus, workers)
+                r = measure(which, n, corpus, workers, ray)
                 r.update(workers=workers, load=load)
                 rows.append(r)
+                ray_mem = (f"  ray workers {r['ray_workers_mib']} MiB ({r['ray_workers_mib'] // workers}/worker)"
+                           if which == "ray" else "")
                 print(f"  {which:8s} w={workers} {n:6d} docs: {r['docs_per_s']:7.1f} docs/s  {r['wall_s']:7.1f} s wall"
-                      f"  {r['cpu_s']:7.1f} s cpu  peak {r['peak_mib']:5d} MiB  kept {r['kept']}  load {load:.1f}",
-                      flush=True)
+                      f"  {r['cpu_s']:7.1f} s cpu  peak {r['peak_mib']:5d} MiB{ray_mem}  kept {r['kept']}"
+                      f"  load {load:.1f}", flush=True)
             digests = {r["kept_sha256"] for r in rows if r["docs"] == n}
             if len(digests) != 1:
                 raise SystemExit(f"{n} docs: the pipelines kept different documents: "
@@ -311,8 +388,9 @@ def main() -> None:
 
     print()
     print("docs | run        | docs/s | speed-up | wall s | cpu s | peak MiB | load avg   (same kept docs: checked)")
+    first = runs[0]  # the reference: the baseline, or ours on the local executor
     for n in args.sizes:
-        b = row(n, "baseline", 1)
+        b = row(n, *first)
         for which, workers in runs:
             r = row(n, which, workers)
             print(f"{n:5d} | {which:8s} w{workers} | {r['docs_per_s']:6.1f} | {r['docs_per_s'] / b['docs_per_s']:7.2f}x |"
@@ -322,7 +400,7 @@ def main() -> None:
         # Fixed costs (imports, loading the tokenizer and language model, writing the card) weigh on small runs; the
         # docs/s between the two sizes is the rate each side processes documents at once started.
         print(f"\nbetween {small} and {large} docs (fixed start-up costs cancel out):")
-        b = row(large, "baseline", 1)["wall_s"] - row(small, "baseline", 1)["wall_s"]
+        b = row(large, *first)["wall_s"] - row(small, *first)["wall_s"]
         for which, workers in runs:
             a, z = row(small, which, workers), row(large, which, workers)
             extra = z["wall_s"] - a["wall_s"]

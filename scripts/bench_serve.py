@@ -11,6 +11,13 @@ guard overhead at p50 (a vs b, goal <= 5%), and (a) at concurrency 32 vs (c) one
     .venv/bin/python scripts/bench_serve.py                    # SmolLM2-135M-Instruct fp32 (~8 min on 2 cores)
     .venv/bin/python scripts/bench_serve.py --model tiny --max-tokens 32   # the tiny random model (smoke check)
     .venv/bin/python scripts/bench_serve.py --hostile          # the guard under a hostile mix (~1 min, no model)
+    .venv/bin/python scripts/bench_serve.py --replicas 2 --levels 32   # replicas behind nginx vs one replica
+
+--replicas N: the guarded API at each concurrency level as (1) one replica, direct, limits in memory; (2) one replica
+behind nginx (serve/deploy/nginx-llmstack.conf), routes and limits in redis; (3) N replicas behind the same nginx
+sharing that redis. (2) vs (1) is what the balancer and the shared store cost (goal: <= 5% at p50); (3) vs (2) is
+what more replicas give (on 2 cores: nothing, they share the cores). Needs nginx and redis-server (`make test`
+installs both); --engine hf serves with transformers instead of vLLM (a quicker smoke check).
 
 --hostile: the guarded API (real uvicorn, in its own process, over the scripted engine: 16 tokens per answer at
 10 ms a token, so the model's cost is fixed and the API's own is what moves) at concurrency 8, first clean, then with
@@ -92,7 +99,9 @@ async def bench_api(base: str, key: str, prompts: list[list[dict]], conc: int, m
         return summarize("a_guarded_api", conc, time.perf_counter() - t0, rows)
 
 
-def start_server(model: Path, workdir: Path, vllm: dict) -> tuple[subprocess.Popen, str, str]:
+def start_server(model: Path, workdir: Path, vllm: dict, key: str | None = None, store: str | None = None,
+                 engine: str = "vllm") -> tuple[subprocess.Popen, str, str]:
+    """One `llmstack serve`; with `store` (redis://...) its routes and rate limits live there (shared replicas)."""
     import socket
 
     import httpx
@@ -100,7 +109,8 @@ def start_server(model: Path, workdir: Path, vllm: dict) -> tuple[subprocess.Pop
 
     from llmstack.serve.guard import hash_key, new_key
 
-    key = new_key()
+    key = key or new_key()
+    workdir.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -108,10 +118,12 @@ def start_server(model: Path, workdir: Path, vllm: dict) -> tuple[subprocess.Pop
     # Default rails all on; limits raised so the benchmark measures the guard's cost, not its refusals.
     (workdir / "guard.yaml").write_text(yaml.safe_dump({"rate_limits": {"requests_per_minute": 100_000,
                                                                         "tokens_per_minute": 10_000_000,
-                                                                        "max_concurrent": 64}}))
+                                                                        "max_concurrent": 64,
+                                                                        **({"storage": store} if store else {})}}))
     (workdir / "server.yaml").write_text(yaml.safe_dump({
-        "engine": "vllm", "model": str(model), "served_model_name": "bench", "port": port, "keys": "keys.yaml",
-        "guard": "guard.yaml", "audit_log": "audit.jsonl", "max_concurrency": 64, "max_queue": 64, "vllm": vllm}))
+        "engine": engine, "model": str(model), "served_model_name": "bench", "port": port, "keys": "keys.yaml",
+        "guard": "guard.yaml", "audit_log": "audit.jsonl", "max_concurrency": 64, "max_queue": 64, "vllm": vllm,
+        **({"routes_store": store} if store else {})}))
     log = open(workdir / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(workdir / "server.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
@@ -127,6 +139,71 @@ def start_server(model: Path, workdir: Path, vllm: dict) -> tuple[subprocess.Pop
         time.sleep(1)
     proc.kill()
     sys.exit("server not ready in 600 s")
+
+
+# ------------------------------------------------------------------------------------- --replicas: behind nginx
+def bench_replicas(model: Path, work: Path, prompts, levels: list[int], max_tokens: int, replicas: int, vllm: dict,
+                   engine: str) -> list[dict]:
+    """(1) one replica direct (memory store), (2) one replica behind nginx with redis, (3) `replicas` behind nginx
+    with redis; level by level, interleaved, all servers up for the whole run."""
+    import shutil
+    import socket
+
+    import redis
+
+    from llmstack.serve.guard import new_key
+    from llmstack.testing import nginx_balancer_conf, stop_process_group
+
+    nginx, redis_server = shutil.which("nginx") or "/usr/sbin/nginx", shutil.which("redis-server")
+    if not (os.path.exists(nginx) and redis_server):
+        sys.exit("--replicas needs nginx and redis-server (Debian packages; `make test` installs them)")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    key, procs, out = new_key(), [], []
+    try:
+        rport = free_port()
+        procs.append(subprocess.Popen([redis_server, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL,
+                                      start_new_session=True))
+        store = f"redis://127.0.0.1:{rport}/0"
+        for _ in range(100):
+            try:
+                redis.Redis(port=rport).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        servers = [start_server(model, work / "direct", vllm, key, None, engine)]
+        servers += [start_server(model, work / f"replica{i}", vllm, key, store, engine) for i in range(replicas)]
+        procs += [p for p, _, _ in servers]
+        ports = [int(base.rsplit(":", 1)[1]) for _, base, _ in servers]
+        balancers = {}
+        for name, upstreams in (("one_replica_nginx_redis", ports[1:2]),
+                                (f"{replicas}_replicas_nginx_redis", ports[1:])):
+            listen = free_port()
+            conf = nginx_balancer_conf(work / name, listen, upstreams)
+            procs.append(subprocess.Popen([nginx, "-c", str(conf), "-e", str(work / name / "error.log")],
+                                          start_new_session=True))
+            balancers[name] = f"http://127.0.0.1:{listen}"
+        time.sleep(1)
+        systems = {"one_replica_direct_memory": servers[0][1], **balancers}
+        for conc in levels:
+            for name, base in systems.items():
+                r = asyncio.run(bench_api(base, key, prompts, conc, max_tokens))
+                r["system"] = name
+                out.append(r)
+                print(fmt(r), flush=True)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None and os.getpgid(p.pid) == p.pid:
+                stop_process_group(p, timeout=120)  # redis, nginx: their own sessions
+            elif p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # a server drains, then exits (its engine with it)
+                p.wait(120)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- (b) engine
@@ -411,6 +488,8 @@ def main() -> None:
     ap.add_argument("--hostile", action="store_true", help="the guard under a hostile mix (see above)")
     ap.add_argument("--hostile-requests", type=int, default=160)
     ap.add_argument("--hostile-server", type=int, help=argparse.SUPPRESS)  # internal: the server of --hostile
+    ap.add_argument("--replicas", type=int, help="N replicas behind nginx vs one replica (see above)")
+    ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="with --replicas: the replicas' engine")
     args = ap.parse_args()
     if args.hostile_server:
         hostile_server(args.hostile_server)
@@ -456,6 +535,8 @@ def main() -> None:
     from llmstack.config.serve import VllmOptions
 
     vllm = {"dtype": args.dtype} if args.dtype else {}
+    if args.replicas:
+        return replicas_report(args, model, work, prompts, levels, vllm)
     print("engine settings: " + ", ".join(f"{k}={v}" for k, v in VllmOptions(**vllm).model_dump().items())
           + f"; VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}", flush=True)
     results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip,
@@ -506,6 +587,25 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model), "max_tokens": args.max_tokens, "results": results,
                                "ratios": ratios}, indent=2))
+    print(f"wrote {out}")
+
+
+def replicas_report(args, model: Path, work: Path, prompts, levels: list[int], vllm: dict) -> None:
+    results = bench_replicas(model, work, prompts, levels, args.max_tokens, args.replicas, vllm, args.engine)
+    by = {(r["system"], r["concurrency"]): r for r in results}
+    ratios = {}
+    print("\nratios (same run, same machine):")
+    for conc in levels:
+        one, lb, many = (by[(s, conc)] for s in ("one_replica_direct_memory", "one_replica_nginx_redis",
+                                                   f"{args.replicas}_replicas_nginx_redis"))
+        ratios[f"balancer_and_store_p50_c{conc}"] = lb["p50_s"] / one["p50_s"] - 1
+        ratios[f"replicas_tok_s_c{conc}"] = many["tok_s"] / lb["tok_s"]
+        print(f"  concurrency {conc}: nginx + redis vs direct, p50 {100 * (lb['p50_s'] / one['p50_s'] - 1):+.1f}% "
+              f"(goal <= +5%); {args.replicas} replicas vs one behind nginx: {many['tok_s'] / lb['tok_s']:.2f}x tok/s")
+    out = Path(args.out).with_name("serve_replicas.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(model), "engine": args.engine, "replicas": args.replicas,
+                               "max_tokens": args.max_tokens, "results": results, "ratios": ratios}, indent=2))
     print(f"wrote {out}")
 
 

@@ -22,9 +22,11 @@ def test_shipped_accelerate_configs_load(path):
 
     cfg = ClusterConfig.from_yaml_file(str(path))
     expected = {"cpu": ("NO", 1), "cpu-ddp": ("MULTI_GPU", 2), "ddp": ("MULTI_GPU", 8), "fsdp2": ("FSDP", 8),
-                "zero3": ("DEEPSPEED", 8)}[path.stem]
+                "multinode-fsdp2": ("FSDP", 16), "zero3": ("DEEPSPEED", 8)}[path.stem]
     assert (str(cfg.distributed_type).split(".")[-1], cfg.num_processes) == expected
-    if path.stem == "fsdp2":
+    if path.stem == "multinode-fsdp2":  # per-node values come from the command line (scripts/slurm/train.sbatch)
+        assert (cfg.num_machines, cfg.rdzv_backend, cfg.main_process_port) == (2, "static", 29500)
+    if path.stem in ("fsdp2", "multinode-fsdp2"):
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     if path.stem == "zero3":
         assert cfg.deepspeed_config["zero_stage"] == 3 and cfg.deepspeed_config["zero3_save_16bit_model"]
@@ -87,6 +89,83 @@ def test_two_process_cpu_launch_trains_and_saves_one_model(tmp_path, tiny_model)
     assert again.manifest["stages"]["sft"]["fingerprint"] == entry["fingerprint"]
 
 
+def test_two_node_rendezvous_trains_one_model(tmp_path, tiny_model):
+    """Two "nodes" on this machine: two `accelerate launch --num_machines 2 --machine_rank 0|1` commands that meet at
+    127.0.0.1:PORT (torch's static rendezvous, gloo), one CPU process each, exactly as scripts/slurm/train.sbatch runs
+    one per node. accelerate 1.15 refuses FSDP on a CPU (test_train_fsdp.py), so this runs DDP (MULTI_CPU); the
+    rendezvous, the ranks and the shared run folder are what multinode-fsdp2.yaml uses on GPUs."""
+    import os
+    import socket
+
+    recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(tmp_path / "runs")]
+        log = open(tmp_path / f"node{rank}.log", "w")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env), log))
+    try:
+        codes = [p.wait(600) for p, _ in procs]
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    logs = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
+    assert codes == [0, 0], "\n".join(x[-3000:] for x in logs)
+    run_dir = tmp_path / "runs" / "launch" / "default"
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]
+    assert entry["status"] == "done" and entry["metrics"]["world_size"] == 2 and entry["metrics"]["steps"] == 3
+    assert entry["metrics"]["distributed"] == "MULTI_CPU"
+    assert [p.parent for p in run_dir.rglob("config.json")] == [run_dir / "sft" / "model"]  # written once, by rank 0
+    assert not list((run_dir / "sft").glob("checkpoint-*"))  # a finished stage leaves no checkpoints behind
+
+
+def test_slurm_script_launches_one_accelerate_per_node(tmp_path):
+    """scripts/slurm/train.sbatch as Slurm would run it on 2 nodes (no Slurm here): `srun` runs the step once per node
+    with that node's SLURM_NODEID, `scontrol` names the nodes, and `accelerate` prints the arguments it got, which
+    accelerate's own launch parser then reads: each node gets its own --machine_rank, all the same rendezvous."""
+    import os
+    import shlex
+
+    from accelerate.commands.launch import launch_command_parser
+
+    script = REPO / "scripts" / "slurm" / "train.sbatch"
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    sbatch = dict(line.split()[1].lstrip("-").split("=", 1) for line in text.splitlines() if line.startswith("#SBATCH"))
+    assert sbatch["nodes"] == "2" and sbatch["ntasks-per-node"] == "1"  # one launcher per node, never one per GPU
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    stubs = {"scontrol": 'printf "127.0.0.1\\nnode-b\\n"',
+             "srun": 'for id in 0 1; do SLURM_NODEID=$id "${@:2}" > "$OUT/node$id.args"; done',
+             "accelerate": 'printf "%s\\n" "$@"'}
+    for name, body in stubs.items():
+        (bin_ / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(tmp_path), "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node-[a-b]", "RUNS_DIR": "/shared/runs"}
+    proc = subprocess.run(["bash", str(script), "recipes/fsdp2-7b-sft.yaml", "sft"], env=env, cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        argv = (tmp_path / f"node{rank}.args").read_text().splitlines()
+        assert argv[0] == "launch", argv
+        args = launch_command_parser().parse_args(argv[1:])
+        assert (args.machine_rank, args.num_machines, args.num_processes) == (rank, 2, 16)
+        assert (args.main_process_ip, args.main_process_port) == ("127.0.0.1", 29500)
+        assert Path(args.config_file) == Path("recipes/accelerate/multinode-fsdp2.yaml")
+        assert args.module and args.training_script == "llmstack.cli.launch"
+        assert args.training_script_args == ["recipes/fsdp2-7b-sft.yaml", "--stage", "sft", "--runs-dir",
+                                             "/shared/runs"], shlex.join(argv)
+
+
 def test_old_launch_entry_points_to_the_new_one():
     proc = subprocess.run([sys.executable, "-m", "llmstack.train", "r.yaml", "--stage", "sft"], capture_output=True,
                           text=True, cwd=REPO)
@@ -116,7 +195,7 @@ def test_recipe_launch_must_name_a_config(tmp_path, tiny_model):
         load_recipe(recipe)
     assert info.value.problems == [
         "stages[0]: launch: 'cpu-dpp' is neither an accelerate config file nor one of "
-        "['cpu', 'cpu-ddp', 'ddp', 'fsdp2', 'zero3']"]
+        "['cpu', 'cpu-ddp', 'ddp', 'fsdp2', 'multinode-fsdp2', 'zero3']"]
 
 
 def test_pipeline_hands_a_stage_with_launch_to_accelerate(tmp_path, tiny_model):

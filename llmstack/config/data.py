@@ -16,10 +16,17 @@
           decontaminate: {n: 13}        # against the recipe's eval suite
 
 A training stage names the dataset it trains on (`stages[i].dataset: sft`).
+
+Where the work runs (`data.executor`), always one of datatrove's executors, with the same decisions and output:
+
+    executor: local                                   # default: LocalPipelineExecutor, `data.workers` processes
+    executor: {type: ray, address: auto}              # RayPipelineExecutor on a running cluster (or ray://HOST:PORT)
+    executor: {type: slurm, partition: cpu, time: "02:00:00", cpus_per_task: 4}   # `llmstack curate --slurm`
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -143,9 +150,51 @@ class DatasetSpec(Strict):
         return self
 
 
+class ExecutorSpec(Strict):
+    type: Literal["local", "ray", "slurm"] = Field("local", description="which datatrove executor runs the "
+                                                   "curation passes: local (this machine), ray, slurm")
+    address: str = Field("auto", description="ray: the cluster to join: auto (the cluster this machine belongs to, "
+                                             "or $RAY_ADDRESS), HOST:PORT of its head, or ray://HOST:PORT (Ray Client)")
+    cpus_per_task: int = Field(1, ge=1, description="ray/slurm: CPUs reserved per datatrove task")
+    mem_per_cpu_gb: float = Field(2, gt=0, description="ray/slurm: memory reserved per CPU (GB)")
+    partition: str | None = Field(None, description="slurm: the partition the jobs go to (required for slurm)")
+    time: str = Field("02:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$",
+                      description="slurm: time limit per job, [D-]HH:MM:SS")
+    qos: str | None = Field(None, description="slurm: quality of service (default: the partition's)")
+    env_command: str | None = Field(None, description="slurm: shell line that makes `llmstack` importable on the "
+                                                     "nodes, e.g. `source /shared/llmstack/.venv/bin/activate` "
+                                                     "(default: the venv `llmstack curate --slurm` runs from)")
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description="slurm: extra #SBATCH lines, e.g. "
+                                                                          "{account: myproj}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"type": v} if isinstance(v, str) else v  # `executor: ray` == `executor: {type: ray}`
+
+    @model_validator(mode="after")
+    def _fits_type(self):
+        if self.type == "slurm" and not self.partition:
+            raise ValueError("a slurm executor needs `partition:` (the Slurm partition the curation jobs go to; "
+                             "`sinfo -s` lists them)")
+        if self.type == "ray" and not re.fullmatch(r"auto|(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d+", self.address):
+            raise ValueError(f"address '{self.address}': use auto, HOST:PORT (the head's GCS port, 6379 by default) "
+                             "or ray://HOST:PORT (Ray Client, port 10001 by default)")
+        given = self.model_fields_set
+        other = {"ray": {"address"}, "slurm": {"partition", "time", "qos", "env_command", "sbatch_args"}}
+        for kind, keys in other.items():
+            if kind != self.type and given & keys:
+                raise ValueError(f"{', '.join(sorted(given & keys))}: only for `type: {kind}` (this executor is "
+                                 f"`{self.type}`)")
+        return self
+
+
 class DataConfig(Strict):
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     cards_dir: str | None = Field("data_cards", description="data cards are also copied to <cards_dir>/<recipe name>/ "
                                                             "(relative to the working directory); null: only in the run")
     workers: int = Field(1, ge=1, description="datatrove tasks run in parallel for the per-row steps "
                                               "(1: in-process, best for small datasets)")
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec,
+                                   description="where those tasks run: local, ray or slurm (datatrove's executors; "
+                                               "same output on each, so it is not part of the stage's fingerprint)")

@@ -19,6 +19,7 @@ import contextlib
 import heapq
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -31,7 +32,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers import JsonlWriter
 
-from llmstack.config.data import DatasetSpec
+from llmstack.config.data import DatasetSpec, ExecutorSpec
 from llmstack.data.formats import BadRow, flat_text, to_row
 from llmstack.data.sources import BadRecord, FetchedSource, describe, fetch_source, iter_records
 
@@ -41,25 +42,87 @@ class CurationError(Exception):
     pass
 
 
-def _execute(steps: list, work: Path, tag: str, tasks: int) -> None:
-    """Run a pipeline on datatrove's LocalPipelineExecutor. Its per-task logs and stats tables go to
-    work/<tag>.log, not the terminal: datatrove attaches its loguru handlers to whatever sys.stderr is."""
+def _execute(steps: list, work: Path, tag: str, tasks: int, executor: ExecutorSpec | None = None) -> None:
+    """Run a pipeline on one of datatrove's executors: LocalPipelineExecutor (forked processes on this machine) or
+    RayPipelineExecutor (Ray tasks on a running cluster); for slurm, the pass already ran in Slurm jobs (slurm_jobs)
+    and this only checks that every task completed. Their per-task logs and stats tables go to work/<tag>.log and
+    work/logs_<tag>/, not the terminal: datatrove attaches its loguru handlers to whatever sys.stderr is."""
     from datatrove.executor import LocalPipelineExecutor
     from loguru import logger
 
+    kind = executor.type if executor else "local"
     work.mkdir(parents=True, exist_ok=True)
+    logging_dir = str(work / f"logs_{tag}")
+    if kind == "slurm":
+        _check_completed(LocalPipelineExecutor(steps, tasks=tasks, logging_dir=logging_dir), tag, work, "Slurm")
+        return
     with open(work / f"{tag}.log", "a") as log_file, contextlib.redirect_stderr(log_file):
         try:
             # With several workers the parent never re-points its handlers, so its merged stats table would go to
             # the stream loguru captured at import (the terminal): point them at the log file here.
             logger.remove()
             logger.add(sys.stderr)
-            # fork: workers inherit the redirected stderr (forkserver children would print to the terminal)
-            LocalPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=str(work / f"logs_{tag}"),
-                                  skip_completed=False, start_method="fork").run()
+            if kind == "ray":
+                _run_on_ray(steps, tasks, logging_dir, executor, work, tag)
+            else:
+                # fork: workers inherit the redirected stderr (forkserver children would print to the terminal)
+                LocalPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=logging_dir,
+                                      skip_completed=False, start_method="fork").run()
         finally:
             logger.remove()  # datatrove re-adds a handler on the redirected (soon closed) stream
             logger.add(sys.stderr, level="WARNING")
+
+
+def _run_on_ray(steps: list, tasks: int, logging_dir: str, executor: ExecutorSpec, work: Path, tag: str) -> None:
+    """datatrove's RayPipelineExecutor on the cluster at `executor.address`. The workers unpickle the steps, so they
+    import llmstack (install it on every node), and read and write the stage folder: it must be on a filesystem
+    every node shares (on one machine it is)."""
+    try:
+        import ray
+    except ImportError:
+        raise CurationError("data.executor is ray, but ray is not installed: pip install -r requirements/ray.lock "
+                            "(or `pip install llmstack[ray]`)") from None
+    from datatrove.executor import RayPipelineExecutor
+
+    joined = not ray.is_initialized()
+    if joined:
+        _reachable(executor.address)
+        try:
+            ray.init(address=executor.address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as exc:
+            raise CurationError(f"data.executor.address '{executor.address}': no Ray cluster there ({exc}). Start "
+                                "one (`ray start --head` on the head node) or fix the address") from None
+    try:
+        ray_executor = RayPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=logging_dir,
+                                           skip_completed=False, cpus_per_task=executor.cpus_per_task,
+                                           mem_per_cpu_gb=executor.mem_per_cpu_gb)
+        ray_executor.run()
+    finally:
+        if joined:
+            ray.shutdown()
+    # RayPipelineExecutor logs a failed task and carries on; a curated dataset missing a task's rows must not pass
+    _check_completed(ray_executor, tag, work, "Ray")
+
+
+def _reachable(address: str) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (ray.init keeps retrying such an address for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise CurationError(f"data.executor.address '{address}': no Ray cluster there ({exc}). Start one "
+                            "(`ray start --head` on the head node) or fix the address") from None
+
+
+def _check_completed(executor, tag: str, work: Path, where: str) -> None:
+    missing = executor.get_incomplete_ranks(range(executor.world_size), skip_completed=True)
+    if missing:
+        raise CurationError(f"{tag}: {len(missing)} of {executor.world_size} {where} task(s) did not complete "
+                            f"(ranks {missing[:10]}); their logs are under {work}")
 
 
 def _as_json(writer, doc: Document) -> dict:
@@ -151,18 +214,24 @@ class OrderedReader(PipelineStep):
 # ---------------------------------------------------------------- one dataset
 
 
-def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | None, seed: int,
-                   eval_items: Iterable[tuple[str, str, str]] | None = None, eval_suites: list[str] | None = None,
-                   workers: int = 1) -> dict:
-    """Curate one dataset. Returns the card dict (also written as cards/<name>.json)."""
+# The Slurm jobs' last step (`llmstack curate --slurm-collect`, see slurm_jobs) sets this: the two passes already ran
+# in Slurm jobs, so the curate stage checks they all completed and does only what comes after them.
+FROM_SLURM_ENV = "LLMSTACK_CURATE_FROM_SLURM"
+
+
+def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | None,
+            eval_items: Iterable[tuple[str, str, str]] | None, fresh: bool, preload: bool):
+    """Pass 1 and pass 2 of one dataset as datatrove pipelines (whichever executor runs them), plus what the rest of
+    the stage needs. `fresh`: clear the dataset's earlier work, quarantine and output first."""
     from llmstack.data import filters as F
     from llmstack.data.decontam import DecontaminationFilter, NGramIndex
     from llmstack.data.dedup import DedupSignatures, ExactDedupFilter, NearDedupFilter
     from llmstack.data.gopher import GopherQuality, GopherRepetition
 
     work, quarantine = stage_dir / "work" / name, stage_dir / "quarantine" / name
-    for d in (work, quarantine, stage_dir / name):
-        shutil.rmtree(d, ignore_errors=True)
+    if fresh:
+        for d in (work, quarantine, stage_dir / name):
+            shutil.rmtree(d, ignore_errors=True)
     fspec = spec.filters
 
     log.info("curate %s: fetching %d source(s)", name, len(spec.sources))
@@ -196,12 +265,11 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
         steps.append(DedupSignatures(spec.dedup.num_perm, spec.dedup.shingle_words, near=spec.dedup.near))
     steps.append(_writer(work / "pass1"))
     # Load models once here: forked workers inherit them instead of each loading their own.
-    if token_length is not None:
+    if preload and token_length is not None:
         token_length.preload(chat_rows=spec.schema_ != "text")
-    if fspec.languages:
+    if preload and fspec.languages:
         F.langid_model()
-    log.info("curate %s: pass 1 (read, clean, filter, decontaminate, signatures) on %d task(s)", name, workers)
-    _execute(steps, work, "pass1", workers)
+    pass1 = steps
 
     # ---- pass 2: exact and near dedup, in source order (the first copy wins)
     steps = [OrderedReader(work / "pass1")]
@@ -211,9 +279,34 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
         steps.append(NearDedupFilter(spec.dedup.near_threshold, spec.dedup.num_perm, spec.dedup.shingle_words,
                                      exclusion_writer=q("near_dedup")))
     steps.append(_writer(work / "kept"))
-    log.info("curate %s: pass 2 (dedup)", name)
-    _execute(steps, work, "pass2", 1)
+    return pass1, steps, work, quarantine, fetched, index
 
+
+def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | None, seed: int,
+                   eval_items: Iterable[tuple[str, str, str]] | None = None, eval_suites: list[str] | None = None,
+                   workers: int = 1, executor: ExecutorSpec | None = None) -> dict:
+    """Curate one dataset. Returns the card dict (also written as cards/<name>.json)."""
+    executor = executor or ExecutorSpec()
+    from_slurm = executor.type == "slurm"
+    if from_slurm and not os.environ.get(FROM_SLURM_ENV):
+        raise CurationError("data.executor is slurm: submit the curation jobs with `llmstack curate RECIPE --slurm` "
+                            "(add --dry-run to only write their scripts); their last job records the curated "
+                            "datasets, and `llmstack run` then goes on from them")
+    pass1, pass2, work, quarantine, fetched, index = _passes(name, spec, stage_dir, tokenizer, eval_items,
+                                                             fresh=not from_slurm, preload=not from_slurm)
+    log.info("curate %s: pass 1 (read, clean, filter, decontaminate, signatures) on %d task(s), %s executor", name,
+             workers, executor.type)
+    _execute(pass1, work, "pass1", workers, executor)
+    log.info("curate %s: pass 2 (dedup)", name)
+    _execute(pass2, work, "pass2", 1, executor)
+    return _finish(name, spec, stage_dir, tokenizer, seed, eval_suites, work, quarantine, fetched, index)
+
+
+def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | None, seed: int,
+            eval_suites: list[str] | None, work: Path, quarantine: Path, fetched: list, index) -> dict:
+    """After the passes: mixing, split, save, reconciliation against the quarantine files, and the data card."""
+    for d in (quarantine / "mixing", stage_dir / name):  # an earlier attempt at this part (a re-run collect job)
+        shutil.rmtree(d, ignore_errors=True)
     # ---- mixing and split, streamed: memory stays flat however many rows were kept
     kept_files = _read_jsonl(work / "kept")
     per_source_kept = Counter(d["metadata"]["source"] for p in kept_files for d in _docs(p))
@@ -376,10 +469,75 @@ def curate_recipe(recipe, stage_dir: Path, tokenizer: Path | None, only: list[st
             continue
         suites = suites_for(recipe, spec) if spec.decontaminate.enabled else []
         cards[name] = curate_dataset(name, spec, stage_dir, tokenizer, recipe.seed, eval_items_for(suites), suites,
-                                     workers=recipe.data.workers)
+                                     workers=recipe.data.workers, executor=recipe.data.executor)
         if recipe.data.cards_dir:
             publish_card(stage_dir / "cards", Path(recipe.data.cards_dir) / recipe.name, name)
     return cards
+
+
+def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, workdir: Path) -> list[Path]:
+    """Write the Slurm jobs that curate the recipe's datasets on datatrove's SlurmPipelineExecutor: per dataset,
+    pass 1 as an array job of `data.workers` tasks, pass 2 (one task) after it; after all of them one job that runs
+    `collect` in `workdir` (`llmstack curate --slurm-collect`: checks every task completed, then mixes, splits, writes
+    the cards and records the stage, as the local executor's run would). Each pass's folder gets what datatrove's
+    own launch writes (executor.pik, ranks_to_run.json, launch_script.slurm: `launch_pickled_pipeline` runs the
+    task of its SLURM_ARRAY_TASK_ID); submit.sh submits them, chained with `sbatch --dependency=afterok`.
+    Returns [submit.sh, the job scripts...]. The stage folder must be on a filesystem every node mounts."""
+    import copy
+
+    import dill
+    from datatrove.executor import SlurmPipelineExecutor
+
+    ex = recipe.data.executor
+    folder = stage_dir / "slurm"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env_command = ex.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}"
+    sbatch_args = {"mem-per-cpu": f"{int(ex.mem_per_cpu_gb * 1024)}M", **ex.sbatch_args}
+    common = dict(time=ex.time, partition=ex.partition, cpus_per_task=ex.cpus_per_task, qos=ex.qos,
+                  env_command=env_command, sbatch_args=sbatch_args, skip_completed=True)
+    scripts, submit, last = [], [], []
+    for name, spec in recipe.data.datasets.items():
+        suites = suites_for(recipe, spec) if spec.decontaminate.enabled else []
+        pass1, pass2, work, *_ = _passes(name, spec, stage_dir, tokenizer, eval_items_for(suites), fresh=True,
+                                         preload=False)
+        after = None
+        for tag, steps, tasks in (("pass1", pass1, recipe.data.workers), ("pass2", pass2, 1)):
+            sx = SlurmPipelineExecutor(steps, tasks=tasks, job_name=f"curate-{name}-{tag}",
+                                       logging_dir=str(work / f"logs_{tag}"),
+                                       slurm_logs_folder=str(work / f"slurm_logs_{tag}"), **common)
+            if tasks > sx.max_array_size:
+                raise CurationError(f"data.workers {tasks} is more than one Slurm array holds ({sx.max_array_size})")
+            ranks = sx.get_incomplete_ranks()
+            with sx.logging_dir.open("executor.pik", "wb") as f:  # what SlurmPipelineExecutor.launch_job writes
+                dill.dump(copy.deepcopy(sx), f, fmode=dill.CONTENTS_FMODE)
+            sx.save_executor_as_json()
+            with sx.logging_dir.open("ranks_to_run.json", "w") as f:
+                json.dump(ranks, f)
+            script = Path(sx.logging_dir.resolve_paths("launch_script.slurm"))
+            script.write_text(sx.get_launch_file_contents(
+                sx.get_sbatch_args(len(ranks)),
+                f"srun -l -n 1 launch_pickled_pipeline {sx.logging_dir.resolve_paths('executor.pik')}"))
+            scripts.append(script)
+            var = f"{name.replace('-', '_').replace('.', '_')}_{tag}"
+            dep = f" --dependency=afterok:${after}" if after else ""
+            submit.append(f'{var}=$(jobid --export=ALL,RUN_OFFSET=0{dep} "{script}")')
+            after = var
+        last.append(after)
+    collect_job = folder / "collect.slurm"
+    collect_job.write_text(sx.get_launch_file_contents(
+        {"cpus-per-task": 1, "partition": ex.partition, "job-name": "curate-collect", "time": ex.time,
+         "output": str(folder / "collect-%j.out"), **({"qos": ex.qos} if ex.qos else {}), **sbatch_args},
+        f"cd {workdir}\n{collect}"))
+    deps = ":".join(f"${v}" for v in last)
+    (folder / "submit.sh").write_text(
+        "#!/bin/bash\n# Submit llmstack's curation jobs (written by `llmstack curate --slurm`): per dataset pass 1 "
+        "(array) then pass 2, then collect.\nset -euo pipefail\n"
+        'jobid() { local out; out=$(sbatch --parsable "$@"); echo "${out%%;*}"; }\n'
+        + "\n".join(submit) + f'\ncollect=$(jobid --dependency=afterok:{deps} "{collect_job}")\n'
+        + 'echo "submitted: ' + " ".join(f"{v}=${v}" for v in last) + ' collect=$collect"\n')
+    (folder / "submit.sh").chmod(0o755)
+    return [folder / "submit.sh", *scripts, collect_job]
 
 
 def publish_card(src: Path, dest: Path, name: str) -> None:

@@ -1,0 +1,185 @@
+"""Replicas behind a real load balancer: two `llmstack serve` processes (transformers engine, tiny model, two LoRA
+versions) sharing a real redis-server, with Debian's nginx in front running serve/deploy/nginx-llmstack.conf (only its
+upstream addresses and listen port rewritten). The official openai client sees one endpoint, streams included; a
+`llmstack route rollback` sent to replica A is what replica B serves; a canary's stickiness holds across replicas;
+the rate limit is one budget for both. nginx runs as the test user with its pid, logs and temp paths under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from llmstack.serve.guard import hash_key
+from llmstack.testing import nginx_balancer_conf
+
+REPO = Path(__file__).resolve().parent.parent
+USER, LIMITED, ADMIN = "sk-llmstack-user-lb", "sk-llmstack-limited-lb", "sk-llmstack-admin-lb"
+A = {"Authorization": f"Bearer {ADMIN}"}
+ASK = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+LIMIT = 6  # requests per minute of the limited key, for both replicas together
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, url: str, log: Path, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, headers=A, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tiny_loras, redis_url, tmp_path_factory):
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (Debian package nginx; `make test` installs it)")
+    tmp = tmp_path_factory.mktemp("balancer")
+    (tmp / "keys.yaml").write_text(yaml.safe_dump({"keys": [
+        {"id": "user", "sha256": hash_key(USER), "models": ["assistant"]},
+        {"id": "limited", "sha256": hash_key(LIMITED), "models": ["assistant"], "requests_per_minute": LIMIT},
+        {"id": "ops", "sha256": hash_key(ADMIN), "admin": True}]}))
+    (tmp / "guard.yaml").write_text(yaml.safe_dump({"rate_limits": {"storage": redis_url,
+                                                                    "requests_per_minute": 10_000}}))
+    ports = [free_port(), free_port()]
+    procs, env = [], {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        for i, port in enumerate(ports):
+            d = tmp / f"replica{i}"
+            d.mkdir()
+            (d / "server.yaml").write_text(yaml.safe_dump({
+                "engine": "hf", "model": str(tiny_model), "served_model_name": "v1", "max_model_len": 128,
+                "adapters": {"v2": str(tiny_loras[0]), "v3": str(tiny_loras[1])}, "port": port,
+                "keys": str(tmp / "keys.yaml"), "guard": str(tmp / "guard.yaml"), "routes_store": redis_url,
+                "routes": {"assistant": {"primary": "v1"}}, "drain_timeout_s": 2}))
+            with open(d / "server.log", "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config",
+                                               str(d / "server.yaml")], stdout=log, stderr=subprocess.STDOUT,
+                                              env=env))
+        for i, (p, port) in enumerate(zip(procs, ports)):
+            wait_ready(p, f"http://127.0.0.1:{port}/ready", tmp / f"replica{i}" / "server.log")
+        lb_port = free_port()
+        conf = nginx_balancer_conf(tmp / "nginx", lb_port, ports)  # the shipped config, our ports, paths in tmp
+        check = subprocess.run([nginx, "-t", "-c", str(conf), "-e", str(tmp / "nginx" / "error.log")],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        procs.append(subprocess.Popen([nginx, "-c", str(conf), "-e", str(tmp / "nginx" / "error.log")],
+                                      stderr=subprocess.PIPE))
+        wait_ready(procs[-1], f"http://127.0.0.1:{lb_port}/ready", tmp / "nginx" / "error.log", timeout=20)
+        yield {"lb": f"http://127.0.0.1:{lb_port}", "replicas": [f"http://127.0.0.1:{p}" for p in ports],
+               "tmp": tmp}
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+def completions_200(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", headers=A).text
+    m = re.search(r'llmstack_requests_total\{route="/v1/chat/completions",status="200"\} ([0-9.e+]+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
+def served_by(base: str, **extra) -> str:
+    r = httpx.post(f"{base}/v1/chat/completions", json={**ASK, **extra}, headers=A, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["model"]
+
+
+def eventually(check, timeout=5.0) -> bool:
+    deadline = time.time() + timeout
+    while not check() and time.time() < deadline:
+        time.sleep(0.1)
+    return check()
+
+
+def route(*args, base: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMSTACK_ADMIN_KEY": ADMIN}
+    return subprocess.run([sys.executable, "-m", "llmstack", "route", *args, "--api-base", base], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_openai_client_sees_one_endpoint_streams_included(cluster):
+    import openai
+
+    before = [completions_200(r) for r in cluster["replicas"]]
+    client = openai.OpenAI(api_key=USER, base_url=cluster["lb"] + "/v1", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["assistant"]  # one endpoint, the key's own public name
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+    plain = [client.chat.completions.create(model="assistant", messages=msgs, max_tokens=8, temperature=0)
+             for _ in range(4)]
+    texts = {p.choices[0].message.content for p in plain}
+    assert len(texts) == 1 and all(p.model == "v1" for p in plain)  # same weights on both replicas, greedy
+    for _ in range(2):  # one stream lands on each replica (round-robin)
+        chunks = list(client.chat.completions.create(model="assistant", messages=msgs, max_tokens=8,
+                                                     temperature=0, stream=True))
+        assert len(chunks) > 2  # delivered as separate server-sent events, not one buffered body
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == next(iter(texts))
+    after = [completions_200(r) for r in cluster["replicas"]]
+    assert [b - a for a, b in zip(before, after)] == [3, 3]  # round-robin: 6 completions, 3 per replica
+
+
+def test_a_rollback_sent_to_replica_a_is_what_replica_b_serves(cluster):
+    a, b = cluster["replicas"]
+    r = route("set", "assistant", "--primary", "v2", base=a)
+    assert r.returncode == 0, r.stderr
+    assert eventually(lambda: served_by(b) == "v2")
+    r = route("set", "assistant", "--primary", "v3", base=b)
+    assert r.returncode == 0, r.stderr
+    assert eventually(lambda: served_by(a) == "v3")
+    r = route("rollback", "assistant", base=a)
+    assert r.returncode == 0 and '"primary": "v2"' in r.stdout, r.stdout + r.stderr
+    assert eventually(lambda: served_by(b) == "v2")
+    assert eventually(lambda: {served_by(cluster["lb"]) for _ in range(4)} == {"v2"})  # and through nginx
+
+
+def test_canary_stickiness_holds_across_replicas(cluster):
+    a, b = cluster["replicas"]
+    r = route("set", "assistant", "--primary", "v1", "--canary", "v3", "--percent", "50", base=cluster["lb"])
+    assert r.returncode == 0, r.stderr
+    time.sleep(1.2)  # every replica re-reads the routes within refresh_s (1 s)
+    users = [f"user-{i}" for i in range(16)]
+    on_a = [served_by(a, user=u) for u in users]
+    assert set(on_a) == {"v1", "v3"}  # the split is live
+    assert on_a == [served_by(b, user=u) for u in users]
+    # through nginx each user's two requests land on different replicas, and still on one version
+    assert [served_by(cluster["lb"], user=u) for u in users for _ in range(2)] == [v for v in on_a for _ in range(2)]
+
+
+def test_rate_limit_is_one_budget_for_both_replicas(cluster):
+    before = [completions_200(r) for r in cluster["replicas"]]
+    codes = [httpx.post(cluster["lb"] + "/v1/chat/completions", json=ASK, timeout=60,
+                        headers={"Authorization": f"Bearer {LIMITED}"}).status_code for _ in range(LIMIT + 4)]
+    assert codes == [200] * LIMIT + [429] * 4  # per-replica budgets would have let all 10 through (5 on each)
+    after = [completions_200(r) for r in cluster["replicas"]]
+    assert all(b - a >= 2 for a, b in zip(before, after))  # both replicas answered some of the budget
