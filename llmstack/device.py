@@ -3,6 +3,7 @@ quantized folder is served. Every stage asks `policy()` instead of deciding for 
 evaluates, answers its probes and checks its quantization on the GPU, and a CPU recipe keeps today's CPU choices.
 
 | machine | device | compute dtype | trainer | eval backend | vLLM dtype (16-bit / INT4 / INT8) | hf engine |
+(the compute dtype also applies to probes, answer checks and GPTQ/AWQ calibration, on the machine's device)
 |---|---|---|---|---|---|---|
 | CPU | cpu | float32 | use_cpu, no bf16 | hf | bfloat16 / bfloat16 (x86 CPUWNA16 kernel) / float32 | cpu, float32 |
 | CUDA with bf16 (capability >= 8) | cuda | bfloat16 | bf16 | vllm if installed, else hf | bfloat16 | cuda, bf16 |
@@ -89,6 +90,13 @@ class DevicePolicy:
         (the checkpoint's own dtype) are taken as asked everywhere."""
         if requested not in ("bfloat16", "float16"):
             return self.device, requested
+        return self.device, self.dtype
+
+    def quant_calibration(self) -> tuple[str, str]:
+        """(device, dtype) llm-compressor calibrates in (GPTQ/AWQ forward passes; llm-compressor onloads one layer at
+        a time to the device). CPU: float32 as before (bf16 emulated); CUDA: the GPU in the card's 16-bit dtype (the
+        GPTQ Hessians are accumulated in float32 by llm-compressor either way). The quantization environment must see
+        the GPU too: compress.py falls back to the CPU, and says so in its summary, where its torch has no CUDA."""
         return self.device, self.dtype
 
     def torch_dtype(self):

@@ -78,6 +78,12 @@ def test_eval_backends_load_where_the_policy_says(monkeypatch):
     assert (seen["device"], seen["dtype"]) == ("cpu", "float32")
 
 
+def test_quantization_calibrates_on_the_gpu_in_its_dtype():
+    assert policy(CPU).quant_calibration() == ("cpu", "float32")  # unchanged on the CPU
+    assert policy(H100).quant_calibration() == ("cuda", "bfloat16")
+    assert policy(T4).quant_calibration() == ("cuda", "float16")
+
+
 def test_the_hf_serving_engine_follows_the_policy(monkeypatch, tiny_model):
     """The transformers engine loaded on the CPU in float32 whatever the machine; now: the GPU in its 16-bit dtype."""
     assert policy(CPU).hf_engine("bfloat16") == ("cpu", "float32")  # bf16 is emulated on AVX2 CPUs
