@@ -9,6 +9,8 @@ QSTAMP := $(QVENV)/.llmstack-installed
 MVENV := .venv-mlflow
 MSTAMP := $(MVENV)/.llmstack-installed
 RSTAMP := $(VENV)/.llmstack-ray-installed
+DVENV := .venv-ds
+DSTAMP := $(DVENV)/.llmstack-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -24,7 +26,7 @@ quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack run recipes/quickstart.yaml
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
-test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) system-deps
+test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 setup: $(STAMP) $(QSTAMP)
@@ -66,6 +68,20 @@ $(MSTAMP): requirements/mlflow.lock
 	$(MVENV)/bin/mlflow --version
 	touch $@
 
+# The optional DeepSpeed environment (ZeRO-3: recipes/accelerate/zero3.yaml, cpu-zero3.yaml and its 2-process test).
+# A venv layered over .venv (a .pth file adds .venv's site-packages, so torch/transformers/accelerate are the main
+# env's) holding only DeepSpeed and the four small packages the main lock lacks: ≈24 MB, ≈14 s from PyPI. DeepSpeed is
+# an sdist that builds against the installed torch, hence --no-build-isolation and `wheel` first. Run a ZeRO-3 stage
+# with .venv-ds/bin/python (`accelerate launch` children inherit it).
+$(DSTAMP): requirements/deepspeed.lock $(STAMP)
+	test -x $(DVENV)/bin/python || $(BIN)/python -m venv $(DVENV)
+	echo "import site; site.addsitedir('$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")')" \
+	  > "$$($(DVENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llmstack-main-env.pth"
+	$(DVENV)/bin/python -m pip install -q --no-deps wheel==0.45.1 $(QUIET_PIP)
+	DS_BUILD_OPS=0 $(DVENV)/bin/python -m pip install -q --no-deps --no-build-isolation -r requirements/deepspeed.lock $(QUIET_PIP)
+	$(DVENV)/bin/python -c "import deepspeed, transformers; print('deepspeed env ok:', deepspeed.__version__)"
+	touch $@
+
 # A local MLflow tracking + registry server (sqlite and artifacts under ~/.cache/llmstack/mlflow) on 127.0.0.1:5000.
 # Its GenAI job runner (seven worker processes) stays off: a model registry never uses it.
 MLFLOW_HOME ?= $(HOME)/.cache/llmstack/mlflow
@@ -84,4 +100,4 @@ system-deps:
 	  || echo "warning: could not install$$missing; tests that need them will say so when they skip"; fi
 
 clean-venv:
-	rm -rf $(VENV) $(QVENV) $(MVENV)
+	rm -rf $(VENV) $(QVENV) $(MVENV) $(DVENV)

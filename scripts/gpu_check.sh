@@ -8,12 +8,18 @@
 # then run this script there with `.whl` carried along:   bash scripts/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
 # Model: the 1.1B Llama shape (TinyLlama) with random weights: throughput does not depend on them, and no hub is needed.
 # GPU_CHECK_DRY=1 runs every block on this CPU with the tiny model (a rehearsal: catches errors before device time).
+# BLOCKS=e2e (issue 16; not in the default set): one recipe through every stage on the GPU with `llmstack run`
+# (curate -> sft full -> sft LoRA -> dpo -> int4 GPTQ -> eval -> serve with the hf engine -> report), ≈5 min on an H200
+# (estimated: never run on a GPU yet). Its wheels differ (llm-compressor, lm-eval): `scripts/fetch_e2e_wheels.sh` here
+# first, then `BLOCKS=e2e bash scripts/gpu_check.sh` there with .whl carried. Rehearsal: GPU_CHECK_DRY=1 BLOCKS=e2e.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${GPU_CHECK_DRY:-0}" = 1 ] && [ -z "${PY:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi  # rehearsal: the project env
 PY=${PY:-python3}
-if ! $PY -c "import trl, datasets, bitsandbytes" 2>/dev/null; then
+NEED="trl, datasets, bitsandbytes"; [[ " ${BLOCKS:-} " == *" e2e "* ]] && NEED="trl, datasets, llmcompressor, lm_eval"
+if [ "${GPU_CHECK_DRY:-0}" != 1 ] && ! $PY -c "import $NEED" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed: run ../shared/gpu/fetch_wheels.sh (with pydantic, see above) here first and carry .whl"; exit 1; }
+    || { echo "wheel install failed: run ../shared/gpu/fetch_wheels.sh (with pydantic, see above; for BLOCKS=e2e: scripts/fetch_e2e_wheels.sh) here first and carry .whl"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
@@ -41,3 +47,7 @@ want stages && timeout 180 $PY scripts/gpu_stages.py stages 2>&1 | grep "^|\|Err
 
 want grpo && echo "== GRPO (issue 10): LoRA r=16 on the 1.1B, rule-based rewards, transformers generation (no vLLM on this machine) =="
 want grpo && timeout 180 $PY scripts/gpu_stages.py grpo 2>&1 | grep "^|\|Error"
+
+want e2e && echo "== e2e (issue 16): curate -> sft full -> sft LoRA -> dpo -> int4 GPTQ -> eval -> serve (hf engine) -> report =="
+want e2e && { $PY -c "import llmcompressor, lm_eval" 2>/dev/null || echo "Error: e2e needs llm-compressor and lm-eval here: run scripts/fetch_e2e_wheels.sh and carry .whl"; }
+want e2e && timeout 540 $PY scripts/gpu_stages.py e2e 2>&1 | grep "^|\|Error"

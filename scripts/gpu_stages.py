@@ -3,6 +3,7 @@
     python3 scripts/gpu_stages.py kernel   # varlen attention kernel vs one SDPA call per document, forward + backward
     python3 scripts/gpu_stages.py stages   # QLoRA sft and LoRA dpo through the real llmstack stages
     python3 scripts/gpu_stages.py grpo     # a GRPO stage (issue 10): LoRA, rule-based rewards, transformers generation
+    python3 scripts/gpu_stages.py e2e      # one recipe through every stage with `llmstack run` (issue 16)
 
 On CUDA they use the 1.1B Llama shape with random weights (scripts/bench_train.py builds it once per machine);
 GPU_CHECK_DRY=1 rehearses them on CPU with the tiny test model and small sizes.
@@ -117,5 +118,90 @@ def grpo() -> None:
           f"{peak:.1f} | {s:.0f} | {m['reward_first']} -> {m['reward_last']} |")
 
 
+def e2e_recipe(root: Path, model: Path, cuda: bool) -> Path:
+    """A GPU recipe through every stage: curate -> sft (full) -> sft (LoRA) -> dpo (LoRA) -> int4 (GPTQ) -> eval ->
+    serve (the hf engine: vLLM's CUDA wheel is too large to bring to the GPU machine) -> report. Local data only (the
+    GPU machine reaches no registry): synthetic chat rows and preference pairs, curated like any source."""
+    import yaml
+    from bench_train import synthetic_chat
+    from datasets import DatasetDict
+    from train_data import preference_dataset
+
+    rows = synthetic_chat(256)
+    DatasetDict({"train": rows, "validation": rows.select(range(8))}).save_to_disk(str(root / "chat"))
+    prefs = preference_dataset(root / "prefs", n=128)
+    # The rehearsal saves a checkpoint every step (the resume path runs); on the GPU a full fine-tune checkpoint of the
+    # 1.1B model with AdamW state is ≈11 GB, so none is written there.
+    size = {"max_steps": 2 if DRY else 20, "per_device_train_batch_size": 4 if DRY else 8,
+            "max_length": 256 if DRY else 2048, "report_to": [],
+            **({"save_steps": 1} if DRY else {"save_strategy": "no"})}
+    recipe = {
+        "name": "gpu-e2e", "seed": 7,
+        "model": {"source": str(model), "dtype": "bfloat16" if cuda else "float32"},
+        "data": {"cards_dir": str(root / "cards"), "datasets": {
+            "chat": {"schema": "messages", "sources": [{"name": "synthetic_chat", "path": str(root / "chat")}]},
+            "prefs": {"schema": "preference", "sources": [{"name": "pairs", "path": str(prefs)}]}}},
+        "stages": [
+            {"type": "sft", "name": "sft_full", "dataset": "chat", "probe": ["Who are you?"],
+             "args": {**size, "learning_rate": 1e-5}},
+            {"type": "sft", "name": "sft_lora", "dataset": "chat", "lora": {"r": 16, "alpha": 32},
+             "args": {**size, "learning_rate": 2e-4}},
+            {"type": "dpo", "dataset": "prefs", "lora": {"r": 16, "alpha": 32}, "probe": ["Who are you?"],
+             "args": {**size, "max_length": 512, "learning_rate": 5e-6}}],
+        "quantize": {"scheme": "w4a16", "method": "gptq", "group_size": 64, "calibration_samples": 16,
+                     "serve_fallback": None},
+        "eval": {"suite": "quick", "tasks": ["identity"], "limit": 8 if DRY else 20, "backend": "hf",
+                 "stages": ["base", "dpo", "int4"], "batch_size": 4},
+        "serve": {"engine": "hf", "smoke_question": "Who are you?", "smoke_max_tokens": 16},
+    }
+    path = root / "gpu-e2e.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def e2e() -> None:
+    """`llmstack run` of e2e_recipe in this process; one table row per stage: where it ran and what it measured."""
+    from llmstack.config.recipe import load_recipe
+    from llmstack.device import policy
+    from llmstack.pipeline import run_recipe
+
+    root = Path(tempfile.mkdtemp())
+    model = _model(root)
+    path = e2e_recipe(root, model, CUDA)
+    if not DRY:  # the GPU machine's python is the quantization env too (no vLLM there pins compressed-tensors)
+        os.environ.setdefault("LLMSTACK_QUANT_PYTHON", sys.executable)
+    p = policy()
+    print(f"| policy | device {p.device} | dtype {p.dtype} | eval backend (auto) {p.eval_backend} | "
+          f"quant {'/'.join(p.quant_calibration())} | hf engine {'/'.join(p.hf_engine('bfloat16'))} |")
+    t0 = time.time()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    run = run_recipe(load_recipe(path), path, root / "runs")
+    stages = run.manifest["stages"]
+    print("| stage | status | s | what it measured |")
+    for name, entry in stages.items():
+        m = entry.get("metrics") or {}
+        if "steps" in m:
+            what = (f"{m['steps']} steps, loss {m['first_loss']} -> {m['last_loss']}, {m['tokens_per_s']} tok/s, "
+                    f"{m['distributed']}, probe {[q['answer'][:24] for q in m.get('probe', [])]}")
+        elif "w4a16" in m:
+            q = m["w4a16"]
+            note = f" ({q['device_note']})" if "device_note" in q else ""
+            what = (f"GPTQ on {q.get('device')} in {q.get('dtype')}{note}, "
+                    f"{q['seconds']} s, {q['size_vs_16bit']}x of 16-bit, answer {q['answer']['text'][:24]!r}")
+        elif name == "eval":
+            what = "; ".join(f"{k} {v}" for k, v in m.items() if k != "recovery")[:160]
+        elif name == "serve":
+            what = (f"{m['engine']} engine on {m.get('device')} in {m['dtype']}, {m['completion_tokens']} tokens, "
+                    f"{m['tokens_per_s']} tok/s, stream matches {m['stream_matches']}, no key -> {m['no_key_status']}")
+        else:
+            what = ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, (int, float, str)))[:160]
+        print(f"| {name} | {entry['status']} | {entry.get('wall_s', '')} | {what} |")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
+    report = next((root / "runs").rglob("report.md"), None)
+    print(f"| total | {sum(e['status'] == 'done' for e in stages.values())}/{len(stages)} done | "
+          f"{time.time() - t0:.0f} | peak GiB {peak:.1f}; report {report} |")
+
+
 if __name__ == "__main__":
-    {"kernel": kernel, "stages": stages, "grpo": grpo}[sys.argv[1]]()
+    {"kernel": kernel, "stages": stages, "grpo": grpo, "e2e": e2e}[sys.argv[1]]()

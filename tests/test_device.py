@@ -76,3 +76,47 @@ def test_eval_backends_load_where_the_policy_says(monkeypatch):
     monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda: CPU))
     _lm(Target(model="m", backend="hf"), chat=False)
     assert (seen["device"], seen["dtype"]) == ("cpu", "float32")
+
+
+def test_quantization_calibrates_on_the_gpu_in_its_dtype():
+    assert policy(CPU).quant_calibration() == ("cpu", "float32")  # unchanged on the CPU
+    assert policy(H100).quant_calibration() == ("cuda", "bfloat16")
+    assert policy(T4).quant_calibration() == ("cuda", "float16")
+
+
+def test_the_hf_serving_engine_follows_the_policy(monkeypatch, tiny_model):
+    """The transformers engine loaded on the CPU in float32 whatever the machine; now: the GPU in its 16-bit dtype."""
+    assert policy(CPU).hf_engine("bfloat16") == ("cpu", "float32")  # bf16 is emulated on AVX2 CPUs
+    assert policy(H100).hf_engine("bfloat16") == ("cuda", "bfloat16")
+    assert policy(T4).hf_engine("bfloat16") == ("cuda", "float16")  # no bf16 on that card
+    assert policy(H100).hf_engine("float16") == ("cuda", "bfloat16")  # the card's 16-bit dtype
+    for caps in (CPU, H100, T4):  # asked explicitly: taken as asked
+        assert policy(caps).hf_engine("float32")[1] == "float32" and policy(caps).hf_engine("auto")[1] == "auto"
+
+    from llmstack.config.serve import ServeSpec
+    from llmstack.serve.engines import make_engine
+
+    spec = ServeSpec(engine="hf")
+    for caps, expected in ((T4, ("cuda", "float16")), (CPU, ("cpu", "float32"))):
+        monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda c=caps: c))
+        engine = make_engine(spec, tiny_model, "m")
+        assert (engine.device, engine.dtype) == expected
+
+
+def test_the_hf_engine_serves_from_the_device_it_was_given(tiny_model):
+    """Loaded and generating on the chosen device (the CPU here; the GPU check runs the same code on CUDA)."""
+    import asyncio
+
+    from llmstack.serve.engines import GenParams, HfEngine
+
+    async def go():
+        engine = HfEngine(tiny_model, "m", device="cpu", dtype="float32")
+        await engine.start()
+        deltas = [d async for batch in engine.generate("r", [1, 2, 3], GenParams(max_tokens=4, temperature=0, logprobs=1,
+                                                                                  prompt_logprobs=1), "m")
+                  for d in batch]
+        return engine, deltas
+
+    engine, deltas = asyncio.run(go())
+    assert str(engine.model.device) == "cpu" and sum(len(d.token_ids) for d in deltas) >= 1
+    assert len(deltas[0].prompt_logprobs) == 3 and deltas[0].prompt_logprobs[0] is None

@@ -51,6 +51,24 @@ def test_w4a16_loads_in_main_env_and_tracks_the_original(tiny_w4, tiny_model):
     assert rel < 0.5, rel  # ... but the model still computes roughly the same function
 
 
+def test_calibration_runs_where_the_device_policy_says(tiny_w4, tiny_model, tmp_path, monkeypatch):
+    """CPU run: calibrated on the CPU in float32 as before. A GPU run asks compress.py for CUDA in the card's 16-bit
+    dtype; a quantization env whose torch has no CUDA (this one: the lock pins a CPU build) falls back and says so."""
+    from llmstack.device import Capabilities
+    from llmstack.quant.compress import calibration_device
+
+    _, info = tiny_w4
+    assert (info["device"], info["dtype"]) == ("cpu", "float32") and "device_note" not in info
+    assert calibration_device("cuda", "bfloat16", cuda_here=True) == ("cuda", "bfloat16", None)
+    assert calibration_device("cpu", "float32", cuda_here=True) == ("cpu", "float32", None)
+
+    h100 = Capabilities(cuda=True, bf16=True, vllm=False, machine="x86_64")
+    monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda: h100))
+    gpu_run = compress(tiny_model, tmp_path / "w4", "w4a16", "rtn", group_size=64)
+    assert (gpu_run["device"], gpu_run["dtype"]) == ("cpu", "float32")
+    assert "asked to calibrate on CUDA, but this quantization environment's torch has no CUDA" in gpu_run["device_note"]
+
+
 def test_group_size_must_divide_hidden(tiny_model, tmp_path):
     from llmstack.quant.export import QuantizeError
 

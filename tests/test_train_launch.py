@@ -21,14 +21,14 @@ def test_shipped_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import ClusterConfig
 
     cfg = ClusterConfig.from_yaml_file(str(path))
-    expected = {"cpu": ("NO", 1), "cpu-ddp": ("MULTI_GPU", 2), "ddp": ("MULTI_GPU", 8), "fsdp2": ("FSDP", 8),
-                "multinode-fsdp2": ("FSDP", 16), "zero3": ("DEEPSPEED", 8)}[path.stem]
+    expected = {"cpu": ("NO", 1), "cpu-ddp": ("MULTI_GPU", 2), "cpu-zero3": ("DEEPSPEED", 2), "ddp": ("MULTI_GPU", 8),
+                "fsdp2": ("FSDP", 8), "multinode-fsdp2": ("FSDP", 16), "zero3": ("DEEPSPEED", 8)}[path.stem]
     assert (str(cfg.distributed_type).split(".")[-1], cfg.num_processes) == expected
     if path.stem == "multinode-fsdp2":  # per-node values come from the command line (scripts/slurm/train.sbatch)
         assert (cfg.num_machines, cfg.rdzv_backend, cfg.main_process_port) == (2, "static", 29500)
     if path.stem in ("fsdp2", "multinode-fsdp2"):
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-    if path.stem == "zero3":
+    if path.stem in ("zero3", "cpu-zero3"):
         assert cfg.deepspeed_config["zero_stage"] == 3 and cfg.deepspeed_config["zero3_save_16bit_model"]
 
 
@@ -195,7 +195,7 @@ def test_recipe_launch_must_name_a_config(tmp_path, tiny_model):
         load_recipe(recipe)
     assert info.value.problems == [
         "stages[0]: launch: 'cpu-dpp' is neither an accelerate config file nor one of "
-        "['cpu', 'cpu-ddp', 'ddp', 'fsdp2', 'multinode-fsdp2', 'zero3']"]
+        "['cpu', 'cpu-ddp', 'cpu-zero3', 'ddp', 'fsdp2', 'multinode-fsdp2', 'zero3']"]
 
 
 def test_pipeline_hands_a_stage_with_launch_to_accelerate(tmp_path, tiny_model):

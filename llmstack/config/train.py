@@ -94,8 +94,9 @@ class StageSpec(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="TRL config arguments, passed through")
     launch: str | None = Field(
         None,
-        description="accelerate config for this stage: a name in recipes/accelerate/ (cpu, cpu-ddp, ddp, fsdp2, "
-                    "zero3) or a YAML path; the pipeline then runs it under `accelerate launch`. None: in-process")
+        description="accelerate config for this stage: a name in recipes/accelerate/ (cpu, cpu-ddp, cpu-zero3, ddp, "
+                    "fsdp2, zero3) or a YAML path; the pipeline then runs it under `accelerate launch`. "
+                    "None: in-process")
     probe: list[str] = Field(
         default_factory=list,
         description="user prompts answered greedily by the trained model; answers go into the report and metrics")
@@ -127,7 +128,8 @@ class StageSpec(Strict):
     @model_validator(mode="after")
     def _launch_exists(self):
         if self.launch is not None:
-            launch_config_path(self.launch)  # raises with the list of shipped names
+            path = launch_config_path(self.launch)  # raises with the list of shipped names
+            check_accumulation(path, self.args.get("gradient_accumulation_steps", 1))
         return self
 
 
@@ -141,6 +143,25 @@ def launch_config_path(launch: str) -> Path:
         return shipped
     names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
     raise ValueError(f"launch: '{launch}' is neither an accelerate config file nor one of {names}")
+
+
+def check_accumulation(config: Path, recipe_steps) -> None:
+    """DeepSpeed takes gradient accumulation from its own config, and accelerate silently prefers that value over the
+    trainer's: a launch config that pins a number different from the stage's `args.gradient_accumulation_steps` would
+    train with other batches than the recipe says. Left out of the config (as in the shipped zero3.yaml), the recipe's
+    value is used."""
+    import yaml
+
+    try:
+        pinned = (yaml.safe_load(Path(config).read_text()) or {}).get("deepspeed_config", {}).get(
+            "gradient_accumulation_steps")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # accelerate reports an unreadable config itself
+    if isinstance(pinned, int) and isinstance(recipe_steps, int) and pinned != recipe_steps:
+        raise ValueError(
+            f"{config} sets deepspeed_config.gradient_accumulation_steps: {pinned}, but this stage's "
+            f"args.gradient_accumulation_steps is {recipe_steps}; DeepSpeed would train with {pinned}. Remove the key "
+            f"from {config} (the recipe's value is then used) or set the two to the same number")
 
 
 def trl_config_class(stage_type: str):

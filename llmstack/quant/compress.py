@@ -41,6 +41,17 @@ def _cpu_awq_workaround() -> None:
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
+def calibration_device(asked: str, dtype: str, cuda_here: bool) -> tuple[str, str, str | None]:
+    """(device, dtype, why it differs from what was asked or None). The caller (the device policy in the main env)
+    asks for CUDA when the run has a GPU; this environment's torch may still be a CPU build (.venv-quant's lock pins
+    one): calibrate on the CPU in float32 then, as before, and say why."""
+    if asked == "cuda" and not cuda_here:
+        return "cpu", "float32", ("asked to calibrate on CUDA, but this quantization environment's torch has no CUDA "
+                                  "(a CPU build?): calibrated on the CPU in float32. Use a CUDA torch there "
+                                  "(LLMSTACK_QUANT_PYTHON, README 'On a GPU')")
+    return asked, dtype, None
+
+
 def build_recipe(scheme: str, method: str, group_size: int) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
@@ -69,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where calibration runs (llm-compressor onloads one layer at a time to it)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the dtype the model is loaded and calibrated in")
     a = p.parse_args(argv)
 
     import torch
@@ -77,8 +92,13 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(a.seed)
+    device, dtype, fallback = calibration_device(a.device, a.dtype, torch.cuda.is_available())
+    if fallback:
+        print(f"warning: {fallback}", flush=True)
     tok = AutoTokenizer.from_pretrained(a.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    # Loaded on the CPU: llm-compressor's sequential pipeline moves one layer at a time to the accelerator it finds
+    # (torch.accelerator), so a model larger than the GPU still calibrates there. On a CPU-only torch it stays here.
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, dtype))
     hidden = model.config.hidden_size
     if a.scheme == "w4a16" and hidden % a.group_size:
         raise SystemExit(f"group_size {a.group_size} does not divide the hidden size {hidden}; try 64 or 32")
@@ -104,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     if (Path(a.model_dir) / "generation_config.json").exists():  # keep eos = end of turn exactly as trained
         (out / "generation_config.json").write_bytes((Path(a.model_dir) / "generation_config.json").read_bytes())
     info = {"scheme": a.scheme, "method": a.method, "group_size": a.group_size, "seconds": round(seconds, 1),
-            "calibration_samples": kwargs.get("num_calibration_samples", 0)}
+            "calibration_samples": kwargs.get("num_calibration_samples", 0), "device": device, "dtype": dtype}
+    if fallback:
+        info["device_note"] = fallback
     print("LLMSTACK_QUANT " + json.dumps(info), flush=True)
     return info
 

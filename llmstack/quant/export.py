@@ -16,6 +16,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 from llmstack.device import policy
@@ -29,7 +30,11 @@ class QuantizeError(Exception):
 
 
 def quant_python() -> Path:
-    """The interpreter of the quantization environment: $LLMSTACK_QUANT_PYTHON, else <repo>/.venv-quant/bin/python."""
+    """The interpreter of the quantization environment: $LLMSTACK_QUANT_PYTHON, else <repo>/.venv-quant/bin/python.
+
+    On a GPU machine without vLLM (whose compressed-tensors pin is what keeps llm-compressor out of the main env) the
+    main interpreter can be the quantization one: `LLMSTACK_QUANT_PYTHON=$(which python3)` with llm-compressor
+    installed next to a CUDA torch (scripts/gpu_check.sh BLOCKS=e2e does this; requirements/gpu-e2e.txt)."""
     path = Path(os.environ.get("LLMSTACK_QUANT_PYTHON", REPO / ".venv-quant" / "bin" / "python"))
     if not path.exists():
         raise QuantizeError(f"the quantization environment is missing ({path}); `make setup` creates it")
@@ -39,13 +44,20 @@ def quant_python() -> Path:
 def compress(model_dir: Path, out_dir: Path, scheme: str, method: str, group_size: int,
              calibration: Path | None = None, samples: int = 16, max_length: int = 512, seed: int = 42) -> dict:
     """Run compress.py in .venv-quant. Returns its summary (scheme, method, seconds, calibration samples)."""
-    cmd = [str(quant_python()), "-m", "llmstack.quant.compress", str(model_dir), str(out_dir), "--scheme", scheme,
+    python = quant_python()
+    device, dtype = policy().quant_calibration()  # the GPU in bf16/fp16 when the run has one, else the CPU in fp32
+    cmd = [str(python), "-m", "llmstack.quant.compress", str(model_dir), str(out_dir), "--scheme", scheme,
            "--method", method, "--group-size", str(group_size), "--samples", str(samples),
-           "--max-length", str(max_length), "--seed", str(seed)]
+           "--max-length", str(max_length), "--seed", str(seed), "--device", device, "--dtype", dtype]
     if calibration:
         cmd += ["--calibration", str(calibration)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log.info("quantizing %s -> %s (%s, %s)", model_dir.name, scheme, method, out_dir)
+    # .venv-quant sees only the repo; the main interpreter used as the quantization one (a GPU machine without vLLM)
+    # keeps the path its packages were installed on (scripts/gpu_check.sh: /tmp/site)
+    same = python.resolve() == Path(sys.executable).resolve()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
+                                                                      if same and os.environ.get("PYTHONPATH") else []))}
+    log.info("quantizing %s -> %s (%s, %s, calibrating on %s in %s)", model_dir.name, scheme, method, out_dir, device,
+             dtype)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LLMSTACK_QUANT ")]
     if proc.returncode != 0 or not lines:

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,28 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
+@contextmanager
+def whole_model_here():
+    """Load (and merge, generate with) a whole model in this process alone, also under DeepSpeed ZeRO-3.
+
+    With ZeRO-3's `zero3_init_flag`, transformers' `from_pretrained` builds the model inside `deepspeed.zero.Init`,
+    which partitions every parameter across the ranks: a collective call. Rank 0 merging an adapter or answering the
+    probes alone would wait forever for ranks that never join (seen: a 2-process CPU launch hung after training), and
+    a partitioned model holds empty tensors. Inside this block transformers sees no DeepSpeed config, so the model
+    loads whole on this rank (for training, deepspeed.initialize partitions it later all the same)."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its deepspeed integration module
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # the one global from_pretrained consults
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
@@ -107,16 +130,22 @@ def load_model(folder: Path, dtype: str, qlora=None, attention: str | None = Non
             bnb_4bit_compute_dtype=_dtype(qlora.compute_dtype))
     if (folder / "adapter_config.json").exists():
         if qlora is not None:
+            from accelerate import PartialState
+
             merged = folder.parent / "merged-input"
-            if not (merged / "config.json").exists():
-                _merge_adapter(folder, merged, dtype)
+            with PartialState().main_process_first():  # rank 0 writes the folder, the others then find it
+                if not (merged / "config.json").exists():
+                    _merge_adapter(folder, merged, dtype)
             folder = merged
         else:
             from peft import PeftModel
 
+            # merged whole on every rank (a ZeRO-3 partitioned base has no weights to merge into); DeepSpeed
+            # partitions the merged model when the trainer prepares it
             base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-            model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-            return PeftModel.from_pretrained(model, folder).merge_and_unload()
+            with whole_model_here():
+                model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+                return PeftModel.from_pretrained(model, folder).merge_and_unload()
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
 
 
@@ -205,6 +234,13 @@ def check_sharding(trainer) -> None:
         raise RuntimeError(f"the launch config asks for FSDP, but accelerate runs these processes as {got}: accelerate "
                            "shards with FSDP only on GPUs (or other accelerators), not on the CPU. Launch with "
                            "recipes/accelerate/cpu-ddp.yaml on a CPU, or fsdp2.yaml on GPUs")
+    pinned = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")  # the launch config's deepspeed value
+    steps = trainer.args.gradient_accumulation_steps
+    if got == "DEEPSPEED" and pinned.isdigit() and int(pinned) != steps:
+        raise RuntimeError(f"the launch config sets deepspeed_config.gradient_accumulation_steps: {pinned}, but this "
+                           f"stage's args.gradient_accumulation_steps is {steps}; DeepSpeed would train with {pinned}. "
+                           "Remove the key from the accelerate config (the recipe's value is then used) or set the "
+                           "two to the same number")
 
 
 def resume_checkpoint(ctx, trainer) -> str | None:
@@ -278,9 +314,11 @@ def _merge_adapter(adapter_dir: Path, out: Path, dtype: str) -> None:
 
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     # Merge into a full-precision copy of the base, never into a 4-bit one (QLoRA): the result is a plain model.
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=_dtype(dtype))
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out)
+    # Called on one rank: the whole model loads here even under ZeRO-3.
+    with whole_model_here():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=_dtype(dtype))
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out)
 
 
 def save_model(trainer, ctx, tokenizer, chat_template: str | None) -> Path:
@@ -342,6 +380,8 @@ def metrics_from(trainer, train_output) -> dict[str, Any]:
         "world_size": trainer.args.world_size,
         # how the processes split the work (NO, MULTI_GPU = DDP, FSDP, DEEPSPEED), and FSDP's version when sharded
         "distributed": str(trainer.accelerator.distributed_type).split(".")[-1],
+        # what the processes really accumulated (under DeepSpeed: its config's value, which accelerate prefers)
+        "gradient_accumulation_steps": trainer.accelerator.gradient_accumulation_steps,
     }
     if trainer.is_fsdp_enabled:
         m["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
@@ -381,9 +421,10 @@ def probe_answers(model_dir: Path, questions: list[str]) -> list[dict[str, Any]]
     from llmstack.models import chat_greedy
 
     rows = []
-    for q in questions:
-        ans = chat_greedy(model_dir, q, max_new_tokens=48)
-        rows.append({"question": q, "answer": ans["text"], "stopped_at_eos": ans["stopped_at_eos"]})
+    with whole_model_here():  # rank 0 alone answers: the saved (gathered) model, whole, even under ZeRO-3
+        for q in questions:
+            ans = chat_greedy(model_dir, q, max_new_tokens=48)
+            rows.append({"question": q, "answer": ans["text"], "stopped_at_eos": ans["stopped_at_eos"]})
     return rows
 
 

@@ -18,10 +18,12 @@ def make_engine(spec, model: str | Path, served_name: str):
     """The engine a ServeSpec asks for (not started: `await engine.start()`)."""
     if spec.engine == "vllm":
         return VllmEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, spec.vllm)
-    # vllm.dtype is chosen for vLLM's kernels (bfloat16 by default); transformers here runs on the CPU, where bf16
-    # is emulated on most machines (4x slower on AVX2): it computes in float32 there.
-    dtype = spec.vllm.dtype
-    if dtype in ("bfloat16", "float16"):
-        log.info("the transformers engine computes in float32 on the CPU (vllm.dtype %s is for vLLM)", dtype)
-        dtype = "float32"
-    return HfEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, dtype=dtype)
+    # vllm.dtype is chosen for vLLM's kernels (bfloat16 by default). The device policy places the transformers engine:
+    # on the GPU in the card's 16-bit dtype, on the CPU in float32 (bf16 is emulated on most CPUs, 4x slower on AVX2).
+    from llmstack.device import policy
+
+    device, dtype = policy().hf_engine(spec.vllm.dtype)
+    if dtype != spec.vllm.dtype:
+        log.info("the transformers engine computes in %s on the %s (vllm.dtype %s is for vLLM)", dtype, device,
+                 spec.vllm.dtype)
+    return HfEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, dtype=dtype, device=device)

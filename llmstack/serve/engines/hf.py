@@ -1,4 +1,5 @@
-"""transformers `generate` behind the Engine protocol, for machines without vLLM (and the tests' tiny models)."""
+"""transformers `generate` behind the Engine protocol, for machines without vLLM (and the tests' tiny models), on the
+device the device policy picks (llmstack/device.py: the GPU in bf16/fp16 where there is one, else the CPU, float32)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class HfEngine:
     kind = "hf"
 
     def __init__(self, model: str | Path, served_name: str, adapters: dict[str, str] | None = None,
-                 max_model_len: int | None = None, seed: int = 0, dtype: str = "float32"):
-        self.model_path, self.served_name = str(model), served_name
+                 max_model_len: int | None = None, seed: int = 0, dtype: str = "float32", device: str = "cpu"):
+        self.model_path, self.served_name, self.device = str(model), served_name, device
         self.adapters = dict(adapters or {})
         self.max_model_len, self.seed, self.dtype = max_model_len, seed, dtype
         self.tokenizer = load_tokenizer(model)
@@ -59,7 +60,7 @@ class HfEngine:
             model = PeftModel.from_pretrained(model, self.adapters[names[0]], adapter_name=names[0])
             for name in names[1:]:
                 model.load_adapter(self.adapters[name], adapter_name=name)
-        return model.eval()
+        return model.to(self.device).eval()
 
     def running(self) -> int:
         return self._running
@@ -113,7 +114,7 @@ class HfEngine:
         import torch
 
         with self._adapter(model_name), torch.inference_mode():
-            logits = self.model(torch.tensor([prompt_ids])).logits[0, :-1]
+            logits = self.model(torch.tensor([prompt_ids], device=self.device)).logits[0, :-1]
         lps = torch.log_softmax(logits.float(), dim=-1)
         return [None, *(self._lp_row(lp, t, k) for lp, t in zip(lps, prompt_ids[1:]))]
 
@@ -169,7 +170,7 @@ class HfEngine:
 
         class StopWhenAsked(StoppingCriteria):  # client disconnect / stop string / shutdown
             def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), stop_flag.is_set(), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), stop_flag.is_set(), dtype=torch.bool, device=input_ids.device)
 
         class Streamer:  # transformers' streamer protocol: put(token ids), end()
             first = True
@@ -178,7 +179,7 @@ class HfEngine:
                 if Streamer.first:  # generate() first "puts" the prompt
                     Streamer.first = False
                     return
-                loop.call_soon_threadsafe(queue.put_nowait, value.reshape(-1).tolist())
+                loop.call_soon_threadsafe(queue.put_nowait, value.reshape(-1).tolist())  # (.tolist() copies to host)
 
             def end(self):
                 loop.call_soon_threadsafe(queue.put_nowait, None)
@@ -193,7 +194,8 @@ class HfEngine:
                     processors.insert(0, self._grammar(p))  # masked first: logprobs are of what could be chosen
                 with self._adapter(model_name), torch.inference_mode():
                     self.model.generate(
-                        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                        torch.tensor([prompt_ids], device=self.device),
+                        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=self.device),
                         max_new_tokens=p.max_tokens, min_new_tokens=p.max_tokens if p.ignore_eos else None,
                         do_sample=sample,
                         temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
