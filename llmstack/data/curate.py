@@ -484,11 +484,13 @@ def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, wo
     task of its SLURM_ARRAY_TASK_ID); submit.sh submits them, chained with `sbatch --dependency=afterok`.
     Returns [submit.sh, the job scripts...]. The stage folder must be on a filesystem every node mounts."""
     import copy
+    import shlex
 
     import dill
     from datatrove.executor import SlurmPipelineExecutor
 
     ex = recipe.data.executor
+    stage_dir = stage_dir.resolve()  # the jobs run elsewhere: every path they hold is absolute
     folder = stage_dir / "slurm"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -528,11 +530,12 @@ def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, wo
     collect_job.write_text(sx.get_launch_file_contents(
         {"cpus-per-task": 1, "partition": ex.partition, "job-name": "curate-collect", "time": ex.time,
          "output": str(folder / "collect-%j.out"), **({"qos": ex.qos} if ex.qos else {}), **sbatch_args},
-        f"cd {workdir}\n{collect}"))
+        f"cd {shlex.quote(str(workdir))} && {collect}"))
     deps = ":".join(f"${v}" for v in last)
     (folder / "submit.sh").write_text(
         "#!/bin/bash\n# Submit llmstack's curation jobs (written by `llmstack curate --slurm`): per dataset pass 1 "
-        "(array) then pass 2, then collect.\nset -euo pipefail\n"
+        f"(array) then pass 2, then collect.\nset -euo pipefail\ncd {shlex.quote(str(workdir))}  # the jobs start "
+        "where `llmstack curate --slurm` ran (relative paths in the recipe)\n"
         'jobid() { local out; out=$(sbatch --parsable "$@"); echo "${out%%;*}"; }\n'
         + "\n".join(submit) + f'\ncollect=$(jobid --dependency=afterok:{deps} "{collect_job}")\n'
         + 'echo "submitted: ' + " ".join(f"{v}=${v}" for v in last) + ' collect=$collect"\n')
