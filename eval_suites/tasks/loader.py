@@ -9,6 +9,7 @@ import re
 
 from datasets import Dataset, DatasetDict
 
+from llmstack.eval.perturb import perturb_rows
 from llmstack.eval.suites import read_task
 
 REFUSAL = re.compile(
@@ -18,8 +19,11 @@ REFUSAL = re.compile(
     re.IGNORECASE)
 
 
-def load(task: str, identity_name: str = "llmstack", **_) -> DatasetDict:
+def load(task: str, identity_name: str = "llmstack", perturb: str | None = None, perturb_seed: int = 0,
+         **_) -> DatasetDict:
     rows = read_task(task)
+    if perturb:  # the robustness suite: the same items, seeded-perturbed (llmstack/eval/perturb.py); few-shot clean
+        rows = perturb_rows(rows, perturb, perturb_seed)
     if task == "identity":
         rows = [{**r, "name": identity_name} for r in rows]
     splits = {"test": Dataset.from_list(rows)}

@@ -30,6 +30,9 @@ def eval_main(
     identity_name: Annotated[str, typer.Option(help="name the identity task expects")] = "llmstack",
     batch_size: Annotated[int, typer.Option(help="hf backend batch size")] = 8,
     out: Annotated[Optional[Path], typer.Option(help="write all scores as JSON here")] = None,
+    robustness: Annotated[Optional[str], typer.Option(
+        help="also score seeded perturbations of the same items: typos,casing,whitespace,shuffle,prefix (or all)")] = None,
+    seed: Annotated[int, typer.Option(help="robustness: perturbation seed")] = 0,
 ):
     """Score one or more models on a suite and print a table (rows: tasks, columns: models)."""
     if ctx.invoked_subcommand is not None:
@@ -47,7 +50,12 @@ def eval_main(
     from llmstack.eval.run import Target, evaluate, resolve_folder
     from llmstack.models import ModelSourceError, resolve
 
-    scores = {}
+    from llmstack.eval.perturb import KINDS
+
+    kinds = list(KINDS) if robustness == "all" else (robustness.split(",") if robustness else [])
+    if bad := [k for k in kinds if k not in KINDS]:
+        fail(f"--robustness: unknown perturbation(s) {', '.join(bad)} (choose from {', '.join(KINDS)}, or all)")
+    scores, robust = {}, {}
     for item in model or [""]:
         label, _, src = item.rpartition("=") if "=" in item else ("", "", item)
         try:
@@ -60,11 +68,19 @@ def eval_main(
         try:
             scores[label] = evaluate(target, the_suite, limit=limit, identity_name=identity_name,
                                      tasks=tasks.split(",") if tasks else None)
+            if kinds:
+                from llmstack.eval.robustness import robustness as run_robustness
+
+                robust[label] = run_robustness(target, the_suite, kinds, seed=seed, limit=limit,
+                                               tasks=list(scores[label]), identity_name=identity_name,
+                                               clean=scores[label])
         except (EvalDataError, ValueError, ConnectionError) as exc:
             fail(f"{label}: {exc}")
     _print_scores(scores, the_suite.name)
+    for label, rob in robust.items():
+        _print_robustness(label, rob, seed)
     if out:
-        out.write_text(json.dumps(scores, indent=2))
+        out.write_text(json.dumps({**scores, "robustness": robust} if robust else scores, indent=2))
         console.print(f"scores written to {out}")
 
 
@@ -77,6 +93,19 @@ def _print_scores(scores: dict, suite: str) -> None:
         first = next(s[task] for s in scores.values() if task in s)
         vals = [("–" if s.get(task, {}).get("score") is None else f"{s[task]['score']:.3f}") for s in scores.values()]
         table.add_row(task, first["metric"].replace(",none", ""), str(first["n"]), *vals)
+    Console().print(table)
+
+
+def _print_robustness(label: str, rob: dict, seed: int) -> None:
+    table = Table(title=f"{label}: robustness (seed {seed}; consistency = same answer on clean and perturbed)")
+    for col in ("task", "perturbation", "n", "clean", "perturbed", "change [95% CI]", "consistency"):
+        table.add_column(col, justify="left" if col in ("task", "perturbation") else "right")
+    for task, per_kind in rob.items():
+        for kind, r in per_kind.items():
+            d, c = r.get("delta"), r.get("consistency")
+            table.add_row(task, kind, str(r["n"]), f"{r['clean']:.3f}", f"{r['perturbed']:.3f}",
+                          f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "n/a",
+                          "n/a" if c is None else f"{c:.3f}")
     Console().print(table)
 
 

@@ -25,6 +25,17 @@ class GateSpec(Strict):
         return self
 
 
+PERTURBATIONS = ("typos", "casing", "whitespace", "shuffle", "prefix")  # llmstack/eval/perturb.py
+
+
+class RobustnessSpec(Strict):
+    perturbations: list[Literal["typos", "casing", "whitespace", "shuffle", "prefix"]] = Field(
+        default_factory=lambda: list(PERTURBATIONS), min_length=1,
+        description="seeded perturbations scored against the clean items (llmstack/eval/perturb.py)")
+    seed: int = Field(0, description="the perturbations depend only on (seed, kind, item id)")
+    tasks: list[str] | None = Field(None, min_length=1, description="only these tasks (None: all the eval scores)")
+
+
 class EvalSpec(Strict):
     suite: str = Field("smoke", description="a suite under eval_suites/suites/ (smoke, quick, core)")
     stages: list[str] = Field(default_factory=lambda: ["base"], min_length=1,
@@ -38,6 +49,7 @@ class EvalSpec(Strict):
     identity_name: str = Field("llmstack", min_length=1,
                                description="the name the `identity` task expects the tuned model to state")
     gates: GateSpec = Field(default_factory=GateSpec)
+    robustness: RobustnessSpec | None = Field(None, description="also score every stage on perturbed items")
 
     @model_validator(mode="after")
     def _suite_and_gate_tasks_exist(self):
@@ -50,6 +62,10 @@ class EvalSpec(Strict):
         for task in self.tasks or []:
             if task not in tasks:
                 raise ValueError(f"tasks: suite '{self.suite}' has no task '{task}' (tasks: {', '.join(tasks)})")
+        for task in (self.robustness.tasks if self.robustness else None) or []:
+            if task not in (self.tasks or tasks):
+                raise ValueError(f"robustness.tasks: '{task}' is not among the tasks evaluated (tasks: "
+                                 f"{', '.join(self.tasks or tasks)})")
         for task in self.gates.min:
             if task not in (self.tasks or tasks):
                 raise ValueError(f"gates.min.{task}: suite '{self.suite}' has no task '{task}' (tasks: "

@@ -224,15 +224,18 @@ def _clean(value: Any) -> Any:
 
 
 def evaluate(target: Target, suite: str | Suite, limit: int | None = None, identity_name: str = "llmstack",
-             samples_dir: Path | None = None, tasks: list[str] | None = None) -> dict[str, Any]:
-    """Score one target on a suite. Returns {task: {"score": primary, "metric": name, "n": items, "all": {...}}}."""
+             samples_dir: Path | None = None, tasks: list[str] | None = None, perturb: str | None = None,
+             perturb_seed: int = 0) -> dict[str, Any]:
+    """Score one target on a suite. Returns {task: {"score": primary, "metric": name, "n": items, "all": {...},
+    "ci95", "items": per-item scores, "answers": per-item answers}}. `perturb`: score the seeded-perturbed items
+    instead (llmstack/eval/perturb.py; the robustness suite)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     suite = load_suite(suite) if isinstance(suite, str) else suite
     ensure_prepared()
     manager = TaskManager(include_path=str(SUITES_DIR / "tasks"), include_defaults=False,
-                          metadata={"identity_name": identity_name})
+                          metadata={"identity_name": identity_name, "perturb": perturb, "perturb_seed": perturb_seed})
     wanted = [t for t in suite.tasks if tasks is None or t.name in tasks]
     unknown = sorted(set(tasks or []) - {t.name for t in suite.tasks})
     if unknown:
@@ -268,7 +271,7 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
                              # 95% Wilson interval of the primary metric (a proportion of items), and the items'
                              # own scores in doc order, for paired comparisons between stages
                              "ci95": [round(x, 4) for x in wilson(sum(items), len(items))] if items else None,
-                             "items": items}
+                             "items": items, "answers": _item_answers(out["samples"][task], task)}
             if samples_dir:
                 samples_dir.mkdir(parents=True, exist_ok=True)
                 with open(samples_dir / f"{task}.jsonl", "w") as f:
@@ -283,6 +286,37 @@ def _item_scores(samples: list[dict], primary: str) -> list[float]:
     metric, _, filt = primary.partition(",")
     rows = sorted((s["doc_id"], float(s[metric])) for s in samples if s.get("filter") == filt and metric in s)
     return [v for _, v in rows]
+
+
+# What counts as "the same answer" on a generation task whose text always differs a little: the decision it is scored
+# on. Multiple choice: the option chosen; other generation tasks: the filtered (extracted) answer.
+ANSWER_METRIC = {"identity": "named", "refusal": "refused", "over_refusal": "answered"}
+
+
+def _item_answers(samples: list[dict], task: str) -> list[Any]:
+    """Per-item answers by doc id, comparable between a clean and a perturbed run of the same items: the chosen
+    option's index in the clean item's order (a shuffled item's `perm` maps it back), the decision a generation task
+    is scored on, or the extracted answer. Multiple choice picks as the primary metric does (acc: highest
+    loglikelihood; acc_norm: highest loglikelihood per character of the option)."""
+    metric, _, filt = PRIMARY.get(task, "acc,none").partition(",")
+    rows = []
+    for s in samples:
+        if s.get("filter") != filt:
+            continue
+        resps, doc = s["filtered_resps"], s["doc"]
+        if task in ANSWER_METRIC:
+            answer: Any = s.get(ANSWER_METRIC[task])
+        elif resps and isinstance(resps[0], (list, tuple)):  # multiple choice: (loglikelihood, is_greedy) per option
+            lls = [float(r[0]) for r in resps]
+            if metric == "acc_norm" and isinstance(doc.get("choices"), list):
+                lls = [ll / max(len(c), 1) for ll, c in zip(lls, doc["choices"])]
+            answer = max(range(len(lls)), key=lls.__getitem__)
+            if isinstance(doc.get("perm"), list):
+                answer = doc["perm"][answer]
+        else:
+            answer = str(resps[0]).strip() if resps else None
+        rows.append((s["doc_id"], answer))
+    return [a for _, a in sorted(rows, key=lambda r: r[0])]
 
 
 # ---------------------------------------------------------------- gates, table, chart

@@ -11,6 +11,7 @@ from typing import Any
 
 from llmstack.config.suites import load_suite
 from llmstack.device import policy
+from llmstack.eval import robustness as robust
 from llmstack.eval.stats import paired_bootstrap
 from llmstack.eval.run import (EvalGateError, Target, bar_chart, evaluate, gate_verdicts, markdown_table,
                                resolve_folder)
@@ -36,13 +37,21 @@ def run(ctx: StageContext) -> StageResult:
     suite = load_suite(spec.suite)
     backend = policy().eval_backend if spec.backend == "auto" else spec.backend
     scores: dict[str, dict[str, Any]] = {}
+    rob: dict[str, dict[str, Any]] = {}
     for name in spec.stages:
         model, adapter = resolve_folder(_stage_model(ctx, name))
         log.info("eval %s on suite %s (%s)", name, suite.name, backend)
         target = Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size)
         scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
                                 samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
+        if spec.robustness:
+            r = spec.robustness
+            rob[name] = robust.robustness(target, suite, r.perturbations, seed=r.seed, limit=spec.limit,
+                                          tasks=r.tasks or spec.tasks, identity_name=spec.identity_name,
+                                          clean=scores[name], samples_dir=ctx.dir / "samples" / f"{name}-perturbed")
     (ctx.dir / "scores.json").write_text(json.dumps(scores, indent=2))
+    if rob:
+        (ctx.dir / "robustness.json").write_text(json.dumps(rob, indent=2))
     chart = bar_chart(scores, ctx.dir / "eval.png", title=f"suite {suite.name}")
     verdicts = gate_verdicts(scores, spec.gates)
     problems = [v["message"] for v in verdicts if v["verdict"] == "fail"]
@@ -52,6 +61,9 @@ def run(ctx: StageContext) -> StageResult:
     recovery = quantization_recovery(ctx, scores)
     if recovery:
         section += _recovery_table(recovery)
+    for name, r in rob.items():
+        section += [f"Robustness of `{name}` (seed {spec.robustness.seed}): clean vs perturbed on the same items; "
+                    "consistency = the same answer on both:", "", *robust.markdown_table(r), ""]
     if "identity" in scores[spec.stages[-1]]:
         section += _identity_answers(ctx.dir / "samples", spec.stages)
     gate_lines = [f"- FAILED {p}" for p in problems] + [f"- UNDECIDED {u}" for u in undecided]
@@ -66,7 +78,10 @@ def run(ctx: StageContext) -> StageResult:
         metrics["gates_undecided"] = undecided
     if recovery:
         metrics["recovery"] = recovery
-    return StageResult(outputs={"scores": ctx.dir / "scores.json", "chart": chart}, metrics=metrics)
+    outputs = {"scores": ctx.dir / "scores.json", "chart": chart}
+    if rob:
+        outputs["robustness"] = ctx.dir / "robustness.json"
+    return StageResult(outputs=outputs, metrics=metrics)
 
 
 def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
