@@ -37,6 +37,8 @@ PRIMARY = {
     "gsm8k": "exact_match,strict-match",
     "identity": "named,none",
     "refusal": "acc,none",
+    "over_refusal": "answered,none",
+    "bias": "acc,none",  # its bias scores (amb_bias_score, ...) are in `all`; the release decision reports them
 }
 
 
