@@ -121,3 +121,59 @@ def eval_prepare(force: Annotated[bool, typer.Option(help="build the data again"
     info = json.loads((folder / "prepared.json").read_text())
     print(folder)
     console.print("[green]prepared[/]: " + ", ".join(f"{k} {v}" for k, v in info["items"].items()))
+
+
+@eval_app.command("judge")
+def eval_judge(
+    a: Annotated[str, typer.Option("--a", help="the model judged: HF folder / packaged name / adapter, `name=path`")],
+    b: Annotated[str, typer.Option("--b", help="the model it is compared with, same forms")],
+    judge_url: Annotated[str, typer.Option(help="the judge's OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000")],
+    judge_model: Annotated[str, typer.Option(help="the judge model's name at that endpoint")],
+    judge_key_env: Annotated[Optional[str], typer.Option(help="environment variable holding the judge's API key")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        help="JSONL prompt set ({'prompt'} or {'messages'} per line; default eval_suites/data/judge_prompts.jsonl)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="at most this many prompts")] = None,
+    max_tokens: Annotated[int, typer.Option(help="longest answer each model generates (greedy)")] = 128,
+    backend: Annotated[str, typer.Option(help="how the two models answer: hf | vllm")] = "hf",
+    out: Annotated[Path, typer.Option(help="folder for judge.jsonl (raw verdicts) and judge.json (summary)")] = Path("judge"),
+):
+    """Pairwise judge: both models answer the prompts, the judge compares each pair in both orders; prints the win
+    rate of --a with its 95% interval and saves every verdict."""
+    import os
+
+    import httpx
+
+    from llmstack.eval.judge import compare, generate_answers, markdown, openai_judge, read_prompts
+    from llmstack.eval.run import Target, resolve_folder
+    from llmstack.models import ModelSourceError, resolve
+    from llmstack.paths import SUITES_DIR
+
+    key = None
+    if judge_key_env:
+        key = os.environ.get(judge_key_env)
+        if not key:
+            fail(f"--judge-key-env {judge_key_env}: that environment variable is not set")
+    try:
+        rows = read_prompts(prompts or SUITES_DIR / "data" / "judge_prompts.jsonl", limit)
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+    answers, names = [], []
+    for item in (a, b):
+        label, _, src = item.rpartition("=") if "=" in item else ("", "", item)
+        try:  # a LoRA adapter folder names its base model itself
+            is_adapter = (Path(src) / "adapter_config.json").is_file()
+            folder, adapter = resolve_folder(Path(src) if is_adapter else resolve(src, fetch_missing=False))
+        except (ModelSourceError, ValueError) as exc:
+            fail(str(exc))
+        names.append(label or Path(src).name)
+        answers.append(generate_answers(Target(model=folder, adapter=adapter, backend=backend), rows, max_tokens))
+    if names[0] == names[1]:
+        names = [names[0] + "-a", names[1] + "-b"]
+    try:
+        result = compare(rows, answers[0], answers[1], openai_judge(judge_url, judge_model, key),
+                         names=(names[0], names[1]), raw_path=out / "judge.jsonl")
+    except (ValueError, OSError, httpx.HTTPError) as exc:  # the judge unreachable or refusing: one line
+        fail(f"judge: {exc}")
+    (out / "judge.json").write_text(json.dumps(result.summary, indent=2))
+    print(markdown(result.summary)[0])
+    print(f"raw verdicts: {out / 'judge.jsonl'}")

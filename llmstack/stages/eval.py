@@ -11,6 +11,7 @@ from typing import Any
 
 from llmstack.config.suites import load_suite
 from llmstack.device import policy
+from llmstack.eval import judge as judging
 from llmstack.eval import robustness as robust
 from llmstack.eval.stats import paired_bootstrap
 from llmstack.eval.run import (EvalGateError, Target, bar_chart, evaluate, gate_verdicts, markdown_table,
@@ -53,6 +54,7 @@ def run(ctx: StageContext) -> StageResult:
     if rob:
         (ctx.dir / "robustness.json").write_text(json.dumps(rob, indent=2))
     chart = bar_chart(scores, ctx.dir / "eval.png", title=f"suite {suite.name}")
+    judged = _judge(ctx, spec, backend) if spec.judge else None
     verdicts = gate_verdicts(scores, spec.gates)
     problems = [v["message"] for v in verdicts if v["verdict"] == "fail"]
     undecided = [v["message"] for v in verdicts if v["verdict"] == "undecided"]
@@ -64,6 +66,8 @@ def run(ctx: StageContext) -> StageResult:
     for name, r in rob.items():
         section += [f"Robustness of `{name}` (seed {spec.robustness.seed}): clean vs perturbed on the same items; "
                     "consistency = the same answer on both:", "", *robust.markdown_table(r), ""]
+    if judged:
+        section += judging.markdown(judged) + ["Raw verdicts: `judge.jsonl`.", ""]
     if "identity" in scores[spec.stages[-1]]:
         section += _identity_answers(ctx.dir / "samples", spec.stages)
     gate_lines = [f"- FAILED {p}" for p in problems] + [f"- UNDECIDED {u}" for u in undecided]
@@ -81,7 +85,40 @@ def run(ctx: StageContext) -> StageResult:
     outputs = {"scores": ctx.dir / "scores.json", "chart": chart}
     if rob:
         outputs["robustness"] = ctx.dir / "robustness.json"
+    if judged:
+        outputs["judge"] = ctx.dir / "judge.jsonl"
+        metrics["judge"] = judged
     return StageResult(outputs=outputs, metrics=metrics)
+
+
+def _judge(ctx, spec, backend: str) -> dict[str, Any]:
+    """Both stages answer the judge's prompt set (greedy, chat template), then the judge compares them pairwise."""
+    import os
+
+    from llmstack.paths import SUITES_DIR
+
+    j = spec.judge
+    a, b = j.a or spec.stages[-1], j.b or spec.stages[0]
+    key = None
+    if j.api_key_env:
+        key = os.environ.get(j.api_key_env)
+        if not key:
+            raise ValueError(f"eval.judge.api_key_env names {j.api_key_env}, which is not set: export it with the "
+                             "judge's API key (or drop api_key_env for a judge without keys)")
+    prompts = judging.read_prompts(Path(j.prompts) if j.prompts else SUITES_DIR / "data" / "judge_prompts.jsonl",
+                                   j.limit)
+    answers = {}
+    for name in (a, b):
+        model, adapter = resolve_folder(_stage_model(ctx, name))
+        log.info("judge: %s answers %d prompts", name, len(prompts))
+        answers[name] = judging.generate_answers(Target(model=model, adapter=adapter, backend=backend,
+                                                        batch_size=spec.batch_size), prompts, j.max_tokens)
+    log.info("judge: %s at %s compares %s with %s", j.model, j.base_url, a, b)
+    result = judging.compare(prompts, answers[a], answers[b],
+                             judging.openai_judge(j.base_url, j.model, key, max_tokens=j.judge_max_tokens),
+                             names=(a, b), raw_path=ctx.dir / "judge.jsonl")
+    (ctx.dir / "judge.json").write_text(json.dumps(result.summary, indent=2))
+    return result.summary
 
 
 def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
