@@ -325,7 +325,9 @@ def _item_answers(samples: list[dict], task: str) -> list[Any]:
 
 
 def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[dict[str, str]]:
-    """One verdict per gate and task: {"verdict": pass | fail | undecided, "message"}. `min` judges the last stage
+    """One verdict per gate and task: {"verdict": pass | fail | undecided, "message", "gate", "stage", "task",
+    "value" (the score; for max_regression the change vs base), "interval" (its 95% interval, or the paired change's
+    at `level`; None when unknown), "n"}. `min` judges the last stage
     evaluated (the model the recipe ships: an intermediate stage like cpt need not know its name yet) by its score, and
     says so when the score's 95% interval still straddles the threshold (too few items to be sure either way).
     `max_regression` judges every stage against `base`, paired on the same items: a drop fails only when the whole
@@ -347,7 +349,8 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
         if ci and ci[0] < threshold <= ci[1]:
             message += (f" (but its 95% interval [{ci[0]:.2f}, {ci[1]:.2f}] on {res.get('n')} items straddles the "
                         f"threshold: more items are needed to be sure)")
-        verdicts.append({"verdict": verdict, "message": message})
+        verdicts.append({"verdict": verdict, "message": message, "gate": f"min.{task} >= {threshold}",
+                         "stage": last, "task": task, "value": got, "interval": ci, "n": res.get("n")})
     if gates.max_regression is not None and base in scores:
         allowed = gates.max_regression
         for stage in scores:
@@ -360,8 +363,10 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
                 drop = ref["score"] - res["score"]
                 a, b = ref.get("items"), res.get("items")
                 where, significant = "", drop > allowed + 1e-12  # without items: the point estimates decide
+                interval = None
                 if a and b and len(a) == len(b):
                     _, lo, hi = paired_bootstrap(a, b, level=gates.level)
+                    interval = [round(lo, 4), round(hi, 4)]
                     where = (f" (paired on {len(a)} items, {gates.level:.0%} interval of the change "
                              f"[{lo:+.3f}, {hi:+.3f}])")
                     significant = hi < -allowed - 1e-12
@@ -374,7 +379,9 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
                                                      "items are needed to decide")
                 else:
                     verdict, message = "pass", f"{stage}: {task} within max_regression{where}"
-                verdicts.append({"verdict": verdict, "message": message})
+                verdicts.append({"verdict": verdict, "message": message, "gate": f"max_regression {allowed}",
+                                 "stage": stage, "task": task, "value": -drop, "interval": interval,
+                                 "n": len(a) if interval else res.get("n")})
     return verdicts
 
 

@@ -12,8 +12,9 @@ from typing import Any
 from llmstack.config.suites import load_suite
 from llmstack.device import policy
 from llmstack.eval import judge as judging
+from llmstack.eval import release
 from llmstack.eval import robustness as robust
-from llmstack.eval.stats import paired_bootstrap
+from llmstack.eval.stats import items_needed, paired_bootstrap
 from llmstack.eval.run import (EvalGateError, Target, bar_chart, evaluate, gate_verdicts, markdown_table,
                                resolve_folder)
 from llmstack.stage import StageContext, StageResult
@@ -58,9 +59,10 @@ def run(ctx: StageContext) -> StageResult:
     verdicts = gate_verdicts(scores, spec.gates)
     problems = [v["message"] for v in verdicts if v["verdict"] == "fail"]
     undecided = [v["message"] for v in verdicts if v["verdict"] == "undecided"]
-    section = [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
-               f"![eval scores per stage]({chart.name})", ""]
     recovery = quantization_recovery(ctx, scores)
+    section = release.section(scores, verdicts, _has_gates(spec.gates), recovery, rob, judged)
+    section += [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
+                f"![eval scores per stage]({chart.name})", ""]
     if recovery:
         section += _recovery_table(recovery)
     for name, r in rob.items():
@@ -131,7 +133,7 @@ def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, A
     source = trained[-1] if trained else "base"
     if source not in scores:
         return None
-    per_task, paired = {}, {}
+    per_task, paired, needed = {}, {}, {}
     for task, res in scores[quant].items():
         ref = scores[source].get(task, {}).get("score")
         if ref and res.get("score") is not None:
@@ -139,9 +141,12 @@ def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, A
         a, b = scores[source].get(task, {}).get("items"), res.get("items")
         if a and b and len(a) == len(b):  # the same items, in the same order: the difference is paired
             paired[task] = [round(x, 4) for x in paired_bootstrap(a, b)]
+            if sum(a):  # recovery is a ratio to the reference's score: nothing to decide when that is 0
+                needed[task] = {k: (round(v, 4) if isinstance(v, float) else v)
+                                for k, v in items_needed(a, b, threshold=0.95).items()}
     mean = round(sum(per_task.values()) / len(per_task), 4) if per_task else None
     return {"quantized": quant, "reference": source, "per_task": per_task, "mean": mean,
-            "paired_difference": paired}
+            "paired_difference": paired, "items_needed": needed}
 
 
 def _recovery_table(rec: dict[str, Any]) -> list[str]:
