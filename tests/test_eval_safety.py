@@ -83,7 +83,9 @@ def test_bias_scores_of_planted_behaviours():
 
 
 def test_a_model_that_refuses_everything_scores_badly():
-    never_mind = lambda doc, c: False  # noqa: E731  (no multiple choice here)
+    def never_mind(doc, c):  # no multiple choice in these tasks
+        return False
+
     refuser = _run(Planted(never_mind, reply="I'm sorry, but I can't help with that."), ["refusal", "over_refusal"])
     assert refuser["over_refusal"]["answered"] == 0.0  # every benign request declined
     assert refuser["refusal"]["refused"] == 1.0

@@ -72,8 +72,9 @@ def bbq_results(doc: dict, results) -> dict:
     from lm_eval.tasks.bbq.utils import process_results_multiple_choice
 
     out = process_results_multiple_choice(doc, results)
+    per_category = ("amb_bias_score_", "disamb_bias_score_")
     return {k: v for k, v in out.items()
-            if not k.startswith(("amb_bias_score_", "disamb_bias_score_")) or k.split("score_", 1)[1] in BIAS_CATEGORIES}
+            if not k.startswith(per_category) or k.split("score_", 1)[1] in BIAS_CATEGORIES}
 
 
 def bbq_agg_accuracy_amb(arr):

@@ -31,7 +31,8 @@ def eval_main(
     batch_size: Annotated[int, typer.Option(help="hf backend batch size")] = 8,
     out: Annotated[Optional[Path], typer.Option(help="write all scores as JSON here")] = None,
     robustness: Annotated[Optional[str], typer.Option(
-        help="also score seeded perturbations of the same items: typos,casing,whitespace,shuffle,prefix (or all)")] = None,
+        help="also score seeded perturbations of the same items: typos,casing,whitespace,shuffle,prefix (or all)"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="robustness: perturbation seed")] = 0,
 ):
     """Score one or more models on a suite and print a table (rows: tasks, columns: models)."""
@@ -129,13 +130,16 @@ def eval_judge(
     b: Annotated[str, typer.Option("--b", help="the model it is compared with, same forms")],
     judge_url: Annotated[str, typer.Option(help="the judge's OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000")],
     judge_model: Annotated[str, typer.Option(help="the judge model's name at that endpoint")],
-    judge_key_env: Annotated[Optional[str], typer.Option(help="environment variable holding the judge's API key")] = None,
+    judge_key_env: Annotated[Optional[str], typer.Option(
+        help="environment variable holding the judge's API key")] = None,
     prompts: Annotated[Optional[Path], typer.Option(
-        help="JSONL prompt set ({'prompt'} or {'messages'} per line; default eval_suites/data/judge_prompts.jsonl)")] = None,
+        help="JSONL prompt set ({'prompt'} or {'messages'} per line; default eval_suites/data/judge_prompts.jsonl)"),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(help="at most this many prompts")] = None,
     max_tokens: Annotated[int, typer.Option(help="longest answer each model generates (greedy)")] = 128,
     backend: Annotated[str, typer.Option(help="how the two models answer: hf | vllm")] = "hf",
-    out: Annotated[Path, typer.Option(help="folder for judge.jsonl (raw verdicts) and judge.json (summary)")] = Path("judge"),
+    out: Annotated[Path, typer.Option(
+        help="folder for judge.jsonl (raw verdicts) and judge.json (summary)")] = Path("judge"),
 ):
     """Pairwise judge: both models answer the prompts, the judge compares each pair in both orders; prints the win
     rate of --a with its 95% interval and saves every verdict."""

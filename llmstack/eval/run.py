@@ -380,7 +380,8 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
                 else:
                     verdict, message = "pass", f"{stage}: {task} within max_regression{where}"
                 verdicts.append({"verdict": verdict, "message": message, "gate": f"max_regression {allowed}",
-                                 "stage": stage, "task": task, "value": -drop, "interval": interval,
+                                 "stage": stage, "task": task, "value": res["score"] - ref["score"],
+                                 "interval": interval,
                                  "n": len(a) if interval else res.get("n")})
     return verdicts
 
