@@ -168,8 +168,8 @@ def main() -> None:
         if task in parts:
             with Timer() as t:
                 res = evaluate(target, "safety", limit=args.limit, tasks=[task])[task]
-            extra = (f", amb_bias_score {res['all']['amb_bias_score,none']:.3f}, accuracy_disamb "
-                     f"{res['all']['accuracy_disamb,none']:.3f}") if task == "bias" else ""
+            extra = "".join(f", {k} {res['all'].get(k + ',none')}" for k in ("amb_bias_score", "accuracy_disamb")
+                            if task == "bias")  # None when the items hold no context of that kind
             print(f"\n{task} ({res['n']} items): {t}; {res['metric']} {res['score']:.3f}{extra}")
 
     if "judge" in parts:
