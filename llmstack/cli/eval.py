@@ -86,13 +86,18 @@ def eval_main(
 
 
 def _print_scores(scores: dict, suite: str) -> None:
-    table = Table(title=f"suite {suite}")
+    table = Table(title=f"suite {suite} (score [95% interval])")
     for col in ("task", "metric", "n", *scores):
         table.add_column(col, justify="right" if col in scores or col == "n" else "left")
     tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
     for task in tasks:
         first = next(s[task] for s in scores.values() if task in s)
-        vals = [("–" if s.get(task, {}).get("score") is None else f"{s[task]['score']:.3f}") for s in scores.values()]
+        vals = []
+        for s in scores.values():
+            r = s.get(task, {})
+            ci = r.get("ci95")
+            interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            vals.append("–" if r.get("score") is None else f"{r['score']:.3f}{interval}")
         table.add_row(task, first["metric"].replace(",none", ""), str(first["n"]), *vals)
     Console().print(table)
 
