@@ -140,7 +140,21 @@ def test_cli_judge_against_a_live_server(tiny_model, tiny_loras, judge_server, t
     assert res.exit_code == 1 and "401" in res.output and "Traceback" not in res.output
 
 
-def test_pipeline_stage_judges_two_stages(tiny_model, tiny_loras, judge_server, tmp_path, monkeypatch):
+def _chat_dataset(folder):
+    """A curated `messages` dataset as the curate stage saves it: train + held-out validation rows."""
+    from datasets import Dataset, DatasetDict
+
+    def rows(qs):
+        return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in qs]
+
+    DatasetDict({"train": Dataset.from_list(rows(["trained on"])),
+                 "validation": Dataset.from_list(rows(["Say hi.", "Name a colour.", "Count to 3."]))}
+                ).save_to_disk(str(folder))
+    return folder
+
+
+def test_pipeline_stage_judges_two_stages_on_held_out_rows(tiny_model, tiny_loras, judge_server, tmp_path,
+                                                          monkeypatch):
     from types import SimpleNamespace
 
     from llmstack.config.eval import EvalSpec
@@ -149,16 +163,23 @@ def test_pipeline_stage_judges_two_stages(tiny_model, tiny_loras, judge_server, 
     monkeypatch.setenv("TINY_JUDGE_KEY", "sk-judge-tiny")
     spec = EvalSpec(suite="smoke", stages=["base", "sft"], limit=1, tasks=["arc_easy"],
                     judge={"base_url": judge_server, "model": "tiny-judge", "api_key_env": "TINY_JUDGE_KEY",
-                           "prompts": str(_short_prompts(tmp_path)), "limit": 2, "max_tokens": 6})
+                           "dataset": "chat", "limit": 2, "max_tokens": 6})
     d = tmp_path / "eval"
     d.mkdir()
-    result = run(SimpleNamespace(dir=d, spec=spec, models={"base": tiny_model, "sft": tiny_loras[0]}, model=None,
-                                 datasets={}, name="eval"))
+    ctx = SimpleNamespace(dir=d, spec=spec, models={"base": tiny_model, "sft": tiny_loras[0]}, model=None,
+                          datasets={"chat": _chat_dataset(tmp_path / "chat")}, name="eval")
+    result = run(ctx)
     assert result.metrics["judge"]["a"] == "sft" and result.metrics["judge"]["b"] == "base"
     assert result.metrics["judge"]["judgements"] == 4
-    assert len((d / "judge.jsonl").read_text().splitlines()) == 4
+    rows = [json.loads(x) for x in (d / "judge.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Say hi.", "Say hi.", "Name a colour.", "Name a colour."]  # held-out only
     assert "win rate of `sft`" in (d / "section.md").read_text()
     with pytest.raises(ValueError, match="judge: compares two stages"):
         EvalSpec(stages=["base"], judge={"base_url": "http://x", "model": "m"})
     with pytest.raises(ValueError, match="judge.a: 'dpo' is not in eval.stages"):
         EvalSpec(stages=["base", "sft"], judge={"base_url": "http://x", "model": "m", "a": "dpo"})
+    with pytest.raises(ValueError, match="not both"):
+        EvalSpec(stages=["base", "sft"], judge={"base_url": "http://x", "model": "m", "prompts": "p", "dataset": "d"})
+    ctx.datasets = {}
+    with pytest.raises(ValueError, match="eval.judge.dataset: no curated dataset 'chat'"):
+        run(ctx)

@@ -44,11 +44,20 @@ class JudgeSpec(Strict):
                                     "(never the key itself in a recipe)")
     prompts: str | None = Field(None, description="JSONL prompt set, one {'prompt': ...} or {'messages': [...]} "
                                 "per line (None: the 24 general requests in eval_suites/data/judge_prompts.jsonl)")
+    dataset: str | None = Field(None, description="or: a curated `messages` dataset (data.datasets) whose held-out "
+                                "validation rows give the prompts (each row's last user turn)")
     limit: int | None = Field(None, gt=0, description="at most this many prompts")
     a: str | None = Field(None, description="the stage judged (None: the last of eval.stages)")
     b: str | None = Field(None, description="the stage it is compared with (None: the first of eval.stages)")
     max_tokens: int = Field(128, gt=0, description="longest answer each stage generates (greedy)")
     judge_max_tokens: int = Field(8, gt=0, description="longest judge reply (it is asked for one word)")
+
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self):
+        if self.prompts and self.dataset:
+            raise ValueError("give the judge's prompts as a file (prompts) or a curated dataset (dataset), not both")
+        return self
 
 
 class EvalSpec(Strict):

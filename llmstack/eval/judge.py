@@ -112,17 +112,30 @@ def compare(prompts: list[str], answers_a: list[str], answers_b: list[str], judg
 
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     """A JSONL prompt set: each line {"prompt": ...} or {"messages": [...]} (the last user turn is the prompt)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return prompts_from_rows(rows, limit, str(path))
+
+
+def held_out_prompts(folder: Path, limit: int | None = None) -> list[str]:
+    """The prompts of a curated dataset's held-out rows (its `validation` split, never trained on)."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(folder))
+    if "validation" not in ds or "messages" not in ds["validation"].column_names or not len(ds["validation"]):
+        raise ValueError(f"{folder}: the judge needs a `messages` dataset with held-out rows (a validation split; "
+                         "set validation_fraction > 0 in its data block)")
+    return prompts_from_rows(list(ds["validation"]), limit, str(folder))
+
+
+def prompts_from_rows(rows: list[dict], limit: int | None = None, where: str = "prompts") -> list[str]:
     out = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in rows:
         if "prompt" in row:
             out.append(str(row["prompt"]))
         elif "messages" in row:
             out.append(next(m["content"] for m in reversed(row["messages"]) if m.get("role") == "user"))
         else:
-            raise ValueError(f"{path}: each line needs 'prompt' or 'messages' (got keys {sorted(row)})")
+            raise ValueError(f"{where}: each line needs 'prompt' or 'messages' (got keys {sorted(row)})")
         if limit and len(out) >= limit:
             break
     return out

@@ -38,6 +38,9 @@ def run(ctx: StageContext) -> StageResult:
     spec = ctx.spec
     suite = load_suite(spec.suite)
     backend = policy().eval_backend if spec.backend == "auto" else spec.backend
+    if spec.judge and spec.judge.dataset and spec.judge.dataset not in ctx.datasets:  # before any model loads
+        raise ValueError(f"eval.judge.dataset: no curated dataset '{spec.judge.dataset}' in this run "
+                         f"(have: {', '.join(ctx.datasets) or 'none'})")
     scores: dict[str, dict[str, Any]] = {}
     rob: dict[str, dict[str, Any]] = {}
     for name in spec.stages:
@@ -107,8 +110,11 @@ def _judge(ctx, spec, backend: str) -> dict[str, Any]:
         if not key:
             raise ValueError(f"eval.judge.api_key_env names {j.api_key_env}, which is not set: export it with the "
                              "judge's API key (or drop api_key_env for a judge without keys)")
-    prompts = judging.read_prompts(Path(j.prompts) if j.prompts else SUITES_DIR / "data" / "judge_prompts.jsonl",
-                                   j.limit)
+    if j.dataset:
+        prompts = judging.held_out_prompts(ctx.datasets[j.dataset], j.limit)
+    else:
+        prompts = judging.read_prompts(Path(j.prompts) if j.prompts else SUITES_DIR / "data" / "judge_prompts.jsonl",
+                                       j.limit)
     answers = {}
     for name in (a, b):
         model, adapter = resolve_folder(_stage_model(ctx, name))
