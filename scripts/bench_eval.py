@@ -2,11 +2,23 @@
 
     .venv/bin/python scripts/bench_eval.py                         # SmolLM2-135M-Instruct, suite quick
     .venv/bin/python scripts/bench_eval.py --suite smoke --model /path/to/hf-folder
+    .venv/bin/python scripts/bench_eval.py --parts robustness,bias,over_refusal,judge     # the issue-19 parts
+    .venv/bin/python scripts/bench_eval.py --parts all --limit 4                          # a quick does-it-run check
 
 Prints: raw forward tokens/s and forward+backward tokens/s (batch 8 x 256 tokens, no_grad vs loss.backward()), the
 suite's wall and CPU seconds with lm-eval's hf backend, and the ratios. Use it to size `eval:` in a recipe: a suite
 that takes S seconds here takes about len(eval.stages) * S in the pipeline. On a shared machine wall time inflates;
 CPU seconds (all threads) inflate less.
+
+`--parts` picks what to time (comma-separated; default `throughput,suite`):
+    throughput    raw forward / forward+backward tokens/s
+    suite         the suite, lm-eval hf backend
+    robustness    the suite's arc_easy and refusal items under all five perturbations (clean scored once)
+    bias          the `bias` task (192 BBQ-style items, 12 options each)
+    over_refusal  the `over_refusal` task (40 chat generations)
+    judge         both models answer the judge prompt set, then the same model behind a live `llmstack serve`
+                  judges each pair in both orders (the model judging itself: a timing, not a verdict)
+`--limit N` caps the items (prompts for the judge) of every part.
 """
 
 from __future__ import annotations
@@ -39,29 +51,130 @@ def raw_throughput(model_dir: Path, batch: int = 8, length: int = 256, reps: int
     return fwd, fwd_bwd
 
 
+PARTS = ("throughput", "suite", "robustness", "bias", "over_refusal", "judge")
+
+
+class Timer:
+    def __enter__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+    def __str__(self) -> str:
+        return f"{self.wall:.0f} s wall, {self.cpu:.0f} s CPU"
+
+
+def bench_judge(model: Path, limit: int | None, batch_size: int) -> None:
+    """Answers from the model (twice, as stage a and stage b would), then the model behind `llmstack serve` judging."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+    import yaml
+
+    from llmstack.eval.judge import compare, generate_answers, openai_judge, read_prompts
+    from llmstack.eval.run import Target
+    from llmstack.paths import SUITES_DIR
+    from llmstack.serve.guard import hash_key
+
+    prompts = read_prompts(SUITES_DIR / "data" / "judge_prompts.jsonl", limit)
+    with Timer() as t:
+        answers = generate_answers(Target(model=model, batch_size=batch_size), prompts, max_tokens=128)
+    print(f"judge: one model answers {len(prompts)} prompts (<=128 tokens): {t}  (a run generates this twice)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        key = "sk-bench-judge"
+        (Path(tmp) / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "bench", "sha256": hash_key(key),
+                                                                       "models": ["*"]}]}))
+        (Path(tmp) / "server.yaml").write_text(yaml.safe_dump({"engine": "hf", "model": str(model), "port": port,
+                                                               "served_model_name": "judge", "keys": "keys.yaml"}))
+        proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(Path(tmp) / "server.yaml")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(600):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"llmstack serve exited with {proc.returncode}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            with Timer() as t:
+                # the answers against the same answers in another order: pairs of different texts, as two stages give
+                res = compare(prompts, answers, answers[1:] + answers[:1], openai_judge(f"http://127.0.0.1:{port}",
+                                                                                        "judge", key))
+            print(f"judge: {res.summary['judgements']} judgements over HTTP: {t} (server-side CPU not included); "
+                  f"{res.summary['unparsed']} unparsable replies")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="HF folder (default: packaged smollm2-135m-instruct)")
     ap.add_argument("--suite", default="quick")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--parts", default="throughput,suite", help=f"comma-separated: {', '.join(PARTS)}, or all")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many items (prompts) per part")
     args = ap.parse_args()
+    parts = PARTS if args.parts == "all" else tuple(args.parts.split(","))
+    if bad := [p for p in parts if p not in PARTS]:
+        ap.error(f"unknown part(s) {', '.join(bad)}")
 
     from llmstack.eval.run import Target, evaluate
     from llmstack.models import resolve
 
     model = Path(args.model) if args.model else resolve("smollm2-135m-instruct")
-    fwd, fwd_bwd = raw_throughput(model)
-    print(f"raw forward          {fwd:8.0f} tokens/s")
-    print(f"raw forward+backward {fwd_bwd:8.0f} tokens/s   (forward-only is {fwd / fwd_bwd:.1f}x faster per token)")
+    target = Target(model=model, batch_size=args.batch_size)
+    if "throughput" in parts:
+        fwd, fwd_bwd = raw_throughput(model)
+        print(f"raw forward          {fwd:8.0f} tokens/s")
+        print(f"raw forward+backward {fwd_bwd:8.0f} tokens/s   (forward-only is {fwd / fwd_bwd:.1f}x faster per token)")
 
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    scores = evaluate(Target(model=model, batch_size=args.batch_size), args.suite)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    print(f"\nsuite {args.suite} on {model.name}: {wall:.0f} s wall, {cpu:.0f} s CPU")
-    for task, res in scores.items():
-        print(f"  {task:14s} n={res['n']:4d}  {res['metric']:28s} {res['score']:.3f}")
-    print(f"\n{len(scores)} tasks, {sum(r['n'] for r in scores.values())} items; a recipe evaluating base + 3 stages "
-          f"needs about {4 * wall / 60:.1f} min of wall time at this machine's current load")
+    if "suite" in parts:
+        with Timer() as t:
+            scores = evaluate(target, args.suite, limit=args.limit)
+        print(f"\nsuite {args.suite} on {model.name}: {t}")
+        for task, res in scores.items():
+            print(f"  {task:14s} n={res['n']:4d}  {res['metric']:28s} {res['score']:.3f}")
+        print(f"\n{len(scores)} tasks, {sum(r['n'] for r in scores.values())} items; a recipe evaluating base + 3 "
+              f"stages needs about {4 * t.wall / 60:.1f} min of wall time at this machine's current load")
+
+    if "robustness" in parts:
+        from llmstack.eval.perturb import KINDS
+        from llmstack.eval.robustness import robustness
+
+        with Timer() as t:
+            rob = robustness(target, "quick", KINDS, limit=args.limit, tasks=["arc_easy", "refusal"])
+        print(f"\nrobustness (quick: arc_easy, refusal; {', '.join(KINDS)}): {t}")
+        for task, kinds in rob.items():
+            for kind, r in kinds.items():
+                print(f"  {task:10s} {kind:10s} n={r['n']:3d} clean {r['clean']:.3f} perturbed {r['perturbed']:.3f} "
+                      f"consistency {r['consistency']:.3f}")
+
+    for task in ("bias", "over_refusal"):
+        if task in parts:
+            with Timer() as t:
+                res = evaluate(target, "safety", limit=args.limit, tasks=[task])[task]
+            extra = "".join(f", {k} {res['all'].get(k + ',none')}" for k in ("amb_bias_score", "accuracy_disamb")
+                            if task == "bias")  # None when the items hold no context of that kind
+            print(f"\n{task} ({res['n']} items): {t}; {res['metric']} {res['score']:.3f}{extra}")
+
+    if "judge" in parts:
+        print()
+        bench_judge(model, args.limit, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ def test_cli_prints_a_table_and_fails_cleanly(tiny_model):
                                 "--tasks", "arc_easy,refusal"])
     assert res.exit_code == 0, res.output
     assert "arc_easy" in res.output and "tiny" in res.output and "refusal" in res.output
+    assert "[0.00, 0.79]" in res.output  # 0 of 1 item: every score with its 95% Wilson interval
     res = runner.invoke(app, ["eval", "--model", str(tiny_model), "--suite", "nope"])
     assert res.exit_code == 1 and "no eval suite 'nope'" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["eval", "--model", str(tiny_model), "--backend", "server"])

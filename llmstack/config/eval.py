@@ -25,6 +25,41 @@ class GateSpec(Strict):
         return self
 
 
+PERTURBATIONS = ("typos", "casing", "whitespace", "shuffle", "prefix")  # llmstack/eval/perturb.py
+
+
+class RobustnessSpec(Strict):
+    perturbations: list[Literal["typos", "casing", "whitespace", "shuffle", "prefix"]] = Field(
+        default_factory=lambda: list(PERTURBATIONS), min_length=1,
+        description="seeded perturbations scored against the clean items (llmstack/eval/perturb.py)")
+    seed: int = Field(0, description="the perturbations depend only on (seed, kind, item id)")
+    tasks: list[str] | None = Field(None, min_length=1, description="only these tasks (None: all the eval scores)")
+
+
+class JudgeSpec(Strict):
+    base_url: str = Field(..., min_length=1, description="the judge's OpenAI-compatible endpoint, e.g. "
+                          "https://api.openai.com/v1 or http://127.0.0.1:8000 (a `llmstack serve`)")
+    model: str = Field(..., min_length=1, description="the judge model's name at that endpoint")
+    api_key_env: str | None = Field(None, description="environment variable holding the judge's API key "
+                                    "(never the key itself in a recipe)")
+    prompts: str | None = Field(None, description="JSONL prompt set, one {'prompt': ...} or {'messages': [...]} "
+                                "per line (None: the 24 general requests in eval_suites/data/judge_prompts.jsonl)")
+    dataset: str | None = Field(None, description="or: a curated `messages` dataset (data.datasets) whose held-out "
+                                "validation rows give the prompts (each row's last user turn)")
+    limit: int | None = Field(None, gt=0, description="at most this many prompts")
+    a: str | None = Field(None, description="the stage judged (None: the last of eval.stages)")
+    b: str | None = Field(None, description="the stage it is compared with (None: the first of eval.stages)")
+    max_tokens: int = Field(128, gt=0, description="longest answer each stage generates (greedy)")
+    judge_max_tokens: int = Field(8, gt=0, description="longest judge reply (it is asked for one word)")
+
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self):
+        if self.prompts and self.dataset:
+            raise ValueError("give the judge's prompts as a file (prompts) or a curated dataset (dataset), not both")
+        return self
+
+
 class EvalSpec(Strict):
     suite: str = Field("smoke", description="a suite under eval_suites/suites/ (smoke, quick, core)")
     stages: list[str] = Field(default_factory=lambda: ["base"], min_length=1,
@@ -38,6 +73,8 @@ class EvalSpec(Strict):
     identity_name: str = Field("llmstack", min_length=1,
                                description="the name the `identity` task expects the tuned model to state")
     gates: GateSpec = Field(default_factory=GateSpec)
+    robustness: RobustnessSpec | None = Field(None, description="also score every stage on perturbed items")
+    judge: JudgeSpec | None = Field(None, description="pairwise judge of two stages' answers (llmstack/eval/judge.py)")
 
     @model_validator(mode="after")
     def _suite_and_gate_tasks_exist(self):
@@ -50,10 +87,22 @@ class EvalSpec(Strict):
         for task in self.tasks or []:
             if task not in tasks:
                 raise ValueError(f"tasks: suite '{self.suite}' has no task '{task}' (tasks: {', '.join(tasks)})")
+        for task in (self.robustness.tasks if self.robustness else None) or []:
+            if task not in (self.tasks or tasks):
+                raise ValueError(f"robustness.tasks: '{task}' is not among the tasks evaluated (tasks: "
+                                 f"{', '.join(self.tasks or tasks)})")
         for task in self.gates.min:
             if task not in (self.tasks or tasks):
                 raise ValueError(f"gates.min.{task}: suite '{self.suite}' has no task '{task}' (tasks: "
                                  f"{', '.join(tasks)})")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages lists a stage twice: {self.stages}")
+        if self.judge:
+            a, b = self.judge.a or self.stages[-1], self.judge.b or self.stages[0]
+            for key, stage in (("a", a), ("b", b)):
+                if stage not in self.stages:
+                    raise ValueError(f"judge.{key}: '{stage}' is not in eval.stages ({', '.join(self.stages)})")
+            if a == b:
+                raise ValueError(f"judge: compares two stages, but a and b are both '{a}' (list two stages in "
+                                 "eval.stages, or set judge.a / judge.b)")
         return self

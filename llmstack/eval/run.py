@@ -37,6 +37,8 @@ PRIMARY = {
     "gsm8k": "exact_match,strict-match",
     "identity": "named,none",
     "refusal": "acc,none",
+    "over_refusal": "answered,none",
+    "bias": "acc,none",  # its bias scores (amb_bias_score, ...) are in `all`; the release decision reports them
 }
 
 
@@ -224,15 +226,18 @@ def _clean(value: Any) -> Any:
 
 
 def evaluate(target: Target, suite: str | Suite, limit: int | None = None, identity_name: str = "llmstack",
-             samples_dir: Path | None = None, tasks: list[str] | None = None) -> dict[str, Any]:
-    """Score one target on a suite. Returns {task: {"score": primary, "metric": name, "n": items, "all": {...}}}."""
+             samples_dir: Path | None = None, tasks: list[str] | None = None, perturb: str | None = None,
+             perturb_seed: int = 0) -> dict[str, Any]:
+    """Score one target on a suite. Returns {task: {"score": primary, "metric": name, "n": items, "all": {...},
+    "ci95", "items": per-item scores, "answers": per-item answers}}. `perturb`: score the seeded-perturbed items
+    instead (llmstack/eval/perturb.py; the robustness suite)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     suite = load_suite(suite) if isinstance(suite, str) else suite
     ensure_prepared()
     manager = TaskManager(include_path=str(SUITES_DIR / "tasks"), include_defaults=False,
-                          metadata={"identity_name": identity_name})
+                          metadata={"identity_name": identity_name, "perturb": perturb, "perturb_seed": perturb_seed})
     wanted = [t for t in suite.tasks if tasks is None or t.name in tasks]
     unknown = sorted(set(tasks or []) - {t.name for t in suite.tasks})
     if unknown:
@@ -268,7 +273,7 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
                              # 95% Wilson interval of the primary metric (a proportion of items), and the items'
                              # own scores in doc order, for paired comparisons between stages
                              "ci95": [round(x, 4) for x in wilson(sum(items), len(items))] if items else None,
-                             "items": items}
+                             "items": items, "answers": _item_answers(out["samples"][task], task)}
             if samples_dir:
                 samples_dir.mkdir(parents=True, exist_ok=True)
                 with open(samples_dir / f"{task}.jsonl", "w") as f:
@@ -285,11 +290,44 @@ def _item_scores(samples: list[dict], primary: str) -> list[float]:
     return [v for _, v in rows]
 
 
+# What counts as "the same answer" on a generation task whose text always differs a little: the decision it is scored
+# on. Multiple choice: the option chosen; other generation tasks: the filtered (extracted) answer.
+ANSWER_METRIC = {"identity": "named", "refusal": "refused", "over_refusal": "answered"}
+
+
+def _item_answers(samples: list[dict], task: str) -> list[Any]:
+    """Per-item answers by doc id, comparable between a clean and a perturbed run of the same items: the chosen
+    option's index in the clean item's order (a shuffled item's `perm` maps it back), the decision a generation task
+    is scored on, or the extracted answer. Multiple choice picks as the primary metric does (acc: highest
+    loglikelihood; acc_norm: highest loglikelihood per character of the option)."""
+    metric, _, filt = PRIMARY.get(task, "acc,none").partition(",")
+    rows = []
+    for s in samples:
+        if s.get("filter") != filt:
+            continue
+        resps, doc = s["filtered_resps"], s["doc"]
+        if task in ANSWER_METRIC:
+            answer: Any = s.get(ANSWER_METRIC[task])
+        elif resps and isinstance(resps[0], (list, tuple)):  # multiple choice: (loglikelihood, is_greedy) per option
+            lls = [float(r[0]) for r in resps]
+            if metric == "acc_norm" and isinstance(doc.get("choices"), list):
+                lls = [ll / max(len(c), 1) for ll, c in zip(lls, doc["choices"])]
+            answer = max(range(len(lls)), key=lls.__getitem__)
+            if isinstance(doc.get("perm"), list):
+                answer = doc["perm"][answer]
+        else:
+            answer = str(resps[0]).strip() if resps else None
+        rows.append((s["doc_id"], answer))
+    return [a for _, a in sorted(rows, key=lambda r: r[0])]
+
+
 # ---------------------------------------------------------------- gates, table, chart
 
 
 def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[dict[str, str]]:
-    """One verdict per gate and task: {"verdict": pass | fail | undecided, "message"}. `min` judges the last stage
+    """One verdict per gate and task: {"verdict": pass | fail | undecided, "message", "gate", "stage", "task",
+    "value" (the score; for max_regression the change vs base), "interval" (its 95% interval, or the paired change's
+    at `level`; None when unknown), "n"}. `min` judges the last stage
     evaluated (the model the recipe ships: an intermediate stage like cpt need not know its name yet) by its score, and
     says so when the score's 95% interval still straddles the threshold (too few items to be sure either way).
     `max_regression` judges every stage against `base`, paired on the same items: a drop fails only when the whole
@@ -311,7 +349,8 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
         if ci and ci[0] < threshold <= ci[1]:
             message += (f" (but its 95% interval [{ci[0]:.2f}, {ci[1]:.2f}] on {res.get('n')} items straddles the "
                         f"threshold: more items are needed to be sure)")
-        verdicts.append({"verdict": verdict, "message": message})
+        verdicts.append({"verdict": verdict, "message": message, "gate": f"min.{task} >= {threshold}",
+                         "stage": last, "task": task, "value": got, "interval": ci, "n": res.get("n")})
     if gates.max_regression is not None and base in scores:
         allowed = gates.max_regression
         for stage in scores:
@@ -324,8 +363,10 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
                 drop = ref["score"] - res["score"]
                 a, b = ref.get("items"), res.get("items")
                 where, significant = "", drop > allowed + 1e-12  # without items: the point estimates decide
+                interval = None
                 if a and b and len(a) == len(b):
                     _, lo, hi = paired_bootstrap(a, b, level=gates.level)
+                    interval = [round(lo, 4), round(hi, 4)]
                     where = (f" (paired on {len(a)} items, {gates.level:.0%} interval of the change "
                              f"[{lo:+.3f}, {hi:+.3f}])")
                     significant = hi < -allowed - 1e-12
@@ -338,7 +379,10 @@ def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") 
                                                      "items are needed to decide")
                 else:
                     verdict, message = "pass", f"{stage}: {task} within max_regression{where}"
-                verdicts.append({"verdict": verdict, "message": message})
+                verdicts.append({"verdict": verdict, "message": message, "gate": f"max_regression {allowed}",
+                                 "stage": stage, "task": task, "value": res["score"] - ref["score"],
+                                 "interval": interval,
+                                 "n": len(a) if interval else res.get("n")})
     return verdicts
 
 

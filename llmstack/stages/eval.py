@@ -11,7 +11,10 @@ from typing import Any
 
 from llmstack.config.suites import load_suite
 from llmstack.device import policy
-from llmstack.eval.stats import paired_bootstrap
+from llmstack.eval import judge as judging
+from llmstack.eval import release
+from llmstack.eval import robustness as robust
+from llmstack.eval.stats import items_needed, paired_bootstrap
 from llmstack.eval.run import (EvalGateError, Target, bar_chart, evaluate, gate_verdicts, markdown_table,
                                resolve_folder)
 from llmstack.stage import StageContext, StageResult
@@ -35,23 +38,41 @@ def run(ctx: StageContext) -> StageResult:
     spec = ctx.spec
     suite = load_suite(spec.suite)
     backend = policy().eval_backend if spec.backend == "auto" else spec.backend
+    if spec.judge and spec.judge.dataset and spec.judge.dataset not in ctx.datasets:  # before any model loads
+        raise ValueError(f"eval.judge.dataset: no curated dataset '{spec.judge.dataset}' in this run "
+                         f"(have: {', '.join(ctx.datasets) or 'none'})")
     scores: dict[str, dict[str, Any]] = {}
+    rob: dict[str, dict[str, Any]] = {}
     for name in spec.stages:
         model, adapter = resolve_folder(_stage_model(ctx, name))
         log.info("eval %s on suite %s (%s)", name, suite.name, backend)
         target = Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size)
         scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
                                 samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
+        if spec.robustness:
+            r = spec.robustness
+            rob[name] = robust.robustness(target, suite, r.perturbations, seed=r.seed, limit=spec.limit,
+                                          tasks=r.tasks or spec.tasks, identity_name=spec.identity_name,
+                                          clean=scores[name], samples_dir=ctx.dir / "samples" / f"{name}-perturbed")
     (ctx.dir / "scores.json").write_text(json.dumps(scores, indent=2))
+    if rob:
+        (ctx.dir / "robustness.json").write_text(json.dumps(rob, indent=2))
     chart = bar_chart(scores, ctx.dir / "eval.png", title=f"suite {suite.name}")
+    judged = _judge(ctx, spec, backend) if spec.judge else None
     verdicts = gate_verdicts(scores, spec.gates)
     problems = [v["message"] for v in verdicts if v["verdict"] == "fail"]
     undecided = [v["message"] for v in verdicts if v["verdict"] == "undecided"]
-    section = [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
-               f"![eval scores per stage]({chart.name})", ""]
     recovery = quantization_recovery(ctx, scores)
+    section = release.section(scores, verdicts, _has_gates(spec.gates), recovery, rob, judged)
+    section += [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
+                f"![eval scores per stage]({chart.name})", ""]
     if recovery:
         section += _recovery_table(recovery)
+    for name, r in rob.items():
+        section += [f"Robustness of `{name}` (seed {spec.robustness.seed}): clean vs perturbed on the same items; "
+                    "consistency = the same answer on both:", "", *robust.markdown_table(r), ""]
+    if judged:
+        section += judging.markdown(judged) + ["Raw verdicts: `judge.jsonl`.", ""]
     if "identity" in scores[spec.stages[-1]]:
         section += _identity_answers(ctx.dir / "samples", spec.stages)
     gate_lines = [f"- FAILED {p}" for p in problems] + [f"- UNDECIDED {u}" for u in undecided]
@@ -66,7 +87,46 @@ def run(ctx: StageContext) -> StageResult:
         metrics["gates_undecided"] = undecided
     if recovery:
         metrics["recovery"] = recovery
-    return StageResult(outputs={"scores": ctx.dir / "scores.json", "chart": chart}, metrics=metrics)
+    outputs = {"scores": ctx.dir / "scores.json", "chart": chart}
+    if rob:
+        outputs["robustness"] = ctx.dir / "robustness.json"
+    if judged:
+        outputs["judge"] = ctx.dir / "judge.jsonl"
+        metrics["judge"] = judged
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+def _judge(ctx, spec, backend: str) -> dict[str, Any]:
+    """Both stages answer the judge's prompt set (greedy, chat template), then the judge compares them pairwise."""
+    import os
+
+    from llmstack.paths import SUITES_DIR
+
+    j = spec.judge
+    a, b = j.a or spec.stages[-1], j.b or spec.stages[0]
+    key = None
+    if j.api_key_env:
+        key = os.environ.get(j.api_key_env)
+        if not key:
+            raise ValueError(f"eval.judge.api_key_env names {j.api_key_env}, which is not set: export it with the "
+                             "judge's API key (or drop api_key_env for a judge without keys)")
+    if j.dataset:
+        prompts = judging.held_out_prompts(ctx.datasets[j.dataset], j.limit)
+    else:
+        prompts = judging.read_prompts(Path(j.prompts) if j.prompts else SUITES_DIR / "data" / "judge_prompts.jsonl",
+                                       j.limit)
+    answers = {}
+    for name in (a, b):
+        model, adapter = resolve_folder(_stage_model(ctx, name))
+        log.info("judge: %s answers %d prompts", name, len(prompts))
+        answers[name] = judging.generate_answers(Target(model=model, adapter=adapter, backend=backend,
+                                                        batch_size=spec.batch_size), prompts, j.max_tokens)
+    log.info("judge: %s at %s compares %s with %s", j.model, j.base_url, a, b)
+    result = judging.compare(prompts, answers[a], answers[b],
+                             judging.openai_judge(j.base_url, j.model, key, max_tokens=j.judge_max_tokens),
+                             names=(a, b), raw_path=ctx.dir / "judge.jsonl")
+    (ctx.dir / "judge.json").write_text(json.dumps(result.summary, indent=2))
+    return result.summary
 
 
 def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -79,7 +139,7 @@ def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, A
     source = trained[-1] if trained else "base"
     if source not in scores:
         return None
-    per_task, paired = {}, {}
+    per_task, paired, needed = {}, {}, {}
     for task, res in scores[quant].items():
         ref = scores[source].get(task, {}).get("score")
         if ref and res.get("score") is not None:
@@ -87,9 +147,12 @@ def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, A
         a, b = scores[source].get(task, {}).get("items"), res.get("items")
         if a and b and len(a) == len(b):  # the same items, in the same order: the difference is paired
             paired[task] = [round(x, 4) for x in paired_bootstrap(a, b)]
+            if sum(a):  # recovery is a ratio to the reference's score: nothing to decide when that is 0
+                needed[task] = {k: (round(v, 4) if isinstance(v, float) else v)
+                                for k, v in items_needed(a, b, threshold=0.95).items()}
     mean = round(sum(per_task.values()) / len(per_task), 4) if per_task else None
     return {"quantized": quant, "reference": source, "per_task": per_task, "mean": mean,
-            "paired_difference": paired}
+            "paired_difference": paired, "items_needed": needed}
 
 
 def _recovery_table(rec: dict[str, Any]) -> list[str]:
