@@ -49,5 +49,8 @@ want grpo && echo "== GRPO (issue 10): LoRA r=16 on the 1.1B, rule-based rewards
 want grpo && timeout 180 $PY scripts/gpu_stages.py grpo 2>&1 | grep "^|\|Error"
 
 want e2e && echo "== e2e (issue 16): curate -> sft full -> sft LoRA -> dpo -> int4 GPTQ -> eval -> serve (hf engine) -> report =="
-want e2e && { $PY -c "import llmcompressor, lm_eval" 2>/dev/null || echo "Error: e2e needs llm-compressor and lm-eval here: run scripts/fetch_e2e_wheels.sh and carry .whl"; }
+# the quantization interpreter: the GPU machine's own python (no vLLM there); the rehearsal's .venv-quant
+QPY=${LLMSTACK_QUANT_PYTHON:-$PY}; [ "${GPU_CHECK_DRY:-0}" = 1 ] && QPY=${LLMSTACK_QUANT_PYTHON:-.venv-quant/bin/python}
+want e2e && { { $PY -c "import lm_eval" && $QPY -c "import llmcompressor"; } 2>/dev/null \
+  || echo "Error: e2e needs lm-eval ($PY) and llm-compressor ($QPY): run scripts/fetch_e2e_wheels.sh here and carry .whl"; }
 want e2e && timeout 540 $PY scripts/gpu_stages.py e2e 2>&1 | grep "^|\|Error"
