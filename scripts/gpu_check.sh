@@ -37,7 +37,7 @@ want kernel && echo "== varlen attention kernel vs per-document SDPA (bf16, GQA 
 want kernel && timeout 120 $PY scripts/gpu_stages.py kernel 2>&1 | grep "^|\|Error"
 want sft && echo "== SFT full fine-tune, 1.1B, batch 8 x 2048 =="
 want sft && timeout 240 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE 2>&1 | grep -A6 "^model \|Error"
-want mfu && echo "== SFT full, 1.1B, batch 8 x 2048: the candidates for more MFU (bf16 weights; torch.compile) =="
+want mfu && echo "== SFT full, 1.1B, batch 8 x 2048: the candidates for more MFU (bf16 weights; torch.compile; bf16 weights at 2x micro-batch; Liger FLCE where installed) =="
 want mfu && timeout 420 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE --candidates 2>&1 | grep -A8 "^model \|Error"
 want lora && echo "== SFT LoRA r=16 all-linear, 1.1B, batch 8 x 2048 =="
 want lora && timeout 180 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE --lora 2>&1 | grep -A6 "^model \|Error"
