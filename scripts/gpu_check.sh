@@ -37,7 +37,7 @@ want kernel && echo "== varlen attention kernel vs per-document SDPA (bf16, GQA 
 want kernel && timeout 120 $PY scripts/gpu_stages.py kernel 2>&1 | grep "^|\|Error"
 want sft && echo "== SFT full fine-tune, 1.1B, batch 8 x 2048 =="
 want sft && timeout 240 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE 2>&1 | grep -A6 "^model \|Error"
-want mfu && echo "== SFT full, 1.1B, batch 8 x 2048: the candidates for more MFU (bf16 weights; torch.compile) =="
+want mfu && echo "== SFT full, 1.1B, batch 8 x 2048: the candidates for more MFU (bf16 weights; torch.compile; bf16 weights at 2x micro-batch; Liger FLCE where installed) =="
 want mfu && timeout 420 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE --candidates 2>&1 | grep -A8 "^model \|Error"
 want lora && echo "== SFT LoRA r=16 all-linear, 1.1B, batch 8 x 2048 =="
 want lora && timeout 180 $PY scripts/bench_train.py --model $MODEL --steps "$STEPS" $SIZE --lora 2>&1 | grep -A6 "^model \|Error"
@@ -49,5 +49,8 @@ want grpo && echo "== GRPO (issue 10): LoRA r=16 on the 1.1B, rule-based rewards
 want grpo && timeout 180 $PY scripts/gpu_stages.py grpo 2>&1 | grep "^|\|Error"
 
 want e2e && echo "== e2e (issue 16): curate -> sft full -> sft LoRA -> dpo -> int4 GPTQ -> eval -> serve (hf engine) -> report =="
-want e2e && { $PY -c "import llmcompressor, lm_eval" 2>/dev/null || echo "Error: e2e needs llm-compressor and lm-eval here: run scripts/fetch_e2e_wheels.sh and carry .whl"; }
+# the quantization interpreter: the GPU machine's own python (no vLLM there); the rehearsal's .venv-quant
+QPY=${LLMSTACK_QUANT_PYTHON:-$PY}; [ "${GPU_CHECK_DRY:-0}" = 1 ] && QPY=${LLMSTACK_QUANT_PYTHON:-.venv-quant/bin/python}
+want e2e && { { $PY -c "import lm_eval" && $QPY -c "import llmcompressor"; } 2>/dev/null \
+  || echo "Error: e2e needs lm-eval ($PY) and llm-compressor ($QPY): run scripts/fetch_e2e_wheels.sh here and carry .whl"; }
 want e2e && timeout 540 $PY scripts/gpu_stages.py e2e 2>&1 | grep "^|\|Error"

@@ -243,22 +243,56 @@ def check_sharding(trainer) -> None:
                            "two to the same number")
 
 
+def last_complete_checkpoint(folder: Path) -> tuple[Path | None, list[Path]]:
+    """(the newest checkpoint the trainer finished writing, the newer ones it did not). transformers writes
+    trainer_state.json last (after weights, optimizer and RNG state), so a process killed while saving (SIGKILL, OOM
+    killer, preemption) leaves a folder without it, which `get_last_checkpoint` would pick and fail to resume from."""
+    import re
+
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    found.sort(key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    partial = []
+    for ckpt in found:
+        if (ckpt / "trainer_state.json").exists():
+            return ckpt, partial
+        partial.append(ckpt)
+    return None, partial
+
+
+def _plain_cpu_device(args) -> None:
+    """Processes on the CPU launched together (gloo) get the device `cpu:0` from accelerate 1.15 (MULTI_CPU indexes
+    the device by local rank modulo torch.cpu.device_count()), and the Trainer resumes a multi-process run with
+    `torch.load(optimizer.pt, map_location=args.device)`, which torch 2.13 refuses for `cpu:0` ("don't know how to
+    restore data location ... tagged with cpu:0"): every killed 2-process CPU run failed to resume. `cpu` is the same
+    memory; the Trainer reads the device from this cached property."""
+    import torch
+
+    device = args.device
+    if device.type == "cpu" and device.index is not None:
+        args.__dict__["_setup_devices"] = torch.device("cpu")
+
+
 def resume_checkpoint(ctx, trainer) -> str | None:
     """The last checkpoint in the stage folder if it was written for these same inputs, else None (and stale
     checkpoints are removed, so a changed recipe never resumes from another run's state). The trainer's own
     resume restores model, optimizer, scheduler and RNG state and skips the batches already seen: same data order."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     check_sharding(trainer)
     identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
                             "datasets": {k: str(v) for k, v in ctx.datasets.items()}, "seed": ctx.recipe.seed})
     stamp = ctx.dir / "resume-inputs.sha256"
-    last = get_last_checkpoint(str(ctx.dir))
+    last, partial = last_complete_checkpoint(ctx.dir)
     fresh = bool(last) and stamp.exists() and stamp.read_text().strip() == identity
     trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 touches the folder
     if fresh:
+        if trainer.accelerator.is_main_process:
+            for cut in partial:  # a kill mid-save left it; the step is trained (and saved) again
+                log.info("removing %s: cut short by the kill (no trainer_state.json)", cut.name)
+                shutil.rmtree(cut, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()
+        _plain_cpu_device(trainer.args)
         log.info("resuming %s from %s", ctx.name, last)
-        return last
+        trainer.llmstack_resumed_from = int(last.name.split("-")[1])  # reported in the stage's metrics
+        return str(last)
     if trainer.accelerator.is_main_process:
         for old in ctx.dir.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -383,6 +417,8 @@ def metrics_from(trainer, train_output) -> dict[str, Any]:
         # what the processes really accumulated (under DeepSpeed: its config's value, which accelerate prefers)
         "gradient_accumulation_steps": trainer.accelerator.gradient_accumulation_steps,
     }
+    if getattr(trainer, "llmstack_resumed_from", None) is not None:
+        m["resumed_from_step"] = trainer.llmstack_resumed_from  # this run continued a killed or crashed one
     if trainer.is_fsdp_enabled:
         m["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
     for key in ("rewards/margins", "rewards/accuracies"):
