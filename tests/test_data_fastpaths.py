@@ -11,6 +11,8 @@ from collections import Counter
 from datatrove.data import Document
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 from datatrove.utils.text import simplify_text
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmstack.data.curate import _writer
 from llmstack.data.decontam import NGramIndex
@@ -162,9 +164,6 @@ def test_a_tokenizer_transformers_changes_is_not_read_raw(tmp_path, tiny_model):
 
 # ---------------------------------------------------------------- vectorised Gopher n-grams, signatures between passes
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 # tiny alphabets and word lengths, so glued n-grams collide across different word boundaries ("ab"+"c" = "a"+"bc")
 _WORD = st.text(alphabet="abc", min_size=1, max_size=3) | st.sampled_from(["é", "—", "ab", "🙂", "x'y"])
 
@@ -174,8 +173,13 @@ _WORD = st.text(alphabet="abc", min_size=1, max_size=3) | st.sampled_from(["é",
 def test_vectorised_ngram_checks_equal_the_string_walks(words):
     import numpy as np
 
-    from llmstack.data.gopher import (_starts, all_duplicate_chars, distinct_glued_sizes, top_duplicate_chars,
-                                      top_duplicate_chars_ids)
+    from llmstack.data.gopher import (
+        _starts,
+        all_duplicate_chars,
+        distinct_glued_sizes,
+        top_duplicate_chars,
+        top_duplicate_chars_ids,
+    )
 
     spaced, starts = " ".join(words), _starts(words, 1)
     vocab: dict[str, int] = {}

@@ -20,7 +20,6 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.text import DEF_TEXT_NORM_CONFIG, simplify_text
 
-
 # In ASCII text, removing diacritics (NFD, then drop combining marks) changes nothing, and it was most of the time
 # simplify_text took: skip that step there.
 _ASCII_TEXT = dataclasses.replace(DEF_TEXT_NORM_CONFIG, norm_unicode_diacritics=False)
@@ -135,7 +134,6 @@ class NearDedupFilter(BaseFilter):
         self._signer = DedupSignatures(num_perm, shingle_words)
 
     def filter(self, doc: Document):
-        import numpy as np
         from datasketch import LeanMinHash, MinHash, MinHashLSH
 
         if self._lsh is None:
