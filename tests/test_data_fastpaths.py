@@ -11,6 +11,8 @@ from collections import Counter
 from datatrove.data import Document
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 from datatrove.utils.text import simplify_text
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmstack.data.curate import _writer
 from llmstack.data.decontam import NGramIndex
@@ -158,3 +160,99 @@ def test_a_tokenizer_transformers_changes_is_not_read_raw(tmp_path, tiny_model):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
     assert load_text_encoder(str(folder)) is None  # its normaliser may be rebuilt by transformers: let it count
+
+
+# ---------------------------------------------------------------- vectorised Gopher n-grams, signatures between passes
+
+# tiny alphabets and word lengths, so glued n-grams collide across different word boundaries ("ab"+"c" = "a"+"bc")
+_WORD = st.text(alphabet="abc", min_size=1, max_size=3) | st.sampled_from(["é", "—", "ab", "🙂", "x'y"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_WORD, max_size=60))
+def test_vectorised_ngram_checks_equal_the_string_walks(words):
+    import numpy as np
+
+    from llmstack.data.gopher import (
+        _starts,
+        all_duplicate_chars,
+        distinct_glued_sizes,
+        top_duplicate_chars,
+        top_duplicate_chars_ids,
+    )
+
+    spaced, starts = " ".join(words), _starts(words, 1)
+    vocab: dict[str, int] = {}
+    ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
+    for n in (1, 2, 3, 4, 5):
+        assert top_duplicate_chars_ids(ids, len(vocab), words, starts, n) == top_duplicate_chars(spaced, starts, n)
+    glued, starts = "".join(words), _starts(words, 0)
+    for n in distinct_glued_sizes(glued, starts, range(1, 11)):
+        assert all_duplicate_chars(glued, starts, n) == 0, n  # "provably distinct" never hides a repeat
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_WORD | st.sampled_from(["the", "of", "state", "\n", "\n\n", "- ", "...", "#"]), max_size=120))
+def test_gopher_repetition_decides_like_datatrove_on_generated_texts(words):
+    text = " ".join(words)
+    doc = Document(text=text, id="x")
+    assert GopherRepetition(language=WORDS).filter(doc) == GopherRepetitionFilter(language=WORDS).filter(doc)
+
+
+def test_signatures_travel_between_passes_unchanged():
+    import numpy as np
+    from datasketch import LeanMinHash, MinHash
+
+    from llmstack.data.dedup import DedupSignatures, pack_signature, unpack_signature
+
+    signer = DedupSignatures(128, 5)
+    for text in texts(50, seed=6) + ["", "one"]:
+        values = signer.signature(text).hashvalues
+        line = json.loads(json.dumps({"minhash": pack_signature(values)}))
+        back = unpack_signature(line["minhash"])
+        assert back.dtype == values.dtype and np.array_equal(back, values)
+        assert np.array_equal(unpack_signature(values.tolist()), values)  # pass-1 files written before packing
+        scheme = MinHash(num_perm=128, seed=1).scheme
+        assert LeanMinHash(seed=1, hashvalues=back, scheme=scheme).jaccard(LeanMinHash(signer.signature(text))) == 1
+
+
+def test_a_tasks_repeats_skip_signatures_without_changing_dedup_decisions():
+    """With exact dedup on, a task signs only the first row of each normalised text it sees: the ordered pass drops
+    the repeats as exact duplicates before near dedup either way. Same decisions, reasons and written metadata."""
+    from llmstack.data.dedup import DedupSignatures, ExactDedupFilter, NearDedupFilter
+
+    rng = random.Random(7)
+    base = texts(60, seed=8)
+    rows = []
+    for i in range(400):
+        t = rng.choice(base)
+        mode = rng.randrange(4)
+        if mode == 1:
+            t = t.upper() + " 12"  # an exact duplicate after normalisation
+        elif mode == 2 and t:
+            w = t.split()
+            w[rng.randrange(len(w))] = "indeed"  # a near duplicate
+            t = " ".join(w)
+        rows.append(t)
+
+    def decisions(exact_skip: bool, tasks: int):
+        signed = []
+        for rank in range(tasks):  # pass 1 per task, round-robin as SourceReader splits rows
+            mine = [Document(text=t, id=str(i), metadata={"order": i}) for i, t in enumerate(rows) if i % tasks == rank]
+            signed += list(DedupSignatures(128, 5, near=True, exact=exact_skip).run(iter(mine), rank, tasks))
+        signed.sort(key=lambda d: d.metadata["order"])
+        exact, near = ExactDedupFilter(), NearDedupFilter(0.8, 128, 5)
+        out = []
+        for doc in signed:
+            doc = Document(text=doc.text, id=doc.id, metadata=json.loads(json.dumps(doc.metadata)))
+            verdict = exact.filter(doc)
+            if verdict is True:
+                verdict = near.filter(doc)
+            out.append((doc.id, verdict, json.dumps(doc.metadata, sort_keys=True)))
+        return out
+
+    for tasks in (1, 2, 3):
+        slow = decisions(False, tasks)
+        assert decisions(True, tasks) == slow
+        assert sum(v is not True and v[1] == "exact duplicate" for _, v, _ in slow) > 50
+        assert sum(v is not True and v[1].startswith("near") for _, v, _ in slow) > 5

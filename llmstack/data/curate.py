@@ -262,7 +262,8 @@ def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
         index = NGramIndex(eval_items, spec.decontaminate.n)
         steps.append(DecontaminationFilter(index, exclusion_writer=q("decontaminate")))
     if spec.dedup.exact or spec.dedup.near:
-        steps.append(DedupSignatures(spec.dedup.num_perm, spec.dedup.shingle_words, near=spec.dedup.near))
+        steps.append(DedupSignatures(spec.dedup.num_perm, spec.dedup.shingle_words, near=spec.dedup.near,
+                                     exact=spec.dedup.exact))
     steps.append(_writer(work / "pass1"))
     # Load models once here: forked workers inherit them instead of each loading their own.
     if preload and token_length is not None:
