@@ -1,6 +1,7 @@
 """The Gradio chat demo, tested as a person uses it: a real `llmstack serve` (transformers engine, tiny model + a LoRA
 adapter as a second model name), the demo app on 127.0.0.1, and Debian's chromium driven by Playwright. A screenshot
-of each step is saved under the test's output folder."""
+of each step is saved under the test's output folder. The demo's tools (calculator, clock) are tested on their own
+(hostile input), through the tool loop against an in-process server with a scripted engine, and in the browser."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import openai
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 
+from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+from llmstack.serve.app import build_app as build_server
 from llmstack.serve.guard import hash_key
+from llmstack.testing import ScriptedEngine
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "sk-llmstack-demo-test"
@@ -203,3 +209,134 @@ def test_chat_in_a_real_browser(server, tmp_path, request):
     finally:
         demo.close()
     assert (shots / "2-refusal.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------------ the demo's tools
+HOSTILE = ["9**9**9", "10**10**10**10", "2**100000", "(10**4000)*(10**4000)", "10.0**400", "1e999", "(-8)**0.5",
+           "__import__('os').system('id')", "().__class__.__mro__", "open('/etc/passwd')", "'a'*10**9", "[1]*10**9",
+           "x", "lambda: 1", "1 if 1 else 2", "True + 1", "1j * 2", "1 << 1000000", "1/0", "5 % 0", "-" * 99 + "1",
+           "(" * 120 + "1" + ")" * 120, "1+" * 150 + "1", "1" * 201, "", "   ", "1 +", "{}"]
+
+
+@pytest.mark.parametrize("expression", HOSTILE)
+def test_the_calculator_refuses_hostile_expressions_quickly(expression):
+    from llmstack.demo.tools import ToolError, calculate
+
+    t0 = time.perf_counter()
+    with pytest.raises(ToolError):
+        calculate(expression)
+    assert time.perf_counter() - t0 < 0.2, f"{expression[:30]!r} took {time.perf_counter() - t0:.2f} s"
+
+
+def test_the_calculator_does_arithmetic_and_the_tools_never_raise():
+    from llmstack.demo.tools import calculate, run_tool
+
+    assert [calculate(e) for e in ("17 * 23", "(2 + 3) ** 2 / 7", "7 // 2", "-7 % 3", "2 ** -2", "0.1 + 0.2",
+                                  "2 ** 64", "-(3)", "(-1) ** (10 ** 100)", "(" * 90 + "4" + ")" * 90)] == [
+        "391", "3.57142857143", "3", "2", "0.25", "0.3", "18446744073709551616", "-3", "1", "4"]
+    assert run_tool("calculator", '{"expression": "17 * 23"}') == (True, "391")
+    ok, now = run_tool("clock", "{}")
+    assert ok and now.endswith(")") and "UTC" in now
+    ok, paris = run_tool("clock", '{"timezone": "Europe/Paris"}')
+    assert ok and ("CET" in paris or "CEST" in paris)
+    for name, args in (("calculator", "{not json"), ("calculator", "[1, 2]"), ("calculator", '{"expr": "1"}'),
+                       ("calculator", '{"expression": 5}'), ("calculator", '{"expression": "9**9**9"}'),
+                       ("clock", '{"timezone": "../../etc/passwd"}'), ("clock", '{"timezone": "Mars/Olympus"}'),
+                       ("clock", '{"timezone": []}'), ("rm_rf", "{}"), ("calculator", "[" * 100_000)):
+        ok, result = run_tool(name, args)
+        assert not ok and result.startswith("error: "), (name, args, result)
+
+
+# --------------------------------------------------------------------- the tool loop, against a scripted server
+CALC_CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17 * 23"}}\n</tool_call>'
+
+
+class ScriptEngine(ScriptedEngine):
+    """Says the next of `texts` on each request (then "done."), keeping every prompt as ScriptedEngine does."""
+
+    def __init__(self, tokenizer, texts: list[str]):
+        super().__init__(tokenizer, texts[0], chunk=5, max_model_len=4096)
+        self.texts = list(texts)
+
+    async def generate(self, request_id, prompt_ids, params, model_name):
+        self.text = self.texts.pop(0) if self.texts else "done."
+        async for deltas in super().generate(request_id, prompt_ids, params, model_name):
+            yield deltas
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def scripted_backend(tokenizer, texts: list[str], tmp_path: Path):
+    from llmstack.demo.app import ChatBackend
+
+    engine = ScriptEngine(tokenizer, texts)
+    keys = KeyFile.model_validate({"keys": [{"id": "demo", "sha256": hash_key(KEY), "models": ["*"]}]})
+    policy = GuardPolicy.model_validate({"input": {"blocklist": [BLOCKED]}})
+    client = TestClient(build_server(engine, ServeSpec(engine="hf"), policy, keys,
+                                     audit_path=str(tmp_path / "audit.jsonl")))
+    backend = ChatBackend("http://testserver/v1", KEY)
+    backend.client = openai.OpenAI(api_key=KEY, base_url="http://testserver/v1", http_client=client, max_retries=0)
+    return engine, client, backend
+
+
+def test_the_tool_loop_runs_the_call_shows_it_and_sends_the_result_back(tokenizer, tmp_path):
+    engine, client, backend = scripted_backend(tokenizer, ["Let me compute.\n" + CALC_CALL, "17 * 23 is 391."],
+                                               tmp_path)
+    with client:
+        steps = list(backend.turn([], "What is 17 * 23?", "tiny", "", 0.0, 64, tools=True, tool_choice="auto"))
+        client.app.state.ref["server"].audit.flush()
+    final = steps[-1]
+    assert [(m.metadata.get("title"), m.content) for m in final] == [
+        (None, "Let me compute."),
+        ("🔧 calculator", '`calculator({"expression": "17 * 23"})`\n\n→ **391**'),
+        (None, "17 * 23 is 391.")]
+    assert any(m.metadata.get("status") == "pending" for s in steps for m in s)  # shown while it ran
+    assert len(engine.prompts) == 2
+    second = tokenizer.decode(engine.prompts[1])
+    assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17 * 23"}}\n</tool_call>' in second
+    assert "<tool_response>\n391\n</tool_response>" in second and "Let me compute." in second
+    audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(a["status"], a.get("tool_calls"), a.get("tool_choice")) for a in audit] == [
+        (200, ["calculator"], "auto"), (200, None, "auto")]
+
+
+def test_bad_arguments_go_back_as_an_error_and_the_rounds_are_capped(tokenizer, tmp_path):
+    from llmstack.demo.app import MAX_TOOL_ROUNDS
+
+    bad = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "9**9**9"}}\n</tool_call>'
+    forced = '{"name": "calculator", "arguments": {"expression": "9**9**9"}}'  # required: the call's JSON alone
+    engine, client, backend = scripted_backend(tokenizer, [forced] + [bad] * 10, tmp_path)
+    with client:
+        t0 = time.perf_counter()
+        final = list(backend.turn([], "What is 9**9**9?", "tiny", "", 0.0, 64, tools=True, tool_choice="required"))[-1]
+        assert time.perf_counter() - t0 < 30
+        client.app.state.ref["server"].audit.flush()
+    tool_msgs = [m for m in final if m.metadata.get("title")]
+    assert len(tool_msgs) == MAX_TOOL_ROUNDS
+    assert all(m.metadata["title"] == "🔧 calculator (error)" and "error: the exponent is too large" in m.content
+               for m in tool_msgs)
+    assert "<tool_response>\nerror: the exponent is too large\n</tool_response>" in tokenizer.decode(engine.prompts[1])
+    # the first request forced a call, the follow-ups let the model answer, the last one asked for text only
+    audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [a.get("tool_choice") for a in audit] == ["required"] + ["auto"] * (MAX_TOOL_ROUNDS - 1) + [None]
+    assert final[-1].content == bad  # tool_choice none: the server returns the model's text as text
+
+
+def test_history_with_tool_messages_and_refusals_still_work(tokenizer, tmp_path):
+    engine, client, backend = scripted_backend(tokenizer, ["It is noon."], tmp_path)
+    history = [{"role": "user", "content": "What is 17 * 23?"},
+               {"role": "assistant", "content": "Let me compute.", "metadata": None},
+               {"role": "assistant", "content": "`calculator(...)` → 391", "metadata": {"title": "🔧 calculator"}},
+               {"role": "assistant", "content": [{"type": "text", "text": "It is 391."}], "metadata": {}}]
+    with client:
+        final = list(backend.turn(history, "And the time?", "tiny", "", 0.0, 32, tools=True))[-1]
+        assert [m.content for m in final] == ["It is noon."]
+        prompt = tokenizer.decode(engine.prompts[0])
+        assert "Let me compute.\n\nIt is 391." in prompt and "→ 391" not in prompt
+        blocked = list(backend.turn([], f"say {BLOCKED}", "tiny", "", 0.0, 8, tools=True))
+        assert len(blocked) == 1 and blocked[0][0].content.startswith("**Blocked by the guard:**")
