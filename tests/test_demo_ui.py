@@ -5,6 +5,7 @@ of each step is saved under the test's output folder. The demo's tools (calculat
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -55,25 +56,37 @@ def adapter(tiny_loras) -> Path:
     return tiny_loras[0]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, adapter, tmp_path_factory):
-    d = tmp_path_factory.mktemp("server")
+def start_server(d: Path, model: Path, adapters: dict, max_model_len: int, guard: dict):
     port = free_port()
     (d / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "demo", "sha256": hash_key(KEY), "models": ["*"]}]}))
-    (d / "guard.yaml").write_text(yaml.safe_dump({"input": {"blocklist": [BLOCKED]}, "output": {"holdback_chars": 8}}))
+    (d / "guard.yaml").write_text(yaml.safe_dump(guard))
     (d / "server.yaml").write_text(yaml.safe_dump({
-        "engine": "hf", "model": str(tiny_model), "served_model_name": "tiny", "adapters": {"tiny-lora": str(adapter)},
-        "port": port, "max_model_len": 512, "keys": "keys.yaml", "guard": "guard.yaml", "audit_log": "audit.jsonl"}))
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-        yield {"base": f"http://127.0.0.1:{port}/v1", "audit": d / "audit.jsonl"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+        "engine": "hf", "model": str(model), "served_model_name": "tiny", "adapters": adapters,
+        "port": port, "max_model_len": max_model_len, "keys": "keys.yaml", "guard": "guard.yaml",
+        "audit_log": "audit.jsonl"}))
+    with open(d / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+            yield {"base": f"http://127.0.0.1:{port}/v1", "audit": d / "audit.jsonl"}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, adapter, tmp_path_factory):
+    yield from start_server(tmp_path_factory.mktemp("server"), tiny_model, {"tiny-lora": str(adapter)}, 512,
+                            {"input": {"blocklist": [BLOCKED]}, "output": {"holdback_chars": 8}})
+
+
+@pytest.fixture(scope="module")
+def tool_server(tiny_model, tmp_path_factory):
+    """Room for the tool specs in the prompt (~600 of the tiny tokenizer's tokens), and prompts in the audit log so
+    a test can see what the demo sent back."""
+    yield from start_server(tmp_path_factory.mktemp("tool-server"), tiny_model, {}, 2048,
+                            {"audit": {"log_prompts": True, "max_field_chars": 100_000}})
 
 
 def audit_after(path: Path, n: int, until=bool, timeout: float = 60) -> list[dict]:
@@ -114,7 +127,7 @@ def test_backend_streams_in_pieces_and_renders_refusals(server):
     models, err = backend.models()
     assert models == ["tiny", "tiny-lora"] and err is None
     parts = list(backend.stream([], "Hello there", "tiny", "", 1.0, 32))
-    assert len(parts) > 1 and all(b.startswith(a) for a, b in zip(parts, parts[1:]))  # it really streamed
+    assert len(parts) > 1 and all(b.startswith(a) for a, b in itertools.pairwise(parts))  # it really streamed
     blocked = list(backend.stream([], f"say {BLOCKED}", "tiny", "", 0.0, 8))
     assert len(blocked) == 1 and blocked[0].startswith("**Blocked by the guard:**")
     wrong = ChatBackend(server["base"], "sk-llmstack-wrong")
@@ -153,7 +166,13 @@ def test_backend_fits_a_long_conversation_into_the_context(server):
     assert len(server["audit"].read_text().splitlines()) - n0 <= 1
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (`make test` installs it)")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                    reason="needs Debian's chromium (`make test` installs it)")
+
+
+@needs_chromium
 def test_chat_in_a_real_browser(server, tmp_path, request):
     from playwright.sync_api import expect, sync_playwright
 
@@ -166,9 +185,7 @@ def test_chat_in_a_real_browser(server, tmp_path, request):
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/")
             n0 = settled_count(server["audit"])
@@ -340,3 +357,54 @@ def test_history_with_tool_messages_and_refusals_still_work(tokenizer, tmp_path)
         assert "Let me compute.\n\nIt is 391." in prompt and "→ 391" not in prompt
         blocked = list(backend.turn([], f"say {BLOCKED}", "tiny", "", 0.0, 8, tools=True))
         assert len(blocked) == 1 and blocked[0][0].content.startswith("**Blocked by the guard:**")
+
+
+@needs_chromium
+def test_a_tool_call_in_a_real_browser(tool_server, tmp_path):
+    """Tools on, tool choice `required` in Settings: the random model's call is forced (decoded under the tool's
+    schema), the demo runs it and shows the call and its result, and the follow-up request carries the result as a
+    `tool` message (the server's audit line holds the prompt it rendered)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from llmstack.demo.app import build_app
+
+    shots = Path(os.environ.get("LLMSTACK_TEST_OUTPUT", tmp_path)) / "demo"
+    shots.mkdir(parents=True, exist_ok=True)
+    audit = tool_server["audit"]
+    port = free_port()
+    demo = build_app(tool_server["base"], KEY, max_tokens=120)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            box = page.locator("#chat-input textarea")
+            expect(box).to_be_visible(timeout=30_000)
+            page.get_by_role("button", name="Settings ▼").click()
+            page.locator("#tools input[type='checkbox']").check()
+            page.locator("#tool-choice").get_by_text("required", exact=True).click()
+            n0 = settled_count(audit)
+            box.fill("What is 17 * 23?")
+            box.press("Enter")
+            title = page.locator("#chatbot").get_by_text("🔧", exact=False)
+            expect(title.first).to_be_visible(timeout=90_000)
+            # the answer after the tool result: the last bot message is not the tool message any more
+            entries = audit_after(audit, n0, until=lambda new: len([e for e in new if e["status"] == 200]) >= 2,
+                                  timeout=120)[n0:]
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(shots / "3-tool-call.png"), full_page=True)
+            chat_text = page.locator("#chatbot").inner_text()
+            browser.close()
+    finally:
+        demo.close()
+    first, follow = [e for e in entries if e["status"] == 200][:2]
+    assert first["tool_choice"] == "required" and first["tools_offered"] == 2, first
+    (name,) = first["tool_calls"]
+    assert name in ("calculator", "clock")
+    assert f"🔧 {name}" in chat_text and "→" in chat_text, chat_text
+    # the follow-up let the model answer (auto) and carried the call and its result, as the demo showed it
+    assert follow["tool_choice"] == "auto"
+    response = follow["prompt"].split("<tool_response>\n")[1].split("\n</tool_response>")[0]
+    assert response and response in chat_text, (response, chat_text)
+    assert f'"name": "{name}"' in follow["prompt"].split("<tool_call>")[-1]
