@@ -68,7 +68,7 @@ mlflow-server: $(MSTAMP)
 
 # Debian packages the tests use: a real redis-server (shared rate limits), chromium (the UI test), prometheus (promtool
 # checks and unit-tests serve/alerts.yaml).
-SYSTEM_DEPS := redis-server chromium prometheus
+SYSTEM_DEPS := redis-server chromium prometheus fonts-dejavu-core fonts-noto-color-emoji
 system-deps:
 	@missing=""; for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \

@@ -251,7 +251,7 @@ def test_the_calculator_does_arithmetic_and_the_tools_never_raise():
     assert [calculate(e) for e in ("17 * 23", "(2 + 3) ** 2 / 7", "7 // 2", "-7 % 3", "2 ** -2", "0.1 + 0.2",
                                   "2 ** 64", "-(3)", "(-1) ** (10 ** 100)", "(" * 90 + "4" + ")" * 90)] == [
         "391", "3.57142857143", "3", "2", "0.25", "0.3", "18446744073709551616", "-3", "1", "4"]
-    assert run_tool("calculator", '{"expression": "17 * 23"}') == (True, "391")
+    assert run_tool("calculator", '{"expression": " 17 * 23 "}') == (True, "17 * 23 = 391")
     ok, now = run_tool("clock", "{}")
     assert ok and now.endswith(")") and "UTC" in now
     ok, paris = run_tool("clock", '{"timezone": "Europe/Paris"}')
@@ -310,13 +310,13 @@ def test_the_tool_loop_runs_the_call_shows_it_and_sends_the_result_back(tokenize
     final = steps[-1]
     assert [(m.metadata.get("title"), m.content) for m in final] == [
         (None, "Let me compute."),
-        ("🔧 calculator", '`calculator({"expression": "17 * 23"})`\n\n→ **391**'),
+        ("🔧 calculator", '`calculator({"expression": "17 * 23"})`\n\n→ **17 * 23 = 391**'),
         (None, "17 * 23 is 391.")]
     assert any(m.metadata.get("status") == "pending" for s in steps for m in s)  # shown while it ran
     assert len(engine.prompts) == 2
     second = tokenizer.decode(engine.prompts[1])
     assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17 * 23"}}\n</tool_call>' in second
-    assert "<tool_response>\n391\n</tool_response>" in second and "Let me compute." in second
+    assert "<tool_response>\n17 * 23 = 391\n</tool_response>" in second and "Let me compute." in second
     audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [(a["status"], a.get("tool_calls"), a.get("tool_choice")) for a in audit] == [
         (200, ["calculator"], "auto"), (200, None, "auto")]

@@ -120,7 +120,7 @@ TOOL_SPECS = [
         "description": "Evaluate an arithmetic expression exactly, e.g. 17 * 23 or (2 + 3) ** 2 / 7.",
         "parameters": {"type": "object", "properties": {"expression": {
             "type": "string", "description": "numbers with + - * / // % ** and parentheses",
-            "pattern": r"^[0-9+\-*/%(). ]{1,80}$"}},
+            "pattern": r"^[-(0-9][0-9+\-*/%(). ]{0,79}$"}},
             "required": ["expression"], "additionalProperties": False}}},
     {"type": "function", "function": {
         "name": "clock",
@@ -130,7 +130,16 @@ TOOL_SPECS = [
             "pattern": r"^[A-Za-z_/+-]{1,40}$"}},
             "additionalProperties": False}}},
 ]
-_FUNCTIONS = {"calculator": lambda expression: calculate(expression),
+
+
+def _calculator(expression: str) -> str:
+    """The result with the expression it answers ("17 * 23 = 391"): a small model that restates the tool's result
+    then still says what was computed."""
+    value = calculate(expression)
+    return f"{expression.strip()} = {value}"
+
+
+_FUNCTIONS = {"calculator": _calculator,
               "clock": lambda timezone="UTC": clock(timezone)}
 
 
