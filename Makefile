@@ -67,7 +67,8 @@ mlflow-server: $(MSTAMP)
 	  --artifacts-destination $(MLFLOW_HOME)/artifacts
 
 # Debian packages the tests use: a real redis-server (shared rate limits), chromium (the UI test), prometheus (promtool
-# checks and unit-tests serve/alerts.yaml).
+# checks and unit-tests serve/alerts.yaml), fonts for every glyph the chat demo shows in chromium (DejaVu: arrows such
+# as ↻ and →; Noto Color Emoji: the 🔧 of tool calls).
 SYSTEM_DEPS := redis-server chromium prometheus fonts-dejavu-core fonts-noto-color-emoji
 system-deps:
 	@missing=""; for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
