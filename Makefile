@@ -91,8 +91,10 @@ mlflow-server: $(MSTAMP)
 	  --artifacts-destination $(MLFLOW_HOME)/artifacts
 
 # Debian packages the tests use: a real redis-server (shared rate limits and routes), chromium (the UI test), prometheus
-# (promtool checks and unit-tests serve/alerts.yaml), nginx (the load balancer in front of two replicas; ≈3 s to install).
-SYSTEM_DEPS := redis-server chromium prometheus nginx
+# (promtool checks and unit-tests serve/alerts.yaml), nginx (the load balancer in front of two replicas; ≈3 s to install),
+# fonts for every glyph the chat demo shows in chromium (DejaVu: arrows such as ↻ and →; Noto Color Emoji: the 🔧 of
+# tool calls).
+SYSTEM_DEPS := redis-server chromium prometheus nginx fonts-dejavu-core fonts-noto-color-emoji
 system-deps:
 	@missing=""; for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
