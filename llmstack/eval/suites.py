@@ -234,6 +234,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_task(task: str) -> list[dict]:
+    if task == "tool_calls":  # its own data (glaive rows from the llamafactory sdist), prepared on first use
+        from llmstack.eval.tool_calls import read_items
+
+        return read_items()
     path = data_dir() / f"{task}.jsonl"
     if task in REPO_TASK_DATA:
         path = SUITES_DIR / "data" / f"{task}.jsonl"
@@ -254,6 +258,10 @@ def ensure_prepared() -> Path:
 
 def item_text(task: str, doc: dict) -> str:
     """The text of one item as it could leak into training data: the question and its reference answer."""
+    if task == "tool_calls":
+        from llmstack.eval.tool_calls import item_text as tool_item_text
+
+        return tool_item_text(doc)
     if "contexts" in doc:  # winogrande
         return doc["sentence"]
     if "choices" in doc:
