@@ -170,8 +170,8 @@ def markdown(card: dict, has_png: bool) -> str:
         q = t["rows_quarantined"]
         keys = sorted({*t["tools_per_row"], *t["calls_per_row"]}, key=int)
         out += ["", "## Tool calls (kept rows)", "",
-                (f"{t['rows']} rows offer tools, {t['rows_with_calls']} make calls ({t['calls']} calls to "
-                 f"{t['distinct_functions_called']} distinct functions); every kept call names a declared function "
+                (f"{t['rows_with_tools']} of {t['rows']} rows offer tools, {t['rows_with_calls']} make calls "
+                 f"({t['calls']} calls to {t['distinct_functions_called']} distinct functions); every kept call names a declared function "
                  f"and its arguments pass that function's JSON Schema ({t['arguments_valid']}/{t['calls']} valid)."),
                 "", (f"Quarantined for their calls or tools: unknown function {q['unknown_function']} · arguments "
                      f"not JSON {q['arguments_not_json']} · arguments off-schema {q['arguments_off_schema']} · "

@@ -328,7 +328,8 @@ class ToolStats:
                    for label, prefix in (("unknown_function", UNKNOWN_FUNCTION), ("arguments_not_json", BAD_JSON),
                                          ("arguments_off_schema", BAD_ARGUMENTS), ("malformed_tools", BAD_TOOLS))}
         calls = sum(self.functions.values())
-        return {"rows": self.rows, "rows_with_calls": self.rows - self.calls_per_row.get(0, 0),
+        return {"rows": self.rows, "rows_with_tools": self.rows - self.tools_per_row.get(0, 0),
+                "rows_with_calls": self.rows - self.calls_per_row.get(0, 0),
                 "tools_per_row": {str(k): v for k, v in sorted(self.tools_per_row.items())},
                 "calls_per_row": {str(k): v for k, v in sorted(self.calls_per_row.items())},
                 "calls": calls, "distinct_functions_called": len(self.functions),

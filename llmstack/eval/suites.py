@@ -175,6 +175,8 @@ BUILDERS = {
 }
 # Ours, kept in the repo (small, hand-written): copied into the cache so every task reads from one place.
 REPO_TASK_DATA = ["identity", "refusal"]
+# Prepared on first use from their own source and scored by llmstack, not lm-eval (llmstack/eval/tool_calls.py).
+IN_PROCESS_TASKS = ["tool_calls"]
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -234,7 +236,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_task(task: str) -> list[dict]:
-    if task == "tool_calls":  # its own data (glaive rows from the llamafactory sdist), prepared on first use
+    if task in IN_PROCESS_TASKS:  # its own data (glaive rows, llamafactory sdist), prepared on first use
         from llmstack.eval.tool_calls import read_items
 
         return read_items()
