@@ -17,6 +17,7 @@ SMOLLM2_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -99,7 +100,7 @@ def test_sft_stage_on_tools_learns_and_saves_the_tool_template(tmp_path, smollm_
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
     saved = AutoTokenizer.from_pretrained(res.model)
     assert T.supports_tools(saved.chat_template)
-    assert saved.chat_template == T.tool_template("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    assert saved.chat_template == T.tool_template(SMOLLM2_SYSTEM)
     # plain chats still render as the model's own template did
     conv = [{"role": "user", "content": "Hi"}]
     assert saved.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == \

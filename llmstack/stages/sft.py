@@ -40,8 +40,8 @@ def run(ctx: StageContext) -> StageResult:
     elif args.assistant_only_loss:
         tokenizer.chat_template = common.training_chat_template(tokenizer)
     first = data["train"][0]
-    common.check_single_bos(tokenizer, tokenizer.apply_chat_template(first["messages"], tools=first.get("tools") or None,
-                                                                     tokenize=False))
+    rendered = tokenizer.apply_chat_template(first["messages"], tools=first.get("tools") or None, tokenize=False)
+    common.check_single_bos(tokenizer, rendered)
     model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora,
                               attention=common.packed_attention(args))
 
