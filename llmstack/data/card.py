@@ -43,7 +43,7 @@ def _quarantined(quarantine: Path, step: str) -> list[dict]:
 def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_in: Counter, kept_by_source: Counter,
                rows_in: int, dropped: Counter, sizes: dict[str, int], lengths, cleaning: Counter, content_hash: str,
                dataset_dir: Path, quarantine_dir: Path, index, eval_suites: list[str], tokenizer: Path | None,
-               seed: int, card_dir: Path) -> dict:
+               seed: int, card_dir: Path, tools: dict | None = None) -> dict:
     by_step: dict[str, dict[str, int]] = {}
     for (step, reason), n in sorted(dropped.items()):
         by_step.setdefault(step, {})[reason] = n
@@ -95,6 +95,8 @@ def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_
         "filters": spec.filters.model_dump(mode="json"),
         "samples": samples,
     }
+    if tools is not None:
+        card["tools"] = tools
     card_dir.mkdir(parents=True, exist_ok=True)
     (card_dir / f"{name}.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
     if lengths:
@@ -163,6 +165,23 @@ def markdown(card: dict, has_png: bool) -> str:
             out.append(f"Eval items shorter than {x['n']} words cannot be matched by n-grams: {short}.")
         for m in x["matches"][:50]:
             out.append(f"- `{m['row']}` matched {m['task']} item `{m['item']}`")
+    if card.get("tools"):
+        t = card["tools"]
+        q = t["rows_quarantined"]
+        keys = sorted({*t["tools_per_row"], *t["calls_per_row"]}, key=int)
+        out += ["", "## Tool calls (kept rows)", "",
+                (f"{t['rows_with_tools']} of {t['rows']} rows offer tools, {t['rows_with_calls']} make calls "
+                 f"({t['calls']} calls to {t['distinct_functions_called']} distinct functions); every kept call names a declared function "
+                 f"and its arguments pass that function's JSON Schema ({t['arguments_valid']}/{t['calls']} valid)."),
+                "", (f"Quarantined for their calls or tools: unknown function {q['unknown_function']} · arguments "
+                     f"not JSON {q['arguments_not_json']} · arguments off-schema {q['arguments_off_schema']} · "
+                     f"malformed tools {q['malformed_tools']}"), "",
+                "| how many per row | " + " | ".join(keys) + " |"]
+        out += ["|---|" + "---:|" * len(keys),
+                "| tools offered | " + " | ".join(str(t["tools_per_row"].get(k, 0)) for k in keys) + " |",
+                "| calls made | " + " | ".join(str(t["calls_per_row"].get(k, 0)) for k in keys) + " |"]
+        if t["top_functions"]:
+            out += ["", "Most called: " + ", ".join(f"`{k}` {v}" for k, v in t["top_functions"].items())]
     out += ["", "## Sample rows (train)", ""]
     for s in card["samples"]:
         out += ["```json", json.dumps(s, indent=1, ensure_ascii=False), "```"]

@@ -33,7 +33,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers import JsonlWriter
 
 from llmstack.config.data import DatasetSpec, ExecutorSpec
-from llmstack.data.formats import BadRow, flat_text, to_row
+from llmstack.data.formats import BadRow, flat_text, has_tools, to_row
 from llmstack.data.sources import BadRecord, FetchedSource, describe, fetch_source, iter_records
 
 log = logging.getLogger("llmstack")
@@ -310,9 +310,13 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
         shutil.rmtree(d, ignore_errors=True)
     # ---- mixing and split, streamed: memory stays flat however many rows were kept
     kept_files = _read_jsonl(work / "kept")
-    per_source_kept = Counter(d["metadata"]["source"] for p in kept_files for d in _docs(p))
+    per_source_kept, tool_rows = Counter(), False
+    for d in (d for p in kept_files for d in _docs(p)):
+        per_source_kept[d["metadata"]["source"]] += 1
+        tool_rows = tool_rows or has_tools(d["metadata"]["row"])
     plan = mix_plan(per_source_kept, spec, seed)
-    feats = features(spec.schema_)
+    feats = features(spec.schema_, tools=tool_rows)
+    tool_stats = ToolStats() if tool_rows else None
     lengths, kept_by_source, cleaning = array("l"), Counter(), Counter()
     seen: Counter = Counter()
     with _writer(quarantine / "mixing") as unused, open(work / "selected.jsonl", "w") as selected:
@@ -324,7 +328,9 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
                     **d["metadata"], "filter_reason": "mixing: not sampled (max_rows cap)"}))
                 continue
             row = d["metadata"]["row"]
-            selected.write(json.dumps({k: row[k] for k in feats}, ensure_ascii=False) + "\n")
+            selected.write(json.dumps({k: row.get(k, []) for k in feats}, ensure_ascii=False) + "\n")
+            if tool_stats is not None:
+                tool_stats.add(row)
             lengths.append(d["metadata"].get("n_tokens", 0))
             kept_by_source[src] += 1
             cleaning.update(d["metadata"].get("cleaned", {}))
@@ -350,7 +356,8 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
                       kept_by_source=kept_by_source, rows_in=rows_in, dropped=dropped, sizes=sizes,
                       lengths=lengths, cleaning=cleaning, content_hash=content_hash, dataset_dir=out,
                       quarantine_dir=quarantine, index=index, eval_suites=eval_suites or [], tokenizer=tokenizer,
-                      seed=seed, card_dir=stage_dir / "cards")
+                      seed=seed, card_dir=stage_dir / "cards",
+                      tools=tool_stats.summary(dropped) if tool_stats is not None else None)
 
 
 def quarantine_counts(quarantine: Path) -> Counter:
@@ -391,10 +398,48 @@ def mix_plan(per_source: Counter, spec: DatasetSpec, seed: int) -> dict[str, set
     return {s: set(rng.sample(range(per_source.get(s, 0)), quota[s])) for s in quota}
 
 
-def features(schema: str):
-    from datasets import Features, List, Value
+class ToolStats:
+    """What the card says about a tool dataset's kept rows: tools offered and calls made per row, the functions
+    called, and argument validity (every kept call passed its JSON Schema; the failures are in quarantine)."""
+
+    def __init__(self):
+        self.rows = 0
+        self.tools_per_row: Counter = Counter()
+        self.calls_per_row: Counter = Counter()
+        self.functions: Counter = Counter()
+
+    def add(self, row: dict) -> None:
+        self.rows += 1
+        calls = [c["function"]["name"] for m in row["messages"] for c in m.get("tool_calls") or []]
+        self.tools_per_row[len(row.get("tools") or [])] += 1
+        self.calls_per_row[len(calls)] += 1
+        self.functions.update(calls)
+
+    def summary(self, dropped: Counter) -> dict:
+        from llmstack.data.formats import BAD_ARGUMENTS, BAD_JSON, BAD_TOOLS, UNKNOWN_FUNCTION
+
+        invalid = {label: sum(n for (_, reason), n in dropped.items() if reason.startswith(prefix))
+                   for label, prefix in (("unknown_function", UNKNOWN_FUNCTION), ("arguments_not_json", BAD_JSON),
+                                         ("arguments_off_schema", BAD_ARGUMENTS), ("malformed_tools", BAD_TOOLS))}
+        calls = sum(self.functions.values())
+        return {"rows": self.rows, "rows_with_tools": self.rows - self.tools_per_row.get(0, 0),
+                "rows_with_calls": self.rows - self.calls_per_row.get(0, 0),
+                "tools_per_row": {str(k): v for k, v in sorted(self.tools_per_row.items())},
+                "calls_per_row": {str(k): v for k, v in sorted(self.calls_per_row.items())},
+                "calls": calls, "distinct_functions_called": len(self.functions),
+                "top_functions": dict(self.functions.most_common(10)),
+                # kept calls were all checked against their tool's JSON Schema when the row was read
+                "arguments_valid": calls, "rows_quarantined": invalid}
+
+
+def features(schema: str, tools: bool = False):
+    """The saved columns. Tool conversations keep each message and tool spec as JSON (datasets' `Json` feature):
+    call arguments and schemas are free-form objects that Arrow structs would widen with nulls."""
+    from datasets import Features, Json, List, Value
 
     turn = {"role": Value("string"), "content": Value("string")}
+    if schema == "messages" and tools:
+        return Features({"messages": List(Json()), "tools": List(Json())})
     if schema == "messages":
         return Features({"messages": List(turn)})
     if schema == "preference":

@@ -101,7 +101,7 @@ class NonEmptyFilter(BaseFilter):
             return False, "empty: no text"
         row = doc.metadata["row"]
         answers = row.get("messages", [])[-1:] + row.get("chosen", []) + row.get("rejected", [])
-        if any(not m["content"].strip() for m in answers):
+        if any(not m["content"].strip() and not m.get("tool_calls") for m in answers):  # a call is an answer
             return False, "empty: an assistant answer is blank"
         return True
 
@@ -179,6 +179,11 @@ class TokenLengthFilter(BaseFilter):
         convs = [row["messages"]] if "messages" in row else [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
         if not tmpl:
             return ["\n".join(m["content"] for m in c) for c in convs]
+        if "tools" in row:  # as training renders it: tool specs in the system turn, calls in the Hermes format
+            from llmstack.tools import template_for
+
+            return [self.tok.apply_chat_template(c, tools=row["tools"] or None, tokenize=False,
+                                                 chat_template=template_for(self.tok)) for c in convs]
         return [self.tok.apply_chat_template(c, tokenize=False) for c in convs]
 
     def preload(self, chat_rows: bool) -> None:

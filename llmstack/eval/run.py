@@ -39,6 +39,7 @@ PRIMARY = {
     "refusal": "acc,none",
     "over_refusal": "answered,none",
     "bias": "acc,none",  # its bias scores (amb_bias_score, ...) are in `all`; the release decision reports them
+    "tool_calls": "name_acc",  # scored in-process, not by lm-eval (llmstack/eval/tool_calls.py)
 }
 
 
@@ -244,9 +245,14 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
         raise ValueError(f"suite {suite.name} has no task(s) {', '.join(unknown)} "
                          f"(tasks: {', '.join(t.name for t in suite.tasks)})")
     results: dict[str, Any] = {}
+    from llmstack.eval import tool_calls
+
+    for spec in (t for t in wanted if t.name == tool_calls.TASK):  # lm-eval cannot pass `tools` to the template
+        results[spec.name] = tool_calls.evaluate_target(
+            target, min(x for x in (spec.n, limit, len(read_task(spec.name))) if x), samples_dir)
     lm = None
     for chat in (False, True):
-        group = [t for t in wanted if t.chat == chat]
+        group = [t for t in wanted if t.chat == chat and t.name != tool_calls.TASK]
         if not group:
             continue
         # A suite's task without its own size takes all its items: cap the limit there too (lm-eval rejects more).

@@ -176,6 +176,8 @@ BUILDERS = {
 }
 # Ours, kept in the repo (small, hand-written): copied into the cache so every task reads from one place.
 REPO_TASK_DATA = ["identity", "refusal", "over_refusal", "bias"]
+# Prepared on first use from their own source and scored by llmstack, not lm-eval (llmstack/eval/tool_calls.py).
+IN_PROCESS_TASKS = ["tool_calls"]
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -235,6 +237,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_task(task: str) -> list[dict]:
+    if task in IN_PROCESS_TASKS:  # its own data (glaive rows, llamafactory sdist), prepared on first use
+        from llmstack.eval.tool_calls import read_items
+
+        return read_items()
     path = data_dir() / f"{task}.jsonl"
     if task in REPO_TASK_DATA:
         path = SUITES_DIR / "data" / f"{task}.jsonl"
@@ -255,6 +261,10 @@ def ensure_prepared() -> Path:
 
 def item_text(task: str, doc: dict) -> str:
     """The text of one item as it could leak into training data: the question and its reference answer."""
+    if task == "tool_calls":
+        from llmstack.eval.tool_calls import item_text as tool_item_text
+
+        return tool_item_text(doc)
     if "contexts" in doc:  # winogrande
         return doc["sentence"]
     if "choices" in doc:

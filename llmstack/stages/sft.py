@@ -4,6 +4,9 @@ Loss on assistant tokens only (TRL's `assistant_only_loss`, which needs {% gener
 a ChatML template without them is given an equivalent marked one for training, and the ORIGINAL is saved with the
 model), sequences packed best-fit-decreasing with per-document attention (TRL's `bfd` packing: position_ids restart
 at each document and transformers builds a block-diagonal mask from them), full / LoRA / QLoRA.
+
+A dataset with a `tools` column (tool-call conversations) trains with the tool-aware template (llmstack.tools) and
+saves THAT template with the model: its calls are assistant text, so assistant-only loss trains on them.
 """
 
 from __future__ import annotations
@@ -29,10 +32,16 @@ def run(ctx: StageContext) -> StageResult:
     args = common.trainer_config(ctx, {**SFT_DEFAULTS, **common.liger_defaults()})
     tokenizer = common.load_tokenizer(ctx.model)
     original_template = tokenizer.chat_template
-    if args.assistant_only_loss:
-        tokenizer.chat_template = common.training_chat_template(tokenizer)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
-    common.check_single_bos(tokenizer, tokenizer.apply_chat_template(data["train"][0]["messages"], tokenize=False))
+    if "tools" in data["train"].column_names:
+        # Tool conversations (curation's `tools` column, which TRL's SFTTrainer passes to apply_chat_template): train
+        # with the tool template and save it with the model, so the served model renders tools as it was trained.
+        tokenizer.chat_template = original_template = common.tool_chat_template(tokenizer, args.assistant_only_loss)
+    elif args.assistant_only_loss:
+        tokenizer.chat_template = common.training_chat_template(tokenizer)
+    first = data["train"][0]
+    rendered = tokenizer.apply_chat_template(first["messages"], tools=first.get("tools") or None, tokenize=False)
+    common.check_single_bos(tokenizer, rendered)
     model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora,
                               attention=common.packed_attention(args))
 

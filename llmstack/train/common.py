@@ -209,6 +209,40 @@ def training_chat_template(tokenizer) -> str:
     return marked
 
 
+def tool_chat_template(tokenizer, assistant_only_loss: bool) -> str:
+    """The template to train a tool dataset with AND to save with the model, so serving renders tools exactly as
+    training did: the model's own when it renders tools, else llmstack's tool template (TRL's Qwen2.5 training
+    template with the model's own system line, llmstack.tools). TRL renders one tool conversation to confirm (its
+    `supports_tool_calling`); a template that renders tools but lacks {% generation %} markers gets TRL's training
+    variant of it when assistant-only loss is on."""
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+        supports_tool_calling,
+    )
+
+    from llmstack import tools
+
+    original = tokenizer.chat_template
+    tokenizer.chat_template = tools.template_for(tokenizer)
+    try:
+        if not supports_tool_calling(tokenizer):
+            raise ChatTemplateError("the dataset has tool calls, but the model's chat template does not render them "
+                                    "(TRL's supports_tool_calling): use a model whose template renders `tools` and "
+                                    "`tool_calls`, or a dataset without tools")
+        template = tokenizer.chat_template
+        if assistant_only_loss and not has_generation_markers(template):
+            try:
+                template = get_training_chat_template(tokenizer) or template
+            except ValueError:
+                raise ChatTemplateError("the model's tool-calling chat template has no {% generation %} markers and "
+                                        "TRL has no training variant of it; set `args.assistant_only_loss: false` "
+                                        "for this stage") from None
+        return template
+    finally:
+        tokenizer.chat_template = original
+
+
 def check_single_bos(tokenizer, text: str) -> None:
     """A chat template that writes BOS plus a tokenizer that adds one gives <bos><bos>: a silent quality loss."""
     bos = tokenizer.bos_token_id
@@ -320,8 +354,8 @@ def in_launched_process() -> bool:
 
 def launch(ctx):
     """Run this stage under `accelerate launch` with the stage's config; rank 0 leaves result.json for us."""
-    from llmstack.stage import StageResult
     from llmstack.config.train import launch_config_path
+    from llmstack.stage import StageResult
 
     result_file = ctx.dir / "result.json"
     result_file.unlink(missing_ok=True)
