@@ -1,12 +1,13 @@
 """The tool_calls eval task: items are held-out glaive conversations with a reference call; an answer scores on the
-function name, exact arguments and schema validity; any "answer one item" callable can be scored (the live-server
-path plugs in there); the in-process answerer renders with the tool template and parses with llmstack.tools."""
+function name, exact arguments and schema validity; any "answer one item" callable can be scored: in-process (the
+tool template, llmstack.tools' parser; `required` constrained by xgrammar) or a live server with the official client."""
 
 import json
 
 import pytest
 
 from llmstack.eval import tool_calls as TC
+from tests.test_eval_run import tiny_server  # noqa: F401 - the live server fixture
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"},
@@ -76,11 +77,42 @@ def test_hf_answerer_renders_tools_and_parses_what_it_generates(tiny_model):
     assert TC.score_answer(ITEM, got)["called"] in (0.0, 1.0)
 
 
-def test_the_server_backend_is_refused_until_the_api_takes_tools():
+# A random model wanders inside free strings; an enum and a boolean end, so forced calls finish within the budget.
+UNIT = {"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["C", "F"]}, "loud": {"type": "boolean"}},
+    "required": ["unit", "loud"], "additionalProperties": False}}}
+NOW = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {},
+                                                                      "additionalProperties": False}}}
+FORCED = {"id": "f", "messages": [{"role": "user", "content": "Switch to Fahrenheit, loudly."}],
+          "tools": [UNIT, NOW], "call": {"name": "set_unit", "arguments": {"unit": "F", "loud": True}}}
+
+
+def test_required_in_process_forces_a_schema_valid_call_from_an_untrained_model(tiny_model):
+    answer, warm = TC.hf_answerer(tiny_model, max_new_tokens=60, tool_choice="required")
+    warm([FORCED, {**FORCED, "id": "g", "tools": [UNIT]}])  # one batch, a grammar per row
+    for tools in ([UNIT, NOW], [UNIT]):
+        got = answer(FORCED["messages"], tools)
+        s = TC.score_answer({**FORCED, "tools": tools}, got)
+        assert s["called"] == 1.0 and s["schema_valid"] == 1.0, got
+
+
+def test_live_server_scoring_with_the_official_client(tiny_server):
+    """The server backend: the official client against a live llmstack server, auto and required; a forced call is
+    constrained by the server, so even the tiny random model's call is schema-valid."""
     from llmstack.eval.run import Target
 
-    with pytest.raises(ValueError, match="cannot be scored through a server yet"):
-        TC.evaluate_target(Target(backend="server", base_url="http://127.0.0.1:1"), n=1)
+    target = Target(backend="server", base_url=tiny_server, served_name="tiny", api_key="sk-eval-tiny",
+                    tool_choice="required")
+    res = TC.score([FORCED], TC.server_answerer(target, max_new_tokens=60))
+    assert res["n"] == 1 and res["all"]["called"] == 1.0 and res["all"]["schema_valid"] == 1.0
+    auto = TC.server_answerer(Target(backend="server", base_url=tiny_server, served_name="tiny",
+                                     api_key="sk-eval-tiny"), max_new_tokens=8)(FORCED["messages"], FORCED["tools"])
+    assert set(auto) >= {"content", "calls"} and all(c["name"] in ("set_unit", "now") for c in auto["calls"])
+    bad = TC.server_answerer(target)(FORCED["messages"], [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "no-such-type"}}}])  # refused by the server: an item without a call
+    assert bad["calls"] == [] and "not a valid JSON Schema" in bad["error"]
+    with pytest.raises(ValueError, match="tool_choice must be auto or required"):
+        TC.evaluate_target(Target(backend="server", base_url=tiny_server, tool_choice="any"), n=1)
 
 
 def test_held_out_items_come_from_the_pinned_sdist():

@@ -34,6 +34,8 @@ def eval_main(
         help="also score seeded perturbations of the same items: typos,casing,whitespace,shuffle,prefix (or all)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="robustness: perturbation seed")] = 0,
+    tool_choice: Annotated[str, typer.Option(help="tool_calls task: auto | required (a forced, schema-constrained "
+                                                  "call)")] = "auto",
 ):
     """Score one or more models on a suite and print a table (rows: tasks, columns: models)."""
     if ctx.invoked_subcommand is not None:
@@ -44,6 +46,8 @@ def eval_main(
         fail("give a model: --model PATH (or --backend server --base-url URL)")
     if limit is not None and limit <= 0:
         fail("--limit must be > 0")
+    if tool_choice not in ("auto", "required"):
+        fail(f"--tool-choice must be auto or required, not '{tool_choice}'")
     try:
         the_suite = load_suite(suite)
     except EvalDataError as exc:
@@ -64,7 +68,7 @@ def eval_main(
         except (ModelSourceError, ValueError) as exc:
             fail(str(exc))
         target = Target(model=folder, adapter=adapter or adapter_dir, backend=backend, base_url=base_url,
-                        served_name=served_name, api_key=api_key, batch_size=batch_size)
+                        served_name=served_name, api_key=api_key, batch_size=batch_size, tool_choice=tool_choice)
         label = label or (Path(src).name if src else (served_name or "server"))
         try:
             scores[label] = evaluate(target, the_suite, limit=limit, identity_name=identity_name,

@@ -70,6 +70,9 @@ class EvalSpec(Strict):
         "auto", description="lm-eval model type used in the pipeline; auto: the device policy's (vllm on a GPU when "
                             "installed, else hf on the run's device)")
     batch_size: int = Field(8, gt=0, description="lm-eval batch size for the hf backend")
+    tool_choice: Literal["auto", "required"] = Field(
+        "auto", description="the tool_calls task: auto (the model decides whether to call) or required (a call is "
+                            "forced, decoded under the tools' JSON Schema)")
     identity_name: str = Field("llmstack", min_length=1,
                                description="the name the `identity` task expects the tuned model to state")
     gates: GateSpec = Field(default_factory=GateSpec)

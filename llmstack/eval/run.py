@@ -58,6 +58,7 @@ class Target:
     served_name: str | None = None  # server: the `model` field of requests
     api_key: str | None = None
     batch_size: int = 8
+    tool_choice: str = "auto"  # the tool_calls task: auto (the model decides) or required (a forced, constrained call)
 
 
 def resolve_folder(folder: Path) -> tuple[Path, Path | None]:

@@ -13,20 +13,14 @@ training set are skipped). Per item:
     called         the answer makes a call at all
 
 Scoring is not lm-eval's: its chat-template path cannot pass `tools` to the template. `score(items, answer)` takes a
-callable that answers one item; `hf_answerer` generates in-process with the model's tool template
-(llmstack.tools.template_for, the same rendering training used) and reads calls back with llmstack.tools.parse_calls.
-
-LIVE SERVER (not wired yet): once llmstack's API accepts `tools` (the serving work on main), score through it with
-the official client by passing an answerer like
-
-    def answer(messages, tools):
-        r = client.chat.completions.create(model=name, messages=messages, tools=tools, temperature=0, max_tokens=128)
-        m = r.choices[0].message
-        return {"content": m.content, "calls": [{"name": c.function.name, "arguments": c.function.arguments}
-                                                for c in m.tool_calls or []]}
-
-(arguments may stay JSON text: `score` parses them and counts text that is not a JSON object as invalid), and
-route `Target(backend="server")` to it in `evaluate_target`. Until then that backend is refused with a clear error.
+callable that answers one item:
+- `hf_answerer` generates in-process with the model's tool template (llmstack.tools.template_for, the rendering
+  training used) and reads calls back with llmstack.tools.parse_calls;
+- `server_answerer` asks a live `llmstack serve` (or any OpenAI-compatible server) with the official `openai` client,
+  `tools` and `tool_choice` in the request, and reads `message.tool_calls`.
+`tool_choice` (Target.tool_choice, `eval.tool_choice`, `llmstack eval --tool-choice`): `auto` lets the model decide
+whether to call; `required` forces a call decoded under the tools' JSON Schema (the server's structured outputs, or
+xgrammar in-process), which measures whether the model picks the right function and arguments when it must call one.
 """
 
 from __future__ import annotations
@@ -203,10 +197,13 @@ def score(items: list[dict], answer: Answerer, samples: Path | None = None) -> d
 
 
 def hf_answerer(model_dir: Path, adapter: Path | None = None, batch_size: int = 8,
-                max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[Answerer, Callable[[list[dict]], None]]:
+                max_new_tokens: int = MAX_NEW_TOKENS, tool_choice: str = "auto",
+                ) -> tuple[Answerer, Callable[[list[dict]], None]]:
     """Greedy answers from a model folder (+ LoRA adapter) with transformers, rendered with the model's tool
     template. Returns (answer one item, warm a batch): `warm(items)` generates a whole batch at once (left padding)
-    and `answer` then reads from that cache, so scoring stays one call per item without losing batching."""
+    and `answer` then reads from that cache, so scoring stays one call per item without losing batching.
+    `tool_choice="required"`: each answer is decoded under its item's call schema (one grammar per row: xgrammar's
+    transformers logits processor, the backend the API's hf engine and vLLM use)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -233,8 +230,12 @@ def hf_answerer(model_dir: Path, adapter: Path | None = None, batch_size: int = 
         prompts = [tok.apply_chat_template(m, tools=t or None, chat_template=template, tokenize=False,
                                            add_generation_prompt=True) for m, t in batch]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        extra = {}
+        if tool_choice == "required":
+            extra["logits_processor"] = [_grammars(tok, model.config.vocab_size, [t for _, t in batch])]
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 **extra)
         for (m, t), ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
             cache[key(m, t)] = tok.decode(ids, skip_special_tokens=True)
 
@@ -247,22 +248,61 @@ def hf_answerer(model_dir: Path, adapter: Path | None = None, batch_size: int = 
         if key(messages, tools) not in cache:
             generate([(messages, tools)])
         text = cache[key(messages, tools)]
+        if tool_choice == "required":
+            calls = T.parse_forced(text, many=False) or []
+            return {"content": None if calls else text, "calls": calls, "text": text}
         content, calls = T.parse_calls(text)
         return {"content": content, "calls": calls, "text": text}
 
     return answer, warm
 
 
+def _grammars(tok, vocab_size: int, tool_lists: list[list[dict]]):
+    """One compiled call grammar per row of a batch (rows offer different tools)."""
+    import xgrammar as xgr
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size))
+    return LogitsProcessor([compiler.compile_json_schema(json.dumps(T.call_schema(tools)), any_whitespace=False)
+                            for tools in tool_lists])
+
+
+def server_answerer(target, max_new_tokens: int = MAX_NEW_TOKENS) -> Answerer:
+    """Answers from a live OpenAI-compatible server (`llmstack serve`) with the official client: the item's messages
+    and tools, `tool_choice` as the target asks, greedy. A request the server refuses (e.g. a tool spec it rejects) is
+    an item without a call, its error kept in the sample."""
+    import openai
+
+    client = openai.OpenAI(base_url=target.base_url.rstrip("/") + "/v1", api_key=target.api_key or "none",
+                           max_retries=2, timeout=600)
+
+    def answer(messages: list[dict], tools: list[dict]) -> Answer:
+        try:
+            r = client.chat.completions.create(model=target.served_name, messages=messages, tools=tools,
+                                               tool_choice=target.tool_choice, temperature=0,
+                                               max_tokens=max_new_tokens,
+                                               parallel_tool_calls=False)  # the reference is one call
+        except openai.BadRequestError as exc:
+            log.warning("tool_calls: the server refused an item: %s", exc.message)
+            return {"content": None, "calls": [], "error": exc.message}
+        m = r.choices[0].message
+        return {"content": m.content, "calls": [{"name": c.function.name, "arguments": c.function.arguments}
+                                                for c in m.tool_calls or []]}
+
+    return answer
+
+
 def evaluate_target(target, n: int | None, samples_dir: Path | None = None) -> dict[str, Any]:
     """Score a llmstack.eval.run.Target (in-process backends) on the first `n` items."""
-    if target.backend == "server":
-        raise ValueError("the tool_calls task cannot be scored through a server yet: llmstack's API does not accept "
-                         "`tools` on this branch; score it in-process (backend hf) or pass a live-server answerer "
-                         "to llmstack.eval.tool_calls.score (see its module doc)")
+    if target.tool_choice not in ("auto", "required"):
+        raise ValueError(f"tool_choice must be auto or required, not '{target.tool_choice}'")
     items = read_items()[:n] if n else read_items()
-    # vllm backend: transformers generates here too (vLLM's offline LLM.chat would need the same tool template)
-    answer, warm = hf_answerer(target.model, target.adapter, batch_size=target.batch_size)
-    warm(items)
+    if target.backend == "server":
+        answer = server_answerer(target)
+    else:  # vllm backend: transformers generates here too (vLLM's offline LLM.chat would need the same template)
+        answer, warm = hf_answerer(target.model, target.adapter, batch_size=target.batch_size,
+                                   tool_choice=target.tool_choice)
+        warm(items)
     return score(items, answer, samples_dir / f"{TASK}.jsonl" if samples_dir else None)
 
 

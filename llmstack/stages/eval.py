@@ -46,7 +46,8 @@ def run(ctx: StageContext) -> StageResult:
     for name in spec.stages:
         model, adapter = resolve_folder(_stage_model(ctx, name))
         log.info("eval %s on suite %s (%s)", name, suite.name, backend)
-        target = Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size)
+        target = Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size,
+                        tool_choice=spec.tool_choice)
         scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
                                 samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
         if spec.robustness:
