@@ -21,6 +21,12 @@ Each run is a fresh subprocess; wall and CPU seconds cover the pipeline call (im
 the run's process and its workers; peak memory is the proportional set size (PSS) summed over its process tree,
 sampled every 50 ms. The sha256 over the sorted hashes of the kept texts must be equal on every run of a size.
 
+Re-measured 2026-12-01 after the per-document cuts below (Gopher n-grams from word ids, no MinHash for a task's own
+exact repeats, packed signatures), default sizes, quiet box (load 0.4-1.4), two runs, kept docs equal throughout.
+Between 8,000 and 32,000 docs: ours 2.24x / 2.20x the baseline on one task, 3.61x / 2.62x on two (the second run's
+2-task CPU was 55.5 s vs 45.6 s: the two workers contending, so >= 3x on two tasks is not established); at 32,000 docs
+overall 2.23x / 2.19x and 3.35x / 2.78x; peak memory 648-671 MiB vs the baseline's ~900, flat for 4x the docs.
+
 Measured 2026-11-27 on the 2-core dev box with nothing else of ours running (load average ~1.5: the box is shared),
 after language id was compiled (llmstack/data/langid.py). Default sizes, one run (kept docs checked equal):
 
