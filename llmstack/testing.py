@@ -84,6 +84,32 @@ def build_tiny_model(out: str | Path, seed: int = 0, hidden_size: int = 128, lay
     return out
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (tests and benchmarks start servers on it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120, proc=None) -> None:
+    """Wait until `url` answers any HTTP status; fail early if `proc` (the server being waited for) exits."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
 def stop_process_group(proc, timeout: float = 60) -> None:
     """Stop a server started with `start_new_session=True` and everything it spawned (vLLM's engine core, uvicorn
     workers): SIGTERM to the group so it can drain, SIGKILL if it has not exited within `timeout` seconds."""

@@ -79,6 +79,7 @@ def bench_judge(model: Path, limit: int | None, batch_size: int) -> None:
     from llmstack.eval.run import Target
     from llmstack.paths import SUITES_DIR
     from llmstack.serve.guard import hash_key
+    from llmstack.testing import free_port
 
     prompts = read_prompts(SUITES_DIR / "data" / "judge_prompts.jsonl", limit)
     with Timer() as t:
@@ -111,14 +112,6 @@ def bench_judge(model: Path, limit: int | None, batch_size: int) -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

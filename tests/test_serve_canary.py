@@ -111,7 +111,7 @@ def test_route_cli_rollback_against_a_live_server(tiny_model, tiny_loras, tmp_pa
 
     import yaml
 
-    from tests.test_demo_ui import free_port, wait_http
+    from llmstack.testing import free_port, wait_http
 
     port = free_port()
     (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [k.model_dump() for k in KEYS.keys]}))
