@@ -8,6 +8,7 @@ kernels happy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -108,6 +109,41 @@ def wait_http(url: str, timeout: float = 120, proc=None) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(url)
+
+
+@contextlib.contextmanager
+def local_ray_cluster(cpus: int, pythonpath: str):
+    """A Ray head on 127.0.0.1 (`ray start --head`, `cpus` CPUs) for tests and benchmarks: yields (address, process
+    group of its daemons), stops them after. `pythonpath`: where the workers find llmstack (they unpickle its steps)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must stay under 107 bytes
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    # its own session: the head's daemons (gcs_server, raylet, workers) stay in this process group, stopped below
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", str(cpus),
+                             "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
+                             "--disable-usage-stats", "--temp-dir", temp], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = head.communicate(timeout=120)
+    try:
+        if head.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{out}")
+        yield f"127.0.0.1:{port}", head.pid
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(3)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def stop_process_group(proc, timeout: float = 60) -> None:

@@ -130,8 +130,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -394,30 +392,11 @@ def ray_cluster(address: str | None, cpus: int):
     if address:
         yield address, 0
         return
-    import socket
+    from llmstack.testing import local_ray_cluster
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", str(cpus),
-                             "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
-                             "--disable-usage-stats", "--temp-dir", temp], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL)
-    try:
-        if head.wait(120) != 0:
-            raise SystemExit("ray start failed")
-        print(f"ray: a local cluster of {cpus} CPUs on 127.0.0.1:{port}", flush=True)
-        yield f"127.0.0.1:{port}", head.pid
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(3)
-        shutil.rmtree(temp, ignore_errors=True)
+    with local_ray_cluster(cpus, f"{REPO}:{os.environ.get('PYTHONPATH', '')}") as (head, pid):
+        print(f"ray: a local cluster of {cpus} CPUs on {head}", flush=True)
+        yield head, pid
 
 
 def compare(args, runs: list[tuple[str, int]], ray) -> None:

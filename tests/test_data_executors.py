@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from llmstack.testing import local_ray_cluster
 from test_data_curate import hostile_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,28 +66,8 @@ def ray_cluster():
         import ray  # noqa: F401
     except ImportError:
         pytest.skip("ray is not installed (requirements/ray.lock; `make test` installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must stay under 107 bytes
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the workers unpickle llmstack's pipeline steps
-    # its own session: the head's daemons (gcs_server, raylet, workers) stay in this process group, stopped below
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "2",
-                             "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
-                             "--disable-usage-stats", "--temp-dir", temp], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = head.communicate(timeout=120)
-    try:
-        assert head.returncode == 0, out
-        yield f"127.0.0.1:{port}"
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(3)
-        shutil.rmtree(temp, ignore_errors=True)
+    with local_ray_cluster(2, str(REPO)) as (address, _):
+        yield address
 
 
 def test_ray_cluster_curates_what_the_local_executor_curates(ray_cluster, local_result, tiny_model, tmp_path):
