@@ -4,19 +4,13 @@ the model does not write (tool specs, the user's question, tool results), and th
 that renders tools, so serving it renders them as training did."""
 
 import json
-import shutil
 
 import pytest
 from train_data import make_ctx, make_recipe
 
 from llmstack import tools as T
+from test_train_stages import plain_template_model  # noqa: F401 - the fixture: the tiny model with SmolLM2's template
 
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -51,31 +45,19 @@ def tool_data(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def smollm_like(tiny_model, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("plain") / "model"
-    shutil.copytree(tiny_model, out)
-    tok = AutoTokenizer.from_pretrained(out)
-    tok.chat_template = SMOLLM2_TEMPLATE
-    tok.save_pretrained(out)
-    return out
-
-
-def test_assistant_only_loss_trains_the_calls_and_not_specs_questions_or_results(tmp_path, smollm_like, tool_data):
+def test_assistant_only_loss_trains_the_calls_and_not_specs_questions_or_results(tmp_path, plain_template_model, tool_data):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from llmstack.train.common import tool_chat_template
 
-    tok = AutoTokenizer.from_pretrained(smollm_like)
+    tok = AutoTokenizer.from_pretrained(plain_template_model)
     tok.chat_template = tool_chat_template(tok, assistant_only_loss=True)
     ds = load_from_disk(str(tool_data))["train"]
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, assistant_only_loss=True, packing=False,
                      max_length=2048, report_to=[])
-    trainer = SFTTrainer(model=str(smollm_like), args=args, train_dataset=ds, processing_class=tok)
+    trainer = SFTTrainer(model=str(plain_template_model), args=args, train_dataset=ds, processing_class=tok)
     row = trainer.train_dataset[0]
     text = tok.decode(row["input_ids"])
     assert '"name": "get_weather", "description": "Weather for a city"' in text  # the row's tools reached the template
@@ -86,15 +68,15 @@ def test_assistant_only_loss_trains_the_calls_and_not_specs_questions_or_results
         assert never not in trained
 
 
-def test_sft_stage_on_tools_learns_and_saves_the_tool_template(tmp_path, smollm_like, tool_data):
+def test_sft_stage_on_tools_learns_and_saves_the_tool_template(tmp_path, plain_template_model, tool_data):
     from transformers import AutoTokenizer
 
     from llmstack.pipeline import stage_function
 
     stage = {"type": "sft", "dataset": "tools", "args": {"max_steps": 8, "learning_rate": 3e-3, "max_length": 2048,
                                                          "per_device_train_batch_size": 4, "report_to": []}}
-    recipe = make_recipe(smollm_like, {"tools": ("messages", tool_data)}, [stage])
-    ctx = make_ctx(recipe, tmp_path / "runs", recipe.stages[0].id, smollm_like, {"tools": tool_data})
+    recipe = make_recipe(plain_template_model, {"tools": ("messages", tool_data)}, [stage])
+    ctx = make_ctx(recipe, tmp_path / "runs", recipe.stages[0].id, plain_template_model, {"tools": tool_data})
     res = stage_function("sft")(ctx)
     losses = [h["loss"] for h in json.loads((ctx.dir / "log_history.json").read_text()) if "loss" in h]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
@@ -104,7 +86,7 @@ def test_sft_stage_on_tools_learns_and_saves_the_tool_template(tmp_path, smollm_
     # plain chats still render as the model's own template did
     conv = [{"role": "user", "content": "Hi"}]
     assert saved.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == \
-        AutoTokenizer.from_pretrained(smollm_like).apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        AutoTokenizer.from_pretrained(plain_template_model).apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
 
 def test_a_template_that_cannot_render_tools_is_a_clear_error(tiny_model):
