@@ -310,15 +310,20 @@ def _tree_rss(pid: int) -> int:
 
 
 def _ray_workers_pss(pgid: int) -> int:
-    """PSS of a Ray cluster's worker processes (`ray::...`), found by the process group `ray start` left them in."""
+    """PSS of a Ray cluster's worker processes: the raylet's children (`ray::...` once they run a task, idle workers
+    included) but not its agents (DashboardAgent, RuntimeEnvAgent). The raylet is found by the process group `ray start`
+    left its daemons in; the workers themselves each get a process group of their own, so the group alone misses them."""
     import psutil
 
     total = 0
-    for q in psutil.process_iter(["name", "cmdline"]):
+    for q in psutil.process_iter(["name"]):
         try:
-            if os.getpgid(q.pid) == pgid and "default_worker.py" in " ".join(q.info["cmdline"] or []) \
-                    or os.getpgid(q.pid) == pgid and (q.info["name"] or "").startswith("ray::"):
-                total += q.memory_full_info().pss
+            if q.info["name"] != "raylet" or os.getpgid(q.pid) != pgid:
+                continue
+            for w in q.children(recursive=True):
+                name = w.name()
+                if not name.endswith("Agent"):
+                    total += w.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, AttributeError):
             pass
     return total

@@ -59,7 +59,7 @@ def summarize(name: str, conc: int, wall: float, rows: list[dict]) -> dict:
     lat = [r["latency"] for r in rows]
     ttft = [r["ttft"] for r in rows if r.get("ttft") is not None]
     tokens = sum(r["tokens"] for r in rows)
-    return {"system": name, "concurrency": conc, "requests": len(rows), "tokens": tokens,
+    return {"system": name, "concurrency": conc, "requests": len(rows), "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "p50_s": statistics.median(lat), "p95_s": percentile(lat, 0.95),
             "ttft_p50_s": statistics.median(ttft) if ttft else None}
 
@@ -69,11 +69,14 @@ def requests_for(conc: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ (a) API
-async def bench_api(base: str, key: str, prompts: list[list[dict]], conc: int, max_tokens: int) -> dict:
+async def bench_api(base: str, key: str, prompts: list[list[dict]], conc: int, max_tokens: int,
+                    rows: list[dict] | None = None) -> dict:
+    """`rows`: a list the per-request rows are also appended to (to pool several rounds)."""
     import httpx
 
     sem = asyncio.Semaphore(conc)
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
+    start = len(rows)
 
     async def one(client, messages):
         async with sem:
@@ -96,7 +99,7 @@ async def bench_api(base: str, key: str, prompts: list[list[dict]], conc: int, m
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(one(client, prompts[i % len(prompts)]) for i in range(requests_for(conc))))
-        return summarize("a_guarded_api", conc, time.perf_counter() - t0, rows)
+        return summarize("a_guarded_api", conc, time.perf_counter() - t0, rows[start:])
 
 
 def start_server(model: Path, workdir: Path, vllm: dict, key: str | None = None, store: str | None = None,
@@ -143,9 +146,11 @@ def start_server(model: Path, workdir: Path, vllm: dict, key: str | None = None,
 
 # ------------------------------------------------------------------------------------- --replicas: behind nginx
 def bench_replicas(model: Path, work: Path, prompts, levels: list[int], max_tokens: int, replicas: int, vllm: dict,
-                   engine: str) -> list[dict]:
+                   engine: str, rounds: int = 1) -> tuple[list[dict], dict]:
     """(1) one replica direct (memory store), (2) one replica behind nginx with redis, (3) `replicas` behind nginx
-    with redis; level by level, interleaved, all servers up for the whole run."""
+    with redis; level by level, all servers up for the whole run. Each level runs `rounds` rounds, the three systems
+    one after another in an order that rotates every round (so drift and order fall on all three alike); returns the
+    pooled summary per (system, level) and, per level, each round's p50 of (2) over (1)."""
     import shutil
 
     import redis
@@ -157,7 +162,7 @@ def bench_replicas(model: Path, work: Path, prompts, levels: list[int], max_toke
     if not (os.path.exists(nginx) and redis_server):
         sys.exit("--replicas needs nginx and redis-server (Debian packages; `make test` installs them)")
 
-    key, procs, out = new_key(), [], []
+    key, procs, out, per_round = new_key(), [], [], {}
     try:
         rport = free_port()
         procs.append(subprocess.Popen([redis_server, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
@@ -184,10 +189,22 @@ def bench_replicas(model: Path, work: Path, prompts, levels: list[int], max_toke
             balancers[name] = f"http://127.0.0.1:{listen}"
         time.sleep(1)
         systems = {"one_replica_direct_memory": servers[0][1], **balancers}
+        names = list(systems)
         for conc in levels:
-            for name, base in systems.items():
-                r = asyncio.run(bench_api(base, key, prompts, conc, max_tokens))
-                r["system"] = name
+            pooled = {name: [] for name in names}
+            walls = dict.fromkeys(names, 0.0)
+            per_round[conc] = []
+            for k in range(rounds):
+                p50 = {}
+                for name in names[k % len(names):] + names[:k % len(names)]:
+                    r = asyncio.run(bench_api(systems[name], key, prompts, conc, max_tokens, pooled[name]))
+                    walls[name] += r["wall_s"]
+                    p50[name] = r["p50_s"]
+                per_round[conc].append(p50["one_replica_nginx_redis"] / p50["one_replica_direct_memory"] - 1)
+                print(f"  concurrency {conc} round {k + 1}/{rounds}: p50 " + ", ".join(
+                    f"{n} {1000 * v:.0f} ms" for n, v in p50.items()), flush=True)
+            for name in names:
+                r = summarize(name, conc, walls[name], pooled[name])
                 out.append(r)
                 print(fmt(r), flush=True)
     finally:
@@ -197,7 +214,7 @@ def bench_replicas(model: Path, work: Path, prompts, levels: list[int], max_toke
             elif p.poll() is None:
                 p.send_signal(signal.SIGTERM)  # a server drains, then exits (its engine with it)
                 p.wait(120)
-    return out
+    return out, per_round
 
 
 # ----------------------------------------------------------------------------------------------- (b) engine
@@ -484,6 +501,8 @@ def main() -> None:
     ap.add_argument("--hostile-server", type=int, help=argparse.SUPPRESS)  # internal: the server of --hostile
     ap.add_argument("--replicas", type=int, help="N replicas behind nginx vs one replica (see above)")
     ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="with --replicas: the replicas' engine")
+    ap.add_argument("--rounds", type=int, default=1, help="with --replicas: rounds per level, pooled (the order of "
+                    "the three systems rotates every round)")
     args = ap.parse_args()
     if args.hostile_server:
         hostile_server(args.hostile_server)
@@ -585,17 +604,22 @@ def main() -> None:
 
 
 def replicas_report(args, model: Path, work: Path, prompts, levels: list[int], vllm: dict) -> None:
-    results = bench_replicas(model, work, prompts, levels, args.max_tokens, args.replicas, vllm, args.engine)
+    results, per_round = bench_replicas(model, work, prompts, levels, args.max_tokens, args.replicas, vllm,
+                                        args.engine, args.rounds)
     by = {(r["system"], r["concurrency"]): r for r in results}
     ratios = {}
-    print("\nratios (same run, same machine):")
+    print(f"\nratios (same run, same machine; {args.rounds} round(s) per level, requests pooled):")
     for conc in levels:
         one, lb, many = (by[(s, conc)] for s in ("one_replica_direct_memory", "one_replica_nginx_redis",
                                                    f"{args.replicas}_replicas_nginx_redis"))
         ratios[f"balancer_and_store_p50_c{conc}"] = lb["p50_s"] / one["p50_s"] - 1
+        ratios[f"balancer_and_store_p50_rounds_c{conc}"] = per_round[conc]
         ratios[f"replicas_tok_s_c{conc}"] = many["tok_s"] / lb["tok_s"]
-        print(f"  concurrency {conc}: nginx + redis vs direct, p50 {100 * (lb['p50_s'] / one['p50_s'] - 1):+.1f}% "
-              f"(goal <= +5%); {args.replicas} replicas vs one behind nginx: {many['tok_s'] / lb['tok_s']:.2f}x tok/s")
+        rounds = sorted(per_round[conc])
+        print(f"  concurrency {conc}: nginx + redis vs direct, pooled p50 {100 * (lb['p50_s'] / one['p50_s'] - 1):+.1f}%"
+              f" (goal <= +5%; rounds' median {100 * statistics.median(rounds):+.1f}%, range "
+              f"{100 * rounds[0]:+.1f}%..{100 * rounds[-1]:+.1f}%); {args.replicas} replicas vs one behind nginx: "
+              f"{many['tok_s'] / lb['tok_s']:.2f}x tok/s")
     out = Path(args.out).with_name("serve_replicas.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model), "engine": args.engine, "replicas": args.replicas,
