@@ -169,7 +169,11 @@ def main() -> None:
             if name in serve and "error" not in serve[name]:
                 continue
             print(f"[serve] {name} ...", flush=True)
-            serve[name] = vllm_throughput(folder, dtype, args.max_tokens, args.out)
+            from llmstack.quant.export import vllm_kernel_for
+
+            ok, _, why = vllm_kernel_for("w4a16") if name.startswith("int4") else (True, "", "")
+            serve[name] = (vllm_throughput(folder, dtype, args.max_tokens, args.out) if ok
+                           else {"error": f"not run: {why}"})
             print(f"[serve] {name}: {serve[name]}", flush=True)
             save(path, results)
 

