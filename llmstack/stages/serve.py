@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from llmstack.stage import StageContext, StageResult
+from llmstack.serve.engines.base import vllm_dtype
 from llmstack.serve.guard import hash_key, new_key
 
 log = logging.getLogger("llmstack")
@@ -150,11 +151,11 @@ def run(ctx: StageContext) -> StageResult:
                "start_s": round(start_s, 1), "latency_s": round(plain_s, 2),
                "tokens_per_s": round(n / plain_s, 1) if plain_s else None,
                "ttft_s": round(first, 3) if first else None, "stream_matches": streamed == answer,
-               "no_key_status": no_key, "base_answer": base, "dtype": dtype or spec.vllm.dtype}
+               "no_key_status": no_key, "base_answer": base, "dtype": dtype or vllm_dtype(spec.vllm)}
     if engine == "hf":  # where the transformers engine really computed (the device policy's choice, not vLLM's dtype)
         from llmstack.device import policy
 
-        metrics["device"], metrics["dtype"] = policy().hf_engine(dtype or spec.vllm.dtype)
+        metrics["device"], metrics["dtype"] = policy().hf_engine(dtype or vllm_dtype(spec.vllm))
     _write_section(ctx.dir, metrics, models, name, model, why, stream_s)
     if no_key != 401:
         raise RuntimeError(f"serve: a request without a key got {no_key}, not 401: the guard is not in front")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from llmstack.serve.engines.base import (Delta, Engine, EngineRejected, EngineUnavailable, GenParams,  # noqa: F401
-                                         load_tokenizer)
+                                         load_tokenizer, vllm_dtype)
 from llmstack.serve.engines.hf import HfEngine
 from llmstack.serve.engines.vllm import VllmEngine
 
@@ -18,12 +18,13 @@ def make_engine(spec, model: str | Path, served_name: str):
     """The engine a ServeSpec asks for (not started: `await engine.start()`)."""
     if spec.engine == "vllm":
         return VllmEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, spec.vllm)
-    # vllm.dtype is chosen for vLLM's kernels (bfloat16 by default). The device policy places the transformers engine:
+    # vllm.dtype is chosen for vLLM's kernels (unset: the policy's). The device policy places the transformers engine:
     # on the GPU in the card's 16-bit dtype, on the CPU in float32 (bf16 is emulated on most CPUs, 4x slower on AVX2).
     from llmstack.device import policy
 
-    device, dtype = policy().hf_engine(spec.vllm.dtype)
-    if dtype != spec.vllm.dtype:
+    requested = vllm_dtype(spec.vllm)
+    device, dtype = policy().hf_engine(requested)
+    if dtype != requested:
         log.info("the transformers engine computes in %s on the %s (vllm.dtype %s is for vLLM)", dtype, device,
-                 spec.vllm.dtype)
+                 requested)
     return HfEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, dtype=dtype, device=device)

@@ -44,6 +44,16 @@ class Delta:
     prompt_logprobs: list[dict | None] | None = None
 
 
+def vllm_dtype(options) -> str:
+    """The dtype vLLM computes in: the server's `vllm.dtype` if set, else the device policy's for a 16-bit model
+    (bfloat16 on a bf16 GPU and on x86 CPUs with AVX-512, float32 on AVX2-only CPUs, float16 on older GPUs)."""
+    if options.dtype:
+        return options.dtype
+    from llmstack.device import policy
+
+    return policy().serve_dtype(None)[1]
+
+
 def load_tokenizer(model: str | Path):
     from transformers import AutoTokenizer
 

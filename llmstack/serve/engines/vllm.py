@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from llmstack.config.serve import VllmOptions
-from llmstack.serve.engines.base import Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer
+from llmstack.serve.engines.base import (Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer,
+                                         vllm_dtype)
 
 log = logging.getLogger("llmstack.serve")
 
@@ -96,7 +97,7 @@ class VllmEngine:
             # Compact JSON: a small model left free to emit whitespace can spend every token on it.
             structured_outputs_config=(StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
                                        if o.compact_json else StructuredOutputsConfig()),
-            model=self.model, tokenizer=self.model, served_model_name=[self.served_name], dtype=o.dtype,
+            model=self.model, tokenizer=self.model, served_model_name=[self.served_name], dtype=vllm_dtype(o),
             enforce_eager=o.enforce_eager, max_model_len=self.max_model_len, seed=self.seed,
             gpu_memory_utilization=o.gpu_memory_utilization, disable_log_stats=True,
             enable_lora=bool(self.adapters) or o.runtime_adapters, max_lora_rank=o.max_lora_rank,
