@@ -23,8 +23,8 @@ scripted: every replica over the scripted engine, --max-tokens pieces at --token
 fixed and equal everywhere and only the API, nginx and redis move. With a real model two server processes differ by
 more than the balancer costs (5 rounds with transformers: +23% / +9% / -16% at concurrency 1 / 8 / 32), so the
 scripted engine is how the goal is decided; 0.1 s a token is about what vLLM's CPU engine takes per step at
-concurrency 32 on 2 AVX-512 cores (SmolLM2-135M, ~270 tok/s over 32 streams), 0.01 s (default) is a 10x faster engine, where
-the API's own per-request cost weighs most:
+concurrency 32 on 2 AVX-512 cores (SmolLM2-135M, ~270 tok/s over 32 streams), 0.01 s (default) is a 10x faster
+engine, where the API's own per-request cost weighs most:
 
     .venv/bin/python scripts/bench_serve.py --replicas 2 --engine scripted --model tiny --rounds 10
     .venv/bin/python scripts/bench_serve.py --replicas 2 --engine scripted --model tiny --rounds 5 --levels 8,32 \
