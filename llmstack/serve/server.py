@@ -29,8 +29,9 @@ def load_spec(config: Path | None, **overrides) -> ServeSpec:
     return spec
 
 
-def build_from_spec(spec: ServeSpec, model_path: Path | None = None):
-    """(app, engine) for a spec: resolves the model, reads guard + keys. Raises ConfigError for unusable input."""
+def build_from_spec(spec: ServeSpec, model_path: Path | None = None, engine=None):
+    """(app, engine) for a spec: resolves the model, reads guard + keys. Raises ConfigError for unusable input.
+    `engine`: one already built, in place of the spec's (scripts/bench_serve.py serves a fixed-cost stand-in)."""
     from llmstack.models import ModelSourceError, resolve
     from llmstack.serve.app import build_app
     from llmstack.serve.engines import make_engine
@@ -51,7 +52,7 @@ def build_from_spec(spec: ServeSpec, model_path: Path | None = None):
     check_example_key(keys, spec.host)
     policy = load_yaml_model(spec.guard, GuardPolicy) if spec.guard else GuardPolicy()
     name = spec.served_model_name or Path(model_path).name
-    engine = make_engine(spec, model_path, name)
+    engine = engine or make_engine(spec, model_path, name)
     return build_app(engine, spec, policy, keys), engine
 
 

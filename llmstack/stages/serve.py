@@ -155,7 +155,7 @@ def run(ctx: StageContext) -> StageResult:
     if engine == "hf":  # where the transformers engine really computed (the device policy's choice, not vLLM's dtype)
         from llmstack.device import policy
 
-        metrics["device"], metrics["dtype"] = policy().hf_engine(dtype or vllm_dtype(spec.vllm))
+        metrics["device"], metrics["dtype"] = policy().hf_engine(metrics["dtype"])
     _write_section(ctx.dir, metrics, models, name, model, why, stream_s)
     if no_key != 401:
         raise RuntimeError(f"serve: a request without a key got {no_key}, not 401: the guard is not in front")
