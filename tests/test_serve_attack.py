@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from llmstack.config.serve import ConfigError, GuardPolicy, KeyFile, ServeSpec
 from llmstack.serve.app import build_app
+from llmstack.serve.audit import AuditLog
 from llmstack.serve.guard import hash_key
 from llmstack.serve.server import EXAMPLE_KEY, GuardedH11Protocol, check_example_key
 from llmstack.testing import ScriptedEngine
@@ -405,9 +406,10 @@ def test_audit_holds_post_rail_text_bounded_fields_and_samples_401s(tokenizer, t
     with TestClient(app) as c:
         c.post("/v1/chat/completions", headers=H, json={**CHAT, "max_tokens": 64, "messages": [
             {"role": "user", "content": "I am eve@home.example.org"}]})
+        srv = app.state.ref["server"]
+        srv.audit.clock = lambda: 600.0  # one minute for the whole flood, however slow the box (CI took > 60 s)
         for i in range(200):  # a flood of 401s with long paths
             c.get("/v1/" + "x" * 10_000 + str(i))
-        srv = app.state.ref["server"]
         srv.audit.flush()
         metrics = c.get("/metrics", headers=H).text
     lines = [json.loads(x) for x in audit.read_text().splitlines()]
@@ -417,6 +419,20 @@ def test_audit_holds_post_rail_text_bounded_fields_and_samples_401s(tokenizer, t
     unauth = [e for e in lines if e.get("status") == 401]
     assert len(unauth) == 20 and all(len(e["route"]) < 400 for e in unauth)
     assert 'llmstack_audit_dropped_total{reason="unauthenticated_sampled"} 180.0' in metrics
+
+
+def test_the_401_allowance_is_per_minute_and_renews(tmp_path):
+    drops = []
+    now = [59.0]
+    log = AuditLog(tmp_path / "a.jsonl", unauthenticated_per_minute=2, on_drop=drops.append, clock=lambda: now[0])
+    for i in range(4):
+        log.write_unauthenticated({"status": 401, "i": i})
+    now[0] = 60.0  # the next minute: a fresh allowance
+    for i in range(4, 7):
+        log.write_unauthenticated({"status": 401, "i": i})
+    log.flush()
+    assert [json.loads(x)["i"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == [0, 1, 4, 5]
+    assert drops == ["unauthenticated_sampled"] * 3
 
 
 def test_an_audit_log_that_cannot_be_written_is_counted_not_fatal(tokenizer, tmp_path):

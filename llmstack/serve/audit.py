@@ -23,11 +23,13 @@ log = logging.getLogger("llmstack.serve")
 
 class AuditLog:
     def __init__(self, path: str | Path | None, log_prompts: bool = False, max_field_chars: int = 4000,
-                 unauthenticated_per_minute: int = 60, on_failure=None, on_drop=None, max_queue: int = 10_000):
+                 unauthenticated_per_minute: int = 60, on_failure=None, on_drop=None, max_queue: int = 10_000,
+                 clock=time.time):
         self.path = Path(path) if path else None
         self.log_prompts = log_prompts
         self.max_field_chars = max_field_chars
         self.unauthenticated_per_minute = unauthenticated_per_minute
+        self.clock = clock  # seconds; the 401 allowance is per clock minute
         self.on_failure = on_failure or (lambda: None)  # metrics hooks (counters), called from the writer thread
         self.on_drop = on_drop or (lambda reason: None)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -51,7 +53,7 @@ class AuditLog:
 
     def write_unauthenticated(self, record: dict) -> None:
         """A 401: written while this minute's allowance lasts, counted as dropped after."""
-        minute = int(time.time() // 60)
+        minute = int(self.clock() // 60)
         start, written = self._window
         if start != minute:
             start, written = minute, 0
