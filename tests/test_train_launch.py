@@ -89,25 +89,22 @@ def test_two_process_cpu_launch_trains_and_saves_one_model(tmp_path, tiny_model)
     assert again.manifest["stages"]["sft"]["fingerprint"] == entry["fingerprint"]
 
 
-def test_two_node_rendezvous_trains_one_model(tmp_path, tiny_model):
+def _two_nodes(tmp_path: Path, recipe: Path, runs_dirs: list[Path]) -> tuple[list[int], list[str]]:
     """Two "nodes" on this machine: two `accelerate launch --num_machines 2 --machine_rank 0|1` commands that meet at
     127.0.0.1:PORT (torch's static rendezvous, gloo), one CPU process each, exactly as scripts/slurm/train.sbatch runs
-    one per node. accelerate 1.15 refuses FSDP on a CPU (test_train_fsdp.py), so this runs DDP (MULTI_CPU); the
-    rendezvous, the ranks and the shared run folder are what multinode-fsdp2.yaml uses on GPUs."""
+    one per node; node r uses runs_dirs[r]. Returns (exit codes, logs)."""
     import os
-    import socket
 
-    recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from llmstack.testing import free_port
+
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = []
     for rank in (0, 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "--num_machines", "2", "--num_processes", "2",
                "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(tmp_path / "runs")]
+               "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(runs_dirs[rank])]
         log = open(tmp_path / f"node{rank}.log", "w")
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env), log))
     try:
@@ -117,7 +114,14 @@ def test_two_node_rendezvous_trains_one_model(tmp_path, tiny_model):
             if p.poll() is None:
                 p.kill()
             log.close()
-    logs = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
+    return codes, [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
+
+
+def test_two_node_rendezvous_trains_one_model(tmp_path, tiny_model):
+    """accelerate 1.15 refuses FSDP on a CPU (test_train_fsdp.py), so the two nodes run DDP (MULTI_CPU); the
+    rendezvous, the ranks and the shared run folder are what multinode-fsdp2.yaml uses on GPUs."""
+    recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
+    codes, logs = _two_nodes(tmp_path, recipe, [tmp_path / "runs"] * 2)
     assert codes == [0, 0], "\n".join(x[-3000:] for x in logs)
     run_dir = tmp_path / "runs" / "launch" / "default"
     entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]
@@ -125,6 +129,22 @@ def test_two_node_rendezvous_trains_one_model(tmp_path, tiny_model):
     assert entry["metrics"]["distributed"] == "MULTI_CPU"
     assert [p.parent for p in run_dir.rglob("config.json")] == [run_dir / "sft" / "model"]  # written once, by rank 0
     assert not list((run_dir / "sft").glob("checkpoint-*"))  # a finished stage leaves no checkpoints behind
+    assert not list(run_dir.rglob(".llmstack-shared-check"))  # the shared-folder check cleans up after itself
+
+
+def test_nodes_without_a_shared_run_folder_are_refused_before_training(tmp_path, tiny_model):
+    """Node 1 with its own copy of the run folder (its local disk, not the shared filesystem): it would resume from
+    other checkpoints than rank 0, and rank 0's checkpoints would die with its node. Both nodes stop before step 1,
+    naming the rank that cannot see rank 0's folder and the fix."""
+    recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
+    shutil.copytree(tmp_path / "runs", tmp_path / "node1-disk")
+    codes, logs = _two_nodes(tmp_path, recipe, [tmp_path / "runs", tmp_path / "node1-disk"])
+    assert codes[0] != 0 and codes[1] != 0, "\n".join(x[-3000:] for x in logs)
+    for log in logs:
+        assert "rank 1 on" in log and "cannot see what rank 0 writes" in log and "shared filesystem" in log, log[-3000:]
+        assert "rank 0 on" not in log
+    run_dir = tmp_path / "runs" / "launch" / "default"
+    assert not list(run_dir.rglob("checkpoint-*")) and not (run_dir / "sft" / "model").exists()
 
 
 def test_slurm_script_launches_one_accelerate_per_node(tmp_path):

@@ -306,11 +306,52 @@ def _plain_cpu_device(args) -> None:
         args.__dict__["_setup_devices"] = torch.device("cpu")
 
 
+def check_shared_folder(accelerator, folder: Path, patience_s: float = 10.0) -> None:
+    """Every process must see the same stage folder: rank 0 alone writes the model, the checkpoints and the manifest,
+    and each rank resumes from the checkpoints it finds there. Launched on several machines with `--runs-dir` on each
+    node's own disk, the ranks would resume from different steps (their step counts part and the collectives hang) or
+    lose rank 0's checkpoints with its node. Checked before training: rank 0 writes a fresh token into the folder and
+    every rank must read it back (retried for `patience_s`: NFS may show a new file late)."""
+    import secrets
+    import socket
+    import time
+
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [secrets.token_hex(16) if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    marker = Path(folder) / ".llmstack-shared-check"
+    if accelerator.is_main_process:
+        marker.write_text(token[0])
+    accelerator.wait_for_everyone()
+    deadline, seen = time.monotonic() + patience_s, False
+    while not seen:
+        try:
+            seen = marker.read_text().strip() == token[0]
+        except OSError:
+            pass
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    everyone = gather_object([(accelerator.process_index, socket.gethostname(), seen)])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, host, ok in everyone if not ok]
+    if blind:
+        raise RuntimeError(f"{', '.join(blind)} cannot see what rank 0 writes into {folder}: every node must reach the "
+                           "run folder on a shared filesystem (NFS, Lustre, a mounted bucket). Pass the same shared "
+                           "--runs-dir on every node (scripts/slurm/train.sbatch: RUNS_DIR)")
+
+
 def resume_checkpoint(ctx, trainer) -> str | None:
     """The last checkpoint in the stage folder if it was written for these same inputs, else None (and stale
     checkpoints are removed, so a changed recipe never resumes from another run's state). The trainer's own
     resume restores model, optimizer, scheduler and RNG state and skips the batches already seen: same data order."""
     check_sharding(trainer)
+    check_shared_folder(trainer.accelerator, ctx.dir)
     identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
                             "datasets": {k: str(v) for k, v in ctx.datasets.items()}, "seed": ctx.recipe.seed})
     stamp = ctx.dir / "resume-inputs.sha256"
