@@ -1,7 +1,8 @@
 """A 2-process launch (DDP over gloo, recipes/accelerate/cpu-ddp.yaml: accelerate does not shard with FSDP on the CPU,
 tests/test_train_fsdp.py) killed with SIGKILL mid-stage, launched again, reaches the same losses as a run never
 interrupted: the trainer resumes model, optimizer, scheduler, every rank's RNG and the data order from the last
-checkpoint it finished writing, and a checkpoint the kill cut short is not taken for one."""
+checkpoint it finished writing, and a checkpoint the kill cut short is not taken for one. Relaunched on another
+process count it is refused first, checkpoints kept."""
 
 import json
 import signal
@@ -71,6 +72,12 @@ def test_sigkill_mid_stage_then_relaunch_reaches_the_uninterrupted_losses(tmp_pa
     if not cut.exists():
         cut.mkdir()
         (cut / "model.safetensors").write_bytes(b"")
+
+    # relaunched on one process instead of two: refused before anything is touched (checkpoints kept)
+    one = [*cmd_b[:3], "--config_file", str(REPO / "recipes/accelerate/cpu.yaml"), *cmd_b[5:]]
+    proc = subprocess.run(one, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode != 0 and "written by a launch of 2 processes; this one has 1" in proc.stderr, proc.stderr
+    assert sorted(int(p.name.split("-")[1]) for p in stage.glob("checkpoint-*")) == sorted({*steps, max(steps) + 2})
 
     proc = subprocess.run(cmd_b, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -358,6 +358,14 @@ def resume_checkpoint(ctx, trainer) -> str | None:
     last, partial = last_complete_checkpoint(ctx.dir)
     fresh = bool(last) and stamp.exists() and stamp.read_text().strip() == identity
     trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 touches the folder
+    launched = ctx.dir / "resume-processes.txt"
+    processes = trainer.accelerator.num_processes
+    if fresh and launched.exists() and int(launched.read_text()) != processes:
+        raise RuntimeError(
+            f"{last.name} in {ctx.dir} was written by a launch of {int(launched.read_text())} processes; this one has "
+            f"{processes}. Resumed so, the trainer would take another global batch and split the data between ranks "
+            "otherwise (examples seen twice or never). Launch again on as many processes "
+            f"(the same node count), or delete {ctx.dir}/checkpoint-* to train the stage again from step 0")
     if fresh:
         if trainer.accelerator.is_main_process:
             for cut in partial:  # a kill mid-save left it; the step is trained (and saved) again
@@ -372,6 +380,7 @@ def resume_checkpoint(ctx, trainer) -> str | None:
         for old in ctx.dir.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
         stamp.write_text(identity)
+        launched.write_text(str(processes))
     trainer.accelerator.wait_for_everyone()
     return None
 
