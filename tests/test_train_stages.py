@@ -254,6 +254,41 @@ def test_stacked_adapter_chains_into_the_next_stage(tmp_path, tiny_model, data):
     assert (dpo.model / "config.json").exists() and dpo.metrics["steps"] == 2
 
 
+def test_an_adapter_input_is_merged_once_and_again_when_it_changes(tmp_path, tiny_model):
+    """QLoRA and reward stages merge an adapter-only input to disk in their own folder. Kept while the adapter is the
+    same; merged anew when it changed (upstream trained again) or when a crash left a merge without its stamp."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmstack.train.common import merged_copy
+
+    def adapter(seed: int):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        peft.save_pretrained(tmp_path / "adapter")
+
+    def weights(folder):
+        m = AutoModelForCausalLM.from_pretrained(folder)
+        return m.model.layers[0].self_attn.q_proj.weight.detach().clone()
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    adapter(1)
+    out = merged_copy(tmp_path / "adapter", stage, "float32")
+    first, mtime = weights(out), (out / "model.safetensors").stat().st_mtime_ns
+    assert out == stage / "merged-input" and not torch.equal(first, weights(tiny_model))  # the adapter is in it
+    assert merged_copy(tmp_path / "adapter", stage, "float32") == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # same adapter: not merged again
+    adapter(2)  # upstream trained again into the same folder
+    assert not torch.equal(weights(merged_copy(tmp_path / "adapter", stage, "float32")), first)
+    (out / "adapter.sha256").unlink()  # as a crash between the weights and the stamp would leave it
+    (out / "model.safetensors").write_bytes(b"")
+    assert weights(merged_copy(tmp_path / "adapter", stage, "float32")).shape == first.shape
+    assert sorted(p.name for p in stage.iterdir()) == ["merged-input"]  # no temporary folder left behind
+
+
 def test_device_defaults_lose_to_the_recipe_args(tmp_path, tiny_model, data):
     from llmstack.train.common import trainer_config
 

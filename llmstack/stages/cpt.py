@@ -30,7 +30,7 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = common.load_tokenizer(ctx.model)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     common.check_single_bos(tokenizer, data["train"][0][args.dataset_text_field])
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora,
+    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir,
                               attention=common.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------

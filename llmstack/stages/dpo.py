@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> StageResult:
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     first = data["train"][0]
     common.check_single_bos(tokenizer, tokenizer.apply_chat_template(first["prompt"] + first["chosen"], tokenize=False))
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora)
+    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = DPOTrainer(

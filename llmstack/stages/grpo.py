@@ -91,7 +91,7 @@ def run(ctx: StageContext) -> StageResult:
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     columns = data["train"].column_names
     data = data.map(rewards.to_prompt, remove_columns=columns)
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora)
+    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
     # generate() stops at the end of the assistant turn only if the generation config says so
     model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
 

@@ -32,10 +32,7 @@ def load_reward_base(ctx: StageContext):
     folder = Path(ctx.model)
     if (folder / "adapter_config.json").exists():
         # common.load_model builds a causal LM; a score head needs a folder on disk, so merge the adapter into one.
-        merged = ctx.dir / "merged-input"
-        if not (merged / "config.json").exists():
-            common._merge_adapter(folder, merged, ctx.recipe.model.dtype)
-        folder = merged
+        folder = common.merged_copy(folder, ctx.dir, ctx.recipe.model.dtype)
     return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
                                                               dtype=common._dtype(ctx.recipe.model.dtype))
 

@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
     first = data["train"][0]
     rendered = tokenizer.apply_chat_template(first["messages"], tools=first.get("tools") or None, tokenize=False)
     common.check_single_bos(tokenizer, rendered)
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora,
+    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir,
                               attention=common.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------

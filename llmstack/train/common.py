@@ -115,9 +115,10 @@ def packed_attention(args) -> str | None:
     return attention.register() if padding_free and attention.available() else None
 
 
-def load_model(folder: Path, dtype: str, qlora=None, attention: str | None = None):
+def load_model(folder: Path, dtype: str, qlora=None, attention: str | None = None, scratch: Path | None = None):
     """The stage's starting model. A folder holding only an adapter (from a stage with lora.merge: false) is loaded
-    onto its base and merged in memory, so every stage trains a plain model."""
+    onto its base and merged in memory, so every stage trains a plain model; under QLoRA the merge goes to disk first
+    (`merged_copy` in `scratch`, the stage's own folder), as the 4-bit load needs a folder."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     folder = Path(folder)
@@ -130,13 +131,7 @@ def load_model(folder: Path, dtype: str, qlora=None, attention: str | None = Non
             bnb_4bit_compute_dtype=_dtype(qlora.compute_dtype))
     if (folder / "adapter_config.json").exists():
         if qlora is not None:
-            from accelerate import PartialState
-
-            merged = folder.parent / "merged-input"
-            with PartialState().main_process_first():  # rank 0 writes the folder, the others then find it
-                if not (merged / "config.json").exists():
-                    _merge_adapter(folder, merged, dtype)
-            folder = merged
+            folder = merged_copy(folder, scratch or folder.parent, dtype)
         else:
             from peft import PeftModel
 
@@ -426,6 +421,31 @@ def launch(ctx):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def merged_copy(adapter_dir: Path, stage_dir: Path, dtype: str) -> Path:
+    """An adapter-only folder merged onto its base, on disk in the stage's own folder (`merged-input`, removed when the
+    stage finishes). Rank 0 merges while the other ranks wait, then they find it. Written to a temporary folder and
+    renamed when whole, and stamped with the adapter's hash: a merge cut short by a crash, or an upstream stage that
+    trained again into the same folder, is merged anew instead of being taken for the input."""
+    import hashlib
+
+    from accelerate import PartialState
+
+    digest = hashlib.sha256()
+    for f in sorted(Path(adapter_dir).glob("adapter_*")):  # adapter_config.json, adapter_model.safetensors
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    stamp, out = digest.hexdigest(), Path(stage_dir) / "merged-input"
+    with PartialState().main_process_first():  # rank 0 writes the folder, the others then find it
+        if (out / "adapter.sha256").exists() and (out / "adapter.sha256").read_text() == stamp:
+            return out
+        tmp = Path(stage_dir) / f"merged-input.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _merge_adapter(Path(adapter_dir), tmp, dtype)
+        (tmp / "adapter.sha256").write_text(stamp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
 def _merge_adapter(adapter_dir: Path, out: Path, dtype: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -474,7 +494,8 @@ def cleanup_checkpoints(ctx) -> None:
     """A finished stage's checkpoints are only useful for resuming it; drop them (full-FT ones are 3x the model)."""
     for old in ctx.dir.glob("checkpoint-*"):
         shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(ctx.dir / "merged-input", ignore_errors=True)
+    for merged in ctx.dir.glob("merged-input*"):  # the merged adapter input, and a merge a crash cut short
+        shutil.rmtree(merged, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
