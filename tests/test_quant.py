@@ -99,6 +99,33 @@ def test_quantize_stage_in_a_recipe(tiny_model, tmp_path):
     assert "## Quantization (int4)" in (run.dir / "report.md").read_text()
 
 
+def test_where_vllm_serves_the_fallback_the_release_gates_judge_it(tiny_model, tmp_path, monkeypatch):
+    """On an x86 CPU without AVX-512 vLLM has no INT4 kernel and the serve stage serves the W8A8 export instead: the
+    eval stage then scores that export too, last, so the `min` gate decides on what is served, and says so."""
+    import dataclasses
+
+    from llmstack.device import Capabilities
+
+    avx2 = dataclasses.replace(Capabilities.detect(), cuda=False, bf16=False, vllm=True, machine="x86_64",
+                               avx512=False)
+    monkeypatch.setattr(Capabilities, "detect", staticmethod(lambda: avx2))
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "q", "model": {"source": str(tiny_model)}, "quantize": {"scheme": "w4a16", "method": "rtn"},
+        "eval": {"suite": "smoke", "tasks": ["arc_easy"], "limit": 4, "stages": ["base", "int4"],
+                 "gates": {"min": {"arc_easy": 0.0}}},
+        "serve": {"engine": "vllm", "smoke": False}}))
+    run = run_recipe(load_recipe(path), path, tmp_path / "runs")
+    scores = json.loads((run.dir / "eval" / "scores.json").read_text())
+    assert list(scores) == ["base", "int4", "served-w8a8"]
+    w4, w8 = scores["int4"]["arc_easy"], scores["served-w8a8"]["arc_easy"]
+    assert w4["n"] == w8["n"] == 4 and w4["items"] != [] and w8["items"] != []
+    section = (run.dir / "eval" / "section.md").read_text()
+    assert "`served-w8a8` is what vLLM serves for `int4` on this machine" in section
+    assert "(model evaluated last: `served-w8a8`)" in section  # the release decision is about the served export
+    assert "| min.arc_easy >= 0.0 | served-w8a8 | arc_easy |" in section
+
+
 VLLM_PROBE = '''
 import os, sys, json
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

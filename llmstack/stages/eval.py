@@ -34,6 +34,28 @@ def _stage_model(ctx, name: str) -> Path:
     return Path(folder)
 
 
+def _served_instead(ctx, stages: list[str]) -> tuple[dict[str, Path], str | None]:
+    """({name: folder}, why) for an export the serve stage will serve in place of a quantized model evaluated here:
+    where the recipe serves with vLLM and this machine has no vLLM kernel for that model (INT4 on an x86 CPU without
+    AVX-512), vLLM serves the quantize stage's fallback export (W8A8). It is scored too, as `served-<scheme>` after
+    the rest, so the release gates (`min` judges the last model) decide on what is actually served."""
+    recipe, run_ = getattr(ctx, "recipe", None), getattr(ctx, "run", None)
+    if not (recipe and recipe.serve and recipe.serve.engine == "vllm" and not recipe.serve.model and run_):
+        return {}, None
+    from llmstack.stages.serve import serving_target
+
+    for name in stages:
+        if name in ("int4", "int8"):
+            folder = _stage_model(ctx, name)
+            served, _, _, why = serving_target("vllm", folder, run_.manifest)
+            if served != folder:
+                label = f"served-{served.name}"
+                return {label: served}, (f"`{label}` is what vLLM serves for `{name}` on this machine ({why}); "
+                                         "transformers scores it with its int8 weights but unquantized activations "
+                                         "(vLLM quantizes them per token), so its score can read a little high.")
+    return {}, None
+
+
 def run(ctx: StageContext) -> StageResult:
     spec = ctx.spec
     suite = load_suite(spec.suite)
@@ -43,8 +65,9 @@ def run(ctx: StageContext) -> StageResult:
                          f"(have: {', '.join(ctx.datasets) or 'none'})")
     scores: dict[str, dict[str, Any]] = {}
     rob: dict[str, dict[str, Any]] = {}
-    for name in spec.stages:
-        model, adapter = resolve_folder(_stage_model(ctx, name))
+    served, served_why = _served_instead(ctx, spec.stages)
+    for name in [*spec.stages, *served]:
+        model, adapter = resolve_folder(served.get(name) or _stage_model(ctx, name))
         log.info("eval %s on suite %s (%s)", name, suite.name, backend)
         target = Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size,
                         tool_choice=spec.tool_choice)
@@ -66,7 +89,7 @@ def run(ctx: StageContext) -> StageResult:
     recovery = quantization_recovery(ctx, scores)
     section = release.section(scores, verdicts, _has_gates(spec.gates), recovery, rob, judged)
     section += [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
-                f"![eval scores per stage]({chart.name})", ""]
+                f"![eval scores per stage]({chart.name})", ""] + ([served_why, ""] if served_why else [])
     if recovery:
         section += _recovery_table(recovery)
     for name, r in rob.items():
