@@ -176,3 +176,38 @@ def test_rate_limit_is_one_budget_for_both_replicas(cluster):
     assert codes == [200] * LIMIT + [429] * 4  # per-replica budgets would have let all 10 through (5 on each)
     after = [completions_200(r) for r in cluster["replicas"]]
     assert all(b - a >= 2 for a, b in zip(before, after))  # both replicas answered some of the budget
+
+
+def test_an_adapter_loaded_through_one_replica_is_served_by_every_replica(cluster, tiny_loras):
+    """`llmstack adapters load` sent to replica A is kept in the shared store: replica B, which never saw the call,
+    serves the name at once (a request for a name it does not know reads the store first), a route set through B may
+    point at it, and an unload through B takes it off A too."""
+    a, b = cluster["replicas"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMSTACK_ADMIN_KEY": ADMIN}
+    load = subprocess.run([sys.executable, "-m", "llmstack", "adapters", "load", "v4", str(tiny_loras[1]),
+                           "--api-base", a], env=env, capture_output=True, text=True, timeout=120)
+    assert load.returncode == 0, load.stderr
+
+    def answer(base: str, model: str) -> httpx.Response:
+        return httpx.post(f"{base}/v1/chat/completions", headers=A, timeout=60,
+                          json={**ASK, "model": model, "max_tokens": 6})
+
+    on_b = answer(b, "v4")
+    assert on_b.status_code == 200 and on_b.json()["model"] == "v4", on_b.text
+    same_folder = answer(b, "v3").json()["choices"][0]["message"]["content"]  # v3 is that folder from server.yaml
+    assert on_b.json()["choices"][0]["message"]["content"] == same_folder
+    assert answer(a, "v4").json()["choices"][0]["message"]["content"] == same_folder
+    assert httpx.get(f"{b}/admin/adapters", headers=A).json()["adapters"]["v4"] == str(tiny_loras[1].resolve())
+    assert httpx.put(f"{b}/admin/adapters/v4", headers=A, json={"path": str(tiny_loras[0])}).status_code == 409
+
+    assert route("set", "assistant", "--primary", "v4", base=b).returncode == 0
+    assert eventually(lambda: {served_by(cluster["lb"]) for _ in range(4)} == {"v4"})
+    refused = httpx.delete(f"{a}/admin/adapters/v4", headers=A)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "adapter_in_use"
+    assert route("rollback", "assistant", base=a).returncode == 0
+
+    assert httpx.delete(f"{b}/admin/adapters/v4", headers=A).status_code == 200
+    assert eventually(lambda: "v4" not in httpx.get(f"{a}/admin/adapters", headers=A).json()["adapters"])
+    gone = answer(a, "v4")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert {"v2", "v3"} <= set(httpx.get(f"{a}/admin/adapters", headers=A).json()["adapters"])  # server.yaml's stay

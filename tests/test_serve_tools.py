@@ -335,3 +335,30 @@ def test_adapters_load_and_unload_at_runtime_on_the_hf_engine(tiny_model, tiny_l
     actions = [(a["admin"], a["name"], a["status"], a["key_id"]) for a in admin if a["admin"].startswith("adapter")]
     assert ("adapter_load", "v2", 200, "ops") in actions and ("adapter_unload", "v3", 200, "ops") in actions
     assert ("adapter_unload", "v2", 409, "ops") in actions and ("adapter_load", "v3", 400, "ops") in actions
+
+
+def test_runtime_adapters_survive_a_restart_and_a_missing_folder_is_a_503(tiny_model, tiny_loras, tmp_path):
+    """With a routes store (a file here; redis for replicas: tests/test_serve_balancer.py) the adapters loaded at
+    runtime are kept with the routes: a restarted server loads them again. One whose folder this server cannot read
+    (not on its volume) is counted and answered with a 503 naming why, while the rest is served."""
+    from llmstack.serve.routing import Router
+
+    store = tmp_path / "routes.json"
+    spec = ServeSpec(engine="hf", max_model_len=256, routes_store=str(store))
+    ops, dev = ({"Authorization": f"Bearer {k}"} for k in (ADMIN, KEY))
+    chat = {"model": "v2", "messages": ASK, "max_tokens": 8, "temperature": 0}
+    with TestClient(build_app(HfEngine(tiny_model, "tiny", max_model_len=256), spec, policy(), ADMIN_KEYS)) as c:
+        assert c.put("/admin/adapters/v2", headers=ops, json={"path": str(tiny_loras[0])}).status_code == 200
+        before = c.post("/v1/chat/completions", headers=dev, json=chat).json()["choices"][0]["message"]["content"]
+    Router(store=str(store)).set_adapter("v9", str(tmp_path / "not-on-this-volume"))  # as another replica might
+    with TestClient(build_app(HfEngine(tiny_model, "tiny", max_model_len=256), spec, policy(), ADMIN_KEYS)) as c:
+        assert c.get("/admin/adapters", headers=ops).json()["adapters"] == {"v2": str(tiny_loras[0].resolve())}
+        after = c.post("/v1/chat/completions", headers=dev, json=chat).json()["choices"][0]["message"]["content"]
+        assert after == before
+        r = c.post("/v1/chat/completions", headers=dev, json={**chat, "model": "v9"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_unavailable"
+        assert "not-on-this-volume" in r.json()["error"]["message"] and r.headers["retry-after"] == "30"
+        assert 'llmstack_adapter_load_failures_total{adapter="v9"} 1.0' in c.get("/metrics", headers=ops).text
+        assert c.delete("/admin/adapters/v9", headers=ops).status_code == 200  # off the store, for every replica
+        assert c.post("/v1/chat/completions", headers=dev, json={**chat, "model": "v9"}).status_code == 404
+    assert set(json.loads(store.read_text())["adapters"]) == {"v2"}

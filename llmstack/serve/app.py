@@ -9,6 +9,7 @@ unloaded at runtime). Every error body is OpenAI-shaped: {"error": {"message", "
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -111,6 +112,19 @@ ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/v1/models
           "/v1/completions", "/v1/monitor/profile"}
 
 
+async def _keep_adapters_in_sync(srv: Server) -> None:
+    """Every refresh_s: load and unload runtime adapters as the shared routes store says (another replica's
+    `llmstack adapters load/unload`). A failing store read is logged and tried again; it never ends the loop."""
+    while True:
+        await asyncio.sleep(srv.router.refresh_s)
+        try:
+            await srv.sync_adapters()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - redis away for a moment: serve what is loaded, try again
+            log.warning("runtime adapters not synced with the routes store: %s", exc)
+
+
 def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: KeyFile | None = None,
               audit_path: str | None = None) -> FastAPI:
     """The app. The engine is started in the app's lifespan and shut down (after uvicorn drains) at its end."""
@@ -125,15 +139,20 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                          policy.audit.unauthenticated_per_minute, on_failure=metrics.audit_failures.inc,
                          on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc())
         router = Router(spec.routes, store=spec.routes_store)
-        check_routes({n: router.get(n) for n in router.names()}, engine.names)  # a persisted route must still fit
-        ref["server"] = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
+        # a persisted route must still fit: what this engine serves, or a runtime adapter the store lists
+        check_routes({n: router.get(n) for n in router.names()}, [*engine.names, *router.adapters()])
+        ref["server"] = srv = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
                                limiter=RateLimiter(policy), metrics=metrics, audit=audit, router=router,
                                traffic=TrafficProfile(),
                                drift_reference=load_profile(spec.drift_reference) if spec.drift_reference else None)
         if not engine.ready:
             await engine.start()
+        await srv.sync_adapters()  # the runtime adapters the store lists (a restart, or a replica joining)
+        syncing = asyncio.create_task(_keep_adapters_in_sync(srv)) if router.store is not None else None
         log.info("serving %s with the %s engine", ", ".join(engine.names), engine.kind)
         yield
+        if syncing is not None:
+            syncing.cancel()
         await engine.shutdown()
         audit.flush()
 
@@ -225,8 +244,9 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
             route = Route.model_validate(await request.json())
         except (ValidationError, ValueError) as exc:
             raise APIError(400, f"not a valid route: {str(exc)[:500]}", code="invalid_route") from None
+        await ref["server"].sync_adapters(max_age=0)  # an adapter loaded on another replica a moment ago
         try:
-            check_routes({name: route}, engine.names)
+            check_routes({name: route}, [*engine.names, *router.adapters()])
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_route") from None
         router.set(name, route)
@@ -268,12 +288,17 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         srv = ref["server"]
         eng = _adapter_engine(request)
         body = await read_json(request, srv, AdapterLoad)
+        async with srv.adapter_lock:  # the name check, the load and the store entry, with no sync in between
+            await srv.sync_adapters_locked(max_age=0)
+            return await _load_adapter(request, srv, eng, name, body)
+
+    async def _load_adapter(request: Request, srv: Server, eng, name: str, body: AdapterLoad) -> dict:
         status = 400
         try:
             if not ADAPTER_NAME.match(name):
                 raise APIError(400, "an adapter name is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
                                "or digit", param="name")
-            if name in srv.public_names():
+            if name in srv.public_names() or name in srv.router.adapters():
                 status = 409
                 raise APIError(409, f"'{name}' is already served (a model, adapter or route of that name); unload "
                                "it first or pick another name", code="name_taken")
@@ -292,6 +317,8 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         except APIError:
             _audit_admin(request, "adapter_load", name[:64], status, {"path": body.path[:500]})
             raise
+        srv.runtime_adapters.add(name)
+        await asyncio.to_thread(srv.router.set_adapter, name, str(folder.resolve()))  # every replica loads it too
         _audit_admin(request, "adapter_load", name, 200, {"path": str(folder.resolve())})
         log.info("adapter %s loaded from %s by %s", name, folder, request.state.key.id)
         return _adapters_view()
@@ -300,16 +327,24 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     async def unload_adapter(name: str, request: Request):
         srv = ref["server"]
         eng = _adapter_engine(request)
-        if name not in getattr(eng, "adapters", {}):
-            _audit_admin(request, "adapter_unload", name[:64], 404)
-            raise APIError(404, f"no adapter named '{name[:64]}' is loaded", code="adapter_not_found")
-        users = [r for r, route in srv.router.snapshot().items()
-                 if name in (route.get("primary"), (route.get("canary") or {}).get("model"), route.get("shadow"))]
-        if users:
-            _audit_admin(request, "adapter_unload", name, 409)
-            raise APIError(409, f"route(s) {', '.join(users)} still send traffic to '{name}': change them first",
-                           code="adapter_in_use")
-        await eng.unload_adapter(name)
+        async with srv.adapter_lock:
+            await srv.sync_adapters_locked(max_age=0)
+            shared = srv.router.adapters()
+            if name not in eng.adapters and name not in shared:
+                _audit_admin(request, "adapter_unload", name[:64], 404)
+                raise APIError(404, f"no adapter named '{name[:64]}' is loaded", code="adapter_not_found")
+            users = [r for r, route in srv.router.snapshot().items()
+                     if name in (route.get("primary"), (route.get("canary") or {}).get("model"), route.get("shadow"))]
+            if users:
+                _audit_admin(request, "adapter_unload", name, 409)
+                raise APIError(409, f"route(s) {', '.join(users)} still send traffic to '{name}': change them first",
+                               code="adapter_in_use")
+            if name in eng.adapters:
+                await eng.unload_adapter(name)
+            srv.runtime_adapters.discard(name)
+            srv.adapter_errors.pop(name, None)
+            if name in shared:
+                await asyncio.to_thread(srv.router.drop_adapter, name)  # and from every replica
         _audit_admin(request, "adapter_unload", name, 200)
         log.info("adapter %s unloaded by %s", name, request.state.key.id)
         return _adapters_view()

@@ -14,8 +14,10 @@ admin endpoint).
 Where the routes live (`serve.routes_store`): in memory (the YAML's routes, lost on restart), in a JSON file (a restart
 keeps what the last change left), or in redis (`redis://…`, the same store the rate limits can use): every replica
 reads the routes from there, so a `route set` or `rollback` sent to any replica is what all of them serve within
-`refresh_s`, and survives restarts. Changes are read-modify-write transactions (redis WATCH/MULTI, a file lock), so
-two admins on two replicas cannot lose each other's change.
+`refresh_s`, and survives restarts. LoRA adapters loaded at runtime (`llmstack adapters load`) are kept there too, as
+name -> folder: every replica loads what the store lists and unloads what it no longer lists (the folder must be at the
+same path on every replica: a shared volume), and a restarted replica loads them again. Changes are read-modify-write
+transactions (redis WATCH/MULTI, a file lock), so two admins on two replicas cannot lose each other's change.
 """
 
 from __future__ import annotations
@@ -97,15 +99,17 @@ def open_store(where: str | None):
     return RedisStore(where) if where.startswith(("redis://", "rediss://", "redis+unix://")) else FileStore(where)
 
 
-def _dump(routes: dict[str, Route], history: dict[str, list[Route | None]]) -> dict:
+def _dump(routes: dict[str, Route], history: dict[str, list[Route | None]], adapters: dict[str, str]) -> dict:
     return {"routes": {n: r.model_dump(exclude_none=True) for n, r in routes.items()},
             "history": {n: [None if r is None else r.model_dump(exclude_none=True) for r in h]
-                        for n, h in history.items()}}
+                        for n, h in history.items()},
+            "adapters": dict(adapters)}
 
 
-def _parse(state: dict) -> tuple[dict[str, Route], dict[str, list[Route | None]]]:
+def _parse(state: dict) -> tuple[dict[str, Route], dict[str, list[Route | None]], dict[str, str]]:
     return ({n: Route.model_validate(r) for n, r in state["routes"].items()},
-            {n: [None if r is None else Route.model_validate(r) for r in h] for n, h in state["history"].items()})
+            {n: [None if r is None else Route.model_validate(r) for r in h] for n, h in state["history"].items()},
+            dict(state.get("adapters") or {}))  # a store written before adapters were kept there has none
 
 
 class Router:
@@ -115,20 +119,22 @@ class Router:
     def __init__(self, routes: dict[str, Route] | None = None, store: str | None = None, refresh_s: float = 1.0):
         self._routes = dict(routes or {})
         self._history: dict[str, list[Route | None]] = {}
+        self._adapters: dict[str, str] = {}  # LoRA adapters loaded at runtime: name -> folder (every replica loads)
         self._lock = threading.Lock()
         self.store = open_store(store)
         self.refresh_s, self._loaded = refresh_s, 0.0
         if self.store is not None:
-            seed = _dump(self._routes, self._history)
+            seed = _dump(self._routes, self._history, self._adapters)
             self._set_state(self.store.update(lambda state: state or seed))
 
     def _set_state(self, state: dict) -> None:
-        self._routes, self._history = _parse(state)
+        self._routes, self._history, self._adapters = _parse(state)
         self._loaded = time.monotonic()
 
-    def _fresh(self) -> None:
+    def _fresh(self, max_age: float | None = None) -> None:
         """Another replica may have changed the routes: read them again when the last read is refresh_s old."""
-        if self.store is not None and time.monotonic() - self._loaded > self.refresh_s:
+        age = self.refresh_s if max_age is None else max_age
+        if self.store is not None and time.monotonic() - self._loaded > age:
             state = self.store.load()
             with self._lock:
                 if state is not None:
@@ -164,27 +170,28 @@ class Router:
         result: dict = {}
 
         def change(state: dict | None) -> dict:
-            routes, history = _parse(state) if state else (dict(self._routes), copy.deepcopy(self._history))
-            result["value"] = apply(routes, history)
-            return _dump(routes, history)
+            routes, history, adapters = _parse(state) if state else (
+                dict(self._routes), copy.deepcopy(self._history), dict(self._adapters))
+            result["value"] = apply(routes, history, adapters)
+            return _dump(routes, history, adapters)
 
         with self._lock:
             if self.store is None:
-                state = change(_dump(self._routes, self._history))
+                state = change(_dump(self._routes, self._history, self._adapters))
             else:
                 state = self.store.update(change)
             self._set_state(state)
         return result["value"]
 
     def set(self, name: str, route: Route) -> None:
-        def apply(routes, history):
+        def apply(routes, history, adapters):
             history.setdefault(name, []).append(copy.deepcopy(routes.get(name)))
             routes[name] = route
 
         self._change(apply)
 
     def rollback(self, name: str) -> Route | None:
-        def apply(routes, history):
+        def apply(routes, history, adapters):
             if not history.get(name):
                 raise KeyError(f"route '{name}' has no earlier version to roll back to")
             previous = history[name].pop()
@@ -195,6 +202,17 @@ class Router:
             return previous
 
         return self._change(apply)
+
+    # ---- runtime adapters: which LoRA folders every replica should serve, and under which names
+    def adapters(self, max_age: float | None = None) -> dict[str, str]:
+        self._fresh(max_age)
+        return dict(self._adapters)
+
+    def set_adapter(self, name: str, path: str) -> None:
+        self._change(lambda routes, history, adapters: adapters.__setitem__(name, path))
+
+    def drop_adapter(self, name: str) -> None:
+        self._change(lambda routes, history, adapters: adapters.pop(name, None))
 
     def snapshot(self) -> dict[str, Any]:
         self._fresh()

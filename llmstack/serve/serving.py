@@ -60,6 +60,12 @@ class Server:
     # that a call may change, and two worker threads must not see each other's.
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    # LoRA adapters loaded at runtime (`llmstack adapters load`): kept in the routes store so every replica serves
+    # the same ones; this replica's share of that (see sync_adapters)
+    runtime_adapters: set = field(default_factory=set)  # names this replica loaded at runtime (not from server.yaml)
+    adapter_errors: dict = field(default_factory=dict)  # name -> (folder, why, when) this replica could not load it
+    adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one adapter change at a time per replica
+
     shadow_budget: KeyEntry = field(init=False)
 
     def __post_init__(self):
@@ -99,6 +105,46 @@ class Server:
             self.in_flight_by_key[key.id] = left
         else:
             self.in_flight_by_key.pop(key.id, None)
+
+    ADAPTER_RETRY_S = 30.0  # a folder that failed to load is tried again after this long (a volume mounted late)
+
+    async def sync_adapters(self, max_age: float | None = None) -> None:
+        """Make this replica serve the runtime adapters the routes store lists (read at most `max_age` s ago;
+        default: the router's refresh): load those missing here, unload those this replica loaded at runtime that the
+        store no longer lists (another replica's `adapters unload`). Adapters from server.yaml are never touched. A
+        folder this replica cannot load is logged, counted (llmstack_adapter_load_failures_total) and remembered:
+        requests for that name get a 503 here, and the load is tried again after ADAPTER_RETRY_S."""
+        if not hasattr(self.engine, "load_adapter"):
+            return
+        async with self.adapter_lock:
+            await self.sync_adapters_locked(max_age)
+
+    async def sync_adapters_locked(self, max_age: float | None = None) -> None:  # holding adapter_lock
+        wanted = await asyncio.to_thread(self.router.adapters, max_age)  # a store read: off the event loop
+        loaded = self.engine.adapters
+        for name in [n for n in self.runtime_adapters if n not in wanted or loaded.get(n) != wanted[n]]:
+            if name in loaded:
+                await self.engine.unload_adapter(name)
+            self.runtime_adapters.discard(name)
+            log.info("adapter %s unloaded: no longer in the routes store", name)
+        for name, path in wanted.items():
+            if name in loaded:
+                continue  # loaded now, or a server.yaml adapter of that name (which wins here)
+            failed = self.adapter_errors.get(name)
+            if failed and failed[0] == path and time.monotonic() - failed[2] < self.ADAPTER_RETRY_S:
+                continue
+            try:
+                await self.engine.load_adapter(name, path)
+            except (EngineRejected, EngineUnavailable) as exc:
+                self.adapter_errors[name] = (path, str(exc)[:300], time.monotonic())
+                self.metrics.adapter_load_failures.labels(name).inc()
+                log.warning("adapter %s from the routes store could not be loaded here: %s", name, exc)
+                continue
+            self.runtime_adapters.add(name)
+            self.adapter_errors.pop(name, None)
+            log.info("adapter %s loaded from %s (the routes store lists it)", name, path)
+        for name in [n for n in self.adapter_errors if n not in wanted]:
+            del self.adapter_errors[name]
 
     def public_names(self) -> list[str]:
         """What clients may ask for: the engine's models and adapters, then route names that are not one of them."""
@@ -315,6 +361,12 @@ async def generate(request: Request, srv: Server, chat: bool):
         if chat:  # schemas are checked in a worker thread: a request may carry many
             plan = await srv.in_worker(plan_tools, req, srv.policy.caps)
             check_history(req)
+        if req.model not in srv.public_names():
+            await srv.sync_adapters(max_age=0.25)  # loaded on another replica a moment ago?
+        if req.model not in srv.public_names() and req.model in srv.adapter_errors and KeyRing.allows(key, req.model):
+            raise APIError(503, f"adapter '{req.model}' is loaded on other replicas but could not be loaded on this "
+                           f"one ({srv.adapter_errors[req.model][1]}); retry shortly", param="model",
+                           code="adapter_unavailable", headers={"Retry-After": "30"})
         if req.model not in srv.public_names():
             mine = [m for m in srv.public_names() if KeyRing.allows(key, m)]
             raise APIError(404, f"model '{req.model[:200]}' does not exist or is not available to this key; this key "
