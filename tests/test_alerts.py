@@ -16,7 +16,7 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="needs promtool (De
 def test_rules_are_valid():
     proc = subprocess.run([PROMTOOL, "check", "rules", "alerts.yaml"], cwd=SERVE, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 6 rules found" in proc.stdout
+    assert "SUCCESS: 7 rules found" in proc.stdout
 
 
 @needs_promtool

@@ -121,6 +121,15 @@ class RateLimits(Strict):
                                                                      "request gets no shadow")
     max_concurrent: int = Field(16, gt=0, description="requests one key may have in flight at once, per replica "
                                                      "(streams included); more get 429. A key may override it")
+    on_store_error: Literal["allow", "deny"] = Field(
+        "allow", description="when the storage (redis) cannot be reached or does not answer within store_timeout_s: "
+                             "allow (serve without the limits, count llmstack_store_errors_total, which an alert "
+                             "watches) or deny (answer 503 until it is back)")
+    store_timeout_s: float = Field(0.5, gt=0, le=30, description="how long a request waits for the storage before "
+                                                                 "on_store_error applies; after a failure the storage "
+                                                                 "is skipped for store_retry_s")
+    store_retry_s: float = Field(5.0, gt=0, le=300, description="after a storage failure, requests skip it (and "
+                                                                "on_store_error applies at once) this long")
 
     @field_validator("storage")
     @classmethod

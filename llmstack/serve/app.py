@@ -33,6 +33,7 @@ from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.engines import EngineRejected, EngineUnavailable
 from llmstack.serve.protocol import AdapterLoad, APIError, validation_message
 from llmstack.serve.routing import Router
+from llmstack.serve.routing import StoreUnavailable as RoutesStoreUnavailable
 from llmstack.serve.serving import Server, check_routes, generate, new_request_id, read_json
 
 log = logging.getLogger("llmstack.serve")
@@ -112,17 +113,36 @@ ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/v1/models
           "/v1/completions", "/v1/monitor/profile"}
 
 
-async def _keep_adapters_in_sync(srv: Server) -> None:
-    """Every refresh_s: load and unload runtime adapters as the shared routes store says (another replica's
-    `llmstack adapters load/unload`). A failing store read is logged and tried again; it never ends the loop."""
+async def _keep_in_sync(srv: Server) -> None:
+    """Every refresh_s, off the event loop: read the routes store (another replica's route changes), then load and
+    unload runtime adapters as it says (another replica's `llmstack adapters load/unload`). A failing store is
+    counted by the router and tried again; nothing here ends the loop."""
     while True:
         await asyncio.sleep(srv.router.refresh_s)
         try:
+            await asyncio.to_thread(srv.router.refresh)
             await srv.sync_adapters()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - redis away for a moment: serve what is loaded, try again
-            log.warning("runtime adapters not synced with the routes store: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - an engine refusing a load mid-restart: serve what is loaded
+            log.warning("routes store sync failed: %s", exc)
+
+
+def _store_errors(metrics: ServeMetrics, store: str, meanwhile: str):
+    """The on_error hook of a shared store: count every failure (llmstack_store_errors_total{store}, which an alert
+    watches), log at most one line per 10 s (an outage under load would otherwise write thousands a second)."""
+    last = [float("-inf")]
+
+    def record(exc: Exception) -> None:
+        metrics.store_errors.labels(store).inc()
+        if time.monotonic() - last[0] > 10:
+            last[0] = time.monotonic()
+            log.warning("the %s store failed (%s: %s); %s", store, type(exc).__name__, str(exc)[:200], meanwhile)
+    return record
+
+
+def _routes_store_down(exc: Exception) -> APIError:
+    return APIError(503, f"{exc}. Retry shortly", code="store_unavailable", headers={"Retry-After": "5"})
 
 
 def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: KeyFile | None = None,
@@ -139,16 +159,21 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                          policy.audit.unauthenticated_per_minute, on_failure=metrics.audit_failures.inc,
                          on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc())
         router = Router(spec.routes, store=spec.routes_store)
+        router.on_error = _store_errors(metrics, "routes", "requests are routed as last read; route and adapter "
+                                                           "changes are refused with 503 until it is back")
+        router.background = router.store is not None  # _keep_in_sync reads the store; requests never wait on it
         # a persisted route must still fit: what this engine serves, or a runtime adapter the store lists
         check_routes({n: router.get(n) for n in router.names()}, [*engine.names, *router.adapters()])
+        limiter = RateLimiter(policy, on_store_error=_store_errors(
+            metrics, "rate_limits", f"rate_limits.on_store_error: {policy.rate_limits.on_store_error}"))
         ref["server"] = srv = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
-                               limiter=RateLimiter(policy), metrics=metrics, audit=audit, router=router,
-                               traffic=TrafficProfile(),
-                               drift_reference=load_profile(spec.drift_reference) if spec.drift_reference else None)
+                                     limiter=limiter, metrics=metrics, audit=audit, router=router,
+                                     traffic=TrafficProfile(), drift_reference=load_profile(spec.drift_reference)
+                                     if spec.drift_reference else None)
         if not engine.ready:
             await engine.start()
         await srv.sync_adapters()  # the runtime adapters the store lists (a restart, or a replica joining)
-        syncing = asyncio.create_task(_keep_adapters_in_sync(srv)) if router.store is not None else None
+        syncing = asyncio.create_task(_keep_in_sync(srv)) if router.store is not None else None
         log.info("serving %s with the %s engine", ", ".join(engine.names), engine.kind)
         yield
         if syncing is not None:
@@ -249,7 +274,11 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
             check_routes({name: route}, [*engine.names, *router.adapters()])
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_route") from None
-        router.set(name, route)
+        try:
+            await asyncio.to_thread(router.set, name, route)
+        except RoutesStoreUnavailable as exc:
+            _audit_admin(request, "route_set", name, 503)
+            raise _routes_store_down(exc) from None
         _audit_admin(request, "route_set", name, 200, route.model_dump(exclude_none=True))
         log.info("route %s set to %s by %s", name, route.model_dump(exclude_none=True), request.state.key.id)
         return router.snapshot()
@@ -258,10 +287,13 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     async def rollback_route(name: str, request: Request):
         router = _admin(request)
         try:
-            router.rollback(name)
+            await asyncio.to_thread(router.rollback, name)
         except KeyError as exc:
             _audit_admin(request, "route_rollback", name, 409)
             raise APIError(409, str(exc.args[0]), code="nothing_to_roll_back") from None
+        except RoutesStoreUnavailable as exc:
+            _audit_admin(request, "route_rollback", name, 503)
+            raise _routes_store_down(exc) from None
         _audit_admin(request, "route_rollback", name, 200, router.snapshot().get(name))
         log.info("route %s rolled back by %s", name, request.state.key.id)
         return router.snapshot()
@@ -314,11 +346,16 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                 status = 503
                 raise APIError(503, f"the model engine is unavailable ({exc}); retry shortly",
                                code="engine_unavailable", headers={"Retry-After": "5"}) from None
+            try:  # every replica loads it too
+                await asyncio.to_thread(srv.router.set_adapter, name, str(folder.resolve()))
+            except RoutesStoreUnavailable as exc:
+                await eng.unload_adapter(name)  # not in the store: not served here either
+                status = 503
+                raise _routes_store_down(exc) from None
         except APIError:
             _audit_admin(request, "adapter_load", name[:64], status, {"path": body.path[:500]})
             raise
         srv.runtime_adapters.add(name)
-        await asyncio.to_thread(srv.router.set_adapter, name, str(folder.resolve()))  # every replica loads it too
         _audit_admin(request, "adapter_load", name, 200, {"path": str(folder.resolve())})
         log.info("adapter %s loaded from %s by %s", name, folder, request.state.key.id)
         return _adapters_view()
@@ -339,12 +376,16 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                 _audit_admin(request, "adapter_unload", name, 409)
                 raise APIError(409, f"route(s) {', '.join(users)} still send traffic to '{name}': change them first",
                                code="adapter_in_use")
+            if name in shared:
+                try:  # off the store first: from every replica, or (store down) from none
+                    await asyncio.to_thread(srv.router.drop_adapter, name)
+                except RoutesStoreUnavailable as exc:
+                    _audit_admin(request, "adapter_unload", name, 503)
+                    raise _routes_store_down(exc) from None
             if name in eng.adapters:
                 await eng.unload_adapter(name)
             srv.runtime_adapters.discard(name)
             srv.adapter_errors.pop(name, None)
-            if name in shared:
-                await asyncio.to_thread(srv.router.drop_adapter, name)  # and from every replica
         _audit_admin(request, "adapter_unload", name, 200)
         log.info("adapter %s unloaded by %s", name, request.state.key.id)
         return _adapters_view()

@@ -64,21 +64,32 @@ def presented_key(headers) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ rate limits
+class StoreUnavailable(Exception):
+    """The rate-limit storage cannot be reached and the policy says deny (`rate_limits.on_store_error`)."""
+
+
 class RateLimiter:
     """Requests/min and tokens/min per key. Tokens are reserved up front (prompt + max_tokens), as OpenAI does,
-    so a burst of long generations cannot overrun the budget before the first one finishes."""
+    so a burst of long generations cannot overrun the budget before the first one finishes.
 
-    def __init__(self, policy: GuardPolicy):
+    A shared storage (redis) that fails or hangs must not fail or stall requests: each call waits at most
+    `store_timeout_s`, a failure is counted (`on_store_error` callback: a metric an alert watches) and for
+    `store_retry_s` the storage is skipped, so during an outage requests do not each wait the timeout. Meanwhile
+    `on_store_error: allow` serves without limits, `deny` raises StoreUnavailable (the API's 503)."""
+
+    def __init__(self, policy: GuardPolicy, on_store_error=None):
         from limits import parse
         from limits.aio import strategies
         from limits.storage import storage_from_string
 
         cfg = policy.rate_limits
         uri = cfg.storage
-        options = {}
+        options = {"wrap_exceptions": True}  # any storage failure arrives as limits.errors.StorageError
         if uri.startswith(("redis", "rediss")):
             options["implementation"] = "redispy"  # the installed client (coredis is not)
         self.storage = storage_from_string("async+" + uri, **options)
+        self.on_store_error = on_store_error or (lambda exc: None)
+        self._down_until = 0.0  # monotonic time until which the storage is skipped after a failure
         cls = {"moving-window": strategies.MovingWindowRateLimiter,
                "fixed-window": strategies.FixedWindowRateLimiter,
                "sliding-window-counter": strategies.SlidingWindowCounterRateLimiter}[cfg.strategy]
@@ -91,11 +102,29 @@ class RateLimiter:
         tpm = entry.tokens_per_minute or self.defaults.tokens_per_minute
         return self._parse(f"{rpm}/minute"), self._parse(f"{tpm}/minute")
 
+    async def _store(self, call, fallback):
+        """`await call()` within the timeout; on a storage failure: count it, skip the storage for a while, and
+        return `fallback` (allow) or raise StoreUnavailable (deny)."""
+        import asyncio
+
+        from limits.errors import StorageError
+
+        cfg = self.defaults
+        if time.monotonic() >= self._down_until:
+            try:
+                return await asyncio.wait_for(call(), cfg.store_timeout_s)
+            except (StorageError, asyncio.TimeoutError, OSError) as exc:
+                self._down_until = time.monotonic() + cfg.store_retry_s
+                self.on_store_error(getattr(exc, "storage_error", exc) or exc)
+        if cfg.on_store_error == "deny":
+            raise StoreUnavailable(f"the rate-limit storage is unavailable (retried every {cfg.store_retry_s:g} s)")
+        return fallback
+
     async def admit_request(self, entry: KeyEntry) -> float | None:
         """Count one request against the key's requests/min, before any work is done for it (a refused request
         counts too: refusing is work). None if admitted, else seconds until retry."""
         rpm, _ = self._limits(entry)
-        if not await self.limiter.hit(rpm, "rpm", entry.id):
+        if not await self._store(lambda: self.limiter.hit(rpm, "rpm", entry.id), True):
             return await self._retry_after(rpm, entry.id, "rpm")
         return None
 
@@ -104,7 +133,7 @@ class RateLimiter:
         until retry. A request larger than the whole budget can never fit: `never_fits` says so (a 400, not a 429
         that a client would retry forever)."""
         _, tpm = self._limits(entry)
-        if not await self.limiter.hit(tpm, "tpm", entry.id, cost=tokens):
+        if not await self._store(lambda: self.limiter.hit(tpm, "tpm", entry.id, cost=tokens), True):
             return await self._retry_after(tpm, entry.id, "tpm")
         return None
 
@@ -114,8 +143,8 @@ class RateLimiter:
         return tpm.amount if tokens > tpm.amount else None
 
     async def _retry_after(self, item, key_id: str, kind: str) -> float:
-        stats = await self.limiter.get_window_stats(item, kind, key_id)
-        return max(1.0, stats.reset_time - time.time())
+        stats = await self._store(lambda: self.limiter.get_window_stats(item, kind, key_id), None)
+        return max(1.0, stats.reset_time - time.time()) if stats else 1.0
 
 
 # ------------------------------------------------------------------------------------------------------ rails

@@ -37,5 +37,7 @@ class ServeMetrics:
                                       "permissions)", registry=r)
         self.audit_dropped = Counter("llmstack_audit_dropped", "audit lines not written on purpose: 401s past the "
                                      "per-minute allowance, or a full writer queue", ["reason"], registry=r)
+        self.store_errors = Counter("llmstack_store_errors", "failed or timed-out calls to a shared store (redis): "
+                                    "rate_limits or routes", ["store"], registry=r)
         self.adapter_load_failures = Counter("llmstack_adapter_load_failures", "runtime adapters the shared store "
                                              "lists that this replica could not load", ["adapter"], registry=r)

@@ -41,8 +41,14 @@ def bucket(sticky: str, name: str) -> float:
     return int.from_bytes(digest[:8], "big") % 1_000_000 / 10_000
 
 
+class StoreUnavailable(Exception):
+    """The routes store cannot be read or written (redis down, a file that cannot be written)."""
+
+
 class FileStore:
     """Routes and history in a JSON file, replaced atomically; changes under an exclusive lock file."""
+
+    errors: tuple = (OSError, ValueError)  # what a failing store raises (a full disk, a file cut short)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -70,7 +76,8 @@ class RedisStore:
     def __init__(self, url: str):
         import redis
 
-        self.client = redis.Redis.from_url(url, socket_timeout=2)
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.errors = (redis.RedisError, OSError)
 
     def load(self) -> dict | None:
         raw = self.client.get(self.KEY)
@@ -114,7 +121,11 @@ def _parse(state: dict) -> tuple[dict[str, Route], dict[str, list[Route | None]]
 
 class Router:
     """Thread-safe routing table with a history per route (for rollback), kept in a store when one is given (see the
-    module docstring): the store's state wins over the YAML's routes, which only seed an empty store."""
+    module docstring): the store's state wins over the YAML's routes, which only seed an empty store.
+
+    Reading the store is blocking I/O. A server sets `background = True` and calls `refresh()` from a thread every
+    refresh_s: requests then only read what is in memory, and a store that hangs or is down never stalls or fails
+    them (they are routed as last read; `on_error` counts each failed read). Without that, reads refresh inline."""
 
     def __init__(self, routes: dict[str, Route] | None = None, store: str | None = None, refresh_s: float = 1.0):
         self._routes = dict(routes or {})
@@ -123,22 +134,40 @@ class Router:
         self._lock = threading.Lock()
         self.store = open_store(store)
         self.refresh_s, self._loaded = refresh_s, 0.0
+        self.background = False  # True: the owner calls refresh() itself (off the event loop)
+        self.on_error: Callable[[Exception], None] = lambda exc: None
         if self.store is not None:
             seed = _dump(self._routes, self._history, self._adapters)
-            self._set_state(self.store.update(lambda state: state or seed))
+            try:
+                self._set_state(self.store.update(lambda state: state or seed))
+            except self.store.errors as exc:
+                raise StoreUnavailable(f"routes_store {store}: cannot read it ({type(exc).__name__}: {exc})") from None
 
     def _set_state(self, state: dict) -> None:
         self._routes, self._history, self._adapters = _parse(state)
         self._loaded = time.monotonic()
 
-    def _fresh(self, max_age: float | None = None) -> None:
-        """Another replica may have changed the routes: read them again when the last read is refresh_s old."""
+    def refresh(self, max_age: float | None = None) -> None:
+        """Read the store again if the last read is older than max_age (default refresh_s). A failed read keeps
+        what was read last, counts (on_error) and is tried again after refresh_s."""
         age = self.refresh_s if max_age is None else max_age
-        if self.store is not None and time.monotonic() - self._loaded > age:
+        if self.store is None or time.monotonic() - self._loaded <= age:
+            return
+        try:
             state = self.store.load()
-            with self._lock:
-                if state is not None:
-                    self._set_state(state)
+        except self.store.errors as exc:
+            self._loaded = time.monotonic()
+            self.on_error(exc)
+            return
+        with self._lock:
+            if state is not None:
+                self._set_state(state)
+
+    def _fresh(self) -> None:
+        """Another replica may have changed the routes: read them again when the last read is refresh_s old
+        (unless the owner refreshes in the background)."""
+        if not self.background:
+            self.refresh()
 
     def names(self) -> list[str]:
         self._fresh()
@@ -179,7 +208,12 @@ class Router:
             if self.store is None:
                 state = change(_dump(self._routes, self._history, self._adapters))
             else:
-                state = self.store.update(change)
+                try:
+                    state = self.store.update(change)
+                except self.store.errors as exc:
+                    self.on_error(exc)
+                    raise StoreUnavailable(f"the routes store is unavailable ({type(exc).__name__}: "
+                                           f"{str(exc)[:200]}); nothing was changed") from None
             self._set_state(state)
         return result["value"]
 
@@ -205,7 +239,12 @@ class Router:
 
     # ---- runtime adapters: which LoRA folders every replica should serve, and under which names
     def adapters(self, max_age: float | None = None) -> dict[str, str]:
-        self._fresh(max_age)
+        """The runtime adapters the store lists, read at most max_age s ago (blocking: call it off the event loop
+        when max_age is given)."""
+        if max_age is None:
+            self._fresh()
+        else:
+            self.refresh(max_age)
         return dict(self._adapters)
 
     def set_adapter(self, name: str, path: str) -> None:

@@ -27,7 +27,7 @@ from llmstack.config.serve import GuardPolicy, KeyEntry, Route, ServeSpec
 from llmstack.serve.audit import AuditLog
 from llmstack.serve.engines import EngineRejected, EngineUnavailable, GenParams
 from llmstack.pii import find_pii
-from llmstack.serve.guard import KeyRing, RateLimiter, StreamRail, check_text
+from llmstack.serve.guard import KeyRing, RateLimiter, StoreUnavailable, StreamRail, check_text
 from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.protocol import (APIError, ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs,
                                      parse_body, sse, usage, validation_message)
@@ -173,6 +173,11 @@ class Server:
         finally:
             self.metrics.in_flight.dec()
             self.slots.release()
+
+
+def _store_down(exc: StoreUnavailable) -> APIError:
+    return APIError(503, f"{exc}; the server refuses requests it cannot count (rate_limits.on_store_error: deny). "
+                    "Retry shortly", code="rate_limit_store_unavailable", headers={"Retry-After": "5"})
 
 
 def new_request_id(prefix: str = "req") -> str:
@@ -347,7 +352,10 @@ async def generate(request: Request, srv: Server, chat: bool):
     holding = False  # this request holds one of its key's concurrent places (released when it ends)
     handed_over = False  # a stream took over the key place and the engine slot: it releases them itself
     try:
-        retry = await srv.limiter.admit_request(key)
+        try:
+            retry = await srv.limiter.admit_request(key)
+        except StoreUnavailable as exc:
+            raise _store_down(exc) from None
         if retry is not None:
             srv.metrics.guard_blocks.labels("rate_limit:requests_per_minute").inc()
             audit["guard"].append("rate_limit:requests_per_minute")
@@ -411,7 +419,10 @@ async def generate(request: Request, srv: Server, chat: bool):
             raise APIError(400, f"this request needs up to {cost} tokens (prompt {n_prompt} + max_tokens "
                            f"{params.max_tokens} x n {params.n}) and key '{key.id}' may use {budget} a minute: it "
                            "can never be admitted; shorten it or lower max_tokens", code="tokens_exceed_limit")
-        retry = await srv.limiter.admit_tokens(key, cost)
+        try:
+            retry = await srv.limiter.admit_tokens(key, cost)
+        except StoreUnavailable as exc:
+            raise _store_down(exc) from None
         if retry is not None:
             srv.metrics.guard_blocks.labels("rate_limit:tokens_per_minute").inc()
             audit["guard"].append("rate_limit:tokens_per_minute")
@@ -658,7 +669,11 @@ async def start_shadow(srv: Server, model: str, public: str, rid: str, prompt_id
     """The shadow copy of a request, charged to the operator's shadow budget (rate_limits.shadow_tokens_per_minute):
     a flood of live requests cannot double the engine's load through their shadows. None when the budget is spent."""
     cost = len(prompt_ids) + params.max_tokens * params.n
-    if await srv.limiter.admit_tokens(srv.shadow_budget, cost) is not None:
+    try:
+        over = await srv.limiter.admit_tokens(srv.shadow_budget, cost) is not None
+    except StoreUnavailable:
+        over = True  # `deny`: no budget can be checked, so no shadow
+    if over:
         srv.metrics.guard_blocks.labels("shadow_budget").inc()
         return None
     task = asyncio.create_task(run_shadow(srv, model, public, rid, prompt_ids, params))

@@ -1,0 +1,140 @@
+"""The shared store (a real redis-server) hanging, gone and back, under the guarded API: requests are neither failed
+(no 500) nor stalled by it; route and adapter changes are refused with a 503 while it is away; every failure is
+counted in llmstack_store_errors_total; `rate_limits.on_store_error` decides between serving without limits (allow)
+and refusing (deny); once redis is back the limits hold again. The hang is redis's own `DEBUG SLEEP`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+from llmstack.serve.app import build_app
+from llmstack.serve.engines import load_tokenizer
+from llmstack.serve.guard import hash_key
+from llmstack.testing import ScriptedEngine, free_port
+
+USER, LIMITED, ADMIN = "sk-llmstack-outage-user", "sk-llmstack-outage-limited", "sk-llmstack-outage-admin"
+KEYS = KeyFile.model_validate({"keys": [
+    {"id": "user", "sha256": hash_key(USER)},
+    {"id": "limited", "sha256": hash_key(LIMITED), "requests_per_minute": 3},
+    {"id": "ops", "sha256": hash_key(ADMIN), "admin": True}]})
+ASK = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+class Redis:
+    """A redis-server on a fixed port that the test can hang (DEBUG SLEEP), stop and start again."""
+
+    def __init__(self, tmp_path):
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
+            pytest.skip("redis-server is not installed (Debian package redis-server; `make test` installs it)")
+        self.port, self.dir, self.proc = free_port(), tmp_path, None
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def start(self):
+        import redis
+
+        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir), "--enable-debug-command", "local"],
+                                     stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def hang(self, seconds: float) -> threading.Thread:
+        import redis
+
+        t = threading.Thread(target=lambda: redis.Redis(port=self.port).execute_command("DEBUG", "SLEEP", seconds))
+        t.start()
+        time.sleep(0.2)  # the server is asleep from here on
+        return t
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+def make_app(tiny_model, url: str, on_store_error: str = "allow"):
+    policy = GuardPolicy.model_validate({"rate_limits": {
+        "storage": url, "requests_per_minute": 10_000, "on_store_error": on_store_error, "store_timeout_s": 0.5,
+        "store_retry_s": 1.0}})
+    spec = ServeSpec(engine="hf", routes_store=url, routes={"assistant": {"primary": "v1"}})
+    engine = ScriptedEngine(load_tokenizer(tiny_model), " hello", names=["v1", "v2"])
+    return build_app(engine, spec, policy, KEYS)
+
+
+def ask(c, key: str = USER):
+    t0 = time.perf_counter()
+    r = c.post("/v1/chat/completions", json=ASK, headers={"Authorization": f"Bearer {key}"})
+    return r, time.perf_counter() - t0
+
+
+def store_errors(c, store: str) -> float:
+    for line in c.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text.splitlines():
+        if line.startswith(f'llmstack_store_errors_total{{store="{store}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_redis_hanging_or_gone_neither_fails_nor_stalls_requests(tiny_model, redis_server):
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with TestClient(make_app(tiny_model, redis_server.url), raise_server_exceptions=False) as c:
+        assert [ask(c, LIMITED)[0].status_code for _ in range(4)] == [200, 200, 200, 429]  # limits live in redis
+
+        sleeper = redis_server.hang(3)
+        answers = [ask(c) for _ in range(6)]
+        sleeper.join()
+        assert [r.status_code for r, _ in answers] == [200] * 6, answers[0][0].text
+        # the first waits out store_timeout_s (0.5 s) twice at most; after that redis is skipped for store_retry_s
+        assert answers[0][1] < 1.5 and max(t for _, t in answers[1:]) < 0.5, [round(t, 2) for _, t in answers]
+        assert store_errors(c, "rate_limits") >= 1
+
+        redis_server.stop()
+        time.sleep(1.2)  # the background sync meets the dead store too
+        r, took = ask(c)
+        assert r.status_code == 200 and r.json()["model"] == "v1" and took < 1.5  # routed as last read
+        assert c.get("/v1/models", headers=admin).status_code == 200
+        down = c.put("/admin/routes/assistant", json={"primary": "v2"}, headers=admin)
+        assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
+        assert "nothing was changed" in down.json()["error"]["message"] and down.headers["retry-after"] == "5"
+        assert c.post("/admin/routes/assistant/rollback", headers=admin).status_code in (409, 503)
+        assert store_errors(c, "routes") >= 2 and store_errors(c, "rate_limits") >= 2
+
+        redis_server.start()  # back, empty: limits count from zero, the routes are written again on the next change
+        time.sleep(1.2)  # store_retry_s
+        assert [ask(c, LIMITED)[0].status_code for _ in range(4)] == [200, 200, 200, 429]
+        assert c.put("/admin/routes/assistant", json={"primary": "v2"}, headers=admin).status_code == 200
+        assert ask(c)[0].json()["model"] == "v2"
+
+
+def test_deny_refuses_with_a_503_while_the_store_is_down(tiny_model, redis_server):
+    with TestClient(make_app(tiny_model, redis_server.url, "deny"), raise_server_exceptions=False) as c:
+        assert ask(c)[0].status_code == 200
+        redis_server.stop()
+        r, took = ask(c)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "rate_limit_store_unavailable", r.text
+        assert r.headers["retry-after"] == "5" and took < 1.5
+        assert ask(c)[1] < 0.5  # skipped for store_retry_s: refused at once, not after another timeout
+        redis_server.start()
+        time.sleep(1.2)
+        assert ask(c)[0].status_code == 200
