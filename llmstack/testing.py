@@ -163,10 +163,12 @@ def stop_process_group(proc, timeout: float = 60) -> None:
         proc.wait()
 
 
-def nginx_balancer_conf(folder: str | Path, listen: int, upstreams: list[int]) -> Path:
-    """serve/deploy/nginx-llmstack.conf (the config an operator copies) with these replica ports and listen port,
-    inside a main nginx.conf that keeps the pid file, logs and temp paths under `folder`, so nginx runs as any user
-    (`nginx -c <returned path> -e <folder>/error.log`)."""
+def nginx_balancer_conf(folder: str | Path, listen: int, upstreams: list[int],
+                        per_address: int | None = None) -> Path:
+    """serve/deploy/nginx-llmstack.conf (the config an operator copies) with these replica ports and listen port
+    (and, if given, another per-address limit on requests in flight), inside a main nginx.conf that keeps the pid
+    file, logs and temp paths under `folder`, so nginx runs as any user (`nginx -c <returned path> -e
+    <folder>/error.log`)."""
     import getpass
     import os
     import re
@@ -182,6 +184,11 @@ def nginx_balancer_conf(folder: str | Path, listen: int, upstreams: list[int]) -
     site, n = re.subn(r"listen 8000;", f"listen 127.0.0.1:{listen};", site)
     if n != 1:
         raise ValueError("serve/deploy/nginx-llmstack.conf no longer listens on 8000")
+    if per_address is not None:
+        site, n = re.subn(r"limit_conn llmstack_per_address \d+;", f"limit_conn llmstack_per_address {per_address};",
+                          site)
+        if n != 1:
+            raise ValueError("serve/deploy/nginx-llmstack.conf no longer sets limit_conn llmstack_per_address")
     (folder / "site.conf").write_text(site)
     temp = {k: folder / k for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for d in temp.values():

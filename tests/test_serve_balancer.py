@@ -211,3 +211,66 @@ def test_an_adapter_loaded_through_one_replica_is_served_by_every_replica(cluste
     gone = answer(a, "v4")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     assert {"v2", "v3"} <= set(httpx.get(f"{a}/admin/adapters", headers=A).json()["adapters"])  # server.yaml's stay
+
+
+def start_nginx(folder: Path, upstreams: list[int], per_address: int | None = None):
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    conf = nginx_balancer_conf(folder, port, upstreams, per_address=per_address)
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-e", str(folder / "error.log")], stderr=subprocess.PIPE)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_the_balancers_own_refusals_are_openai_errors(cluster):
+    """What nginx itself refuses reaches the official client as OpenAI-shaped errors, like the replicas' own: a body
+    over its 1 MiB, no replica reachable, and more requests in flight from one address than its limit (lowered to 4
+    here; 64 shipped) — four requests whose bodies never come hold their places, the fifth gets a 429 at once."""
+    import socket
+
+    import openai
+
+    big = httpx.post(cluster["lb"] + "/v1/chat/completions", content=b"x" * 2_000_000, timeout=30,
+                     headers={"Authorization": f"Bearer {USER}", "Content-Type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large", big.text
+
+    proc, dead = start_nginx(cluster["tmp"] / "nginx-dead", [free_port()])  # a port nothing listens on
+    try:
+        client = openai.OpenAI(api_key=USER, base_url=dead + "/v1", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "hi"}])
+        assert err.value.status_code == 502 and err.value.body["code"] == "replicas_unavailable"
+        assert err.value.response.headers["retry-after"] == "5"
+    finally:
+        stop(proc)
+
+    proc, lb = start_nginx(cluster["tmp"] / "nginx-limited", [int(r.rsplit(":", 1)[1]) for r in cluster["replicas"]],
+                           per_address=4)
+    held = []
+    try:
+        port = int(lb.rsplit(":", 1)[1])
+        for _ in range(4):  # headers sent, the body promised and never sent: each holds its place
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: lb\r\nAuthorization: Bearer {USER}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode())
+            held.append(s)
+        time.sleep(0.5)
+        over = httpx.post(lb + "/v1/chat/completions", json=ASK, timeout=30,
+                          headers={"Authorization": f"Bearer {USER}"})
+        assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_connections", over.text
+        assert over.headers["retry-after"] == "1"
+        for s in held:
+            s.close()
+        held = []
+        assert eventually(lambda: httpx.post(lb + "/v1/chat/completions", json=ASK, timeout=30,
+                                             headers={"Authorization": f"Bearer {USER}"}).status_code == 200)
+    finally:
+        for s in held:
+            s.close()
+        stop(proc)

@@ -143,25 +143,27 @@ class Router:
             except self.store.errors as exc:
                 raise StoreUnavailable(f"routes_store {store}: cannot read it ({type(exc).__name__}: {exc})") from None
 
-    def _set_state(self, state: dict) -> None:
+    def _set_state(self, state: dict, read_at: float | None = None) -> None:
+        """`read_at`: when the read began (what it shows is at least that recent; a write after it may be missing)."""
         self._routes, self._history, self._adapters = _parse(state)
-        self._loaded = time.monotonic()
+        self._loaded = time.monotonic() if read_at is None else read_at
 
     def refresh(self, max_age: float | None = None) -> None:
         """Read the store again if the last read is older than max_age (default refresh_s). A failed read keeps
         what was read last, counts (on_error) and is tried again after refresh_s."""
         age = self.refresh_s if max_age is None else max_age
-        if self.store is None or time.monotonic() - self._loaded <= age:
+        started = time.monotonic()
+        if self.store is None or started - self._loaded <= age:
             return
         try:
             state = self.store.load()
         except self.store.errors as exc:
-            self._loaded = time.monotonic()
+            self._loaded = started
             self.on_error(exc)
             return
         with self._lock:
             if state is not None:
-                self._set_state(state)
+                self._set_state(state, started)
 
     def _fresh(self) -> None:
         """Another replica may have changed the routes: read them again when the last read is refresh_s old

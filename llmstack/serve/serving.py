@@ -108,16 +108,17 @@ class Server:
 
     ADAPTER_RETRY_S = 30.0  # a folder that failed to load is tried again after this long (a volume mounted late)
 
-    async def sync_adapters(self, max_age: float | None = None) -> None:
+    async def sync_adapters(self, max_age: float | None = None, since: float | None = None) -> None:
         """Make this replica serve the runtime adapters the routes store lists (read at most `max_age` s ago;
         default: the router's refresh): load those missing here, unload those this replica loaded at runtime that the
         store no longer lists (another replica's `adapters unload`). Adapters from server.yaml are never touched. A
         folder this replica cannot load is logged, counted (llmstack_adapter_load_failures_total) and remembered:
-        requests for that name get a 503 here, and the load is tried again after ADAPTER_RETRY_S."""
+        requests for that name get a 503 here, and the load is tried again after ADAPTER_RETRY_S. `since` (a
+        time.monotonic()): read the store unless a read began after it — many requests waiting here share one read."""
         if not hasattr(self.engine, "load_adapter"):
             return
         async with self.adapter_lock:
-            await self.sync_adapters_locked(max_age)
+            await self.sync_adapters_locked(max_age if since is None else time.monotonic() - since)
 
     async def sync_adapters_locked(self, max_age: float | None = None) -> None:  # holding adapter_lock
         wanted = await asyncio.to_thread(self.router.adapters, max_age)  # a store read: off the event loop
@@ -370,7 +371,7 @@ async def generate(request: Request, srv: Server, chat: bool):
             plan = await srv.in_worker(plan_tools, req, srv.policy.caps)
             check_history(req)
         if req.model not in srv.public_names():
-            await srv.sync_adapters(max_age=0.25)  # loaded on another replica a moment ago?
+            await srv.sync_adapters(since=time.monotonic())  # loaded on another replica a moment ago?
         if req.model not in srv.public_names() and req.model in srv.adapter_errors and KeyRing.allows(key, req.model):
             raise APIError(503, f"adapter '{req.model}' is loaded on other replicas but could not be loaded on this "
                            f"one ({srv.adapter_errors[req.model][1]}); retry shortly", param="model",
