@@ -5,12 +5,14 @@ and refusing (deny); once redis is back the limits hold again. The hang is redis
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
 import time
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
@@ -38,8 +40,6 @@ class Redis:
         self.url = f"redis://127.0.0.1:{self.port}"
 
     def start(self):
-        import redis
-
         self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", str(self.dir), "--enable-debug-command", "local"],
                                      stdout=subprocess.DEVNULL)
@@ -57,8 +57,6 @@ class Redis:
         self.proc.wait(10)
 
     def hang(self, seconds: float) -> threading.Thread:
-        import redis
-
         t = threading.Thread(target=lambda: redis.Redis(port=self.port).execute_command("DEBUG", "SLEEP", seconds))
         t.start()
         time.sleep(0.2)  # the server is asleep from here on
@@ -123,8 +121,10 @@ def test_redis_hanging_or_gone_neither_fails_nor_stalls_requests(tiny_model, red
         assert c.post("/admin/routes/assistant/rollback", headers=admin).status_code in (409, 503)
         assert store_errors(c, "routes") >= 2 and store_errors(c, "rate_limits") >= 2
 
-        redis_server.start()  # back, empty: limits count from zero, the routes are written again on the next change
+        redis_server.start()  # back, empty: limits count from zero, and the replica writes back the routes it serves
         time.sleep(RETRY_S + 0.2)
+        state = json.loads(redis.Redis(port=redis_server.port).get("llmstack:routes"))
+        assert state["routes"] == {"assistant": {"primary": "v1"}}
         assert [ask(c, LIMITED)[0].status_code for _ in range(4)] == [200, 200, 200, 429]
         assert c.put("/admin/routes/assistant", json={"primary": "v2"}, headers=admin).status_code == 200
         assert ask(c)[0].json()["model"] == "v2"

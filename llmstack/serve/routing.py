@@ -14,7 +14,7 @@ admin endpoint).
 Where the routes live (`serve.routes_store`): in memory (the YAML's routes, lost on restart), in a JSON file (a restart
 keeps what the last change left), or in redis (`redis://…`, the same store the rate limits can use): every replica
 reads the routes from there, so a `route set` or `rollback` sent to any replica is what all of them serve within
-`refresh_s`, and survives restarts. LoRA adapters loaded at runtime (`llmstack adapters load`) are kept there too, as
+`refresh_s`, and survives restarts (a redis that comes back empty is given the routes the replicas serve again). LoRA adapters loaded at runtime (`llmstack adapters load`) are kept there too, as
 name -> folder: every replica loads what the store lists and unloads what it no longer lists (the folder must be at the
 same path on every replica: a shared volume), and a restarted replica loads them again. Changes are read-modify-write
 transactions (redis WATCH/MULTI, a file lock), so two admins on two replicas cannot lose each other's change.
@@ -157,13 +157,16 @@ class Router:
             return
         try:
             state = self.store.load()
+            if state is None:  # came back empty (a redis restarted without persistence): put back what is served
+                with self._lock:
+                    mine = _dump(self._routes, self._history, self._adapters)
+                state = self.store.update(lambda found: found or mine)  # another replica may have been first
         except self.store.errors as exc:
             self._loaded = started
             self.on_error(exc)
             return
         with self._lock:
-            if state is not None:
-                self._set_state(state, started)
+            self._set_state(state, started)
 
     def _fresh(self) -> None:
         """Another replica may have changed the routes: read them again when the last read is refresh_s old
