@@ -166,7 +166,8 @@ class Router:
             self.on_error(exc)
             return
         with self._lock:
-            self._set_state(state, started)
+            if self._loaded <= started:  # else a change made here meanwhile is newer than this read
+                self._set_state(state, started)
 
     def _fresh(self) -> None:
         """Another replica may have changed the routes: read them again when the last read is refresh_s old
