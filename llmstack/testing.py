@@ -163,6 +163,56 @@ def stop_process_group(proc, timeout: float = 60) -> None:
         proc.wait()
 
 
+class RedisServer:
+    """A throwaway redis-server on a free loopback port without persistence (tests, benchmarks): started, stopped and
+    started again on the same port (as a redis restart), or hung for a while with redis's own `DEBUG SLEEP`."""
+
+    def __init__(self, folder: str | Path, exe: str | None = None):
+        import shutil
+
+        self.exe = exe or shutil.which("redis-server")
+        if self.exe is None:
+            raise FileNotFoundError("redis-server is not installed (Debian package redis-server; `make test` "
+                                    "installs it)")
+        self.port, self.dir, self.proc = free_port(), Path(folder), None
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> "RedisServer":
+        import subprocess
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir), "--enable-debug-command", "local"],
+                                     stdout=subprocess.DEVNULL, start_new_session=True)
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def hang(self, seconds: float):
+        """Put the server to sleep for `seconds` (it answers nobody meanwhile); returns the thread that asked."""
+        import threading
+        import time
+
+        import redis
+
+        t = threading.Thread(target=lambda: redis.Redis(port=self.port).execute_command("DEBUG", "SLEEP", seconds))
+        t.start()
+        time.sleep(0.2)  # the server is asleep from here on
+        return t
+
+
 def nginx_balancer_conf(folder: str | Path, listen: int, upstreams: list[int],
                         per_address: int | None = None) -> Path:
     """serve/deploy/nginx-llmstack.conf (the config an operator copies) with these replica ports and listen port

@@ -168,10 +168,8 @@ def bench_replicas(model: Path, work: Path, prompts, levels: list[int], max_toke
     pooled summary per (system, level) and, per level, each round's p50 of (2) over (1)."""
     import shutil
 
-    import redis
-
     from llmstack.serve.guard import new_key
-    from llmstack.testing import free_port, nginx_balancer_conf, stop_process_group
+    from llmstack.testing import RedisServer, free_port, nginx_balancer_conf, stop_process_group
 
     nginx, redis_server = shutil.which("nginx") or "/usr/sbin/nginx", shutil.which("redis-server")
     if not (os.path.exists(nginx) and redis_server):
@@ -179,17 +177,9 @@ def bench_replicas(model: Path, work: Path, prompts, levels: list[int], max_toke
 
     key, procs, out, per_round = new_key(), [], [], {}
     try:
-        rport = free_port()
-        procs.append(subprocess.Popen([redis_server, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL,
-                                      start_new_session=True))
-        store = f"redis://127.0.0.1:{rport}/0"
-        for _ in range(100):
-            try:
-                redis.Redis(port=rport).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        store_server = RedisServer(work, redis_server).start()
+        procs.append(store_server.proc)
+        store = store_server.url + "/0"
         scripted = (max_tokens, token_delay)
         servers = [start_server(model, work / "direct", vllm, key, None, engine, scripted)]
         servers += [start_server(model, work / f"replica{i}", vllm, key, store, engine, scripted)

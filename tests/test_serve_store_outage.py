@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import threading
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
 from llmstack.serve.app import build_app
 from llmstack.serve.engines import load_tokenizer
 from llmstack.serve.guard import hash_key
-from llmstack.testing import ScriptedEngine, free_port
+from llmstack.testing import RedisServer, ScriptedEngine
 
 USER, LIMITED, ADMIN = "sk-llmstack-outage-user", "sk-llmstack-outage-limited", "sk-llmstack-outage-admin"
 KEYS = KeyFile.model_validate({"keys": [
@@ -29,47 +27,13 @@ KEYS = KeyFile.model_validate({"keys": [
 ASK = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-class Redis:
-    """A redis-server on a fixed port that the test can hang (DEBUG SLEEP), stop and start again."""
-
-    def __init__(self, tmp_path):
-        self.exe = shutil.which("redis-server")
-        if self.exe is None:
-            pytest.skip("redis-server is not installed (Debian package redis-server; `make test` installs it)")
-        self.port, self.dir, self.proc = free_port(), tmp_path, None
-        self.url = f"redis://127.0.0.1:{self.port}"
-
-    def start(self):
-        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.dir), "--enable-debug-command", "local"],
-                                     stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-
-    def hang(self, seconds: float) -> threading.Thread:
-        t = threading.Thread(target=lambda: redis.Redis(port=self.port).execute_command("DEBUG", "SLEEP", seconds))
-        t.start()
-        time.sleep(0.2)  # the server is asleep from here on
-        return t
-
-
 @pytest.fixture
 def redis_server(tmp_path):
-    server = Redis(tmp_path)
-    server.start()
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; `make test` installs it)")
+    server = RedisServer(tmp_path).start()
     yield server
-    if server.proc.poll() is None:
-        server.stop()
+    server.stop()
 
 
 RETRY_S = 3.0  # store_retry_s: after a failure the storage is skipped this long
