@@ -115,7 +115,7 @@ class RateLimiter:
                 return await asyncio.wait_for(call(), cfg.store_timeout_s)
             except (StorageError, asyncio.TimeoutError, OSError) as exc:
                 self._down_until = time.monotonic() + cfg.store_retry_s
-                self.on_store_error(getattr(exc, "storage_error", exc) or exc)
+                self.on_store_error(getattr(exc, "storage_error", None) or exc)  # redis's own error
         if cfg.on_store_error == "deny":
             raise StoreUnavailable(f"the rate-limit storage is unavailable (retried every {cfg.store_retry_s:g} s)")
         return fallback

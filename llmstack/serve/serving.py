@@ -370,14 +370,16 @@ async def generate(request: Request, srv: Server, chat: bool):
         if chat:  # schemas are checked in a worker thread: a request may carry many
             plan = await srv.in_worker(plan_tools, req, srv.policy.caps)
             check_history(req)
-        if req.model not in srv.public_names():
+        served = srv.public_names()
+        if req.model not in served:
             await srv.sync_adapters(since=time.monotonic())  # loaded on another replica a moment ago?
-        if req.model not in srv.public_names() and req.model in srv.adapter_errors and KeyRing.allows(key, req.model):
+            served = srv.public_names()
+        if req.model not in served and req.model in srv.adapter_errors and KeyRing.allows(key, req.model):
             raise APIError(503, f"adapter '{req.model}' is loaded on other replicas but could not be loaded on this "
                            f"one ({srv.adapter_errors[req.model][1]}); retry shortly", param="model",
                            code="adapter_unavailable", headers={"Retry-After": "30"})
-        if req.model not in srv.public_names():
-            mine = [m for m in srv.public_names() if KeyRing.allows(key, m)]
+        if req.model not in served:
+            mine = [m for m in served if KeyRing.allows(key, m)]
             raise APIError(404, f"model '{req.model[:200]}' does not exist or is not available to this key; this key "
                            f"may use: {', '.join(mine) or 'no model'}", param="model", code="model_not_found")
         if not KeyRing.allows(key, req.model):

@@ -355,9 +355,10 @@ def resume_checkpoint(ctx, trainer) -> str | None:
     trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 touches the folder
     launched = ctx.dir / "resume-processes.txt"
     processes = trainer.accelerator.num_processes
-    if fresh and launched.exists() and int(launched.read_text()) != processes:
+    before = int(launched.read_text()) if fresh and launched.exists() else processes
+    if before != processes:
         raise RuntimeError(
-            f"{last.name} in {ctx.dir} was written by a launch of {int(launched.read_text())} processes; this one has "
+            f"{last.name} in {ctx.dir} was written by a launch of {before} processes; this one has "
             f"{processes}. Resumed so, the trainer would take another global batch and split the data between ranks "
             "otherwise (examples seen twice or never). Launch again on as many processes "
             f"(the same node count), or delete {ctx.dir}/checkpoint-* to train the stage again from step 0")
