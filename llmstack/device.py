@@ -39,7 +39,7 @@ class Capabilities:
 
     @staticmethod
     @lru_cache(maxsize=1)
-    def detect() -> "Capabilities":
+    def detect() -> Capabilities:
         import torch
 
         cuda = torch.cuda.is_available()

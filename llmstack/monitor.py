@@ -15,9 +15,10 @@ import json
 import math
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 # Fixed bin edges (not quantiles of the reference) so a server can bin live traffic without knowing the reference.
 NUMERIC_BINS: dict[str, list[float]] = {
@@ -75,7 +76,7 @@ class TrafficProfile:
                     "counts": json.loads(json.dumps(self.counts))}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrafficProfile":
+    def from_json(cls, data: dict[str, Any]) -> TrafficProfile:
         return cls(counts={k: dict(v) for k, v in data["counts"].items()}, n=data["n"])
 
 

@@ -77,18 +77,18 @@ def git_sha() -> str | None:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
 class Run:
-    """One run folder and its manifest. Writes are atomic (tmp file + rename) so a killed run leaves a valid manifest."""
+    """One run folder and its manifest. Writes are atomic (tmp file + rename): a killed run leaves a valid manifest."""
 
     dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, root: str | Path, recipe_name: str, run_id: str) -> "Run":
+    def open(cls, root: str | Path, recipe_name: str, run_id: str) -> Run:
         run_dir = Path(root) / recipe_name / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "manifest.json"

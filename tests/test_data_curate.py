@@ -11,8 +11,8 @@ import datasets
 import pytest
 from typer.testing import CliRunner
 
-from llmstack.data import curate as C
 from llmstack.config.data import DatasetSpec
+from llmstack.data import curate as C
 from llmstack.data.curate import CurationError, curate_dataset
 from llmstack.runs import sha256_path
 
@@ -68,7 +68,8 @@ def hostile_rows() -> tuple[list[bytes], dict]:
         json.dumps({"instruction": "no output"}).encode(),
         json.dumps({"instruction": "typed", "output": 42}).encode(),
         json.dumps(ROW("Blank answer", "   ")).encode(),
-        json.dumps(ROW("Chinese", "这是一个用中文写的回答，它讲述了河流、山脉和花园的故事，非常长而且完全不是英文的内容。" * 2)).encode(),
+        json.dumps(ROW("Chinese", "这是一个用中文写的回答，它讲述了河流、山脉和花园的故事，"
+                                  "非常长而且完全不是英文的内容。" * 2)).encode(),
         json.dumps(ROW("Banned", "This answer mentions a frobnicator, which the blocklist forbids.")).encode(),
         json.dumps(ROW("Long", prose(99, 3000))).encode(),
         huge,  # over max_chars: quarantined by its size, never parsed
@@ -246,11 +247,13 @@ def test_cli_curate_errors_are_one_line(tmp_path, tiny_model):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: r\nmodel: {{source: {tiny_model}}}\ndata:\n  cards_dir: null\n  datasets:\n"
-                      f"    sft:\n      schema: messages\n      sources: [{{name: x, path: {tmp_path}/missing.jsonl}}]\n")
+                      f"    sft:\n      schema: messages\n"
+                      f"      sources: [{{name: x, path: {tmp_path}/missing.jsonl}}]\n")
     res = CliRunner().invoke(app, ["curate", str(recipe), "--runs-dir", str(tmp_path / "runs")])
     assert res.exit_code == 1 and "source 'x': no such file or folder" in res.output
     assert "Traceback" not in res.output
-    recipe.write_text("name: r\nmodel: {source: x}\ndata: {datasets: {sft: {schema: messages, sources: [{name: x}]}}}\n")
+    recipe.write_text("name: r\nmodel: {source: x}\n"
+                      "data: {datasets: {sft: {schema: messages, sources: [{name: x}]}}}\n")
     res = CliRunner().invoke(app, ["curate", str(recipe)])
     assert res.exit_code == 2 and "data.datasets.sft.sources[0]: set exactly one of path" in res.output
 
@@ -304,8 +307,8 @@ def test_shipped_quickstart_cards_match_a_fresh_curation(smollm2, tmp_path):
 
 def test_editing_a_local_source_file_reruns_curate(tmp_path, tiny_model):
     """The recipe only names the file: its contents are part of the curate stage's fingerprint."""
-    from llmstack.pipeline import run_recipe
     from llmstack.config.recipe import load_recipe
+    from llmstack.pipeline import run_recipe
 
     path = one_source_recipe(tmp_path, tiny_model, rows=5)
     src = tmp_path / "rows.jsonl"

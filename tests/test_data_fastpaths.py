@@ -46,7 +46,8 @@ def texts(n: int, seed: int = 0) -> list[str]:
             lines, j = [], 0
             while j < len(w):
                 k = rng.randint(1, 12)
-                lines.append(rng.choice(["- ", "• ", "", ""]) + " ".join(w[j:j + k]) + rng.choice(["", "...", "…", "."]))
+                bullet, end = rng.choice(["- ", "• ", "", ""]), rng.choice(["", "...", "…", "."])
+                lines.append(bullet + " ".join(w[j:j + k]) + end)
                 j += k
             out.append("\n".join(lines))
             continue
@@ -141,7 +142,8 @@ def test_compiled_language_id_scores_bitwise_like_py3langid():
 
     reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     samples = texts(150, seed=5) + [
-        "Das ist ein deutscher Satz über das Wetter.", "C'est une phrase en français.", "Это предложение на русском языке.",
+        "Das ist ein deutscher Satz über das Wetter.", "C'est une phrase en français.",
+        "Это предложение на русском языке.",
         "これは日本語の文です。", "هذه جملة باللغة العربية", "12 34 56", "", "HELLO", "\x00\x01", "🙂" * 20,
         b"\xff\xfe undecodable bytes", b"plain bytes", "x" * 5000]
     for text in samples:
@@ -224,7 +226,7 @@ def test_a_tasks_repeats_skip_signatures_without_changing_dedup_decisions():
     rng = random.Random(7)
     base = texts(60, seed=8)
     rows = []
-    for i in range(400):
+    for _ in range(400):
         t = rng.choice(base)
         mode = rng.randrange(4)
         if mode == 1:

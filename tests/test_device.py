@@ -127,9 +127,8 @@ def test_the_hf_engine_serves_from_the_device_it_was_given(tiny_model):
     async def go():
         engine = HfEngine(tiny_model, "m", device="cpu", dtype="float32")
         await engine.start()
-        deltas = [d async for batch in engine.generate("r", [1, 2, 3], GenParams(max_tokens=4, temperature=0, logprobs=1,
-                                                                                  prompt_logprobs=1), "m")
-                  for d in batch]
+        params = GenParams(max_tokens=4, temperature=0, logprobs=1, prompt_logprobs=1)
+        deltas = [d async for batch in engine.generate("r", [1, 2, 3], params, "m") for d in batch]
         return engine, deltas
 
     engine, deltas = asyncio.run(go())

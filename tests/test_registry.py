@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmstack.pipeline import run_recipe
 from llmstack.config.recipe import load_recipe
+from llmstack.pipeline import run_recipe
 from llmstack.registry import Registry, RegistryError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from llmstack.cli import app
-from llmstack.pipeline import run_recipe
 from llmstack.config.recipe import load_recipe
+from llmstack.pipeline import run_recipe
 from llmstack.registry import Registry, RegistryError
 from llmstack.testing import stop_process_group
 

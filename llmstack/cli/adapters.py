@@ -2,8 +2,8 @@
 restart (needs an admin key; the server records each change in its audit log with the key's id).
 
     llmstack adapters list
-    llmstack adapters load support-v2 runs/support/20261201-0930/sft/model     # a folder on the server's machine
-    llmstack adapters load support-v2 support@prod                              # a registry ref (name, name:3, name@alias)
+    llmstack adapters load support-v2 runs/support/20261201-0930/sft/model # a folder on the server's machine
+    llmstack adapters load support-v2 support@prod                         # a registry ref (name, name:3, name@alias)
     llmstack adapters unload support-v2
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -47,7 +47,7 @@ def list_(api_base: Base = "http://127.0.0.1:8000", api_key_env: KeyEnv = "LLMST
 @adapters_app.command()
 def load(name: Annotated[str, typer.Argument(help="the model name clients will ask for")],
          source: Annotated[str, typer.Argument(help="adapter folder, or a registry ref (name, name:3, name@alias)")],
-         registry: Annotated[Optional[str], typer.Option(help="registry (file or mlflow://); default "
+         registry: Annotated[str | None, typer.Option(help="registry (file or mlflow://); default "
                                                               "$LLMSTACK_REGISTRY")] = None,
          api_base: Base = "http://127.0.0.1:8000", api_key_env: KeyEnv = "LLMSTACK_ADMIN_KEY"):
     """Serve an adapter as NAME from now on. The folder must be readable by the server (same machine or shared

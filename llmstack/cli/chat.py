@@ -11,7 +11,7 @@ from llmstack.cli.common import console
 
 
 def chat(api_base: Annotated[str, typer.Option(help="the llmstack server's /v1 URL")] = "http://127.0.0.1:8000/v1",
-         api_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = "LLMSTACK_API_KEY",
+         api_key_env: Annotated[str, typer.Option(help="environment variable with the API key")] = "LLMSTACK_API_KEY",
          host: Annotated[str, typer.Option(help="where the demo listens")] = "127.0.0.1",
          port: Annotated[int, typer.Option(help="demo port")] = 7860,
          max_tokens: Annotated[int, typer.Option(min=1, help="the Max tokens control's starting value")] = 256,

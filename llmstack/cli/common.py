@@ -37,7 +37,7 @@ def load_recipe_or_exit(recipe: Path, check_trainer: bool = True):
         console.print(f"[bold red]{exc.path}: {len(exc.problems)} problem(s)[/]")
         for line in exc.problems:
             print(line)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 # ------------------------------------------------------------- admin calls to a running server (route, adapters)

@@ -1,7 +1,7 @@
 """Shared pieces for the recipe schemas: the strict base model and error formatting.
 
-Every schema module of this package (recipe.py, data.py, serve.py, ...) builds on `Strict`, so an unknown key anywhere in a
-recipe is an error, and `format_errors` turns pydantic's errors into lines a user can act on:
+Every schema module of this package (recipe.py, data.py, serve.py, ...) builds on `Strict`, so an unknown key anywhere
+in a recipe is an error, and `format_errors` turns pydantic's errors into lines a user can act on:
 `stages[1].lora.r: must be > 0` or `stages[0].lorra: unknown key; did you mean 'lora'?`.
 """
 
@@ -95,7 +95,8 @@ def format_errors(exc: ValidationError, root: type[BaseModel], prefix: tuple[Any
             model = _model_at(root, tuple(err["loc"]))
             known = _keys(model) if model else []
             guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"; did you mean '{guess[0]}'?" if guess else (f"; allowed keys: {', '.join(known)}" if known else "")
+            allowed = f"; allowed keys: {', '.join(known)}" if known else ""
+            hint = f"; did you mean '{guess[0]}'?" if guess else allowed
             lines.append(f"{yaml_path(loc)}: unknown key{hint}")
             continue
         template = _MESSAGES.get(kind)

@@ -59,7 +59,8 @@ class SourceSpec(Strict):
                                                  "(`package/data/*.json`) takes every matching member")
     split: str = Field("train", description="for hub sources and save_to_disk DatasetDicts: the split to read")
     format: SourceFormat = "auto"
-    text_field: str = Field("text", description="for `text` sources in json/jsonl/csv/parquet: the column with the text")
+    text_field: str = Field("text",
+                            description="for `text` sources in json/jsonl/csv/parquet: the column with the text")
     license: str = "not stated"
     weight: float = Field(1.0, gt=0, description="relative share of this source when the dataset's max_rows caps "
                                                  "the mix (seeded sampling)")
@@ -86,10 +87,11 @@ class SourceSpec(Strict):
 
 class FilterSpec(Strict):
     fix_unicode: bool = Field(True, description="ftfy repair + NFC normalisation of every text field")
-    redact_pii: bool = Field(True, description="replace emails, phone numbers, public IPs, credit cards (Luhn-checked), "
-                                               "US SSNs and API-key-like secrets with <KIND> placeholders (llmstack/pii.py, "
-                                               "the same detector as the API guard)")
-    min_tokens: int = Field(1, ge=0, description="drop rows shorter than this (recipe tokenizer, chat template applied)")
+    redact_pii: bool = Field(True, description="replace emails, phone numbers, public IPs, credit cards "
+                                               "(Luhn-checked), US SSNs and API-key-like secrets with <KIND> "
+                                               "placeholders (llmstack/pii.py, the same detector as the API guard)")
+    min_tokens: int = Field(1, ge=0,
+                            description="drop rows shorter than this (recipe tokenizer, chat template applied)")
     max_tokens: int | None = Field(None, gt=0, description="drop rows longer than this (None: no upper bound)")
     max_chars: int = Field(1_000_000, gt=0, description="rows longer than this are quarantined before tokenizing")
     gopher_repetition: bool | None = Field(None, description="datatrove's Gopher repetition filter (duplicated lines, "
@@ -100,7 +102,8 @@ class FilterSpec(Strict):
                                                           "since it rejects short chat answers by design")
     languages: list[str] | None = Field(default_factory=lambda: ["en"],
                                         description="keep rows whose language (py3langid) is one of these; null: any")
-    language_min_chars: int = Field(50, ge=0, description="rows shorter than this skip language id (too short to judge)")
+    language_min_chars: int = Field(50, ge=0,
+                                    description="rows shorter than this skip language id (too short to judge)")
     blocklist: list[str] = Field(default_factory=list, description="drop rows containing any of these words "
                                                                     "(case-insensitive, whole words)")
 
@@ -191,8 +194,9 @@ class ExecutorSpec(Strict):
 
 class DataConfig(Strict):
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
-    cards_dir: str | None = Field("data_cards", description="data cards are also copied to <cards_dir>/<recipe name>/ "
-                                                            "(relative to the working directory); null: only in the run")
+    cards_dir: str | None = Field("data_cards",
+                                  description="data cards are also copied to <cards_dir>/<recipe name>/ "
+                                              "(relative to the working directory); null: only in the run")
     workers: int = Field(1, ge=1, description="datatrove tasks run in parallel for the per-row steps "
                                               "(1: in-process, best for small datasets)")
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec,

@@ -130,11 +130,13 @@ def markdown(card: dict, has_png: bool) -> str:
            "| source | origin | licence | rows in | rows kept | sha256 |", "|---|---|---|---:|---:|---|"]
     for s in card["sources"]:
         ref = f"{s['origin']}: `{s['ref']}`" + (f" `{s['member']}`" if s.get("member") else "")
-        out.append(f"| {s['name']} | {ref} | {s['license']} | {s['rows_in']} | {s['rows_kept']} | `{s['sha256'][:16]}…` |")
+        out.append(f"| {s['name']} | {ref} | {s['license']} | {s['rows_in']} | {s['rows_kept']} "
+                   f"| `{s['sha256'][:16]}…` |")
     out += ["", "## Rows after each step", "", "| step | rows | dropped |", "|---|---:|---:|"]
     out += [f"| {a['step']} | {a['rows']} | {a['dropped']} |" for a in card["rows_after_step"]]
     if card["dropped"]:
-        out += ["", "## Why rows were dropped (all kept in quarantine/)", "", "| step | reason | rows |", "|---|---|---:|"]
+        out += ["", "## Why rows were dropped (all kept in quarantine/)", "",
+                "| step | reason | rows |", "|---|---|---:|"]
         for step, reasons in card["dropped"].items():
             out += [f"| {step} | {r} | {n} |" for r, n in reasons.items()]
     t = card["token_lengths"]
@@ -148,8 +150,9 @@ def markdown(card: dict, has_png: bool) -> str:
         out += [f"- {k}: {v}" for k, v in card["cleaning"].items()]
     d = card["dedup"]
     out += ["", "## Deduplication", "",
-            f"exact (normalised hash): {'on' if d['exact'] else 'off'}, dropped {d['exact_dropped']} · near (MinHash LSH,"
-            f" {d['num_perm']} perms, {d['shingle_words']}-word shingles, Jaccard ≥ {d['near_threshold']}): "
+            f"exact (normalised hash): {'on' if d['exact'] else 'off'}, dropped {d['exact_dropped']} · "
+            f"near (MinHash LSH, {d['num_perm']} perms, {d['shingle_words']}-word shingles, "
+            f"Jaccard ≥ {d['near_threshold']}): "
             f"{'on' if d['near'] else 'off'}, dropped {d['near_dropped']}"]
     for e in d["examples"]:
         out.append(f"- `{e['row']}` duplicates `{e['duplicate_of']}` ({e['step']}, similarity {e['similarity']})")
@@ -171,8 +174,9 @@ def markdown(card: dict, has_png: bool) -> str:
         keys = sorted({*t["tools_per_row"], *t["calls_per_row"]}, key=int)
         out += ["", "## Tool calls (kept rows)", "",
                 (f"{t['rows_with_tools']} of {t['rows']} rows offer tools, {t['rows_with_calls']} make calls "
-                 f"({t['calls']} calls to {t['distinct_functions_called']} distinct functions); every kept call names a declared function "
-                 f"and its arguments pass that function's JSON Schema ({t['arguments_valid']}/{t['calls']} valid)."),
+                 f"({t['calls']} calls to {t['distinct_functions_called']} distinct functions); "
+                 f"every kept call names a declared function and its arguments pass that function's JSON Schema "
+                 f"({t['arguments_valid']}/{t['calls']} valid)."),
                 "", (f"Quarantined for their calls or tools: unknown function {q['unknown_function']} · arguments "
                      f"not JSON {q['arguments_not_json']} · arguments off-schema {q['arguments_off_schema']} · "
                      f"malformed tools {q['malformed_tools']}"), "",

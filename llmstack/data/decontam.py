@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter

@@ -60,7 +60,8 @@ class CleanRows(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
             counts: Counter = Counter()
-            row = map_strings(doc.metadata["row"], lambda s: clean_text(s, self.fix_unicode, self.pii, counts))
+            row = map_strings(doc.metadata["row"],
+                              lambda s, counts=counts: clean_text(s, self.fix_unicode, self.pii, counts))
             doc.metadata["row"] = row
             doc.text = flat_text(row)
             for k, v in counts.items():
@@ -176,7 +177,10 @@ class TokenLengthFilter(BaseFilter):
         if "text" in row:
             return [row["text"]]
         tmpl = self.tok.chat_template is not None
-        convs = [row["messages"]] if "messages" in row else [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+        if "messages" in row:
+            convs = [row["messages"]]
+        else:
+            convs = [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
         if not tmpl:
             return ["\n".join(m["content"] for m in c) for c in convs]
         if "tools" in row:  # as training renders it: tool specs in the system turn, calls in the Hermes format

@@ -1,8 +1,9 @@
-"""datatrove's Gopher filters with the same checks, thresholds, order and drop reasons, at a fraction of the cost per row.
+"""datatrove's Gopher filters with the same checks, thresholds, order and drop reasons, at a fraction of the cost per
+row.
 
 Profiled on the curate pass (1,000 ~150-word documents, one task), datatrove's GopherRepetitionFilter was the largest
 per-row cost: for each of nine n-gram sizes it builds every n-gram as a new joined string and walks them in Python. The
-words themselves were not the waste (datatrove caches `split_into_words`, so both Gopher filters share one tokenisation).
+words themselves were not the waste (datatrove caches `split_into_words`: both Gopher filters share one tokenisation).
 Here the paragraph and line checks still run as datatrove's own code (the parent is called with empty n-gram lists);
 the n-gram checks are re-done because no library call gives the same numbers cheaper: each n-gram is sliced out of one
 joined string (the same string datatrove builds, without the per-n-gram list and join), counted with C-level `Counter`

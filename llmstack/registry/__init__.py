@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from filelock import FileLock
 
 from llmstack.registry.base import MLFLOW_SCHEMES, RegistryError
 from llmstack.runs import now, sha256_file
+
 
 class Store(Protocol):
     def models(self) -> dict[str, Any]: ...
@@ -45,11 +47,13 @@ class Registry:
     store: Store
 
     @classmethod
-    def open(cls, where: str | Path | None = None) -> "Registry":
+    def open(cls, where: str | Path | None = None) -> Registry:
         """`where`: a JSON file path or mlflow://HOST:PORT (default: $LLMSTACK_REGISTRY, else the file in the cache)."""
         where = str(where or os.environ.get("LLMSTACK_REGISTRY") or default_path())
         if where.startswith(MLFLOW_SCHEMES):
-            from llmstack.registry.mlflow_store import MlflowStore  # mlflow's client is imported only by those who use it
+            from llmstack.registry.mlflow_store import (
+                MlflowStore,  # mlflow's client is imported only by those who use it
+            )
 
             return cls(MlflowStore(where))
         return cls(FileStore.open(where))
@@ -66,7 +70,8 @@ class Registry:
             raise RegistryError(f"no model named '{name}' in the registry ({self.store})")
         if isinstance(version, str):
             if version not in entry["aliases"]:
-                raise RegistryError(f"{name} has no alias '{version}' (aliases: {', '.join(entry['aliases']) or 'none'})")
+                known = ", ".join(entry["aliases"]) or "none"
+                raise RegistryError(f"{name} has no alias '{version}' (aliases: {known})")
             version = entry["aliases"][version]
         version = version or entry["versions"][-1]["version"]
         for v in entry["versions"]:
@@ -140,7 +145,7 @@ class FileStore:
     path: Path
 
     @classmethod
-    def open(cls, path: str | Path) -> "FileStore":
+    def open(cls, path: str | Path) -> FileStore:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         return cls(p)

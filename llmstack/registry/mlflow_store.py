@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import requests
 
@@ -98,7 +99,8 @@ class MlflowStore:
         return {
             "versions": sorted((_record(v) for v in versions), key=lambda r: r["version"]),
             "aliases": {alias: int(v) for alias, v in model.aliases.items()},
-            "history": {k[len(HISTORY_TAG):]: json.loads(v) for k, v in model.tags.items() if k.startswith(HISTORY_TAG)},
+            "history": {k[len(HISTORY_TAG):]: json.loads(v) for k, v in model.tags.items()
+                        if k.startswith(HISTORY_TAG)},
         }
 
     # ------------------------------------------------------------------------------------------------ writing
@@ -106,7 +108,8 @@ class MlflowStore:
         run_dir = Path(record["run_dir"])
         with self._errors():
             experiment = self.client.get_experiment_by_name(f"llmstack/{name}")
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(f"llmstack/{name}")
+            experiment_id = (experiment.experiment_id if experiment
+                             else self.client.create_experiment(f"llmstack/{name}"))
             run_id = self.client.create_run(experiment_id, run_name=f"{run_dir.parent.name}/{run_dir.name}").info.run_id
             self.client.log_artifact(run_id, record["manifest"], ARTIFACTS)
             cards = run_dir / "curate" / "cards"
