@@ -4,6 +4,7 @@
                                 the pydantic schemas in llmstack/config/ — type, default, description
     docs/reference/cli.md       every `llmstack` verb with its arguments, options and help, walked from the typer app
     docs/benchmarks/results.md  one section per benchmark, from its latest record in benchmarks/results/
+    docs/img/chat-demo.png      a copy of llmstack/demo/screenshot.png for the chat demo page
 
     PYTHONPATH=$PWD .venv/bin/python scripts/gen_docs.py          # then: mkdocs build --strict (`make docs` does both)
     PYTHONPATH=$PWD .venv/bin/python scripts/gen_docs.py --out /tmp/docs-gen
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import shutil
 import json
 import re
 import sys
@@ -309,6 +311,9 @@ def generate(docs: Path) -> dict[str, list[str]]:
         text, covered[rel] = make()
         (docs / rel).parent.mkdir(parents=True, exist_ok=True)
         (docs / rel).write_text(text.rstrip() + "\n")
+    # the chat demo's screenshot lives with the demo (scripts/demo_screenshot.py writes it); the site needs a copy
+    (docs / "img").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO / "llmstack" / "demo" / "screenshot.png", docs / "img" / "chat-demo.png")
     return covered
 
 
