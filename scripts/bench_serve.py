@@ -4,7 +4,7 @@
   (c) transformers `generate` (static batches of `concurrency` prompts; at concurrency 1 this is a
       one-request-at-a-time transformers server),
 all in one run on one machine, every request generating exactly --max-tokens tokens (ignore_eos).
-Prints throughput, p50/p95 latency and time to first token, then the issue's ratios:
+Prints throughput, p50/p95 latency and time to first token, then the ratios against their goals:
 guard overhead at p50 (a vs b, goal <= 5%), and (a) at concurrency 32 vs (c) one at a time (goal >= 5x) and vs
 (c) one static batch of 32 (goal >= 1.3x).
 

@@ -163,7 +163,7 @@ def main() -> None:
     if rows[1]["attention"] != "sdpa":  # show what the varlen kernel is worth: the same path on SDPA + block mask
         rows.append(run("llmstack sft, SDPA", model_dir, data, ours_tok, ours, a.lora))
     if a.candidates:
-        # Not defaults yet: measured first (issue 4's MFU goal). bf16 weights drop the fp32 master copy that bf16
+        # Not defaults yet: measured first (the 50% MFU goal). bf16 weights drop the fp32 master copy that bf16
         # autocast re-casts every step (and halve AdamW's state), at the price of bf16 rounding in the update (the
         # optimizer is already transformers' default fused AdamW). torch.compile meets a new packed length on most
         # steps: watch for recompiles eating the gain.

@@ -81,7 +81,9 @@ def default_text(field) -> str:
 
 
 def cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """One table cell: one line, `|` escaped, and `<name>` outside code spans kept as text rather than read as HTML."""
+    parts = " ".join(str(text).split()).replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
 
 
 def anchor(model: type) -> str:
@@ -230,7 +232,7 @@ def usage_of(cmd) -> str:
 def _help_text(text: str) -> str:
     """Typer help keeps the docstring's line breaks; markdown paragraphs are what a page wants."""
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text.strip())]
-    return "\n\n".join(p.replace("\b", "").strip() for p in paragraphs if p.strip())
+    return "\n\n".join(cell(p.replace("\b", "")).replace("\\|", "|") for p in paragraphs if p.strip())
 
 
 # ------------------------------------------------------------------------------------------------ benchmark tables
