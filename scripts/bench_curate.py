@@ -38,9 +38,7 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import benchrecord

@@ -79,7 +79,7 @@ def git_sha() -> str | None:
 def write(bench: str, *, settings: dict, figures: dict, ratios: dict | None = None, goals: dict | None = None,
           notes: str | None = None, results: str | Path | None = None, argv: list[str] | None = None) -> Path:
     """Save one measured run of `bench` as benchmarks/results/<bench>-<UTC timestamp>.json; returns its path."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     argv = sys.argv if argv is None else argv
     record = {"bench": bench, "when": now.isoformat(timespec="seconds"), "source": "measured",
               "command": " ".join([Path(sys.executable).name, *argv]), "git_sha": git_sha(), "machine": machine(),

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import enum
-import shutil
 import json
 import re
+import shutil
 import sys
 import types
 import typing
@@ -202,7 +202,7 @@ def cli_reference() -> tuple[str, list[str]]:
            "Every `llmstack` verb, generated from the command line itself; `llmstack VERB --help` prints the same. "
            "`python -m llmstack …` is the same as `llmstack …`.", ""]
     names = []
-    for name, cmd, ctx in cli_commands():
+    for name, cmd, _ctx in cli_commands():
         if name == "llmstack":
             continue
         names.append(name)
