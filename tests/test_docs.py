@@ -125,3 +125,16 @@ def test_every_bench_script_says_how_to_run_it_and_takes_a_results_dir(script):
                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--results-dir" in proc.stdout and ".venv/bin/python scripts/" in proc.stdout
+
+
+def test_the_docs_lock_agrees_with_the_main_lock():
+    """requirements/docs.lock is installed over .venv with --no-deps: a package both pin must be at main.lock's
+    version, or installing the docs tools would change the main environment."""
+    def pins(name):
+        lines = (REPO / "requirements" / name).read_text().splitlines()
+        return {x.split("==")[0].lower().replace("_", "-"): x.split("==")[1] for x in lines
+                if "==" in x and not x.startswith("#")}
+
+    main, docs = pins("main.lock"), pins("docs.lock")
+    assert {k: (v, main[k]) for k, v in docs.items() if k in main and main[k] != v} == {}
+    assert {"mkdocs", "mkdocs-material", "pymdown-extensions"} <= set(docs)
