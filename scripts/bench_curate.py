@@ -9,9 +9,7 @@ decisions, on the same corpus, in the same run, at two corpus sizes; the two mus
 baseline), on a Ray cluster this script starts on this machine (`ray start --head`, stopped at the end) unless
 `--ray-address` names one. Ray's tasks run in the cluster's worker processes, not under the measured process: their
 memory is sampled separately (PSS of the raylet's worker processes, its agents left out, peak, and that divided by
-the worker count); CPU seconds are the driver's only on Ray. Needs requirements/ray.lock. Measured 2026-12-01 (quiet
-box, `--executor ray --workers 2`, two runs): Ray's steady-state docs/s 1.10x / 0.91x the local executor's, 6-9 s
-more start-up, ~485 MiB per Ray worker (second run; the first run's sampler counted the agents, not the workers).
+the worker count); CPU seconds are the driver's only on Ray. Needs requirements/ray.lock.
 
 Corpus: State of the Union addresses (the quickstart's CPT source) cut into ~150-word documents, with 5% exact and 5%
 near duplicates planted. Both pipelines: ftfy + PII redaction, empty-row check, token lengths (the recipe tokenizer),
@@ -23,110 +21,11 @@ Each run is a fresh subprocess; wall and CPU seconds cover the pipeline call (im
 the run's process and its workers; peak memory is the proportional set size (PSS) summed over its process tree,
 sampled every 50 ms. The sha256 over the sorted hashes of the kept texts must be equal on every run of a size.
 
-Re-measured 2026-12-01 after the per-document cuts below (Gopher n-grams from word ids, no MinHash for a task's own
-exact repeats, packed signatures), default sizes, quiet box (load 0.4-1.4), two runs, kept docs equal throughout.
-Re-measured again the same day on a fresh, quiet box (load 0.8-1.7, nothing else running), two runs: between the sizes
-ours 2.27x / 2.48x on one task and 4.09x / 4.52x on two (>= 3x met on both); at 32,000 docs overall 2.31x / 2.17x and
-3.88x / 3.77x; peak memory 656-674 MiB vs ~910, x1.01-1.08 for 4x the docs. So the runs below that disagreed were
-disturbed by other load. The earlier pair:
-Between 8,000 and 32,000 docs: ours 2.24x / 2.20x the baseline on one task, 3.61x / 2.62x on two (the second run's
-2-task CPU was 55.5 s vs 45.6 s: the two workers contending, so >= 3x on two tasks is not established); at 32,000 docs
-overall 2.23x / 2.19x and 3.35x / 2.78x; peak memory 648-671 MiB vs the baseline's ~900, flat for 4x the docs.
-
-Measured 2026-11-27 on the 2-core dev box with nothing else of ours running (load average ~1.5: the box is shared),
-after language id was compiled (llmstack/data/langid.py). Default sizes, one run (kept docs checked equal):
-
-    docs  | run         | docs/s | speed-up | wall s | cpu s | peak MiB
-     8000 | baseline w1 |  165.6 |    1.00x |   48.3 |  48.3 |      862
-     8000 | ours     w1 |  253.2 |    1.53x |   31.6 |  31.7 |      603
-     8000 | ours     w2 |  404.0 |    2.44x |   19.8 |  29.4 |      662
-    32000 | baseline w1 |  201.7 |    1.00x |  158.6 | 158.5 |      900
-    32000 | ours     w1 |  360.9 |    1.79x |   88.7 |  88.8 |      648
-    32000 | ours     w2 |  586.1 |    2.91x |   54.6 |  87.0 |      666
-    between the sizes (start-up cancels): ours 1.93x on one task, 3.17x on two; peak memory x1.01-1.07 for 4x the docs
-
-`--sizes 2000 8000`, twice: at 8,000 docs 1.79x / 2.17x on one task, 2.71x / 2.79x on two; between the sizes 1.32x /
-2.70x and 3.26x / 3.82x (run-to-run noise on this box is +-30%: read ranges, not digits).
-
-So with two datatrove tasks (both cores) ours processes documents at >= 3x the baseline's rate once started (3.2-3.8x
-between sizes, every run), and its overall docs/s approaches that as start-up amortises: 2.4-2.8x at 8,000 documents,
-2.9x at 32,000. On one task it is 1.5-2.2x. Peak memory is flat and below the baseline's (~650 vs ~900 MiB; ours no
-longer imports transformers and torch for plain text — token counts come from `tokenizers` and tokenizer.json, equal to
-the transformers tokenizer's, tested — but numba's LLVM adds ~200 MiB for the compiled language id).
-
-Before language id was compiled (same day, three runs, `--sizes 2000 8000`): 8,000 docs 1.56-1.68x on one task,
-2.21-2.78x on two. Where ours' time went, from datatrove's own per-step stats (8,000 documents, one task, 26.6 s wall):
-
-    language id (py3langid)        5.98 s   0.78 ms/doc  a Python loop per byte -> compiled: ~0.2 ms/doc
-    Gopher repetition              4.26 s   0.53 ms/doc  already n-grams sliced from one string, one walk (gopher.py)
-    token length                   3.41 s   0.43 ms/doc  tokenizers' encode_batch_fast, batches of 64 (Rust)
-    Gopher quality / decontaminate 0.85 s / 0.87 s
-    near dedup (pass 2) / writers  0.66 s / 0.73 s
-    not in those stats: reading, ftfy + PII regexes (~0.3 ms/doc), MinHash signatures (~0.4 ms/doc), the split,
-    save_to_disk and the card, ~3 s of start-up
-
-- The tokenizer and the cleaning regexes are the same library calls on both sides; Gopher repetition is the largest
-  cost left that is ours to cut (an exact integer-hash version would be next).
-- Tried and dropped: memoising py3langid's byte walk per (state, word) (exact, but slower: 0.55 -> 0.85 ms, few
-  repeats); replacing the walk with numpy (exact: py3langid's DFA is an Aho-Corasick automaton over <= 6-byte paths,
-  checked on all 104,583 x 256 transitions, so each position's state is a lookup of the 6 bytes before it) — no
-  faster, 0.22-0.28 ms vs 0.22-0.36 ms per 1 kB document: numpy's per-call cost and random gathers in a 39 MB table
-  cost what the Python loop costs; an ASCII fast path before ftfy (ftfy costs 0.05 ms on clean text already).
-  Kept: the same walk compiled with numba (bitwise the same scores, 0.83 -> 0.17 ms per document) and py3langid's
-  float16 feature table converted to float32 once. A shorter language-id prefix would change decisions on long rows.
-
-2026-12-01, the steady state (issue 17). PROPORTIONS MEASURED UNDER LOAD (2 shared cores, load average 5-9), NOT
-FIGURES: absolute times and docs/s from that box are noise; re-measure on a quiet box with the default sizes (the last
-block printed, "between ... docs", is the steady state; it now also prints CPU ms/doc, which other load disturbs less).
-Two kinds of measurement: (a) each step alone on the same 1,000 bench documents, timeit, min of 3, old and new code in
-one process; (b) CPU seconds of whole one-task runs (the pipeline call, in-process) between two sizes.
-
-    (b) CPU ms per extra document, one task       4k -> 16k docs            16k -> 32k docs
-        baseline                                  3.97                      2.81
-        ours before                               1.64 (pass 1 1.54, pass 2 0.10, mixing/split/save/card ~0)
-        ours after                                1.49 (pass 1 1.375, pass 2 0.11)   1.68 (pass 1 1.59, pass 2 0.04)
-    kept-document sha256 equal on every run of a size (4k 520465d8..., 16k 6c2c7c94..., 32k 704f2bea...).
-
-    (a) one step alone, share of ours' pass-1 time per document (before this change) -> what the baseline's same step
-        costs relative to ours
-        Gopher repetition       ~28%   words 6%, datatrove's paragraph/line part 3%, top 2-4-grams 10%, glued
-                                       5-10-grams 12%                            baseline 1.6x ours
-        token length            ~21%   tokenizers' encode_batch_fast (Rust)   baseline, per row: 1.6x
-        MinHash signatures      ~17%   datasketch: SHA-1 per shingle ~1/3, numpy permutations ~1/4, shingles ~1/5,
-                                       the rest simplify_text                 baseline, one shingle at a time: ~6x
-        language id             ~13%   compiled walk ~1/3, py3langid's float32 gather + matmul ~2/3   baseline 4x
-        Gopher quality 6%, decontamination 5% (mostly simplify_text, shared with the signatures), ftfy + PII 4%,
-        the pass-1 JSON line 1%, datatrove's own per-step bookkeeping (stat_update, doc_len per filter) a few %.
-
-Where the steady state goes: ~93% of ours' per-document CPU is pass 1 (parallel over tasks); pass 2 (ordered exact +
-near dedup, one task) is ~7%, and mixing, split, save_to_disk and the card are a fixed ~1.3 s that does not grow with
-the corpus. So 2 tasks are bounded at ~1.85x one task by the serial pass (Amdahl), and on this box also by the other
-load; nothing else runs single-threaded per document. The corpus matters too: at 32,000 docs ~20% of rows are exact
-repeats after normalisation (the "(part k)" copies), against 5% at 8,000. The baseline's dedup loop skips those with
-one set lookup, while our pass 1 gave each a MinHash that pass 2 then threw away unread: that, and Gopher repetition,
-were the steady-state costs that were ours to cut.
-
-Changed (every decision, quarantine reason and card count the same; tests/test_data_fastpaths.py):
-- Gopher repetition: top 2-4-grams counted as integer keys of word ids (Counter on ints, same tie-break) instead of
-  joined strings; glued 5-10-grams shown all-distinct by one vectorised polynomial hash mod 2**64 (equal strings
-  always hash equal), the exact string walk only where a hash repeats (13% of 5-grams, 0.5% of 10-grams in prose).
-  Alone: ~1.35x cheaper per document (top 1.6x, glued 1.8x).
-- A task gives no MinHash to a row whose normalised text it already passed on (exact dedup on): pass 2 drops it as
-  an exact duplicate before near dedup, whoever held the first copy. ~20% fewer signatures at 32,000 docs.
-- Signatures travel from pass 1 to pass 2 as base64 uint32 (was a JSON list of 128 ints): pass-1 files ~45% smaller,
-  serialise + parse ~2x cheaper, in the serial pass.
-Tried and dropped: hashing shingles inline (sha1 without datasketch's per-item call) and slicing shingles from one
-string: <= 6% on the signature, inside the noise, so datasketch's update_batch stays; np.unique for the n-gram counts
-(slower than Counter on ~170 ints); a summation order other than py3langid's BLAS matmul (not bitwise: could change
-a decision).
-The baseline's cost per extra document falls at the larger size (3.97 -> 2.81 CPU ms) because most rows added between
-16k and 32k are repeats its dedup loop skips cheaply; ours' does not fall the same way (1.49 -> 1.68; load noise is
-of that order), so the steady-state ratio at 32k is the smaller one: ~1.7x CPU on one task.
-Expected on a quiet box, NOT measured: with 2 tasks ours' wall per document ~ pass 1 / 2 + pass 2 ~ 0.8 + 0.04 ms
-against the baseline's ~2.8 ms, i.e. ~3.3x at best if both cores are free; 2-3.3x is the honest range (the quiet-box run
-in issue 17 saw 2 tasks give only 1.47x of one task). Memory flat (the per-task set of normalised-text hashes is
-~100 bytes a distinct row, capped at 1M). What is left per document in pass 1 is mostly library code the baseline runs
-too (tokenizers, py3langid's matmul, datatrove's Gopher parts, datasketch).
+Read the last block it prints ("between ... docs"): the docs/s between the two sizes is the rate each side processes
+documents at once started (fixed start-up costs cancel), and CPU ms/doc is less disturbed by other load than docs/s.
+Other work on a shared machine moves absolute numbers by tens of percent; compare ratios from one run. It writes a
+JSON record under benchmarks/results/ (`curate`, or `curate-ray`: scripts/benchrecord.py); where the time goes per
+step, and what was tried, is on the docs' benchmarks page.
 """
 
 from __future__ import annotations
@@ -139,10 +38,10 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
+
+import benchrecord
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -395,6 +294,7 @@ def main() -> None:
     ap.add_argument("--ray-address", help="a running Ray cluster (HOST:PORT); default: start one here for the run")
     ap.add_argument("--one", choices=["ours", "baseline", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
+    benchrecord.add_argument(ap)
     args = ap.parse_args()
     if args.one:
         return one(args.one, args.corpus, args.workers[0], args.ray_address)
@@ -452,6 +352,11 @@ def compare(args, runs: list[tuple[str, int]], ray) -> None:
             print(f"{n:5d} | {which:8s} w{workers} | {r['docs_per_s']:6.1f} | {r['docs_per_s'] / b['docs_per_s']:7.2f}x |"
                   f" {r['wall_s']:6.1f} | {r['cpu_s']:5.1f} | {r['peak_mib']:8d} | {r['load']:.1f}")
     small, large = args.sizes[0], args.sizes[-1]
+    ratios, steady = {}, []
+    for n in args.sizes:
+        for which, workers in runs[1:]:
+            ratios[f"{which}_w{workers}_vs_{first[0]}_w{first[1]}_docs_per_s_at_{n}"] = \
+                row(n, which, workers)["docs_per_s"] / row(n, *first)["docs_per_s"]
     if large > small:
         # Fixed costs (imports, loading the tokenizer and language model, writing the card) weigh on small runs; the
         # docs/s between the two sizes is the rate each side processes documents at once started.
@@ -464,6 +369,17 @@ def compare(args, runs: list[tuple[str, int]], ray) -> None:
             print(f"  {which:8s} w{workers}: {(large - small) / extra:6.1f} docs/s ({b / extra:.2f}x);"
                   f" {cpu_ms:.2f} CPU ms/doc (all its processes; less sensitive to other load than docs/s);"
                   f" peak memory x{z['peak_mib'] / a['peak_mib']:.2f} for x{large / small:.0f} the docs")
+            steady.append({"run": which, "workers": workers, "docs_per_s": (large - small) / extra,
+                           "speedup": b / extra, "cpu_ms_per_doc": cpu_ms,
+                           "peak_memory_growth": z["peak_mib"] / a["peak_mib"]})
+            if (which, workers) != first:
+                ratios[f"{which}_w{workers}_vs_{first[0]}_w{first[1]}_steady_state"] = b / extra
+    benchrecord.write("curate-ray" if args.executor == "ray" else "curate",
+                      settings={"sizes": args.sizes, "workers": args.workers, "executor": args.executor,
+                                "reference": f"{first[0]} w{first[1]}"},
+                      figures={"runs": rows, **({"steady_state": steady} if steady else {})}, ratios=ratios,
+                      goals={k: ">= 3x" for k in ratios if k.startswith("ours_w2") and k.endswith("steady_state")},
+                      results=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_eval.py                         # SmolLM2-135M-Instruct, suite quick
     .venv/bin/python scripts/bench_eval.py --suite smoke --model /path/to/hf-folder
-    .venv/bin/python scripts/bench_eval.py --parts robustness,bias,over_refusal,judge     # the issue-19 parts
+    .venv/bin/python scripts/bench_eval.py --parts robustness,bias,over_refusal,judge     # beyond accuracy
     .venv/bin/python scripts/bench_eval.py --parts all --limit 4                          # a quick does-it-run check
 
 Prints: raw forward tokens/s and forward+backward tokens/s (batch 8 x 256 tokens, no_grad vs loss.backward()), the
@@ -18,7 +18,8 @@ CPU seconds (all threads) inflate less.
     over_refusal  the `over_refusal` task (40 chat generations)
     judge         both models answer the judge prompt set, then the same model behind a live `llmstack serve`
                   judges each pair in both orders (the model judging itself: a timing, not a verdict)
-`--limit N` caps the items (prompts for the judge) of every part.
+`--limit N` caps the items (prompts for the judge) of every part. The figures go into a JSON record under
+benchmarks/results/ (`eval`: scripts/benchrecord.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import argparse
 import os
 import time
 from pathlib import Path
+
+import benchrecord
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -66,7 +69,7 @@ class Timer:
         return f"{self.wall:.0f} s wall, {self.cpu:.0f} s CPU"
 
 
-def bench_judge(model: Path, limit: int | None, batch_size: int) -> None:
+def bench_judge(model: Path, limit: int | None, batch_size: int) -> dict:
     """Answers from the model (twice, as stage a and stage b would), then the model behind `llmstack serve` judging."""
     import subprocess
     import sys
@@ -85,6 +88,7 @@ def bench_judge(model: Path, limit: int | None, batch_size: int) -> None:
     with Timer() as t:
         answers = generate_answers(Target(model=model, batch_size=batch_size), prompts, max_tokens=128)
     print(f"judge: one model answers {len(prompts)} prompts (<=128 tokens): {t}  (a run generates this twice)")
+    fig = {"prompts": len(prompts), "answers_wall_s": t.wall, "answers_cpu_s": t.cpu}
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         key = "sk-bench-judge"
@@ -109,18 +113,22 @@ def bench_judge(model: Path, limit: int | None, batch_size: int) -> None:
                                                                                         "judge", key))
             print(f"judge: {res.summary['judgements']} judgements over HTTP: {t} (server-side CPU not included); "
                   f"{res.summary['unparsed']} unparsable replies")
+            fig.update(judgements=res.summary["judgements"], judgements_wall_s=t.wall,
+                       unparsed=res.summary["unparsed"])
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    return fig
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder (default: packaged smollm2-135m-instruct)")
     ap.add_argument("--suite", default="quick")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--parts", default="throughput,suite", help=f"comma-separated: {', '.join(PARTS)}, or all")
     ap.add_argument("--limit", type=int, default=None, help="at most this many items (prompts) per part")
+    benchrecord.add_argument(ap)
     args = ap.parse_args()
     parts = PARTS if args.parts == "all" else tuple(args.parts.split(","))
     if bad := [p for p in parts if p not in PARTS]:
@@ -131,10 +139,12 @@ def main() -> None:
 
     model = Path(args.model) if args.model else resolve("smollm2-135m-instruct")
     target = Target(model=model, batch_size=args.batch_size)
+    figures: dict = {}
     if "throughput" in parts:
         fwd, fwd_bwd = raw_throughput(model)
         print(f"raw forward          {fwd:8.0f} tokens/s")
         print(f"raw forward+backward {fwd_bwd:8.0f} tokens/s   (forward-only is {fwd / fwd_bwd:.1f}x faster per token)")
+        figures["throughput"] = {"forward_tokens_per_s": fwd, "forward_backward_tokens_per_s": fwd_bwd}
 
     if "suite" in parts:
         with Timer() as t:
@@ -144,6 +154,9 @@ def main() -> None:
             print(f"  {task:14s} n={res['n']:4d}  {res['metric']:28s} {res['score']:.3f}")
         print(f"\n{len(scores)} tasks, {sum(r['n'] for r in scores.values())} items; a recipe evaluating base + 3 "
               f"stages needs about {4 * t.wall / 60:.1f} min of wall time at this machine's current load")
+        figures["suite"] = [{"task": task, "n": r["n"], "metric": r["metric"], "score": r["score"]}
+                            for task, r in scores.items()]
+        figures["suite_time"] = {"wall_s": t.wall, "cpu_s": t.cpu}
 
     if "robustness" in parts:
         from llmstack.eval.perturb import KINDS
@@ -156,6 +169,10 @@ def main() -> None:
             for kind, r in kinds.items():
                 print(f"  {task:10s} {kind:10s} n={r['n']:3d} clean {r['clean']:.3f} perturbed {r['perturbed']:.3f} "
                       f"consistency {r['consistency']:.3f}")
+        figures["robustness"] = [{"task": task, "perturbation": kind, "n": r["n"], "clean": r["clean"],
+                                  "perturbed": r["perturbed"], "consistency": r["consistency"]}
+                                 for task, kinds in rob.items() for kind, r in kinds.items()]
+        figures["robustness_time"] = {"wall_s": t.wall, "cpu_s": t.cpu}
 
     for task in ("bias", "over_refusal"):
         if task in parts:
@@ -164,10 +181,19 @@ def main() -> None:
             extra = "".join(f", {k} {res['all'].get(k + ',none')}" for k in ("amb_bias_score", "accuracy_disamb")
                             if task == "bias")  # None when the items hold no context of that kind
             print(f"\n{task} ({res['n']} items): {t}; {res['metric']} {res['score']:.3f}{extra}")
+            figures[task] = {"n": res["n"], "metric": res["metric"], "score": res["score"], "wall_s": t.wall,
+                             "cpu_s": t.cpu}
 
     if "judge" in parts:
         print()
-        bench_judge(model, args.limit, args.batch_size)
+        figures["judge"] = bench_judge(model, args.limit, args.batch_size)
+    ratios = {}
+    if "throughput" in figures:
+        ratios["forward_vs_forward_backward_tokens_per_s"] = (figures["throughput"]["forward_tokens_per_s"]
+                                                               / figures["throughput"]["forward_backward_tokens_per_s"])
+    benchrecord.write("eval", settings={"model": model.name, "suite": args.suite, "parts": list(parts),
+                                        "limit": args.limit, "batch_size": args.batch_size},
+                      figures=figures, ratios=ratios, results=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ interruption, or adding a method). The default tasks are core's multiple-choice 
 sized so the whole run fits in well under an hour on a 2-core CPU: gsm8k (5-shot chain of thought, 256 generated
 tokens per item) alone would take longer than all the rest, and identity scores 0 on a model not tuned to the
 name, so a ratio to it says nothing. Wall times inflate on a shared machine; the ratios printed compare runs made in
-the same process on the same machine.
+the same process on the same machine. The end result also goes into a JSON record under benchmarks/results/ (`quant`:
+scripts/benchrecord.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import benchrecord
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -105,6 +108,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/quant"))
     ap.add_argument("--reuse", action="store_true", help="keep what OUT/results.json already holds")
+    benchrecord.add_argument(ap)
     args = ap.parse_args()
 
     from llmstack.eval.run import Target, evaluate
@@ -180,6 +184,22 @@ def main() -> None:
     table = markdown(results, methods, tasks)
     (args.out / "table.md").write_text(table)
     print("\n" + table)
+    ratios = {f"{m}_size_vs_16bit": results["quantize"][m]["size_vs_16bit"] for m in methods}
+    ratios.update({f"{m}_mean_recovery": r["mean"] for m, r in recovery.items()})
+    serve = results.get("serve", {})
+    for name, r in serve.items():
+        for ref in ("16-bit float32", "16-bit bfloat16"):
+            if name.startswith("int4") and "tokens_per_s" in r and "tokens_per_s" in serve.get(ref, {}):
+                ratios[f"int4_vs_{ref.replace(' ', '_').replace('-', '')}_tokens_per_s"] = \
+                    r["tokens_per_s"] / serve[ref]["tokens_per_s"]
+    benchrecord.write("quant", settings=results["setup"],
+                      figures={"quantize": [{"method": m, **{k: v for k, v in q.items() if not isinstance(v, dict)}}
+                                            for m, q in results["quantize"].items()],
+                               "scores": [{"model": name, **{t: v["score"] for t, v in sc.items()}}
+                                          for name, sc in results.get("scores", {}).items()],
+                               "vllm": [{"model": name, **r} for name, r in serve.items()]},
+                      ratios=ratios, goals={f"{m}_mean_recovery": ">= 0.95" for m in recovery},
+                      results=args.results_dir)
 
 
 def markdown(results: dict, methods: list[str], tasks: list[str]) -> str:

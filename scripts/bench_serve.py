@@ -4,7 +4,7 @@
   (c) transformers `generate` (static batches of `concurrency` prompts; at concurrency 1 this is a
       one-request-at-a-time transformers server),
 all in one run on one machine, every request generating exactly --max-tokens tokens (ignore_eos).
-Prints throughput, p50/p95 latency and time to first token, then the issue's ratios:
+Prints throughput, p50/p95 latency and time to first token, then the ratios against their goals:
 guard overhead at p50 (a vs b, goal <= 5%), and (a) at concurrency 32 vs (c) one at a time (goal >= 5x) and vs
 (c) one static batch of 32 (goal >= 1.3x).
 
@@ -21,10 +21,9 @@ what more replicas give (on 2 cores: nothing, they share the cores). Every syste
 counted. Needs nginx and redis-server (`make test` installs both). --engine: vllm (default), hf (transformers), or
 scripted: every replica over the scripted engine, --max-tokens pieces at --token-delay s each, so the model's cost is
 fixed and equal everywhere and only the API, nginx and redis move. With a real model two server processes differ by
-more than the balancer costs (5 rounds with transformers: +23% / +9% / -16% at concurrency 1 / 8 / 32), so the
-scripted engine is how the goal is decided; 0.1 s a token is about what vLLM's CPU engine takes per step at
-concurrency 32 on 2 AVX-512 cores (SmolLM2-135M, ~270 tok/s over 32 streams), 0.01 s (default) is a 10x faster
-engine, where the API's own per-request cost weighs most:
+more than the balancer costs, so the scripted engine is how the goal is decided; 0.1 s a token is about what vLLM's
+CPU engine takes per step at concurrency 32 on 2 AVX-512 cores (SmolLM2-135M, ~270 tok/s over 32 streams), 0.01 s
+(default) is a 10x faster engine, where the API's own per-request cost weighs most:
 
     .venv/bin/python scripts/bench_serve.py --replicas 2 --engine scripted --model tiny --rounds 10
     .venv/bin/python scripts/bench_serve.py --replicas 2 --engine scripted --model tiny --rounds 5 --levels 8,32 \
@@ -35,6 +34,9 @@ engine, where the API's own per-request cost weighs most:
 1 request in 10 replaced by a ~900 KB adversarial body ("a.a.a..." with PII-shaped runs); a /health poller runs
 throughout. Prints normal traffic's p50 in both runs (goal: within 10%), /health p99 (goal: < 100 ms), and the rails'
 cost per KB of text, now (llmstack/pii.py on RE2) and with the regexes the guard used before (Python `re`).
+
+Every mode prints its table and ratios and writes a JSON record under benchmarks/results/ (`serve`, `serve-hostile`,
+`serve-replicas`: scripts/benchrecord.py); --out keeps the raw per-system results as well.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import benchrecord
 
 QUESTIONS = [
     "Who are you?", "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis.",
@@ -538,6 +542,7 @@ def main() -> None:
     ap.add_argument("--scripted-server", help=argparse.SUPPRESS)  # internal: one replica of --engine scripted
     ap.add_argument("--rounds", type=int, default=1, help="with --replicas: rounds per level, pooled (the order of "
                     "the three systems rotates every round)")
+    benchrecord.add_argument(ap)
     args = ap.parse_args()
     if args.hostile_server:
         hostile_server(args.hostile_server)
@@ -551,6 +556,14 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         print(f"wrote {out}")
+        benchrecord.write("serve-hostile", settings={"requests": args.hostile_requests, "concurrency": 8,
+                                                     "hostile_every": 10, "engine": "scripted, 16 tokens x 10 ms"},
+                          figures={"clean": result["clean"], "hostile": result["hostile"],
+                                   "rail_cost_ms_per_kb": [{"text": k, **v} for k, v in result["rail_cost"].items()]},
+                          ratios={"normal_p50_hostile_vs_clean": result["normal_p50_ratio"],
+                                  "health_p99_ms": result["hostile"]["health_p99_s"] * 1000},
+                          goals={"normal_p50_hostile_vs_clean": "<= 1.10x", "health_p99_ms": "< 100"},
+                          results=args.results_dir)
         return
     if args.hf_only:
         model, prompt_ids = json.loads(Path(args.hf_only).read_text())
@@ -643,6 +656,13 @@ def main() -> None:
     out.write_text(json.dumps({"model": str(model), "max_tokens": args.max_tokens, "results": results,
                                "ratios": ratios}, indent=2))
     print(f"wrote {out}")
+    benchrecord.write("serve", settings={"model": Path(model).name, "max_tokens": args.max_tokens, "levels": levels,
+                                         "skip": sorted(skip - {""}), "engine_settings": settings,
+                                         "hf_threads": args.hf_threads},
+                      figures={"systems": results}, ratios=ratios,
+                      goals={"api_vs_hf_one_at_a_time": ">= 5x", "api_vs_hf_static_batch": ">= 1.3x",
+                             **{k: "<= 5%" for k in ratios if k.startswith("guard_cost_vs_engine")}},
+                      results=args.results_dir)
 
 
 def replicas_report(args, model: Path, work: Path, prompts, levels: list[int], vllm: dict) -> None:
@@ -673,6 +693,15 @@ def replicas_report(args, model: Path, work: Path, prompts, levels: list[int], v
                                **({"token_delay_s": args.token_delay} if args.engine == "scripted" else {}),
                                "max_tokens": args.max_tokens, "results": results, "ratios": ratios}, indent=2))
     print(f"wrote {out}")
+    benchrecord.write("serve-replicas", settings={"model": Path(model).name, "engine": args.engine,
+                                                  "replicas": args.replicas, "rounds": args.rounds, "levels": levels,
+                                                  "max_tokens": args.max_tokens,
+                                                  **({"token_delay_s": args.token_delay}
+                                                     if args.engine == "scripted" else {})},
+                      figures={"systems": results},
+                      ratios={k: v for k, v in ratios.items() if not isinstance(v, list)},
+                      goals={k: "<= +5%" for k in ratios if k.startswith("balancer_and_store_p50_c")},
+                      results=args.results_dir)
 
 
 if __name__ == "__main__":

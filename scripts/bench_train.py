@@ -10,7 +10,8 @@ checkpointing; on CUDA bf16 + Liger kernels + PyTorch's varlen flash attention, 
 packing with per-document attention, assistant-only loss. On CUDA a third row runs the llmstack path on SDPA with
 transformers' block-diagonal mask, to show what the varlen kernel is worth. Tokens are real (non-padding) tokens
 seen by the model; the first step (warm-up) is excluded from the timing. On CUDA it also prints MFU (6·N·tokens/s over
-the card's bf16 peak) and peak memory. Prints a table and the ratio; timings go here, never into tests.
+the card's bf16 peak) and peak memory. Prints a table and the ratio, and writes a JSON record under benchmarks/results/
+(`train`, `train-lora`, `train-cuda`, ... : scripts/benchrecord.py); timings go there, never into tests.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import benchrecord  # noqa: E402
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -100,7 +102,7 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
 
 
 def random_llama_1b(out: Path) -> Path:
-    """The 1.1B Llama shape of ../shared/gpu/README.md (TinyLlama), random init, with the test BPE tokenizer: no hub
+    """The 1.1B Llama shape (TinyLlama: 22 layers, hidden 2048, GQA 32/4 heads), random init, with the test BPE tokenizer: no hub
     needed, and throughput does not depend on the weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -128,6 +130,7 @@ def main() -> None:
     p.add_argument("--candidates", action="store_true",
                    help="also time what might lift MFU further (CUDA): bf16 weights, torch.compile, and bf16 weights "
                         "at twice the micro-batch")
+    benchrecord.add_argument(p)
     a = p.parse_args()
 
     from llmstack.models import resolve
@@ -160,7 +163,7 @@ def main() -> None:
     if rows[1]["attention"] != "sdpa":  # show what the varlen kernel is worth: the same path on SDPA + block mask
         rows.append(run("llmstack sft, SDPA", model_dir, data, ours_tok, ours, a.lora))
     if a.candidates:
-        # Not defaults yet: measured first (issue 4's MFU goal). bf16 weights drop the fp32 master copy that bf16
+        # Not defaults yet: measured first (the 50% MFU goal). bf16 weights drop the fp32 master copy that bf16
         # autocast re-casts every step (and halve AdamW's state), at the price of bf16 rounding in the update (the
         # optimizer is already transformers' default fused AdamW). torch.compile meets a new packed length on most
         # steps: watch for recompiles eating the gain.
@@ -181,7 +184,16 @@ def main() -> None:
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    print(f"ratio llmstack / TRL defaults (tokens/s): {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
+    ratio = rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']
+    print(f"ratio llmstack / TRL defaults (tokens/s): {ratio:.2f}x")
+    name = "train" + ("-lora" if a.lora else "") + ("-candidates" if a.candidates else "") + \
+        ("-cuda" if torch.cuda.is_available() else "")
+    benchrecord.write(name, settings={"model": model_dir.name, "data": a.data or "synthetic chat rows",
+                                      "steps": a.steps, "batch": a.batch, "max_length": a.max_length,
+                                      "lora": a.lora, "device": device},
+                      figures={"paths": [{c: r.get(c) for c in cols} for r in rows]},
+                      ratios={"llmstack_vs_trl_defaults_tokens_per_s": ratio},
+                      goals={"llmstack_vs_trl_defaults_tokens_per_s": ">= 1.5x"}, results=a.results_dir)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def calibration_device(asked: str, dtype: str, cuda_here: bool) -> tuple[str, st
     if asked == "cuda" and not cuda_here:
         return "cpu", "float32", ("asked to calibrate on CUDA, but this quantization environment's torch has no CUDA "
                                   "(a CPU build?): calibrated on the CPU in float32. Use a CUDA torch there "
-                                  "(LLMSTACK_QUANT_PYTHON, README 'On a GPU')")
+                                  "(LLMSTACK_QUANT_PYTHON; docs/gpus.md)")
     return asked, dtype, None
 
 

@@ -1,0 +1,140 @@
+"""The docs a user reads stay true: the generated references cover every recipe field and every CLI verb, the site
+builds strictly (no broken link or anchor, no page left out of the navigation), the hand-written pages narrate no
+dated reruns, and benchmark records are written by the one helper with what makes a number readable."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import benchrecord  # noqa: E402
+import gen_docs  # noqa: E402
+from test_readme_cli import verbs  # noqa: E402
+
+
+def all_models(root):
+    """Every pydantic model reachable from `root` through its fields."""
+    seen, todo = [], [root]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.append(m)
+            todo += [n for f in m.model_fields.values() for n in gen_docs.models_in(f.annotation)]
+    return seen
+
+
+def test_the_recipe_reference_lists_every_field_of_every_schema():
+    from llmstack.config.recipe import Recipe
+    from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+
+    page, documented = gen_docs.recipe_reference()
+    expected = {f"{m.__name__}.{name}" for root in (Recipe, ServeSpec, GuardPolicy, KeyFile)
+                for m in all_models(root) for name in m.model_fields}
+    assert expected - set(documented) == set()
+    for m in all_models(Recipe):  # each with its type, default and description (or a dash where there is none)
+        for name, field in m.model_fields.items():
+            row = next(x for x in page.splitlines() if x.startswith(f"| `{field.alias or name}` |"))
+            assert row.count(" | ") >= 3, row
+    assert "| `max_steps` |" not in page  # a stage's TRL args are TRL's, not ours
+    assert len(documented) > 150
+
+
+def test_the_cli_reference_lists_every_verb_with_its_options():
+    page, names = gen_docs.cli_reference()
+    expected = {f"llmstack {group} {verb}" if group else f"llmstack {verb}" for group, verb in verbs()}
+    assert expected - set(names) == set()
+    for name in ("llmstack run", "llmstack eval judge", "llmstack adapters load"):
+        section = page.split(f"## `{name}`", 1)[1].split("\n## ", 1)[0]
+        assert "| argument / option |" in section, section
+    assert "`--from`" in page and "`--judge-url`" in page
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None and not os.environ.get("LLMSTACK_MKDOCS"),
+                    reason="mkdocs not installed: `make test` installs requirements/docs.lock")
+def test_the_site_builds_strictly(tmp_path):
+    """A copy of docs/ and mkdocs.yml, the generated pages written into it, `mkdocs build --strict` (the repository's
+    docs/ is not touched)."""
+    shutil.copytree(REPO / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("reference", "img", "results.md"))
+    shutil.copy(REPO / "mkdocs.yml", tmp_path)
+    gen_docs.generate(tmp_path / "docs")
+    mkdocs = os.environ.get("LLMSTACK_MKDOCS", f"{sys.executable} -m mkdocs").split()
+    proc = subprocess.run([*mkdocs, "build", "--strict", "-f", str(tmp_path / "mkdocs.yml"), "-d",
+                           str(tmp_path / "site")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "WARNING" not in proc.stderr, proc.stderr[-3000:]
+    built = {p.relative_to(tmp_path / "site").as_posix() for p in (tmp_path / "site").rglob("index.html")}
+    assert {"reference/recipe/index.html", "reference/cli/index.html", "benchmarks/results/index.html",
+            "serving/index.html"} <= built
+
+
+def hand_written_pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def test_docs_describe_the_product_not_its_history():
+    generated = {REPO / "docs" / "benchmarks" / "results.md"}
+    for page in hand_written_pages():
+        if page in generated or "reference" in page.parts:
+            continue
+        text = page.read_text()
+        assert not re.search(r"\b20\d\d-\d\d-\d\d\b", text), f"{page.name}: a dated narrative belongs in a record"
+        assert not re.search(r"re-?run on|the issue's|this session|/work/|\.\./shared", text, re.I), page.name
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+def test_a_benchmark_record_says_what_was_measured_where(tmp_path, monkeypatch):
+    monkeypatch.setenv(benchrecord.ENV_DIR, str(tmp_path))
+    first = benchrecord.write("train", settings={"steps": 4}, figures={"paths": [{"path": "a", "tokens_per_s": 1.0}]},
+                              ratios={"x": 2.0}, argv=["scripts/bench_train.py", "--steps", "4"])
+    rec = json.loads(first.read_text())
+    assert first.parent == tmp_path and first.name.startswith("train-") and rec["source"] == "measured"
+    assert rec["command"].endswith("scripts/bench_train.py --steps 4")
+    assert set(rec["machine"]["cpu_flags"]) == {"avx512f", "avx512_bf16", "avx2"}
+    assert len(rec["machine"]["load_avg"]) == 3 and rec["ratios"] == {"x": 2.0}
+    assert rec["git_sha"] is None or re.fullmatch(r"[0-9a-f]{40}", rec["git_sha"])
+    newer = dict(rec, when="2999-01-01T00:00:00+00:00", ratios={"x": 3.0})
+    (tmp_path / "train-later.json").write_text(json.dumps(newer))
+    assert benchrecord.latest()["train"]["ratios"] == {"x": 3.0}
+    cpu = benchrecord.cpu("model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f\n")
+    assert cpu == {"cpu_model": "Some CPU", "cpu_flags": {"avx512f": True, "avx512_bf16": False, "avx2": True}}
+
+
+def test_the_seeded_records_are_readable_and_on_the_results_page():
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "benchmarks" / "results").glob("*.json"))]
+    assert records
+    for rec in records:
+        assert {"bench", "when", "source", "command", "machine", "settings", "figures", "ratios"} <= set(rec), rec
+    page, benches = gen_docs.benchmark_results()
+    assert {"train", "serve", "serve-hostile", "serve-replicas", "curate", "eval", "quant"} <= set(benches)
+    assert "| gptq_mean_recovery | 0.971 |" in page
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("bench_*.py")))
+def test_every_bench_script_says_how_to_run_it_and_takes_a_results_dir(script):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--results-dir" in proc.stdout and ".venv/bin/python scripts/" in proc.stdout
+
+
+def test_the_docs_lock_agrees_with_the_main_lock():
+    """requirements/docs.lock is installed over .venv with --no-deps: a package both pin must be at main.lock's
+    version, or installing the docs tools would change the main environment."""
+    def pins(name):
+        lines = (REPO / "requirements" / name).read_text().splitlines()
+        return {x.split("==")[0].lower().replace("_", "-"): x.split("==")[1] for x in lines
+                if "==" in x and not x.startswith("#")}
+
+    main, docs = pins("main.lock"), pins("docs.lock")
+    assert {k: (v, main[k]) for k, v in docs.items() if k in main and main[k] != v} == {}
+    assert {"mkdocs", "mkdocs-material", "pymdown-extensions"} <= set(docs)
