@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import anyio
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -28,10 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.config.serve import GuardPolicy, KeyEntry, KeyFile, Route, ServeSpec
 from llmstack.monitor import TrafficProfile, compare, load_profile
-from llmstack.serve.audit import AuditLog
-from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
 from llmstack.serve.admission import read_json
+from llmstack.serve.audit import AuditLog
 from llmstack.serve.engines import EngineRejected, EngineUnavailable
+from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
 from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.protocol import AdapterLoad, APIError, validation_message
 from llmstack.serve.routing import Router, RoutesStoreUnavailable
