@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,101 +151,61 @@ class ServedRequest:
 
     # ------------------------------------------------------------------------------------- server-sent events
     async def stream(self):
-        """Server-sent events, each delta through the output rails; the slot is held until the stream ends. Logprobs
-        rows go out with their text, once the rail has released it (redacted alike), never ahead of it."""
+        """Server-sent events, each delta through the output rails (`StreamedAnswer.lines`); the slot is held until
+        the stream ends, and whatever ends it — the last event, a block, an engine error, the client gone — is
+        audited once."""
         srv, rid, req, params, audit, t0 = self.srv, self.rid, self.req, self.params, self.audit, self.t0
-        created = int(time.time())
-        obj = self.endpoint.chunk_object
-        rails = [srv.output_rails.stream() for _ in range(params.n)]
-        raw_len = [0] * params.n
-        held_rows: list[list[tuple[int, int, dict]]] = [[] for _ in range(params.n)]
-        sent = [""] * params.n
-        n_out, ttft, status = 0, None, 200
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        tool_stream = ToolStream(self.plan, params.n, audit) if self.plan is not None else None
-
-        def chunk(index: int, text: str | None = None, finish: str | None = None, lp: list[dict] | None = None,
-                  role: bool = False, calls: list[dict] | None = None) -> str:
-            body = {"id": rid, "object": obj, "created": created, "model": req.model,
-                    "choices": [self.endpoint.delta(index, text, finish, lp, role, calls)]}
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
-
+        out = StreamedAnswer(self)
         gen = srv.engine.generate(rid, self.prompt_ids, params, req.model)
-        done = False  # still False in `finally` means the client went away (cancelled, or the generator was closed)
         try:
             if self.endpoint.opens_with_role:
                 for i in range(params.n):
-                    yield chunk(i, role=True)
+                    yield out.chunk(i, role=True)
             async for deltas in gen:
                 # A turn for the event loop per engine step. When the engine is ahead of this process, vLLM's output
                 # queue is never empty and sending does not suspend either (until the socket buffer fills), so nothing
                 # else — Starlette's disconnect listener, other requests — would run until this stream ended.
                 await asyncio.sleep(0)
                 for d in deltas:
-                    if ttft is None and d.token_ids:
-                        ttft = time.perf_counter() - t0
-                    n_out += len(d.token_ids)
-                    i, start = d.index, raw_len[d.index]
-                    raw_len[i] += len(d.text)
-                    held_rows[i] += [(start, raw_len[i], row) for row in d.logprobs or []]
-                    rail = rails[i]
-                    v = rail.feed(d.text, final=d.finish_reason is not None)
-                    if v.blocked:
-                        status, done = 400, True
-                        srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
-                        audit["guard"] += v.decisions
-                        for line in _error_event(400, v.message, v.code):
-                            yield line
+                    for line in out.lines(d):
+                        yield line
+                    if out.done:  # an output rail blocked: the error event went out
                         return
-                    ready = [r for r in held_rows[i] if r[1] <= rail.consumed]
-                    held_rows[i] = held_rows[i][len(ready):]
-                    rows = srv.output_rails.scrub(ready, rail.redacted)
-                    sent[i] += v.text
-                    if tool_stream is not None:
-                        for kwargs in tool_stream.feed(i, v.text, rows, d.finish_reason):
-                            yield chunk(i, **kwargs)
-                        continue
-                    if v.text or rows:
-                        yield chunk(i, v.text, lp=rows)
-                    if d.finish_reason:
-                        yield chunk(i, finish=d.finish_reason)
-            if include_usage:
-                yield sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
-                           "usage": usage(len(self.prompt_ids), n_out)})
-            done = True
+            if out.include_usage:
+                yield sse({"id": rid, "object": out.obj, "created": out.created, "model": req.model, "choices": [],
+                           "usage": usage(len(self.prompt_ids), out.n_out)})
+            out.done = True
             yield "data: [DONE]\n\n"
         except EngineUnavailable as exc:
-            status, done = 503, True
+            out.status, out.done = 503, True
             for line in _error_event(503, f"the model engine is unavailable ({exc})", "engine_unavailable"):
                 yield line
         except EngineRejected as exc:  # e.g. a schema the structured-output backend cannot compile
-            status, done = 400, True
+            out.status, out.done = 400, True
             for line in _error_event(400, str(exc), "invalid_request"):
                 yield line
         except Exception as exc:  # noqa: BLE001 - after the 200 went out, an engine failure is an error event
-            status, done = 500, True
+            out.status, out.done = 500, True
             log.exception("engine failed while streaming %s", rid)
             for line in _error_event(500, f"the model engine failed on this request ({type(exc).__name__})",
                                      "engine_error"):
                 yield line
         finally:
-            if not done:  # closing `gen` below aborts the engine request
-                status = 499
+            if not out.done:  # the client went away (cancelled, or the generator was closed): closing `gen` aborts
+                out.status = 499
                 srv.metrics.aborted.inc()
                 audit["guard"].append("client_disconnected")
             # Shielded: after a disconnect the task is cancelled, and an unshielded await here would be cancelled too,
             # leaving the engine request running and the slot taken.
             with anyio.CancelScope(shield=True):
                 await gen.aclose()
-                await self.release(aborted=status != 200)
-            for r in rails:
+                await self.release(aborted=out.status != 200)
+            for r in out.rails:
                 audit["guard"] += sorted(r.decisions - set(audit["guard"]))
-            self._finish_metrics(n_out, ttft)
-            audit.update(status=status, completion_tokens=n_out, latency_s=round(time.perf_counter() - t0, 4),
-                         ttft_s=round(ttft, 4) if ttft else None, stream=True)
-            srv.audit.write(audit, prompt=self.prompt_text, completion=sent)
+            self._finish_metrics(out.n_out, out.ttft)
+            audit.update(status=out.status, completion_tokens=out.n_out, latency_s=round(time.perf_counter() - t0, 4),
+                         ttft_s=round(out.ttft, 4) if out.ttft else None, stream=True)
+            srv.audit.write(audit, prompt=self.prompt_text, completion=out.sent)
 
     def _finish_metrics(self, n_out: int, ttft: float | None) -> None:
         self.srv.metrics.tokens.labels("completion").inc(n_out)
@@ -254,3 +215,60 @@ class ServedRequest:
 
 def _error_event(status_code: int, message: str, code: str) -> list[str]:
     return [sse(APIError(status_code, message, code=code).body(), event="error"), "data: [DONE]\n\n"]
+
+
+class StreamedAnswer:
+    """A streamed answer as it goes out: per choice its stream rail, the logprobs rows waiting for their text to be
+    released, and what was sent; the token count, time to first token and status for the audit line. `done` still
+    False when the stream ends means the client went away."""
+
+    def __init__(self, call: ServedRequest):
+        n, req = call.params.n, call.req
+        self.call, self.created, self.obj = call, int(time.time()), call.endpoint.chunk_object
+        self.rails = [call.srv.output_rails.stream() for _ in range(n)]
+        self.raw_len = [0] * n
+        self.held_rows: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
+        self.sent = [""] * n
+        self.n_out, self.ttft, self.status, self.done = 0, None, 200, False
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.tool_stream = ToolStream(call.plan, n, call.audit) if call.plan is not None else None
+
+    def chunk(self, index: int, text: str | None = None, finish: str | None = None, lp: list[dict] | None = None,
+              role: bool = False, calls: list[dict] | None = None) -> str:
+        call = self.call
+        body = {"id": call.rid, "object": self.obj, "created": self.created, "model": call.req.model,
+                "choices": [call.endpoint.delta(index, text, finish, lp, role, calls)]}
+        if self.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def lines(self, d) -> Iterator[str]:
+        """The events for one engine delta: its text as the choice's rail releases it, with the logprobs rows of the
+        released text (scrubbed alike), as content or tool-call deltas; or, when the rail blocks, the error event."""
+        call = self.call
+        if self.ttft is None and d.token_ids:
+            self.ttft = time.perf_counter() - call.t0
+        self.n_out += len(d.token_ids)
+        i, start = d.index, self.raw_len[d.index]
+        self.raw_len[i] += len(d.text)
+        self.held_rows[i] += [(start, self.raw_len[i], row) for row in d.logprobs or []]
+        rail = self.rails[i]
+        v = rail.feed(d.text, final=d.finish_reason is not None)
+        if v.blocked:
+            self.status, self.done = 400, True
+            call.srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
+            call.audit["guard"] += v.decisions
+            yield from _error_event(400, v.message, v.code)
+            return
+        ready = [r for r in self.held_rows[i] if r[1] <= rail.consumed]
+        self.held_rows[i] = self.held_rows[i][len(ready):]
+        rows = call.srv.output_rails.scrub(ready, rail.redacted)
+        self.sent[i] += v.text
+        if self.tool_stream is not None:
+            for kwargs in self.tool_stream.feed(i, v.text, rows, d.finish_reason):
+                yield self.chunk(i, **kwargs)
+            return
+        if v.text or rows:
+            yield self.chunk(i, v.text, lp=rows)
+        if d.finish_reason:
+            yield self.chunk(i, finish=d.finish_reason)
