@@ -45,6 +45,9 @@ class Answer:
 
 @dataclass
 class ServedRequest:
+    """One request on its way through the engine: built by serving.generate once admission, the input rails and the
+    token budget passed it; it owns its audit line from here and frees what it holds (`release`) however it ends."""
+
     srv: Server
     endpoint: Any  # its serving.Endpoint, which shapes choices and chunks (not imported: the endpoints import this)
     rid: str
