@@ -47,8 +47,6 @@ class Endpoint:
 
     async def structured(self, srv: Server, req, plan: ToolPlan | None) -> tuple[dict | None, bool]:
         """The JSON Schema the answer is decoded under (or None), and whether it must be a JSON object."""
-        if plan is not None and plan.forced:
-            return plan.schema(), False
         return None, False
 
     def max_tokens(self, req) -> int | None:
