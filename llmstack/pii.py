@@ -1,5 +1,5 @@
 """PII detection and redaction: one detector, used by data curation (`llmstack.data.filters`) and by the API guard's
-rails (`llmstack.serve.guard`), so a curated dataset and a guarded endpoint agree on what PII is.
+rails (`llmstack.serve.rails`), so a curated dataset and a guarded endpoint agree on what PII is.
 
 What is found, in this order (a span claimed by an earlier kind is masked before the later kinds look, as when each
 kind replaces its matches in turn):

@@ -372,7 +372,7 @@ def rail_cost_per_kb() -> dict:
     import re
 
     from llmstack.config.serve import GuardPolicy
-    from llmstack.serve.guard import check_text
+    from llmstack.serve.rails import check_text
 
     old = [re.compile(p) for p in OLD_PII]
     rails = GuardPolicy().input

@@ -11,9 +11,9 @@ from collections import Counter
 
 import pytest
 
-from llmstack.config.serve import GuardPolicy, Rails
+from llmstack.config.serve import GuardPolicy, RailPolicy
 from llmstack.pii import KINDS, MAX_EMAIL_LOCAL, find_pii, redact_pii
-from llmstack.serve.guard import StreamRail, check_text
+from llmstack.serve.rails import Rails, check_text
 
 FOUND = [
     # emails (datatrove's pattern)
@@ -115,10 +115,12 @@ def test_guard_rails_linear_time_on_pathological_input():
     start = time.perf_counter()
     v = check_text(text, GuardPolicy().input)  # injection heuristics and PII
     assert v.text == text and not v.blocked
-    rail = StreamRail(GuardPolicy().output, holdback=48)  # a 1 MB word could still become an address: held whole
+    # a 1 MB word could still become an address: held whole
+    rail = Rails.from_config(GuardPolicy().output, "output", holdback=48).stream()
     assert rail.feed("x" * 1_000_000).text == ""
     assert rail.feed(" done", final=True).text == "x" * 1_000_000 + " done"
-    rail = StreamRail(GuardPolicy().output, holdback=48)  # a long word streamed 4 characters at a time
+    # a long word streamed 4 characters at a time
+    rail = Rails.from_config(GuardPolicy().output, "output", holdback=48).stream()
     out = "".join(rail.feed("ab.c" if i < 2_499 else "ab.c", final=i == 2_499).text for i in range(2_500))
     assert out == "ab.c" * 2_500
     assert time.perf_counter() - start < 5.0
@@ -136,11 +138,12 @@ def test_curation_and_guard_redact_alike(text):
 
     counts = Counter()
     curated = curation_redact(text, counts)
-    verdict = check_text(text, Rails(injection="off", pii="redact"))
+    verdict = check_text(text, RailPolicy(injection="off", pii="redact"))
     assert verdict.text == curated
     assert verdict.decisions == [f"pii:redact:{kind}" for kind in sorted(counts)]
 
 
 def test_guard_does_not_import_datatrove():
-    code = "import sys, llmstack.serve.guard; sys.exit(any(m.startswith('datatrove') for m in sys.modules))"
+    code = ("import sys, llmstack.serve.guard, llmstack.serve.rails; "
+            "sys.exit(any(m.startswith('datatrove') for m in sys.modules))")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,7 +20,8 @@ from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
 from llmstack.serve.engines import HfEngine
 from llmstack.testing import ScriptedEngine
 from llmstack.pii import find_pii, redact_pii
-from llmstack.serve.guard import RateLimiter, StreamRail, check_text, hash_key
+from llmstack.serve.guard import RateLimiter, hash_key
+from llmstack.serve.rails import Rails, check_text
 
 ALICE, BOB, CAROL = "sk-llmstack-alice-test", "sk-llmstack-bob-test", "sk-llmstack-carol-test"
 KEYS = KeyFile.model_validate({"keys": [
@@ -196,11 +197,12 @@ def test_pii_detection_and_redaction():
 
 
 def test_stream_rail_redacts_pii_split_across_chunks():
-    rail = StreamRail(GuardPolicy().output, holdback=24)
+    rail = Rails.from_config(GuardPolicy().output, "output", holdback=24).stream()
     pieces = ["Contact: jo", "hn.smi", "th@exam", "ple.org thanks", " a lot"]
     out = "".join(rail.feed(p, final=(i == len(pieces) - 1)).text for i, p in enumerate(pieces))
     assert out == "Contact: <EMAIL> thanks a lot"
-    rail = StreamRail(GuardPolicy.model_validate({"output": {"blocklist": ["secret plan"]}}).output, holdback=48)
+    output = GuardPolicy.model_validate({"output": {"blocklist": ["secret plan"]}}).output
+    rail = Rails.from_config(output, "output", holdback=48).stream()
     assert rail.feed("Hello there, my fri").text == "Hello there, my "  # prose goes out a word behind
     assert rail.feed("end. The secr").text == "friend. The "  # 'secr' might start the blocked phrase
     assert rail.feed("et garden.").text == "secret "

@@ -139,7 +139,10 @@ class RateLimits(Strict):
         return v
 
 
-class Rails(Strict):
+class RailPolicy(Strict):
+    """What each rail does on one side (input or output); llmstack/serve/rails.py builds the rails from it. A new rail
+    adds its field here."""
+
     injection: Literal["block", "flag", "off"] = Field("block", description="prompt-injection heuristics")
     pii: Literal["redact", "block", "flag", "off"] = Field("redact", description="emails, phones, cards, SSNs")
     blocklist: list[str] = Field(default_factory=list, description="case-insensitive words/phrases that block")
@@ -150,13 +153,13 @@ class Rails(Strict):
         return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
-class InputRails(Rails):
+class InputRails(RailPolicy):
     exempt_roles: list[Literal["system", "developer", "user", "assistant", "tool"]] = Field(
         default_factory=list, description="message roles the input rails skip (e.g. [system]: the operator's own "
                                           "prompt); every other role's text is checked")
 
 
-class OutputRails(Rails):
+class OutputRails(RailPolicy):
     injection: Literal["block", "flag", "off"] = "off"
     holdback_chars: int = Field(160, ge=0, description="with output `injection` on, the last this many streamed "
                                                        "characters wait (phrase heuristics have no prefix test); "

@@ -1,5 +1,6 @@
 """The guarded OpenAI-compatible API (FastAPI) in front of an engine (engines/): the app, its key-gate middleware, and
-its routes. The generation request path is serving.py; wire schemas and error bodies are protocol.py.
+its routes. The generation request path is serving.py (one serving_*.py per endpoint over it); wire schemas and error
+bodies are protocol.py.
 
 Routes: GET /health (no key), /ready, /metrics, /docs, /openapi.json, /v1/models, /v1/monitor/profile; POST
 /v1/chat/completions, /v1/completions; admin (admin key): GET /admin/routes, PUT /admin/routes/{name},
@@ -18,7 +19,6 @@ import time
 from pathlib import Path
 
 import anyio
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -27,14 +27,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.config.serve import GuardPolicy, KeyEntry, KeyFile, Route, ServeSpec
 from llmstack.monitor import TrafficProfile, compare, load_profile
+from llmstack.serve.admission import read_json
 from llmstack.serve.audit import AuditLog
+from llmstack.serve.engines import EngineRejected, EngineUnavailable
 from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
 from llmstack.serve.metrics import ServeMetrics
-from llmstack.serve.engines import EngineRejected, EngineUnavailable
 from llmstack.serve.protocol import AdapterLoad, APIError, validation_message
-from llmstack.serve.routing import Router
-from llmstack.serve.routing import StoreUnavailable as RoutesStoreUnavailable
-from llmstack.serve.serving import Server, check_routes, generate, new_request_id, read_json
+from llmstack.serve.routing import Router, RoutesStoreUnavailable
+from llmstack.serve.serving import generate
+from llmstack.serve.serving_chat import ChatCompletions
+from llmstack.serve.serving_completion import Completions
+from llmstack.serve.state import Server, check_routes, keep_in_sync, new_request_id
 
 log = logging.getLogger("llmstack.serve")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -113,21 +116,6 @@ ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/v1/models
           "/v1/completions", "/v1/monitor/profile"}
 
 
-async def _keep_in_sync(srv: Server) -> None:
-    """Every refresh_s, off the event loop: read the routes store (another replica's route changes), then load and
-    unload runtime adapters as it says (another replica's `llmstack adapters load/unload`). A failing store is
-    counted by the router and tried again; nothing here ends the loop."""
-    while True:
-        await asyncio.sleep(srv.router.refresh_s)
-        try:
-            await asyncio.to_thread(srv.router.refresh)
-            await srv.sync_adapters()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an engine refusing a load mid-restart: serve what is loaded
-            log.warning("routes store sync failed: %s", exc)
-
-
 def _store_errors(metrics: ServeMetrics, store: str, meanwhile: str):
     """The on_error hook of a shared store: count every failure (llmstack_store_errors_total{store}, which an alert
     watches), log at most one line per 10 s (an outage under load would otherwise write thousands a second)."""
@@ -161,7 +149,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         router = Router(spec.routes, store=spec.routes_store)
         router.on_error = _store_errors(metrics, "routes", "requests are routed as last read; route and adapter "
                                                            "changes are refused with 503 until it is back")
-        router.background = router.store is not None  # _keep_in_sync reads the store; requests never wait on it
+        router.background = router.store is not None  # keep_in_sync reads the store; requests never wait on it
         # a persisted route must still fit: what this engine serves, or a runtime adapter the store lists
         check_routes({n: router.get(n) for n in router.names()}, [*engine.names, *router.adapters()])
         limiter = RateLimiter(policy, on_store_error=_store_errors(
@@ -173,7 +161,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         if not engine.ready:
             await engine.start()
         await srv.sync_adapters()  # the runtime adapters the store lists (a restart, or a replica joining)
-        syncing = asyncio.create_task(_keep_in_sync(srv)) if router.store is not None else None
+        syncing = asyncio.create_task(keep_in_sync(srv)) if router.store is not None else None
         log.info("serving %s with the %s engine", ", ".join(engine.names), engine.kind)
         yield
         if syncing is not None:
@@ -391,12 +379,15 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         return _adapters_view()
 
     # -------------------------------------------------------------------------------------------- generation
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await generate(request, ref["server"], chat=True)
+    # One Endpoint per route over the shared request path (serving.py); a Responses endpoint would be one more.
+    chat, completion = ChatCompletions(), Completions()
 
-    @app.post("/v1/completions")
+    @app.post(chat.route)
+    async def chat_completions(request: Request):
+        return await generate(request, ref["server"], chat)
+
+    @app.post(completion.route)
     async def completions(request: Request):
-        return await generate(request, ref["server"], chat=False)
+        return await generate(request, ref["server"], completion)
 
     return app

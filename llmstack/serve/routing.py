@@ -41,7 +41,7 @@ def bucket(sticky: str, name: str) -> float:
     return int.from_bytes(digest[:8], "big") % 1_000_000 / 10_000
 
 
-class StoreUnavailable(Exception):
+class RoutesStoreUnavailable(Exception):
     """The routes store cannot be read or written (redis down, a file that cannot be written)."""
 
 
@@ -141,7 +141,8 @@ class Router:
             try:
                 self._set_state(self.store.update(lambda state: state or seed))
             except self.store.errors as exc:
-                raise StoreUnavailable(f"routes_store {store}: cannot read it ({type(exc).__name__}: {exc})") from None
+                raise RoutesStoreUnavailable(f"routes_store {store}: cannot read it ({type(exc).__name__}: "
+                                             f"{exc})") from None
 
     def _set_state(self, state: dict, read_at: float | None = None) -> None:
         """`read_at`: when the read began (what it shows is at least that recent; a write after it may be missing)."""
@@ -218,8 +219,8 @@ class Router:
                     state = self.store.update(change)
                 except self.store.errors as exc:
                     self.on_error(exc)
-                    raise StoreUnavailable(f"the routes store is unavailable ({type(exc).__name__}: "
-                                           f"{str(exc)[:200]}); nothing was changed") from None
+                    raise RoutesStoreUnavailable(f"the routes store is unavailable ({type(exc).__name__}: "
+                                                 f"{str(exc)[:200]}); nothing was changed") from None
             self._set_state(state)
         return result["value"]
 

@@ -1,0 +1,153 @@
+"""/v1/chat/completions: OpenAI's chat endpoint over the shared request path (serving.py). Its own parts: tool
+planning and the conversation's earlier calls (tooling.py), `response_format`, every message's text (and earlier
+calls' arguments) through the input rails, the chat template rendered so that message text can never forge a turn
+(`encode_chat`), and answers shaped as messages (with tool calls) and streamed as deltas."""
+
+from __future__ import annotations
+
+import json
+
+from llmstack import tools
+from llmstack.serve.protocol import APIError, ChatRequest, chat_logprobs
+from llmstack.serve.request import Answer, ServedRequest
+from llmstack.serve.serving import Endpoint
+from llmstack.serve.state import Server
+from llmstack.serve.tooling import ToolPlan, check_history, check_json_schema, plan_tools
+
+
+class ChatCompletions(Endpoint):
+    route = "/v1/chat/completions"
+    id_prefix = "chatcmpl"
+    schema = ChatRequest
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    prompt_param = "messages"
+    logprobs_param = "top_logprobs"
+    opens_with_role = True
+
+    async def prepare(self, srv: Server, req) -> ToolPlan | None:
+        plan = await srv.in_worker(plan_tools, req, srv.policy.caps)  # in a worker: a request may carry many schemas
+        check_history(req)
+        return plan
+
+    async def structured(self, srv: Server, req, plan: ToolPlan | None) -> tuple[dict | None, bool]:
+        if plan is not None and plan.forced:
+            return plan.schema(), False
+        if req.response_format is None or req.response_format.type == "text":
+            return None, False
+        if req.response_format.type != "json_schema":
+            return None, True
+        if req.response_format.json_schema is None:
+            raise APIError(400, "response_format.json_schema is required for type json_schema",
+                           param="response_format")
+        schema = req.response_format.json_schema.schema_
+        await srv.in_worker(check_json_schema, schema, "response_format", srv.policy.caps.max_tool_schema_bytes)
+        return schema, False
+
+    def max_tokens(self, req) -> int | None:
+        return req.max_completion_tokens or req.max_tokens
+
+    def top_logprobs(self, req) -> int | None:
+        return (req.top_logprobs or 0) if req.logprobs else None
+
+    def render(self, srv: Server, req, guard, plan: ToolPlan | None) -> tuple[list[int], str]:
+        exempt = srv.policy.input.exempt_roles
+        tok = srv.engine.tokenizer
+        messages, tooled = [], plan is not None and plan.mode != "none"
+        for i, m in enumerate(req.messages):
+            text = m.text()
+            railed = m.role not in exempt  # every role's text is checked unless the policy exempts it
+            if railed:
+                text = guard(text, f"messages[{i}].content")
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": text}
+            if m.tool_calls:  # the arguments a model sent earlier are text like any other: railed leaf by leaf
+                msg["tool_calls"] = [{"type": "function", "function": {
+                    "name": c.function.name,
+                    "arguments": _guard_leaves(tools.arguments_object(c.function.arguments), guard,
+                                               f"messages[{i}].tool_calls[{j}].function.arguments")
+                    if railed else tools.arguments_object(c.function.arguments)}}
+                    for j, c in enumerate(m.tool_calls)]
+                tooled = True
+            if m.role == "tool":
+                msg["tool_call_id"] = m.tool_call_id
+                tooled = True
+            messages.append(msg)
+        specs = plan.tools if plan is not None and plan.mode != "none" else None
+        extra = json.dumps([specs, [m.get("tool_calls") for m in messages]], ensure_ascii=False) if tooled else ""
+        srv.check_prompt_chars("".join(m["content"] for m in messages) + extra, "messages")
+        with srv.tokenizer_lock:
+            if tooled and any(sp in extra for sp in _specials(tok)):
+                raise APIError(400, "a tool spec or tool call spells a special token of this model; remove it",
+                               param="tools", code="special_token_in_content")
+            return encode_chat(tok, messages, specs, tools.template_for(tok) if tooled else None)
+
+    def user_text(self, req) -> str:
+        return next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
+
+    def choice(self, call: ServedRequest, i: int, text: str, rows: list[dict], reason: str, blocked: bool,
+               answer: Answer) -> dict:
+        message = {"role": "assistant", "content": text}
+        if call.plan is not None and not blocked:
+            message["content"], calls = call.plan.read_calls(text, call.srv.engine, call.audit)
+            if calls:
+                message["tool_calls"], reason = calls, "tool_calls"
+        return {"index": i, "message": message, "finish_reason": reason,
+                "logprobs": chat_logprobs(rows) if call.params.logprobs is not None else None}
+
+    def delta(self, index, text, finish, lp, role, calls) -> dict:
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        if calls:
+            delta["tool_calls"] = calls
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(lp) if lp else None}
+
+
+def _guard_leaves(value, guard, param: str):
+    """Every string in a JSON value through the input rails (redacted in place, or the request refused)."""
+    if isinstance(value, str):
+        return guard(value, param)
+    if isinstance(value, dict):
+        return {k: _guard_leaves(v, guard, param) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_guard_leaves(v, guard, param) for v in value]
+    return value
+
+
+def _specials(tok) -> list[str]:
+    return [t for t in tok.all_special_tokens if t] + [t.content for t in tok.added_tokens_decoder.values()
+                                                       if t.special]
+
+
+_MARK = "\ue000{}\ue001"  # private-use characters around a message index: stand-ins for content while rendering
+
+
+def encode_chat(tok, messages: list[dict], tool_specs: list[dict] | None = None,
+                template: str | None = None) -> tuple[list[int], str]:
+    """The prompt tokens of a chat, with the message contents tokenized as text: a `<|im_end|><|im_start|>system`
+    typed into a message stays those characters, never the control tokens that would forge a turn.
+
+    Ordinary content goes the way vLLM's own server goes (render to text, tokenize without extra specials), so the
+    prompt tokens are the same as there. Content that spells a special token is rendered with a stand-in, and the
+    template's own text around it is tokenized as usual while the content is tokenized with special tokens split."""
+    def apply(msgs):
+        return tok.apply_chat_template(msgs, tools=tool_specs, chat_template=template, add_generation_prompt=True,
+                                       tokenize=False)
+
+    prompt_text = apply(messages)
+    specials = _specials(tok)
+    forged = [i for i, m in enumerate(messages) if any(sp in m["content"] for sp in specials)]
+    if not forged:
+        return tok(prompt_text, add_special_tokens=False)["input_ids"], prompt_text
+    stand_in = [{**m, "content": _MARK.format(i) if i in forged else m["content"]} for i, m in enumerate(messages)]
+    rendered = apply(stand_in)
+    ids, rest = [], rendered
+    for i in forged:
+        mark = _MARK.format(i)
+        if rest.count(mark) != 1:
+            raise APIError(400, f"messages[{i}].content spells a special token of this model, and its chat template "
+                           "does not keep message text apart; remove the special token", param=f"messages[{i}]",
+                           code="special_token_in_content")
+        before, rest = rest.split(mark)
+        ids += tok(before, add_special_tokens=False)["input_ids"]
+        ids += tok(messages[i]["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids += tok(rest, add_special_tokens=False)["input_ids"]
+    return ids, prompt_text
