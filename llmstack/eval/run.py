@@ -21,27 +21,12 @@ from typing import Any
 
 from llmstack.device import policy
 from llmstack.eval.stats import paired_bootstrap, wilson
-from llmstack.eval.suites import SUITES_DIR, Suite, ensure_prepared, load_suite, read_task
+from llmstack.config.eval_suites import Suite, load_suite
+from llmstack.eval.task_data import ensure_prepared, read_task
+from llmstack.eval.tasks import get_task
+from llmstack.paths import SUITES_DIR
 
 log = logging.getLogger("llmstack")
-
-# The score a task is judged by (table, chart, gates). Every metric lm-eval reports is still kept in `all`.
-PRIMARY = {
-    "arc_easy": "acc,none",
-    "arc_challenge": "acc_norm,none",
-    "hellaswag": "acc_norm,none",
-    "mmlu": "acc,none",
-    "boolq": "acc,none",
-    "piqa": "acc_norm,none",
-    "winogrande": "acc,none",
-    "gsm8k": "exact_match,strict-match",
-    "identity": "named,none",
-    "refusal": "acc,none",
-    "over_refusal": "answered,none",
-    "bias": "acc,none",  # its bias scores (amb_bias_score, ...) are in `all`; the release decision reports them
-    "tool_calls": "name_acc",  # scored in-process, not by lm-eval (llmstack/eval/tool_calls.py)
-}
-
 
 class EvalGateError(ValueError):
     """A gate failed. A ValueError so the CLI prints it as a one-line error."""
@@ -189,18 +174,6 @@ def _check_prompt_logprobs(base: str, model: str, api_key: str | None) -> None:
                          f"gsm8k) or use the hf/vllm backend")
 
 
-def _scores_choices(task: str) -> bool:
-    """Whether a task scores choices by loglikelihood (multiple_choice) rather than generating. Read from its YAML
-    (a line scan: the files use lm-eval's `!function` tag, which a plain YAML loader rejects)."""
-    import re
-
-    text = (SUITES_DIR / "tasks" / f"{task}.yaml").read_text()
-    found = re.search(r"^output_type:\s*(\w+)", text, re.M)
-    if found is None and (inc := re.search(r"^include:\s*(\S+)", text, re.M)):
-        found = re.search(r"^output_type:\s*(\w+)", (SUITES_DIR / "tasks" / inc[1]).read_text(), re.M)
-    return found is not None and found[1] in ("multiple_choice", "loglikelihood")
-
-
 def parity(a: dict[str, Any], b: dict[str, Any], items: int = 1) -> list[str]:
     """Where two evaluations of the same model disagree: tasks whose scores differ by more than `items` items' worth
     (1/n each). Different kernels (transformers vs vLLM, fp32) move log-probabilities by ~1e-5, enough to flip a
@@ -238,27 +211,28 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
 
     suite = load_suite(suite) if isinstance(suite, str) else suite
     ensure_prepared()
-    manager = TaskManager(include_path=str(SUITES_DIR / "tasks"), include_defaults=False,
-                          metadata={"identity_name": identity_name, "perturb": perturb, "perturb_seed": perturb_seed})
     wanted = [t for t in suite.tasks if tasks is None or t.name in tasks]
     unknown = sorted(set(tasks or []) - {t.name for t in suite.tasks})
     if unknown:
         raise ValueError(f"suite {suite.name} has no task(s) {', '.join(unknown)} "
                          f"(tasks: {', '.join(t.name for t in suite.tasks)})")
+    defs = {t.name: get_task(t.name) for t in wanted}
+    # Our task folder, and the folder of any registered task whose YAML lives elsewhere.
+    folders = dict.fromkeys([SUITES_DIR / "tasks", *(d.yaml_path.parent for d in defs.values())])
+    manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False,
+                          metadata={"identity_name": identity_name, "perturb": perturb, "perturb_seed": perturb_seed})
     results: dict[str, Any] = {}
-    from llmstack.eval import tool_calls
-
-    for spec in (t for t in wanted if t.name == tool_calls.TASK):  # lm-eval cannot pass `tools` to the template
-        results[spec.name] = tool_calls.evaluate_target(
+    for spec in (t for t in wanted if defs[t.name].in_process):  # scored by llmstack, e.g. tool_calls
+        results[spec.name] = defs[spec.name].in_process(
             target, min(x for x in (spec.n, limit, len(read_task(spec.name))) if x), samples_dir)
     lm = None
     for chat in (False, True):
-        group = [t for t in wanted if t.chat == chat and t.name != tool_calls.TASK]
+        group = [t for t in wanted if t.chat == chat and not defs[t.name].in_process]
         if not group:
             continue
         # A suite's task without its own size takes all its items: cap the limit there too (lm-eval rejects more).
         counts = {t.name: min(x for x in (t.n, limit, len(read_task(t.name))) if x) for t in group}
-        scoring = [t.name for t in group if _scores_choices(t.name)]
+        scoring = [t.name for t in group if defs[t.name].scores_choices()]
         if scoring and target.backend == "server" and not target.model:
             raise ValueError(f"{', '.join(scoring)} score choices by loglikelihood: through a server that needs the "
                              "model folder too (--model), for its tokenizer; or evaluate only generation tasks")
@@ -274,9 +248,10 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
             res = out["results"][task]
             metrics = {k: _clean(v) for k, v in res.items() if k != "alias" and "_stderr" not in k}
             n = out["n-samples"][task]["effective"]
-            items = _item_scores(out["samples"][task], PRIMARY[task])
-            score = metrics.get(PRIMARY[task])
-            results[task] = {"score": score, "metric": PRIMARY[task], "n": n, "chat": chat, "all": metrics,
+            primary = defs[task].primary
+            items = _item_scores(out["samples"][task], primary)
+            score = metrics.get(primary)
+            results[task] = {"score": score, "metric": primary, "n": n, "chat": chat, "all": metrics,
                              # 95% Wilson interval of the primary metric (a proportion of items), and the items'
                              # own scores in doc order, for paired comparisons between stages
                              "ci95": [round(x, 4) for x in wilson(sum(items), len(items))] if items else None,
@@ -297,24 +272,22 @@ def _item_scores(samples: list[dict], primary: str) -> list[float]:
     return [v for _, v in rows]
 
 
-# What counts as "the same answer" on a generation task whose text always differs a little: the decision it is scored
-# on. Multiple choice: the option chosen; other generation tasks: the filtered (extracted) answer.
-ANSWER_METRIC = {"identity": "named", "refusal": "refused", "over_refusal": "answered"}
-
-
 def _item_answers(samples: list[dict], task: str) -> list[Any]:
     """Per-item answers by doc id, comparable between a clean and a perturbed run of the same items: the chosen
     option's index in the clean item's order (a shuffled item's `perm` maps it back), the decision a generation task
     is scored on, or the extracted answer. Multiple choice picks as the primary metric does (acc: highest
-    loglikelihood; acc_norm: highest loglikelihood per character of the option)."""
-    metric, _, filt = PRIMARY.get(task, "acc,none").partition(",")
+    loglikelihood; acc_norm: highest loglikelihood per character of the option).
+    What counts as "the same answer" on a generation task whose text always differs a little is the decision it is
+    scored on (its registry entry's `answer` field); without one, the filtered (extracted) answer."""
+    decision = get_task(task).answer
+    metric, _, filt = get_task(task).primary.partition(",")
     rows = []
     for s in samples:
         if s.get("filter") != filt:
             continue
         resps, doc = s["filtered_resps"], s["doc"]
-        if task in ANSWER_METRIC:
-            answer: Any = s.get(ANSWER_METRIC[task])
+        if decision is not None:
+            answer: Any = s.get(decision)
         elif resps and isinstance(resps[0], (list, tuple)):  # multiple choice: (loglikelihood, is_greedy) per option
             lls = [float(r[0]) for r in resps]
             if metric == "acc_norm" and isinstance(doc.get("choices"), list):
