@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llmstack.config.eval_suites import load_suite
-from llmstack.eval.task_data import read_task
 from llmstack.config.eval import EvalSpec, GateSpec
+from llmstack.config.eval_suites import load_suite
 from llmstack.eval.run import EvalGateError, Target, check_gates, evaluate, resolve_folder
+from llmstack.eval.task_data import read_task
 
 
 @pytest.fixture(scope="module")

