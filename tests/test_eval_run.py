@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from llmstack.config.eval import EvalSpec, GateSpec
 from llmstack.config.eval_suites import load_suite
-from llmstack.eval.run import EvalGateError, Target, check_gates, evaluate, resolve_folder
+from llmstack.eval.compare import EvalGateError, check_gates
+from llmstack.eval.run import Target, evaluate, resolve_folder
 from llmstack.eval.task_data import read_task
 
 
@@ -102,7 +103,7 @@ def test_gates_name_stage_task_score_and_threshold():
 
 def test_regression_gates_decide_on_the_paired_interval():
     """With per-item scores a drop fails only when significant; a drop the items cannot establish says so."""
-    from llmstack.eval.run import gate_verdicts
+    from llmstack.eval.compare import gate_verdicts
 
     def stage(items):
         return {"score": sum(items) / len(items), "metric": "acc,none", "n": len(items), "items": items}

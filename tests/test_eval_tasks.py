@@ -6,7 +6,8 @@ import pytest
 
 from llmstack.config.eval_suites import EvalDataError, Suite, TaskSpec
 from llmstack.eval import release, tasks
-from llmstack.eval.run import Target, evaluate, markdown_table
+from llmstack.eval.compare import markdown_table
+from llmstack.eval.run import Target, evaluate
 from llmstack.eval.task_data import iter_eval_texts, read_task
 from llmstack.eval.tasks import Reading, TaskDef
 

@@ -1,6 +1,6 @@
 """Pipeline stage `eval`: score every stage named in eval.stages with lm-eval over the recipe's suite, compare them,
 chart them, report INT4 recovery, then apply the gates (a failed gate fails the run). The scoring itself is
-llmstack/eval/run.py."""
+llmstack/eval/run.py, the comparison llmstack/eval/compare.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from llmstack.device import policy
 from llmstack.eval import judge as judging
 from llmstack.eval import release
 from llmstack.eval import robustness as robust
+from llmstack.eval.compare import EvalGateError, bar_chart, gate_verdicts, markdown_table
+from llmstack.eval.run import Target, evaluate, resolve_folder
 from llmstack.eval.stats import items_needed, paired_bootstrap
-from llmstack.eval.run import (EvalGateError, Target, bar_chart, evaluate, gate_verdicts, markdown_table,
-                               resolve_folder)
 from llmstack.eval.tasks import get_task
 from llmstack.stage import StageContext, StageResult
 
