@@ -13,10 +13,16 @@ How to add an eval task
        custom_dataset: !function llmstack.eval.task_data.lm_eval_dataset
        dataset_kwargs: {task: <name>}
 
-   (a multiple-choice task can `include: _multiple_choice.yaml` instead). A scorer of its own is named by module
-   path, e.g. `process_results: !function llmstack.eval.scorers.identity_score`; put it with the task's own code.
-2. Add one `TaskDef` to the shipped tasks at the bottom of this file: its primary metric and where its items come from, at least.
+   (a multiple-choice task takes the hook, its choices and metrics with `include: _multiple_choice.yaml`). A scorer
+   of its own is named by module path, e.g. `process_results: !function llmstack.eval.scorers.identity_score`, and
+   lives with the task's own code (lm-eval 0.4.13 imports a dotted `!function` name when no such file sits beside
+   the YAML).
+2. Add one `TaskDef` to the shipped tasks at the bottom of this file: its primary metric and where its items come
+   from, at least.
 3. Name it in a suite (eval_suites/suites/*.yaml) to run it.
+
+tests/test_eval_tasks.py does exactly this with two scratch tasks (a YAML in a temporary folder, one entry each) and
+runs them through lm-eval on a tiny model into the report.
 
 A task lm-eval cannot score (tool_calls: its chat path cannot pass `tools` to the template) sets `in_process` to its
 own scorer; its YAML then only registers the name for suites and lm-eval's task index.
