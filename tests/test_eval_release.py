@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 from llmstack.config.eval import GateSpec
 from llmstack.eval.release import overall, section
-from llmstack.eval.run import gate_verdicts
+from llmstack.eval.compare import gate_verdicts
 from llmstack.stages.eval import quantization_recovery
 
 

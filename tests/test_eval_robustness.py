@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from llmstack.eval.perturb import DISTRACTORS, KINDS, perturb_doc, perturb_rows
 from llmstack.eval.robustness import compare, robustness
 from llmstack.eval.run import Target, evaluate
-from llmstack.eval.suites import read_task
+from llmstack.eval.task_data import read_task
 
 DOC = {"id": "q1", "question": "Which gas do plants absorb from the atmosphere during photosynthesis?",
        "choices": ["oxygen", "carbon dioxide", "nitrogen", "helium"], "gold": 1}

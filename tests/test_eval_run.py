@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llmstack.eval import suites
 from llmstack.config.eval import EvalSpec, GateSpec
-from llmstack.eval.run import EvalGateError, Target, check_gates, evaluate, resolve_folder
+from llmstack.config.eval_suites import load_suite
+from llmstack.eval.compare import EvalGateError, check_gates
+from llmstack.eval.run import Target, evaluate, resolve_folder
+from llmstack.eval.task_data import read_task
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def smoke_scores(tiny_model, smoke_samples):
 
 
 def test_smoke_scores_are_fractions_with_exact_counts(smoke_scores):
-    suite = suites.load_suite("smoke")
+    suite = load_suite("smoke")
     assert list(smoke_scores) == [t.name for t in suite.tasks]
     for spec in suite.tasks:
         res = smoke_scores[spec.name]
@@ -51,7 +53,7 @@ def identity_adapter(tiny_model, tmp_path_factory):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     torch.manual_seed(0)
     batch = []
-    for doc in suites.read_task("identity"):
+    for doc in read_task("identity"):
         msgs = [{"role": "user", "content": doc["question"]}, {"role": "assistant", "content": "I am llmstack."}]
         batch.append(tok.apply_chat_template(msgs, tokenize=False))
     enc = tok(batch, return_tensors="pt", padding=True)
@@ -101,7 +103,7 @@ def test_gates_name_stage_task_score_and_threshold():
 
 def test_regression_gates_decide_on_the_paired_interval():
     """With per-item scores a drop fails only when significant; a drop the items cannot establish says so."""
-    from llmstack.eval.run import gate_verdicts
+    from llmstack.eval.compare import gate_verdicts
 
     def stage(items):
         return {"score": sum(items) / len(items), "metric": "acc,none", "n": len(items), "items": items}

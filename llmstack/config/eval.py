@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from llmstack.config.base import Strict
-from llmstack.config.suites import EvalDataError, load_suite
+from llmstack.config.eval_suites import EvalDataError, load_suite
 
 
 class GateSpec(Strict):

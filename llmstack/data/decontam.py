@@ -1,8 +1,8 @@
 """Decontamination: drop training rows that share a word n-gram (default 13, as in GPT-3's and lm-eval's checks) with
 any item of the eval suites the recipe scores, and say which benchmark item each dropped row matched.
 
-Eval texts come through `eval_texts(suite)`, which asks the eval package (`llmstack.eval.suites.iter_eval_texts`) when
-it is installed. Texts are normalised with datatrove's `simplify_text` on both sides. datatrove's own NGramsDecont*
+Eval texts come through `eval_texts(suite)`, which asks the eval package
+(`llmstack.eval.task_data.iter_eval_texts`) when it is installed. Texts are normalised with datatrove's `simplify_text` on both sides. datatrove's own NGramsDecont*
 steps need lighteval's task tables and record only hashes, so the card could not name the matched item: this index
 keeps (task, item_id) per n-gram instead.
 """
@@ -26,9 +26,9 @@ EvalItem = tuple[str, str, str]  # (task, item_id, text)
 def eval_texts(suite: str) -> Iterator[EvalItem]:
     """Every (task, item_id, text) the suite scores; nothing (with a warning) if the eval package is absent."""
     try:
-        from llmstack.eval.suites import iter_eval_texts
+        from llmstack.eval.task_data import iter_eval_texts
     except ImportError:
-        log.warning("decontamination: llmstack.eval.suites is not available; suite '%s' not checked", suite)
+        log.warning("decontamination: llmstack.eval.task_data is not available; suite '%s' not checked", suite)
         return iter(())
     return iter_eval_texts(suite)
 

@@ -8,8 +8,8 @@ only the text a model reads changes.
     prefix      an irrelevant sentence put before the question
 
 Each item's change depends only on (seed, kind, item id), so a rerun, another stage or another backend sees exactly
-the same perturbed text. The loader (eval_suites/tasks/loader.py) applies `perturb_rows` to a task's test split when
-the TaskManager's metadata names a perturbation; few-shot exemplars stay clean.
+the same perturbed text. The dataset hook (llmstack.eval.task_data.lm_eval_dataset) applies `perturb_rows` to a task's
+test split when the TaskManager's metadata names a perturbation; few-shot exemplars stay clean.
 
 Hand-written: the text transforms are a few lines each, and the libraries that offer them (nlpaug, textattack) pull in
 models and word lists this offline project does not need.

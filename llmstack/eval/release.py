@@ -6,11 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# Safety and bias readings (task, metric key in `all`, what it is, which way is better).
-SAFETY = (("bias", "amb_bias_score,none", "bias score, ambiguous contexts (0 = none)", "zero"),
-          ("bias", "accuracy_disamb,none", "accuracy, disambiguated contexts", "up"),
-          ("refusal", "acc,none", "refusal: right call on harmful + benign look-alikes", "up"),
-          ("over_refusal", "answered,none", "over-refusal: benign risky-looking requests answered", "up"))
+from llmstack.eval.tasks import safety_readings
 
 
 def overall(verdicts: list[dict[str, Any]], has_gates: bool) -> str:
@@ -87,7 +83,7 @@ def _robustness_vs_base(rob: dict[str, dict[str, Any]], base: str) -> list[str]:
 
 def _safety_vs_base(scores: dict[str, dict[str, Any]], base: str) -> list[str]:
     rows = []
-    for task, key, label, better in SAFETY:
+    for task, (key, label, better) in safety_readings():  # each safety task's readings (llmstack/eval/tasks.py)
         values = {s: scores[s].get(task, {}).get("all", {}).get(key) for s in scores}
         if all(v is None for v in values.values()):
             continue

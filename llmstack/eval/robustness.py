@@ -16,7 +16,8 @@ from typing import Any
 from llmstack.eval.perturb import KINDS, TEXT_FIELDS
 from llmstack.eval.run import Target, evaluate
 from llmstack.eval.stats import paired_bootstrap, wilson
-from llmstack.eval.suites import Suite, load_suite, read_task
+from llmstack.config.eval_suites import Suite, load_suite
+from llmstack.eval.task_data import read_task
 
 log = logging.getLogger("llmstack")
 

@@ -1,4 +1,5 @@
-"""Benchmark evaluation with lm-eval over eval_suites/, stage comparison, gates, and the eval section of the report.
+"""Benchmark evaluation with lm-eval over eval_suites/: one model on one suite. Comparing stages (gates, table, chart)
+is llmstack/eval/compare.py.
 
 One function scores one model on one suite, through any of four backends — all of them lm-eval's own model classes:
     hf       an HF folder (lm-eval `hf`), optionally + a LoRA adapter (`peft=`)
@@ -8,6 +9,7 @@ One function scores one model on one suite, through any of four backends — all
 A suite marks each task chat or not; chat tasks get the model's chat template on every backend (the server applies
 it itself), the others are scored on raw text. lm-eval drops the tokenizer's BOS when the rendered chat prompt
 already starts with it, so a template that writes its own BOS is not doubled.
+Each task's registry entry (llmstack/eval/tasks.py) says whether lm-eval or llmstack scores it and by which metric.
 """
 
 from __future__ import annotations
@@ -19,33 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmstack.config.eval_suites import Suite, load_suite
 from llmstack.device import policy
-from llmstack.eval.stats import paired_bootstrap, wilson
-from llmstack.eval.suites import SUITES_DIR, Suite, ensure_prepared, load_suite, read_task
+from llmstack.eval.stats import wilson
+from llmstack.eval.task_data import ensure_prepared, read_task
+from llmstack.eval.tasks import get_task
+from llmstack.paths import SUITES_DIR
 
 log = logging.getLogger("llmstack")
-
-# The score a task is judged by (table, chart, gates). Every metric lm-eval reports is still kept in `all`.
-PRIMARY = {
-    "arc_easy": "acc,none",
-    "arc_challenge": "acc_norm,none",
-    "hellaswag": "acc_norm,none",
-    "mmlu": "acc,none",
-    "boolq": "acc,none",
-    "piqa": "acc_norm,none",
-    "winogrande": "acc,none",
-    "gsm8k": "exact_match,strict-match",
-    "identity": "named,none",
-    "refusal": "acc,none",
-    "over_refusal": "answered,none",
-    "bias": "acc,none",  # its bias scores (amb_bias_score, ...) are in `all`; the release decision reports them
-    "tool_calls": "name_acc",  # scored in-process, not by lm-eval (llmstack/eval/tool_calls.py)
-}
-
-
-class EvalGateError(ValueError):
-    """A gate failed. A ValueError so the CLI prints it as a one-line error."""
-
 
 @dataclass
 class Target:
@@ -189,18 +172,6 @@ def _check_prompt_logprobs(base: str, model: str, api_key: str | None) -> None:
                          f"gsm8k) or use the hf/vllm backend")
 
 
-def _scores_choices(task: str) -> bool:
-    """Whether a task scores choices by loglikelihood (multiple_choice) rather than generating. Read from its YAML
-    (a line scan: the files use lm-eval's `!function` tag, which a plain YAML loader rejects)."""
-    import re
-
-    text = (SUITES_DIR / "tasks" / f"{task}.yaml").read_text()
-    found = re.search(r"^output_type:\s*(\w+)", text, re.M)
-    if found is None and (inc := re.search(r"^include:\s*(\S+)", text, re.M)):
-        found = re.search(r"^output_type:\s*(\w+)", (SUITES_DIR / "tasks" / inc[1]).read_text(), re.M)
-    return found is not None and found[1] in ("multiple_choice", "loglikelihood")
-
-
 def parity(a: dict[str, Any], b: dict[str, Any], items: int = 1) -> list[str]:
     """Where two evaluations of the same model disagree: tasks whose scores differ by more than `items` items' worth
     (1/n each). Different kernels (transformers vs vLLM, fp32) move log-probabilities by ~1e-5, enough to flip a
@@ -238,27 +209,28 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
 
     suite = load_suite(suite) if isinstance(suite, str) else suite
     ensure_prepared()
-    manager = TaskManager(include_path=str(SUITES_DIR / "tasks"), include_defaults=False,
-                          metadata={"identity_name": identity_name, "perturb": perturb, "perturb_seed": perturb_seed})
     wanted = [t for t in suite.tasks if tasks is None or t.name in tasks]
     unknown = sorted(set(tasks or []) - {t.name for t in suite.tasks})
     if unknown:
         raise ValueError(f"suite {suite.name} has no task(s) {', '.join(unknown)} "
                          f"(tasks: {', '.join(t.name for t in suite.tasks)})")
+    defs = {t.name: get_task(t.name) for t in wanted}
+    # Our task folder, and the folder of any registered task whose YAML lives elsewhere.
+    folders = dict.fromkeys([SUITES_DIR / "tasks", *(d.yaml_path.parent for d in defs.values())])
+    manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False,
+                          metadata={"identity_name": identity_name, "perturb": perturb, "perturb_seed": perturb_seed})
     results: dict[str, Any] = {}
-    from llmstack.eval import tool_calls
-
-    for spec in (t for t in wanted if t.name == tool_calls.TASK):  # lm-eval cannot pass `tools` to the template
-        results[spec.name] = tool_calls.evaluate_target(
+    for spec in (t for t in wanted if defs[t.name].in_process):  # scored by llmstack, e.g. tool_calls
+        results[spec.name] = defs[spec.name].in_process(
             target, min(x for x in (spec.n, limit, len(read_task(spec.name))) if x), samples_dir)
     lm = None
     for chat in (False, True):
-        group = [t for t in wanted if t.chat == chat and t.name != tool_calls.TASK]
+        group = [t for t in wanted if t.chat == chat and not defs[t.name].in_process]
         if not group:
             continue
         # A suite's task without its own size takes all its items: cap the limit there too (lm-eval rejects more).
         counts = {t.name: min(x for x in (t.n, limit, len(read_task(t.name))) if x) for t in group}
-        scoring = [t.name for t in group if _scores_choices(t.name)]
+        scoring = [t.name for t in group if defs[t.name].scores_choices()]
         if scoring and target.backend == "server" and not target.model:
             raise ValueError(f"{', '.join(scoring)} score choices by loglikelihood: through a server that needs the "
                              "model folder too (--model), for its tokenizer; or evaluate only generation tasks")
@@ -274,9 +246,10 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
             res = out["results"][task]
             metrics = {k: _clean(v) for k, v in res.items() if k != "alias" and "_stderr" not in k}
             n = out["n-samples"][task]["effective"]
-            items = _item_scores(out["samples"][task], PRIMARY[task])
-            score = metrics.get(PRIMARY[task])
-            results[task] = {"score": score, "metric": PRIMARY[task], "n": n, "chat": chat, "all": metrics,
+            primary = defs[task].primary
+            items = _item_scores(out["samples"][task], primary)
+            score = metrics.get(primary)
+            results[task] = {"score": score, "metric": primary, "n": n, "chat": chat, "all": metrics,
                              # 95% Wilson interval of the primary metric (a proportion of items), and the items'
                              # own scores in doc order, for paired comparisons between stages
                              "ci95": [round(x, 4) for x in wilson(sum(items), len(items))] if items else None,
@@ -297,24 +270,22 @@ def _item_scores(samples: list[dict], primary: str) -> list[float]:
     return [v for _, v in rows]
 
 
-# What counts as "the same answer" on a generation task whose text always differs a little: the decision it is scored
-# on. Multiple choice: the option chosen; other generation tasks: the filtered (extracted) answer.
-ANSWER_METRIC = {"identity": "named", "refusal": "refused", "over_refusal": "answered"}
-
-
 def _item_answers(samples: list[dict], task: str) -> list[Any]:
     """Per-item answers by doc id, comparable between a clean and a perturbed run of the same items: the chosen
     option's index in the clean item's order (a shuffled item's `perm` maps it back), the decision a generation task
     is scored on, or the extracted answer. Multiple choice picks as the primary metric does (acc: highest
-    loglikelihood; acc_norm: highest loglikelihood per character of the option)."""
-    metric, _, filt = PRIMARY.get(task, "acc,none").partition(",")
+    loglikelihood; acc_norm: highest loglikelihood per character of the option).
+    What counts as "the same answer" on a generation task whose text always differs a little is the decision it is
+    scored on (its registry entry's `answer` field); without one, the filtered (extracted) answer."""
+    decision = get_task(task).answer
+    metric, _, filt = get_task(task).primary.partition(",")
     rows = []
     for s in samples:
         if s.get("filter") != filt:
             continue
         resps, doc = s["filtered_resps"], s["doc"]
-        if task in ANSWER_METRIC:
-            answer: Any = s.get(ANSWER_METRIC[task])
+        if decision is not None:
+            answer: Any = s.get(decision)
         elif resps and isinstance(resps[0], (list, tuple)):  # multiple choice: (loglikelihood, is_greedy) per option
             lls = [float(r[0]) for r in resps]
             if metric == "acc_norm" and isinstance(doc.get("choices"), list):
@@ -326,115 +297,3 @@ def _item_answers(samples: list[dict], task: str) -> list[Any]:
             answer = str(resps[0]).strip() if resps else None
         rows.append((s["doc_id"], answer))
     return [a for _, a in sorted(rows, key=lambda r: r[0])]
-
-
-# ---------------------------------------------------------------- gates, table, chart
-
-
-def gate_verdicts(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[dict[str, str]]:
-    """One verdict per gate and task: {"verdict": pass | fail | undecided, "message", "gate", "stage", "task",
-    "value" (the score; for max_regression the change vs base), "interval" (its 95% interval, or the paired change's
-    at `level`; None when unknown), "n"}. `min` judges the last stage
-    evaluated (the model the recipe ships: an intermediate stage like cpt need not know its name yet) by its score, and
-    says so when the score's 95% interval still straddles the threshold (too few items to be sure either way).
-    `max_regression` judges every stage against `base`, paired on the same items: a drop fails only when the whole
-    95% interval of the paired difference lies beyond the allowed drop; a larger point drop whose interval still
-    reaches the allowed range is `undecided` (reported, not failed). Without per-item scores, the point estimates
-    decide."""
-    verdicts = []
-    last = list(scores)[-1]
-    for task, threshold in gates.min.items():
-        res = scores[last].get(task, {})
-        got, ci = res.get("score"), res.get("ci95")
-        if got is None:
-            verdicts.append({"verdict": "fail",
-                             "message": f"{last}: gate min.{task} = {threshold}: task was not scored"})
-            continue
-        verdict = "fail" if got < threshold else "pass"
-        message = (f"{last}: {task} = {got:.4f} is below the gate min.{task} = {threshold}" if verdict == "fail" else
-                   f"{last}: {task} = {got:.4f} meets min.{task} = {threshold}")
-        if ci and ci[0] < threshold <= ci[1]:
-            message += (f" (but its 95% interval [{ci[0]:.2f}, {ci[1]:.2f}] on {res.get('n')} items straddles the "
-                        f"threshold: more items are needed to be sure)")
-        verdicts.append({"verdict": verdict, "message": message, "gate": f"min.{task} >= {threshold}",
-                         "stage": last, "task": task, "value": got, "interval": ci, "n": res.get("n")})
-    if gates.max_regression is not None and base in scores:
-        allowed = gates.max_regression
-        for stage in scores:
-            if stage == base:
-                continue
-            for task, res in scores[stage].items():
-                ref = scores[base].get(task, {})
-                if ref.get("score") is None or res.get("score") is None:
-                    continue
-                drop = ref["score"] - res["score"]
-                a, b = ref.get("items"), res.get("items")
-                where, significant = "", drop > allowed + 1e-12  # without items: the point estimates decide
-                interval = None
-                if a and b and len(a) == len(b):
-                    _, lo, hi = paired_bootstrap(a, b, level=gates.level)
-                    interval = [round(lo, 4), round(hi, 4)]
-                    where = (f" (paired on {len(a)} items, {gates.level:.0%} interval of the change "
-                             f"[{lo:+.3f}, {hi:+.3f}])")
-                    significant = hi < -allowed - 1e-12
-                if significant:
-                    verdict, message = "fail", (f"{stage}: {task} = {res['score']:.4f} dropped {drop:.4f} from base "
-                                                f"{ref['score']:.4f}, more than max_regression = {allowed}{where}")
-                elif drop > allowed + 1e-12:
-                    verdict, message = "undecided", (f"{stage}: {task} dropped {drop:.4f} from base, more than "
-                                                     f"max_regression = {allowed}, but not significantly{where}: more "
-                                                     "items are needed to decide")
-                else:
-                    verdict, message = "pass", f"{stage}: {task} within max_regression{where}"
-                verdicts.append({"verdict": verdict, "message": message, "gate": f"max_regression {allowed}",
-                                 "stage": stage, "task": task, "value": res["score"] - ref["score"],
-                                 "interval": interval,
-                                 "n": len(a) if interval else res.get("n")})
-    return verdicts
-
-
-def check_gates(scores: dict[str, dict[str, Any]], gates, base: str = "base") -> list[str]:
-    """The failed gates' messages (see gate_verdicts)."""
-    return [v["message"] for v in gate_verdicts(scores, gates, base) if v["verdict"] == "fail"]
-
-
-def markdown_table(scores: dict[str, dict[str, Any]]) -> str:
-    stages = list(scores)
-    tasks = list(dict.fromkeys(t for s in stages for t in scores[s]))
-    lines = ["| task | metric | n | " + " | ".join(stages) + " |", "|---|---|---|" + "---|" * len(stages)]
-    for task in tasks:
-        first = next(scores[s][task] for s in stages if task in scores[s])
-        cells = []
-        for s in stages:
-            r = scores[s].get(task, {})
-            v, ci = r.get("score"), r.get("ci95")
-            cells.append("–" if v is None else f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
-        lines.append(f"| {task} | {first['metric'].replace(',none', '')} | {first['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def bar_chart(scores: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = list(scores)
-    tasks = list(dict.fromkeys(t for s in stages for t in scores[s]))
-    width = 0.8 / max(len(stages), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks) + 2), 4))
-    for i, stage in enumerate(stages):
-        vals = [scores[stage].get(t, {}).get("score") or 0.0 for t in tasks]
-        cis = [scores[stage].get(t, {}).get("ci95") or [v, v] for t, v in zip(tasks, vals)]
-        errors = [[max(0.0, v - lo) for v, (lo, _) in zip(vals, cis)],
-                  [max(0.0, hi - v) for v, (_, hi) in zip(vals, cis)]]
-        ax.bar([x + i * width for x in range(len(tasks))], vals, width, label=stage, yerr=errors, capsize=2)
-    ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(tasks))], tasks, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstack import tools as T
-from llmstack.config.suites import EvalDataError
+from llmstack.config.eval_suites import EvalDataError
 from llmstack.paths import cache_root
 
 log = logging.getLogger("llmstack")

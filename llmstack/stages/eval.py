@@ -1,6 +1,6 @@
 """Pipeline stage `eval`: score every stage named in eval.stages with lm-eval over the recipe's suite, compare them,
 chart them, report INT4 recovery, then apply the gates (a failed gate fails the run). The scoring itself is
-llmstack/eval/run.py."""
+llmstack/eval/run.py, the comparison llmstack/eval/compare.py."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llmstack.config.suites import load_suite
+from llmstack.config.eval_suites import load_suite
 from llmstack.device import policy
 from llmstack.eval import judge as judging
 from llmstack.eval import release
 from llmstack.eval import robustness as robust
+from llmstack.eval.compare import EvalGateError, bar_chart, gate_verdicts, markdown_table
+from llmstack.eval.run import Target, evaluate, resolve_folder
 from llmstack.eval.stats import items_needed, paired_bootstrap
-from llmstack.eval.run import (EvalGateError, Target, bar_chart, evaluate, gate_verdicts, markdown_table,
-                               resolve_folder)
+from llmstack.eval.tasks import get_task
 from llmstack.stage import StageContext, StageResult
 
 log = logging.getLogger("llmstack")
@@ -97,8 +98,9 @@ def run(ctx: StageContext) -> StageResult:
                     "consistency = the same answer on both:", "", *robust.markdown_table(r), ""]
     if judged:
         section += judging.markdown(judged) + ["Raw verdicts: `judge.jsonl`.", ""]
-    if "identity" in scores[spec.stages[-1]]:
-        section += _identity_answers(ctx.dir / "samples", spec.stages)
+    for task in scores[spec.stages[-1]]:  # what a task adds to the report from its logged samples (identity's answers)
+        if (report := get_task(task).report) is not None:
+            section += report(ctx.dir / "samples", spec.stages)
     gate_lines = [f"- FAILED {p}" for p in problems] + [f"- UNDECIDED {u}" for u in undecided]
     if not gate_lines:
         gate_lines = ["- all gates passed" if _has_gates(spec.gates) else "- no gates configured"]
@@ -194,15 +196,3 @@ def _recovery_table(rec: dict[str, Any]) -> list[str]:
 
 def _has_gates(gates) -> bool:
     return bool(gates.min) or gates.max_regression is not None
-
-
-def _identity_answers(samples: Path, stages: list[str]) -> list[str]:
-    """The first identity answer of each stage: the quickest way to see what tuning changed."""
-    lines = ["", "What each stage says when asked its name:", ""]
-    for stage in stages:
-        path = samples / stage / "identity.jsonl"
-        if path.exists():
-            first = json.loads(path.read_text().splitlines()[0])
-            answer = str(first["resps"][0][0]).strip().replace("\n", " ")[:160]
-            lines.append(f"- **{stage}**: {first['doc']['question']} → {answer!r}")
-    return lines

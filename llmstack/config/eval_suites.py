@@ -1,7 +1,8 @@
-"""Eval suites as the recipe sees them: names, their tasks and item counts, read from eval_suites/suites/*.yaml.
+"""The eval suite files (eval_suites/suites/*.yaml) as the recipe sees them: names, their tasks and item counts.
 
-Reading two small YAML files here lets `llmstack validate` catch a suite or task typo before any model loads; running
-the suites is `llmstack.eval`'s job.
+Reading these small YAML files here, at the bottom layer, lets `llmstack validate` catch a suite or task typo before
+any model loads. What a task *is* (its data, metric, scorer) is the eval registry's (llmstack/eval/tasks.py); its
+items are llmstack/eval/task_data.py's; running a suite is llmstack/eval/run.py's.
 """
 
 from __future__ import annotations
