@@ -135,6 +135,7 @@ def main() -> None:
         ap.error(f"unknown part(s) {', '.join(bad)}")
 
     from llmstack.eval.run import Target, evaluate
+    from llmstack.eval.tasks import get_task
     from llmstack.models import resolve
 
     model = Path(args.model) if args.model else resolve("smollm2-135m-instruct")
@@ -178,8 +179,10 @@ def main() -> None:
         if task in parts:
             with Timer() as t:
                 res = evaluate(target, "safety", limit=args.limit, tasks=[task])[task]
-            extra = "".join(f", {k} {res['all'].get(k + ',none')}" for k in ("amb_bias_score", "accuracy_disamb")
-                            if task == "bias")  # None when the items hold no context of that kind
+            # the task's other release readings (bias: amb_bias_score, accuracy_disamb); None when the items hold no
+            # context of that kind
+            extra = "".join(f", {r.key.split(',')[0]} {res['all'].get(r.key)}" for r in get_task(task).safety
+                            if r.key != get_task(task).primary)
             print(f"\n{task} ({res['n']} items): {t}; {res['metric']} {res['score']:.3f}{extra}")
             figures[task] = {"n": res["n"], "metric": res["metric"], "score": res["score"], "wall_s": t.wall,
                              "cpu_s": t.cpu}
