@@ -143,9 +143,8 @@ def baseline(corpus: Path, tok_path: Path, work: Path) -> tuple[int, Path]:
     from datatrove.data import Document
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
     from datatrove.utils.text import simplify_text
-    from transformers import AutoTokenizer
-
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    from transformers import AutoTokenizer
 
     from llmstack.data.decontam import NGramIndex
     from llmstack.data.filters import WORDS, redact_pii
@@ -349,7 +348,8 @@ def compare(args, runs: list[tuple[str, int]], ray) -> None:
         b = row(n, *first)
         for which, workers in runs:
             r = row(n, which, workers)
-            print(f"{n:5d} | {which:8s} w{workers} | {r['docs_per_s']:6.1f} | {r['docs_per_s'] / b['docs_per_s']:7.2f}x |"
+            speedup = r["docs_per_s"] / b["docs_per_s"]
+            print(f"{n:5d} | {which:8s} w{workers} | {r['docs_per_s']:6.1f} | {speedup:7.2f}x |"
                   f" {r['wall_s']:6.1f} | {r['cpu_s']:5.1f} | {r['peak_mib']:8d} | {r['load']:.1f}")
     small, large = args.sizes[0], args.sizes[-1]
     ratios, steady = {}, []

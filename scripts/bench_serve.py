@@ -311,14 +311,17 @@ def bench_hf(model_dir: Path, prompt_ids: list[list[int]], levels: list[int], ma
             t0 = time.perf_counter()
 
             class FirstToken(StoppingCriteria):  # called after each step: the first call ends the prefill step
+                def __init__(self, first: list[float], t0: float):
+                    self.first, self.t0 = first, t0
+
                 def __call__(self, input_ids, scores, **kw):
-                    if not first:
-                        first.append(time.perf_counter() - t0)
+                    if not self.first:
+                        self.first.append(time.perf_counter() - self.t0)
                     return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
             with torch.inference_mode():
                 gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                     do_sample=False, pad_token_id=pad, stopping_criteria=[FirstToken()])
+                                     do_sample=False, pad_token_id=pad, stopping_criteria=[FirstToken(first, t0)])
             lat = time.perf_counter() - t0
             rows += [{"latency": lat, "ttft": first[0] if first else None, "tokens": gen.shape[1] - width}
                      for _ in batch]
@@ -333,8 +336,8 @@ def guard_cost_ms(model: Path, max_tokens: int, n: int = 20) -> float:
     API adds to each request, measured apart from the model so a loaded machine's noise does not swamp it."""
     from fastapi.testclient import TestClient
 
-    from llmstack.serve.app import build_app
     from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.app import build_app
     from llmstack.serve.engines import load_tokenizer
     from llmstack.serve.guard import hash_key
     from llmstack.testing import ScriptedEngine
@@ -466,7 +469,8 @@ async def hostile_mix(base: str, n: int, conc: int, hostile_every: int | None) -
         await asyncio.gather(*[worker() for _ in range(conc)])
         stop.set()
         await poller
-    return {"normal_p50_s": statistics.median(lat), "normal_requests": len(lat), "health_p99_s": percentile(health, 0.99),
+    return {"normal_p50_s": statistics.median(lat), "normal_requests": len(lat),
+            "health_p99_s": percentile(health, 0.99),
             "health_max_s": max(health), "health_polls": len(health), "hostile_statuses": sorted(set(bad_status)),
             "hostile_requests": len(bad_status)}
 
@@ -498,7 +502,8 @@ def bench_hostile(n: int, conc: int) -> dict:
           f"(answered {hostile['hostile_statuses']}):")
     print(f"  normal p50: clean {clean['normal_p50_s'] * 1000:.0f} ms, hostile {hostile['normal_p50_s'] * 1000:.0f} ms "
           f"= {ratio:.2f}x (goal <= 1.10x)")
-    print(f"  /health p99: clean {clean['health_p99_s'] * 1000:.1f} ms, hostile {hostile['health_p99_s'] * 1000:.1f} ms "
+    print(f"  /health p99: clean {clean['health_p99_s'] * 1000:.1f} ms, "
+          f"hostile {hostile['health_p99_s'] * 1000:.1f} ms "
           f"(max {hostile['health_max_s'] * 1000:.0f} ms over {hostile['health_polls']} polls; goal < 100 ms)")
     print("  input rails, ms per KB (now RE2 / before Python re):")
     for name, c in costs.items():

@@ -1,8 +1,9 @@
 """The README's chat-demo screenshot (llmstack/demo/screenshot.png), made the way a person would see it: the
 quickstart's model (SmolLM2-135M-Instruct, fetched offline from its PyPI wheel) served by `llmstack serve`, the Gradio
 demo in front of it, and Debian's chromium driven by Playwright. The conversation: "Who are you?" (the model's identity
-answer, Tools off), then "What is 17 * 23? Use the calculator." with Tools on and tool choice `required`, so the model's calculator call
-(decoded under the tool's JSON Schema), the result the demo computed, and the model's answer after it are shown.
+answer, Tools off), then "What is 17 * 23? Use the calculator." with Tools on and tool choice `required`, so the
+model's calculator call (decoded under the tool's JSON Schema), the result the demo computed, and the model's answer
+after it are shown.
 Temperature 0, so a rerun gives the same words. The System prompt field says who the model is: with only its
 template's default system line, SmolLM2-135M answers "Who are you?" with an offer to help with creative writing.
 Greedy decoding makes a 135M model repeat itself after a few sentences, so Max tokens is 58: where its identity
@@ -88,7 +89,8 @@ def main() -> None:
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     work = Path(tempfile.mkdtemp(prefix="llmstack-screenshot-"))
     port = port_or_free(args.port)
-    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"id": "demo", "sha256": hash_key(KEY), "models": ["*"]}]}))
+    keys = {"keys": [{"id": "demo", "sha256": hash_key(KEY), "models": ["*"]}]}
+    (work / "keys.yaml").write_text(yaml.safe_dump(keys))
     (work / "server.yaml").write_text(yaml.safe_dump({
         "engine": args.engine, "model": str(model), "served_model_name": MODEL_NAME, "port": port,
         "max_model_len": 4096, "keys": "keys.yaml", "audit_log": "audit.jsonl"}))
@@ -133,8 +135,8 @@ def main() -> None:
                 expect(page.locator("#chatbot").get_by_text("🔧", exact=False).first).to_be_visible()
                 # the whole conversation in one picture: let the chat grow instead of scrolling inside its box
                 page.add_style_tag(content="#chatbot { height: auto !important; max-height: none !important; }"
-                                           "#chatbot .bubble-wrap { height: auto !important; max-height: none !important;"
-                                           " overflow: visible !important; }")
+                                           "#chatbot .bubble-wrap { height: auto !important;"
+                                           " max-height: none !important; overflow: visible !important; }")
                 page.mouse.move(0, 0)  # no hover highlight on the last control clicked
                 page.wait_for_timeout(1500)
                 out = Path(args.out)

@@ -90,8 +90,8 @@ def hf_server(smollm2):
     """The same API on the transformers engine, in a thread of this process."""
     import uvicorn
 
-    from llmstack.serve.app import build_app
     from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.app import build_app
     from llmstack.serve.engines import HfEngine
     from llmstack.serve.guard import hash_key
 

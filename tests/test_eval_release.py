@@ -4,8 +4,8 @@ needed, robustness and bias/safety deltas against base, the judge's win rate."""
 from types import SimpleNamespace
 
 from llmstack.config.eval import GateSpec
-from llmstack.eval.release import overall, section
 from llmstack.eval.compare import gate_verdicts
+from llmstack.eval.release import overall, section
 from llmstack.stages.eval import quantization_recovery
 
 

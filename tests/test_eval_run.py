@@ -221,8 +221,8 @@ def tiny_server(tiny_model):
     import httpx
     import uvicorn
 
-    from llmstack.serve.app import build_app
     from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.app import build_app
     from llmstack.serve.engines import HfEngine
     from llmstack.serve.guard import hash_key
 

@@ -96,7 +96,7 @@ def test_required_in_process_forces_a_schema_valid_call_from_an_untrained_model(
         assert s["called"] == 1.0 and s["schema_valid"] == 1.0, got
 
 
-def test_live_server_scoring_with_the_official_client(tiny_server):
+def test_live_server_scoring_with_the_official_client(tiny_server):  # noqa: F811 - the imported fixture
     """The server backend: the official client against a live llmstack server, auto and required; a forced call is
     constrained by the server, so even the tiny random model's call is schema-valid."""
     from llmstack.eval.run import Target

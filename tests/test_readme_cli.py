@@ -11,7 +11,8 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 def verbs() -> list[tuple[str | None, str]]:
     out = [(None, c.name or c.callback.__name__) for c in app.registered_commands]
     for g in app.registered_groups:
-        out += [(g.name, (c.name or c.callback.__name__).replace("_", "-")) for c in g.typer_instance.registered_commands]
+        out += [(g.name, (c.name or c.callback.__name__).replace("_", "-"))
+                for c in g.typer_instance.registered_commands]
     return out
 
 

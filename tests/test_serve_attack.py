@@ -308,7 +308,7 @@ def test_slowloris_headers_and_bodies_are_cut_off(tokenizer):
                 if s.recv(1024) == b"":
                     closed = True
                     break
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 closed = True

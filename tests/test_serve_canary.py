@@ -9,8 +9,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from llmstack.serve.app import build_app
 from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+from llmstack.serve.app import build_app
 from llmstack.serve.engines import HfEngine
 from llmstack.serve.guard import hash_key
 

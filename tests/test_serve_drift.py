@@ -11,9 +11,9 @@ import sys
 
 from fastapi.testclient import TestClient
 
+from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
 from llmstack.monitor import profile_texts
 from llmstack.serve.app import build_app
-from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
 from llmstack.serve.engines import HfEngine
 from llmstack.serve.guard import hash_key
 from tests.test_monitor import english, shifted

@@ -15,13 +15,13 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from llmstack.serve.app import build_app
 from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
-from llmstack.serve.engines import HfEngine
-from llmstack.testing import ScriptedEngine
 from llmstack.pii import find_pii, redact_pii
+from llmstack.serve.app import build_app
+from llmstack.serve.engines import HfEngine
 from llmstack.serve.guard import RateLimiter, hash_key
 from llmstack.serve.rails import Rails, check_text
+from llmstack.testing import ScriptedEngine
 
 ALICE, BOB, CAROL = "sk-llmstack-alice-test", "sk-llmstack-bob-test", "sk-llmstack-carol-test"
 KEYS = KeyFile.model_validate({"keys": [

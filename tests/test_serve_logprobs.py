@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from llmstack.serve.app import build_app
 from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+from llmstack.serve.app import build_app
 from llmstack.serve.engines import HfEngine
 from llmstack.serve.guard import hash_key
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from llmstack.stage import StageContext
 from llmstack.config.recipe import parse_recipe
+from llmstack.stage import StageContext
 from llmstack.stages.serve import choose_engine, run
 
 

@@ -159,7 +159,8 @@ def test_the_official_clients_tool_loop_runs_unchanged(tokenizer):
         r2 = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS)
         assert r2.choices[0].message.content == "It is 21 C in Paris at noon." and r2.choices[0].finish_reason == "stop"
         prompt = tokenizer.decode(engine.prompts[-1])
-        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>' in prompt
+        call = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
+        assert f"<tool_call>\n{call}\n</tool_call>" in prompt
         assert "<tool_response>\n{\"temp_c\": 21}\n</tool_response>\n<tool_response>\n12:00\n</tool_response>" in prompt
 
 

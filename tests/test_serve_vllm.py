@@ -266,7 +266,7 @@ def test_adapter_loaded_at_runtime_is_served_then_unloaded(server, client, tiny_
 
 def test_client_disconnect_aborts_generation(server):
     b = server["base"]
-    for attempt in range(5):
+    for _attempt in range(5):
         before = _metric(b, "llmstack_aborted_total")
         t0 = time.perf_counter()
         with httpx.stream("POST", f"{b}/v1/chat/completions", headers=H, timeout=60,
@@ -277,7 +277,8 @@ def test_client_disconnect_aborts_generation(server):
         hung_up = time.perf_counter() - t0
         assert any(x.startswith("data: ") for x in got)
         for _ in range(300):  # the server notices at once; allow for a loaded machine
-            if _metric(b, "llmstack_aborted_total") > before and httpx.get(f"{b}/ready", headers=H).json()["running"] == 0:
+            aborted = _metric(b, "llmstack_aborted_total") > before
+            if aborted and httpx.get(f"{b}/ready", headers=H).json()["running"] == 0:
                 break
             time.sleep(0.1)
         last = [x for x in _audit(server) if x.get("stream")][-1]

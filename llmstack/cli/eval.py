@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,20 +17,20 @@ eval_app = typer.Typer(no_args_is_help=False, invoke_without_command=True,
 @eval_app.callback()
 def eval_main(
     ctx: typer.Context,
-    model: Annotated[Optional[list[str]], typer.Option(
+    model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="HF folder or packaged model name; `name=path` to label it; repeat to compare")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter folder applied to the (single) model")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder applied to the (single) model")] = None,
     backend: Annotated[str, typer.Option(help="hf | vllm | server")] = "hf",
-    base_url: Annotated[Optional[str], typer.Option(help="server backend: e.g. http://127.0.0.1:8000")] = None,
-    served_name: Annotated[Optional[str], typer.Option(help="server backend: the served model name")] = None,
-    api_key: Annotated[Optional[str], typer.Option(envvar="LLMSTACK_API_KEY", help="server backend: API key")] = None,
+    base_url: Annotated[str | None, typer.Option(help="server backend: e.g. http://127.0.0.1:8000")] = None,
+    served_name: Annotated[str | None, typer.Option(help="server backend: the served model name")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="LLMSTACK_API_KEY", help="server backend: API key")] = None,
     suite: Annotated[str, typer.Option(help="smoke | quick | core (eval_suites/suites/)")] = "smoke",
-    limit: Annotated[Optional[int], typer.Option(help="at most this many items per task")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="only these tasks of the suite, comma-separated")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many items per task")] = None,
+    tasks: Annotated[str | None, typer.Option(help="only these tasks of the suite, comma-separated")] = None,
     identity_name: Annotated[str, typer.Option(help="name the identity task expects")] = "llmstack",
     batch_size: Annotated[int, typer.Option(help="hf backend batch size")] = 8,
-    out: Annotated[Optional[Path], typer.Option(help="write all scores as JSON here")] = None,
-    robustness: Annotated[Optional[str], typer.Option(
+    out: Annotated[Path | None, typer.Option(help="write all scores as JSON here")] = None,
+    robustness: Annotated[str | None, typer.Option(
         help="also score seeded perturbations of the same items: typos,casing,whitespace,shuffle,prefix (or all)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="robustness: perturbation seed")] = 0,
@@ -52,10 +52,9 @@ def eval_main(
         the_suite = load_suite(suite)
     except EvalDataError as exc:
         fail(str(exc))
+    from llmstack.eval.perturb import KINDS
     from llmstack.eval.run import Target, evaluate, resolve_folder
     from llmstack.models import ModelSourceError, resolve
-
-    from llmstack.eval.perturb import KINDS
 
     kinds = list(KINDS) if robustness == "all" else (robustness.split(",") if robustness else [])
     if bad := [k for k in kinds if k not in KINDS]:
@@ -140,12 +139,12 @@ def eval_judge(
     b: Annotated[str, typer.Option("--b", help="the model it is compared with, same forms")],
     judge_url: Annotated[str, typer.Option(help="the judge's OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000")],
     judge_model: Annotated[str, typer.Option(help="the judge model's name at that endpoint")],
-    judge_key_env: Annotated[Optional[str], typer.Option(
+    judge_key_env: Annotated[str | None, typer.Option(
         help="environment variable holding the judge's API key")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(
+    prompts: Annotated[Path | None, typer.Option(
         help="JSONL prompt set ({'prompt'} or {'messages'} per line; default eval_suites/data/judge_prompts.jsonl)"),
     ] = None,
-    limit: Annotated[Optional[int], typer.Option(help="at most this many prompts")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many prompts")] = None,
     max_tokens: Annotated[int, typer.Option(help="longest answer each model generates (greedy)")] = 128,
     backend: Annotated[str, typer.Option(help="how the two models answer: hf | vllm")] = "hf",
     out: Annotated[Path, typer.Option(

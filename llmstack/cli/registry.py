@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from llmstack.cli.common import fail
-
 from llmstack.registry import Registry, RegistryError
 
 registry_app = typer.Typer(no_args_is_help=True, help="Model registry: versions and aliases (prod, canary).")
-StoreOpt = Annotated[Optional[str], typer.Option(
+StoreOpt = Annotated[str | None, typer.Option(
     "--store", help="a registry file, or an MLflow server as mlflow://HOST:PORT (mlflow+https://HOST for TLS); "
                     "default $LLMSTACK_REGISTRY, else ~/.cache/llmstack/registry/registry.json")]
 @registry_app.command("list")
@@ -41,8 +40,8 @@ def list_(store: StoreOpt = None):
 
 @registry_app.command()
 def register(run_dir: Annotated[Path, typer.Argument(help="a run folder, e.g. runs/quickstart/default")],
-             name: Annotated[Optional[str], typer.Option(help="model name (default: the recipe's name)")] = None,
-             stage: Annotated[Optional[str], typer.Option(help="stage whose model to register (default: last)")] = None,
+             name: Annotated[str | None, typer.Option(help="model name (default: the recipe's name)")] = None,
+             stage: Annotated[str | None, typer.Option(help="stage whose model to register (default: last)")] = None,
              store: StoreOpt = None):
     """Register a run's model as the next version of a named model."""
     try:

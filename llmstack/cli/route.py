@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,9 +24,9 @@ def show(api_base: Base = "http://127.0.0.1:8000", api_key_env: KeyEnv = "LLMSTA
 @route_app.command("set")
 def set_(name: Annotated[str, typer.Argument(help="public model name")],
          primary: Annotated[str, typer.Option(help="version that answers by default")],
-         canary: Annotated[Optional[str], typer.Option(help="canary version")] = None,
+         canary: Annotated[str | None, typer.Option(help="canary version")] = None,
          percent: Annotated[float, typer.Option(help="share of traffic for the canary")] = 10.0,
-         shadow: Annotated[Optional[str], typer.Option(help="version that gets a copy of each request")] = None,
+         shadow: Annotated[str | None, typer.Option(help="version that gets a copy of each request")] = None,
          api_base: Base = "http://127.0.0.1:8000", api_key_env: KeyEnv = "LLMSTACK_ADMIN_KEY"):
     """Set a route (the previous one is kept for rollback)."""
     body = {"primary": primary, **({"canary": {"model": canary, "percent": percent}} if canary else {}),

@@ -1,10 +1,10 @@
 """Decontamination: drop training rows that share a word n-gram (default 13, as in GPT-3's and lm-eval's checks) with
 any item of the eval suites the recipe scores, and say which benchmark item each dropped row matched.
 
-Eval texts come through `eval_texts(suite)`, which asks the eval package
-(`llmstack.eval.task_data.iter_eval_texts`) when it is installed. Texts are normalised with datatrove's `simplify_text` on both sides. datatrove's own NGramsDecont*
-steps need lighteval's task tables and record only hashes, so the card could not name the matched item: this index
-keeps (task, item_id) per n-gram instead.
+Eval texts come through `eval_texts(suite)`, which asks the eval package (`llmstack.eval.task_data.iter_eval_texts`)
+when it is installed. Texts are normalised with datatrove's `simplify_text` on both sides. datatrove's own
+NGramsDecont* steps need lighteval's task tables and record only hashes, so the card could not name the matched item:
+this index keeps (task, item_id) per n-gram instead.
 """
 
 from __future__ import annotations

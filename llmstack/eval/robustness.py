@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from llmstack.config.eval_suites import Suite, load_suite
 from llmstack.eval.perturb import KINDS, TEXT_FIELDS
 from llmstack.eval.run import Target, evaluate
 from llmstack.eval.stats import paired_bootstrap, wilson
-from llmstack.config.eval_suites import Suite, load_suite
 from llmstack.eval.task_data import read_task
 
 log = logging.getLogger("llmstack")

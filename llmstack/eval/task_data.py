@@ -19,8 +19,9 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llmstack.config.eval_suites import EvalDataError, Suite, load_suite
 from llmstack.eval import benchmarks

@@ -31,9 +31,10 @@ own scorer; its YAML then only registers the name for suites and lm-eval's task 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from llmstack.config.eval_suites import EvalDataError
 from llmstack.eval import benchmarks as B

@@ -103,7 +103,7 @@ class RateLimiter:
         if time.monotonic() >= self._down_until:
             try:
                 return await asyncio.wait_for(call(), cfg.store_timeout_s)
-            except (StorageError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, StorageError, OSError) as exc:
                 self._down_until = time.monotonic() + cfg.store_retry_s
                 self.on_store_error(getattr(exc, "storage_error", None) or exc)  # redis's own error
         if cfg.on_store_error == "deny":

@@ -10,7 +10,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -219,8 +218,9 @@ def _check_tree(raw: dict, max_depth: int) -> None:
         node, depth, path = stack.pop()
         if isinstance(node, (dict, list)):
             if depth > max_depth:
-                raise APIError(400, f"request body is nested too deeply at {path.lstrip('.') or 'the top'} (the limit is "
-                               f"{max_depth} levels)", code="too_deeply_nested")
+                where = path.lstrip(".") or "the top"
+                raise APIError(400, f"request body is nested too deeply at {where} (the limit is {max_depth} levels)",
+                               code="too_deeply_nested")
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for k, v in items:
                 if isinstance(k, str):

@@ -14,9 +14,10 @@ admin endpoint).
 Where the routes live (`serve.routes_store`): in memory (the YAML's routes, lost on restart), in a JSON file (a restart
 keeps what the last change left), or in redis (`redis://…`, the same store the rate limits can use): every replica
 reads the routes from there, so a `route set` or `rollback` sent to any replica is what all of them serve within
-`refresh_s`, and survives restarts (a redis that comes back empty is given the routes the replicas serve again). LoRA adapters loaded at runtime (`llmstack adapters load`) are kept there too, as
-name -> folder: every replica loads what the store lists and unloads what it no longer lists (the folder must be at the
-same path on every replica: a shared volume), and a restarted replica loads them again. Changes are read-modify-write
+`refresh_s`, and survives restarts (a redis that comes back empty is given the routes the replicas serve again). LoRA
+adapters loaded at runtime (`llmstack adapters load`) are kept there too, as name -> folder: every replica loads what
+the store lists and unloads what it no longer lists (the folder must be at the same path on every replica: a shared
+volume), and a restarted replica loads them again. Changes are read-modify-write
 transactions (redis WATCH/MULTI, a file lock), so two admins on two replicas cannot lose each other's change.
 """
 

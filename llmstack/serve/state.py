@@ -162,7 +162,7 @@ class Server:
         self.metrics.queue_depth.set(self.waiting)
         try:
             await asyncio.wait_for(self.slots.acquire(), timeout=self.spec.queue_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise APIError(503, f"waited {self.spec.queue_timeout_s:.0f} s for an engine slot; retry shortly",
                            code="server_overloaded", headers={"Retry-After": "1"}) from None
         finally:

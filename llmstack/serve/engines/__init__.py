@@ -6,8 +6,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from llmstack.serve.engines.base import (Delta, Engine, EngineRejected, EngineUnavailable, GenParams,  # noqa: F401
-                                         load_tokenizer, vllm_dtype)
+from llmstack.serve.engines.base import (  # noqa: F401
+    Delta,
+    Engine,
+    EngineRejected,
+    EngineUnavailable,
+    GenParams,
+    load_tokenizer,
+    vllm_dtype,
+)
 from llmstack.serve.engines.hf import HfEngine
 from llmstack.serve.engines.vllm import VllmEngine
 

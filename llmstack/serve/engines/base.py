@@ -4,9 +4,10 @@ every engine sees the same prompt tokens) and yield per-choice deltas."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 
 class EngineUnavailable(Exception):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from llmstack.config.serve import VllmOptions
-from llmstack.serve.engines.base import (Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer,
-                                         vllm_dtype)
+from llmstack.serve.engines.base import Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer, vllm_dtype
 
 log = logging.getLogger("llmstack.serve")
 
@@ -88,9 +88,8 @@ class VllmEngine:
         return self.state == "ready" and self.llm is not None and not self.llm.errored
 
     def _engine_args(self):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-
         from vllm.config import StructuredOutputsConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
 
         o = self.options
         return AsyncEngineArgs(
