@@ -30,19 +30,19 @@ from llmstack.config.kinds import stage_kind, training_kinds
 from llmstack.paths import ACCELERATE_DIR
 
 
-
 def _training_kind(value: Any) -> str:
     """A training kind of the registry (config/kinds.py), looked up when a recipe is validated so that a kind added
     there is accepted here with no second list; the error reads as pydantic's own for a Literal."""
     kinds = training_kinds()
     if value not in kinds:
-        expected = " or ".join([", ".join(repr(k) for k in kinds[:-1]), repr(kinds[-1])] if len(kinds) > 1
-                               else [repr(k) for k in kinds])
+        quoted = [repr(k) for k in kinds]
+        expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
         raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
     return value
 
 
-# `type:` of a training stage: the registry's training kinds (cpt, sft, dpo, reward, grpo, ...)
+# `type:` of a training stage: a training kind of the registry (cpt, sft, dpo, reward, grpo, ...). The JSON schema
+# (the generated recipe reference) lists the kinds registered when this module is imported.
 StageType = Annotated[str, PlainValidator(_training_kind),
                       WithJsonSchema({"enum": training_kinds(), "type": "string"})]
 
