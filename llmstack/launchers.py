@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 from llmstack.config.train import launch_config_path
 from llmstack.stage import StageContext, StageResult
@@ -67,7 +67,7 @@ class Accelerate:
         return read_handoff(ctx.dir)
 
 
-Launcher = Union[InProcess, Accelerate]
+Launcher = InProcess | Accelerate
 
 
 def launcher_for(spec: Any) -> Launcher:
