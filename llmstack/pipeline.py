@@ -93,6 +93,13 @@ def fingerprints(recipe: Recipe, steps: list[PlannedStage] | None = None) -> dic
     return out
 
 
+def run_earlier_first(run: Run, recipe_path: Path, earlier: str, stage: str) -> ValueError:
+    """The one answer to "a stage needs an earlier one that has not finished" (`--only`, a launched stage)."""
+    return ValueError(f"stage '{earlier}' (before '{stage}') has not finished in {run.dir}; run it first: "
+                      f"`llmstack run {recipe_path}` (or `--only {earlier}`); the stages after it read its outputs "
+                      "from the run manifest")
+
+
 def stage_context(recipe: Recipe, recipe_path: Path, run: Run, stage: str) -> StageContext:
     """The StageContext the pipeline would build for `stage`, from the manifest's finished earlier stages (what a
     launched process on each rank uses: it does not re-run or re-check the earlier stages)."""
@@ -107,9 +114,7 @@ def stage_context(recipe: Recipe, recipe_path: Path, run: Run, stage: str) -> St
                                 datasets=datasets)
         entry = run.entry(step.name) or {}
         if entry.get("status") != "done":
-            raise ValueError(f"stage '{step.name}' (before '{stage}') has not finished in {run.dir}; run "
-                             f"`llmstack run {recipe_path} --only {step.name}` first (multi-process launches read "
-                             f"earlier stages' outputs from the manifest)")
+            raise run_earlier_first(run, recipe_path, step.name, stage)
         result = entry.get("result") or {}
         if result.get("model"):
             current = Path(result["model"])
@@ -201,7 +206,7 @@ def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str =
                 datasets.update({k: Path(v) for k, v in result.get("datasets", {}).items()})
                 continue
             if not wanted:
-                raise ValueError(f"stage '{step.name}' has not run yet; run the recipe without --only first")
+                raise run_earlier_first(run, recipe_path, step.name, next(n for n in only if names.index(n) > i))
         ctx = StageContext(recipe=recipe, recipe_path=recipe_path, run=run, name=step.name,
                            dir=run.stage_dir(step.name), spec=step.spec, model=current_model, models=dict(models),
                            datasets=dict(datasets))

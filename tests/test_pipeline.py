@@ -191,3 +191,18 @@ def test_the_launch_handoff_carries_the_whole_stage_result(tmp_path):
     result.model = tmp_path / "model"
     write_handoff(tmp_path, result)
     assert read_handoff(tmp_path) == result
+
+
+def test_a_stage_whose_earlier_stage_has_not_run_says_what_to_run_first(recipe_file, tmp_path):
+    """`--only` a later stage and a launched stage (stage_context) give the same one answer."""
+    from llmstack.pipeline import stage_context
+    from llmstack.runs import Run
+
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError) as only:
+        _run(recipe_file, runs, only=["report"])
+    with pytest.raises(ValueError) as launched:
+        stage_context(load_recipe(recipe_file), recipe_file, Run.open(runs, "tiny", "default"), "report")
+    assert str(only.value) == str(launched.value) == (
+        f"stage 'model' (before 'report') has not finished in {runs / 'tiny' / 'default'}; run it first: "
+        f"`llmstack run {recipe_file}` (or `--only model`); the stages after it read its outputs from the run manifest")

@@ -238,3 +238,20 @@ def test_pipeline_hands_a_stage_with_launch_to_accelerate(tmp_path, tiny_model):
     assert result.model == ctx.dir / "model" and (result.model / "model.safetensors").exists()
     assert result.metrics["steps"] == 3 and result.metrics["world_size"] == 1
     assert "sft" not in json.loads(run.manifest_path.read_text())["stages"]  # the children left the manifest alone
+
+
+def test_every_launch_runs_the_one_worker_entry(tmp_path):
+    """`llmstack run` (a stage's `launch:`, with the result handed back) and `llmstack train --launch` (the ranks
+    record it) start the same command: accelerate with the config, running `-m llmstack.worker` on each rank."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from llmstack.launchers import Accelerate
+
+    config = REPO / "recipes/accelerate/cpu-ddp.yaml"
+    for handoff in (True, False):
+        cmd = Accelerate(config).command(Path("r.yaml"), "sft", "default", Path("runs"), handoff=handoff)
+        assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+        args = launch_command_parser().parse_args(cmd[3:])
+        assert Path(args.config_file) == config and args.module and args.training_script == "llmstack.worker"
+        assert args.training_script_args == ["r.yaml", "--stage", "sft", "--run-id", "default", "--runs-dir", "runs",
+                                             *(["--handoff"] if handoff else [])]
