@@ -2,9 +2,12 @@
 
 Order: model -> curate -> training stages (as listed) -> quantize -> eval -> serve -> report.
 A stage is a plain function `run(ctx: StageContext) -> StageResult` in its own module under llmstack/stages/, found
-through the STAGES registry by import string (so planning a recipe never imports torch). Fingerprints chain: each stage's fingerprint hashes its own
-config (and, for curate, the contents of its local source files) and the fingerprint of the stage before it, so
-changing anything upstream re-runs everything downstream.
+through its registry entry (llmstack/config/kinds.py) by import string, so planning a recipe never imports torch.
+Fingerprints chain: each stage's fingerprint hashes its own config (and, for curate, the contents of its local source
+files) and the fingerprint of the stage before it, so changing anything upstream re-runs everything downstream.
+
+The pipeline also decides where each stage runs (llmstack/launchers.py: here, or under `accelerate launch` for a
+stage with `launch:`) and is the one place that records a stage in the run manifest (`run_stage`).
 """
 
 from __future__ import annotations
@@ -17,18 +20,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmstack.config.data import DataConfig
+from llmstack.config.kinds import stage_kind
 from llmstack.config.recipe import Recipe, recipe_sha256
 from llmstack.data.sources import local_inputs_sha256
+from llmstack.launchers import InProcess, Launcher, launcher_for
 from llmstack.runs import Run, describe_outputs, sha256_json
 from llmstack.stage import StageContext, StageResult
 
 log = logging.getLogger("llmstack")
-
-# stage kind -> "module:function": one module per kind under llmstack/stages/. A kind whose module is not in this
-# version is reported at plan time.
-STAGES: dict[str, str] = {kind: f"llmstack.stages.{kind}:run" for kind in
-                          ("model", "curate", "cpt", "sft", "dpo", "reward", "grpo", "quantize", "eval", "serve",
-                           "report")}
 
 
 @dataclass
@@ -54,7 +53,8 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
 
 
 def stage_function(kind: str) -> Callable[[StageContext], StageResult] | None:
-    module_name, func = STAGES[kind].split(":")
+    """The kind's `run` function, or None when its module is not in this version (reported at plan time)."""
+    module_name, func = stage_kind(kind).run.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -84,13 +84,20 @@ def _input_hashes(step: PlannedStage) -> dict[str, Any]:
 
 def fingerprints(recipe: Recipe, steps: list[PlannedStage] | None = None) -> dict[str, str]:
     """Every stage's fingerprint, in plan order: a hash of its config (and curate's input files) chained to the
-    stage before it. The one chain: `llmstack run` and the launched entry (`llmstack.cli.train`) both use it, so a
+    stage before it. The one chain: `llmstack run` and the launched worker (llmstack/worker.py) both use it, so a
     stage recorded by either counts as fresh for the other."""
     out, upstream = {}, sha256_json({"seed": recipe.seed})
     for step in steps or plan(recipe):
         upstream = out[step.name] = sha256_json({"kind": step.kind, "spec": _spec_json(step.spec),
                                                  "upstream": upstream, **_input_hashes(step)})
     return out
+
+
+def run_earlier_first(run: Run, recipe_path: Path, earlier: str, stage: str) -> ValueError:
+    """The one answer to "a stage needs an earlier one that has not finished" (`--only`, a launched stage)."""
+    return ValueError(f"stage '{earlier}' (before '{stage}') has not finished in {run.dir}; run it first: "
+                      f"`llmstack run {recipe_path}` (or `--only {earlier}`); the stages after it read its outputs "
+                      "from the run manifest")
 
 
 def stage_context(recipe: Recipe, recipe_path: Path, run: Run, stage: str) -> StageContext:
@@ -107,9 +114,7 @@ def stage_context(recipe: Recipe, recipe_path: Path, run: Run, stage: str) -> St
                                 datasets=datasets)
         entry = run.entry(step.name) or {}
         if entry.get("status") != "done":
-            raise ValueError(f"stage '{step.name}' (before '{stage}') has not finished in {run.dir}; run "
-                             f"`llmstack run {recipe_path} --only {step.name}` first (multi-process launches read "
-                             f"earlier stages' outputs from the manifest)")
+            raise run_earlier_first(run, recipe_path, step.name, stage)
         result = entry.get("result") or {}
         if result.get("model"):
             current = Path(result["model"])
@@ -118,10 +123,44 @@ def stage_context(recipe: Recipe, recipe_path: Path, run: Run, stage: str) -> St
     raise ValueError(f"no stage named '{stage}' in {recipe_path} (stages: {', '.join(s.name for s in steps)})")
 
 
+def run_stage(run: Run, step: PlannedStage, ctx: StageContext, fingerprint: str,
+              launcher: Launcher | None = None) -> StageResult:
+    """Run one stage through its launcher and record it in the manifest: running, then done (with its metrics, hashed
+    outputs and result) or failed. The one manifest recorder: `llmstack run` and the launched worker's rank 0 both
+    record through here."""
+    fn = stage_function(step.kind)
+    log.info("stage %-8s running", step.name)
+    run.record(step.name, kind=step.kind, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               fingerprint=fingerprint)
+    t0 = time.perf_counter()
+    try:
+        result = (launcher or InProcess()).run(ctx, fn)
+    except BaseException as exc:
+        run.record(step.name, status="failed", error=f"{type(exc).__name__}: {exc}",
+                   wall_s=round(time.perf_counter() - t0, 2))
+        raise
+    wall = round(time.perf_counter() - t0, 2)
+    run.record(step.name, status="done", wall_s=wall, metrics=result.metrics, outputs=describe_outputs(result.outputs),
+               result={"model": str(result.model) if result.model else None,
+                       "datasets": {k: str(v) for k, v in result.datasets.items()}})
+    log.info("stage %-8s done in %.1f s", step.name, wall)
+    return result
+
+
+def run_through(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str, stage: str,
+                including: bool = True) -> Run:
+    """Run (or reuse) every stage before `stage`, and `stage` itself when `including`, all in this process: what a
+    launch of `stage` needs first, as its ranks read the earlier stages' outputs from the manifest."""
+    names = [s.name for s in plan(recipe)]
+    return run_recipe(recipe, recipe_path, runs_root, run_id=run_id,
+                      only=names[: names.index(stage) + int(including)], in_process=True)
+
+
 def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str = "default",
                force_from: str | None = None, only: list[str] | None = None,
-               skip_unavailable: bool = False) -> Run:
-    """Run (or resume) a recipe. `only` runs just those stages (their inputs must exist from an earlier run)."""
+               skip_unavailable: bool = False, in_process: bool = False) -> Run:
+    """Run (or resume) a recipe. `only` runs just those stages (their inputs must exist from an earlier run).
+    in_process: run every stage here, `launch:` or not (this process is the launched one, llmstack/worker.py)."""
     steps = plan(recipe)
     names = [s.name for s in steps]
     for wanted in [force_from, *(only or [])]:
@@ -167,28 +206,13 @@ def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str =
                 datasets.update({k: Path(v) for k, v in result.get("datasets", {}).items()})
                 continue
             if not wanted:
-                raise ValueError(f"stage '{step.name}' has not run yet; run the recipe without --only first")
+                raise run_earlier_first(run, recipe_path, step.name, next(n for n in only if names.index(n) > i))
         ctx = StageContext(recipe=recipe, recipe_path=recipe_path, run=run, name=step.name,
                            dir=run.stage_dir(step.name), spec=step.spec, model=current_model, models=dict(models),
                            datasets=dict(datasets))
-        log.info("stage %-8s running", step.name)
-        run.record(step.name, kind=step.kind, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   fingerprint=fingerprint)
-        t0 = time.perf_counter()
-        try:
-            result = fn(ctx)
-        except BaseException as exc:
-            run.record(step.name, status="failed", error=f"{type(exc).__name__}: {exc}",
-                       wall_s=round(time.perf_counter() - t0, 2))
-            raise
-        wall = round(time.perf_counter() - t0, 2)
+        result = run_stage(run, step, ctx, fingerprint, InProcess() if in_process else launcher_for(step.spec))
         if result.model:
             current_model = result.model
             models["base" if step.name == "model" else step.name] = result.model
         datasets.update(result.datasets)
-        run.record(step.name, status="done", wall_s=wall, metrics=result.metrics,
-                   outputs=describe_outputs(result.outputs),
-                   result={"model": str(result.model) if result.model else None,
-                           "datasets": {k: str(v) for k, v in result.datasets.items()}})
-        log.info("stage %-8s done in %.1f s", step.name, wall)
     return run

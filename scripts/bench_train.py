@@ -72,7 +72,7 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
 
     from peft import LoraConfig
 
-    from llmstack.train.common import load_model, packed_attention
+    from llmstack.train.loading import load_model, packed_attention
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -134,7 +134,9 @@ def main() -> None:
     a = p.parse_args()
 
     from llmstack.models import resolve
-    from llmstack.train.common import device_defaults, liger_defaults, load_tokenizer, training_chat_template
+    from llmstack.train.loading import load_tokenizer
+    from llmstack.train.setup import device_defaults, liger_defaults
+    from llmstack.train.templates import training_chat_template
     from llmstack.stages.sft import SFT_DEFAULTS
 
     if a.model == "tiny":

@@ -46,7 +46,7 @@ def test_serving_dtypes_per_machine_and_scheme():
 def test_this_machine_is_a_cpu_and_the_stages_follow_the_policy(monkeypatch, tmp_path):
     from llmstack.quant.export import vllm_kernel_for
     from llmstack.stages.serve import choose_engine
-    from llmstack.train.common import device_defaults
+    from llmstack.train.setup import device_defaults
 
     assert policy().device == "cpu"  # CI has no GPU; the GPU rows are covered by the table above
     assert device_defaults() == policy().trainer_defaults()

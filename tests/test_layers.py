@@ -3,6 +3,7 @@ pipeline, then the CLI; no import cycles. Checked by import-linter over the real
 functions included), so the layout cannot drift back."""
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -33,11 +34,63 @@ def test_contracts_list_no_exceptions_and_cover_every_top_level_module():
 
 
 def test_every_stage_kind_has_its_own_module():
-    from llmstack.pipeline import STAGES
+    from llmstack.config.kinds import STAGE_KINDS
 
-    for kind, target in STAGES.items():
+    for kind, entry in STAGE_KINDS.items():
+        target = entry.run
         module, func = target.split(":")
         path = REPO / (module.replace(".", "/") + ".py")
         assert module == f"llmstack.stages.{kind}" and path.is_file(), (kind, target)
         tree = ast.parse(path.read_text())
         assert any(isinstance(n, ast.FunctionDef) and n.name == func for n in tree.body), f"{path} has no {func}()"
+
+
+def _command_words(node: ast.AST) -> list[str] | None:
+    """The string words of a literal command list/tuple (`[sys.executable, "-m", "llmstack", "serve", ...]`)."""
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [e.value if isinstance(e, ast.Constant) and isinstance(e.value, str) else "" for e in node.elts]
+    return None
+
+
+def _self_launches(source: str) -> list[str]:
+    """Commands in `source` that start llmstack's own command line: `-m llmstack` (the CLI's __main__) or
+    `-m llmstack.cli...`, written as a command list or as one command string."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        words = _command_words(node)
+        if words:
+            for i, word in enumerate(words[:-1]):
+                target = words[i + 1]
+                if word == "-m" and (target == "llmstack" or target.startswith("llmstack.cli")):
+                    found.append(f"line {node.lineno}: -m {target}")
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            text = node.args[0].value
+            if re.search(r"-m\s+llmstack(\s|$|\.cli)", text) and ("subprocess" in ast.unparse(node.func)
+                                                                    or "system" in ast.unparse(node.func)):
+                found.append(f"line {node.lineno}: {text}")
+    return found
+
+
+def test_no_lower_layer_starts_the_command_line():
+    """Launching is the pipeline's (llmstack/launchers.py -> `python -m llmstack.worker`) and serving starts through
+    the serving layer's entry (`python -m llmstack.serve`): below llmstack/cli, nothing starts `python -m llmstack ...`
+    or `-m llmstack.cli...` — the command line is the top layer, and code below it calling up into it is how the
+    old launch loop (stage -> cli.launch -> stage, held back by an environment flag) came about."""
+    offenders = {}
+    for path in sorted((REPO / "llmstack").rglob("*.py")):
+        rel = path.relative_to(REPO / "llmstack")
+        if rel.parts[0] == "cli" or rel == Path("__main__.py"):
+            continue
+        hits = _self_launches(path.read_text())
+        if hits:
+            offenders[str(rel)] = hits
+    assert not offenders, offenders
+
+
+def test_the_self_launch_check_finds_what_it_looks_for():
+    assert _self_launches('subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", c])')
+    assert _self_launches('cmd = [python, "-m", "llmstack.cli.launch", recipe]')
+    assert _self_launches('subprocess.run("python -m llmstack serve --config x", shell=True)')
+    assert not _self_launches('subprocess.Popen([sys.executable, "-m", "llmstack.serve", "--config", c])')
+    assert not _self_launches('cmd = [python, "-m", "llmstack.worker", recipe]')

@@ -99,3 +99,110 @@ def test_cli_run_bad_model_source_is_clear(tmp_path):
                           capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1
     assert "HF_HUB_OFFLINE=1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- stage kinds: one registry (llmstack/config/kinds.py) -----------------------------------------------------------
+
+def test_every_list_of_stage_kinds_derives_from_the_registry():
+    """The pipeline's functions, the recipe's `type:` values, the dataset schema each trains on and TRL's config class
+    for its `args` all come from the one StageKind entry per kind."""
+    import importlib
+
+    import trl
+    from pydantic import ValidationError
+
+    from llmstack.config.kinds import STAGE_KINDS, training_kinds
+    from llmstack.config.train import StageSpec, trl_config_class
+    from llmstack.pipeline import stage_function
+
+    assert training_kinds() == ["cpt", "sft", "dpo", "reward", "grpo"]
+    assert StageSpec.model_json_schema()["properties"]["type"]["enum"] == training_kinds()
+    with pytest.raises(ValidationError, match=r"Input should be 'cpt', 'sft', 'dpo', 'reward' or 'grpo'"):
+        StageSpec(type="sftt", dataset="chat")
+    for name, kind in STAGE_KINDS.items():
+        module, func = kind.run.split(":")
+        assert stage_function(name) is getattr(importlib.import_module(module), func)
+        if kind.spec:
+            module, cls = kind.spec.split(":")
+            assert hasattr(importlib.import_module(module), cls), kind.spec
+        if kind.training:
+            assert trl_config_class(name) is getattr(trl, kind.trl_config)
+    assert {k: v.dataset_schema for k, v in STAGE_KINDS.items() if v.training} == {
+        "cpt": "text", "sft": "messages", "dpo": "preference", "reward": "preference", "grpo": "messages"}
+
+
+SCRATCH_STAGE = '''
+from llmstack.stage import StageResult
+
+
+def run(ctx):
+    (ctx.dir / "seen.txt").write_text(f"{ctx.model}|{ctx.datasets['chat']}|{ctx.spec.args['max_steps']}")
+    return StageResult(outputs={"seen": ctx.dir / "seen.txt"}, metrics={"rows": 3})
+'''
+
+
+def test_a_new_stage_kind_is_one_module_and_one_entry(tmp_path, tiny_model, monkeypatch):
+    """A scratch kind: its module (here written to tmp_path) and its StageKind entry are all it takes for a recipe
+    to validate with it (dataset schema and TRL args checked), the pipeline to plan it, run it and record it."""
+    from llmstack.config.kinds import STAGE_KINDS, StageKind
+    from llmstack.config.recipe import RecipeError, parse_recipe
+    from llmstack.pipeline import plan
+    from llmstack.stage import StageResult
+
+    (tmp_path / "scratch_kind.py").write_text(SCRATCH_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(STAGE_KINDS, "scratch", StageKind("scratch", "scratch_kind:run",
+                                                          "llmstack.config.train:StageSpec",
+                                                          dataset_schema="messages", trl_config="SFTConfig"))
+    (tmp_path / "chat.jsonl").write_text("")
+    raw = {"name": "scratch", "model": {"source": str(tiny_model)},
+           "data": {"datasets": {"chat": {"schema": "messages", "sources": [{"name": "c", "path": "chat.jsonl"}]},
+                                 "text": {"schema": "text", "sources": [{"name": "t", "path": "chat.jsonl"}]}}},
+           "stages": [{"type": "scratch", "dataset": "chat", "args": {"max_steps": 2}}]}
+    recipe = parse_recipe(raw, check_trainer=True)
+    assert [(s.name, s.kind) for s in plan(recipe)] == [("model", "model"), ("curate", "curate"),
+                                                        ("scratch", "scratch"), ("report", "report")]
+    wrong = {**raw, "stages": [{"type": "scratch", "dataset": "text", "args": {"max_stepz": 2}}]}
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(wrong, check_trainer=True)
+    assert any("a scratch stage trains on `messages` data" in p for p in info.value.problems), info.value.problems
+    assert any("max_stepz" in p and "trl.SFTConfig" in p for p in info.value.problems), info.value.problems
+
+    import llmstack.stages.curate  # curation itself is not what this test is about
+
+    monkeypatch.setattr(llmstack.stages.curate, "run", lambda ctx: StageResult(datasets={"chat": tmp_path / "c"}))
+    path = tmp_path / "scratch.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run = run_recipe(recipe, path, tmp_path / "runs")
+    entry = run.manifest["stages"]["scratch"]
+    assert entry["status"] == "done" and entry["kind"] == "scratch" and entry["metrics"] == {"rows": 3}
+    assert (run.dir / "scratch" / "seen.txt").read_text() == f"{tiny_model}|{tmp_path / 'c'}|2"
+
+
+def test_the_launch_handoff_carries_the_whole_stage_result(tmp_path):
+    """What a launched stage's rank 0 leaves for the pipeline is the StageResult the stage returned, all of it."""
+    from llmstack.launchers import read_handoff, write_handoff
+    from llmstack.stage import StageResult
+
+    result = StageResult(outputs={"reward_model": tmp_path / "model"}, metrics={"steps": 3, "probe": [{"q": "a"}]},
+                         model=None, datasets={"d": tmp_path / "d"})
+    write_handoff(tmp_path, result)
+    assert read_handoff(tmp_path) == result
+    result.model = tmp_path / "model"
+    write_handoff(tmp_path, result)
+    assert read_handoff(tmp_path) == result
+
+
+def test_a_stage_whose_earlier_stage_has_not_run_says_what_to_run_first(recipe_file, tmp_path):
+    """`--only` a later stage and a launched stage (stage_context) give the same one answer."""
+    from llmstack.pipeline import stage_context
+    from llmstack.runs import Run
+
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError) as only:
+        _run(recipe_file, runs, only=["report"])
+    with pytest.raises(ValueError) as launched:
+        stage_context(load_recipe(recipe_file), recipe_file, Run.open(runs, "tiny", "default"), "report")
+    assert str(only.value) == str(launched.value) == (
+        f"stage 'model' (before 'report') has not finished in {runs / 'tiny' / 'default'}; run it first: "
+        f"`llmstack run {recipe_file}` (or `--only model`); the stages after it read its outputs from the run manifest")

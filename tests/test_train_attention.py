@@ -86,7 +86,7 @@ def test_generation_with_kv_cache_takes_the_sdpa_path():
 def test_sft_stage_uses_it_only_where_the_kernel_runs():
     from trl import SFTConfig
 
-    from llmstack.train.common import packed_attention
+    from llmstack.train.loading import packed_attention
 
     packed = SFTConfig(output_dir="/tmp/x", packing=True, packing_strategy="bfd", use_cpu=True, bf16=False)
     unpacked = SFTConfig(output_dir="/tmp/x", packing=False, use_cpu=True, bf16=False)

@@ -222,6 +222,7 @@ def test_pipeline_hands_a_stage_with_launch_to_accelerate(tmp_path, tiny_model):
     """What `llmstack run` does for a stage with `launch:` — the stage runs in `accelerate launch` children, and the
     pipeline gets their result (model folder + metrics) back."""
     from llmstack.config.recipe import load_recipe
+    from llmstack.launchers import Accelerate, InProcess, launcher_for
     from llmstack.pipeline import stage_context, stage_function
     from llmstack.runs import Run
 
@@ -230,7 +231,27 @@ def test_pipeline_hands_a_stage_with_launch_to_accelerate(tmp_path, tiny_model):
     run = Run.open(tmp_path / "runs", "launch", "default")
     ctx = stage_context(recipe, recipe_path, run, "sft")
     assert ctx.model == tiny_model and set(ctx.datasets) == {"chat"}
-    result = stage_function("sft")(ctx)
+    launcher = launcher_for(ctx.spec)  # the pipeline's choice; the stage function itself never launches
+    assert launcher == Accelerate(REPO / "recipes/accelerate/cpu.yaml")
+    assert isinstance(launcher_for(recipe.model), InProcess)
+    result = launcher.run(ctx, stage_function("sft"))
     assert result.model == ctx.dir / "model" and (result.model / "model.safetensors").exists()
     assert result.metrics["steps"] == 3 and result.metrics["world_size"] == 1
     assert "sft" not in json.loads(run.manifest_path.read_text())["stages"]  # the children left the manifest alone
+
+
+def test_every_launch_runs_the_one_worker_entry(tmp_path):
+    """`llmstack run` (a stage's `launch:`, with the result handed back) and `llmstack train --launch` (the ranks
+    record it) start the same command: accelerate with the config, running `-m llmstack.worker` on each rank."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from llmstack.launchers import Accelerate
+
+    config = REPO / "recipes/accelerate/cpu-ddp.yaml"
+    for handoff in (True, False):
+        cmd = Accelerate(config).command(Path("r.yaml"), "sft", "default", Path("runs"), handoff=handoff)
+        assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+        args = launch_command_parser().parse_args(cmd[3:])
+        assert Path(args.config_file) == config and args.module and args.training_script == "llmstack.worker"
+        assert args.training_script_args == ["r.yaml", "--stage", "sft", "--run-id", "default", "--runs-dir", "runs",
+                                             *(["--handoff"] if handoff else [])]

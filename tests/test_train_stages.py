@@ -80,7 +80,7 @@ def test_sft_full_loss_decreases_and_exports_complete_model(tmp_path, plain_temp
 def test_training_template_marks_exactly_the_assistant_turns(plain_template_model):
     from transformers import AutoTokenizer
 
-    from llmstack.train.common import training_chat_template
+    from llmstack.train.templates import training_chat_template
 
     tok = AutoTokenizer.from_pretrained(plain_template_model)
     marked = training_chat_template(tok)
@@ -96,7 +96,7 @@ def test_training_template_marks_exactly_the_assistant_turns(plain_template_mode
 def test_unmarkable_template_is_a_clear_error(tiny_model):
     from transformers import AutoTokenizer
 
-    from llmstack.train.common import ChatTemplateError, training_chat_template
+    from llmstack.train.templates import ChatTemplateError, training_chat_template
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -110,7 +110,7 @@ def test_packed_sft_rows_have_no_double_bos_and_train_only_assistant_tokens(tmp_
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from llmstack.train.common import check_single_bos, training_chat_template
+    from llmstack.train.templates import check_single_bos, training_chat_template
 
     tok = AutoTokenizer.from_pretrained(plain_template_model)
     tok.bos_token = "<|im_start|>"
@@ -261,7 +261,7 @@ def test_an_adapter_input_is_merged_once_and_again_when_it_changes(tmp_path, tin
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llmstack.train.common import merged_copy
+    from llmstack.train.loading import merged_copy
 
     def adapter(seed: int):
         torch.manual_seed(seed)
@@ -290,7 +290,7 @@ def test_an_adapter_input_is_merged_once_and_again_when_it_changes(tmp_path, tin
 
 
 def test_device_defaults_lose_to_the_recipe_args(tmp_path, tiny_model, data):
-    from llmstack.train.common import trainer_config
+    from llmstack.train.setup import trainer_config
 
     stage = {"type": "sft", "dataset": "chat", "args": {"gradient_checkpointing": True, "max_steps": 1}}
     recipe = make_recipe(tiny_model, {"chat": ("messages", data["chat"])}, [stage])
@@ -307,7 +307,7 @@ def test_smollm2_training_template_is_byte_identical_and_masks_assistant(smollm2
     the assistant's words and its <|im_end|>, nothing of the default system prompt or the user turn."""
     from transformers import AutoTokenizer
 
-    from llmstack.train.common import training_chat_template
+    from llmstack.train.templates import training_chat_template
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     marked = training_chat_template(tok)

@@ -50,7 +50,7 @@ def test_assistant_only_loss_trains_the_calls_and_not_specs_questions_or_results
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from llmstack.train.common import tool_chat_template
+    from llmstack.train.templates import tool_chat_template
 
     tok = AutoTokenizer.from_pretrained(plain_template_model)
     tok.chat_template = tool_chat_template(tok, assistant_only_loss=True)
@@ -92,7 +92,7 @@ def test_sft_stage_on_tools_learns_and_saves_the_tool_template(tmp_path, plain_t
 def test_a_template_that_cannot_render_tools_is_a_clear_error(tiny_model):
     from transformers import AutoTokenizer
 
-    from llmstack.train.common import ChatTemplateError, tool_chat_template
+    from llmstack.train.templates import ChatTemplateError, tool_chat_template
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     # renders `tools`/`tool_calls` words (passes the textual check) but drops the calls: TRL's render check catches it

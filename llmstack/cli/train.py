@@ -2,14 +2,12 @@
 
 Without a launch config the stage runs in this process through the pipeline. With one (`--launch`, or the stage's
 `launch:` in the recipe), the earlier stages run here first and the stage itself runs under
-`accelerate launch --config_file recipes/accelerate/<name>.yaml -m llmstack.cli.launch ...` (llmstack/cli/launch.py).
+`accelerate launch --config_file recipes/accelerate/<name>.yaml -m llmstack.worker ...` (llmstack/launchers.py).
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,6 +25,7 @@ def train(recipe: RecipeArg,
           runs_dir: RunsDirOpt = Path("runs")):
     """Train one stage of a recipe, on one process or under `accelerate launch`."""
     from llmstack.config.train import launch_config_path
+    from llmstack.launchers import Accelerate
 
     setup_logging()
     r = load_recipe_or_exit(recipe)
@@ -34,24 +33,19 @@ def train(recipe: RecipeArg,
     if stage not in specs:
         fail(f"'{stage}' is not a training stage of {recipe} (stages: {list(specs)})", code=2)
     launch = launch or specs[stage].launch
-    common = ["--stage", stage, "--run-id", run_id, "--runs-dir", str(runs_dir)]
     if not launch:
-        from llmstack.cli.launch import main
+        from llmstack.worker import main
 
-        raise typer.Exit(main([str(recipe), *common]))
+        raise typer.Exit(main([str(recipe), "--stage", stage, "--run-id", run_id, "--runs-dir", str(runs_dir)]))
     try:
-        config = launch_config_path(launch)
+        launcher = Accelerate(launch_config_path(launch))
     except ValueError as exc:
         fail(exc, code=2)
-    # The launched processes read the earlier stages' outputs from the manifest: run (or reuse) them here first.
-    from llmstack.pipeline import plan, run_recipe
+    # The launched processes read the earlier stages' outputs from the manifest: run (or reuse) them here first; the
+    # launched ranks then record the stage themselves (rank 0, through the pipeline's recorder).
+    from llmstack.pipeline import run_through
 
-    names = [s.name for s in plan(r)]
-    earlier = names[: names.index(stage)]
-    if earlier:
-        os.environ["LLMSTACK_LAUNCHED"] = "1"
-        run_recipe(r, recipe, runs_dir, run_id=run_id, only=earlier)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "llmstack.cli.launch",
-           str(recipe), *common]
+    run_through(r, recipe, runs_dir, run_id, stage, including=False)
+    cmd = launcher.command(recipe, stage, run_id, runs_dir, handoff=False)
     console.print(" ".join(cmd))
     raise typer.Exit(subprocess.run(cmd).returncode)

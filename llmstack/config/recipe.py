@@ -18,9 +18,10 @@ from pydantic import Field, ValidationError
 from llmstack.config.base import Strict, format_errors
 from llmstack.config.data import DataConfig
 from llmstack.config.eval import EvalSpec
+from llmstack.config.kinds import stage_kind
 from llmstack.config.quant import QuantizeSpec, group_size_problem
 from llmstack.config.serve import ServeSpec
-from llmstack.config.train import STAGE_DATASET_SCHEMA, StageSpec, check_trainer_args
+from llmstack.config.train import StageSpec, check_trainer_args
 
 
 class ModelSpec(Strict):
@@ -71,7 +72,7 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                 f"add it there or point the stage at one of those"
             )
         else:
-            want = STAGE_DATASET_SCHEMA[stage.type]
+            want = stage_kind(stage.type).dataset_schema
             got = datasets[stage.dataset].schema_
             if got != want:
                 problems.append(

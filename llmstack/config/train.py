@@ -20,19 +20,31 @@ import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 
 from llmstack.config.base import Strict, did_you_mean
+from llmstack.config.kinds import stage_kind, training_kinds
 from llmstack.paths import ACCELERATE_DIR
 
-StageType = Literal["cpt", "sft", "dpo", "reward", "grpo"]
 
-# The dataset schema each stage type trains on (see config/data.py). grpo takes `messages` rows: the turns before the
-# last assistant turn are the prompt, that assistant turn's text is the reference answer verifiers compare against.
-STAGE_DATASET_SCHEMA: dict[str, str] = {"cpt": "text", "sft": "messages", "dpo": "preference", "reward": "preference",
-                                        "grpo": "messages"}
+def _training_kind(value: Any) -> str:
+    """A training kind of the registry (config/kinds.py), looked up when a recipe is validated so that a kind added
+    there is accepted here with no second list; the error reads as pydantic's own for a Literal."""
+    kinds = training_kinds()
+    if value not in kinds:
+        quoted = [repr(k) for k in kinds]
+        expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return value
+
+
+# `type:` of a training stage: a training kind of the registry (cpt, sft, dpo, reward, grpo, ...). The JSON schema
+# (the generated recipe reference) lists the kinds registered when this module is imported.
+StageType = Annotated[str, PlainValidator(_training_kind),
+                      WithJsonSchema({"enum": training_kinds(), "type": "string"})]
 
 
 class LoraSpec(Strict):
@@ -165,7 +177,8 @@ def check_accumulation(config: Path, recipe_steps) -> None:
 
 
 def trl_config_class(stage_type: str):
-    """TRL's config class for a stage type (imported lazily: trl takes seconds to import).
+    """TRL's config class for a stage type, as its registry entry names it (imported lazily: trl takes seconds to
+    import).
 
     Importing trl imports bitsandbytes, whose CPU backend logs "Failed to load CPU gemm_4bit_forward from
     kernels-community" on AVX512-BF16 machines without the optional `kernels` package: noise in front of
@@ -178,8 +191,7 @@ def trl_config_class(stage_type: str):
         import trl
 
         # trl is a lazy module: the classes (and bitsandbytes) are imported on first attribute access
-        return {"cpt": trl.SFTConfig, "sft": trl.SFTConfig, "dpo": trl.DPOConfig, "reward": trl.RewardConfig,
-                "grpo": trl.GRPOConfig}[stage_type]
+        return getattr(trl, stage_kind(stage_type).trl_config)
     finally:
         noisy.setLevel(level)
 

@@ -9,7 +9,7 @@ it away). TRL appends the tokenizer's eos after each document.
 from __future__ import annotations
 
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import common
+from llmstack.train import checkpoints, loading, report, setup, templates
 
 CPT_DEFAULTS = {
     "packing": True,
@@ -20,29 +20,27 @@ CPT_DEFAULTS = {
 
 
 def run(ctx: StageContext) -> StageResult:
-    if ctx.spec.launch and not common.in_launched_process():
-        return common.launch(ctx)
     from datasets import load_from_disk
     from trl import SFTTrainer
 
     # ---- load -----------------------------------------------------------------------------------------------------
-    args = common.trainer_config(ctx, {**CPT_DEFAULTS, **common.liger_defaults()})
-    tokenizer = common.load_tokenizer(ctx.model)
+    args = setup.trainer_config(ctx, {**CPT_DEFAULTS, **setup.liger_defaults()})
+    tokenizer = loading.load_tokenizer(ctx.model)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
-    common.check_single_bos(tokenizer, data["train"][0][args.dataset_text_field])
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir,
-                              attention=common.packed_attention(args))
+    templates.check_single_bos(tokenizer, data["train"][0][args.dataset_text_field])
+    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir,
+                               attention=loading.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=common.eval_split(data, args),
+        eval_dataset=setup.eval_split(data, args),
         processing_class=tokenizer,
-        peft_config=common.peft_config(ctx.spec),
+        peft_config=loading.peft_config(ctx.spec),
     )
-    output = trainer.train(resume_from_checkpoint=common.resume_checkpoint(ctx, trainer))
+    output = trainer.train(resume_from_checkpoint=checkpoints.resume_checkpoint(ctx, trainer))
 
     # ---- save -----------------------------------------------------------------------------------------------------
-    return common.finish(ctx, trainer, output, tokenizer, tokenizer.chat_template)
+    return report.finish(ctx, trainer, output, tokenizer, tokenizer.chat_template)

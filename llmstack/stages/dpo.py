@@ -13,7 +13,7 @@ full fine-tune TRL keeps a frozen copy of the input model.
 from __future__ import annotations
 
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import common
+from llmstack.train import checkpoints, loading, report, setup, templates
 
 DPO_DEFAULTS = {
     "max_length": 1024,
@@ -22,30 +22,29 @@ DPO_DEFAULTS = {
 
 
 def run(ctx: StageContext) -> StageResult:
-    if ctx.spec.launch and not common.in_launched_process():
-        return common.launch(ctx)
     from datasets import load_from_disk
     from trl import DPOTrainer
 
     # ---- load -----------------------------------------------------------------------------------------------------
-    args = common.trainer_config(ctx, DPO_DEFAULTS)
-    tokenizer = common.load_tokenizer(ctx.model)
+    args = setup.trainer_config(ctx, DPO_DEFAULTS)
+    tokenizer = loading.load_tokenizer(ctx.model)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     first = data["train"][0]
-    common.check_single_bos(tokenizer, tokenizer.apply_chat_template(first["prompt"] + first["chosen"], tokenize=False))
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
+    rendered = tokenizer.apply_chat_template(first["prompt"] + first["chosen"], tokenize=False)
+    templates.check_single_bos(tokenizer, rendered)
+    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = DPOTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=common.eval_split(data, args),
+        eval_dataset=setup.eval_split(data, args),
         processing_class=tokenizer,
-        peft_config=common.peft_config(ctx.spec),
+        peft_config=loading.peft_config(ctx.spec),
     )
-    output = trainer.train(resume_from_checkpoint=common.resume_checkpoint(ctx, trainer))
+    output = trainer.train(resume_from_checkpoint=checkpoints.resume_checkpoint(ctx, trainer))
 
     # ---- save -----------------------------------------------------------------------------------------------------
-    return common.finish(ctx, trainer, output, tokenizer, tokenizer.chat_template,
+    return report.finish(ctx, trainer, output, tokenizer, tokenizer.chat_template,
                          curve_keys=("loss", "rewards/margins", "rewards/accuracies"))

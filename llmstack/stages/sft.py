@@ -12,7 +12,7 @@ saves THAT template with the model: its calls are assistant text, so assistant-o
 from __future__ import annotations
 
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import common
+from llmstack.train import checkpoints, loading, report, setup, templates
 
 SFT_DEFAULTS = {
     "assistant_only_loss": True,
@@ -23,38 +23,36 @@ SFT_DEFAULTS = {
 
 
 def run(ctx: StageContext) -> StageResult:
-    if ctx.spec.launch and not common.in_launched_process():
-        return common.launch(ctx)
     from datasets import load_from_disk
     from trl import SFTTrainer
 
     # ---- load -----------------------------------------------------------------------------------------------------
-    args = common.trainer_config(ctx, {**SFT_DEFAULTS, **common.liger_defaults()})
-    tokenizer = common.load_tokenizer(ctx.model)
+    args = setup.trainer_config(ctx, {**SFT_DEFAULTS, **setup.liger_defaults()})
+    tokenizer = loading.load_tokenizer(ctx.model)
     original_template = tokenizer.chat_template
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     if "tools" in data["train"].column_names:
         # Tool conversations (curation's `tools` column, which TRL's SFTTrainer passes to apply_chat_template): train
         # with the tool template and save it with the model, so the served model renders tools as it was trained.
-        tokenizer.chat_template = original_template = common.tool_chat_template(tokenizer, args.assistant_only_loss)
+        tokenizer.chat_template = original_template = templates.tool_chat_template(tokenizer, args.assistant_only_loss)
     elif args.assistant_only_loss:
-        tokenizer.chat_template = common.training_chat_template(tokenizer)
+        tokenizer.chat_template = templates.training_chat_template(tokenizer)
     first = data["train"][0]
     rendered = tokenizer.apply_chat_template(first["messages"], tools=first.get("tools") or None, tokenize=False)
-    common.check_single_bos(tokenizer, rendered)
-    model = common.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir,
-                              attention=common.packed_attention(args))
+    templates.check_single_bos(tokenizer, rendered)
+    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir,
+                               attention=loading.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=common.eval_split(data, args),
+        eval_dataset=setup.eval_split(data, args),
         processing_class=tokenizer,
-        peft_config=common.peft_config(ctx.spec),
+        peft_config=loading.peft_config(ctx.spec),
     )
-    output = trainer.train(resume_from_checkpoint=common.resume_checkpoint(ctx, trainer))
+    output = trainer.train(resume_from_checkpoint=checkpoints.resume_checkpoint(ctx, trainer))
 
     # ---- save -----------------------------------------------------------------------------------------------------
-    return common.finish(ctx, trainer, output, tokenizer, original_template)
+    return report.finish(ctx, trainer, output, tokenizer, original_template)
