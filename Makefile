@@ -26,8 +26,10 @@ quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack models fetch smollm2-135m-instruct
 	$(BIN)/llmstack run recipes/quickstart.yaml
 
-# pytest exits 5 when it collects no tests: that is not a failure of the suite.
+# ruff first (the rule set is in pyproject.toml; zero findings), then the suite. pytest exits 5 when it collects no
+# tests: that is not a failure of the suite.
 test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) $(DOCSTAMP) system-deps
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 setup: $(STAMP) $(QSTAMP)

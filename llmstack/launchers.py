@@ -16,9 +16,10 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmstack.config.train import launch_config_path
 from llmstack.stage import StageContext, StageResult

@@ -15,9 +15,10 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmstack.config.data import DataConfig
 from llmstack.config.kinds import stage_kind

@@ -18,7 +18,8 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}"
     "{% endif %}"
     "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
     "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endif %}"
@@ -177,7 +178,7 @@ class RedisServer:
         self.port, self.dir, self.proc = free_port(), Path(folder), None
         self.url = f"redis://127.0.0.1:{self.port}"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         import subprocess
         import time
 

@@ -68,9 +68,8 @@ class StepTimer(TrainerCallback):
 
 def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: bool, varlen: bool = False,
         dtype: str = "float32") -> dict:
-    from trl import SFTConfig, SFTTrainer
-
     from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
 
     from llmstack.train.loading import load_model, packed_attention
 
@@ -81,7 +80,8 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
         model = load_model(model_dir, dtype, attention=attention)
         timer = StepTimer()
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None,
+                             peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM") if lora else None,
                              callbacks=[timer])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -92,7 +92,8 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
     row = {"path": label, "attention": attention or "sdpa", "steps": timer.steps, "tokens": int(tokens_after_first),
            "tokens_per_s": tokens_after_first / timer.elapsed, "s_per_step": timer.elapsed / max(timer.steps, 1),
            "weights": dtype, "optim": str(args.optim).split(".")[-1].lower(), "compile": args.torch_compile,
-           "bf16": args.bf16, "liger": args.use_liger_kernel, "grad_ckpt": args.gradient_checkpointing, "packing": args.packing}
+           "bf16": args.bf16, "liger": args.use_liger_kernel, "grad_ckpt": args.gradient_checkpointing,
+           "packing": args.packing}
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -102,8 +103,8 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
 
 
 def random_llama_1b(out: Path) -> Path:
-    """The 1.1B Llama shape (TinyLlama: 22 layers, hidden 2048, GQA 32/4 heads), random init, with the test BPE tokenizer: no hub
-    needed, and throughput does not depend on the weights."""
+    """The 1.1B Llama shape (TinyLlama: 22 layers, hidden 2048, GQA 32/4 heads), random init, with the test BPE
+    tokenizer: no hub needed, and throughput does not depend on the weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmstack.testing import build_tiny_model
@@ -134,10 +135,10 @@ def main() -> None:
     a = p.parse_args()
 
     from llmstack.models import resolve
+    from llmstack.stages.sft import SFT_DEFAULTS
     from llmstack.train.loading import load_tokenizer
     from llmstack.train.setup import device_defaults, liger_defaults
     from llmstack.train.templates import training_chat_template
-    from llmstack.stages.sft import SFT_DEFAULTS
 
     if a.model == "tiny":
         from llmstack.testing import build_tiny_model
@@ -181,7 +182,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nmodel {model_dir.name}, {device}, batch {a.batch} x max_length {a.max_length}, "
           f"{a.steps} steps each (first untimed){', LoRA r=16' if a.lora else ''}")
-    cols = ["path", "attention", "weights", "optim", "compile", "bf16", "liger", "grad_ckpt", "packing", "steps", "tokens", "s_per_step", "tokens_per_s"]
+    cols = ["path", "attention", "weights", "optim", "compile", "bf16", "liger", "grad_ckpt", "packing", "steps",
+            "tokens", "s_per_step", "tokens_per_s"]
     cols += ["mfu", "peak_gib"] if torch.cuda.is_available() else []
     print(" | ".join(cols))
     for r in rows:

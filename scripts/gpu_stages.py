@@ -59,9 +59,8 @@ def _model(root: Path) -> Path:
 
 def _run_stage(model: Path, root: Path, spec: dict, datasets: dict) -> tuple[dict, float, float]:
     """One llmstack stage on `model`: (its metrics, peak GiB on CUDA, wall seconds)."""
-    from train_data import make_ctx, make_recipe
-
     from llmstack.pipeline import stage_function
+    from train_data import make_ctx, make_recipe
 
     recipe = make_recipe(model, datasets, [spec])
     recipe.model.dtype = "bfloat16" if CUDA else "float32"
@@ -77,6 +76,7 @@ def _run_stage(model: Path, root: Path, spec: dict, datasets: dict) -> tuple[dic
 def stages() -> None:
     from bench_train import synthetic_chat
     from datasets import DatasetDict
+
     from train_data import preference_dataset
 
     root = Path(tempfile.mkdtemp())
@@ -125,6 +125,7 @@ def e2e_recipe(root: Path, model: Path, cuda: bool) -> Path:
     import yaml
     from bench_train import synthetic_chat
     from datasets import DatasetDict
+
     from train_data import preference_dataset
 
     rows = synthetic_chat(256)

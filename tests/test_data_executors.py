@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_data_curate import hostile_rows
 
 from llmstack.testing import local_ray_cluster
+from test_data_curate import hostile_rows
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import benchrecord  # noqa: E402
 import gen_docs  # noqa: E402
+
 from test_readme_cli import verbs  # noqa: E402
 
 

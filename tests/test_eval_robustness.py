@@ -4,13 +4,13 @@ in-process and through the live llmstack server."""
 import json
 
 import pytest
-from test_eval_run import tiny_server  # noqa: F401  (the module-scoped live server fixture)
 from typer.testing import CliRunner
 
 from llmstack.eval.perturb import DISTRACTORS, KINDS, perturb_doc, perturb_rows
 from llmstack.eval.robustness import compare, robustness
 from llmstack.eval.run import Target, evaluate
 from llmstack.eval.task_data import read_task
+from test_eval_run import tiny_server  # noqa: F401  (the module-scoped live server fixture)
 
 DOC = {"id": "q1", "question": "Which gas do plants absorb from the atmosphere during photosynthesis?",
        "choices": ["oxygen", "carbon dioxide", "nitrogen", "helium"], "gold": 1}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmstack.pipeline import run_recipe
 from llmstack.config.recipe import load_recipe
+from llmstack.pipeline import run_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,8 @@ def test_cli_run_bad_model_source_is_clear(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "r", "model": {"source": "org/some-model"}}))
     proc = subprocess.run([sys.executable, "-m", "llmstack", "run", str(path), "--runs-dir", str(tmp_path)],
-                          capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1
     assert "HF_HUB_OFFLINE=1" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
+from llmstack.config.recipe import load_recipe
 from llmstack.pipeline import run_recipe
 from llmstack.quant.export import bytes_16bit, compress, vllm_kernel_for, weights_bytes
-from llmstack.config.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,8 @@ def test_group_size_must_divide_the_local_models_sizes(tmp_path):
                                 f"{model / 'config.json'}); use 64"]
     parse_recipe(with_changes(model__source=str(model), quantize={"scheme": "w4a16", "group_size": 64}))
     # w8a8 has no groups; a hub id cannot be read offline and is not guessed at
-    parse_recipe(with_changes(model__source=str(model), quantize={"scheme": "w8a8", "group_size": 128, "serve_fallback": None}))
+    parse_recipe(with_changes(model__source=str(model),
+                              quantize={"scheme": "w8a8", "group_size": 128, "serve_fallback": None}))
     parse_recipe(with_changes(model__source="org/not-here", quantize={"scheme": "w4a16", "group_size": 100}))
 
 

@@ -191,8 +191,8 @@ def test_old_launch_entry_points_to_the_new_one():
                           text=True, cwd=REPO)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "llmstack.train is not a launch entry any more: use `accelerate launch [--config_file ...] -m llmstack.cli.launch "
-        "RECIPE --stage NAME` (same arguments)"]
+        "llmstack.train is not a launch entry any more: use `accelerate launch [--config_file ...] "
+        "-m llmstack.cli.launch RECIPE --stage NAME` (same arguments)"]
 
 
 def _cli(*args):

@@ -11,7 +11,7 @@ import torch
 
 from train_data import make_ctx, make_recipe, messages_dataset, preference_dataset, text_dataset
 
-# SmolLM2-135M-Instruct's own template (no {% generation %} markers), so the marking path is exercised on the tiny model.
+# SmolLM2-135M-Instruct's own template (no {% generation %} markers): the marking path is exercised on the tiny model.
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
@@ -318,5 +318,7 @@ def test_smollm2_training_template_is_byte_identical_and_masks_assistant(smollm2
         assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, chat_template=marked) == \
             tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
     enc = tok.apply_chat_template(msgs, chat_template=marked, return_dict=True, return_assistant_tokens_mask=True)
-    assert tok.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]) == "I am llmstack.<|im_end|>"
-    assert enc["input_ids"][0] == tok.convert_tokens_to_ids("<|im_start|>") and enc["input_ids"][1] != enc["input_ids"][0]
+    trained = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assert tok.decode(trained) == "I am llmstack.<|im_end|>"
+    ids = enc["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[1] != ids[0]

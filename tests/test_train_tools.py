@@ -6,10 +6,10 @@ that renders tools, so serving it renders them as training did."""
 import json
 
 import pytest
-from train_data import make_ctx, make_recipe
 
 from llmstack import tools as T
 from test_train_stages import plain_template_model  # noqa: F401 - the fixture: the tiny model with SmolLM2's template
+from train_data import make_ctx, make_recipe
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 WEATHER = {"type": "function", "function": {
@@ -20,7 +20,7 @@ CITIES = ["Paris", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Quito", "Perth"]
 
 def tool_rows():
     rows = []
-    for i, city in enumerate(CITIES * 3):
+    for city in CITIES * 3:
         msgs = [{"role": "user", "content": f"Weather in {city}?"},
                 {"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function", "function": {
                     "name": "get_weather", "arguments": {"city": city}}}]},
@@ -45,7 +45,8 @@ def tool_data(tmp_path_factory):
     return path
 
 
-def test_assistant_only_loss_trains_the_calls_and_not_specs_questions_or_results(tmp_path, plain_template_model, tool_data):
+def test_assistant_only_loss_trains_the_calls_and_not_specs_questions_or_results(
+        tmp_path, plain_template_model, tool_data):  # noqa: F811 - the imported fixture
     from datasets import load_from_disk
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -68,7 +69,8 @@ def test_assistant_only_loss_trains_the_calls_and_not_specs_questions_or_results
         assert never not in trained
 
 
-def test_sft_stage_on_tools_learns_and_saves_the_tool_template(tmp_path, plain_template_model, tool_data):
+def test_sft_stage_on_tools_learns_and_saves_the_tool_template(tmp_path, plain_template_model,  # noqa: F811
+                                                               tool_data):
     from transformers import AutoTokenizer
 
     from llmstack.pipeline import stage_function
@@ -85,8 +87,9 @@ def test_sft_stage_on_tools_learns_and_saves_the_tool_template(tmp_path, plain_t
     assert saved.chat_template == T.tool_template(SMOLLM2_SYSTEM)
     # plain chats still render as the model's own template did
     conv = [{"role": "user", "content": "Hi"}]
+    original = AutoTokenizer.from_pretrained(plain_template_model)
     assert saved.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == \
-        AutoTokenizer.from_pretrained(plain_template_model).apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        original.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
 
 def test_a_template_that_cannot_render_tools_is_a_clear_error(tiny_model):

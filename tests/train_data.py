@@ -86,8 +86,8 @@ def make_recipe(model: Path, datasets: dict[str, tuple[str, Path]], stages: list
 
 def make_ctx(recipe, runs: Path, stage: str, model: Path, datasets: dict[str, Path], recipe_path: Path | None = None):
     """The StageContext the pipeline builds for one training stage (input model + curated datasets)."""
-    from llmstack.stage import StageContext
     from llmstack.runs import Run
+    from llmstack.stage import StageContext
 
     run = Run.open(runs, recipe.name, "test")
     spec = next(s for s in recipe.stages if s.id == stage)

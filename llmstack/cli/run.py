@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,8 +23,8 @@ def validate(recipe: RecipeArg,
 def run(recipe: RecipeArg,
         run_id: RunIdOpt = "default",
         runs_dir: RunsDirOpt = Path("runs"),
-        from_stage: Annotated[Optional[str], typer.Option("--from", help="re-run from this stage on")] = None,
-        only: Annotated[Optional[list[str]], typer.Option(help="run only these stages (repeatable)")] = None,
+        from_stage: Annotated[str | None, typer.Option("--from", help="re-run from this stage on")] = None,
+        only: Annotated[list[str] | None, typer.Option(help="run only these stages (repeatable)")] = None,
         skip_unavailable: Annotated[bool, typer.Option(help="skip stages this version does not implement")] = False,
         verbose: bool = False):
     """Run a recipe end to end (or resume it): stages whose inputs are unchanged are reused."""

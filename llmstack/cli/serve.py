@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,16 +18,16 @@ from llmstack.config.serve import ConfigError, ServeSpec
 
 
 def serve(
-    config: Annotated[Optional[Path], typer.Option(help="server YAML, e.g. serve/server.yaml")] = None,
-    model: Annotated[Optional[str], typer.Option(help="model folder or packaged name (overrides the YAML)")] = None,
-    engine: Annotated[Optional[str], typer.Option(help="vllm or hf")] = None,
-    name: Annotated[Optional[str], typer.Option(help="the model name clients send")] = None,
-    keys: Annotated[Optional[str], typer.Option(help="API key file (hashed keys)")] = None,
-    guard: Annotated[Optional[str], typer.Option(help="guard policy YAML")] = None,
-    audit_log: Annotated[Optional[str], typer.Option(help="JSONL audit log")] = None,
-    host: Annotated[Optional[str], typer.Option()] = None,
-    port: Annotated[Optional[int], typer.Option()] = None,
-    max_model_len: Annotated[Optional[int], typer.Option()] = None,
+    config: Annotated[Path | None, typer.Option(help="server YAML, e.g. serve/server.yaml")] = None,
+    model: Annotated[str | None, typer.Option(help="model folder or packaged name (overrides the YAML)")] = None,
+    engine: Annotated[str | None, typer.Option(help="vllm or hf")] = None,
+    name: Annotated[str | None, typer.Option(help="the model name clients send")] = None,
+    keys: Annotated[str | None, typer.Option(help="API key file (hashed keys)")] = None,
+    guard: Annotated[str | None, typer.Option(help="guard policy YAML")] = None,
+    audit_log: Annotated[str | None, typer.Option(help="JSONL audit log")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+    max_model_len: Annotated[int | None, typer.Option()] = None,
 ):
     """Serve a model behind the guarded OpenAI-compatible API (vLLM engine by default)."""
     from pydantic import ValidationError
@@ -44,7 +44,7 @@ def serve(
     except ValidationError as exc:
         for line in format_errors(exc, ServeSpec):
             console.print(f"[bold red]error:[/] {line}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_server(app, spec)
 
@@ -52,8 +52,8 @@ def serve(
 def serve_key(
     key_id: Annotated[str, typer.Argument(help="a name for the key (shows in logs and metrics)")],
     models: Annotated[str, typer.Option(help="comma-separated model names this key may use, * for all")] = "*",
-    rpm: Annotated[Optional[int], typer.Option(help="requests per minute for this key")] = None,
-    tpm: Annotated[Optional[int], typer.Option(help="tokens per minute for this key")] = None,
+    rpm: Annotated[int | None, typer.Option(help="requests per minute for this key")] = None,
+    tpm: Annotated[int | None, typer.Option(help="tokens per minute for this key")] = None,
 ):
     """Make a new API key: prints the key once (give it to the client) and the hashed entry for the key file."""
     import yaml

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,7 +18,7 @@ from llmstack.cli.common import RecipeArg, RunIdOpt, RunsDirOpt, console, fail, 
 
 def train(recipe: RecipeArg,
           stage: Annotated[str, typer.Option(help="training stage name (cpt, sft, dpo, or the stage's `name`)")],
-          launch: Annotated[Optional[str], typer.Option(
+          launch: Annotated[str | None, typer.Option(
               help="accelerate config: cpu, cpu-ddp, cpu-zero3, ddp, fsdp2, zero3 or a YAML path (default: the stage's "
                    "`launch:`, else in-process)")] = None,
           run_id: RunIdOpt = "default",

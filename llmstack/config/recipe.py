@@ -91,7 +91,8 @@ def _cross_checks(recipe: Recipe) -> list[str]:
             problems.append(f"quantize.group_size: {problem}")
     if recipe.quantize and recipe.quantize.calibration_dataset:
         if recipe.quantize.calibration_dataset not in datasets:
-            problems.append(f"quantize.calibration_dataset: '{recipe.quantize.calibration_dataset}' is not in data.datasets")
+            problems.append(f"quantize.calibration_dataset: '{recipe.quantize.calibration_dataset}' "
+                            "is not in data.datasets")
     return problems
 
 

@@ -66,7 +66,7 @@ class QloraSpec(LoraSpec):
 
 
 class RewardSpec(Strict):
-    """One reward function of a grpo stage. TRL sums them (weighted) into the reward that advantages are computed from."""
+    """One reward function of a grpo stage. TRL sums them (weighted) into the reward advantages are computed from."""
 
     type: Literal["gsm8k_answer", "format", "reward_model", "python"] = Field(
         description="gsm8k_answer: 1 if the completion's final number equals the reference answer's (GSM8K '#### N' "

@@ -182,8 +182,8 @@ def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, A
 
 
 def _recovery_table(rec: dict[str, Any]) -> list[str]:
-    lines = [f"Quality recovery of `{rec['quantized']}` vs `{rec['reference']}` (quantized score / unquantized), and the "
-             "paired difference on the same items (quantized - unquantized, 95% bootstrap interval; an interval "
+    lines = [f"Quality recovery of `{rec['quantized']}` vs `{rec['reference']}` (quantized score / unquantized), and "
+             "the paired difference on the same items (quantized - unquantized, 95% bootstrap interval; an interval "
              "that contains 0 means these items cannot tell the two apart):", "",
              "| task | recovery | paired difference [95% CI] |", "|---|---|---|"]
     paired = rec.get("paired_difference", {})

@@ -8,8 +8,15 @@ from __future__ import annotations
 import json
 import logging
 
-from llmstack.quant.export import (QuantizeError, answer_check, bytes_16bit, compress, vllm_kernel_for,
-                                   weights_bytes, write_calibration)
+from llmstack.quant.export import (
+    QuantizeError,
+    answer_check,
+    bytes_16bit,
+    compress,
+    vllm_kernel_for,
+    weights_bytes,
+    write_calibration,
+)
 from llmstack.stage import StageContext, StageResult
 
 log = logging.getLogger("llmstack")

@@ -25,7 +25,8 @@ def run(ctx: StageContext) -> StageResult:
             continue
         total += e.get("wall_s", 0) or 0
         lines.append(f"| {name} | {e.get('status', '')} | {e.get('wall_s', 0):.1f} |")
-    lines += [f"| **total** | | **{total:.1f}** |", "", "## Outputs", "", "| stage | output | sha256 |", "|---|---|---|"]
+    lines += [f"| **total** | | **{total:.1f}** |", "",
+              "## Outputs", "", "| stage | output | sha256 |", "|---|---|---|"]
     for name, e in manifest["stages"].items():
         for key, o in e.get("outputs", {}).items():
             lines.append(f"| {name} | {key}: `{o['path']}` | `{o['sha256'][:16]}` |")

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from llmstack.stage import StageContext, StageResult
 from llmstack.serve.engines.base import vllm_dtype
 from llmstack.serve.guard import hash_key, new_key
+from llmstack.stage import StageContext, StageResult
 
 log = logging.getLogger("llmstack")
 

@@ -3,7 +3,6 @@ and the double-BOS check. Whatever is trained must render byte-identically to wh
 
 from __future__ import annotations
 
-
 # SmolLM2's (and most ChatML models') template writes every message with one expression. TRL's assistant-only loss
 # needs the assistant part wrapped in {% generation %}; we rewrite that one expression and then check the result
 # renders byte-identically to the original, so training sees exactly the text the model is served with.
