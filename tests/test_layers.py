@@ -1,6 +1,6 @@
-"""The layer contract (pyproject.toml [tool.importlinter]): config at the bottom, then libraries, then stages, then the
-pipeline, then the CLI; no import cycles. Checked by import-linter over the real import graph (lazy imports inside
-functions included), so the layout cannot drift back."""
+"""The layer contracts (pyproject.toml [tool.importlinter]): leaves and config at the bottom, then core, libraries,
+stages, the pipeline, the worker, the CLI; scripts/ above the package and off the CLI; no import cycles. Checked by
+import-linter over the real import graph (lazy imports inside functions included), so the layout cannot drift back."""
 
 import ast
 import re
@@ -31,6 +31,34 @@ def test_contracts_list_no_exceptions_and_cover_every_top_level_module():
     present = {f"llmstack.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"}
     present |= {f"llmstack.{p.parent.name}" for p in package.glob("*/__init__.py")}
     assert present == named, f"not in a layer: {sorted(present - named)}; named but missing: {sorted(named - present)}"
+
+
+def test_every_script_but_the_docs_generator_is_kept_off_the_cli():
+    forbidden = next(c for c in contracts() if c["type"] == "forbidden")
+    assert forbidden["forbidden_modules"] == ["llmstack.cli", "llmstack.__main__"]
+    scripts = {f"scripts.{p.stem}" for p in (REPO / "scripts").glob("*.py")} - {"scripts.gen_docs"}
+    assert set(forbidden["source_modules"]) == scripts
+
+
+def test_the_layers_are_the_real_floors():
+    """Each module sits on the lowest layer its own imports allow: were a module's floor lower than its layer, a new
+    import from that layer's neighbours could slip in unnoticed. Leaves (importing nothing of llmstack) are at the
+    bottom; every other module imports something from the layer right below its own."""
+    import grimp
+
+    layers = [[m.strip() for m in layer.split("|")] for layer in next(
+        c for c in contracts() if c["type"] == "layers")["layers"]]
+    graph = grimp.build_graph("llmstack", cache_dir=None)
+    level = {m: len(layers) - 1 - i for i, layer in enumerate(layers) for m in layer}
+    wrong = []
+    for module, at in level.items():
+        imported = {other for other in level if other != module and graph.direct_import_exists(
+            importer=module, imported=other, as_packages=True)}
+        floor = 1 + max((level[o] for o in imported), default=-1)
+        # the pipeline imports its stages by name (llmstack.config.kinds), so it stands above them without an import
+        if floor != at and module != "llmstack.pipeline":
+            wrong.append(f"{module} is on layer {at}, its imports put it on {floor}")
+    assert not wrong, wrong
 
 
 def test_every_stage_kind_has_its_own_module():

@@ -6,7 +6,7 @@ to use, redacted, or the reason it is refused, with that rail's own message and 
 (logprobs rows as the rails would let them out).
 
 Adding a rail is one `Rail` subclass here (listed in RAIL_TYPES), one field in `config/serve.py` `RailPolicy`, and its
-tests: tests/test_serve_guard.py builds every rail of RAIL_TYPES in block mode through the real app and expects its
+tests: tests/test_serve_rails.py builds every rail of RAIL_TYPES in block mode through the real app and expects its
 own OpenAI-shaped 400.
 
 The rails are regular expressions written here on purpose: the libraries that do this (presidio, NeMo Guardrails,
