@@ -14,11 +14,11 @@ from datatrove.utils.text import simplify_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmstack.data.curate import _writer
 from llmstack.data.decontam import NGramIndex
 from llmstack.data.dedup import normalised
 from llmstack.data.filters import WORDS
 from llmstack.data.gopher import GopherQuality, GopherRepetition
+from llmstack.data.readers import jsonl_writer
 
 VOCAB = ("the of and to a in that is was he for it with as his on be at by had are but from or have an they which "
          "one you were all we her she there would their will when who him been has more if no out so said what up "
@@ -110,7 +110,7 @@ def test_ascii_normalisation_fast_path_equals_simplify_text():
 
 
 def test_writer_writes_what_datatroves_default_adapter_writes(tmp_path):
-    writer = _writer(tmp_path)
+    writer = jsonl_writer(tmp_path)
     doc = Document(text="a row", id="src#3", metadata={"row": {"messages": [{"role": "user", "content": "hé"}]},
                                                         "minhash": [1, 2**32 - 1], "order": 0, "filter_reason": "x"})
     assert json.dumps(writer.adapter(doc)) == json.dumps(writer._default_adapter(doc))

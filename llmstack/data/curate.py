@@ -11,12 +11,12 @@ copy wins) drops exact and near duplicates with dictionary and LSH lookups. Then
 and the train/validation split, streamed through memory-mapped Arrow. Nothing is lost: rows_in == rows_kept +
 Σ rows_dropped[reason] is checked against the quarantine files themselves, and a mismatch fails the stage.
 Same seed + same inputs => byte-identical dataset folder (its hash goes on the card).
+
+The passes' readers and writer are in readers.py, the executors that run them (local, Ray, Slurm) in executors.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import heapq
 import json
 import logging
 import os
@@ -25,190 +25,19 @@ import shutil
 import sys
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
-from datatrove.data import Document, DocumentsPipeline
-from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.writers import JsonlWriter
+from datatrove.data import Document
 
 from llmstack.config.data import DatasetSpec, ExecutorSpec
-from llmstack.data.formats import BadRow, flat_text, has_tools, to_row
-from llmstack.data.sources import BadRecord, FetchedSource, describe, fetch_source, iter_records
+from llmstack.data.executors import CurationError, execute
+from llmstack.data.formats import has_tools
+from llmstack.data.readers import OrderedReader, SourceReader, iter_docs, jsonl_writer, read_jsonl
+from llmstack.data.sources import describe, fetch_source
 
 log = logging.getLogger("llmstack")
 
-class CurationError(Exception):
-    pass
-
-
-def _execute(steps: list, work: Path, tag: str, tasks: int, executor: ExecutorSpec | None = None) -> None:
-    """Run a pipeline on one of datatrove's executors: LocalPipelineExecutor (forked processes on this machine) or
-    RayPipelineExecutor (Ray tasks on a running cluster); for slurm, the pass already ran in Slurm jobs (slurm_jobs)
-    and this only checks that every task completed. Their per-task logs and stats tables go to work/<tag>.log and
-    work/logs_<tag>/, not the terminal: datatrove attaches its loguru handlers to whatever sys.stderr is."""
-    from datatrove.executor import LocalPipelineExecutor
-    from loguru import logger
-
-    kind = executor.type if executor else "local"
-    work.mkdir(parents=True, exist_ok=True)
-    logging_dir = str(work / f"logs_{tag}")
-    if kind == "slurm":
-        _check_completed(LocalPipelineExecutor(steps, tasks=tasks, logging_dir=logging_dir), tag, work, "Slurm")
-        return
-    with open(work / f"{tag}.log", "a") as log_file, contextlib.redirect_stderr(log_file):
-        try:
-            # With several workers the parent never re-points its handlers, so its merged stats table would go to
-            # the stream loguru captured at import (the terminal): point them at the log file here.
-            logger.remove()
-            logger.add(sys.stderr)
-            if kind == "ray":
-                _run_on_ray(steps, tasks, logging_dir, executor, work, tag)
-            else:
-                # fork: workers inherit the redirected stderr (forkserver children would print to the terminal)
-                LocalPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=logging_dir,
-                                      skip_completed=False, start_method="fork").run()
-        finally:
-            logger.remove()  # datatrove re-adds a handler on the redirected (soon closed) stream
-            logger.add(sys.stderr, level="WARNING")
-
-
-def _run_on_ray(steps: list, tasks: int, logging_dir: str, executor: ExecutorSpec, work: Path, tag: str) -> None:
-    """datatrove's RayPipelineExecutor on the cluster at `executor.address`. The workers unpickle the steps, so they
-    import llmstack (install it on every node), and read and write the stage folder: it must be on a filesystem
-    every node shares (on one machine it is)."""
-    try:
-        import ray
-    except ImportError:
-        raise CurationError("data.executor is ray, but ray is not installed: pip install -r requirements/ray.lock "
-                            "(or `pip install llmstack[ray]`)") from None
-    from datatrove.executor import RayPipelineExecutor
-
-    joined = not ray.is_initialized()
-    if joined:
-        _reachable(executor.address)
-        try:
-            ray.init(address=executor.address, log_to_driver=False, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError) as exc:
-            raise CurationError(f"data.executor.address '{executor.address}': no Ray cluster there ({exc}). Start "
-                                "one (`ray start --head` on the head node) or fix the address") from None
-    try:
-        ray_executor = RayPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=logging_dir,
-                                           skip_completed=False, cpus_per_task=executor.cpus_per_task,
-                                           mem_per_cpu_gb=executor.mem_per_cpu_gb)
-        ray_executor.run()
-    finally:
-        if joined:
-            ray.shutdown()
-    # RayPipelineExecutor logs a failed task and carries on; a curated dataset missing a task's rows must not pass
-    _check_completed(ray_executor, tag, work, "Ray")
-
-
-def _reachable(address: str) -> None:
-    """Fail in seconds on a HOST:PORT nobody listens on (ray.init keeps retrying such an address for minutes)."""
-    import socket
-
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as exc:
-        raise CurationError(f"data.executor.address '{address}': no Ray cluster there ({exc}). Start one "
-                            "(`ray start --head` on the head node) or fix the address") from None
-
-
-def _check_completed(executor, tag: str, work: Path, where: str) -> None:
-    missing = executor.get_incomplete_ranks(range(executor.world_size), skip_completed=True)
-    if missing:
-        raise CurationError(f"{tag}: {len(missing)} of {executor.world_size} {where} task(s) did not complete "
-                            f"(ranks {missing[:10]}); their logs are under {work}")
-
-
-def _as_json(writer, doc: Document) -> dict:
-    """What datatrove's default adapter writes, without its `dataclasses.asdict`: that deep-copies every row and
-    signature just to serialise them (~0.4 ms of CPU per row and write here). Our documents carry no media."""
-    if doc.media:
-        return writer._default_adapter(doc)
-    return {k: v for k, v in (("text", doc.text), ("id", doc.id), ("metadata", doc.metadata)) if v}
-
-
-def _writer(folder: Path) -> JsonlWriter:
-    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=_as_json)
-
-
-# ---------------------------------------------------------------- pass 1 reader
-
-
-class SourceReader(PipelineStep):
-    """Raw records -> Documents holding a canonical row. Bad records go to quarantine/read with a reason."""
-
-    type = "📖 - READER"
-    name = "sources"
-
-    def __init__(self, fetched: list[FetchedSource], spec: DatasetSpec, quarantine: Path, counts: Path):
-        super().__init__()
-        self.fetched, self.spec, self.quarantine, self.counts = fetched, spec, quarantine, counts
-
-    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        order = -1
-        per_source: Counter = Counter()
-        with _writer(self.quarantine) as bad:
-            for src in self.fetched:
-                single = len(src.files) == 1
-                base = order + 1
-                mine = lambda i, base=base: (base + i) % world_size == rank  # noqa: E731
-                for label, row_no, rec in iter_records(src, self.spec.filters.max_chars, want=mine):
-                    order += 1
-                    if order % world_size != rank:
-                        continue
-                    per_source[src.spec.name] += 1
-                    doc_id = f"{src.spec.name}#{row_no}" if single else f"{src.spec.name}/{Path(label).name}#{row_no}"
-                    meta = {"source": src.spec.name, "order": order}
-                    if isinstance(rec, BadRecord):
-                        bad.write(Document(text=rec.raw, id=doc_id, metadata={**meta, "filter_reason": rec.reason}),
-                                  rank)
-                        continue
-                    try:
-                        row = to_row(rec, src.spec.format, self.spec.schema_, self.spec.placeholders,
-                                     src.spec.text_field)
-                    except BadRow as exc:
-                        raw = json.dumps(rec, ensure_ascii=False, default=str)
-                        bad.write(Document(text=raw, id=doc_id, metadata={**meta, "filter_reason": str(exc)}), rank)
-                        continue
-                    self.stat_update("rows")
-                    yield Document(text=flat_text(row), id=doc_id, metadata={**meta, "row": row})
-        self.counts.mkdir(parents=True, exist_ok=True)
-        (self.counts / f"{rank}.json").write_text(json.dumps(dict(per_source)))
-
-
-# ---------------------------------------------------------------- pass 2 reader
-
-
-def _read_jsonl(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.jsonl"), key=lambda p: int(p.stem))
-
-
-def _docs(path: Path) -> Iterator[dict]:
-    with open(path, "rb") as f:
-        for line in f:
-            yield json.loads(line)
-
-
-class OrderedReader(PipelineStep):
-    """Pass 1's per-task outputs merged back into source order (each is sorted; heapq.merge streams them)."""
-
-    type = "📖 - READER"
-    name = "ordered merge"
-
-    def __init__(self, folder: Path):
-        super().__init__()
-        self.folder = folder
-
-    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        streams = [_docs(p) for p in _read_jsonl(self.folder)]
-        for d in heapq.merge(*streams, key=lambda d: d["metadata"]["order"]):
-            yield Document(text=d["text"], id=d["id"], metadata=d["metadata"])
 
 
 # ---------------------------------------------------------------- one dataset
@@ -238,7 +67,7 @@ def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
     fetched = [fetch_source(s) for s in spec.sources]
 
     # ---- pass 1: read, adapt, clean, filter (parallel over tasks)
-    q = lambda step: _writer(quarantine / step)  # noqa: E731
+    q = lambda step: jsonl_writer(quarantine / step)  # noqa: E731
     steps: list = [SourceReader(fetched, spec, quarantine / "read", work / "counts"),
                    F.MaxCharsFilter(fspec.max_chars, exclusion_writer=q("max_chars")),
                    F.CleanRows(fspec.fix_unicode, fspec.redact_pii),
@@ -264,7 +93,7 @@ def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
     if spec.dedup.exact or spec.dedup.near:
         steps.append(DedupSignatures(spec.dedup.num_perm, spec.dedup.shingle_words, near=spec.dedup.near,
                                      exact=spec.dedup.exact))
-    steps.append(_writer(work / "pass1"))
+    steps.append(jsonl_writer(work / "pass1"))
     # Load models once here: forked workers inherit them instead of each loading their own.
     if preload and token_length is not None:
         token_length.preload(chat_rows=spec.schema_ != "text")
@@ -279,7 +108,7 @@ def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
     if spec.dedup.near:
         steps.append(NearDedupFilter(spec.dedup.near_threshold, spec.dedup.num_perm, spec.dedup.shingle_words,
                                      exclusion_writer=q("near_dedup")))
-    steps.append(_writer(work / "kept"))
+    steps.append(jsonl_writer(work / "kept"))
     return pass1, steps, work, quarantine, fetched, index
 
 
@@ -297,9 +126,9 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
                                                              fresh=not from_slurm, preload=not from_slurm)
     log.info("curate %s: pass 1 (read, clean, filter, decontaminate, signatures) on %d task(s), %s executor", name,
              workers, executor.type)
-    _execute(pass1, work, "pass1", workers, executor)
+    execute(pass1, work, "pass1", workers, executor)
     log.info("curate %s: pass 2 (dedup)", name)
-    _execute(pass2, work, "pass2", 1, executor)
+    execute(pass2, work, "pass2", 1, executor)
     return _finish(name, spec, stage_dir, tokenizer, seed, eval_suites, work, quarantine, fetched, index)
 
 
@@ -309,9 +138,9 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
     for d in (quarantine / "mixing", stage_dir / name):  # an earlier attempt at this part (a re-run collect job)
         shutil.rmtree(d, ignore_errors=True)
     # ---- mixing and split, streamed: memory stays flat however many rows were kept
-    kept_files = _read_jsonl(work / "kept")
+    kept_files = read_jsonl(work / "kept")
     per_source_kept, tool_rows = Counter(), False
-    for d in (d for p in kept_files for d in _docs(p)):
+    for d in (d for p in kept_files for d in iter_docs(p)):
         per_source_kept[d["metadata"]["source"]] += 1
         tool_rows = tool_rows or has_tools(d["metadata"]["row"])
     plan = mix_plan(per_source_kept, spec, seed)
@@ -319,8 +148,8 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
     tool_stats = ToolStats() if tool_rows else None
     lengths, kept_by_source, cleaning = array("l"), Counter(), Counter()
     seen: Counter = Counter()
-    with _writer(quarantine / "mixing") as unused, open(work / "selected.jsonl", "w") as selected:
-        for d in (d for p in kept_files for d in _docs(p)):
+    with jsonl_writer(quarantine / "mixing") as unused, open(work / "selected.jsonl", "w") as selected:
+        for d in (d for p in kept_files for d in iter_docs(p)):
             src = d["metadata"]["source"]
             seen[src] += 1
             if plan is not None and seen[src] - 1 not in plan[src]:
@@ -365,7 +194,7 @@ def quarantine_counts(quarantine: Path) -> Counter:
     counts: Counter = Counter()
     for step_dir in sorted(p for p in quarantine.iterdir() if p.is_dir()) if quarantine.exists() else []:
         for path in step_dir.glob("*.jsonl"):
-            for d in _docs(path):
+            for d in iter_docs(path):
                 counts[(step_dir.name, d.get("metadata", {}).get("filter_reason") or "dropped")] += 1
     return counts
 
