@@ -39,7 +39,6 @@ from llmstack.data.sources import describe, fetch_source
 log = logging.getLogger("llmstack")
 
 
-
 # ---------------------------------------------------------------- one dataset
 
 
