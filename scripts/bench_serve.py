@@ -37,6 +37,9 @@ cost per KB of text, now (llmstack/pii.py on RE2) and with the regexes the guard
 
 Every mode prints its table and ratios and writes a JSON record under benchmarks/results/ (`serve`, `serve-hostile`,
 `serve-replicas`: scripts/benchrecord.py); --out keeps the raw per-system results as well.
+
+The three modes stay in one file (over 400 lines) because they share its harness: the server and engine starters,
+the streaming client (`bench_api`), the percentile/summary rows and the command line.
 """
 
 from __future__ import annotations
