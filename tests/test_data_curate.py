@@ -169,13 +169,13 @@ def test_same_inputs_give_byte_identical_dataset_also_in_parallel(hostile, tiny_
 def test_lost_rows_fail_the_reconciliation(tiny_model, tmp_path, monkeypatch):
     src = tmp_path / "rows.jsonl"
     src.write_text("\n".join(json.dumps(ROW(f"q{i}", prose(i))) for i in range(5)) + "\n")
-    real_docs = C._docs
+    real_docs = C.iter_docs
 
     def lossy(path):  # a bug that silently loses the last kept row
         docs = list(real_docs(path))
         return iter(docs[:-1] if path.parent.name == "kept" else docs)
 
-    monkeypatch.setattr(C, "_docs", lossy)
+    monkeypatch.setattr(C, "iter_docs", lossy)
     with pytest.raises(CurationError, match=r"rows_in 5 != kept 4 \+ dropped 0"):
         curate_dataset("chat", spec_for(src), tmp_path / "run", tiny_model, seed=1)
 
