@@ -30,7 +30,7 @@ from typing import Any
 _QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 DEFAULT_SYSTEM = "You are a helpful assistant."
 _CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.DOTALL)
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")  # OpenAI's rule for function names
 
 
 class ToolCallError(ValueError):

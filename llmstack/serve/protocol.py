@@ -24,8 +24,13 @@ class ContentPart(_Loose):
     text: str | None = None
 
 
+# OpenAI's rule for function names (llmstack.tools.NAME_PATTERN): it also keeps a name from closing the template's
+# `{"name": "…"}` and writing a line of its own.
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
 class FunctionCall(_Loose):
-    name: str
+    name: str = Field(pattern=FUNCTION_NAME)
     arguments: str | dict = "{}"  # OpenAI sends JSON text; a JSON object is accepted too
 
 
@@ -36,7 +41,7 @@ class ToolCall(_Loose):
 
 
 class FunctionSpec(_Loose):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
@@ -195,16 +200,25 @@ def parse_body(body: bytes, max_depth: int) -> dict:
     except UnicodeDecodeError as exc:
         raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start}: {exc.reason})",
                        code="invalid_encoding") from None
-    try:
-        raw = json.loads(text or "null", parse_constant=_no_constant)
-    except RecursionError:
-        raise APIError(400, f"request body is nested too deeply (the limit is {max_depth} levels)",
-                       code="too_deeply_nested") from None
-    except ValueError as exc:  # JSONDecodeError, or int() refusing a number of more than 4,300 digits
-        raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
+    raw = parse_json_text(text or "null", max_depth)
     if not isinstance(raw, dict):
         raise APIError(400, "request body must be a JSON object")
-    _check_tree(raw, max_depth)
+    return raw
+
+
+def parse_json_text(text: str, max_depth: int, param: str | None = None):
+    """JSON text under the body's own limits (depth, NaN/Infinity, integer length, lone surrogates): the body itself
+    (`param` None), or JSON text a body carries in a string field — an earlier tool call's `arguments` — named by
+    `param` in the 400. Size needs no check of its own: the text sits inside a body already held to its byte cap."""
+    what = param or "request body"
+    try:
+        raw = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"{what} is nested too deeply (the limit is {max_depth} levels)", param=param,
+                       code="too_deeply_nested") from None
+    except ValueError as exc:  # JSONDecodeError, or int() refusing a number of more than 4,300 digits
+        raise APIError(400, f"{what} is not valid JSON: {str(exc)[:200]}", param=param) from None
+    _check_tree(raw, max_depth, param or "")
     return raw
 
 
@@ -212,15 +226,16 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _check_tree(raw: dict, max_depth: int) -> None:
-    stack: list[tuple[object, int, str]] = [(raw, 1, "")]
+def _check_tree(raw, max_depth: int, root: str = "") -> None:
+    what = f"{root} is" if root else "request body is"
+    stack: list[tuple[object, int, str]] = [(raw, 1, root)]
     while stack:
         node, depth, path = stack.pop()
         if isinstance(node, (dict, list)):
             if depth > max_depth:
                 where = path.lstrip(".") or "the top"
-                raise APIError(400, f"request body is nested too deeply at {where} (the limit is {max_depth} levels)",
-                               code="too_deeply_nested")
+                raise APIError(400, f"{what} nested too deeply at {where} (the limit is {max_depth} levels)",
+                               param=root or None, code="too_deeply_nested")
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for k, v in items:
                 if isinstance(k, str):

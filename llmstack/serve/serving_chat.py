@@ -12,7 +12,15 @@ from llmstack.serve.protocol import APIError, ChatRequest, chat_logprobs
 from llmstack.serve.request import Answer, ServedRequest
 from llmstack.serve.serving import Endpoint
 from llmstack.serve.state import Server
-from llmstack.serve.tooling import ToolPlan, check_history, check_json_schema, plan_tools
+from llmstack.serve.tooling import (
+    ToolPlan,
+    check_history,
+    check_json_schema,
+    plan_tools,
+    rail_arguments,
+    rail_name,
+    rail_spec,
+)
 
 
 class ChatCompletions(Endpoint):
@@ -27,7 +35,7 @@ class ChatCompletions(Endpoint):
 
     async def prepare(self, srv: Server, req) -> ToolPlan | None:
         plan = await srv.in_worker(plan_tools, req, srv.policy.caps)  # in a worker: a request may carry many schemas
-        check_history(req)
+        await srv.in_worker(check_history, req, srv.policy.caps.max_json_depth)  # parses earlier calls' arguments
         return plan
 
     async def structured(self, srv: Server, req, plan: ToolPlan | None) -> tuple[dict | None, bool]:
@@ -51,28 +59,8 @@ class ChatCompletions(Endpoint):
         return (req.top_logprobs or 0) if req.logprobs else None
 
     def render(self, srv: Server, req, guard, plan: ToolPlan | None) -> tuple[list[int], str]:
-        exempt = srv.policy.input.exempt_roles
         tok = srv.engine.tokenizer
-        messages, tooled = [], plan is not None and plan.mode != "none"
-        for i, m in enumerate(req.messages):
-            text = m.text()
-            railed = m.role not in exempt  # every role's text is checked unless the policy exempts it
-            if railed:
-                text = guard(text, f"messages[{i}].content")
-            msg = {"role": "system" if m.role == "developer" else m.role, "content": text}
-            if m.tool_calls:  # the arguments a model sent earlier are text like any other: railed leaf by leaf
-                msg["tool_calls"] = [{"type": "function", "function": {
-                    "name": c.function.name,
-                    "arguments": _guard_leaves(tools.arguments_object(c.function.arguments), guard,
-                                               f"messages[{i}].tool_calls[{j}].function.arguments")
-                    if railed else tools.arguments_object(c.function.arguments)}}
-                    for j, c in enumerate(m.tool_calls)]
-                tooled = True
-            if m.role == "tool":
-                msg["tool_call_id"] = m.tool_call_id
-                tooled = True
-            messages.append(msg)
-        specs = plan.tools if plan is not None and plan.mode != "none" else None
+        messages, specs, tooled = rail_chat(req, plan, guard, srv.policy.input.exempt_roles)
         extra = json.dumps([specs, [m.get("tool_calls") for m in messages]], ensure_ascii=False) if tooled else ""
         srv.check_prompt_chars("".join(m["content"] for m in messages) + extra, "messages")
         with srv.tokenizer_lock:
@@ -101,15 +89,35 @@ class ChatCompletions(Endpoint):
         return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(lp) if lp else None}
 
 
-def _guard_leaves(value, guard, param: str):
-    """Every string in a JSON value through the input rails (redacted in place, or the request refused)."""
-    if isinstance(value, str):
-        return guard(value, param)
-    if isinstance(value, dict):
-        return {k: _guard_leaves(v, guard, param) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_guard_leaves(v, guard, param) for v in value]
-    return value
+def rail_chat(req, plan: ToolPlan | None, guard, exempt: list[str]) -> tuple[list[dict], list[dict] | None, bool]:
+    """One walk over every text-bearing field of a chat request, each through the input rails (`guard`), and the
+    messages and tool specs the template renders, as the rails left them: every message's content (tool results
+    included) unless its role is exempt; earlier calls' function names and their parsed arguments' keys and values
+    (with their message's role); the offered tools' names, descriptions and parameters schemas (always: no role
+    owns them). Also whether the chat needs the tool template."""
+    messages, tooled = [], plan is not None and plan.mode != "none"
+    for i, m in enumerate(req.messages):
+        text = m.text()
+        railed = m.role not in exempt  # every role's text is checked unless the policy exempts it
+        if railed:
+            text = guard(text, f"messages[{i}].content")
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": text}
+        if m.tool_calls:  # what the model sent earlier is text like any other (arguments parsed by check_history)
+            msg["tool_calls"] = []
+            for j, c in enumerate(m.tool_calls):
+                param, args = f"messages[{i}].tool_calls[{j}].function", tools.arguments_object(c.function.arguments)
+                msg["tool_calls"].append({"type": "function", "function": {
+                    "name": rail_name(c.function.name, guard, f"{param}.name") if railed else c.function.name,
+                    "arguments": rail_arguments(args, guard, f"{param}.arguments") if railed else args}})
+            tooled = True
+        if m.role == "tool":
+            msg["tool_call_id"] = m.tool_call_id
+            tooled = True
+        messages.append(msg)
+    specs = None
+    if plan is not None and plan.mode != "none":
+        specs = [rail_spec(t, guard, f"tools[{i}].function") for i, t in enumerate(plan.tools)]
+    return messages, specs, tooled
 
 
 def _specials(tok) -> list[str]:

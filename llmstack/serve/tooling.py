@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from llmstack import tools
-from llmstack.serve.protocol import APIError
+from llmstack.serve.protocol import APIError, parse_json_text
 
 
 @dataclass
@@ -96,9 +96,11 @@ def plan_tools(req, caps) -> ToolPlan | None:
     return ToolPlan(tools=specs, mode=mode, name=name, parallel=req.parallel_tool_calls)
 
 
-def check_history(req) -> None:
+def check_history(req, max_depth: int) -> None:
     """Calls and results in the conversation are OpenAI's shape: calls only on assistant turns, with arguments that
-    are a JSON object; every tool turn answers a call made before it (`tool_call_id`)."""
+    are a JSON object; every tool turn answers a call made before it (`tool_call_id`). Arguments sent as JSON text are
+    parsed here under the body's own limits (depth, lone surrogates: `parse_json_text`) and kept parsed, so nothing
+    later parses them again without those limits."""
     ids: set[str] = set()
     for i, m in enumerate(req.messages):
         if m.function_call is not None:
@@ -107,11 +109,13 @@ def check_history(req) -> None:
         for j, call in enumerate(m.tool_calls or []):
             if m.role != "assistant":
                 raise APIError(400, "only assistant messages carry `tool_calls`", param=f"messages[{i}].tool_calls")
-            try:
-                tools.arguments_object(call.function.arguments)
-            except tools.ToolCallError as exc:
-                raise APIError(400, f"tool call arguments: {exc}",
-                               param=f"messages[{i}].tool_calls[{j}].function.arguments") from None
+            param = f"messages[{i}].tool_calls[{j}].function.arguments"
+            args = call.function.arguments
+            if isinstance(args, str):
+                args = parse_json_text(args, max_depth, param) if args.strip() else {}
+            if not isinstance(args, dict):
+                raise APIError(400, "tool call arguments: arguments must be a JSON object", param=param)
+            call.function.arguments = args
             if call.id:
                 ids.add(call.id)
         if m.role == "tool":
@@ -121,6 +125,58 @@ def check_history(req) -> None:
             if m.tool_call_id not in ids:
                 raise APIError(400, f"messages[{i}] answers tool call '{m.tool_call_id[:64]}', which no earlier "
                                "assistant message made", param=f"messages[{i}].tool_call_id")
+
+
+def rail_arguments(value, guard, param: str):
+    """An earlier call's parsed arguments through the input rails, keys and values alike: a rail that blocks refuses
+    the request; a redaction is applied in place and the template serialises the redacted object, so the model reads
+    `{"<EMAIL>": "..."}`, never the address. Two keys that become one when redacted are a 400, never a silent drop."""
+    if isinstance(value, str):
+        return guard(value, param)
+    if isinstance(value, list):
+        return [rail_arguments(v, guard, param) for v in value]
+    if isinstance(value, dict):
+        out: dict = {}
+        for k, v in value.items():
+            key = guard(k, param)
+            if key in out:
+                raise APIError(400, "two argument keys are the same once the input rails redact them; send keys "
+                               "without personal data", param=param, code="redaction_collision")
+            out[key] = rail_arguments(v, guard, param)
+        return out
+    return value
+
+
+def rail_spec(spec: dict, guard, param: str) -> dict:
+    """A tool spec as the model will read it, every string through the input rails. Names and keys are structure:
+    a rail that blocks refuses the request, and one that would rewrite them is a 400 (a renamed function or property
+    would no longer be the one declared). String values — the description, and the parameters schema's descriptions,
+    titles, enum values, examples — reach the prompt redacted. The plan keeps the client's own spec for decoding."""
+    fn = spec["function"]
+    railed = {**fn, "name": rail_name(fn["name"], guard, f"{param}.name")}
+    if isinstance(fn.get("description"), str):
+        railed["description"] = guard(fn["description"], f"{param}.description")
+    if fn.get("parameters") is not None:
+        railed["parameters"] = _rail_schema(fn["parameters"], guard, f"{param}.parameters")
+    return {**spec, "function": railed}
+
+
+def rail_name(text: str, guard, param: str) -> str:
+    """A function name or schema key through the input rails: refused if a rail blocks it or would rewrite it."""
+    if guard(text, param) != text:
+        raise APIError(400, f"{param} holds text the input rails redact; a name or key cannot be rewritten, so "
+                       "send it without that text", param=param, code="unredactable_name")
+    return text
+
+
+def _rail_schema(value, guard, path: str):
+    if isinstance(value, str):
+        return guard(value, path)
+    if isinstance(value, list):
+        return [_rail_schema(v, guard, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {rail_name(k, guard, path): _rail_schema(v, guard, f"{path}.{k[:64]}") for k, v in value.items()}
+    return value
 
 
 def check_json_schema(schema: dict, param: str, limit: int) -> None:
