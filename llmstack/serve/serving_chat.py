@@ -60,13 +60,20 @@ class ChatCompletions(Endpoint):
 
     def render(self, srv: Server, req, guard, plan: ToolPlan | None) -> tuple[list[int], str]:
         tok = srv.engine.tokenizer
+        # a spec or call that spells a special token is refused as such, before the rails (whose injection rail
+        # would refuse `<|im_start|>system` under its own code, and only where the policy turns it on)
+        shown = plan.tools if plan is not None and plan.mode != "none" else None
+        calls = [[c.function.model_dump() for c in m.tool_calls] for m in req.messages if m.tool_calls]
+        if shown or calls:
+            raw = json.dumps([shown, calls], ensure_ascii=False)
+            with srv.tokenizer_lock:
+                if any(sp in raw for sp in _specials(tok)):
+                    raise APIError(400, "a tool spec or tool call spells a special token of this model; remove it",
+                                   param="tools", code="special_token_in_content")
         messages, specs, tooled = rail_chat(req, plan, guard, srv.policy.input.exempt_roles)
         extra = json.dumps([specs, [m.get("tool_calls") for m in messages]], ensure_ascii=False) if tooled else ""
         srv.check_prompt_chars("".join(m["content"] for m in messages) + extra, "messages")
         with srv.tokenizer_lock:
-            if tooled and any(sp in extra for sp in _specials(tok)):
-                raise APIError(400, "a tool spec or tool call spells a special token of this model; remove it",
-                               param="tools", code="special_token_in_content")
             return encode_chat(tok, messages, specs, tools.template_for(tok) if tooled else None)
 
     def user_text(self, req) -> str:
