@@ -11,6 +11,8 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
 from llmstack.serve.app import build_app
@@ -58,8 +60,8 @@ def history(arguments, name: str = "get_weather") -> list[dict]:
 
 
 def post(c, messages, tools=(WEATHER,), **kw):
-    return c.post("/v1/chat/completions", headers=AUTH,
-                  json={"model": "tiny", "messages": messages, "tools": list(tools), **kw})
+    body = json.dumps({"model": "tiny", "messages": messages, "tools": list(tools), **kw})  # ASCII: surrogates pass
+    return c.post("/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"}, content=body)
 
 
 def error_of(r, status: int = 400) -> dict:
@@ -235,3 +237,37 @@ def test_exempt_assistant_role_leaves_its_calls_unrailed(tokenizer):
         assert r.status_code == 200 and EMAIL in prompt_of(engine, tokenizer)
         # the specs belong to no role: railed all the same
         assert error_of(post(c, ASK, tools=[_tool(description=INJECTION)]))["code"] == "input_injection"
+
+
+# ---------------------------------------------------------------------------------- fuzz: hostile tool histories
+_ODD = st.sampled_from(["\uff21\uff22", "a\u200bb", "e\u0301", "\u202eevil", "\u2066x\u2069", "\ufeff", "日本",
+                        "\\", '"', "\n", "<tool_call>", "}", "\ud800", "\udfff"])
+_TEXT = st.lists(st.one_of(_ODD, st.text(max_size=8)), max_size=4).map("".join)
+_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), _TEXT),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                             st.dictionaries(_TEXT, inner, max_size=3)), max_leaves=12)
+
+
+@st.composite
+def hostile_arguments(draw) -> str:
+    """Arguments text: a JSON object of odd keys and values, possibly wrapped thousands deep, with an email planted."""
+    args = draw(st.dictionaries(_TEXT, _JSON, max_size=4))
+    args[draw(st.sampled_from(["to", EMAIL, "\uff21" + EMAIL]))] = draw(st.sampled_from([EMAIL, f"cc {EMAIL}", 1]))
+    text = json.dumps(args, ensure_ascii=draw(st.booleans()))
+    depth = draw(st.sampled_from([0, 0, 31, 33, 2000]))
+    return '{"a": ' * depth + text + "}" * depth
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(arguments=hostile_arguments(), name=st.one_of(st.just("get_weather"), _TEXT))
+def test_fuzzed_tool_histories_never_5xx_nor_leak_planted_pii(served, tokenizer, arguments, name):
+    engine, c = served
+    before = len(engine.prompts)
+    r = post(c, history(arguments, name=name))
+    assert r.status_code < 500, r.text
+    event(f"status {r.status_code}")
+    if r.status_code != 200:
+        error_of(r, r.status_code)
+        return
+    assert len(engine.prompts) == before + 1 and EMAIL not in prompt_of(engine, tokenizer)
