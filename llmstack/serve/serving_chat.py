@@ -72,6 +72,9 @@ class ChatCompletions(Endpoint):
                 msg["tool_call_id"] = m.tool_call_id
                 tooled = True
             messages.append(msg)
+        users = [m.text() for m in req.messages if m.role == "user" and m.role not in exempt]
+        if len(users) > 1:  # an injection split across user turns is seen whole
+            guard.joined(users, "messages")
         specs = plan.tools if plan is not None and plan.mode != "none" else None
         extra = json.dumps([specs, [m.get("tool_calls") for m in messages]], ensure_ascii=False) if tooled else ""
         srv.check_prompt_chars("".join(m["content"] for m in messages) + extra, "messages")
