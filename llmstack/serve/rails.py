@@ -87,12 +87,16 @@ class TextView:
                     delta += len(f) - len(tok)
                 out.append(f)
                 continue
-            for k, c in enumerate(tok):
-                f = _fold(c)
-                if f != c:
+            get = _FOLDED.get
+            folds = [get(c) for c in tok]
+            if None in folds:
+                folds = [_fold(c) if f is None else f for c, f in zip(tok, folds, strict=True)]
+            run = "".join(folds)
+            out.append(run)
+            for k, f in enumerate(folds):  # one character folded to one (a full-width form) moves no offset
+                if len(f) != 1:  # dropped (invisible) or expanded (a ligature): a piece of its own
                     pieces.append((s + k + delta, s + k, len(f), 1))
                     delta += len(f) - 1
-                out.append(f)
         out.append(raw[last:])
         self.text, self._pieces = "".join(out), pieces
         self._vstarts = [p[0] for p in pieces]
