@@ -14,6 +14,9 @@ llm-guard) pull spaCy or model downloads that a hub-less CPU box cannot have, an
 own to start is not a front door. The patterns are heuristics; the policy decides what each match does. PII is
 `llmstack.pii`, the detector data curation uses too, so an endpoint redacts what a curated dataset would. All patterns
 run on RE2 (linear time): a backtracking regex on a crafted message could hold a worker for minutes.
+Every rail sees the text's normalised view (`TextView`: NFKC-folded, invisible characters dropped, JSON escapes
+decoded), and what it finds is mapped back to the raw text, so a full-width `＠` or a `\\u0040` hides no match
+(data curation's `redact_pii` still matches raw text).
 """
 
 from __future__ import annotations
