@@ -114,7 +114,7 @@ def gen_params(req, endpoint: Endpoint, caps: RequestCaps, spec_json: dict | Non
 
 def input_guard(srv: Server, audit: dict):
     """`guard(text, param)`: one text of the request through the input rails — redacted, or the request refused with
-    the blocking rail's own 400."""
+    the blocking rail's own 400; `guard.joined(texts, param)`: several texts through the injection rail as one."""
     def guard(text: str, param: str) -> str:
         v = srv.input_rails.check(text)
         audit["guard"] += v.decisions
@@ -122,6 +122,14 @@ def input_guard(srv: Server, audit: dict):
             srv.metrics.guard_blocks.labels(f"input:{v.blocked}").inc()
             raise APIError(400, v.message, param=param, code=v.code)
         return v.text
+
+    def joined(texts: list[str], param: str) -> None:  # several texts as one (an injection split across messages)
+        v = srv.input_rails.check_joined(texts)
+        audit["guard"] += [d for d in v.decisions if d not in audit["guard"]]
+        if v.blocked:
+            srv.metrics.guard_blocks.labels(f"input:{v.blocked}").inc()
+            raise APIError(400, v.message, param=param, code=v.code)
+    guard.joined = joined
     return guard
 
 

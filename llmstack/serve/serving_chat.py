@@ -71,6 +71,10 @@ class ChatCompletions(Endpoint):
                     raise APIError(400, "a tool spec or tool call spells a special token of this model; remove it",
                                    param="tools", code="special_token_in_content")
         messages, specs, tooled = rail_chat(req, plan, guard, srv.policy.input.exempt_roles)
+        exempt = srv.policy.input.exempt_roles
+        users = [m.text() for m in req.messages if m.role == "user" and m.role not in exempt]
+        if len(users) > 1:  # an injection split across user turns is seen whole
+            guard.joined(users, "messages")
         extra = json.dumps([specs, [m.get("tool_calls") for m in messages]], ensure_ascii=False) if tooled else ""
         srv.check_prompt_chars("".join(m["content"] for m in messages) + extra, "messages")
         with srv.tokenizer_lock:
