@@ -170,6 +170,24 @@ def test_a_hostile_adapter_path_is_a_400_and_audited(tokenizer, tmp_path, path):
     assert [(e["status"], e["key_id"]) for e in got] == [(400, "admin")]
 
 
+def test_adapters_load_only_from_the_allowed_roots(tokenizer, tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    for folder in (allowed / "good", outside / "evil"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+    (allowed / "link").symlink_to(outside / "evil")
+    audit = tmp_path / "audit.jsonl"
+    app = make_app(tokenizer, audit, adapter_roots=[str(allowed)])
+    with TestClient(app) as c:
+        for i, path in enumerate([outside / "evil", allowed / ".." / "outside" / "evil", allowed / "link"]):
+            r = c.put(f"/admin/adapters/a{i}", headers=A, json={"path": str(path)})
+            assert r.status_code == 400 and error_of(r)["code"] == "path_not_allowed", r.text
+        assert c.put("/admin/adapters/ok", headers=A, json={"path": str(allowed / "good")}).status_code == 200
+        assert set(c.get("/admin/adapters", headers=A).json()["adapters"]) == {"ok"}
+    got = [(e["name"], e["status"]) for e in lines(app, audit) if e.get("admin") == "adapter_load"]
+    assert got == [("a0", 400), ("a1", 400), ("a2", 400), ("ok", 200)]
+
+
 @pytest.mark.parametrize("name", ["zz attack", "zz\nx", "x" * 2000, "-lead", "a/b", "ü"])
 def test_a_route_name_that_is_not_a_model_name_is_refused_and_never_listed(tokenizer, tmp_path, name):
     from urllib.parse import quote

@@ -384,13 +384,18 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
 
     def _adapter_folder(path: str) -> Path:
         """The adapter folder, resolved, or a 400: a path the OS refuses (a component past NAME_MAX, a NUL byte, an
-        unknown `~user`, a loop) is the client's error, never a 500."""
+        unknown `~user`, a loop) is the client's error, never a 500; with `adapter_roots` set, the resolved folder
+        (`..` and symlinks followed) must lie in one of them."""
         try:
             folder = Path(path).expanduser().resolve()
+            roots = [Path(r).expanduser().resolve() for r in spec.adapter_roots]
             found = (folder / "adapter_config.json").is_file()
         except (OSError, RuntimeError, ValueError) as exc:
             raise APIError(400, f"not a usable adapter path: {type(exc).__name__}: {str(exc)[:200]}", param="path",
                            code="invalid_path") from None
+        if roots and not any(folder.is_relative_to(r) for r in roots):
+            raise APIError(400, f"{path[:500]} is outside the folders adapters may be loaded from (adapter_roots)",
+                           param="path", code="path_not_allowed")
         if not found:
             raise APIError(400, f"{path[:500]} is not a LoRA adapter folder on this server (no adapter_config.json)",
                            param="path")
