@@ -276,3 +276,25 @@ def test_a_refused_adapter_load_leaves_the_answers_bit_identical(tiny_model, tin
         assert set(c.get("/admin/adapters", headers=A).json()["adapters"]) == {"good"}
     refused = [e for e in lines(app, audit) if e.get("admin") == "adapter_load" and e["status"] == 400]
     assert len(refused) == 2 * len(broken) and all(e["key_id"] == "admin" for e in refused)
+
+
+def test_a_load_that_fails_inside_peft_is_undone(tiny_model, tiny_loras, tmp_path, monkeypatch):
+    """Past the checks, PEFT can still fail after wrapping the served model's layers: they are put back."""
+    import peft.peft_model
+
+    from llmstack.serve.engines import HfEngine
+
+    def fails(*a, **kw):
+        raise RuntimeError("failed while loading the weights")
+
+    engine = HfEngine(tiny_model, "tiny", max_model_len=128)
+    app = build_app(engine, ServeSpec(engine="hf", max_model_len=128), policy(), KEYS, audit_path=str(tmp_path / "a"))
+    with TestClient(app) as c:
+        before = _greedy(c)
+        with monkeypatch.context() as m:
+            m.setattr(peft.peft_model, "set_peft_model_state_dict", fails)
+            r = c.put("/admin/adapters/late", headers=A, json={"path": str(tiny_loras[0])})
+            assert r.status_code == 400 and "failed while loading" in error_of(r)["message"]
+        assert _greedy(c) == before
+        assert c.put("/admin/adapters/late", headers=A, json={"path": str(tiny_loras[0])}).status_code == 200
+        assert _greedy(c, "late") != before and _greedy(c) == before

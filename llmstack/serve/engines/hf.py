@@ -150,7 +150,11 @@ class HfEngine:
                         self.model.delete_adapter(name)
                 raise
         else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            try:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            except Exception:
+                _strip_lora(self.model)  # PEFT injects into the served model in place, then loads: undo the first
+                raise
         self.model.eval()
 
     def _check_adapter(self, path: str) -> None:
@@ -337,3 +341,17 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest tail of `text` that is the beginning of a stop string (0 if none)."""
     return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+
+
+def _strip_lora(model) -> None:
+    """Put back the base layer of every layer PEFT wrapped in `model` (a failed PeftModel.from_pretrained leaves them
+    wrapped, and its random LoRA weights would change every answer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
