@@ -57,6 +57,9 @@ class ServeSpec(Strict):
                                           "or the model folder's name")
     adapters: dict[str, str] = Field(default_factory=dict,
                                      description="LoRA adapters served as extra model names: name -> adapter folder")
+    adapter_roots: list[str] = Field(default_factory=list, description="folders that adapters loaded at runtime "
+                                     "(`PUT /admin/adapters/{name}`) must lie in, symlinks resolved; a path outside "
+                                     "them is 400. Default: any folder on the server")
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     max_model_len: int | None = Field(None, gt=0, description="context length served; default: the model's own")

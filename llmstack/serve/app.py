@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -37,10 +37,15 @@ from llmstack.serve.routing import Router, RoutesStoreUnavailable
 from llmstack.serve.serving import generate
 from llmstack.serve.serving_chat import ChatCompletions
 from llmstack.serve.serving_completion import Completions
-from llmstack.serve.state import Server, check_routes, keep_in_sync, new_request_id
+from llmstack.serve.state import MODEL_NAME, Server, check_routes, keep_in_sync, new_request_id
 
 log = logging.getLogger("llmstack.serve")
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_NAME = MODEL_NAME
+# the admin action of each admin route, for the audit line of a refused call
+ADMIN_ACTIONS = {("GET", "/admin/routes"): "routes_get", ("PUT", "/admin/routes/{name}"): "route_set",
+                 ("POST", "/admin/routes/{name}/rollback"): "route_rollback",
+                 ("GET", "/admin/adapters"): "adapters_get", ("PUT", "/admin/adapters/{name}"): "adapter_load",
+                 ("DELETE", "/admin/adapters/{name}"): "adapter_unload"}
 PUBLIC_PATHS = {"/health"}
 
 
@@ -106,6 +111,10 @@ class KeyGate:
             length = headers.get("content-length")
             if length and length.isdigit() and int(length) > srv.policy.caps.max_body_bytes:
                 srv.metrics.guard_blocks.labels("body_too_large").inc()
+                if path.startswith("/admin"):  # refused before any route: audited here, like every refused admin call
+                    record = {"request_id": new_request_id("admin"), "key_id": entry.id, "route": path,
+                              "admin": "unknown", "status": 413, "detail": {"code": "request_too_large"}}
+                    (srv.audit.write if entry.admin else partial(srv.audit.write_sampled, "admin_refused"))(record)
                 err = APIError(413, f"request body is {length} bytes; the limit is {srv.policy.caps.max_body_bytes}",
                                code="request_too_large")
                 return await err.response()(scope, receive, send_wrapped)
@@ -175,16 +184,40 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
+        _audit_refused(request, exc)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         msg, param = validation_message(exc)
-        return APIError(400, msg, param=param).response()
+        err = APIError(400, msg, param=param)
+        _audit_refused(request, err)
+        return err.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)).response()
+        err = APIError(exc.status_code, str(exc.detail))
+        _audit_refused(request, err)
+        return err.response()
+
+    def _audit_refused(request: Request, exc: APIError) -> None:
+        """Every refused call to an /admin path is audited once, with the key id, action and status: the ones a
+        route did not audit itself (403 admin_only, a bad body, an unknown admin path). Calls refused to a non-admin
+        key are sampled per minute like 401s: a flood of them is counted, not stored."""
+        if not request.url.path.startswith("/admin") or getattr(request.state, "admin_audited", False):
+            return
+        key = getattr(request.state, "key", None)
+        route = request.scope.get("route")
+        action = ADMIN_ACTIONS.get((request.method, getattr(route, "path", None)), "unknown")
+        body = exc.body()["error"]
+        record = {"request_id": new_request_id("admin"), "key_id": key.id if key else None, "route": request.url.path,
+                  "admin": action, "name": str(request.path_params.get("name", ""))[:64] or None,
+                  "status": exc.status, "detail": {"code": body.get("code"), "message": body.get("message")}}
+        request.state.admin_audited = True
+        if key is not None and key.admin:
+            ref["server"].audit.write(record)
+        else:
+            ref["server"].audit.write_sampled("admin_refused", record)
 
     # ------------------------------------------------------------------------------------------- plain routes
     @app.get("/health")
@@ -242,6 +275,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         return ref["server"].router
 
     def _audit_admin(request: Request, action: str, name: str, status: int, detail=None) -> None:
+        request.state.admin_audited = True
         ref["server"].audit.write({"request_id": new_request_id("admin"), "key_id": request.state.key.id,
                                    "route": request.url.path, "admin": action, "name": name, "status": status,
                                    "detail": detail})
@@ -253,6 +287,9 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     @app.put("/admin/routes/{name}")
     async def put_route(name: str, request: Request):
         router = _admin(request)
+        if not MODEL_NAME.match(name):
+            raise APIError(400, "a route name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                           "digit", param="name", code="invalid_route")
         try:
             route = Route.model_validate(await request.json())
         except (ValidationError, ValueError) as exc:
@@ -322,12 +359,9 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                 status = 409
                 raise APIError(409, f"'{name}' is already served (a model, adapter or route of that name); unload "
                                "it first or pick another name", code="name_taken")
-            folder = Path(body.path).expanduser()
-            if not (folder / "adapter_config.json").is_file():
-                raise APIError(400, f"{body.path} is not a LoRA adapter folder on this server (no adapter_config.json)",
-                               param="path")
+            folder = _adapter_folder(body.path)
             try:
-                await eng.load_adapter(name, str(folder.resolve()))
+                await eng.load_adapter(name, str(folder))
             except EngineRejected as exc:
                 raise APIError(400, str(exc), param="path", code="adapter_load_failed") from None
             except EngineUnavailable as exc:
@@ -335,7 +369,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                 raise APIError(503, f"the model engine is unavailable ({exc}); retry shortly",
                                code="engine_unavailable", headers={"Retry-After": "5"}) from None
             try:  # every replica loads it too
-                await asyncio.to_thread(srv.router.set_adapter, name, str(folder.resolve()))
+                await asyncio.to_thread(srv.router.set_adapter, name, str(folder))
             except RoutesStoreUnavailable as exc:
                 await eng.unload_adapter(name)  # not in the store: not served here either
                 status = 503
@@ -344,9 +378,28 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
             _audit_admin(request, "adapter_load", name[:64], status, {"path": body.path[:500]})
             raise
         srv.runtime_adapters.add(name)
-        _audit_admin(request, "adapter_load", name, 200, {"path": str(folder.resolve())})
+        _audit_admin(request, "adapter_load", name, 200, {"path": str(folder)})
         log.info("adapter %s loaded from %s by %s", name, folder, request.state.key.id)
         return _adapters_view()
+
+    def _adapter_folder(path: str) -> Path:
+        """The adapter folder, resolved, or a 400: a path the OS refuses (a component past NAME_MAX, a NUL byte, an
+        unknown `~user`, a loop) is the client's error, never a 500; with `adapter_roots` set, the resolved folder
+        (`..` and symlinks followed) must lie in one of them."""
+        try:
+            folder = Path(path).expanduser().resolve()
+            roots = [Path(r).expanduser().resolve() for r in spec.adapter_roots]
+            found = (folder / "adapter_config.json").is_file()
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise APIError(400, f"not a usable adapter path: {type(exc).__name__}: {str(exc)[:200]}", param="path",
+                           code="invalid_path") from None
+        if roots and not any(folder.is_relative_to(r) for r in roots):
+            raise APIError(400, f"{path[:500]} is outside the folders adapters may be loaded from (adapter_roots)",
+                           param="path", code="path_not_allowed")
+        if not found:
+            raise APIError(400, f"{path[:500]} is not a LoRA adapter folder on this server (no adapter_config.json)",
+                           param="path")
+        return folder
 
     @app.delete("/admin/adapters/{name}")
     async def unload_adapter(name: str, request: Request):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 import uuid
@@ -149,7 +150,8 @@ class Server:
 
     def public_names(self) -> list[str]:
         """What clients may ask for: the engine's models and adapters, then route names that are not one of them."""
-        return [*self.engine.names, *[r for r in self.router.names() if r not in self.engine.names]]
+        return [*self.engine.names, *[r for r in self.router.names()  # a store written by hand: odd names never listed
+                                      if r not in self.engine.names and MODEL_NAME.match(r)]]
 
     @contextlib.asynccontextmanager
     async def slot(self):
@@ -197,8 +199,14 @@ def new_request_id(prefix: str = "req") -> str:
 
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a served name: adapter or route, as OpenAI model ids go
+
+
 def check_routes(routes: dict[str, Route], served: list[str]) -> None:
     for name, r in routes.items():
+        if not MODEL_NAME.match(name):
+            raise ValueError(f"routes.{name[:64]!r}: a route name is 1-64 letters, digits, '.', '_' or '-', starting "
+                             "with a letter or digit")
         missing = [m for m in (r.primary, r.canary.model if r.canary else None, r.shadow) if m and m not in served]
         if missing:
             raise ValueError(f"routes.{name}: {', '.join(missing)} is not served here (served: {', '.join(served)})")

@@ -140,11 +140,71 @@ class HfEngine:
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
+        self._check_adapter(path)  # before PEFT touches a layer: a refused load must change nothing
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name)
+            try:
+                self.model.load_adapter(path, adapter_name=name)
+            except Exception:
+                if name in self.model.peft_config:  # half-added: drop what PEFT left of it
+                    with contextlib.suppress(Exception):
+                        self.model.delete_adapter(name)
+                raise
         else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            try:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            except Exception:
+                _strip_lora(self.model)  # PEFT injects into the served model in place, then loads: undo the first
+                raise
         self.model.eval()
+
+    def _check_adapter(self, path: str) -> None:
+        """The adapter fits the served model, or ValueError: a config PEFT reads, a weights file, and every LoRA
+        tensor's shape matching the base layer it adapts (PEFT itself injects layers first and fails after)."""
+        import torch
+        from peft import PeftConfig, PeftModel
+
+        config = PeftConfig.from_pretrained(path)
+        folder = Path(path)
+        if (folder / "adapter_model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            weights = load_file(str(folder / "adapter_model.safetensors"))
+        elif (folder / "adapter_model.bin").is_file():
+            weights = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise ValueError("no adapter weights (adapter_model.safetensors or adapter_model.bin) in the folder")
+        if not weights:
+            raise ValueError("the adapter's weights file holds no tensors")
+        if getattr(config, "peft_type", None) is not None and str(config.peft_type.value) != "LORA":
+            raise ValueError(f"only LoRA adapters are served (this one is {config.peft_type.value})")
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        modules = dict(base.named_modules())
+        ranks: dict[str, int] = {}
+        for key, tensor in weights.items():
+            for part in (".lora_A.", ".lora_B."):
+                if part in key:
+                    break
+            else:
+                continue
+            module_name = key.split(part)[0].removeprefix("base_model.model.")
+            layer = modules.get(module_name)
+            if layer is None or not hasattr(layer, "in_features"):
+                raise ValueError(f"{key}: the base model has no linear layer {module_name}")
+            if tensor.dim() != 2:
+                raise ValueError(f"{key}: a {tensor.dim()}-d tensor where LoRA has a matrix")
+            if part == ".lora_A." and tensor.shape[1] != layer.in_features:
+                raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not fit {module_name} "
+                                 f"(in_features {layer.in_features})")
+            if part == ".lora_B." and tensor.shape[0] != layer.out_features:
+                raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not fit {module_name} "
+                                 f"(out_features {layer.out_features})")
+            rank = tensor.shape[0] if part == ".lora_A." else tensor.shape[1]
+            if ranks.setdefault(module_name, rank) != rank:
+                raise ValueError(f"{module_name}: lora_A and lora_B ranks differ")
+            if not getattr(config, "rank_pattern", None) and rank != getattr(config, "r", rank):
+                raise ValueError(f"{key}: rank {rank}, but the adapter's config says r={config.r}")
+        if not ranks:
+            raise ValueError("the adapter's weights hold no LoRA matrices")
 
     async def unload_adapter(self, name: str) -> None:
         async with self._lock:
@@ -281,3 +341,17 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest tail of `text` that is the beginning of a stop string (0 if none)."""
     return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+
+
+def _strip_lora(model) -> None:
+    """Put back the base layer of every layer PEFT wrapped in `model` (a failed PeftModel.from_pretrained leaves them
+    wrapped, and its random LoRA weights would change every answer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
