@@ -103,10 +103,14 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+UNLIMITED = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 1_000_000,
+                                                        "tokens_per_minute": 100_000_000, "max_concurrent": 64}})
+
+
 @pytest.fixture(scope="module")
 def scripted(tokenizer):
     engine = ScriptedEngine(tokenizer, '{"a": 1}', chunk=3, max_model_len=4096)
-    with TestClient(build_app(engine, ServeSpec(engine="hf"), GuardPolicy(), KEYS)) as c:
+    with TestClient(build_app(engine, ServeSpec(engine="hf"), UNLIMITED, KEYS)) as c:
         yield engine, c
 
 
@@ -257,3 +261,53 @@ def test_the_hf_engines_grammar_caches_are_bounded(hf, monkeypatch):
     compiler = engine._compiler
     assert 0 < compiler.cache_limit_bytes <= 64 << 20  # xgrammar's own cache: unbounded (-1) before
     assert compiler.get_cache_size_bytes() <= compiler.cache_limit_bytes
+
+
+# ------------------------------------------------------------------- fuzz: accepted means compilable
+def _schemas():
+    from hypothesis import strategies as st
+
+    bound = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False, width=64))
+    leaf = st.one_of(
+        st.builds(lambda lo, hi: {"type": "integer", "minimum": lo, "maximum": hi}, bound, bound),
+        st.builds(lambda lo, hi: {"type": "string", "minLength": lo, "maxLength": hi},
+                  st.integers(0, 40), st.integers(0, 40)),
+        st.builds(lambda n: {"enum": list(range(n))}, st.integers(0, 300)),
+        st.sampled_from([{"$ref": "#"}, {"$ref": "#/$defs/D"}, {"$ref": "#/$defs/E"}, {"type": "boolean"},
+                         {"type": "number", "minimum": -1e300}]),
+    )
+    tree = st.recursive(leaf, lambda kids: st.one_of(
+        st.builds(lambda ps: {"type": "object", "properties": ps},
+                  st.dictionaries(st.sampled_from("abcdef"), kids, max_size=4)),
+        st.builds(lambda k: {"type": "array", "items": k}, kids),
+        st.builds(lambda ks: {"anyOf": ks}, st.lists(kids, min_size=1, max_size=3))), max_leaves=8)
+    return st.builds(lambda root, d: {**root, "$defs": {"D": d, "E": {"type": "string"}}}, tree, tree)
+
+
+def test_fuzzed_schemas_get_a_400_or_compile_on_the_engine(scripted, tokenizer, tiny_model):
+    """Hypothesis over recursive refs, huge enums, int64-and-beyond bounds and empty ranges: never a 5xx, and every
+    schema the API accepts compiles with xgrammar against the model's vocabulary (what the engine does next)."""
+    import xgrammar as xgr
+    from hypothesis import HealthCheck, given, settings
+    from transformers import AutoConfig
+
+    _, c = scripted
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=AutoConfig.from_pretrained(tiny_model).vocab_size)
+    compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+    seen = {200: 0, 400: 0}
+
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(_schemas())
+    def run(schema):
+        r = _post(c, **_as_format(schema))
+        assert r.status_code in (200, 400), (r.status_code, r.text[:300])
+        seen[r.status_code] += 1
+        if r.status_code == 200:
+            compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        else:
+            assert r.json()["error"]["code"] in ("invalid_json_schema", "recursive_json_schema")
+
+    run()
+    assert seen[200] and seen[400]  # both sides were exercised
+    assert c.get("/health").status_code == 200
