@@ -217,9 +217,10 @@ class _SlowCompiler:
     (46-93 s in issue 31), made deterministic."""
 
     def __init__(self, inner, seconds: float):
-        self.inner, self.seconds, self.started = inner, seconds, threading.Event()
+        self.inner, self.seconds, self.started, self.threads = inner, seconds, threading.Event(), set()
 
     def compile_json_schema(self, key: str, **kw):
+        self.threads.add(threading.current_thread().name)
         if "slow_marker" in key:
             self.started.set()
             time.sleep(self.seconds)
@@ -247,6 +248,8 @@ def test_a_slow_grammar_compile_does_not_stall_another_keys_request(hf):
         assert r.status_code == 200 and took < 4.0, (r.status_code, took)  # not behind the 8 s compile
         t.join(30)
         assert results["hostile"].status_code == 200
+        # on the engine's own compile threads, not the default pool every request's generation waits through
+        assert slow.threads and all(name.startswith("llmstack-grammar") for name in slow.threads), slow.threads
     finally:
         engine._compiler = slow.inner
 

@@ -4,6 +4,7 @@ device the device policy picks (llmstack/device.py: the GPU in bf16/fp16 where t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -34,6 +35,9 @@ class HfEngine:
         self._grammars: dict[str, object] = {}  # compiled JSON grammars by schema (bounded: see _grammar)
         self._compiler = None
         self._grammar_lock = threading.Lock()  # the grammar cache, shared by compiling worker threads
+        # compiles get their own threads: hostile schemas queue behind each other, never in the default pool that
+        # every request's generation waits through; one whose client left before its turn is never compiled
+        self._compile_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmstack-grammar")
 
     @property
     def names(self) -> list[str]:
@@ -113,7 +117,7 @@ class HfEngine:
         self._running += 1
         try:
             if p.json_schema is not None or p.json_object:  # compiled off the lock: a slow schema stalls only itself
-                await asyncio.to_thread(self._compile, p)
+                await asyncio.get_running_loop().run_in_executor(self._compile_pool, self._compile, p)
             async with self._lock:
                 prompt_rows = None
                 if p.prompt_logprobs is not None:
