@@ -146,6 +146,9 @@ HOSTILE = {  # schema -> (code, words the message must hold)
                     "invalid_json_schema", "minLength"),
     "min_over_max": ({"type": "integer", "minimum": 10, "maximum": 2}, "invalid_json_schema", "minimum"),
     "items_range": ({"type": "array", "minItems": 5, "maxItems": 2}, "invalid_json_schema", "minItems"),
+    "many_lengths": ({"type": "object", "properties": {f"p{i}": {"type": "string", "minLength": i + 7,
+                                                                  "maxLength": i + 500} for i in range(60)}},
+                     "invalid_json_schema", "length bounds"),  # 4 KB; 15 s of compile on the tiny vocabulary
     "dangling_ref": ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nope"}}}, "invalid_json_schema",
                      "Nope"),
 }
@@ -176,7 +179,9 @@ def test_sound_schemas_still_pass_the_check(scripted):
     """The checks refuse only what cannot compile: references without cycles, wide but int64 bounds, pydantic."""
     _, c = scripted
     fine = {"$defs": {"P": {"type": "integer", "minimum": -(2**62), "maximum": 2**62}},
-            "type": "object", "properties": {"a": {"$ref": "#/$defs/P"}, "b": {"$ref": "#/$defs/P"}},
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/P"}, "b": {"$ref": "#/$defs/P"},
+                                             **{f"s{i}": {"type": "string", "minLength": 1, "maxLength": 2000}
+                                                for i in range(60)}},  # many fields, one pair of bounds
             "required": ["a"]}
     for body in (_as_format(fine), _as_format(SETTING), _as_tool(fine), {"tools": NESTED_TOOLS,
                                                                           "tool_choice": "required"}):

@@ -7,7 +7,11 @@ client's 400 with the reason, never a 500 `engine_error` or an engine stuck comp
 - what xgrammar (the structured-output backend of both engines) refuses when it turns the schema into a grammar —
   an integer bound past int64 (`minimum: -1e30`), a pointer to nothing, an empty `enum`, `minLength` above
   `maxLength` and the other cheaply detected unsatisfiable ranges: 400 `invalid_json_schema` with xgrammar's reason;
-- a grammar larger than `MAX_GRAMMAR_CHARS` (what the engine would then compile against the whole vocabulary): 400.
+- a grammar larger than `MAX_GRAMMAR_CHARS` (what the engine would then compile against the whole vocabulary): 400;
+- string length bounds whose compile would take long: each distinct (`minLength`, `maxLength`) pair is its own
+  bounded repetition that xgrammar expands and masks over the vocabulary, at a cost that grows with the bound
+  (60 distinct pairs near 500 took 15 s and 48 MB on a 548-token vocabulary, 46-93 s on SmolLM2's): their bounds,
+  summed over distinct pairs, are capped at `MAX_LENGTH_BOUNDS`.
 
 The conversion runs without a tokenizer (milliseconds); the token-level compile stays with the engine."""
 
@@ -21,6 +25,7 @@ from llmstack.serve.protocol import APIError
 
 MAX_REFS = 512  # `$ref`s one schema may hold (the recursion check is quadratic in them)
 MAX_GRAMMAR_CHARS = 1_000_000  # EBNF text of the converted grammar
+MAX_LENGTH_BOUNDS = 8192  # string length bounds summed over distinct (minLength, maxLength) pairs
 _DATA_KEYS = ("enum", "const", "default", "examples")  # values, not schemas
 _XGR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*(Check failed:\s*)?")
 
@@ -31,6 +36,11 @@ def check_schema(schema: Any, what: str, param: str) -> None:
     if len(refs) > MAX_REFS:
         raise APIError(400, f"{what} holds {len(refs)} `$ref`s; the limit is {MAX_REFS}", param=param,
                        code="invalid_json_schema")
+    bounds = _length_bounds(schema)
+    if bounds > MAX_LENGTH_BOUNDS:
+        raise APIError(400, f"{what} sets string length bounds summing to {bounds} over distinct minLength/maxLength "
+                       f"pairs; the limit is {MAX_LENGTH_BOUNDS} (each distinct pair is compiled on its own): use "
+                       "fewer distinct or smaller bounds", param=param, code="invalid_json_schema")
     loop = _cycle(refs)
     if loop:
         raise APIError(400, f"{what} is recursive: `$ref` '{loop[:200]}' refers back to itself; constrained "
@@ -64,6 +74,20 @@ def _refs(node: Any, loc: str = "#") -> list[tuple[str, str]]:
         elif isinstance(node, list):
             todo += [(v, f"{loc}/{i}") for i, v in enumerate(node)]
     return out
+
+
+def _length_bounds(node: Any) -> int:
+    pairs, todo = set(), [node]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            lo, hi = node.get("minLength"), node.get("maxLength")
+            if isinstance(lo, int | float) or isinstance(hi, int | float):
+                pairs.add((lo if isinstance(lo, int | float) else 0, hi if isinstance(hi, int | float) else 0))
+            todo += [v for k, v in node.items() if k not in _DATA_KEYS]
+        elif isinstance(node, list):
+            todo += node
+    return int(sum(min(max(lo, hi), 1e9) for lo, hi in pairs))
 
 
 def _esc(key: str) -> str:
