@@ -196,17 +196,56 @@ def function_of(tool: dict) -> dict:
 def call_schema(tools: list[dict], name: str | None = None, many: bool = False) -> dict:
     """The JSON Schema a forced call is decoded under (tool_choice `required` or a named function): an object with
     the function's name as a constant and its parameters schema as `arguments`; for `required`, any of the tools,
-    and an array of at least one such object when parallel calls are allowed."""
-    options = []
-    for tool in tools:
-        fn = function_of(tool)
-        if name is not None and fn.get("name") != name:
-            continue
+    and an array of at least one such object when parallel calls are allowed.
+
+    A parameters schema with `$defs` / `definitions` or local `$ref`s (what pydantic emits for nested models) is
+    lifted, with its definitions, to the combined schema's root `$defs` under one key per tool (`tool0`, ...), so two
+    tools' same-named models never collide, and each of its `$ref`s is rewritten to where its target now lives; left
+    nested, `#/$defs/...` would resolve against the combined root and fail to compile ("Cannot find field $defs")."""
+    fns = [fn for fn in map(function_of, tools) if name is None or fn.get("name") == name]
+    options, lifted = [], {}
+    for k, fn in enumerate(fns):
         params = fn.get("parameters") or {"type": "object"}
+        if _has_local_ref(params) or any(isinstance(params.get(w), dict) for w in ("$defs", "definitions")):
+            key = f"#/$defs/tool{k}"
+            home = {w: params[w] for w in ("$defs", "definitions") if isinstance(params.get(w), dict)}
+            home["params"] = {w: v for w, v in params.items() if w not in home}
+            lifted[f"tool{k}"] = _rebase_refs(home, key)
+            params = {"$ref": f"{key}/params"}
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
                         "required": ["name", "arguments"], "additionalProperties": False})
     one = options[0] if len(options) == 1 else {"anyOf": options}
-    return {"type": "array", "items": one, "minItems": 1} if many else one
+    out = {"type": "array", "items": one, "minItems": 1} if many else one
+    return {"$defs": lifted, **out} if lifted else out
+
+
+_DATA_KEYS = ("enum", "const", "default", "examples")  # values, not schemas: a {"$ref": ...} in them is data
+
+
+def _has_local_ref(node: Any) -> bool:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+            return True
+        return any(_has_local_ref(v) for k, v in node.items() if k not in _DATA_KEYS)
+    return isinstance(node, list) and any(_has_local_ref(v) for v in node)
+
+
+def _rebase_refs(node: Any, key: str) -> Any:
+    """A copy of a tool's lifted parameters (`params`) and definitions with each local `$ref` pointing to where its
+    target now sits under `key`: `#/$defs/X` and `#/definitions/X` to the lifted definitions, any other `#...`
+    (the parameters' own root) into `params`. Pointers, not array positions: xgrammar resolves no `anyOf/1`."""
+    if isinstance(node, list):
+        return [_rebase_refs(v, key) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            v = key + v[1:] if v.startswith(("#/$defs/", "#/definitions/")) else f"{key}/params{v[1:]}"
+        elif k not in _DATA_KEYS:
+            v = _rebase_refs(v, key)
+        out[k] = v
+    return out
 
 
 def check_call(call: dict, tools: list[dict]) -> None:

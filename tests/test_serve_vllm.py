@@ -163,6 +163,30 @@ def test_forced_tool_calls_through_vllm_structured_outputs(client):
     assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls") and r2.usage.prompt_tokens > 0
 
 
+def test_nested_model_parameters_and_hostile_schemas_on_vllm(client):
+    """Issue 31 on vLLM: a forced call whose parameters use `$defs`/`$ref` (pydantic's nested models) was a 500
+    ("Cannot find field $defs"); an integer `minimum: -1e30` and a self-referencing schema were 500 `engine_error`.
+    Now a valid call and two 400s with the reason."""
+    import openai
+    from jsonschema import Draft202012Validator
+
+    unit = {"type": "object", "properties": {"scale": {"enum": ["C", "F"]}, "loud": {"type": "boolean"}},
+            "required": ["scale", "loud"], "additionalProperties": False}
+    params = {"$defs": {"Unit": unit}, "type": "object", "properties": {"unit": {"$ref": "#/$defs/Unit"}},
+              "required": ["unit"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "set_unit", "parameters": params}}]
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=tools, max_tokens=80, temperature=1.0,
+                                       seed=5, tool_choice={"type": "function", "function": {"name": "set_unit"}})
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert Draft202012Validator(params).is_valid(json.loads(r.choices[0].message.tool_calls[0].function.arguments))
+    for schema, code in (({"type": "integer", "minimum": -1e30}, "invalid_json_schema"),
+                         ({"type": "object", "properties": {"me": {"$ref": "#"}}}, "recursive_json_schema")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, response_format={
+                "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        assert bad.value.code == code
+
+
 def test_guard_on_the_vllm_server(server):
     b = server["base"]
     assert httpx.get(f"{b}/health").status_code == 200

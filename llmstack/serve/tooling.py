@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from llmstack import tools
 from llmstack.serve.protocol import APIError, parse_json_text
+from llmstack.serve.schemas import check_schema
 
 
 @dataclass
@@ -93,7 +94,10 @@ def plan_tools(req, caps) -> ToolPlan | None:
     if mode in ("required", "named") and req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, "a forced tool call is decoded as the call's JSON; it cannot also follow "
                        "`response_format`: send one of the two", param="response_format")
-    return ToolPlan(tools=specs, mode=mode, name=name, parallel=req.parallel_tool_calls)
+    plan = ToolPlan(tools=specs, mode=mode, name=name, parallel=req.parallel_tool_calls)
+    if plan.forced:  # the combined call schema (lifted `$defs`) is what the engine compiles: checked as it will be
+        check_schema(plan.schema(), "the forced call's schema (from `tools`)", "tools")
+    return plan
 
 
 def check_history(req, max_depth: int) -> None:
@@ -196,6 +200,7 @@ def check_json_schema(schema: dict, param: str, limit: int) -> None:
     except SchemaError as exc:
         raise APIError(400, f"{what} is not a valid JSON Schema: {exc.message[:300]}", param=param,
                        code="invalid_json_schema") from None
+    check_schema(schema, what, param)  # recursion, bounds, what xgrammar refuses: the client's 400, never the engine's
 
 
 def wire_call(call: dict) -> dict:

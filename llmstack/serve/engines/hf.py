@@ -4,6 +4,7 @@ device the device policy picks (llmstack/device.py: the GPU in bf16/fp16 where t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -33,6 +34,10 @@ class HfEngine:
         self._running = 0
         self._grammars: dict[str, object] = {}  # compiled JSON grammars by schema (bounded: see _grammar)
         self._compiler = None
+        self._grammar_lock = threading.Lock()  # the grammar cache, shared by compiling worker threads
+        # compiles get their own threads: hostile schemas queue behind each other, never in the default pool that
+        # every request's generation waits through; one whose client left before its turn is never compiled
+        self._compile_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmstack-grammar")
 
     @property
     def names(self) -> list[str]:
@@ -65,30 +70,45 @@ class HfEngine:
     def running(self) -> int:
         return self._running
 
-    def _grammar(self, p: GenParams):
-        """A logits processor that keeps generation inside a JSON Schema (response_format, forced tool calls) or any
-        JSON object: xgrammar's, the structured-output backend vLLM uses, so both engines constrain alike. Compiled
-        grammars are kept for the last 64 schemas (a compile takes milliseconds to seconds)."""
+    _GRAMMARS_KEPT = 64  # compiled grammars kept, by count ...
+    _GRAMMAR_BYTES_KEPT = 256 << 20  # ... and by their total size
+    _XGR_CACHE_BYTES = 64 << 20  # xgrammar's own compiler cache (unbounded by default: +270 MB after 48 schemas)
+
+    def _compile(self, p: GenParams):
+        """The compiled xgrammar grammar that keeps generation inside a JSON Schema (response_format, forced tool
+        calls) or any JSON object: xgrammar's, the structured-output backend vLLM uses, so both engines constrain
+        alike. Called in a worker thread *before* the request takes the engine lock (a compile takes milliseconds to
+        a minute, and must not hold up other keys' requests). Kept for the last `_GRAMMARS_KEPT` schemas within
+        `_GRAMMAR_BYTES_KEPT` bytes; xgrammar's own cache is capped at `_XGR_CACHE_BYTES`."""
         import json
 
         import xgrammar as xgr
+
+        with self._grammar_lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=self._XGR_CACHE_BYTES)
+            key = json.dumps(p.json_schema, sort_keys=True) if p.json_schema is not None else ""
+            compiled = self._grammars.get(key)
+        if compiled is not None:
+            return compiled
+        try:
+            compiled = (self._compiler.compile_json_schema(key, any_whitespace=False) if key
+                        else self._compiler.compile_builtin_json_grammar())
+        except Exception as exc:  # noqa: BLE001 - xgrammar's errors are the request's 400
+            raise EngineRejected(f"the JSON Schema cannot be compiled for constrained decoding: {exc}") from None
+        with self._grammar_lock:
+            self._grammars[key] = compiled
+            while len(self._grammars) > 1 and (len(self._grammars) > self._GRAMMARS_KEPT or sum(
+                    g.memory_size_bytes for g in self._grammars.values()) > self._GRAMMAR_BYTES_KEPT):
+                self._grammars.pop(next(iter(self._grammars)))
+        return compiled
+
+    def _grammar(self, p: GenParams):
+        """A logits processor over the request's compiled grammar (see `_compile`)."""
         from xgrammar.contrib.hf import LogitsProcessor
 
-        if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
-            self._compiler = xgr.GrammarCompiler(info)
-        key = json.dumps(p.json_schema, sort_keys=True) if p.json_schema is not None else ""
-        compiled = self._grammars.get(key)
-        if compiled is None:
-            try:
-                compiled = (self._compiler.compile_json_schema(key, any_whitespace=False) if key
-                            else self._compiler.compile_builtin_json_grammar())
-            except Exception as exc:  # noqa: BLE001 - xgrammar's errors are the request's 400
-                raise EngineRejected(f"the JSON Schema cannot be compiled for constrained decoding: {exc}") from None
-            if len(self._grammars) >= 64:
-                self._grammars.pop(next(iter(self._grammars)))
-            self._grammars[key] = compiled
-        return LogitsProcessor(compiled)
+        return LogitsProcessor(self._compile(p))
 
     async def generate(self, request_id: str, prompt_ids: list[int], p: GenParams,
                        model: str) -> AsyncIterator[list[Delta]]:
@@ -96,6 +116,8 @@ class HfEngine:
             raise EngineUnavailable(f"engine is {self.state}")
         self._running += 1
         try:
+            if p.json_schema is not None or p.json_object:  # compiled off the lock: a slow schema stalls only itself
+                await asyncio.get_running_loop().run_in_executor(self._compile_pool, self._compile, p)
             async with self._lock:
                 prompt_rows = None
                 if p.prompt_logprobs is not None:
