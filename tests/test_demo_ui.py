@@ -260,13 +260,6 @@ class ScriptEngine(ScriptedEngine):
             yield deltas
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def scripted_backend(tokenizer, texts: list[str], tmp_path: Path):
     from llmstack.demo.app import ChatBackend
 

@@ -13,7 +13,7 @@ import pytest
 
 from llmstack.config.serve import GuardPolicy, RailPolicy
 from llmstack.pii import KINDS, MAX_EMAIL_LOCAL, find_pii, redact_pii
-from llmstack.serve.rails import Rails, check_text
+from llmstack.serve.rails import Rails
 
 FOUND = [
     # emails (datatrove's pattern)
@@ -113,7 +113,7 @@ def test_linear_time_on_pathological_input(name):
 def test_guard_rails_linear_time_on_pathological_input():
     text = "a." * 500_000
     start = time.perf_counter()
-    v = check_text(text, GuardPolicy().input)  # injection heuristics and PII
+    v = Rails.from_config(GuardPolicy().input).check(text)  # injection heuristics and PII
     assert v.text == text and not v.blocked
     # a 1 MB word could still become an address: held whole
     rail = Rails.from_config(GuardPolicy().output, "output", holdback=48).stream()
@@ -138,7 +138,7 @@ def test_curation_and_guard_redact_alike(text):
 
     counts = Counter()
     curated = curation_redact(text, counts)
-    verdict = check_text(text, RailPolicy(injection="off", pii="redact"))
+    verdict = Rails.from_config(RailPolicy(injection="off", pii="redact")).check(text)
     assert verdict.text == curated
     assert verdict.decisions == [f"pii:redact:{kind}" for kind in sorted(counts)]
 

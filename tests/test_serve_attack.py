@@ -46,13 +46,6 @@ def policy(**over) -> GuardPolicy:
     return GuardPolicy.model_validate(raw)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 class FailOnSeed(ScriptedEngine):
     """Says its text, except for seed 666, where the engine fails once it has said "fail"."""
 

@@ -36,13 +36,6 @@ def policy(**over) -> GuardPolicy:
     return GuardPolicy.model_validate(raw)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 class AdapterEngine(ScriptedEngine):
     """Says its text and "loads" adapters (by name only): enough for the admin routes' own checks."""
 

@@ -96,11 +96,6 @@ def test_pydantic_shaped_parameters_are_lifted_without_collisions():
 
 
 # ------------------------------------------------------------------- 400s before any engine (scripted engine)
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 UNLIMITED = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 1_000_000,

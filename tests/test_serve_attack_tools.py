@@ -39,13 +39,6 @@ def policy(**over) -> GuardPolicy:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.fixture(scope="module")
 def served(tokenizer):
     engine = ScriptedEngine(tokenizer, "Sunny.", max_model_len=4096)
     with TestClient(build_app(engine, ServeSpec(engine="hf"), policy(), KEYS)) as c:

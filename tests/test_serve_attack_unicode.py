@@ -132,11 +132,6 @@ def test_stream_holds_a_card_split_by_zero_width_characters():
 
 
 # ------------------------------------------------------------------------------------------ through the API
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 def scripted(tokenizer, text: str = "fine.", **output):

@@ -92,13 +92,6 @@ def blocking(rail: type, side: str) -> GuardPolicy:
     return GuardPolicy.model_validate({"input": ALL_OFF, "output": ALL_OFF, side: {**ALL_OFF, **rail.blocking}})
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def assert_openai_error(body: dict, code: str) -> None:
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == code

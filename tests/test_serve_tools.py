@@ -42,13 +42,6 @@ def policy(**over) -> GuardPolicy:
     return GuardPolicy.model_validate(raw)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def scripted(tokenizer, text: str, tmp_path=None, **pol):
     engine = ScriptedEngine(tokenizer, text, chunk=3, max_model_len=4096)
     audit = str(tmp_path / "audit.jsonl") if tmp_path else None

@@ -399,11 +399,6 @@ def _disjoint(spans: list[Span]) -> list[Span]:
     return out
 
 
-def check_text(text: str, cfg: RailPolicy) -> Verdict:
-    """One text through the input rails a policy block builds (for one-off checks: tests, benchmarks)."""
-    return Rails.from_config(cfg).check(text)
-
-
 class StreamRail:
     """Rails over a stream. Text is released as soon as no rail could still change it: a tail that could still be
     (the start of) a match — a word not yet ended, a run of digits, `password = ` waiting for its value, the beginning

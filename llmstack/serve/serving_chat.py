@@ -70,8 +70,8 @@ class ChatCompletions(Endpoint):
                 if any(sp in raw for sp in _specials(tok)):
                     raise APIError(400, "a tool spec or tool call spells a special token of this model; remove it",
                                    param="tools", code="special_token_in_content")
-        messages, specs, tooled = rail_chat(req, plan, guard, srv.policy.input.exempt_roles)
         exempt = srv.policy.input.exempt_roles
+        messages, specs, tooled = rail_chat(req, plan, guard, exempt)
         users = [m.text() for m in req.messages if m.role == "user" and m.role not in exempt]
         if len(users) > 1:  # an injection split across user turns is seen whole
             guard.joined(users, "messages")
