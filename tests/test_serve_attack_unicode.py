@@ -1,5 +1,5 @@
 """Issue 31's "output rail vs Unicode" and "output rail vs JSON escapes" rows: the rails match on a normalised view
-of every text (NFKC per character, invisible characters dropped, JSON string escapes decoded; rails.TextView) and
+of every text (NFKC per character, invisible characters dropped, JSON string escapes decoded; textview.TextView) and
 map matches back, so a full-width `＠`, a zero-width space in an email's domain or between a card's digit groups, an
 injection spelled with full-width or zero-width letters, or a generated `\\u0040` in tool-call arguments or a
 `response_format` answer is caught on input and output, JSON and streamed; an injection split across two user
@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from llmstack.config.serve import GuardPolicy, KeyFile, RailPolicy, ServeSpec
 from llmstack.serve.app import build_app
 from llmstack.serve.guard import hash_key
-from llmstack.serve.rails import INVISIBLE, Rails, TextView
+from llmstack.serve.rails import Rails
+from llmstack.serve.textview import INVISIBLE, TextView
 from llmstack.testing import ScriptedEngine
 
 KEY = "sk-llmstack-unicode-test"
