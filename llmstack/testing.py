@@ -298,3 +298,23 @@ class ScriptedEngine:
                     if params.logprobs is not None else None)
             yield [Delta(0, piece, [1], logprobs=rows)]
         yield [Delta(0, "", [], finish_reason="stop")]
+
+
+def slow_grammar_child(conn, info_json: str, cache_bytes: int, seconds: float = 8.0) -> None:
+    """The grammar child process (llmstack.serve.engines.grammar) with a compile that takes `seconds` longer for a
+    schema naming `slow_marker`: what a hostile schema costs on a large vocabulary, made deterministic for tests."""
+    import time
+
+    from llmstack.serve.engines import grammar
+
+    class Slow:
+        def recv(self):
+            msg = conn.recv()
+            if "slow_marker" in (msg[1] or ""):
+                time.sleep(seconds)
+            return msg
+
+        def send(self, msg):
+            conn.send(msg)
+
+    grammar._child(Slow(), info_json, cache_bytes)

@@ -212,58 +212,100 @@ def test_forced_calls_with_nested_model_parameters_work_on_the_hf_engine(hf, cho
         assert {call["function"]["name"] for call in calls} == {"set_unit"}
 
 
-class _SlowCompiler:
-    """xgrammar's compiler with a slow compile for one marked schema: what a hostile schema costs on a big vocabulary
-    (46-93 s in issue 31), made deterministic."""
+@pytest.fixture
+def slow_grammars(hf):
+    """The hf engine's grammars compiled by a child whose compile of a `slow_marker` schema takes 8 s longer: what a
+    hostile schema costs on a big vocabulary (46-93 s in issue 31), made deterministic."""
+    from llmstack.serve.engines.grammar import Grammars
+    from llmstack.testing import slow_grammar_child
 
-    def __init__(self, inner, seconds: float):
-        self.inner, self.seconds, self.started, self.threads = inner, seconds, threading.Event(), set()
-
-    def compile_json_schema(self, key: str, **kw):
-        self.threads.add(threading.current_thread().name)
-        if "slow_marker" in key:
-            self.started.set()
-            time.sleep(self.seconds)
-        return self.inner.compile_json_schema(key, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def test_a_slow_grammar_compile_does_not_stall_another_keys_request(hf):
     engine, c = hf
-    assert _post(c, **_as_format({"type": "object"})).status_code == 200  # the compiler exists
-    slow = _SlowCompiler(engine._compiler, seconds=8.0)
-    engine._compiler = slow
-    try:
-        hostile = {"type": "object", "properties": {"slow_marker": {"type": "boolean"}}, "required": ["slow_marker"]}
-        results = {}
-        t = threading.Thread(target=lambda: results.setdefault("hostile", _post(c, **_as_format(hostile),
-                                                                                   max_tokens=1)))
-        t.start()
-        assert slow.started.wait(10)
-        start = time.monotonic()
-        r = _post(c, key=OTHER, max_tokens=4)
-        took = time.monotonic() - start
-        assert r.status_code == 200 and took < 4.0, (r.status_code, took)  # not behind the 8 s compile
-        t.join(30)
-        assert results["hostile"].status_code == 200
-        # on the engine's own compile threads, not the default pool every request's generation waits through
-        assert slow.threads and all(name.startswith("llmstack-grammar") for name in slow.threads), slow.threads
-    finally:
-        engine._compiler = slow.inner
+    before = engine.grammars
+    engine.grammars = Grammars(engine.tokenizer, vocab_size=engine.model.config.vocab_size, child=slow_grammar_child,
+                               budget_s=30.0)
+    yield engine, c
+    engine.grammars.close()
+    engine.grammars = before
 
 
-def test_the_hf_engines_grammar_caches_are_bounded(hf, monkeypatch):
+SLOW_SCHEMA = {"type": "object", "properties": {"slow_marker": {"type": "boolean"}}, "required": ["slow_marker"]}
+
+
+def test_a_slow_grammar_compile_does_not_stall_another_keys_request(slow_grammars):
+    engine, c = slow_grammars
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("hostile",
+                                                           _post(c, **_as_format(SLOW_SCHEMA), max_tokens=1)))
+    t.start()
+    time.sleep(1.5)  # the hostile compile is under way in its child
+    start = time.monotonic()
+    r = _post(c, key=OTHER, max_tokens=4)
+    took = time.monotonic() - start
+    assert r.status_code == 200 and took < 4.0, (r.status_code, took)  # not behind the 8 s compile
+    t.join(60)
+    assert results["hostile"].status_code == 200
+
+
+def test_a_grammar_compile_past_its_budget_is_a_400_and_the_next_compile_works(slow_grammars):
+    engine, c = slow_grammars
+    engine.grammars.budget_s = 2.0
+    assert _post(c, **_as_format({"type": "string"}), max_tokens=2).status_code == 200  # a child has started
+    start = time.monotonic()
+    r = _post(c, **_as_format(SLOW_SCHEMA), max_tokens=1)
+    assert r.status_code == 400 and "within 2 s" in r.json()["error"]["message"], r.text[:300]
+    assert time.monotonic() - start < 6
+    assert engine.grammars.killed == 1
+    assert _post(c, **_as_format({"type": "object"}), max_tokens=2).status_code == 200  # a fresh child compiles
+
+
+def test_a_grammar_compile_stops_when_its_client_leaves(tiny_model):
+    """The compile is native code that cannot be interrupted in a thread; in its child process it is killed when the
+    client hangs up (a real server and socket: the disconnect is what the server notices)."""
+    import socket
+
+    from llmstack.serve.engines.grammar import Grammars
+    from llmstack.testing import slow_grammar_child
+    from test_serve_attack import live
+
+    engine = HfEngine(tiny_model, "tiny", max_model_len=2048)
+    app = build_app(engine, ServeSpec(engine="hf", max_model_len=2048), GuardPolicy(), KEYS)
+    with live(app) as port:
+        engine.grammars = Grammars(engine.tokenizer, vocab_size=engine.model.config.vocab_size,
+                                   child=slow_grammar_child, budget_s=30.0)
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                           **_as_format(SLOW_SCHEMA)}).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head + body)
+            deadline = time.monotonic() + 15
+            while not engine.grammars._workers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (child,) = engine.grammars._workers
+            time.sleep(1.0)  # compiling (8 s) when the client goes
+        deadline = time.monotonic() + 5
+        while child.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not child.is_alive() and engine.grammars.killed == 1
+        engine.grammars.close()
+
+
+def test_the_hf_engines_grammar_caches_are_bounded(hf):
+    """Kept grammars are bounded by count and bytes in the API process, and xgrammar's own cache in the child; the
+    server's memory stays flat however many distinct schemas arrive."""
+    import psutil
+
+    from llmstack.serve.engines.grammar import Grammars
+
     engine, c = hf
-    monkeypatch.setattr(engine, "_GRAMMARS_KEPT", 4)
-    for i in range(10):  # distinct schemas: each a new compile
-        schema = {"type": "object", "properties": {f"k{i}": {"enum": [i, i + 1]}}, "required": [f"k{i}"]}
+    engine.grammars = Grammars(engine.tokenizer, vocab_size=engine.model.config.vocab_size, kept=4)
+    rss = psutil.Process().memory_info().rss
+    for i in range(40):  # distinct schemas: each a new compile
+        schema = {"type": "object", "properties": {f"k{i}": {"enum": [i, i + 1]}, "s": {"type": "string",
+                  "minLength": i, "maxLength": i + 8}}, "required": [f"k{i}"]}
         assert _post(c, **_as_format(schema), max_tokens=2).status_code == 200
-    assert len(engine._grammars) <= 4
-    compiler = engine._compiler
-    assert 0 < compiler.cache_limit_bytes <= 64 << 20  # xgrammar's own cache: unbounded (-1) before
-    assert compiler.get_cache_size_bytes() <= compiler.cache_limit_bytes
+    assert len(engine.grammars._cache) <= 4
+    assert psutil.Process().memory_info().rss - rss < 64 << 20
 
 
 # ------------------------------------------------------------------- fuzz: accepted means compilable

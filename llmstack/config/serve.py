@@ -46,6 +46,10 @@ class VllmOptions(Strict):
     runtime_adapters: bool = Field(False, description="start with LoRA support even without configured adapters, so "
                                                       "`llmstack adapters load` can add one later (LoRA kernels cost "
                                                       "some speed on the base model)")
+    grammar_cache_mb: int = Field(64, gt=0, description="VLLM_XGRAMMAR_CACHE_MB: compiled JSON-Schema grammars "
+                                  "vLLM keeps (its default, 512, lets distinct client schemas grow the engine)")
+    grammar_budget_s: float = Field(20.0, gt=0, description="a client's JSON Schema must compile against the "
+                                    "vocabulary within this many seconds, else 400 (checked before vLLM sees it)")
     compact_json: bool = Field(True, description="structured (JSON) output without free whitespace, which small "
                                                  "models otherwise fill their token budget with")
 

