@@ -372,28 +372,63 @@ PROSE = ("The committee met on Tuesday to review the budget, and most members ag
          "forward with a few changes to the schedule. ")
 
 
+RAIL_TEXTS = {  # one unit repeated to the size: prose, a regex's worst case, and the texts the normalised view folds
+    "prose": PROSE,
+    "adversarial": "a.",
+    "json_escapes": json.dumps({"note": "line one\nline two\t\"quoted\" caf\u00e9 "}),
+    "fullwidth": "Ｔｈｅ ｃｏｍｍｉｔｔｅｅ ｍｅｔ ｏｎ Ｔｕｅｓｄａｙ. ",
+    "cjk": "委员会周二开会审议预算，大多数成员同意。",
+}
+
+
 def rail_cost_per_kb() -> dict:
-    """ms per KB of text through the input rails (injection + PII), now and with the old Python-`re` patterns, on
-    prose and on adversarial text at two sizes (a quadratic cost shows as a per-KB cost that grows with size)."""
+    """ms per KB of text through the input rails (injection + PII): now; with the old Python-`re` patterns; and now
+    without the normalised view (the rails on the raw text), on each of RAIL_TEXTS at two sizes (a quadratic cost
+    shows as a per-KB cost that grows with size). Each figure is the median of 9 runs."""
     import re
 
     from llmstack.config.serve import GuardPolicy
+    from llmstack.serve import rails as rails_module
     from llmstack.serve.rails import Rails
+
+    class RawView:  # the rails without normalisation: the view is the raw text
+        def __init__(self, raw):
+            self.raw = self.text = raw
+
+        def start(self, i):
+            return i
+
+        def end(self, i):
+            return i
+
+        def span(self, sp):
+            return sp
+
+    def ms_per_kb(fn, text: str, kb: int) -> float:
+        fn(text)  # warm: the view's folding table is built once per process
+        runs = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            fn(text)
+            runs.append((time.perf_counter() - t0) * 1000 / kb)
+        return statistics.median(runs)
 
     old = [re.compile(p) for p in OLD_PII]
     rails = Rails.from_config(GuardPolicy().input)  # built once, as the server does
     out = {}
-    for name, unit in (("prose", PROSE), ("adversarial", "a.")):
+    for name, unit in RAIL_TEXTS.items():
         for kb in (4, 16):
             text = (unit * (kb * 1024 // len(unit) + 1))[: kb * 1024]
-            t0 = time.perf_counter()
-            rails.check(text)
-            now = (time.perf_counter() - t0) * 1000 / kb
-            t0 = time.perf_counter()
-            for p in old:
-                list(p.finditer(text))
-            before = (time.perf_counter() - t0) * 1000 / kb
-            out[f"{name}_{kb}kb"] = {"now_ms_per_kb": now, "before_ms_per_kb": before}
+            now = ms_per_kb(rails.check, text, kb)
+            before = ms_per_kb(lambda t: [list(p.finditer(t)) for p in old], text, kb)
+            view = rails_module.TextView
+            rails_module.TextView = RawView
+            try:
+                raw = ms_per_kb(rails.check, text, kb)
+            finally:
+                rails_module.TextView = view
+            out[f"{name}_{kb}kb"] = {"now_ms_per_kb": now, "before_ms_per_kb": before, "no_view_ms_per_kb": raw,
+                                     "view_ratio": now / raw}
     return out
 
 
@@ -547,9 +582,11 @@ def bench_hostile(n: int, conc: int) -> dict:
     print(f"tool/schema mix, 1 in 10 a hostile tool history or schema (answered {tooled['hostile_statuses']}):")
     print(f"  normal p50: {tooled['normal_p50_s'] * 1000:.0f} ms = {tool_ratio:.2f}x clean (goal <= 1.10x); "
           f"/health p99 {tooled['health_p99_s'] * 1000:.1f} ms (max {tooled['health_max_s'] * 1000:.0f} ms)")
-    print("  input rails, ms per KB (now RE2 / before Python re):")
+    print("  input rails, ms per KB: now (RE2 on the normalised view) / before (Python re) / RE2 on the raw text; "
+          "now vs raw (the normalisation's cost; goal <= 1.10x):")
     for name, c in costs.items():
-        print(f"    {name:<16} {c['now_ms_per_kb']:.3f} / {c['before_ms_per_kb']:.3f}")
+        print(f"    {name:<16} {c['now_ms_per_kb']:.3f} / {c['before_ms_per_kb']:.3f} / {c['no_view_ms_per_kb']:.3f}"
+              f"  {c['view_ratio']:.2f}x")
     return {"clean": clean, "hostile": hostile, "tool_schema_mix": tooled, "normal_p50_ratio": ratio,
             "tool_schema_normal_p50_ratio": tool_ratio, "rail_cost": costs}
 

@@ -48,8 +48,6 @@ class VllmOptions(Strict):
                                                       "some speed on the base model)")
     grammar_cache_mb: int = Field(64, gt=0, description="VLLM_XGRAMMAR_CACHE_MB: compiled JSON-Schema grammars "
                                   "vLLM keeps (its default, 512, lets distinct client schemas grow the engine)")
-    grammar_budget_s: float = Field(20.0, gt=0, description="a client's JSON Schema must compile against the "
-                                    "vocabulary within this many seconds, else 400 (checked before vLLM sees it)")
     compact_json: bool = Field(True, description="structured (JSON) output without free whitespace, which small "
                                                  "models otherwise fill their token budget with")
 
@@ -67,6 +65,9 @@ class ServeSpec(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     max_model_len: int | None = Field(None, gt=0, description="context length served; default: the model's own")
+    grammar_budget_s: float = Field(20.0, gt=0, description="a client's JSON Schema (response_format, forced tool "
+                                    "calls) must compile against the vocabulary within this many seconds, else 400; "
+                                    "the compile runs in a child process, stopped when its client leaves")
     max_concurrency: int = Field(32, gt=0, description="requests handed to the engine at once")
     max_queue: int = Field(64, ge=0, description="requests allowed to wait beyond max_concurrency; more get 503")
     queue_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")

@@ -24,7 +24,8 @@ log = logging.getLogger("llmstack.serve")
 def make_engine(spec, model: str | Path, served_name: str):
     """The engine a ServeSpec asks for (not started: `await engine.start()`)."""
     if spec.engine == "vllm":
-        return VllmEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, spec.vllm)
+        return VllmEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, spec.vllm,
+                          grammar_budget_s=spec.grammar_budget_s)
     # vllm.dtype is chosen for vLLM's kernels (unset: the policy's). The device policy places the transformers engine:
     # on the GPU in the card's 16-bit dtype, on the CPU in float32 (bf16 is emulated on most CPUs, 4x slower on AVX2).
     from llmstack.device import policy
@@ -34,4 +35,5 @@ def make_engine(spec, model: str | Path, served_name: str):
     if dtype != requested:
         log.info("the transformers engine computes in %s on the %s (vllm.dtype %s is for vLLM)", dtype, device,
                  requested)
-    return HfEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, dtype=dtype, device=device)
+    return HfEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, dtype=dtype, device=device,
+                    grammar_budget_s=spec.grammar_budget_s)

@@ -21,7 +21,8 @@ class HfEngine:
     kind = "hf"
 
     def __init__(self, model: str | Path, served_name: str, adapters: dict[str, str] | None = None,
-                 max_model_len: int | None = None, seed: int = 0, dtype: str = "float32", device: str = "cpu"):
+                 max_model_len: int | None = None, seed: int = 0, dtype: str = "float32", device: str = "cpu",
+                 grammar_budget_s: float = 20.0):
         self.model_path, self.served_name, self.device = str(model), served_name, device
         self.adapters = dict(adapters or {})
         self.max_model_len, self.seed, self.dtype = max_model_len, seed, dtype
@@ -32,6 +33,7 @@ class HfEngine:
         self._lock = asyncio.Lock()
         self._running = 0
         self.grammars = None  # JSON-Schema grammars, compiled off the engine lock in killable children (grammar.py)
+        self.grammar_budget_s = grammar_budget_s
 
     @property
     def names(self) -> list[str]:
@@ -72,7 +74,8 @@ class HfEngine:
         if self.grammars is None:
             from llmstack.serve.engines.grammar import Grammars
 
-            self.grammars = Grammars(self.tokenizer, vocab_size=self.model.config.vocab_size)
+            self.grammars = Grammars(self.tokenizer, vocab_size=self.model.config.vocab_size,
+                                     budget_s=self.grammar_budget_s)
         return await self.grammars.compiled(p.json_schema)
 
     async def generate(self, request_id: str, prompt_ids: list[int], p: GenParams,

@@ -23,7 +23,7 @@ class VllmEngine:
     kind = "vllm"
 
     def __init__(self, model: str | Path, served_name: str, adapters: dict[str, str] | None = None,
-                 max_model_len: int | None = None, seed: int = 0, options: Any = None):
+                 max_model_len: int | None = None, seed: int = 0, options: Any = None, grammar_budget_s: float = 20.0):
 
         self.model, self.served_name = str(model), served_name
         self.adapters = dict(adapters or {})
@@ -36,6 +36,7 @@ class VllmEngine:
         self._watchdog: asyncio.Task | None = None
         self._lora: dict[str, Any] = {}
         self.grammars = None  # JSON-Schema grammars checked to compile in time before vLLM sees them
+        self.grammar_budget_s = grammar_budget_s
 
     @property
     def names(self) -> list[str]:
@@ -165,7 +166,7 @@ class VllmEngine:
                 from llmstack.serve.engines.grammar import Grammars
 
                 self.grammars = Grammars(self.tokenizer, vocab_size=self.llm.model_config.get_vocab_size(),
-                                         budget_s=self.options.grammar_budget_s)
+                                         budget_s=self.grammar_budget_s)
             await self.grammars.check(p.json_schema)
         if p.json_schema is not None:
             structured = StructuredOutputsParams(json=p.json_schema)
