@@ -121,15 +121,47 @@ def test_thinking_with_tools_renders_thinking_before_the_call_and_trains_both_tu
                        "<think>\nThe tool says 4C.\n</think>\n\nIt is 4C in Oslo.<|im_end|>")
 
 
-def test_thinking_setting_and_detection():
+def test_trls_stop_token_warning_is_dropped_only_for_the_trained_turn_it_cannot_see(smollm2, tok, template,
+                                                                                   tmp_path, caplog):
     from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
 
+    from llmstack.train import thinking
+
+    # TRL probes [user, assistant, user]: that assistant turn is history here, so its mask is empty
+    assert not is_chat_template_stop_token_trained(tok, chat_template=template)
+    tok.chat_template = template
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, assistant_only_loss=True, packing=False,
+                     report_to=[])
+    rows = Dataset.from_list([{"messages": CONVERSATION}])
+
+    def warned() -> bool:
+        return any(thinking._TRL_STOP_PROBE in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level("WARNING"):
+        SFTTrainer(model=str(smollm2), args=args, processing_class=tok, train_dataset=rows)
+        assert warned()  # without the filter TRL warns (the labels test shows <|im_end|> is trained)
+        caplog.clear()
+        with thinking.trl_stop_probe_quiet():
+            SFTTrainer(model=str(smollm2), args=args, processing_class=tok, train_dataset=rows)
+        assert not warned()
+
+
+def test_thinking_setting_and_detection():
+    from datasets import Dataset, Features, Json, List
+
+    from llmstack.data.curate import features
     from llmstack.train import thinking
 
     with_thinking = Dataset.from_list([{"messages": CONVERSATION}])
     without = Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"},
                                                {"role": "assistant", "content": "Hello", "reasoning_content": " "}]}])
     assert thinking.has_thinking(with_thinking) and not thinking.has_thinking(without)
+    as_json = Dataset.from_list([{"messages": CONVERSATION}], features=Features({"messages": List(Json())}))
+    assert thinking.has_thinking(as_json)  # messages kept as JSON values (as curation keeps tool rows)
+    assert not thinking.has_thinking(Dataset.from_list([{"messages": CONVERSATION[:1]}],
+                                                       features=features("messages")))
     assert thinking.wanted("auto", with_thinking) and not thinking.wanted("auto", without)
     assert thinking.wanted("on", without) and not thinking.wanted("off", with_thinking)
 

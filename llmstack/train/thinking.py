@@ -135,9 +135,14 @@ def chat_template(tokenizer) -> str:
 
 
 def has_thinking(dataset) -> bool:
-    """Whether any assistant turn of the dataset carries non-empty `reasoning_content`. Reads the `messages` column
-    in batches and stops at the first one found."""
+    """Whether any assistant turn of the dataset carries non-empty `reasoning_content`. Messages saved as Arrow
+    structs without that field have none; otherwise (JSON messages, or the field present) the `messages` column is
+    read in batches, stopping at the first one found."""
     if "messages" not in dataset.column_names:
+        return False
+    turns = dataset.features["messages"]
+    turn = turns[0] if isinstance(turns, list) else getattr(turns, "feature", None)
+    if isinstance(turn, dict) and "reasoning_content" not in turn:
         return False
     for batch in dataset.select_columns(["messages"]).iter(batch_size=1024):
         for conversation in batch["messages"]:
@@ -165,7 +170,7 @@ def trl_stop_probe_quiet():
     trl_logger = logging.getLogger("trl.trainer.sft_trainer")
 
     def keep(record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(_TRL_STOP_PROBE)
+        return _TRL_STOP_PROBE not in str(record.getMessage())  # TRL prefixes its rank: "[RANK 0] The chat..."
 
     trl_logger.addFilter(keep)
     try:
