@@ -99,6 +99,8 @@ def test_serving_prompt_is_a_prefix_of_the_trained_rendering(tok, template):
 
 def test_thinking_with_tools_renders_thinking_before_the_call_and_trains_both_turns(smollm2, tok, template,
                                                                                    tmp_path):
+    from trl.chat_template_utils import is_chat_template_prefix_preserving, qwen3_chat_template
+
     from llmstack import tools as T
     from llmstack.data.curate import features
 
@@ -113,6 +115,11 @@ def test_thinking_with_tools_renders_thinking_before_the_call_and_trains_both_tu
     assert rendered.endswith(
         "<|im_start|>assistant\n<think>\nThe tool says 4C.\n</think>\n\nIt is 4C in Oslo.<|im_end|>\n")
     assert T.parse_calls(call)[1] == [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    # appending a tool result never re-renders the call (Qwen3's own template drops an empty <think> block there)
+    tok.chat_template = qwen3_chat_template
+    assert not is_chat_template_prefix_preserving(tok)
+    tok.chat_template = template
+    assert is_chat_template_prefix_preserving(tok)
     # through TRL's preparation of a curated tool dataset (Json messages + tools): both turns of the answer train
     row = prepared(smollm2, tok, template, [{"messages": TOOL_CONVERSATION, "tools": [WEATHER]}], tmp_path,
                    features=features("messages", tools=True))[0]
