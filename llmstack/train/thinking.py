@@ -86,6 +86,11 @@ def _literal(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
 
 
+def _or_else(block: str, expression: str) -> str:
+    """One of Qwen3's `if messages[0].role == 'system'` blocks with an `else` that writes `expression`."""
+    return block.replace("    {%- endif %}", "    {%- else %}\n        {{- " + expression + " }}\n    {%- endif %}")
+
+
 def reasoning_template(default_system: str | None) -> str:
     """TRL's Qwen3 chat template with llmstack's changes (module docstring); `default_system` is the system line a
     conversation without a system message gets (None: no system turn, as Qwen3 writes)."""
@@ -94,12 +99,8 @@ def reasoning_template(default_system: str | None) -> str:
     edits = [(_HISTORY, _HISTORY_MARKED), (_TURN_END, _TURN_END_MARKED), (_PROMPT, _PROMPT_OPEN)]
     if default_system is not None:
         line = _literal(default_system)
-        edits += [(_TOOLS_SYSTEM, _TOOLS_SYSTEM.replace("    {%- endif %}",
-                                                        f"    {{%- else %}}\n        {{{{- '{line}\\n\\n' }}}}\n"
-                                                        "    {%- endif %}")),
-                  (_PLAIN_SYSTEM, _PLAIN_SYSTEM.replace("    {%- endif %}",
-                                                        "    {%- else %}\n        {{- '<|im_start|>system\\n"
-                                                        f"{line}<|im_end|>\\n' }}}}\n    {{%- endif %}}"))]
+        edits += [(_TOOLS_SYSTEM, _or_else(_TOOLS_SYSTEM, f"'{line}\\n\\n'")),
+                  (_PLAIN_SYSTEM, _or_else(_PLAIN_SYSTEM, f"'<|im_start|>system\\n{line}<|im_end|>\\n'"))]
     template = qwen3_chat_template
     for old, new in edits:
         if template.count(old) != 1:  # a future trl changed its copy of Qwen3's template: fail, never half-patch
@@ -119,9 +120,9 @@ def chat_template(tokenizer) -> str:
     if not own or "<|im_start|>" not in own or tokenizer.convert_tokens_to_ids("<|im_end|>") in (
             None, tokenizer.unk_token_id):
         raise ThinkingTemplateError(
-            "the dataset has thinking (`reasoning_content`), and llmstack's reasoning template is ChatML (Qwen3's), "
-            "but the model's chat template is not: use a ChatML model, or set the stage's `thinking: off` to train on "
-            "the answers alone")
+            "this sft stage trains on thinking (`reasoning_content`) and llmstack's reasoning template is ChatML "
+            "(Qwen3's), but the model's chat template is not: use a ChatML model, or set the stage's `thinking: off` "
+            "to train on the answers alone")
     template = reasoning_template(tools.default_system_of(own))
     original = tokenizer.chat_template
     tokenizer.chat_template = template
