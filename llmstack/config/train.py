@@ -22,7 +22,15 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, WithJsonSchema, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from llmstack.config.base import Strict, did_you_mean
@@ -45,6 +53,15 @@ def _training_kind(value: Any) -> str:
 # (the generated recipe reference) lists the kinds registered when this module is imported.
 StageType = Annotated[str, PlainValidator(_training_kind),
                       WithJsonSchema({"enum": training_kinds(), "type": "string"})]
+
+
+def _yaml_switch(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads a bare `on` / `off` as true / false: take them back as the words the user wrote."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+# `thinking:` of an sft stage (llmstack/train/thinking.py)
+ThinkingSetting = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
 class LoraSpec(Strict):
@@ -115,6 +132,15 @@ class StageSpec(Strict):
     rewards: list[RewardSpec] = Field(
         default_factory=list,
         description="grpo only: the reward functions scoring each sampled completion (at least one)")
+    thinking: ThinkingSetting = Field(
+        "auto",
+        description="sft only: train on the assistant turns' thinking (`reasoning_content`). on: with llmstack's "
+                    "reasoning chat template (Qwen3's, with the model's own system line; saved with the model): the "
+                    "last answer's `<think>` block, answer and end token are trained, earlier turns render without "
+                    "their thinking and are not trained, and the generation prompt opens `<think>` (chat-template "
+                    "kwarg `enable_thinking: false` gives the empty block). off: the template the stage uses without "
+                    "thinking (the model's own, or the tool template for a tool dataset), which leaves the thinking "
+                    "out. auto: on when the dataset has thinking")
 
     @property
     def id(self) -> str:
@@ -135,6 +161,12 @@ class StageSpec(Strict):
             raise ValueError(f"`rewards` belongs to grpo stages; a {self.type} stage does not use it")
         if self.rewards and "reward_weights" in self.args:
             raise ValueError("set each reward's `weight` instead of args.reward_weights")
+        return self
+
+    @model_validator(mode="after")
+    def _thinking_for_sft(self):
+        if self.thinking != "auto" and self.type != "sft":
+            raise ValueError(f"`thinking` belongs to sft stages; remove it from this {self.type} stage")
         return self
 
     @model_validator(mode="after")

@@ -7,12 +7,17 @@ at each document and transformers builds a block-diagonal mask from them), full 
 
 A dataset with a `tools` column (tool-call conversations) trains with the tool-aware template (llmstack.tools) and
 saves THAT template with the model: its calls are assistant text, so assistant-only loss trains on them.
+
+A dataset whose assistant turns think (`reasoning_content`; the stage's `thinking: auto|on|off`) trains with the
+reasoning template (llmstack/train/thinking.py: thinking + answer of the last turn, tools too) and saves that template.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import checkpoints, loading, report, setup, templates
+from llmstack.train import checkpoints, loading, report, setup, templates, thinking
 
 SFT_DEFAULTS = {
     "assistant_only_loss": True,
@@ -31,7 +36,12 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = loading.load_tokenizer(ctx.model)
     original_template = tokenizer.chat_template
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
-    if "tools" in data["train"].column_names:
+    thinks = thinking.wanted(ctx.spec.thinking, data["train"])
+    if thinks:
+        # Thinking rows (with or without tools): train with the reasoning template and save it with the model, so the
+        # served model opens its answer with the thinking block it was trained to write.
+        tokenizer.chat_template = original_template = thinking.chat_template(tokenizer)
+    elif "tools" in data["train"].column_names:
         # Tool conversations (curation's `tools` column, which TRL's SFTTrainer passes to apply_chat_template): train
         # with the tool template and save it with the model, so the served model renders tools as it was trained.
         tokenizer.chat_template = original_template = templates.tool_chat_template(tokenizer, args.assistant_only_loss)
@@ -44,14 +54,15 @@ def run(ctx: StageContext) -> StageResult:
                                attention=loading.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=setup.eval_split(data, args),
-        processing_class=tokenizer,
-        peft_config=loading.peft_config(ctx.spec),
-    )
+    with thinking.trl_stop_probe_quiet() if thinks else nullcontext():
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data["train"],
+            eval_dataset=setup.eval_split(data, args),
+            processing_class=tokenizer,
+            peft_config=loading.peft_config(ctx.spec),
+        )
     output = trainer.train(resume_from_checkpoint=checkpoints.resume_checkpoint(ctx, trainer))
 
     # ---- save -----------------------------------------------------------------------------------------------------
