@@ -12,9 +12,12 @@ Canonical schemas (what training and eval consume, see llmstack/data/curate.py):
 
 Inputs: alpaca (instruction/input/output[/system/history]), sharegpt (conversations/from/value; with LLaMA-Factory's
 `function_call`/`observation` turns and a `tools` field, as glaive's function-calling set has them), OpenAI messages
-(with `tool_calls`, `tool` turns and `tools`),
+(with `tool_calls`, `tool` turns and `tools`; LLaMA-Factory's content parts `text`/`reasoning`/`tool_call` too),
 LLaMA-Factory preference (conversations + chosen/rejected turns), plain preference (prompt/chosen/rejected as
 strings or messages), KTO (messages + label; only desirable rows become SFT rows), and text.
+
+Assistant messages that think carry `reasoning_content` beside `content`, whichever way the source wrote it (inline
+`<think>` blocks, reasoning parts, the field itself): thinking.py normalises every row to that shape.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-
-class BadRow(Exception):
-    """A record that cannot become a row; the message is the quarantine reason."""
-
+from llmstack.data import thinking
+from llmstack.data.errors import (  # noqa: F401 (re-exported)
+    BAD_ARGUMENTS,
+    BAD_JSON,
+    BAD_TOOLS,
+    UNKNOWN_FUNCTION,
+    BadRow,
+)
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
             "bot": "assistant", "system": "system"}
@@ -52,7 +59,7 @@ def to_row(rec: dict, fmt: str, schema: str, placeholders: dict[str, str], text_
     if fmt == "auto":
         fmt = detect(rec)
     adapter = ADAPTERS[fmt]
-    row = adapter(rec, text_field) if fmt == "text" else adapter(rec)
+    row = thinking.normalise(adapter(rec, text_field) if fmt == "text" else adapter(rec))
     produced = {"messages": "messages", "preference": "preference", "text": "text"}[_schema_of(row)]
     if produced != schema:
         raise BadRow(f"malformed: a {fmt} record makes a {produced} row, but this dataset's schema is {schema}")
@@ -84,7 +91,10 @@ def _turn(turn: Any, role_key: str, content_key: str, where: str) -> dict:
     role = ROLE_MAP.get(str(turn[role_key]).lower())
     if role is None:
         raise BadRow(f"malformed: {where} has unsupported role '{turn[role_key]}'")
-    return {"role": role, "content": _text(turn[content_key], f"{where}.{content_key}")}
+    msg = {"role": role, "content": _text(turn[content_key], f"{where}.{content_key}")}
+    if thinking.FIELD in turn:  # checked, with inline <think> blocks, by thinking.normalise
+        msg[thinking.FIELD] = turn[thinking.FIELD]
+    return msg
 
 
 def _check_chat(messages: list[dict], where: str) -> list[dict]:
@@ -148,6 +158,7 @@ def openai_messages(rec: dict) -> dict:
     turns = rec["messages"]
     if not isinstance(turns, list):
         raise BadRow(f"malformed: messages must be a list, got {type(turns).__name__}")
+    turns = thinking.from_parts(turns)  # LLaMA-Factory's content parts (text, reasoning, tool_call)
     if rec.get("tools") or any(isinstance(t, dict) and (t.get("tool_calls") or t.get("role") == "tool")
                                for t in turns):
         return _openai_tools(rec, turns)
@@ -156,11 +167,6 @@ def openai_messages(rec: dict) -> dict:
 
 
 # ---------------------------------------------------------------- tool calls
-# Quarantine reasons for calls start with one of these, so the card can count them (argument validity).
-UNKNOWN_FUNCTION = "tool call: unknown function"
-BAD_JSON = "tool call: arguments are not valid JSON"
-BAD_ARGUMENTS = "tool call: arguments do not match the schema"
-BAD_TOOLS = "malformed tools"
 SHAREGPT_TOOL_ROLES = {"function_call", "observation"}
 
 
@@ -308,6 +314,8 @@ def _openai_tools(rec: dict, turns: list) -> dict:
             msg = {"role": "tool", "content": _text(t.get("content"), f"{where}.content")}
             if t.get("tool_call_id") is not None:
                 msg["tool_call_id"] = _text(t["tool_call_id"], f"{where}.tool_call_id")
+            if thinking.FIELD in t:  # refused by thinking.normalise: a tool turn does not think
+                msg[thinking.FIELD] = t[thinking.FIELD]
             messages.append(msg)
         elif isinstance(t, dict) and t.get("role") == "assistant" and t.get("tool_calls"):
             calls = t["tool_calls"]
@@ -322,6 +330,8 @@ def _openai_tools(rec: dict, turns: list) -> dict:
                 if isinstance(c.get("id"), str) and c["id"]:
                     new["id"] = c["id"]
             n_calls += len(calls)
+            if thinking.FIELD in t:
+                turn[thinking.FIELD] = t[thinking.FIELD]
             messages.append(turn)
         else:
             messages.append(_turn(t, "role", "content", where))
