@@ -342,3 +342,17 @@ def test_teacher_recipe_errors_name_the_field():
     assert "sk-live-123456" not in "\n".join(lines)
     with pytest.raises(ValidationError, match="a python verifier needs `function"):
         teacher_spec("http://127.0.0.1:1/v1", Path("p.jsonl"), verifier="python")
+
+
+def test_preference_rows_keep_the_chosen_answers_trace(tmp_path):
+    src = tmp_path / "pref.jsonl"
+    src.write_text(json.dumps({"prompt": "Which river is longer, the Nile or the Thames?",
+                               "chosen": "<think>The Nile runs for thousands of kilometres.</think>The Nile.",
+                               "rejected": "The Thames."}) + "\n")
+    spec = DatasetSpec.model_validate({"schema": "preference", "sources": [{"name": "p", "path": str(src)}],
+                                       "validation_fraction": 0, "filters": {"languages": None}})
+    card = curate_dataset("pref", spec, tmp_path / "run", None, seed=1)
+    row = datasets.load_from_disk(str(tmp_path / "run" / "pref"))["train"][0]
+    assert row["chosen"] == [{"role": "assistant", "content": "The Nile.",
+                              "reasoning_content": "The Nile runs for thousands of kilometres."}]
+    assert row["rejected"][0]["reasoning_content"] is None and card["thinking"]["rows_with_thinking"] == 1
