@@ -123,6 +123,16 @@ def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_
     return card
 
 
+def publish_card(src: Path, dest: Path, name: str) -> None:
+    """Copy a dataset's card files (data.cards_dir: the committed data_cards/<recipe>/)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in (".md", ".json", ".png", ".thinking.png"):
+        if (src / f"{name}{suffix}").exists():
+            shutil.copyfile(src / f"{name}{suffix}", dest / f"{name}{suffix}")
+
+
 def histogram(lengths: list[int], path: Path, name: str,
               xlabel: str = "tokens per row (recipe tokenizer, chat template applied)", title: str = "") -> None:
     import matplotlib

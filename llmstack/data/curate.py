@@ -2,8 +2,10 @@
 
     <stage dir>/<name>/                the DatasetDict (train, validation), `save_to_disk`; what training reads
     <stage dir>/quarantine/<name>/<step>/*.jsonl   every dropped row, with its step and reason
-    <stage dir>/cards/<name>.md|.json|.png        the data card (also copied to data.cards_dir, e.g. data_cards/)
+    <stage dir>/cards/<name>.md|.json|.png        the data card, <name>.thinking.png where rows think (also copied to
+                                                  data.cards_dir, e.g. data_cards/)
     <stage dir>/work/<name>/           intermediate datatrove outputs and logs
+    <stage dir>/teacher/<name>/<source>/   a teacher source's cached answers and this run's samples (teacher.py)
 
 Two datatrove passes run on its LocalPipelineExecutor: pass 1 (per row, parallel over `data.workers` tasks) reads,
 adapts, cleans, filters, decontaminates and computes dedup signatures; pass 2 (one task, in source order so the first
@@ -31,6 +33,7 @@ from pathlib import Path
 from datatrove.data import Document
 
 from llmstack.config.data import DatasetSpec, ExecutorSpec
+from llmstack.data.card import build_card, publish_card
 from llmstack.data.executors import CurationError, execute
 from llmstack.data.formats import has_tools
 from llmstack.data.readers import OrderedReader, SourceReader, iter_docs, jsonl_writer, read_jsonl
@@ -187,8 +190,6 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
         raise CurationError(f"dataset '{name}': rows_in {rows_in} != kept {n_kept} + dropped {n_dropped} "
                             f"({dict(dropped)}): rows were lost; see {quarantine}")
     log.info("curate %s: %d in, %d kept, %d quarantined", name, rows_in, n_kept, n_dropped)
-
-    from llmstack.data.card import build_card
 
     return build_card(name=name, spec=spec, sources=[describe(f) for f in fetched], per_source_in=per_source_in,
                       kept_by_source=kept_by_source, rows_in=rows_in, dropped=dropped, sizes=sizes,
@@ -397,10 +398,3 @@ def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, wo
         + 'echo "submitted: ' + " ".join(f"{v}=${v}" for v in last) + ' collect=$collect"\n')
     (folder / "submit.sh").chmod(0o755)
     return [folder / "submit.sh", *scripts, collect_job]
-
-
-def publish_card(src: Path, dest: Path, name: str) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for suffix in (".md", ".json", ".png", ".thinking.png"):
-        if (src / f"{name}{suffix}").exists():
-            shutil.copyfile(src / f"{name}{suffix}", dest / f"{name}{suffix}")
