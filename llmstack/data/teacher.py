@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llmstack.config.data import SourceSpec, TeacherSpec
-from llmstack.data.errors import BadRow
 from llmstack.data.sources import BadRecord, FetchedSource, SourceError, fetch_source, iter_records
 from llmstack.data.thinking import CLOSE, FIELD, OPEN, split_inline
+from llmstack.data.turns import BadRow
 from llmstack.eval.answers import final_number, same_number
 from llmstack.runs import sha256_file
 

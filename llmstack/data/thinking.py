@@ -18,9 +18,9 @@ import json
 import re
 from typing import Any
 
-from llmstack.data.errors import BAD_JSON, BadRow
+from llmstack.data.turns import BAD_JSON, REASONING, BadRow
 
-FIELD = "reasoning_content"
+FIELD = REASONING
 OPEN, CLOSE = "<think>", "</think>"
 THINKING = "thinking"  # quarantine reasons for thinking start with this
 # Chat special tokens a trace must not spell: ChatML/Llama-3 style `<|…|>` markers and the think tags themselves. A
