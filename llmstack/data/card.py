@@ -11,8 +11,13 @@ from pathlib import Path
 
 from llmstack.config.data import DatasetSpec
 
-STEP_ORDER = ["read", "max_chars", "clean", "non_empty", "token_length", "gopher_repetition", "gopher_quality",
-              "language", "blocklist", "decontaminate", "exact_dedup", "near_dedup", "mixing"]
+STEP_ORDER = ["read", "verifier", "max_chars", "thinking_length", "clean", "non_empty", "token_length",
+              "gopher_repetition", "gopher_quality", "language", "blocklist", "decontaminate", "exact_dedup",
+              "near_dedup", "mixing"]
+# Steps only some datasets have: listed on a card only where the dataset uses them (a teacher source, a thinking cap),
+# so the cards of datasets without them read as before.
+OPTIONAL_STEPS = {"verifier": lambda spec: any(s.teacher for s in spec.sources),
+                  "thinking_length": lambda spec: spec.filters.max_thinking_chars is not None}
 
 
 def _short(s: str, n: int = 300) -> str:
@@ -43,12 +48,15 @@ def _quarantined(quarantine: Path, step: str) -> list[dict]:
 def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_in: Counter, kept_by_source: Counter,
                rows_in: int, dropped: Counter, sizes: dict[str, int], lengths, cleaning: Counter, content_hash: str,
                dataset_dir: Path, quarantine_dir: Path, index, eval_suites: list[str], tokenizer: Path | None,
-               seed: int, card_dir: Path, tools: dict | None = None) -> dict:
+               seed: int, card_dir: Path, tools: dict | None = None, thinking: dict | None = None,
+               thinking_lengths=()) -> dict:
     by_step: dict[str, dict[str, int]] = {}
     for (step, reason), n in sorted(dropped.items()):
         by_step.setdefault(step, {})[reason] = n
     after, left = [], rows_in
     for step in STEP_ORDER:
+        if step in OPTIONAL_STEPS and step not in by_step and not OPTIONAL_STEPS[step](spec):
+            continue
         left -= sum(by_step.get(step, {}).values())
         after.append({"step": step, "rows": left, "dropped": sum(by_step.get(step, {}).values())})
     for s in sources:
@@ -92,20 +100,41 @@ def build_card(*, name: str, spec: DatasetSpec, sources: list[dict], per_source_
                              "rows_dropped": len(matches), "matches": matches} if index is not None else
                             {"suites": eval_suites, "checked": False,
                              "why": "no eval suite (the recipe has no eval block)" if not eval_suites else "disabled"}),
-        "filters": spec.filters.model_dump(mode="json"),
+        # a thinking cap that is not set stays off the card, as the field was before it existed
+        "filters": spec.filters.model_dump(mode="json", exclude={"max_thinking_chars"} if
+                                           spec.filters.max_thinking_chars is None else None),
         "samples": samples,
     }
     if tools is not None:
         card["tools"] = tools
+    thinks = thinking is not None and (thinking["rows_with_thinking"] or any(thinking["rows_quarantined"].values())
+                                       or spec.filters.max_thinking_chars is not None)
+    if thinks:
+        card["thinking"] = thinking
     card_dir.mkdir(parents=True, exist_ok=True)
     (card_dir / f"{name}.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
     if lengths:
         histogram(lengths, card_dir / f"{name}.png", name)
+    if thinks and len(thinking_lengths):
+        histogram(list(thinking_lengths), card_dir / f"{name}.thinking.png", name,
+                  xlabel=f"thinking {thinking['unit']} per row (assistant traces together)",
+                  title=f"{name}: thinking lengths of kept rows")
     (card_dir / f"{name}.md").write_text(markdown(card, has_png=bool(lengths)))
     return card
 
 
-def histogram(lengths: list[int], path: Path, name: str) -> None:
+def publish_card(src: Path, dest: Path, name: str) -> None:
+    """Copy a dataset's card files (data.cards_dir: the committed data_cards/<recipe>/)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in (".md", ".json", ".png", ".thinking.png"):
+        if (src / f"{name}{suffix}").exists():
+            shutil.copyfile(src / f"{name}{suffix}", dest / f"{name}{suffix}")
+
+
+def histogram(lengths: list[int], path: Path, name: str,
+              xlabel: str = "tokens per row (recipe tokenizer, chat template applied)", title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,9 +142,9 @@ def histogram(lengths: list[int], path: Path, name: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 2.6), dpi=80)
     ax.hist(lengths, bins=40, color="#4c72b0")
-    ax.set_xlabel("tokens per row (recipe tokenizer, chat template applied)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("rows")
-    ax.set_title(f"{name}: token lengths of kept rows", fontsize=10)
+    ax.set_title(title or f"{name}: token lengths of kept rows", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})  # no version stamp: the same data gives the same bytes
     plt.close(fig)
@@ -145,6 +174,8 @@ def markdown(card: dict, has_png: bool) -> str:
                 f" · total {t['total']} tokens", ""]
         if has_png:
             out.append(f"![token lengths]({card['name']}.png)")
+    if card.get("thinking"):
+        out += _thinking_md(card)
     if card["cleaning"]:
         out += ["", "## Cleaning and PII redaction (kept rows)", ""]
         out += [f"- {k}: {v}" for k, v in card["cleaning"].items()]
@@ -190,3 +221,19 @@ def markdown(card: dict, has_png: bool) -> str:
     for s in card["samples"]:
         out += ["```json", json.dumps(s, indent=1, ensure_ascii=False), "```"]
     return "\n".join(out) + "\n"
+
+
+def _thinking_md(card: dict) -> list[str]:
+    t = card["thinking"]
+    q = t["rows_quarantined"]
+    out = ["", "## Thinking traces (kept rows)", "",
+           f"{t['rows_with_thinking']} of {t['rows']} rows think (assistant `reasoning_content`); quarantined for "
+           f"their thinking: malformed {q['malformed']} · over the cap {q['too_long']}"]
+    if t["lengths"]:
+        x = t["lengths"]
+        out += ["", f"Thinking length in {t['unit']}: min {x['min']} · median {x['median']} · mean {x['mean']} · "
+                    f"max {x['max']} · total {x['total']}", "", f"| {t['unit']} | rows |", "|---|---:|"]
+        h = t["histogram"]
+        out += [f"| {lo}–{hi - 1} | {n} |" for lo, hi, n in zip(h["edges"], h["edges"][1:], h["rows"])]
+        out += ["", f"![thinking lengths]({card['name']}.thinking.png)"]
+    return out

@@ -2,8 +2,10 @@
 
     <stage dir>/<name>/                the DatasetDict (train, validation), `save_to_disk`; what training reads
     <stage dir>/quarantine/<name>/<step>/*.jsonl   every dropped row, with its step and reason
-    <stage dir>/cards/<name>.md|.json|.png        the data card (also copied to data.cards_dir, e.g. data_cards/)
+    <stage dir>/cards/<name>.md|.json|.png        the data card, <name>.thinking.png where rows think (also copied to
+                                                  data.cards_dir, e.g. data_cards/)
     <stage dir>/work/<name>/           intermediate datatrove outputs and logs
+    <stage dir>/teacher/<name>/<source>/   a teacher source's cached answers and this run's samples (teacher.py)
 
 Two datatrove passes run on its LocalPipelineExecutor: pass 1 (per row, parallel over `data.workers` tasks) reads,
 adapts, cleans, filters, decontaminates and computes dedup signatures; pass 2 (one task, in source order so the first
@@ -31,10 +33,14 @@ from pathlib import Path
 from datatrove.data import Document
 
 from llmstack.config.data import DatasetSpec, ExecutorSpec
+from llmstack.data.card import build_card, publish_card
 from llmstack.data.executors import CurationError, execute
 from llmstack.data.formats import has_tools
 from llmstack.data.readers import OrderedReader, SourceReader, iter_docs, jsonl_writer, read_jsonl
 from llmstack.data.sources import describe, fetch_source
+from llmstack.data.stats import ThinkingStats, ToolStats
+from llmstack.data.teacher import fetch_teacher
+from llmstack.data.thinking import has_thinking
 
 log = logging.getLogger("llmstack")
 
@@ -63,12 +69,15 @@ def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
     fspec = spec.filters
 
     log.info("curate %s: fetching %d source(s)", name, len(spec.sources))
-    fetched = [fetch_source(s) for s in spec.sources]
+    fetched = [fetch_teacher(s, stage_dir / "teacher" / name / s.name, fspec.max_chars) if s.teacher else
+               fetch_source(s) for s in spec.sources]
 
     # ---- pass 1: read, adapt, clean, filter (parallel over tasks)
     q = lambda step: jsonl_writer(quarantine / step)  # noqa: E731
     steps: list = [SourceReader(fetched, spec, quarantine / "read", work / "counts"),
                    F.MaxCharsFilter(fspec.max_chars, exclusion_writer=q("max_chars")),
+                   *([F.ThinkingLengthFilter(fspec.max_thinking_chars, exclusion_writer=q("thinking_length"))]
+                     if fspec.max_thinking_chars else []),
                    F.CleanRows(fspec.fix_unicode, fspec.redact_pii),
                    F.NonEmptyFilter(exclusion_writer=q("non_empty"))]
     token_length = None
@@ -138,13 +147,16 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
         shutil.rmtree(d, ignore_errors=True)
     # ---- mixing and split, streamed: memory stays flat however many rows were kept
     kept_files = read_jsonl(work / "kept")
-    per_source_kept, tool_rows = Counter(), False
+    per_source_kept, tool_rows, thinking_rows, provenance = Counter(), False, False, False
     for d in (d for p in kept_files for d in iter_docs(p)):
         per_source_kept[d["metadata"]["source"]] += 1
         tool_rows = tool_rows or has_tools(d["metadata"]["row"])
+        thinking_rows = thinking_rows or has_thinking(d["metadata"]["row"])
+        provenance = provenance or "provenance" in d["metadata"]
     plan = mix_plan(per_source_kept, spec, seed)
-    feats = features(spec.schema_, tools=tool_rows)
+    feats = features(spec.schema_, tools=tool_rows, thinking=thinking_rows, provenance=provenance)
     tool_stats = ToolStats() if tool_rows else None
+    thinking_stats = ThinkingStats(tokenizer)
     lengths, kept_by_source, cleaning = array("l"), Counter(), Counter()
     seen: Counter = Counter()
     with jsonl_writer(quarantine / "mixing") as unused, open(work / "selected.jsonl", "w") as selected:
@@ -155,10 +167,11 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
                 unused.write(Document(text=d["text"], id=d["id"], metadata={
                     **d["metadata"], "filter_reason": "mixing: not sampled (max_rows cap)"}))
                 continue
-            row = d["metadata"]["row"]
+            row = {**d["metadata"]["row"], "metadata": d["metadata"].get("provenance")}
             selected.write(json.dumps({k: row.get(k, []) for k in feats}, ensure_ascii=False) + "\n")
             if tool_stats is not None:
                 tool_stats.add(row)
+            thinking_stats.add(row)
             lengths.append(d["metadata"].get("n_tokens", 0))
             kept_by_source[src] += 1
             cleaning.update(d["metadata"].get("cleaned", {}))
@@ -178,14 +191,13 @@ def _finish(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
                             f"({dict(dropped)}): rows were lost; see {quarantine}")
     log.info("curate %s: %d in, %d kept, %d quarantined", name, rows_in, n_kept, n_dropped)
 
-    from llmstack.data.card import build_card
-
     return build_card(name=name, spec=spec, sources=[describe(f) for f in fetched], per_source_in=per_source_in,
                       kept_by_source=kept_by_source, rows_in=rows_in, dropped=dropped, sizes=sizes,
                       lengths=lengths, cleaning=cleaning, content_hash=content_hash, dataset_dir=out,
                       quarantine_dir=quarantine, index=index, eval_suites=eval_suites or [], tokenizer=tokenizer,
                       seed=seed, card_dir=stage_dir / "cards",
-                      tools=tool_stats.summary(dropped) if tool_stats is not None else None)
+                      tools=tool_stats.summary(dropped) if tool_stats is not None else None,
+                      thinking=thinking_stats.summary(dropped), thinking_lengths=thinking_stats.lengths)
 
 
 def quarantine_counts(quarantine: Path) -> Counter:
@@ -226,50 +238,21 @@ def mix_plan(per_source: Counter, spec: DatasetSpec, seed: int) -> dict[str, set
     return {s: set(rng.sample(range(per_source.get(s, 0)), quota[s])) for s in quota}
 
 
-class ToolStats:
-    """What the card says about a tool dataset's kept rows: tools offered and calls made per row, the functions
-    called, and argument validity (every kept call passed its JSON Schema; the failures are in quarantine)."""
-
-    def __init__(self):
-        self.rows = 0
-        self.tools_per_row: Counter = Counter()
-        self.calls_per_row: Counter = Counter()
-        self.functions: Counter = Counter()
-
-    def add(self, row: dict) -> None:
-        self.rows += 1
-        calls = [c["function"]["name"] for m in row["messages"] for c in m.get("tool_calls") or []]
-        self.tools_per_row[len(row.get("tools") or [])] += 1
-        self.calls_per_row[len(calls)] += 1
-        self.functions.update(calls)
-
-    def summary(self, dropped: Counter) -> dict:
-        from llmstack.data.formats import BAD_ARGUMENTS, BAD_JSON, BAD_TOOLS, UNKNOWN_FUNCTION
-
-        invalid = {label: sum(n for (_, reason), n in dropped.items() if reason.startswith(prefix))
-                   for label, prefix in (("unknown_function", UNKNOWN_FUNCTION), ("arguments_not_json", BAD_JSON),
-                                         ("arguments_off_schema", BAD_ARGUMENTS), ("malformed_tools", BAD_TOOLS))}
-        calls = sum(self.functions.values())
-        return {"rows": self.rows, "rows_with_tools": self.rows - self.tools_per_row.get(0, 0),
-                "rows_with_calls": self.rows - self.calls_per_row.get(0, 0),
-                "tools_per_row": {str(k): v for k, v in sorted(self.tools_per_row.items())},
-                "calls_per_row": {str(k): v for k, v in sorted(self.calls_per_row.items())},
-                "calls": calls, "distinct_functions_called": len(self.functions),
-                "top_functions": dict(self.functions.most_common(10)),
-                # kept calls were all checked against their tool's JSON Schema when the row was read
-                "arguments_valid": calls, "rows_quarantined": invalid}
-
-
-def features(schema: str, tools: bool = False):
+def features(schema: str, tools: bool = False, thinking: bool = False, provenance: bool = False):
     """The saved columns. Tool conversations keep each message and tool spec as JSON (datasets' `Json` feature):
-    call arguments and schemas are free-form objects that Arrow structs would widen with nulls."""
+    call arguments and schemas are free-form objects that Arrow structs would widen with nulls. Where any row thinks,
+    turns have a `reasoning_content` column too (null on turns without a trace); where any row came from a teacher,
+    a `metadata` column holds how (null for rows of other sources)."""
     from datasets import Features, Json, List, Value
 
     turn = {"role": Value("string"), "content": Value("string")}
+    if thinking:
+        turn["reasoning_content"] = Value("string")
+    meta = {"metadata": Json()} if provenance else {}
     if schema == "messages" and tools:
-        return Features({"messages": List(Json()), "tools": List(Json())})
+        return Features({"messages": List(Json()), "tools": List(Json()), **meta})
     if schema == "messages":
-        return Features({"messages": List(turn)})
+        return Features({"messages": List(turn), **meta})
     if schema == "preference":
         return Features({"prompt": List(turn), "chosen": List(turn), "rejected": List(turn)})
     return Features({"text": Value("string")})
@@ -415,10 +398,3 @@ def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, wo
         + 'echo "submitted: ' + " ".join(f"{v}=${v}" for v in last) + ' collect=$collect"\n')
     (folder / "submit.sh").chmod(0o755)
     return [folder / "submit.sh", *scripts, collect_job]
-
-
-def publish_card(src: Path, dest: Path, name: str) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for suffix in (".md", ".json", ".png"):
-        if (src / f"{name}{suffix}").exists():
-            shutil.copyfile(src / f"{name}{suffix}", dest / f"{name}{suffix}")

@@ -23,6 +23,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from llmstack.data.formats import flat_text, map_strings
+from llmstack.data.thinking import traces
 from llmstack.pii import card_ok, luhn_ok, redact_pii  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------- PII
@@ -120,6 +121,24 @@ class MaxCharsFilter(BaseFilter):
         return True
 
 
+class ThinkingLengthFilter(BaseFilter):
+    """Caps the thinking a row carries (its assistant traces together, in characters: counted before tokenizing, and
+    the same whichever tokenizer the recipe trains with)."""
+
+    name = "thinking length"
+
+    def __init__(self, max_chars: int, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.max_chars = max_chars
+
+    def filter(self, doc: Document):
+        n = sum(len(t) for t in traces(doc.metadata["row"]))
+        if n > self.max_chars:
+            doc.metadata["thinking_chars"] = n
+            return False, f"thinking too long: more than max_thinking_chars {self.max_chars}"
+        return True
+
+
 @lru_cache(maxsize=2)
 def load_tokenizer(path: str):
     # Loading takes seconds; every dataset of a recipe uses the same tokenizer.
@@ -155,6 +174,15 @@ def load_text_encoder(path: str):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def count_tokens(tokenizer_path: str, texts: list[str]) -> list[int]:
+    """Tokens of each plain text under the recipe's tokenizer (no special tokens, no chat template)."""
+    encoder = load_text_encoder(tokenizer_path)
+    if encoder is not None:  # encode_batch_fast (tokenizers >= 0.20) skips the offsets: the same ids, ~20% faster
+        encode = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
+        return [len(e.ids) for e in encode(texts, add_special_tokens=False)]
+    return [len(ids) for ids in load_tokenizer(tokenizer_path)(texts, add_special_tokens=False)["input_ids"]]
 
 
 class TokenLengthFilter(BaseFilter):
@@ -197,11 +225,7 @@ class TokenLengthFilter(BaseFilter):
             load_tokenizer(self.tokenizer_path)
 
     def _lengths(self, texts: list[str]) -> list[int]:
-        encoder = load_text_encoder(self.tokenizer_path)
-        if encoder is not None:  # encode_batch_fast (tokenizers >= 0.20) skips the offsets: the same ids, ~20% faster
-            encode = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
-            return [len(e.ids) for e in encode(texts, add_special_tokens=False)]
-        return [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+        return count_tokens(self.tokenizer_path, texts)
 
     def filter_batch(self, batch: list[Document]):
         texts, owners = [], []

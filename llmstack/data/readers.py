@@ -18,6 +18,7 @@ from datatrove.pipeline.writers import JsonlWriter
 from llmstack.config.data import DatasetSpec
 from llmstack.data.formats import BadRow, flat_text, to_row
 from llmstack.data.sources import BadRecord, FetchedSource, iter_records
+from llmstack.data.teacher import REJECTED, rejected
 
 
 def _as_json(writer, doc: Document) -> dict:
@@ -36,7 +37,9 @@ def jsonl_writer(folder: Path) -> JsonlWriter:
 
 
 class SourceReader(PipelineStep):
-    """Raw records -> Documents holding a canonical row. Bad records go to quarantine/read with a reason."""
+    """Raw records -> Documents holding a canonical row. Bad records go to quarantine/read with a reason, teacher
+    samples the verifier rejected to quarantine/verifier; a kept teacher sample's `metadata` (teacher, prompt id,
+    sampling, verdict) rides along as the document's `provenance`."""
 
     type = "📖 - READER"
     name = "sources"
@@ -48,7 +51,7 @@ class SourceReader(PipelineStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         order = -1
         per_source: Counter = Counter()
-        with jsonl_writer(self.quarantine) as bad:
+        with jsonl_writer(self.quarantine) as bad, jsonl_writer(self.quarantine.parent / "verifier") as unverified:
             for src in self.fetched:
                 single = len(src.files) == 1
                 base = order + 1
@@ -64,6 +67,12 @@ class SourceReader(PipelineStep):
                         bad.write(Document(text=rec.raw, id=doc_id, metadata={**meta, "filter_reason": rec.reason}),
                                   rank)
                         continue
+                    if src.spec.teacher and rejected(rec):
+                        unverified.write(Document(text=json.dumps(rec, ensure_ascii=False), id=doc_id, metadata={
+                            **meta, "filter_reason": REJECTED}), rank)
+                        continue
+                    if src.spec.teacher and isinstance(rec.get("metadata"), dict):
+                        meta["provenance"] = rec["metadata"]
                     try:
                         row = to_row(rec, src.spec.format, self.spec.schema_, self.spec.placeholders,
                                      src.spec.text_field)

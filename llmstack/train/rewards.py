@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from llmstack.eval.answers import final_number, same_number  # noqa: F401 (final_number re-exported)
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data: messages rows -> prompt + reference answer
 # ---------------------------------------------------------------------------------------------------------------------
@@ -29,26 +31,9 @@ def _text(completion) -> str:
     return completion[0]["content"] if isinstance(completion, list) else completion
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def final_number(text: str) -> float | None:
-    """GSM8K convention: the number after '####', else the last number in the text ('1,234' -> 1234)."""
-    marked = "####" in text
-    if marked:
-        text = text.rsplit("####", 1)[1]
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    return float(found[0 if marked else -1].replace(",", ""))
-
-
 def gsm8k_answer(prompts, completions, answer, **_) -> list[float]:
-    rewards = []
-    for completion, ref in zip(completions, answer):
-        want, got = final_number(ref or ""), final_number(_text(completion))
-        rewards.append(1.0 if want is not None and got is not None and abs(want - got) < 1e-6 else 0.0)
-    return rewards
+    return [1.0 if same_number(final_number(ref or ""), final_number(_text(completion))) else 0.0
+            for completion, ref in zip(completions, answer)]
 
 
 def format_reward(pattern: str, full: bool):
