@@ -259,11 +259,12 @@ class ScriptedEngine:
     `chunk` characters at a time with `delay` seconds between pieces, or, with no text, one " word" delta per
     requested token at once (what the API alone costs, apart from any model: scripts/bench_serve.py). The tests of
     the output rails, the queue and the request path use it where a real model's answer could not be chosen; it keeps
-    the prompt ids it was sent, and `fail_after=N` makes it raise after N pieces (an engine dying mid-answer)."""
+    the prompt ids it was sent, and `fail_after=N` makes it raise after N pieces (an engine dying mid-answer). A list of
+    texts is said one per call, the last one again after that (a request the server answers in two calls)."""
 
     kind, state, restarts, ready = "scripted", "ready", 0, True
 
-    def __init__(self, tokenizer, text: str | None = None, delay: float = 0.0, chunk: int = 4,
+    def __init__(self, tokenizer, text: str | list[str] | None = None, delay: float = 0.0, chunk: int = 4,
                  names: list[str] | None = None, max_model_len: int = 512, fail_after: int | None = None):
         self.tokenizer, self.text, self.delay, self.chunk = tokenizer, text, delay, chunk
         self.names, self.max_model_len, self.fail_after = names or ["tiny"], max_model_len, fail_after
@@ -284,15 +285,16 @@ class ScriptedEngine:
         from llmstack.serve.engines import Delta
 
         self.prompts.append(list(prompt_ids))
-        if self.text is None:
+        text = self.text[min(len(self.prompts), len(self.text)) - 1] if isinstance(self.text, list) else self.text
+        if text is None:
             for i in range(params.max_tokens):
                 yield [Delta(0, " word", [1], finish_reason="length" if i == params.max_tokens - 1 else None)]
             return
-        for n, i in enumerate(range(0, len(self.text), self.chunk)):
+        for n, i in enumerate(range(0, len(text), self.chunk)):
             if self.fail_after is not None and n >= self.fail_after:
                 raise RuntimeError("scripted engine failure")  # an engine that dies mid-answer
             await asyncio.sleep(self.delay)
-            piece = self.text[i:i + self.chunk]
+            piece = text[i:i + self.chunk]
             # one "token" per piece; with logprobs, the piece itself is the top alternative
             rows = ([{"token": piece, "logprob": -0.5, "top": [{"token": piece, "logprob": -0.5}]}]
                     if params.logprobs is not None else None)

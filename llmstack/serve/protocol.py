@@ -8,7 +8,7 @@ from typing import Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -68,6 +68,10 @@ class ChatMessage(_Loose):
     tool_call_id: str | None = None  # a tool turn: the call it answers
     name: str | None = None
     function_call: dict | None = None  # the legacy form: refused with a pointer to `tool_calls`
+    # An earlier assistant turn's thinking, as vLLM / DeepSeek clients send it back (`reasoning` is vLLM's newer
+    # name): through the input rails like any text; on any other role a 400 (llmstack.serve.reasoning).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -109,6 +113,14 @@ class _Sampling(_Loose):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class ChatTemplateKwargs(BaseModel):
+    """vLLM's `chat_template_kwargs`, limited to the variables this server lets a client set: a client never passes
+    arbitrary variables into the chat template (an unknown key is a 400)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enable_thinking: StrictBool | None = None  # false: the template renders an empty thinking block
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -118,6 +130,9 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    # The thinking budget of a reasoning model (tokens); 0: no thinking. vLLM calls its own `thinking_token_budget`.
+    max_reasoning_tokens: StrictInt | None = Field(None, ge=0, le=INT64_MAX)
     # The legacy function-calling fields: refused with a 400 that points to `tools` (never silently ignored)
     functions: list | None = None
     function_call: str | dict | None = None
@@ -181,8 +196,13 @@ def completion_logprobs(rows: list[dict | None], first_token: str = "") -> dict:
             "text_offset": offsets}
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, reasoning: int | None = None) -> dict:
+    """OpenAI's usage; a reasoning model's answer also counts its thinking (part of `completion`) apart, as
+    `completion_tokens_details.reasoning_tokens`."""
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
 
 
 def sse(obj: dict, event: str | None = None) -> str:

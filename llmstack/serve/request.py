@@ -19,8 +19,11 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from llmstack.config.serve import KeyEntry
+from llmstack.serve import reasoning
 from llmstack.serve.engines import EngineRejected, EngineUnavailable, GenParams
 from llmstack.serve.protocol import APIError, sse, usage
+from llmstack.serve.rails import Rails
+from llmstack.serve.reasoning import Thinking, ThinkSplit
 from llmstack.serve.state import Server
 from llmstack.serve.tooling import ToolPlan, ToolStream
 
@@ -37,10 +40,14 @@ class Answer:
     prompt_lps: list[dict | None] = field(default_factory=list)  # `echo` with logprobs: the prompt tokens' rows
     n_out: int = 0
     ttft: float | None = None
+    splits: list[ThinkSplit] | None = None  # a reasoning model's: each choice's thinking and answer
+    reasoning: list[str | None] = field(default_factory=list)  # each choice's thinking as the policy lets it out
+    reasoning_tokens: int = 0
 
     @classmethod
-    def empty(cls, n: int) -> Answer:
-        return cls([""] * n, [[] for _ in range(n)], [None] * n)
+    def empty(cls, n: int, thinking: Thinking | None = None) -> Answer:
+        return cls([""] * n, [[] for _ in range(n)], [None] * n, reasoning=[None] * n,
+                   splits=[ThinkSplit(thinking.opens) for _ in range(n)] if thinking is not None else None)
 
 
 @dataclass
@@ -62,6 +69,7 @@ class ServedRequest:
     shadow: asyncio.Task | None = None
     released: bool = False
     plan: ToolPlan | None = None  # tools offered to the model (auto / required / named)
+    thinking: Thinking | None = None  # a reasoning model's thinking: policy, budget (llmstack.serve.reasoning)
 
     async def release(self, aborted: bool = False) -> None:
         """Free what the request holds, once. An aborted request (client gone, engine error) takes its shadow with
@@ -75,24 +83,44 @@ class ServedRequest:
         if aborted and self.shadow is not None and not self.shadow.done():
             self.shadow.cancel()
 
+    def engine_stream(self):
+        """The engine's deltas, under the thinking budget (reasoning.generate): closing it aborts the engine call."""
+        return reasoning.generate(self.srv.engine, self.rid, self.prompt_ids, self.params, self.req.model,
+                                  self.thinking, self._closing_ids)
+
+    def _closing_ids(self) -> list[int]:
+        with self.srv.tokenizer_lock:
+            return self.srv.engine.tokenizer(reasoning.CLOSING, add_special_tokens=False)["input_ids"]
+
+    def usage(self, n_out: int, reasoning_tokens: int) -> dict:
+        return usage(len(self.prompt_ids), n_out, reasoning_tokens if self.thinking is not None else None)
+
     # ------------------------------------------------------------------------------------------ one JSON body
     async def _run(self, ans: Answer) -> None:
-        async for deltas in self.srv.engine.generate(self.rid, self.prompt_ids, self.params, self.req.model):
-            for d in deltas:
-                if ans.ttft is None and d.token_ids:
-                    ans.ttft = time.perf_counter() - self.t0
-                start = len(ans.texts[d.index])
-                ans.texts[d.index] += d.text
-                ans.n_out += len(d.token_ids)
-                ans.lps[d.index] += [(start, len(ans.texts[d.index]), row) for row in d.logprobs or []]
-                if d.prompt_logprobs:
-                    ans.prompt_lps[:] = d.prompt_logprobs
-                ans.finish[d.index] = d.finish_reason or ans.finish[d.index]
+        async with contextlib.aclosing(self.engine_stream()) as gen:
+            async for deltas in gen:
+                for d in deltas:
+                    if ans.ttft is None and d.token_ids:
+                        ans.ttft = time.perf_counter() - self.t0
+                    start = len(ans.texts[d.index])
+                    ans.texts[d.index] += d.text
+                    ans.n_out += len(d.token_ids)
+                    ans.lps[d.index] += [(start, len(ans.texts[d.index]), row) for row in d.logprobs or []]
+                    if d.prompt_logprobs:
+                        ans.prompt_lps[:] = d.prompt_logprobs
+                    ans.finish[d.index] = d.finish_reason or ans.finish[d.index]
+                    if ans.splits is not None:
+                        split = ans.splits[d.index]
+                        if split.thinking:  # the tokens of the closing tag count as thinking
+                            ans.reasoning_tokens += len(d.token_ids)
+                        split.feed(d.text)
+        for split in ans.splits or []:
+            split.feed("", final=True)  # unclosed thinking at the end (a length cut) is all thinking
 
     async def complete(self, request: Request):
         """The whole answer as one JSON body; a client that hangs up first aborts the engine request."""
         srv, req, params, audit, t0 = self.srv, self.req, self.params, self.audit, self.t0
-        ans, status = Answer.empty(params.n), 200
+        ans, status = Answer.empty(params.n, self.thinking), 200
         try:
             async with srv.slot():
                 task = asyncio.create_task(self._run(ans))
@@ -134,13 +162,27 @@ class ServedRequest:
         self.endpoint.settle(self, ans)
         rails, choices, sent = srv.output_rails, [], []
         for i in range(params.n):
-            v = rails.check(ans.texts[i])
+            split = ans.splits[i] if ans.splits is not None else None
+            raw_rows = ans.lps[i]
+            if split is not None:  # a reasoning model: the rails read its answer, and its thinking as policy says
+                thought_rows = [r for r in raw_rows if split.is_thinking_row(r[0])]
+                raw_rows = split.channel(raw_rows[len(thought_rows):], thinking=False)
+                ans.reasoning[i], shown_rows, vt = reasoning.railed_thinking(self.thinking.policy, rails, split,
+                                                                             thought_rows)
+            v = rails.check(split.content if split is not None else ans.texts[i])
             audit["guard"] += v.decisions
             reason = ans.finish[i] or "length"
-            text, rows = v.text, rails.scrub(ans.lps[i], [(sp.start, sp.end) for sp in v.redacted])
+            text, rows = v.text, rails.scrub(raw_rows, [(sp.start, sp.end) for sp in v.redacted])
+            if split is not None:
+                audit["guard"] += [d for d in vt.decisions if d not in audit["guard"]] if vt is not None else []
+                rows = shown_rows + rows
+                if vt is not None and vt.blocked and not v.blocked:
+                    v = vt  # thinking the rails stop stops the choice, as its answer would
             if v.blocked:  # the output rail withholds this choice (as OpenAI/Azure content filters do), logprobs too
                 srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
                 text, rows, reason = "", [], "content_filter"
+                if ans.reasoning:
+                    ans.reasoning[i] = None
             sent.append(text)
             choices.append(self.endpoint.choice(self, i, text, rows, reason, bool(v.blocked), ans))
         self._finish_metrics(ans.n_out, ans.ttft)
@@ -148,9 +190,13 @@ class ServedRequest:
             srv.metrics.version_latency.labels(req.model, audit["arm"]).observe(time.perf_counter() - t0)
         audit.update(status=200, completion_tokens=ans.n_out, latency_s=round(time.perf_counter() - t0, 4),
                      ttft_s=round(ans.ttft, 4) if ans.ttft else None, finish=[c["finish_reason"] for c in choices])
-        srv.audit.write(audit, prompt=self.prompt_text, completion=sent)  # what the client got: after the rails
+        if self.thinking is not None:
+            audit["reasoning_tokens"] = ans.reasoning_tokens
+        shown = ans.reasoning if any(r is not None for r in ans.reasoning) else None
+        # what the client got: after the rails
+        srv.audit.write(audit, prompt=self.prompt_text, completion=sent, reasoning=shown)
         return {"id": self.rid, "object": self.endpoint.object, "created": int(time.time()), "model": req.model,
-                "choices": choices, "usage": usage(len(self.prompt_ids), ans.n_out)}
+                "choices": choices, "usage": self.usage(ans.n_out, ans.reasoning_tokens)}
 
     # ------------------------------------------------------------------------------------- server-sent events
     async def stream(self):
@@ -159,7 +205,7 @@ class ServedRequest:
         audited once."""
         srv, rid, req, params, audit, t0 = self.srv, self.rid, self.req, self.params, self.audit, self.t0
         out = StreamedAnswer(self)
-        gen = srv.engine.generate(rid, self.prompt_ids, params, req.model)
+        gen = self.engine_stream()
         try:
             if self.endpoint.opens_with_role:
                 for i in range(params.n):
@@ -176,7 +222,7 @@ class ServedRequest:
                         return
             if out.include_usage:
                 yield sse({"id": rid, "object": out.obj, "created": out.created, "model": req.model, "choices": [],
-                           "usage": usage(len(self.prompt_ids), out.n_out)})
+                           "usage": self.usage(out.n_out, out.reasoning_tokens)})
             out.done = True
             yield "data: [DONE]\n\n"
         except EngineUnavailable as exc:
@@ -208,7 +254,10 @@ class ServedRequest:
             self._finish_metrics(out.n_out, out.ttft)
             audit.update(status=out.status, completion_tokens=out.n_out, latency_s=round(time.perf_counter() - t0, 4),
                          ttft_s=round(out.ttft, 4) if out.ttft else None, stream=True)
-            srv.audit.write(audit, prompt=self.prompt_text, completion=out.sent)
+            if self.thinking is not None:
+                audit["reasoning_tokens"] = out.reasoning_tokens
+            srv.audit.write(audit, prompt=self.prompt_text, completion=out.sent,
+                            reasoning=out.sent_reasoning if out.thought_rails is not None else None)
 
     def _finish_metrics(self, n_out: int, ttft: float | None) -> None:
         self.srv.metrics.tokens.labels("completion").inc(n_out)
@@ -222,8 +271,9 @@ def _error_event(status_code: int, message: str, code: str) -> list[str]:
 
 class StreamedAnswer:
     """A streamed answer as it goes out: per choice its stream rail, the logprobs rows waiting for their text to be
-    released, and what was sent; the token count, time to first token and status for the audit line. `done` still
-    False when the stream ends means the client went away."""
+    released, and what was sent; for a reasoning model also its split, and its thinking's own stream rail (none under
+    `hide`: thinking and its rows never go out); the token counts, time to first token and status for the audit line.
+    `done` still False when the stream ends means the client went away."""
 
     def __init__(self, call: ServedRequest):
         n, req = call.params.n, call.req
@@ -235,33 +285,60 @@ class StreamedAnswer:
         self.n_out, self.ttft, self.status, self.done = 0, None, 200, False
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.tool_stream = ToolStream(call.plan, n, call.audit) if call.plan is not None else None
+        th = call.thinking
+        self.splits = [ThinkSplit(th.opens) for _ in range(n)] if th is not None else None
+        self.thought_rails = None  # pass: rails with no rail (only the stream's bookkeeping)
+        if th is not None and th.opens and th.policy != "hide":
+            rails = call.srv.output_rails if th.policy == "rail" else Rails([], "output")
+            self.thought_rails = [rails.stream() for _ in range(n)]
+        self.held_thought: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
+        self.thought_done = [False] * n
+        self.sent_reasoning = [""] * n
+        self.reasoning_tokens = 0
 
     def chunk(self, index: int, text: str | None = None, finish: str | None = None, lp: list[dict] | None = None,
-              role: bool = False, calls: list[dict] | None = None) -> str:
+              role: bool = False, calls: list[dict] | None = None, reasoning: str | None = None) -> str:
         call = self.call
         body = {"id": call.rid, "object": self.obj, "created": self.created, "model": call.req.model,
-                "choices": [call.endpoint.delta(index, text, finish, lp, role, calls)]}
+                "choices": [call.endpoint.delta(index, text, finish, lp, role, calls, reasoning=reasoning)]}
         if self.include_usage:
             body["usage"] = None
         return sse(body)
 
+    def _blocked(self, v) -> Iterator[str]:
+        self.status, self.done = 400, True
+        self.call.srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
+        self.call.audit["guard"] += v.decisions
+        yield from _error_event(400, v.message, v.code)
+
     def lines(self, d) -> Iterator[str]:
         """The events for one engine delta: its text as the choice's rail releases it, with the logprobs rows of the
-        released text (scrubbed alike), as content or tool-call deltas; or, when the rail blocks, the error event."""
+        released text (scrubbed alike), as content or tool-call deltas — a reasoning model's thinking first, as
+        reasoning deltas through a rail of its own; or, when a rail blocks, the error event."""
         call = self.call
         if self.ttft is None and d.token_ids:
             self.ttft = time.perf_counter() - call.t0
         self.n_out += len(d.token_ids)
         i, start = d.index, self.raw_len[d.index]
+        final = d.finish_reason is not None
         self.raw_len[i] += len(d.text)
-        self.held_rows[i] += [(start, self.raw_len[i], row) for row in d.logprobs or []]
+        rows = [(start, self.raw_len[i], row) for row in d.logprobs or []]
+        text = d.text
+        if self.splits is not None:
+            split = self.splits[i]
+            if split.thinking:  # the tokens of the closing tag count as thinking
+                self.reasoning_tokens += len(d.token_ids)
+            thought, text = split.feed(d.text, final=final)
+            n_thought = sum(1 for r in rows if split.is_thinking_row(r[0]))
+            yield from self._thought(i, thought, rows[:n_thought], final)
+            if self.done:
+                return
+            rows = split.channel(rows[n_thought:], thinking=False)
+        self.held_rows[i] += rows
         rail = self.rails[i]
-        v = rail.feed(d.text, final=d.finish_reason is not None)
+        v = rail.feed(text, final=final)
         if v.blocked:
-            self.status, self.done = 400, True
-            call.srv.metrics.guard_blocks.labels(f"output:{v.blocked}").inc()
-            call.audit["guard"] += v.decisions
-            yield from _error_event(400, v.message, v.code)
+            yield from self._blocked(v)
             return
         ready = [r for r in self.held_rows[i] if r[1] <= rail.consumed]
         self.held_rows[i] = self.held_rows[i][len(ready):]
@@ -275,3 +352,30 @@ class StreamedAnswer:
             yield self.chunk(i, v.text, lp=rows)
         if d.finish_reason:
             yield self.chunk(i, finish=d.finish_reason)
+
+    def _thought(self, i: int, thought: str, rows: list[tuple[int, int, dict]], final: bool) -> Iterator[str]:
+        """A piece of choice i's thinking, through its own rail, as a reasoning delta with its logprobs rows; when
+        thinking has closed, the rest the rail held. Under `hide` nothing goes out."""
+        split = self.splits[i]
+        if self.thought_rails is None or self.thought_done[i]:
+            return
+        closed = final or not split.thinking
+        self.held_thought[i] += rows
+        if not thought and not closed and not rows:
+            return
+        rail = self.thought_rails[i]
+        v = rail.feed(thought, final=closed)
+        self.thought_done[i] = closed
+        if v.blocked:
+            yield from self._blocked(v)
+            return
+        held = split.channel(self.held_thought[i], thinking=True)
+        n_ready = len(held) if closed else next((k for k, r in enumerate(held) if r[1] > rail.consumed), len(held))
+        self.held_thought[i] = self.held_thought[i][n_ready:]
+        if self.call.thinking.policy == "rail":
+            out_rows = self.call.srv.output_rails.scrub(held[:n_ready], rail.redacted)
+        else:
+            out_rows = [row for _, _, row in held[:n_ready]]
+        self.sent_reasoning[i] += v.text
+        if v.text or out_rows:
+            yield self.chunk(i, reasoning=v.text, lp=out_rows)

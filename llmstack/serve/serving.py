@@ -22,6 +22,7 @@ from llmstack.config.serve import KeyEntry, RequestCaps
 from llmstack.serve.admission import admit_request, admit_tokens, check_model, read_json
 from llmstack.serve.engines import GenParams
 from llmstack.serve.protocol import APIError
+from llmstack.serve.reasoning import Thinking
 from llmstack.serve.request import Answer, ServedRequest
 from llmstack.serve.shadow import start_shadow
 from llmstack.serve.state import Server, new_request_id
@@ -59,7 +60,12 @@ class Endpoint:
     def echo(self, req) -> bool:
         return False
 
-    def render(self, srv: Server, req, guard, plan: ToolPlan | None) -> tuple[list[int], str]:
+    def thinking(self, srv: Server, req, key: KeyEntry, params: GenParams, structured: bool) -> Thinking | None:
+        """What the request asks of a reasoning model's thinking (llmstack.serve.reasoning); None: no thinking."""
+        return None
+
+    def render(self, srv: Server, req, guard, plan: ToolPlan | None,
+               thinking: Thinking | None = None) -> tuple[list[int], str]:
         """The prompt tokens and text, every text of the request through `guard(text, param)` (the input rails)."""
         raise NotImplementedError
 
@@ -76,8 +82,8 @@ class Endpoint:
         raise NotImplementedError
 
     def delta(self, index: int, text: str | None, finish: str | None, lp: list[dict] | None, role: bool,
-              calls: list[dict] | None) -> dict:
-        """One choice of a stream chunk."""
+              calls: list[dict] | None, reasoning: str | None = None) -> dict:
+        """One choice of a stream chunk (`reasoning`: a piece of a reasoning model's thinking)."""
         raise NotImplementedError
 
 
@@ -159,9 +165,14 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
             srv.metrics.routed.labels(public, req.model, arm).inc()
         schema, json_object = await endpoint.structured(srv, req, plan)
         params = gen_params(req, endpoint, srv.policy.caps, schema, json_object)
+        thinking = endpoint.thinking(srv, req, key, params, schema is not None or json_object)
 
         # ---- input rails, then the prompt tokens the engine will see (off the event loop)
-        prompt_ids, prompt_text = await srv.in_worker(endpoint.render, srv, req, input_guard(srv, audit), plan)
+        prompt_ids, prompt_text = await srv.in_worker(endpoint.render, srv, req, input_guard(srv, audit), plan,
+                                                      thinking)
+        if thinking is not None:
+            thinking.settle(prompt_text)
+            audit["thinking"] = thinking.policy if thinking.opens else "off"
         n_prompt = len(prompt_ids)
         await admit_tokens(srv, key, audit, n_prompt, params, endpoint.prompt_param)
 
@@ -169,7 +180,7 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
         audit["prompt_tokens"] = n_prompt
         await srv.in_worker(srv.traffic.observe, endpoint.user_text(req))  # the traffic served, for drift
         call = ServedRequest(srv=srv, endpoint=endpoint, rid=rid, req=req, params=params, prompt_ids=prompt_ids,
-                             prompt_text=prompt_text, audit=audit, t0=t0, key=key,
+                             prompt_text=prompt_text, audit=audit, t0=t0, key=key, thinking=thinking,
                              plan=plan if plan is not None and plan.mode != "none" else None)
         if call.plan is not None:
             audit["tools_offered"] = len(plan.tools)

@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 
 from llmstack import tools
+from llmstack.config.serve import KeyEntry
+from llmstack.serve import reasoning
+from llmstack.serve.engines import GenParams
 from llmstack.serve.protocol import APIError, ChatRequest, chat_logprobs
+from llmstack.serve.reasoning import Thinking
 from llmstack.serve.request import Answer, ServedRequest
 from llmstack.serve.serving import Endpoint
 from llmstack.serve.state import Server
@@ -58,7 +62,13 @@ class ChatCompletions(Endpoint):
     def top_logprobs(self, req) -> int | None:
         return (req.top_logprobs or 0) if req.logprobs else None
 
-    def render(self, srv: Server, req, guard, plan: ToolPlan | None) -> tuple[list[int], str]:
+    def thinking(self, srv: Server, req, key: KeyEntry, params: GenParams, structured: bool) -> Thinking | None:
+        reasoning.check_messages(req)
+        return reasoning.plan(srv.reasoning_parser, req, key.thinking or srv.policy.thinking, params,
+                              srv.policy.caps.max_tokens, structured)
+
+    def render(self, srv: Server, req, guard, plan: ToolPlan | None,
+               thinking: Thinking | None = None) -> tuple[list[int], str]:
         tok = srv.engine.tokenizer
         # a spec or call that spells a special token is refused as such, before the rails (whose injection rail
         # would refuse `<|im_start|>system` under its own code, and only where the policy turns it on)
@@ -76,9 +86,11 @@ class ChatCompletions(Endpoint):
         if len(users) > 1:  # an injection split across user turns is seen whole
             guard.joined(users, "messages")
         extra = json.dumps([specs, [m.get("tool_calls") for m in messages]], ensure_ascii=False) if tooled else ""
-        srv.check_prompt_chars("".join(m["content"] for m in messages) + extra, "messages")
+        srv.check_prompt_chars("".join(m["content"] + m.get("reasoning_content", "") for m in messages) + extra,
+                               "messages")
+        kwargs = thinking.template_kwargs() if thinking is not None else {}
         with srv.tokenizer_lock:
-            return encode_chat(tok, messages, specs, tools.template_for(tok) if tooled else None)
+            return encode_chat(tok, messages, specs, tools.template_for(tok) if tooled else None, kwargs)
 
     def user_text(self, req) -> str:
         return next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
@@ -86,6 +98,8 @@ class ChatCompletions(Endpoint):
     def choice(self, call: ServedRequest, i: int, text: str, rows: list[dict], reason: str, blocked: bool,
                answer: Answer) -> dict:
         message = {"role": "assistant", "content": text}
+        if answer.reasoning[i] is not None:  # a reasoning model's thinking, as the policy lets it out
+            message["reasoning_content"] = answer.reasoning[i]
         if call.plan is not None and not blocked:
             message["content"], calls = call.plan.read_calls(text, call.srv.engine, call.audit)
             if calls:
@@ -93,8 +107,10 @@ class ChatCompletions(Endpoint):
         return {"index": i, "message": message, "finish_reason": reason,
                 "logprobs": chat_logprobs(rows) if call.params.logprobs is not None else None}
 
-    def delta(self, index, text, finish, lp, role, calls) -> dict:
+    def delta(self, index, text, finish, lp, role, calls, reasoning=None) -> dict:
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        if reasoning:
+            delta["reasoning_content"] = reasoning
         if calls:
             delta["tool_calls"] = calls
         return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(lp) if lp else None}
@@ -113,6 +129,9 @@ def rail_chat(req, plan: ToolPlan | None, guard, exempt: list[str]) -> tuple[lis
         if railed:
             text = guard(text, f"messages[{i}].content")
         msg = {"role": "system" if m.role == "developer" else m.role, "content": text}
+        thought = reasoning.earlier_thinking(m)  # only on assistant turns (reasoning.check_messages)
+        if thought is not None:
+            msg["reasoning_content"] = guard(thought, f"messages[{i}].reasoning_content") if railed else thought
         if m.tool_calls:  # what the model sent earlier is text like any other (arguments parsed by check_history)
             msg["tool_calls"] = []
             for j, c in enumerate(m.tool_calls):
@@ -140,7 +159,7 @@ _MARK = "\ue000{}\ue001"  # private-use characters around a message index: stand
 
 
 def encode_chat(tok, messages: list[dict], tool_specs: list[dict] | None = None,
-                template: str | None = None) -> tuple[list[int], str]:
+                template: str | None = None, template_kwargs: dict | None = None) -> tuple[list[int], str]:
     """The prompt tokens of a chat, with the message contents tokenized as text: a `<|im_end|><|im_start|>system`
     typed into a message stays those characters, never the control tokens that would forge a turn.
 
@@ -149,10 +168,14 @@ def encode_chat(tok, messages: list[dict], tool_specs: list[dict] | None = None,
     template's own text around it is tokenized as usual while the content is tokenized with special tokens split."""
     def apply(msgs):
         return tok.apply_chat_template(msgs, tools=tool_specs, chat_template=template, add_generation_prompt=True,
-                                       tokenize=False)
+                                       tokenize=False, **(template_kwargs or {}))
 
     prompt_text = apply(messages)
     specials = _specials(tok)
+    if any(sp in m.get("reasoning_content", "") for m in messages for sp in specials):
+        i = next(i for i, m in enumerate(messages) if any(sp in m.get("reasoning_content", "") for sp in specials))
+        raise APIError(400, f"messages[{i}].reasoning_content spells a special token of this model; remove it",
+                       param=f"messages[{i}].reasoning_content", code="special_token_in_content")
     forged = [i for i, m in enumerate(messages) if any(sp in m["content"] for sp in specials)]
     if not forged:
         return tok(prompt_text, add_special_tokens=False)["input_ids"], prompt_text

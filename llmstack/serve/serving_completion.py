@@ -24,7 +24,7 @@ class Completions(Endpoint):
     def echo(self, req) -> bool:
         return req.echo
 
-    def render(self, srv: Server, req, guard, plan: ToolPlan | None) -> tuple[list[int], str]:
+    def render(self, srv: Server, req, guard, plan: ToolPlan | None, thinking=None) -> tuple[list[int], str]:
         tok = srv.engine.tokenizer
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
@@ -69,6 +69,6 @@ class Completions(Endpoint):
         return {"index": i, "text": text, "finish_reason": reason,
                 "logprobs": completion_logprobs(rows, first) if call.params.logprobs is not None else None}
 
-    def delta(self, index, text, finish, lp, role, calls) -> dict:
+    def delta(self, index, text, finish, lp, role, calls, reasoning=None) -> dict:
         return {"index": index, "text": text or "", "finish_reason": finish,
                 "logprobs": completion_logprobs(lp) if lp else None}

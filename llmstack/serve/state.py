@@ -23,6 +23,7 @@ from llmstack.serve.guard import KeyRing, RateLimiter
 from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.protocol import APIError
 from llmstack.serve.rails import Rails
+from llmstack.serve.reasoning import parser_for
 from llmstack.serve.routing import Router
 
 log = logging.getLogger("llmstack.serve")
@@ -69,6 +70,13 @@ class Server:
         # shadow copies are the operator's traffic: charged to a budget of their own, never to the client's key
         self.shadow_budget = KeyEntry(id="shadow-budget", sha256="0" * 64,
                                       tokens_per_minute=self.policy.rate_limits.shadow_tokens_per_minute)
+
+    @property
+    def reasoning_parser(self) -> str | None:
+        """How this model's output splits into thinking and answer (llmstack.serve.reasoning); None: it does not."""
+        if not hasattr(self, "_reasoning_parser"):
+            self._reasoning_parser = parser_for(self.spec.reasoning.parser, self.engine.tokenizer.chat_template)
+        return self._reasoning_parser
 
     def max_prompt_chars(self) -> int:
         """The longest prompt text that could still fit the context: no token is longer than the longest entry of
