@@ -380,3 +380,26 @@ def test_a_tool_call_in_a_real_browser(tool_server, tmp_path):
     response = follow["prompt"].split("<tool_response>\n")[1].split("\n</tool_response>")[0]
     assert response and response in chat_text, (response, chat_text)
     assert f'"name": "{name}"' in follow["prompt"].split("<tool_call>")[-1]
+
+
+def test_a_reasoning_models_thinking_shows_collapsed_above_the_answer_and_never_goes_back(smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
+    from llmstack.demo.app import THINKING_TITLE
+    from llmstack.train import thinking
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    tok.chat_template = thinking.chat_template(tok)
+    engine, client, backend = scripted_backend(tok, ["SECRET_PLAN add two and two.\n</think>\n\nIt is 4.",
+                                                     "It is 6."], tmp_path)
+    with client:
+        steps = list(backend.turn([], "What is 2+2?", "tiny", "", 0.0, 64))
+        final = steps[-1]
+        assert [(m.metadata.get("title"), m.metadata.get("status"), m.content) for m in final] == [
+            (THINKING_TITLE, "done", "SECRET_PLAN add two and two."), (None, None, "It is 4.")]
+        assert any(s[-1].metadata.get("status") == "pending" for s in steps)  # open while the model thinks
+        history = [{"role": "user", "content": "What is 2+2?"},
+                   *({"role": "assistant", "content": m.content, "metadata": m.metadata} for m in final)]
+        list(backend.turn(history, "And 3+3?", "tiny", "", 0.0, 64))
+    prompt = tok.decode(engine.prompts[1])
+    assert "SECRET_PLAN" not in prompt and "<|im_start|>assistant\nIt is 4.<|im_end|>" in prompt

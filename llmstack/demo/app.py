@@ -3,7 +3,9 @@
 It never touches a model itself: everything goes through the guarded API, so what a person sees in the demo is what an
 API client gets — streaming, the models the key may use (from /v1/models), and the guard's refusals, shown as a
 message in the chat rather than an exception. With Tools on, the model may call the demo's calculator and clock
-(llmstack.demo.tools): the demo runs them — never the server — and shows each call and its result in the chat.
+(llmstack.demo.tools): the demo runs them — never the server — and shows each call and its result in the chat. A
+reasoning model's thinking (the stream's `reasoning_content`, where the server's policy sends it) is shown above its
+answer as a Gradio thought — collapsed once the answer begins — and never sent back in the history.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ GUARD_MESSAGES = {
 # the server's context_length_exceeded message: "this model's context is C tokens; the prompt has P and max_tokens ..."
 CONTEXT_NUMBERS = re.compile(r"context is (\d+) tokens; the prompt has (\d+)")
 MAX_TOOL_ROUNDS = 3  # tool rounds in one turn; after them the model is asked for text (tool_choice none)
+THINKING_TITLE = "💭 Thinking"
 log = logging.getLogger("llmstack.demo")
 
 
@@ -65,7 +68,8 @@ class ChatBackend:
                max_tokens: int) -> Iterator[str]:
         """The answer's text as it grows (a text-only turn: no tools offered), for callers that want plain text."""
         for shown in self.turn(history, message, model, system, temperature, max_tokens):
-            yield _text(shown[-1].content)
+            if not shown[-1].metadata:  # a reasoning model's thinking is not the answer's text
+                yield _text(shown[-1].content)
 
     def turn(self, history: list[dict], message: str, model: str, system: str, temperature: float, max_tokens: int,
              tools: bool = False, tool_choice: str = "auto") -> Iterator[list[gr.ChatMessage]]:
@@ -143,12 +147,17 @@ class ChatBackend:
         (OpenAI's streamed `tool_calls` deltas put together by index). Raises BadRequestError only before any output:
         the caller decides whether a smaller request fits."""
         base = len(shown)
-        answer = ""
+        answer = thinking = ""
         calls: dict[int, dict] = {}
 
-        def show(text: str) -> list[gr.ChatMessage]:
+        def show(text: str | None) -> list[gr.ChatMessage]:
+            """The thinking so far as a thought (open while it grows, closed once there is more), then `text`."""
             del shown[base:]
-            shown.append(gr.ChatMessage(text))
+            if thinking.strip():
+                shown.append(gr.ChatMessage(thinking.strip(), metadata={
+                    "title": THINKING_TITLE, "status": "pending" if text is None else "done"}))
+            if text is not None:
+                shown.append(gr.ChatMessage(text))
             return list(shown)
 
         try:
@@ -158,6 +167,10 @@ class ChatBackend:
                 if not chunk.choices:
                     continue
                 delta = chunk.choices[0].delta
+                thought = (delta.model_extra or {}).get("reasoning_content")  # not a typed field of the SDK
+                if thought:
+                    thinking += thought
+                    yield show(None)
                 for tc in delta.tool_calls or []:
                     slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
                     slot["id"] = tc.id or slot["id"]
@@ -185,7 +198,9 @@ class ChatBackend:
         if not answer.strip() and not calls_made:
             yield show("(the model returned an empty answer)")
         elif calls_made and not answer.strip():
-            del shown[base:]  # a call with no text: nothing to show but the call
+            del shown[base:]  # a call with no text: nothing to show but the thinking (if any) and the call
+            if thinking.strip():
+                shown.append(gr.ChatMessage(thinking.strip(), metadata={"title": THINKING_TITLE, "status": "done"}))
         elif calls_made:
             yield show(answer.strip())  # the text before the call, without the line break that led to it
         return calls_made
