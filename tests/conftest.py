@@ -22,6 +22,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_thinking_model(tiny_model, tmp_path_factory) -> Path:
+    """A copy of the tiny model carrying llmstack's reasoning chat template (llmstack/train/thinking.py), as a
+    reasoning sft stage saves it: what `reasoning.parser: auto` serves as a reasoning model. Read-only."""
+    from transformers import AutoTokenizer
+
+    from llmstack.train import thinking
+
+    out = tmp_path_factory.mktemp("thinking") / "model"
+    shutil.copytree(tiny_model, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = thinking.chat_template(tok)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
     """The tiny model's tokenizer, loaded once per test module (the engines and apps under test share it)."""

@@ -80,8 +80,14 @@ def test_thinking_and_answer_split_railed_with_reasoning_tokens_json_and_streame
         assert r.usage.completion_tokens == len(pieces)
         assert r.usage.completion_tokens_details.reasoning_tokens == n_thinking
 
-        chunks, reasoning, content = streamed(oc)
+        lp = oc.chat.completions.create(model="tiny", messages=USER, logprobs=True, top_logprobs=1).choices[0]
+        tokens = [t.token for t in lp.logprobs.content]
+        assert len(tokens) == len(pieces) and tokens[0] == "Let "  # the thinking's rows too, the email's emptied
+        assert "".join(tokens).startswith("Let me think") and "jane" not in "".join(tokens) and "" in tokens
+
+        chunks, reasoning, content = streamed(oc, logprobs=True, top_logprobs=1)
         assert (reasoning, content) == (thought(msg), ANSWER)
+        assert "jane" not in json.dumps([ch.model_dump() for ch in chunks])  # nor in the streamed logprobs
         deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
         kinds = [("r" if thought(d) else "") + ("c" if d.content else "") for d in deltas]
         kinds = [k for k in kinds if k]
@@ -258,3 +264,47 @@ def test_a_model_that_does_not_think_refuses_a_budget(tokenizer):
         with pytest.raises(openai.BadRequestError) as err:
             client(c).chat.completions.create(model="tiny", messages=USER, extra_body={"max_reasoning_tokens": 5})
         assert err.value.body["param"] == "max_reasoning_tokens"
+
+
+def budget_equals_greedy(oc: openai.OpenAI, model: str, model_dir) -> None:
+    """max_reasoning_tokens 4 of max_tokens 24, greedy, on a real engine serving the tiny reasoning model: the served
+    tokens are transformers' greedy tokens for the prompt (4, unclosed: a random model), then for the prompt + them
+    + the closing tag; the split, usage and the stream agree."""
+    from transformers import AutoTokenizer
+
+    from llmstack.serve.reasoning import CLOSING
+    from test_serve_vllm import _hf_greedy
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "Who are you?"}]
+    kw = {"model": model, "messages": messages, "max_tokens": 24, "temperature": 0,
+          "extra_body": {"max_reasoning_tokens": 4}}
+    r = oc.chat.completions.create(logprobs=True, **kw)
+    msg = r.choices[0].message
+    served = [t.token for t in r.choices[0].logprobs.content]  # the thinking's rows, then the answer's
+
+    prompt = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    thinking = _hf_greedy(model_dir, prompt, 4)
+    assert len(thinking) == 4 and "</think>" not in tok.decode(thinking)  # a random model never closes it itself
+    tag = tok(CLOSING, add_special_tokens=False)["input_ids"]
+    answer = _hf_greedy(model_dir, prompt + thinking + tag, 24 - 4 - len(tag))  # the tag is charged to max_tokens
+    assert answer
+    assert served == [tok.decode([t]) for t in thinking + answer]
+    assert thought(msg) == tok.decode(thinking).strip("\n")
+    assert msg.content == tok.decode(answer).lstrip("\n")
+    assert r.usage.completion_tokens_details.reasoning_tokens == 4
+    assert r.usage.completion_tokens == 4 + len(answer)
+
+    chunks = [c for c in oc.chat.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(thought(c.choices[0].delta) or "" for c in chunks) == thought(msg)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+
+
+def test_thinking_budget_on_the_transformers_engine_equals_greedy_in_two_calls(tiny_thinking_model):
+    from llmstack.serve.engines.hf import HfEngine
+
+    engine = HfEngine(tiny_thinking_model, "tiny", max_model_len=512)
+    policy = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 100_000}})
+    with TestClient(build_app(engine, ServeSpec(engine="hf"), policy, KEYFILE)) as c:
+        budget_equals_greedy(client(c), "tiny", tiny_thinking_model)

@@ -107,7 +107,8 @@ async def generate(engine, rid: str, prompt_ids: list[int], params: GenParams, m
     """The engine's deltas for one request, with the thinking budget applied: a first call of at most `budget`
     tokens, then, per choice cut there, the server's closing tag (a delta of text without tokens: it is prompt, not
     completion) and a second call that continues from the prompt, the tokens so far and the tag, with what is left
-    of max_tokens. `closing_ids()` tokenizes the tag. Closing this generator aborts the engine call in flight."""
+    of max_tokens after both. `closing_ids()` tokenizes the tag. Closing this generator aborts the engine call in
+    flight."""
     budget = thinking.budget if thinking is not None and thinking.opens else None
     if budget is None or budget >= params.max_tokens:
         async with contextlib.aclosing(engine.generate(rid, prompt_ids, params, model)) as gen:
@@ -139,12 +140,14 @@ async def generate(engine, rid: str, prompt_ids: list[int], params: GenParams, m
         closing = "" if CLOSE in texts[i] else CLOSING  # a model that closed thinking itself only goes on answering
         if closing:
             yield [Delta(i, closing, [])]
-        left = params.max_tokens - len(ids[i])
+        tag = closing_ids() if closing else []
+        # the tag's tokens are charged to max_tokens: the second call stays within the context admitted for the first
+        left = params.max_tokens - len(ids[i]) - len(tag)
         if left <= 0:
             yield [Delta(i, "", [], finish_reason="length")]
             continue
         more = replace(params, n=1, max_tokens=left, prompt_logprobs=None)
-        prompt = prompt_ids + ids[i] + (closing_ids() if closing else [])
+        prompt = prompt_ids + ids[i] + tag
         async with contextlib.aclosing(engine.generate(f"{rid}-{i}", prompt, more, model)) as gen:
             async for deltas in gen:
                 yield [replace(d, index=i) for d in deltas]
