@@ -134,6 +134,18 @@ def test_pass_sends_thinking_unrailed_and_block_mode_stops_the_choice(tok):
         assert r.choices[0].message.content == ANSWER
 
 
+def test_the_servers_policy_applies_to_keys_without_their_own_and_unclosed_thinking_is_all_thinking(tok):
+    _, c = serve(tok, "Still thinking about jane", thinking="pass")
+    with c:
+        r = client(c).chat.completions.create(model="tiny", messages=USER)  # a length cut inside thinking
+        assert (thought(r.choices[0].message), r.choices[0].message.content) == ("Still thinking about jane", "")
+        assert r.usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens
+        _, reasoning, content = streamed(client(c))
+        assert (reasoning, content) == ("Still thinking about jane", "")
+        r = client(c, "hide").chat.completions.create(model="tiny", messages=USER)  # the key's own policy wins
+        assert thought(r.choices[0].message) is None and r.choices[0].message.content == ""
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_tool_call_inside_thinking_is_never_parsed(tok, stream):
     text = f"Maybe {CALL} but I know it.\n</think>\n\nSunny."
