@@ -42,6 +42,19 @@ class Endpoint:
     logprobs_param: str  # the request field that asks for top logprobs
     opens_with_role = False  # a stream's first delta per choice is the assistant role
 
+    async def translate(self, srv: Server, key: KeyEntry, req):
+        """The request as the schema the rest of the path reads: an endpoint with a wire of its own (Responses)
+        returns the internal chat request here, so every guard below is the one chat goes through."""
+        return req
+
+    async def respond(self, call: ServedRequest, body):
+        """The JSON answer in the endpoint's own shape (`body` is what `ServedRequest.complete` returned)."""
+        return body
+
+    def events(self, call: ServedRequest, lines):
+        """The stream in the endpoint's own shape (`lines`: the server-sent events `ServedRequest.stream` yields)."""
+        return lines
+
     async def prepare(self, srv: Server, req) -> ToolPlan | None:
         """Checks of the endpoint's own fields, before the model is looked up; the tools the request offers."""
         return None
@@ -153,7 +166,7 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
         await admit_request(srv, key, audit)
         srv.take_key_slot(key)
         holding = True
-        req = await read_json(request, srv, endpoint.schema)
+        req = await endpoint.translate(srv, key, await read_json(request, srv, endpoint.schema))
         audit["model"] = req.model[:200]
         plan = await endpoint.prepare(srv, req)
         await check_model(srv, key, req.model)
@@ -192,10 +205,11 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
             await slot.__aenter__()  # refuse (503) before the 200 of the stream goes out
             call.slot = slot
             handed_over = True
-            return ClosingStreamingResponse(call.stream(), call.release, media_type="text/event-stream",
+            return ClosingStreamingResponse(endpoint.events(call, call.stream()), call.release,
+                                            media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         handed_over = True  # complete() releases in its own finally
-        return await call.complete(request)
+        return await endpoint.respond(call, await call.complete(request))
     except APIError as exc:
         if "status" not in audit:
             audit.update(status=exc.status, error=exc.code or exc.message[:200],
