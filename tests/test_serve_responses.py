@@ -6,6 +6,7 @@ tokenizer, so the prompts the engine was sent can be read back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import openai
@@ -248,3 +249,33 @@ def test_bad_requests_are_4xx_in_openais_shape(tokenizer):
         assert r.status_code == 401
         r = c.delete("/v1/responses/resp_x", headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
+
+
+# ----------------------------------------------------------------------------------- the OpenAI Agents SDK
+def test_agents_sdk_runs_its_function_tool_loop_against_a_live_server(tokenizer):
+    """The Agents SDK's own loop (OpenAIResponsesModel): call 1 answers with a tool call, the SDK runs the tool and
+    sends its output back, call 2 answers with the final text."""
+    import agents
+    from openai import AsyncOpenAI
+    from test_serve_attack import live
+
+    agents.set_tracing_disabled(True)
+    ran = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Current weather for a city."""
+        ran.append(city)
+        return f"sunny in {city}"
+
+    engine, _ = scripted(tokenizer, [CALL, "It is sunny in Paris."])
+    app = build_app(engine, ServeSpec(engine="hf"), GuardPolicy(), KEYS)
+    with live(app) as port:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+        agent = agents.Agent(name="weather", instructions="Answer with the weather tool.", tools=[get_weather],
+                             model=agents.OpenAIResponsesModel(model="tiny", openai_client=client))
+        result = asyncio.run(agents.Runner.run(agent, "Weather in Paris?"))
+    assert ran == ["Paris"] and result.final_output == "It is sunny in Paris."
+    assert len(engine.prompts) == 2
+    second = tokenizer.decode(engine.prompts[1])
+    assert "sunny in Paris" in second and "Answer with the weather tool." in second  # the tool's output went back
