@@ -257,6 +257,7 @@ def test_agents_sdk_runs_its_function_tool_loop_against_a_live_server(tokenizer)
     sends its output back, call 2 answers with the final text."""
     import agents
     from openai import AsyncOpenAI
+
     from test_serve_attack import live
 
     agents.set_tracing_disabled(True)

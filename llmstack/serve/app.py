@@ -240,7 +240,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     add_admin_routes(app, ref, engine, spec)
 
     # -------------------------------------------------------------------------------------------- generation
-    # One Endpoint per route over the shared request path (serving.py); a Responses endpoint would be one more.
+    # One Endpoint per route over the shared request path (serving.py).
     chat, completion = ChatCompletions(), Completions()
 
     @app.post(chat.route)

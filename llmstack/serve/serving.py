@@ -5,8 +5,9 @@ requests/min (429) -> parse (400) -> the endpoint's own checks (tools) -> model 
 pick -> caps (400) -> input rails + render (400 / redact) -> context and tokens/min (400 / 429) -> engine slot (bounded
 queue: 503) -> `ServedRequest.complete` (JSON) or `.stream` (SSE), each through the output rails -> audit + metrics.
 
-An `Endpoint` (serving_chat.py, serving_completion.py; a Responses endpoint would be a third) says what differs: its
-request schema, how its prompt is rendered, how its answer and stream chunks are shaped.
+An `Endpoint` (serving_chat.py, serving_completion.py, serving_responses.py) says what differs: its request schema,
+how its prompt is rendered, how its answer and stream chunks are shaped. An endpoint with a wire of its own
+(Responses) translates its request into chat's (`translate`) and chat's answer back (`respond`, `events`).
 """
 
 from __future__ import annotations
