@@ -280,3 +280,54 @@ def test_agents_sdk_runs_its_function_tool_loop_against_a_live_server(tokenizer)
     assert len(engine.prompts) == 2
     second = tokenizer.decode(engine.prompts[1])
     assert "sunny in Paris" in second and "Answer with the weather tool." in second  # the tool's output went back
+
+
+def test_redis_store_is_shared_by_replicas_and_keeps_owner_ttl_and_caps(tokenizer, redis_url):
+    """Two replicas on one redis: a response made on one is read, continued and deleted on the other; owners, the
+    per-key cap and the TTL hold there too."""
+    spec = {"routes_store": redis_url, "responses": {"max_per_key": 2}}
+    engine, a = scripted(tokenizer, "From the store.", spec=spec)
+    _, b = scripted(tokenizer, "From the store.", spec=spec)
+    with a, b:
+        ca, cb = client_for(a), client_for(b)
+        first = ca.responses.create(model="tiny", input="Remember: blue.")
+        assert cb.responses.retrieve(first.id).output_text == "From the store."
+        with pytest.raises(openai.NotFoundError):
+            client_for(b, OTHER).responses.retrieve(first.id)
+        cb.responses.create(model="tiny", input="more", previous_response_id=first.id)
+        ca.responses.create(model="tiny", input="again")
+        with pytest.raises(openai.NotFoundError):
+            ca.responses.retrieve(first.id)  # the third of this key's responses evicted the first
+        last = cb.responses.create(model="tiny", input="last")
+        ca.responses.delete(last.id)  # the client returns nothing; the next GET says it is gone
+        with pytest.raises(openai.NotFoundError):
+            cb.responses.retrieve(last.id)
+        kept = ca.responses.create(model="tiny", input="kept")
+        b.app.state.ref["server"].responses.clock = lambda: 1e12
+        with pytest.raises(openai.NotFoundError):
+            cb.responses.retrieve(kept.id)
+
+
+# ---------------------------------------------------------------------------------------- reasoning models
+def test_a_reasoning_models_thinking_is_a_reasoning_item_under_the_policy(smollm2):
+    """The thinking the guard's policy lets out (rail: PII redacted) as a `reasoning` output item, JSON and streamed;
+    under `hide` there is none; usage counts reasoning tokens."""
+    from transformers import AutoTokenizer
+
+    from llmstack.train import thinking
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    tok.chat_template = thinking.chat_template(tok)
+    engine = ScriptedEngine(tok, "Think of bob@corp.example.com\n</think>\n\nIt is 4.", chunk=4, max_model_len=4096)
+    for policy, shown in (("rail", "Think of <EMAIL>"), ("hide", None)):
+        pol = GuardPolicy.model_validate({"thinking": policy})
+        with TestClient(build_app(engine, ServeSpec(engine="hf"), pol, KEYS)) as c:
+            client = client_for(c)
+            r = client.responses.create(model="tiny", input="2+2?", reasoning={"effort": "high"})
+            items = [o for o in r.output if o.type == "reasoning"]
+            assert r.output_text == "It is 4." and r.usage.output_tokens_details.reasoning_tokens > 0
+            assert [i.content[0].text.strip() for i in items] == ([shown] if shown else [])
+            events = list(client.responses.create(model="tiny", input="2+2?", stream=True))
+            text = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+            assert (text.strip() or None) == shown and "bob@" not in json.dumps([e.model_dump() for e in events])
+            assert events[-1].type == "response.completed" and events[-1].response.output_text == "It is 4."
