@@ -189,15 +189,19 @@ def test_chain_loop_and_too_long_chain_are_400(tokenizer):
 def test_input_rails_on_every_input_text(tokenizer):
     engine, c = scripted(tokenizer, "ok")
     with c:
-        for body, param in [({"input": "the forbidden-word"}, "messages[0].content"),
-                            ({"input": "hi", "instructions": "say forbidden-word"}, "messages[0].content"),
+        for body, param in [({"input": "the forbidden-word"}, "input"),
+                            ({"input": "hi", "instructions": "say forbidden-word"}, "instructions"),
                             ({"input": [{"type": "function_call", "call_id": "c1", "name": "get_weather",
                                          "arguments": "{}"},
                                         {"type": "function_call_output", "call_id": "c1",
-                                         "output": "forbidden-word"}], "tools": [WEATHER]}, "messages[1].content")]:
+                                         "output": "forbidden-word"}], "tools": [WEATHER]}, "input[1].output"),
+                            ({"input": [{"role": "user", "content": "hi"},
+                                        {"type": "function_call", "call_id": "c1", "name": "get_weather",
+                                         "arguments": '{"city": "forbidden-word"}'}], "tools": [WEATHER]},
+                             "input[1].arguments")]:
             r = post(c, body)
             assert r.status_code == 400 and r.json()["error"]["code"] == "input_blocklist", r.text
-            assert r.json()["error"]["param"] == param
+            assert r.json()["error"]["param"] == param  # the Responses field, not the chat message it became
         part = {"type": "input_text", "text": "mail bob@corp.example.com"}
         r = post(c, {"input": [{"role": "user", "content": [part]}]})
         assert r.status_code == 200
@@ -245,6 +249,18 @@ def test_bad_requests_are_4xx_in_openais_shape(tokenizer):
                      {"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]}]:
             r = post(c, body)
             assert 400 <= r.status_code < 500 and set(r.json()["error"]) == {"message", "type", "param", "code"}, body
+        call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "[1]"}
+        for body, param in [({"input": ["hi", call]}, None),
+                            ({"input": [{"role": "user", "content": "hi"}, call], "tools": [WEATHER]},
+                             "input[1].arguments"),
+                            ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
+                             "tool_choice"),
+                            ({"input": "x", "tools": [WEATHER, WEATHER]}, "tools[1].name"),
+                            ({"input": "x", "max_output_tokens": 10**6}, None)]:
+            r = post(c, body)
+            assert r.status_code == 400, r.text
+            if param:  # chat's checks, naming the Responses field
+                assert r.json()["error"]["param"] == param, r.text
         r = c.post("/v1/responses", headers={"Authorization": "Bearer sk-wrong"}, json={"model": "tiny", "input": "x"})
         assert r.status_code == 401
         r = c.delete("/v1/responses/resp_x", headers={"Authorization": f"Bearer {KEY}"})

@@ -3,14 +3,15 @@ a Responses request is translated into the internal chat request (`translate`: i
 function tools, text.format, and the conversation `previous_response_id` names, rebuilt from the response store), so
 keys, limits, body caps, input rails on every text, the chat template, output rails, audit and metrics are chat's
 own; the chat answer is then reshaped into a response object (`respond`) or into the typed Responses events
-(`events`, a translation of chat's already-railed stream chunks). Stored responses are responses_store.py's.
+(`events`: chat's already-railed stream chunks as typed events, responses_stream.py); chat's 400s name the
+Responses field they are about (`input[3].arguments`, not `messages[2]…`). Stored responses are responses_store.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from llmstack.serve.protocol import APIError, ChatRequest, validation_message
 from llmstack.serve.protocol_responses import ResponsesRequest
 from llmstack.serve.request import ServedRequest
 from llmstack.serve.responses_store import ResponseStoreUnavailable
+from llmstack.serve.responses_stream import EventStream, call_item, message_item
 from llmstack.serve.serving_chat import ChatCompletions
 from llmstack.serve.state import Server, new_request_id
 
@@ -34,37 +36,76 @@ class TranslatedChat(ChatRequest):
 
     source: Any = Field(None, exclude=True)  # the ResponsesRequest as the client sent it
     items: list = Field(default_factory=list, exclude=True)  # its input items, as a stored response keeps them
+    origins: list = Field(default_factory=list, exclude=True)  # per chat message: the Responses field it came from
 
 
-def to_messages(items: list[dict]) -> list[dict]:
-    """Responses input items as chat messages: a message as itself, consecutive function_call items as one assistant
-    turn's tool_calls, a function_call_output as a tool turn; reasoning items are not rendered."""
+def to_messages(items: list[dict], labels: list[str]) -> tuple[list[dict], list[dict]]:
+    """Responses input items as chat messages — a message as itself, consecutive function_call items as one assistant
+    turn's tool_calls, a function_call_output as a tool turn; reasoning items are not rendered — and per message where
+    it came from (`labels[k]` names item k: `input[3]`), so chat's 400s can name the Responses field."""
     messages: list[dict] = []
-    for it in items:
+    origins: list[dict] = []
+    for it, label in zip(items, labels, strict=True):
         kind = it.get("type", "message")
         if kind == "message":
             content = it["content"]
             text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
             messages.append({"role": it["role"], "content": text})
+            origins.append({"label": label, "calls": []})
         elif kind == "function_call":
             call = {"id": it["call_id"], "type": "function",
                     "function": {"name": it["name"], "arguments": it.get("arguments", "{}")}}
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":
-                last.setdefault("tool_calls", []).append(call)
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+                origins[-1]["calls"].append(label)
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                origins.append({"label": label, "calls": [label]})
         elif kind == "function_call_output":
             out = it["output"]
             text = out if isinstance(out, str) else "".join(p.get("text", "") for p in out)
             messages.append({"role": "tool", "tool_call_id": it["call_id"], "content": text})
-    return messages
+            origins.append({"label": label, "calls": [], "content": ".output"})
+    return messages, origins
 
 
-def chat_body(req: ResponsesRequest, history: list[dict]) -> dict:
-    """The chat request body a Responses request stands for."""
-    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
-    messages += to_messages(history + req.items())
+_MESSAGE_PARAM = re.compile(r"messages\[(\d+)\]((?:\.tool_calls\[(\d+)\](?:\.function)?)?)([.\w\[\]]*)")
+_RENAMED = {"max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+            "response_format": "text.format", "messages": "input"}
+
+
+def source_param(param: str | None, origins: list[dict]) -> str | None:
+    """A chat request's field (`messages[2].tool_calls[0].function.arguments`) as the Responses field it came from
+    (`input[3].arguments`); an earlier response's items are all `previous_response_id`."""
+    if not param:
+        return param
+    m = _MESSAGE_PARAM.fullmatch(param)
+    if m is None:
+        head, _, rest = param.partition(".")
+        param = _RENAMED.get(head, head) + ("." + rest if rest else "")
+        return param.replace(".function.", ".").replace("].function", "]")
+    i = int(m[1])
+    if i >= len(origins):
+        return "input"
+    origin = origins[i]
+    label = origin["calls"][int(m[3])] if m[3] is not None and int(m[3]) < len(origin["calls"]) else origin["label"]
+    if label in ("previous_response_id", "instructions", "input"):  # one text: no sub-field
+        return label
+    rest = m[4]
+    if rest.startswith(".content") and "content" in origin:
+        rest = origin["content"] + rest[len(".content"):]
+    return label + rest
+
+
+def chat_body(req: ResponsesRequest, history: list[dict]) -> tuple[dict, list[dict]]:
+    """The chat request body a Responses request stands for, and where each of its messages came from."""
+    items = req.items()
+    labels = ["previous_response_id"] * len(history) + (
+        ["input"] if isinstance(req.input, str) else [f"input[{k}]" for k in range(len(items))])
+    messages, origins = to_messages(history + items, labels)
+    if req.instructions:
+        messages.insert(0, {"role": "system", "content": req.instructions})
+        origins.insert(0, {"label": "instructions", "calls": []})
     body: dict = {"model": req.model, "messages": messages, "stream": bool(req.stream), "user": req.user,
                   "max_completion_tokens": req.max_output_tokens}
     if req.stream:
@@ -88,7 +129,7 @@ def chat_body(req: ResponsesRequest, history: list[dict]) -> dict:
                                    "json_schema": {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}}
     elif fmt is not None:
         body["response_format"] = {"type": fmt.type}
-    return body
+    return body, origins
 
 
 def _usage(u: dict | None) -> dict | None:
@@ -126,14 +167,31 @@ class Responses(ChatCompletions):
                 history = await srv.in_worker(srv.responses.history, req.previous_response_id, key.id)
             except ResponseStoreUnavailable as exc:
                 raise _store_down(srv, exc) from None
-        body = chat_body(req, history)
+        body, origins = chat_body(req, history)
         try:
             chat = TranslatedChat.model_validate(body)
         except ValidationError as exc:
             msg, param = validation_message(exc)
-            raise APIError(400, f"{msg} (in the conversation as chat messages)", param=param) from None
-        chat.source, chat.items = req, req.items()
+            raise _retarget(APIError(400, msg, param=param), origins) from None
+        chat.source, chat.items, chat.origins = req, req.items(), origins
         return chat
+
+    # chat's own checks, their 400s naming the Responses field (input[3].arguments) instead of chat's
+    async def prepare(self, srv: Server, req: TranslatedChat):
+        with _retargeted(req):
+            return await super().prepare(srv, req)
+
+    async def structured(self, srv: Server, req: TranslatedChat, plan):
+        with _retargeted(req):
+            return await super().structured(srv, req, plan)
+
+    def thinking(self, srv: Server, req: TranslatedChat, key: KeyEntry, params, structured: bool):
+        with _retargeted(req):
+            return super().thinking(srv, req, key, params, structured)
+
+    def render(self, srv: Server, req: TranslatedChat, guard, plan, thinking=None):
+        with _retargeted(req):
+            return super().render(srv, req, guard, plan, thinking)
 
     def skeleton(self, call: ServedRequest, status: str = "in_progress") -> dict:
         """The response object with no output yet: what the request asked, echoed as OpenAI echoes it."""
@@ -161,9 +219,9 @@ class Responses(ChatCompletions):
             output.append({"type": "reasoning", "id": f"rs_{rid[5:]}", "summary": [], "status": "completed",
                            "content": [{"type": "reasoning_text", "text": msg["reasoning_content"]}]})
         if msg["content"] or not msg.get("tool_calls") and choice["finish_reason"] != "content_filter":
-            output.append(_message_item(rid, msg["content"]))
+            output.append(message_item(rid, msg["content"]))
         for j, tc in enumerate(msg.get("tool_calls") or []):
-            output.append(_call_item(rid, j, tc["id"], tc["function"]["name"], tc["function"]["arguments"]))
+            output.append(call_item(rid, j, tc["id"], tc["function"]["name"], tc["function"]["arguments"]))
         resp = self.skeleton(call)
         resp["status"], resp["incomplete_details"] = _status(choice["finish_reason"])
         resp.update(output=output, usage=_usage(body["usage"]))
@@ -188,7 +246,7 @@ class Responses(ChatCompletions):
     async def events(self, call: ServedRequest, lines):
         """Chat's stream (already through the output rails) as Responses' typed events, each with its
         sequence_number, the way the openai client's ResponseStream accumulates them."""
-        stream = _EventStream(self, call)
+        stream = EventStream(self.skeleton(call))
         async with contextlib.aclosing(lines) as chunks:
             yield stream.event("response.created", response=stream.resp)
             yield stream.event("response.in_progress", response=stream.resp)
@@ -207,122 +265,27 @@ class Responses(ChatCompletions):
                                response=resp)
 
 
-def _message_item(rid: str, text: str, status: str = "completed") -> dict:
-    return {"type": "message", "id": f"msg_{rid[5:]}", "role": "assistant", "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+def _retarget(exc: APIError, origins: list[dict]) -> APIError:
+    if exc.param:
+        new = source_param(exc.param, origins)
+        exc.message = exc.message.replace(exc.param, new)
+        exc.param = new
+        exc.args = (exc.message,)
+    return exc
 
 
-def _call_item(rid: str, j: int, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
-    return {"type": "function_call", "id": f"fc_{rid[5:]}_{j}", "call_id": call_id, "name": name,
-            "arguments": arguments, "status": status}
+@contextlib.contextmanager
+def _retargeted(req: TranslatedChat):
+    try:
+        yield
+    except APIError as exc:
+        raise _retarget(exc, req.origins) from None
 
 
 def _store_down(srv: Server, exc: Exception) -> APIError:
     srv.metrics.store_errors.labels("responses").inc()
     return APIError(503, f"the response store is unavailable ({exc}); retry shortly", code="store_unavailable",
                     headers={"Retry-After": "5"})
-
-
-class _EventStream:
-    """One streamed response: the output items open so far (reasoning, message, function calls) and the
-    sequence of events that open, fill and close them."""
-
-    def __init__(self, endpoint: Responses, call: ServedRequest):
-        self.rid = endpoint.response_id(call.rid)
-        self.resp = endpoint.skeleton(call)
-        self.seq, self.output, self.open = 0, [], {}  # open: kind -> (output_index, item)
-        self.finish, self.usage, self.failed, self.n_calls = None, None, False, 0
-
-    def event(self, kind: str, **fields) -> str:
-        body = {"type": kind, "sequence_number": self.seq, **fields}
-        self.seq += 1
-        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    def feed(self, line: str):
-        if line.startswith("event: error"):
-            err = json.loads(line.split("data: ", 1)[1])["error"]
-            self.failed = True
-            yield self.event("error", code=err.get("code"), message=err["message"], param=err.get("param"))
-            self.resp.update(status="failed", error={"code": err.get("code") or "server_error",
-                                                     "message": err["message"]}, output=self.output)
-            yield self.event("response.failed", response=self.resp)
-            return
-        if self.failed or not line.startswith("data: {"):
-            return  # data: [DONE], or anything after a failure
-        chunk = json.loads(line[6:])
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk["choices"]:
-            delta = choice["delta"]
-            if delta.get("reasoning_content"):
-                yield from self._text("reasoning", delta["reasoning_content"])
-            if delta.get("content"):
-                yield from self.close("reasoning")
-                yield from self._text("message", delta["content"])
-            for tc in delta.get("tool_calls") or []:
-                yield from self._call(tc)
-            self.finish = choice["finish_reason"] or self.finish
-
-    def _text(self, kind: str, text: str):
-        if kind not in self.open:
-            item = (_message_item(self.rid, "", "in_progress") if kind == "message" else
-                    {"type": "reasoning", "id": f"rs_{self.rid[5:]}", "summary": [], "status": "in_progress",
-                     "content": []})
-            item["content"] = []
-            self.open[kind] = (len(self.output), item)
-            self.output.append(item)
-            yield self.event("response.output_item.added", output_index=len(self.output) - 1, item=item)
-            if kind == "message":
-                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-                yield self.event("response.content_part.added", item_id=item["id"], output_index=len(self.output) - 1,
-                                 content_index=0, part=part)
-            item["content"] = [{"type": "output_text", "text": "", "annotations": [], "logprobs": []} if
-                               kind == "message" else {"type": "reasoning_text", "text": ""}]
-        index, item = self.open[kind]
-        item["content"][0]["text"] += text
-        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
-        yield self.event(name, item_id=item["id"], output_index=index, content_index=0, delta=text, **extra)
-
-    def _call(self, tc: dict):
-        if tc.get("id"):  # a call opens: its name now, its arguments in the next delta (tooling.ToolStream)
-            yield from self.close("reasoning")
-            yield from self.close("message")
-            item = _call_item(self.rid, self.n_calls, tc["id"], tc["function"]["name"], "", "in_progress")
-            self.n_calls += 1
-            self.open["call"] = (len(self.output), item)
-            self.output.append(item)
-            yield self.event("response.output_item.added", output_index=len(self.output) - 1, item=item)
-            return
-        index, item = self.open["call"]
-        args = tc["function"]["arguments"]
-        item["arguments"] += args
-        yield self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                         delta=args)
-        yield from self.close("call")
-
-    def close(self, kind: str):
-        if kind not in self.open:
-            return
-        index, item = self.open.pop(kind)
-        item["status"] = "completed"
-        if kind == "call":
-            yield self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                             arguments=item["arguments"], name=item["name"])
-        elif kind == "message":
-            part = item["content"][0]
-            yield self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                             text=part["text"], logprobs=[])
-            yield self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                             part=part)
-        else:
-            yield self.event("response.reasoning_text.done", item_id=item["id"], output_index=index,
-                             content_index=0, text=item["content"][0]["text"])
-        yield self.event("response.output_item.done", output_index=index, item=item)
-
-    def close_all(self):
-        for kind in ("reasoning", "message", "call"):
-            yield from self.close(kind)
 
 
 async def stored_response(request: Request, srv: Server, response_id: str, delete: bool) -> dict:
