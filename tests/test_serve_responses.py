@@ -347,3 +347,27 @@ def test_a_reasoning_models_thinking_is_a_reasoning_item_under_the_policy(smollm
             text = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
             assert (text.strip() or None) == shown and "bob@" not in json.dumps([e.model_dump() for e in events])
             assert events[-1].type == "response.completed" and events[-1].response.output_text == "It is 4."
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_places(tokenizer, tmp_path):
+    """The Responses stream wraps chat's: closing it closes chat's, so the engine request is aborted, the key's place
+    and the engine slot are freed, the audit line says 499, and nothing is stored."""
+    import time
+
+    engine = ScriptedEngine(tokenizer, "slow answer " * 200, chunk=4, delay=0.02)
+    app = build_app(engine, ServeSpec(engine="hf"), GuardPolicy(), KEYS, audit_path=str(tmp_path / "audit.jsonl"))
+    with TestClient(app) as c:
+        srv = app.state.ref["server"]
+        with c.stream("POST", "/v1/responses", json={"model": "tiny", "input": "hi", "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}) as s:
+            lines = s.iter_lines()
+            while "response.output_text.delta" not in next(lines):
+                pass
+        deadline = time.time() + 10
+        while (srv.in_flight_by_key.get("dev") or srv.waiting) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not srv.in_flight_by_key.get("dev") and srv.slots._value == ServeSpec().max_concurrency
+        srv.audit.flush()
+        assert srv.responses.backend.memory == {}
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in lines] == [499] and "client_disconnected" in lines[0]["guard"]
