@@ -256,7 +256,9 @@ def test_bad_requests_are_4xx_in_openais_shape(tokenizer):
                             ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
                              "tool_choice"),
                             ({"input": "x", "tools": [WEATHER, WEATHER]}, "tools[1].name"),
-                            ({"input": "x", "max_output_tokens": 10**6}, None)]:
+                            ({"input": "x", "max_output_tokens": 10**6}, None),
+                            ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a",
+                                                                "schema": {"type": 5}}}}, "text.format")]:
             r = post(c, body)
             assert r.status_code == 400, r.text
             if param:  # chat's checks, naming the Responses field
@@ -296,6 +298,19 @@ def test_agents_sdk_runs_its_function_tool_loop_against_a_live_server(tokenizer)
     assert len(engine.prompts) == 2
     second = tokenizer.decode(engine.prompts[1])
     assert "sunny in Paris" in second and "Answer with the weather tool." in second  # the tool's output went back
+
+    async def streamed(agent):  # the SDK's streamed run reads our typed events
+        run = agents.Runner.run_streamed(agent, "Weather in Oslo?")
+        kinds = [e.type async for e in run.stream_events()]
+        return run.final_output, kinds
+
+    engine, _ = scripted(tokenizer, [CALL.replace("Paris", "Oslo"), "It is sunny in Oslo."])
+    with live(build_app(engine, ServeSpec(engine="hf"), GuardPolicy(), KEYS)) as port:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+        agent = agents.Agent(name="weather", instructions="Answer with the weather tool.", tools=[get_weather],
+                             model=agents.OpenAIResponsesModel(model="tiny", openai_client=client))
+        final, kinds = asyncio.run(streamed(agent))
+    assert ran == ["Paris", "Oslo"] and final == "It is sunny in Oslo." and "raw_response_event" in kinds
 
 
 def test_redis_store_is_shared_by_replicas_and_keeps_owner_ttl_and_caps(tokenizer, redis_url):
