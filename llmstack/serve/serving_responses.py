@@ -39,6 +39,9 @@ class TranslatedChat(ChatRequest):
     origins: list = Field(default_factory=list, exclude=True)  # per chat message: the Responses field it came from
 
 
+_OUTPUT_FIELDS = {".content": ".output", ".tool_call_id": ".call_id"}  # a tool turn's fields, as its item names them
+
+
 def to_messages(items: list[dict], labels: list[str]) -> tuple[list[dict], list[dict]]:
     """Responses input items as chat messages — a message as itself, consecutive function_call items as one assistant
     turn's tool_calls, a function_call_output as a tool turn; reasoning items are not rendered — and per message where
@@ -65,7 +68,7 @@ def to_messages(items: list[dict], labels: list[str]) -> tuple[list[dict], list[
             out = it["output"]
             text = out if isinstance(out, str) else "".join(p.get("text", "") for p in out)
             messages.append({"role": "tool", "tool_call_id": it["call_id"], "content": text})
-            origins.append({"label": label, "calls": [], "content": ".output"})
+            origins.append({"label": label, "calls": [], "renamed": _OUTPUT_FIELDS})
     return messages, origins
 
 
@@ -92,8 +95,9 @@ def source_param(param: str | None, origins: list[dict]) -> str | None:
     if label in ("previous_response_id", "instructions", "input"):  # one text: no sub-field
         return label
     rest = m[4]
-    if rest.startswith(".content") and "content" in origin:
-        rest = origin["content"] + rest[len(".content"):]
+    for chat_name, own in origin.get("renamed", {}).items():
+        if rest.startswith(chat_name):
+            rest = own + rest[len(chat_name):]
     return label + rest
 
 
