@@ -258,7 +258,7 @@ def test_bad_requests_are_4xx_in_openais_shape(tokenizer):
                             ({"input": "x", "tools": [WEATHER, WEATHER]}, "tools[1].name"),
                             ({"input": [{"type": "function_call_output", "call_id": "never", "output": "x"}]},
                              "input[0].call_id"),
-                            ({"input": "x", "max_output_tokens": 10**6}, None),
+                            ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
                             ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a",
                                                                 "schema": {"type": 5}}}}, "text.format")]:
             r = post(c, body)

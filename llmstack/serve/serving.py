@@ -41,6 +41,7 @@ class Endpoint:
     chunk_object: str  # a stream chunk's `object`
     prompt_param: str  # the request field a prompt that does not fit is blamed on
     logprobs_param: str  # the request field that asks for top logprobs
+    max_tokens_param = "max_tokens"  # the request field that caps the answer's tokens
     opens_with_role = False  # a stream's first delta per choice is the assistant role
 
     async def translate(self, srv: Server, key: KeyEntry, req):
@@ -113,8 +114,8 @@ def gen_params(req, endpoint: Endpoint, caps: RequestCaps, spec_json: dict | Non
         raise APIError(400, "max_tokens 0 generates nothing: it is only allowed with echo=true (to score the prompt)",
                        param="max_tokens")
     if max_tokens > caps.max_tokens:
-        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {caps.max_tokens}",
-                       param="max_tokens", code="max_tokens_exceeded")
+        raise APIError(400, f"{endpoint.max_tokens_param} is {max_tokens}; this server allows at most "
+                       f"{caps.max_tokens}", param=endpoint.max_tokens_param, code="max_tokens_exceeded")
     if req.n > caps.max_n:
         raise APIError(400, f"n is {req.n}; this server allows at most {caps.max_n}", param="n")
     stops = req.stops()

@@ -159,6 +159,8 @@ class Responses(ChatCompletions):
     id_prefix = "resp"
     schema = ResponsesRequest
     object = "response"
+    prompt_param = "input"
+    max_tokens_param = "max_output_tokens"
 
     @staticmethod
     def response_id(rid: str) -> str:
