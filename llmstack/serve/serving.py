@@ -5,8 +5,9 @@ requests/min (429) -> parse (400) -> the endpoint's own checks (tools) -> model 
 pick -> caps (400) -> input rails + render (400 / redact) -> context and tokens/min (400 / 429) -> engine slot (bounded
 queue: 503) -> `ServedRequest.complete` (JSON) or `.stream` (SSE), each through the output rails -> audit + metrics.
 
-An `Endpoint` (serving_chat.py, serving_completion.py; a Responses endpoint would be a third) says what differs: its
-request schema, how its prompt is rendered, how its answer and stream chunks are shaped.
+An `Endpoint` (serving_chat.py, serving_completion.py, serving_responses.py) says what differs: its request schema,
+how its prompt is rendered, how its answer and stream chunks are shaped. An endpoint with a wire of its own
+(Responses) translates its request into chat's (`translate`) and chat's answer back (`respond`, `events`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,21 @@ class Endpoint:
     chunk_object: str  # a stream chunk's `object`
     prompt_param: str  # the request field a prompt that does not fit is blamed on
     logprobs_param: str  # the request field that asks for top logprobs
+    max_tokens_param = "max_tokens"  # the request field that caps the answer's tokens
     opens_with_role = False  # a stream's first delta per choice is the assistant role
+
+    async def translate(self, srv: Server, key: KeyEntry, req):
+        """The request as the schema the rest of the path reads: an endpoint with a wire of its own (Responses)
+        returns the internal chat request here, so every guard below is the one chat goes through."""
+        return req
+
+    async def respond(self, call: ServedRequest, body):
+        """The JSON answer in the endpoint's own shape (`body` is what `ServedRequest.complete` returned)."""
+        return body
+
+    def events(self, call: ServedRequest, lines):
+        """The stream in the endpoint's own shape (`lines`: the server-sent events `ServedRequest.stream` yields)."""
+        return lines
 
     async def prepare(self, srv: Server, req) -> ToolPlan | None:
         """Checks of the endpoint's own fields, before the model is looked up; the tools the request offers."""
@@ -99,8 +114,8 @@ def gen_params(req, endpoint: Endpoint, caps: RequestCaps, spec_json: dict | Non
         raise APIError(400, "max_tokens 0 generates nothing: it is only allowed with echo=true (to score the prompt)",
                        param="max_tokens")
     if max_tokens > caps.max_tokens:
-        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {caps.max_tokens}",
-                       param="max_tokens", code="max_tokens_exceeded")
+        raise APIError(400, f"{endpoint.max_tokens_param} is {max_tokens}; this server allows at most "
+                       f"{caps.max_tokens}", param=endpoint.max_tokens_param, code="max_tokens_exceeded")
     if req.n > caps.max_n:
         raise APIError(400, f"n is {req.n}; this server allows at most {caps.max_n}", param="n")
     stops = req.stops()
@@ -153,7 +168,7 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
         await admit_request(srv, key, audit)
         srv.take_key_slot(key)
         holding = True
-        req = await read_json(request, srv, endpoint.schema)
+        req = await endpoint.translate(srv, key, await read_json(request, srv, endpoint.schema))
         audit["model"] = req.model[:200]
         plan = await endpoint.prepare(srv, req)
         await check_model(srv, key, req.model)
@@ -192,10 +207,11 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
             await slot.__aenter__()  # refuse (503) before the 200 of the stream goes out
             call.slot = slot
             handed_over = True
-            return ClosingStreamingResponse(call.stream(), call.release, media_type="text/event-stream",
+            return ClosingStreamingResponse(endpoint.events(call, call.stream()), call.release,
+                                            media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         handed_over = True  # complete() releases in its own finally
-        return await call.complete(request)
+        return await endpoint.respond(call, await call.complete(request))
     except APIError as exc:
         if "status" not in audit:
             audit.update(status=exc.status, error=exc.code or exc.message[:200],

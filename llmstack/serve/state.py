@@ -41,6 +41,7 @@ class Server:
     router: Router = field(default_factory=Router)
     traffic: Any = None  # llmstack.monitor.TrafficProfile: binned counts of live prompts (never the text)
     drift_reference: Any = None  # the training data's profile, when serve.drift_reference is set
+    responses: Any = None  # responses_store.ResponseStore: the Responses API's stored responses
     background: set = field(default_factory=set)  # shadow generations in flight (kept referenced until done)
     slots: asyncio.Semaphore = field(init=False)
     waiting: int = 0
