@@ -12,6 +12,7 @@ request schema, how its prompt is rendered, how its answer and stream chunks are
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import Request
@@ -85,6 +86,15 @@ class Endpoint:
               calls: list[dict] | None, reasoning: str | None = None) -> dict:
         """One choice of a stream chunk (`reasoning`: a piece of a reasoning model's thinking)."""
         raise NotImplementedError
+
+    def respond(self, call: ServedRequest, body: dict) -> dict:
+        """The JSON answer in this endpoint's own shape (an endpoint that serves another API's shape over the chat
+        endpoint translates the chat answer here)."""
+        return body
+
+    def events(self, call: ServedRequest, lines: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The stream's server-sent events in this endpoint's own shape (as `respond`, for streams)."""
+        return lines
 
 
 def gen_params(req, endpoint: Endpoint, caps: RequestCaps, spec_json: dict | None, json_object: bool) -> GenParams:
@@ -192,10 +202,12 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
             await slot.__aenter__()  # refuse (503) before the 200 of the stream goes out
             call.slot = slot
             handed_over = True
-            return ClosingStreamingResponse(call.stream(), call.release, media_type="text/event-stream",
+            return ClosingStreamingResponse(endpoint.events(call, call.stream()), call.release,
+                                            media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         handed_over = True  # complete() releases in its own finally
-        return await call.complete(request)
+        body = await call.complete(request)
+        return endpoint.respond(call, body) if isinstance(body, dict) else body
     except APIError as exc:
         if "status" not in audit:
             audit.update(status=exc.status, error=exc.code or exc.message[:200],
