@@ -71,8 +71,20 @@ class ToolChoice(_Loose):
 
 
 class ThinkingConfig(_Loose):
-    type: Literal["enabled", "disabled"]
+    # adaptive: the model's own default (a reasoning model thinks without a budget); between_tools is not served
+    type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: StrictInt | None = Field(None, ge=1)
+    display: Literal["summarized", "omitted"] | None = None  # omitted: no thinking block comes back
+
+
+class OutputFormat(_Loose):
+    type: Literal["json_schema"]
+    schema_: dict = Field(alias="schema")
+
+
+class OutputConfig(_Loose):
+    effort: str | None = None  # a hint for Anthropic's models; accepted and not used
+    format: OutputFormat | None = None  # structured output: served as the chat endpoint's json_schema
 
 
 class Metadata(_Loose):
@@ -93,12 +105,14 @@ class MessagesRequest(_Loose):
     metadata: Metadata | None = None
     stream: StrictBool = False
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
 
 
 class MessagesChat(ChatRequest):
     """The internal chat request of a Messages call, with what Anthropic's answer needs beyond it."""
 
     thinking_type: str | None = None  # the request's `thinking.type`
+    thinking_omitted: bool = False  # `thinking.display: omitted`: the answer carries no thinking
 
 
 class MessagesBody:
@@ -113,8 +127,8 @@ class MessagesBody:
 def to_chat(req: MessagesRequest) -> MessagesChat:
     """The request as the chat endpoint's: `system` as a system turn, each tool_result block as a tool turn (an error
     result's text prefixed `Error: `), tool_use blocks as the assistant turn's calls, thinking blocks as its
-    reasoning_content; tools and tool_choice as OpenAI's; the thinking budget as max_reasoning_tokens. What has no
-    counterpart here is a 400 that says so."""
+    reasoning_content; tools and tool_choice as OpenAI's; the thinking budget as max_reasoning_tokens; an output_config
+    format as response_format. What has no counterpart here is a 400 that says so."""
     if req.top_k is not None:
         raise APIError(400, "top_k is not supported by this server (its engines sample with temperature and top_p "
                        "only); leave it out", param="top_k", code="unsupported_parameter")
@@ -177,8 +191,11 @@ def to_chat(req: MessagesRequest) -> MessagesChat:
                 raise APIError(400, "thinking.budget_tokens must be less than max_tokens (max_tokens covers the "
                                "thinking and the answer)", param="thinking.budget_tokens")
             raw["max_reasoning_tokens"] = req.thinking.budget_tokens
-        else:
+        elif req.thinking.type == "disabled":
             raw["max_reasoning_tokens"] = 0
+        raw["thinking_omitted"] = req.thinking.display == "omitted"
+    if req.output_config is not None and req.output_config.format is not None:
+        raw["response_format"] = {"type": "json_schema", "json_schema": {"schema": req.output_config.format.schema_}}
     try:
         return MessagesChat.model_validate(raw)
     except ValidationError as exc:  # a value Anthropic's schema lets through and the chat request does not

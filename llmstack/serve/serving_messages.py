@@ -37,7 +37,10 @@ class Messages(ChatCompletions):
                 raise APIError(400, "thinking: this model does not think (its chat template renders no thinking); "
                                "leave `thinking` out or send {\"type\": \"disabled\"}", param="thinking")
             req.max_reasoning_tokens = None  # disabled on a model that never thinks: nothing to turn off
-        return super().thinking(srv, req, key, params, structured)
+        thinking = super().thinking(srv, req, key, params, structured)
+        if thinking is not None and req.thinking_omitted:
+            thinking.policy = "hide"  # the strictest policy: a request may ask for less than its key allows, not more
+        return thinking
 
     def respond(self, call: ServedRequest, body: dict) -> dict:
         """The chat answer (one choice) as Anthropic's `message`: thinking (as the guard's thinking policy lets it
