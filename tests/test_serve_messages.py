@@ -261,3 +261,40 @@ def test_output_rails_redact_generated_text_and_tool_use_input(tokenizer):
         assert r.stop_reason == "refusal" and r.content == []
         with pytest.raises(anthropic.APIStatusError, match="invalid_request_error"):
             list(client.messages.create(model="tiny", max_tokens=50, messages=ASK, stream=True))
+
+
+# ------------------------------------------------------------------------------------------------ thinking
+THOUGHT = "Let me think, and mail jane.doe@example.com"
+THINKING_KEYS = KeyFile.model_validate({"keys": [{"id": "dev", "sha256": hash_key(KEY)},
+                                                 {"id": "hidden", "sha256": hash_key(OTHER), "thinking": "hide"}]})
+
+
+def test_thinking_comes_back_as_thinking_blocks_as_the_guard_lets_it_out(tiny_thinking_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_thinking_model)
+    engine = ScriptedEngine(tok, f"{THOUGHT}\n</think>\n\nIt is 4.", chunk=4, max_model_len=4096)
+    with TestClient(build_app(engine, ServeSpec(engine="hf"), GuardPolicy(), THINKING_KEYS)) as c:
+        client = client_for(c)
+        r = client.messages.create(model="tiny", max_tokens=100, messages=ASK)
+        assert [b.type for b in r.content] == ["thinking", "text"] and r.content[1].text == "It is 4."
+        assert r.content[0].thinking == "Let me think, and mail <EMAIL>"  # the server's policy: rail
+        with client.messages.stream(model="tiny", max_tokens=100, messages=ASK,
+                                    thinking={"type": "enabled", "budget_tokens": 60}) as s:
+            final = s.get_final_message()
+        assert [b.type for b in final.content] == ["thinking", "text"]
+        assert final.content[0].thinking == r.content[0].thinking and final.content[1].text == "It is 4."
+        # display omitted, or a key whose policy hides thinking: no thinking block, streamed or not
+        omitted = client.messages.create(model="tiny", max_tokens=100, messages=ASK,
+                                         thinking={"type": "adaptive", "display": "omitted"})
+        hidden = client_for(c, OTHER).messages.create(model="tiny", max_tokens=100, messages=ASK)
+        with client_for(c, OTHER).messages.stream(model="tiny", max_tokens=100, messages=ASK) as s:
+            hidden_stream = s.get_final_message()
+        for m in (omitted, hidden, hidden_stream):
+            assert [b.type for b in m.content] == ["text"] and m.content[0].text == "It is 4."
+        # disabled: the template renders the empty thinking block, the model answers at once
+        client.messages.create(model="tiny", max_tokens=100, messages=ASK, thinking={"type": "disabled"})
+        assert tok.decode(engine.prompts[-1]).endswith("<think>\n\n</think>\n\n")
+        with pytest.raises(anthropic.BadRequestError, match="less than max_tokens"):
+            client.messages.create(model="tiny", max_tokens=100, messages=ASK,
+                                   thinking={"type": "enabled", "budget_tokens": 100})
