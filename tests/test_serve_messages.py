@@ -155,9 +155,16 @@ def test_stop_sequences_end_the_answer_on_the_real_engine(tiny_model):
         text = full.content[0].text
         assert full.stop_reason == "max_tokens" and len(text) > 4  # a random model runs to max_tokens
         stop = text[len(text) // 2:len(text) // 2 + 2]
-        cut = client.messages.create(**ask, stop_sequences=[stop])
-        assert "".join(b.text for b in cut.content) == text[:text.index(stop)] and cut.stop_reason == "end_turn"
+        cut = client.messages.create(**ask, stop_sequences=["never in this text \x00", stop])
+        assert "".join(b.text for b in cut.content) == text[:text.index(stop)]
+        assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
         assert cut.usage.output_tokens < full.usage.output_tokens
+        with client.messages.stream(**ask, stop_sequences=[stop]) as s:
+            streamed = s.get_final_message()
+        assert "".join(b.text for b in streamed.content) == text[:text.index(stop)]
+        assert (streamed.stop_reason, streamed.stop_sequence) == ("stop_sequence", stop)
+        # a stop string that never comes: the answer runs to max_tokens
+        assert client.messages.create(**ask, stop_sequences=["zzz"]).stop_reason == "max_tokens"
 
 
 # -------------------------------------------------------------------------------------------- bad requests

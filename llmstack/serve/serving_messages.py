@@ -55,9 +55,9 @@ class Messages(ChatCompletions):
             content.append({"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
                             "input": json.loads(c["function"]["arguments"])})
         return {"id": message_id(call.rid), "type": "message", "role": "assistant", "model": body["model"],
-                "content": content, "stop_reason": STOP_REASONS.get(choice["finish_reason"], "end_turn"),
-                "stop_sequence": None, "usage": {"input_tokens": body["usage"]["prompt_tokens"],
-                                                 "output_tokens": body["usage"]["completion_tokens"]}}
+                "content": content, **stop(call, choice["finish_reason"]),
+                "usage": {"input_tokens": body["usage"]["prompt_tokens"],
+                          "output_tokens": body["usage"]["completion_tokens"]}}
 
     async def events(self, call: ServedRequest, lines: AsyncIterator[str]) -> AsyncIterator[str]:
         """The chat stream (already through the output rails) as Anthropic's events. Closing this closes the chat
@@ -67,6 +67,13 @@ class Messages(ChatCompletions):
             async for line in chat:
                 for event in out.feed(line):
                     yield event
+
+
+def stop(call: ServedRequest, finish: str | None) -> dict:
+    """Anthropic's stop_reason and stop_sequence: `stop_sequence` when the engine says a stop string ended it."""
+    sequence = call.stopped_by.get(0) if finish == "stop" else None
+    reason = "stop_sequence" if sequence is not None else STOP_REASONS.get(finish, "end_turn")
+    return {"stop_reason": reason, "stop_sequence": sequence}
 
 
 def sse_event(kind: str, data: dict) -> str:
@@ -81,7 +88,7 @@ class EventStream:
 
     def __init__(self, call: ServedRequest):
         self.call, self.index, self.open = call, -1, None  # the current block's index and type
-        self.started, self.stop_reason = False, "end_turn"
+        self.started, self.finish = False, "stop"
 
     def feed(self, line: str) -> Iterator[str]:
         head, _, data = line.partition("data: ")
@@ -117,11 +124,11 @@ class EventStream:
                 if tc["function"].get("arguments"):
                     yield self._delta({"type": "input_json_delta", "partial_json": tc["function"]["arguments"]})
             if choice.get("finish_reason"):
-                self.stop_reason = STOP_REASONS.get(choice["finish_reason"], "end_turn")
+                self.finish = choice["finish_reason"]
                 yield from self._close()
         if chunk.get("usage") and not chunk["choices"]:  # the chat stream's last chunk: its usage
             yield from self._close()
-            yield sse_event("message_delta", {"delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+            yield sse_event("message_delta", {"delta": stop(self.call, self.finish),
                                               "usage": {"output_tokens": chunk["usage"]["completion_tokens"]}})
             yield sse_event("message_stop", {})
 
