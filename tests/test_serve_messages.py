@@ -144,27 +144,52 @@ def test_streamed_tool_use_and_tool_choice(tokenizer):
                                    tool_choice={"type": "tool", "name": "missing"})
 
 
-def test_stop_sequences_end_the_answer_on_the_real_engine(tiny_model):
-    app = build_app(HfEngine(tiny_model, "tiny", max_model_len=512), ServeSpec(engine="hf", max_model_len=512),
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    app = build_app(HfEngine(tiny_model, "tiny", max_model_len=2048), ServeSpec(engine="hf", max_model_len=2048),
                     GuardPolicy(), KEYS)
     with TestClient(app) as c:
-        client = client_for(c)
-        # this client no longer sends sampling parameters itself (anthropic 2.x): extra_body carries them
-        ask = {"model": "tiny", "max_tokens": 24, "messages": ASK, "extra_body": {"temperature": 0}}
-        full = client.messages.create(**ask)
-        text = full.content[0].text
-        assert full.stop_reason == "max_tokens" and len(text) > 4  # a random model runs to max_tokens
-        stop = text[len(text) // 2:len(text) // 2 + 2]
-        cut = client.messages.create(**ask, stop_sequences=["never in this text \x00", stop])
-        assert "".join(b.text for b in cut.content) == text[:text.index(stop)]
-        assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
-        assert cut.usage.output_tokens < full.usage.output_tokens
-        with client.messages.stream(**ask, stop_sequences=[stop]) as s:
-            streamed = s.get_final_message()
-        assert "".join(b.text for b in streamed.content) == text[:text.index(stop)]
-        assert (streamed.stop_reason, streamed.stop_sequence) == ("stop_sequence", stop)
-        # a stop string that never comes: the answer runs to max_tokens
-        assert client.messages.create(**ask, stop_sequences=["zzz"]).stop_reason == "max_tokens"
+        yield client_for(c)
+
+
+def test_stop_sequences_end_the_answer_on_the_real_engine(hf):
+    # this client no longer sends sampling parameters itself (anthropic 2.x): extra_body carries them
+    ask = {"model": "tiny", "max_tokens": 24, "messages": ASK, "extra_body": {"temperature": 0}}
+    full = hf.messages.create(**ask)
+    text = full.content[0].text
+    assert full.stop_reason == "max_tokens" and len(text) > 4  # a random model runs to max_tokens
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = hf.messages.create(**ask, stop_sequences=["never in this text \x00", stop])
+    assert "".join(b.text for b in cut.content) == text[:text.index(stop)]
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    assert cut.usage.output_tokens < full.usage.output_tokens
+    with hf.messages.stream(**ask, stop_sequences=[stop]) as s:
+        streamed = s.get_final_message()
+    assert "".join(b.text for b in streamed.content) == text[:text.index(stop)]
+    assert (streamed.stop_reason, streamed.stop_sequence) == ("stop_sequence", stop)
+    # a stop string that never comes: the answer runs to max_tokens
+    assert hf.messages.create(**ask, stop_sequences=["zzz"]).stop_reason == "max_tokens"
+
+
+SET_UNIT = {"name": "set_unit", "description": "Set the unit", "input_schema": {
+    "type": "object", "properties": {"unit": {"enum": ["C", "F"]}, "loud": {"type": "boolean"}},
+    "required": ["unit", "loud"], "additionalProperties": False}}
+
+
+@pytest.mark.parametrize("choice", [{"type": "tool", "name": "set_unit"},
+                                    {"type": "any", "disable_parallel_tool_use": True}])
+def test_a_forced_tool_use_follows_its_input_schema_on_the_real_engine(hf, choice):
+    """tool_choice tool / any is a forced call decoded under the tool's input_schema: a random model still returns a
+    tool_use whose input matches it, JSON and streamed."""
+    ask = {"model": "tiny", "max_tokens": 200, "messages": ASK, "tools": [SET_UNIT], "tool_choice": choice,
+           "extra_body": {"temperature": 0}}
+    r = hf.messages.create(**ask)
+    assert r.stop_reason == "tool_use" and [b.type for b in r.content] == ["tool_use"]
+    assert r.content[0].name == "set_unit" and r.content[0].input["unit"] in ("C", "F")
+    assert isinstance(r.content[0].input["loud"], bool)
+    with hf.messages.stream(**ask) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "tool_use" and final.content[0].input["unit"] in ("C", "F")
 
 
 # -------------------------------------------------------------------------------------------- bad requests
