@@ -7,6 +7,7 @@ tested; the prompts it was sent show what the model saw."""
 from __future__ import annotations
 
 import json
+import time
 
 import anthropic
 import pytest
@@ -97,6 +98,23 @@ def test_streams_follow_anthropics_event_sequence(tokenizer):
         assert raw[-2].delta.stop_reason == "end_turn"
         names = [name for name, _ in events(c, {"model": "tiny", "max_tokens": 64, "messages": ASK})]
         assert names[:2] == ["message_start", "ping"]
+
+
+def test_a_client_that_hangs_up_mid_stream_aborts_it_and_frees_its_places(tokenizer, tmp_path):
+    engine = ScriptedEngine(tokenizer, "slow answer " * 200, chunk=4, delay=0.02, max_model_len=4096)
+    app = build_app(engine, ServeSpec(engine="hf"), GuardPolicy(), KEYS, audit_path=str(tmp_path / "audit.jsonl"))
+    with TestClient(app) as c:
+        body = {"model": "tiny", "max_tokens": 500, "messages": ASK, "stream": True}
+        with c.stream("POST", "/v1/messages", json=body, headers={"x-api-key": KEY}) as s:
+            assert next(s.iter_lines()) == "event: message_start"
+        srv = app.state.ref["server"]
+        deadline = time.time() + 10
+        while srv.in_flight_by_key.get("dev", 0) and time.time() < deadline:
+            time.sleep(0.05)
+        assert srv.in_flight_by_key.get("dev", 0) == 0 and srv.waiting == 0
+        srv.audit.flush()
+    line = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert line["status"] == 499 and "client_disconnected" in line["guard"] and line["route"] == "/v1/messages"
 
 
 def test_the_clients_tool_loop(tokenizer):
