@@ -32,7 +32,8 @@ from llmstack.serve.tooling import ToolPlan
 
 class Endpoint:
     """What one OpenAI generation endpoint adds to the shared path. Subclasses set the class attributes and implement
-    `render`, `user_text`, `choice` and `delta`; the other hooks default to a plain text endpoint."""
+    `render`, `user_text`, `choice` and `delta`; the other hooks default to a plain text endpoint. An endpoint of
+    another API served over the chat endpoint (serving_messages.py) reshapes its answer in `respond` and `events`."""
 
     route: str  # e.g. /v1/completions
     id_prefix: str  # the response id's prefix (cmpl-...)
