@@ -271,6 +271,19 @@ def test_keys_sizes_and_routes_get_anthropics_errors_and_openai_routes_keep_thei
         assert c.get("/v1/models", headers={"x-api-key": KEY}).json()["object"] == "list"
 
 
+def test_limits_are_charged_as_on_every_route_and_refused_as_rate_limit_errors(tokenizer):
+    policy = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 2}})
+    app = build_app(ScriptedEngine(tokenizer, "ok"), ServeSpec(engine="hf"), policy, KEYS)
+    with TestClient(app) as c:
+        client = client_for(c)
+        with pytest.raises(anthropic.BadRequestError):  # a refused request is charged too
+            client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "bot", "content": "x"}])
+        client.messages.create(model="tiny", max_tokens=5, messages=ASK)
+        with pytest.raises(anthropic.RateLimitError) as e:
+            client.messages.create(model="tiny", max_tokens=5, messages=ASK)
+        assert e.value.body["error"]["type"] == "rate_limit_error" and int(e.value.response.headers["retry-after"]) > 0
+
+
 # ---------------------------------------------------------------------------------------------------- rails
 def test_input_rails_see_system_text_tool_results_and_earlier_tool_use_input(tokenizer):
     engine, c = scripted(tokenizer, "ok")
