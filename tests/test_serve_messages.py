@@ -228,7 +228,10 @@ BAD = {
                       "tools.0.type"),
     "thinking on a model that does not think": ({"thinking": {"type": "enabled", "budget_tokens": 10}},
                                                 "does not think"),
-    "a bad input_schema": ({"tools": [{"name": "f", "input_schema": {"type": 5}}]}, "not a valid JSON Schema"),
+    "a bad input_schema": ({"tools": [{"name": "f", "input_schema": {"type": 5}}]},
+                           "tools[0].input_schema is not a valid JSON Schema"),
+    "a bad output format": ({"output_config": {"format": {"type": "json_schema", "schema": {"type": 5}}}},
+                            "output_config.format.schema is not a valid JSON Schema"),
     "nested too deep": ({"metadata": json.loads("[" * 200 + "]" * 200)}, "nested too deeply"),
 }
 

@@ -8,6 +8,7 @@ unknown block type is a 400 that names the block (`messages[1].content[0].type`)
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -22,10 +23,21 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
 
 
+# The chat request's field names that the shared path's messages use, as the Messages request names them.
+FIELD_NAMES = [(re.compile(r"tools\[(\d+)\]\.function\.parameters"), r"tools[\1].input_schema"),
+               (re.compile(r"tools\[(\d+)\]\.function\.name"), r"tools[\1].name"),
+               (re.compile(r"response_format\.json_schema\.schema"), "output_config.format.schema"),
+               (re.compile(r"\bmax_reasoning_tokens\b"), "thinking.budget_tokens")]
+
+
 def error_body(err: APIError) -> dict:
-    """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}."""
+    """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}, fields named as this API
+    names them."""
+    message = err.message
+    for pattern, name in FIELD_NAMES:
+        message = pattern.sub(name, message)
     return {"type": "error", "error": {"type": ERROR_TYPES.get(err.status, "invalid_request_error"),
-                                       "message": err.message}}
+                                       "message": message}}
 
 
 class _Loose(BaseModel):
