@@ -214,6 +214,7 @@ def test_a_forced_tool_use_follows_its_input_schema_on_the_real_engine(hf, choic
 BAD = {
     "no max_tokens": ({"max_tokens": None}, "max_tokens: Field required"),
     "a bad role": ({"messages": [{"role": "system", "content": "hi"}]}, "messages.0.role"),
+    "no content blocks": ({"messages": [{"role": "user", "content": []}]}, "messages[0].content is an empty list"),
     "an image block": ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
                        "content block type 'image' is not supported"),
     "tool_result answering no call": ({"messages": [{"role": "user", "content": [

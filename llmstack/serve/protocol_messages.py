@@ -154,6 +154,9 @@ def to_chat(req: MessagesRequest) -> MessagesChat:
     calls_made: set[str] = set()
     for i, m in enumerate(req.messages):
         blocks = [Block(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        if not blocks:
+            raise APIError(400, f"messages[{i}].content is an empty list: send at least one content block",
+                           param=f"messages[{i}].content")
         text, calls, thought = "", [], None
         for j, b in enumerate(blocks):
             where = f"messages[{i}].content[{j}]"
