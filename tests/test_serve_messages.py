@@ -268,6 +268,8 @@ def test_keys_sizes_and_routes_get_anthropics_errors_and_openai_routes_keep_thei
         assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
         r = c.get("/v1/messages", headers={"x-api-key": KEY})
         assert r.status_code == 405 and r.json()["type"] == "error"
+        r = c.post("/v1/messages/count_tokens", headers={"x-api-key": KEY}, json={})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         r = c.post("/v1/messages", headers={"x-api-key": KEY}, content=b"{not json")
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         r = c.post("/v1/chat/completions", headers={"x-api-key": "sk-wrong"}, json={})

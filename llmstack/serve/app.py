@@ -120,8 +120,9 @@ ERROR_BODIES = {Messages.route: messages_error_body}
 
 
 def error_response(path: str, err: APIError) -> JSONResponse:
-    """`err` in the shape of the API the route speaks: OpenAI's unless ERROR_BODIES names the route."""
-    body = ERROR_BODIES.get(path)
+    """`err` in the shape of the API the route speaks: OpenAI's unless ERROR_BODIES names the route (or a path under
+    it, such as Anthropic's /v1/messages/count_tokens, which is not served)."""
+    body = next((b for route, b in ERROR_BODIES.items() if path == route or path.startswith(route + "/")), None)
     return err.response() if body is None else JSONResponse(body(err), status_code=err.status, headers=err.headers)
 
 
