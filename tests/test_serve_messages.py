@@ -210,6 +210,14 @@ def test_a_forced_tool_use_follows_its_input_schema_on_the_real_engine(hf, choic
     assert final.stop_reason == "tool_use" and final.content[0].input["unit"] in ("C", "F")
 
 
+def test_output_config_format_is_structured_output_on_the_real_engine(hf):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = hf.messages.create(model="tiny", max_tokens=60, messages=ASK, extra_body={"temperature": 0},
+                           output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert json.loads(r.content[0].text)["answer"] in ("yes", "no") and r.stop_reason == "end_turn"
+
+
 # -------------------------------------------------------------------------------------------- bad requests
 BAD = {
     "no max_tokens": ({"max_tokens": None}, "max_tokens: Field required"),
