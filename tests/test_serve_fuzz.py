@@ -1,7 +1,8 @@
 """Property-based fuzzing of the API's request path (hypothesis): random JSON in every field of chat and completion
 requests, random bytes as bodies, on both engines' request paths (the scripted engine and the real transformers engine
-on the tiny model). What must hold for every case: no 5xx, an OpenAI-shaped error body on every 4xx, and the server
-healthy and serving afterwards. Case counts are fixed (derandomized), so CI runs the same cases every time."""
+on the tiny model), and Anthropic-shaped requests to /v1/messages. What must hold for every case: no 5xx, an error
+body in the route's own shape (OpenAI's, Anthropic's) on every 4xx, and the server healthy and serving afterwards.
+Case counts are fixed (derandomized), so CI runs the same cases every time."""
 
 from __future__ import annotations
 
@@ -235,3 +236,63 @@ def test_fuzz_responses(scripted_tools, body):
     if r.status_code == 200 and body.get("stream") is True:  # a stream always ends in a terminal event
         last = [line for line in r.text.splitlines() if line.startswith("event: ")][-1]
         assert last in ("event: response.completed", "event: response.incomplete", "event: response.failed"), r.text
+
+
+# Anthropic's Messages API (/v1/messages): the same guard behind another wire shape, its errors in Anthropic's shape.
+BLOCK = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}),
+    st.fixed_dictionaries({"type": st.just("tool_use"), "id": st.sampled_from(["t1", "t2"]) | TEXT,
+                           "name": st.sampled_from(["get_weather", "now", "bad name"]),
+                           "input": st.dictionaries(st.text(max_size=8), JSON, max_size=3) | JSON}),
+    st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": st.sampled_from(["t1", "t2", "zz"])},
+                          optional={"content": TEXT | st.lists(st.fixed_dictionaries(
+                              {"type": st.sampled_from(["text", "image"]), "text": TEXT}), max_size=2) | JSON,
+                              "is_error": st.booleans() | JSON}),
+    st.fixed_dictionaries({"type": st.sampled_from(["thinking", "image", "document", "redacted_thinking"]),
+                           "thinking": TEXT}),
+    JSON)
+ANTHROPIC_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]),
+                                           "content": TEXT | st.lists(BLOCK, max_size=3) | JSON})
+ANTHROPIC_TOOL = st.fixed_dictionaries({"name": st.sampled_from(["get_weather", "now"]) | TEXT},
+                                       optional={"input_schema": SCHEMAS | JSON, "description": TEXT,
+                                                 "type": st.sampled_from(["custom", "bash_20250124"])})
+MESSAGES_FIELDS = {
+    "model": FIELDS["model"], "max_tokens": INTS, "stop_sequences": st.lists(TEXT, max_size=6) | JSON,
+    "messages": st.lists(ANTHROPIC_MESSAGE, min_size=1, max_size=4) | JSON,
+    "system": TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2) | JSON,
+    "tools": st.lists(ANTHROPIC_TOOL, max_size=3) | JSON,
+    "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "tool", "none", "x"])},
+                                         optional={"name": st.sampled_from(["get_weather", "missing"]),
+                                                   "disable_parallel_tool_use": st.booleans()}) | JSON,
+    "temperature": FIELDS["temperature"], "top_p": FIELDS["top_p"], "top_k": INTS,
+    "metadata": st.fixed_dictionaries({"user_id": TEXT}) | JSON,
+    "thinking": st.fixed_dictionaries({"type": st.sampled_from(["enabled", "disabled", "adaptive", "between_tools"])},
+                                      optional={"budget_tokens": INTS}) | JSON,
+    "output_config": st.fixed_dictionaries({"format": st.fixed_dictionaries(
+        {"type": st.just("json_schema"), "schema": SCHEMAS | JSON})}) | JSON,
+}
+MESSAGES = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
+
+
+def messages_requests() -> st.SearchStrategy[dict]:
+    chosen = st.lists(st.sampled_from(list(MESSAGES_FIELDS)), unique=True, min_size=1, max_size=4)
+    return chosen.flatmap(lambda names: st.builds(
+        lambda stream, values: {**MESSAGES, "stream": stream, **dict(zip(names, values))},
+        st.booleans(), st.tuples(*[MESSAGES_FIELDS[n] for n in names])))
+
+
+@FUZZ
+@given(body=messages_requests())
+def test_fuzz_messages_api(scripted_tools, body):
+    r = scripted_tools.post("/v1/messages", content=json.dumps(body), headers=H)
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    if r.status_code >= 400:
+        assert r.json()["type"] == "error" and set(r.json()["error"]) == {"type", "message"}
+    elif body.get("stream"):  # a stream ends with message_stop, or with an error event
+        assert r.text.rstrip().rsplit("\n\n", 1)[-1].split("\n")[0] in ("event: message_stop", "event: error")
+    else:
+        offered = {t["name"] for t in body.get("tools") or []}
+        for block in r.json()["content"]:  # a tool_use handed out names an offered tool, its input an object
+            assert block["type"] in ("text", "tool_use", "thinking")
+            assert block["type"] != "tool_use" or (block["name"] in offered and isinstance(block["input"], dict))

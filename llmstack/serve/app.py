@@ -3,9 +3,10 @@ its routes. The generation request path is serving.py (one serving_*.py per endp
 bodies are protocol.py.
 
 Routes: GET /health (no key), /ready, /metrics, /docs, /openapi.json, /v1/models, /v1/monitor/profile; POST
-/v1/chat/completions, /v1/completions, /v1/responses (and GET / DELETE /v1/responses/{id}); the admin routes
-(admin key: routes, rollback, runtime adapters) are admin.py's. Every error body is OpenAI-shaped:
-{"error": {"message", "type", "param", "code"}}.
+/v1/chat/completions, /v1/completions, /v1/responses (and GET / DELETE /v1/responses/{id}); POST /v1/messages is
+Anthropic's Messages API (serving_messages.py); the admin routes (admin key: routes, rollback, runtime adapters) are
+admin.py's. Every error body is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}, except on a route of
+ERROR_BODIES (/v1/messages: Anthropic's).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.config.serve import GuardPolicy, KeyEntry, KeyFile, ServeSpec
@@ -29,11 +30,13 @@ from llmstack.serve.audit import AuditLog
 from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
 from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.protocol import APIError, validation_message
+from llmstack.serve.protocol_messages import error_body as messages_error_body
 from llmstack.serve.responses_store import ResponseStore
 from llmstack.serve.routing import Router
 from llmstack.serve.serving import generate
 from llmstack.serve.serving_chat import ChatCompletions
 from llmstack.serve.serving_completion import Completions
+from llmstack.serve.serving_messages import Messages
 from llmstack.serve.serving_responses import Responses, stored_response
 from llmstack.serve.state import Server, check_routes, keep_in_sync, new_request_id
 
@@ -84,7 +87,7 @@ class KeyGate:
             log.exception("unexpected error on %s", path)
             if not status.get("started"):
                 err = APIError(500, "internal error: the server failed on this request", code="internal_error")
-                await err.response()(scope, receive, send_wrapped)
+                await error_response(path, err)(scope, receive, send_wrapped)
 
     async def _gate(self, scope, receive, send_wrapped, srv, path):
 
@@ -96,9 +99,9 @@ class KeyGate:
                 srv.audit.write_unauthenticated({"request_id": new_request_id(), "key_id": None, "route": path,
                                                  "status": 401, "guard": ["auth:missing" if not presented_key(headers)
                                                                           else "auth:invalid"]})
-                err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                return await err.response()(scope, receive, send_wrapped)
+                err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>` (or "
+                               "`x-api-key: <key>`)", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await error_response(path, err)(scope, receive, send_wrapped)
             scope.setdefault("state", {})["key"] = entry
             length = headers.get("content-length")
             if length and length.isdigit() and int(length) > srv.policy.caps.max_body_bytes:
@@ -109,12 +112,21 @@ class KeyGate:
                     write_refused(srv, entry, record)
                 err = APIError(413, f"request body is {length} bytes; the limit is {srv.policy.caps.max_body_bytes}",
                                code="request_too_large")
-                return await err.response()(scope, receive, send_wrapped)
+                return await error_response(path, err)(scope, receive, send_wrapped)
         await self.app(scope, receive, send_wrapped)
 
 
 ROUTES = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/chat/completions",
-          "/v1/completions", "/v1/monitor/profile", "/v1/responses"}
+          "/v1/completions", "/v1/monitor/profile", "/v1/responses", Messages.route}
+# The error body of each route that speaks another API than OpenAI's, from the key gate's 401 to a stream's last error.
+ERROR_BODIES = {Messages.route: messages_error_body}
+
+
+def error_response(path: str, err: APIError) -> JSONResponse:
+    """`err` in the shape of the API the route speaks: OpenAI's unless ERROR_BODIES names the route (or a path under
+    it, such as Anthropic's /v1/messages/count_tokens, which is not served)."""
+    body = next((b for route, b in ERROR_BODIES.items() if path == route or path.startswith(route + "/")), None)
+    return err.response() if body is None else JSONResponse(body(err), status_code=err.status, headers=err.headers)
 
 
 def _store_errors(metrics: ServeMetrics, store: str, meanwhile: str):
@@ -174,20 +186,20 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         audit_refused(ref["server"], request, exc)
-        return exc.response()
+        return error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         msg, param = validation_message(exc)
         err = APIError(400, msg, param=param)
         audit_refused(ref["server"], request, err)
-        return err.response()
+        return error_response(request.url.path, err)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         err = APIError(exc.status_code, str(exc.detail))
         audit_refused(ref["server"], request, err)
-        return err.response()
+        return error_response(request.url.path, err)
 
     # ------------------------------------------------------------------------------------------- plain routes
     @app.get("/health")
@@ -264,5 +276,11 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     @app.delete(responses.route + "/{response_id}")
     async def delete_response(request: Request, response_id: str):
         return await stored_response(request, ref["server"], response_id, delete=True)
+
+    anthropic_messages = Messages()
+
+    @app.post(anthropic_messages.route)
+    async def messages(request: Request):
+        return await generate(request, ref["server"], anthropic_messages)
 
     return app

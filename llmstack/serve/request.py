@@ -70,6 +70,7 @@ class ServedRequest:
     released: bool = False
     plan: ToolPlan | None = None  # tools offered to the model (auto / required / named)
     thinking: Thinking | None = None  # a reasoning model's thinking: policy, budget (llmstack.serve.reasoning)
+    stopped_by: dict[int, str] = field(default_factory=dict)  # per choice: the stop string that ended it
 
     async def release(self, aborted: bool = False) -> None:
         """Free what the request holds, once. An aborted request (client gone, engine error) takes its shadow with
@@ -109,6 +110,8 @@ class ServedRequest:
                     if d.prompt_logprobs:
                         ans.prompt_lps[:] = d.prompt_logprobs
                     ans.finish[d.index] = d.finish_reason or ans.finish[d.index]
+                    if d.stop_reason:
+                        self.stopped_by[d.index] = d.stop_reason
                     if ans.splits is not None:
                         split = ans.splits[d.index]
                         if split.thinking:  # the tokens of the closing tag count as thinking
@@ -321,6 +324,8 @@ class StreamedAnswer:
         self.n_out += len(d.token_ids)
         i, start = d.index, self.raw_len[d.index]
         final = d.finish_reason is not None
+        if d.stop_reason:
+            call.stopped_by[i] = d.stop_reason
         self.raw_len[i] += len(d.text)
         rows = [(start, self.raw_len[i], row) for row in d.logprobs or []]
         text = d.text

@@ -5,9 +5,10 @@ requests/min (429) -> parse (400) -> the endpoint's own checks (tools) -> model 
 pick -> caps (400) -> input rails + render (400 / redact) -> context and tokens/min (400 / 429) -> engine slot (bounded
 queue: 503) -> `ServedRequest.complete` (JSON) or `.stream` (SSE), each through the output rails -> audit + metrics.
 
-An `Endpoint` (serving_chat.py, serving_completion.py, serving_responses.py) says what differs: its request schema,
-how its prompt is rendered, how its answer and stream chunks are shaped. An endpoint with a wire of its own
-(Responses) translates its request into chat's (`translate`) and chat's answer back (`respond`, `events`).
+An `Endpoint` (serving_chat.py, serving_completion.py, serving_responses.py, serving_messages.py) says what differs:
+its request schema, how its prompt is rendered, how its answer and stream chunks are shaped. An endpoint with a wire
+of its own (Responses, Anthropic's Messages) translates its request into chat's (`translate`, or its own schema and
+render) and chat's answer back (`respond`, `events`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from llmstack.serve.tooling import ToolPlan
 
 class Endpoint:
     """What one OpenAI generation endpoint adds to the shared path. Subclasses set the class attributes and implement
-    `render`, `user_text`, `choice` and `delta`; the other hooks default to a plain text endpoint."""
+    `render`, `user_text`, `choice` and `delta`; the other hooks default to a plain text endpoint. An endpoint of
+    another API served over the chat path reshapes its answer in `respond` and `events`."""
 
     route: str  # e.g. /v1/completions
     id_prefix: str  # the response id's prefix (cmpl-...)
@@ -50,7 +52,8 @@ class Endpoint:
         return req
 
     async def respond(self, call: ServedRequest, body):
-        """The JSON answer in the endpoint's own shape (`body` is what `ServedRequest.complete` returned)."""
+        """The JSON answer in the endpoint's own shape (`body` is what `ServedRequest.complete` returned: a dict, or
+        the response itself when the client went away)."""
         return body
 
     def events(self, call: ServedRequest, lines):
@@ -100,6 +103,7 @@ class Endpoint:
               calls: list[dict] | None, reasoning: str | None = None) -> dict:
         """One choice of a stream chunk (`reasoning`: a piece of a reasoning model's thinking)."""
         raise NotImplementedError
+
 
 
 def gen_params(req, endpoint: Endpoint, caps: RequestCaps, spec_json: dict | None, json_object: bool) -> GenParams:

@@ -40,6 +40,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[dict] | None = None  # per token: {"token", "logprob", "top": [{"token", "logprob"}]}
     finish_reason: str | None = None
+    stop_reason: str | None = None  # the stop string that ended the choice, if one did (vLLM's CompletionOutput's)
     # Once per request, on its first delta: one row per prompt token (as `logprobs`); the first is None, since
     # nothing comes before it to predict it.
     prompt_logprobs: list[dict | None] | None = None

@@ -264,7 +264,7 @@ class HfEngine:
         text = sent = ""
         pending_ids: list[int] = []  # tokens whose text is held back (a partial UTF-8 character)
         pending_lps: list[dict] = []
-        finish = None
+        finish = stopped_by = None
         try:
             while True:
                 item = await queue.get()
@@ -287,6 +287,7 @@ class HfEngine:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 cut = _first_stop(text, p.stop)
                 if cut is not None:
+                    stopped_by = next(s for s in p.stop if s and text.find(s) == cut)
                     text, finish = text[:cut], "stop"
                     stop_flag.set()
                 if finish:
@@ -305,7 +306,8 @@ class HfEngine:
             stop_flag.set()  # client went away or we are done: let the thread finish its step and exit
             await asyncio.to_thread(thread.join)
         yield Delta(index=index, text=text[len(sent):], token_ids=pending_ids,
-                    logprobs=pending_lps if p.logprobs is not None else None, finish_reason=finish or "length")
+                    logprobs=pending_lps if p.logprobs is not None else None, finish_reason=finish or "length",
+                    stop_reason=stopped_by)
 
     def _lp_row(self, lp, token: int, k: int) -> dict:
         top = lp.topk(k) if k else None

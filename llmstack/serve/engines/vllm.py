@@ -185,7 +185,8 @@ class VllmEngine:
                                                lora_request=self._lora.get(model)):
                 deltas = [Delta(index=o.index, text=o.text, token_ids=list(o.token_ids),
                                 logprobs=self._logprobs(o.logprobs, o.token_ids, p.logprobs),
-                                finish_reason=o.finish_reason)
+                                finish_reason=o.finish_reason,
+                                stop_reason=o.stop_reason if isinstance(o.stop_reason, str) else None)
                           for o in out.outputs]
                 if prompt_rows is None and out.prompt_logprobs and deltas:
                     # vLLM's own prompt logprobs (computed in the prefill), first entry None like ours
