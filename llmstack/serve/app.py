@@ -39,6 +39,7 @@ from llmstack.serve.serving_completion import Completions
 from llmstack.serve.serving_messages import Messages
 from llmstack.serve.serving_responses import Responses, stored_response
 from llmstack.serve.state import Server, check_routes, keep_in_sync, new_request_id
+from llmstack.serve.tracing import TracedAudit, Tracing
 
 log = logging.getLogger("llmstack.serve")
 PUBLIC_PATHS = {"/health"}
@@ -79,21 +80,23 @@ class KeyGate:
                 srv.metrics.guard_blocks.labels("slow_reader").inc()
                 raise SlowReader(path) from None
 
-        try:
-            await self._gate(scope, receive, send_wrapped, srv, path)
-        except SlowReader:
-            log.info("dropped a client that stopped reading its response on %s", path)
-        except Exception:  # noqa: BLE001 - the last line: a 500 with a body, never a dropped connection
-            log.exception("unexpected error on %s", path)
-            if not status.get("started"):
-                err = APIError(500, "internal error: the server failed on this request", code="internal_error")
-                await error_response(path, err)(scope, receive, send_wrapped)
+        with srv.tracing.request(scope, status):  # a generation request's span: until its last byte went out
+            try:
+                await self._gate(scope, receive, send_wrapped, srv, path)
+            except SlowReader:
+                log.info("dropped a client that stopped reading its response on %s", path)
+            except Exception:  # noqa: BLE001 - the last line: a 500 with a body, never a dropped connection
+                log.exception("unexpected error on %s", path)
+                if not status.get("started"):
+                    err = APIError(500, "internal error: the server failed on this request", code="internal_error")
+                    await error_response(path, err)(scope, receive, send_wrapped)
 
     async def _gate(self, scope, receive, send_wrapped, srv, path):
 
         if path not in PUBLIC_PATHS:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            entry = srv.keyring.authenticate(presented_key(headers))
+            with srv.tracing.span("auth"):
+                entry = srv.keyring.authenticate(presented_key(headers))
             if entry is None:
                 srv.metrics.guard_blocks.labels("auth").inc()
                 srv.audit.write_unauthenticated({"request_id": new_request_id(), "key_id": None, "route": path,
@@ -155,6 +158,9 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         audit = AuditLog(audit_path or spec.audit_log, policy.audit.log_prompts, policy.audit.max_field_chars,
                          policy.audit.unauthenticated_per_minute, on_failure=metrics.audit_failures.inc,
                          on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc())
+        tracing = Tracing(spec.tracing)
+        if tracing.enabled:
+            audit = TracedAudit(audit, tracing)
         router = Router(spec.routes, store=spec.routes_store)
         router.on_error = _store_errors(metrics, "routes", "requests are routed as last read; route and adapter "
                                                            "changes are refused with 503 until it is back")
@@ -167,7 +173,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                                      limiter=limiter, metrics=metrics, audit=audit, router=router,
                                      traffic=TrafficProfile(), drift_reference=load_profile(spec.drift_reference)
                                      if spec.drift_reference else None,
-                                     responses=ResponseStore(spec.routes_store, spec.responses))
+                                     responses=ResponseStore(spec.routes_store, spec.responses), tracing=tracing)
         if not engine.ready:
             await engine.start()
         await srv.sync_adapters()  # the runtime adapters the store lists (a restart, or a replica joining)
@@ -178,6 +184,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
             syncing.cancel()
         await engine.shutdown()
         audit.flush()
+        await anyio.to_thread.run_sync(tracing.shutdown)  # the last spans, exported off the event loop
 
     app = FastAPI(title="llmstack", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(KeyGate, server_ref=ref)

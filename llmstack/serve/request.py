@@ -125,8 +125,10 @@ class ServedRequest:
         srv, req, params, audit, t0 = self.srv, self.req, self.params, self.audit, self.t0
         ans, status = Answer.empty(params.n, self.thinking), 200
         try:
-            async with srv.slot():
+            async with srv.tracing.queued(srv.slot()):
+                engine_span = srv.tracing.engine_span()
                 task = asyncio.create_task(self._run(ans))
+                task.add_done_callback(lambda _: srv.tracing.end_engine(engine_span, ans.ttft, t0, ans.n_out))
                 # A client that hangs up before the answer is ready should not keep the engine busy: poll for it.
                 while not task.done():
                     await asyncio.wait({task}, timeout=0.25)
@@ -163,6 +165,24 @@ class ServedRequest:
             await self.release(aborted=status != 200)
 
         self.endpoint.settle(self, ans)
+        with srv.tracing.span("output_rails"):
+            choices, sent = self._railed(ans)
+        self._finish_metrics(ans.n_out, ans.ttft)
+        if "arm" in audit:
+            srv.metrics.version_latency.labels(req.model, audit["arm"]).observe(time.perf_counter() - t0)
+        audit.update(status=200, completion_tokens=ans.n_out, latency_s=round(time.perf_counter() - t0, 4),
+                     ttft_s=round(ans.ttft, 4) if ans.ttft else None, finish=[c["finish_reason"] for c in choices])
+        if self.thinking is not None:
+            audit["reasoning_tokens"] = ans.reasoning_tokens
+        shown = ans.reasoning if any(r is not None for r in ans.reasoning) else None
+        # what the client got: after the rails
+        srv.audit.write(audit, prompt=self.prompt_text, completion=sent, reasoning=shown)
+        return {"id": self.rid, "object": self.endpoint.object, "created": int(time.time()), "model": req.model,
+                "choices": choices, "usage": self.usage(ans.n_out, ans.reasoning_tokens)}
+
+    def _railed(self, ans: Answer) -> tuple[list[dict], list[str]]:
+        """Each choice through the output rails: the endpoint's choices, and the texts the client gets."""
+        srv, params, audit = self.srv, self.params, self.audit
         rails, choices, sent = srv.output_rails, [], []
         for i in range(params.n):
             split = ans.splits[i] if ans.splits is not None else None
@@ -188,18 +208,7 @@ class ServedRequest:
                     ans.reasoning[i] = None
             sent.append(text)
             choices.append(self.endpoint.choice(self, i, text, rows, reason, bool(v.blocked), ans))
-        self._finish_metrics(ans.n_out, ans.ttft)
-        if "arm" in audit:
-            srv.metrics.version_latency.labels(req.model, audit["arm"]).observe(time.perf_counter() - t0)
-        audit.update(status=200, completion_tokens=ans.n_out, latency_s=round(time.perf_counter() - t0, 4),
-                     ttft_s=round(ans.ttft, 4) if ans.ttft else None, finish=[c["finish_reason"] for c in choices])
-        if self.thinking is not None:
-            audit["reasoning_tokens"] = ans.reasoning_tokens
-        shown = ans.reasoning if any(r is not None for r in ans.reasoning) else None
-        # what the client got: after the rails
-        srv.audit.write(audit, prompt=self.prompt_text, completion=sent, reasoning=shown)
-        return {"id": self.rid, "object": self.endpoint.object, "created": int(time.time()), "model": req.model,
-                "choices": choices, "usage": self.usage(ans.n_out, ans.reasoning_tokens)}
+        return choices, sent
 
     # ------------------------------------------------------------------------------------- server-sent events
     async def stream(self):
@@ -209,6 +218,7 @@ class ServedRequest:
         srv, rid, req, params, audit, t0 = self.srv, self.rid, self.req, self.params, self.audit, self.t0
         out = StreamedAnswer(self)
         gen = self.engine_stream()
+        engine_span, rails_s = srv.tracing.engine_span(), 0.0  # the rails run per delta: their time is summed
         try:
             if self.endpoint.opens_with_role:
                 for i in range(params.n):
@@ -219,7 +229,10 @@ class ServedRequest:
                 # else — Starlette's disconnect listener, other requests — would run until this stream ended.
                 await asyncio.sleep(0)
                 for d in deltas:
-                    for line in out.lines(d):
+                    t_rails = time.perf_counter()
+                    lines = list(out.lines(d))
+                    rails_s += time.perf_counter() - t_rails
+                    for line in lines:
                         yield line
                     if out.done:  # an output rail blocked: the error event went out
                         return
@@ -252,6 +265,7 @@ class ServedRequest:
             with anyio.CancelScope(shield=True):
                 await gen.aclose()
                 await self.release(aborted=out.status != 200)
+            srv.tracing.end_engine(engine_span, out.ttft, t0, out.n_out, rails_s)
             for r in out.rails:
                 audit["guard"] += sorted(r.decisions - set(audit["guard"]))
             self._finish_metrics(out.n_out, out.ttft)

@@ -169,10 +169,13 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
     holding = False  # this request holds one of its key's concurrent places (released when it ends)
     handed_over = False  # a stream took over the key place and the engine slot: it releases them itself
     try:
-        await admit_request(srv, key, audit)
-        srv.take_key_slot(key)
-        holding = True
-        req = await endpoint.translate(srv, key, await read_json(request, srv, endpoint.schema))
+        request.state.audit = audit  # the request's span (tracing.py) takes its model, tokens and status
+        with srv.tracing.span("limits"):
+            await admit_request(srv, key, audit)
+            srv.take_key_slot(key)
+            holding = True
+        with srv.tracing.span("parse"):
+            req = await endpoint.translate(srv, key, await read_json(request, srv, endpoint.schema))
         audit["model"] = req.model[:200]
         plan = await endpoint.prepare(srv, req)
         await check_model(srv, key, req.model)
@@ -187,13 +190,15 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
         thinking = endpoint.thinking(srv, req, key, params, schema is not None or json_object)
 
         # ---- input rails, then the prompt tokens the engine will see (off the event loop)
-        prompt_ids, prompt_text = await srv.in_worker(endpoint.render, srv, req, input_guard(srv, audit), plan,
-                                                      thinking)
+        with srv.tracing.span("input_rails"):
+            prompt_ids, prompt_text = await srv.in_worker(endpoint.render, srv, req, input_guard(srv, audit), plan,
+                                                          thinking)
         if thinking is not None:
             thinking.settle(prompt_text)
             audit["thinking"] = thinking.policy if thinking.opens else "off"
         n_prompt = len(prompt_ids)
-        await admit_tokens(srv, key, audit, n_prompt, params, endpoint.prompt_param)
+        with srv.tracing.span("limits.tokens"):
+            await admit_tokens(srv, key, audit, n_prompt, params, endpoint.prompt_param)
 
         srv.metrics.tokens.labels("prompt").inc(n_prompt)
         audit["prompt_tokens"] = n_prompt
@@ -208,7 +213,8 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
             call.shadow = await start_shadow(srv, shadow, public, rid, prompt_ids, params)
         if req.stream:
             slot = srv.slot()
-            await slot.__aenter__()  # refuse (503) before the 200 of the stream goes out
+            with srv.tracing.span("queue"):
+                await slot.__aenter__()  # refuse (503) before the 200 of the stream goes out
             call.slot = slot
             handed_over = True
             return ClosingStreamingResponse(endpoint.events(call, call.stream()), call.release,
