@@ -11,6 +11,7 @@ guard overhead at p50 (a vs b, goal <= 5%), and (a) at concurrency 32 vs (c) one
     .venv/bin/python scripts/bench_serve.py                    # SmolLM2-135M-Instruct fp32 (~8 min on 2 cores)
     .venv/bin/python scripts/bench_serve.py --model tiny --max-tokens 32   # the tiny random model (smoke check)
     .venv/bin/python scripts/bench_serve.py --hostile          # the guard under a hostile mix (~1 min, no model)
+    .venv/bin/python scripts/bench_serve.py --tracing --rounds 3   # OpenTelemetry tracing on vs off (no model)
     .venv/bin/python scripts/bench_serve.py --replicas 2 --levels 32   # replicas behind nginx vs one replica
 
 --replicas N: the guarded API at each concurrency level as (1) one replica, direct, limits in memory; (1b) another
@@ -28,6 +29,10 @@ CPU engine takes per step at concurrency 32 on 2 AVX-512 cores (SmolLM2-135M, ~2
     .venv/bin/python scripts/bench_serve.py --replicas 2 --engine scripted --model tiny --rounds 10
     .venv/bin/python scripts/bench_serve.py --replicas 2 --engine scripted --model tiny --rounds 5 --levels 8,32 \
         --token-delay 0.1
+
+--tracing: two servers of the --hostile setup (clean traffic only), one tracing every request over OTLP/HTTP to a
+receiver in the bench process, alternated for --rounds rounds at concurrency 8 and 32 (--levels): p50 traced vs not
+(goal: <= 1.02x).
 
 --hostile: the guarded API (real uvicorn, in its own process, over the scripted engine: 16 tokens per answer at
 10 ms a token, so the model's cost is fixed and the API's own is what moves) at concurrency 8, first clean, then with
@@ -432,8 +437,9 @@ def rail_cost_per_kb() -> dict:
     return out
 
 
-def hostile_server(port: int) -> None:
-    """Internal: the guarded API over the scripted engine, under uvicorn with the guard's protocol settings."""
+def hostile_server(port: int, otlp: str | None = None) -> None:
+    """Internal: the guarded API over the scripted engine, under uvicorn with the guard's protocol settings (with
+    `otlp`, tracing every request to that OTLP/HTTP endpoint)."""
     import logging
 
     from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
@@ -449,7 +455,7 @@ def hostile_server(port: int) -> None:
     keys = KeyFile.model_validate({"keys": [{"id": "bench", "sha256": hash_key("sk-bench")}]})
     policy = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 1_000_000,
                                                          "tokens_per_minute": 100_000_000, "max_concurrent": 64}})
-    spec = ServeSpec(engine="hf", host="127.0.0.1", port=port)
+    spec = ServeSpec(engine="hf", host="127.0.0.1", port=port, tracing={"otlp_endpoint": otlp} if otlp else {})
     run_server(build_app(engine, spec, policy, keys), spec)
 
 
@@ -547,21 +553,80 @@ async def hostile_mix(base: str, n: int, conc: int, hostile_every: int | None, k
             "hostile_requests": len(bad_status)}
 
 
-def bench_hostile(n: int, conc: int) -> dict:
+def start_scripted(*otlp: str) -> tuple[subprocess.Popen, str]:
+    """The --hostile server in its own process (`otlp`: tracing to that endpoint), once /health answers."""
+    import httpx
+
     with socket_port() as port:
         pass
-    server = subprocess.Popen([sys.executable, __file__, "--hostile-server", str(port)], start_new_session=True)
+    extra = ["--otlp", otlp[0]] if otlp else []
+    server = subprocess.Popen([sys.executable, __file__, "--hostile-server", str(port), *extra],
+                              start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    return server, base
 
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+
+def bench_tracing(n: int, levels: list[int], rounds: int) -> dict:
+    """--tracing: two servers of the --hostile setup, one tracing every request (sample_ratio 1) to an OTLP/HTTP
+    receiver in this process that decodes each export, one not; clean traffic at each level, the two alternated for
+    `rounds` rounds; the p50 over all rounds, traced vs not."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received = {"spans": 0}
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            req = ExportTraceServiceRequest()
+            req.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
+            received["spans"] += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    off, off_base = start_scripted()
+    on, on_base = start_scripted(f"http://127.0.0.1:{receiver.server_port}/v1/traces")
+    lat: dict = {(name, c): [] for name in ("off", "on") for c in levels}
+    try:
+        for base in (off_base, on_base):
+            asyncio.run(hostile_mix(base, 16, 8, None))  # warm-up
+        for _ in range(rounds):
+            for c in levels:
+                for name, base in (("off", off_base), ("on", on_base)):
+                    lat[name, c].append(asyncio.run(hostile_mix(base, n, c, None))["normal_p50_s"])
+    finally:
+        for server in (off, on):
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
+        receiver.shutdown()
+    rows = [{"concurrency": c, "off_p50_s": statistics.median(lat["off", c]),
+             "on_p50_s": statistics.median(lat["on", c]), "rounds": rounds} for c in levels]
+    print(f"tracing on vs off (scripted engine, 16 tokens x 10 ms; {n} requests per run, {rounds} rounds; "
+          f"{received['spans']} spans received):")
+    for r in rows:
+        r["ratio"] = r["on_p50_s"] / r["off_p50_s"]
+        print(f"  c={r['concurrency']:<3} p50 off {r['off_p50_s'] * 1000:.1f} ms, on {r['on_p50_s'] * 1000:.1f} ms "
+              f"= {r['ratio']:.3f}x (goal <= 1.02x)")
+    return {"rows": rows, "spans_received": received["spans"]}
+
+
+def bench_hostile(n: int, conc: int) -> dict:
+    server, base = start_scripted()
+    try:
         asyncio.run(hostile_mix(base, 16, conc, None))  # warm-up
         clean = asyncio.run(hostile_mix(base, n, conc, None))
         hostile = asyncio.run(hostile_mix(base, n, conc, 10))
@@ -620,6 +685,8 @@ def main() -> None:
     ap.add_argument("--hostile", action="store_true", help="the guard under a hostile mix (see above)")
     ap.add_argument("--hostile-requests", type=int, default=160)
     ap.add_argument("--hostile-server", type=int, help=argparse.SUPPRESS)  # internal: the server of --hostile
+    ap.add_argument("--otlp", help=argparse.SUPPRESS)  # internal: that server's OTLP endpoint (--tracing)
+    ap.add_argument("--tracing", action="store_true", help="the guarded API tracing every request vs not (see above)")
     ap.add_argument("--replicas", type=int, help="N replicas behind nginx vs one replica (see above)")
     ap.add_argument("--engine", choices=["vllm", "hf", "scripted"], default="vllm",
                     help="with --replicas: the replicas' engine (scripted: a fixed-cost stand-in, see above)")
@@ -630,7 +697,18 @@ def main() -> None:
     benchrecord.add_argument(ap)
     args = ap.parse_args()
     if args.hostile_server:
-        hostile_server(args.hostile_server)
+        hostile_server(args.hostile_server, args.otlp)
+        return
+    if args.tracing:
+        levels = [int(x) for x in (args.levels if args.levels != "1,8,32" else "8,32").split(",")]
+        result = bench_tracing(args.hostile_requests, levels, args.rounds)
+        benchrecord.write("serve-tracing", settings={"requests": args.hostile_requests, "levels": levels,
+                                                     "rounds": args.rounds, "sample_ratio": 1.0,
+                                                     "engine": "scripted, 16 tokens x 10 ms"},
+                          figures={"p50": result["rows"], "spans_received": result["spans_received"]},
+                          ratios={f"p50_on_vs_off_c{r['concurrency']}": r["ratio"] for r in result["rows"]},
+                          goals={f"p50_on_vs_off_c{r['concurrency']}": "<= 1.02x" for r in result["rows"]},
+                          results=args.results_dir)
         return
     if args.scripted_server:
         scripted_server(Path(args.scripted_server), args.max_tokens, args.token_delay)
