@@ -437,9 +437,9 @@ def rail_cost_per_kb() -> dict:
     return out
 
 
-def hostile_server(port: int, otlp: str | None = None) -> None:
+def hostile_server(port: int, otlp: str | None = None, sample_ratio: float = 1.0) -> None:
     """Internal: the guarded API over the scripted engine, under uvicorn with the guard's protocol settings (with
-    `otlp`, tracing every request to that OTLP/HTTP endpoint)."""
+    `otlp`, tracing `sample_ratio` of the requests to that OTLP/HTTP endpoint)."""
     import logging
 
     from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
@@ -455,7 +455,8 @@ def hostile_server(port: int, otlp: str | None = None) -> None:
     keys = KeyFile.model_validate({"keys": [{"id": "bench", "sha256": hash_key("sk-bench")}]})
     policy = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 1_000_000,
                                                          "tokens_per_minute": 100_000_000, "max_concurrent": 64}})
-    spec = ServeSpec(engine="hf", host="127.0.0.1", port=port, tracing={"otlp_endpoint": otlp} if otlp else {})
+    tracing = {"otlp_endpoint": otlp, "sample_ratio": sample_ratio} if otlp else {}
+    spec = ServeSpec(engine="hf", host="127.0.0.1", port=port, tracing=tracing)
     run_server(build_app(engine, spec, policy, keys), spec)
 
 
@@ -554,12 +555,13 @@ async def hostile_mix(base: str, n: int, conc: int, hostile_every: int | None, k
 
 
 def start_scripted(*otlp: str) -> tuple[subprocess.Popen, str]:
-    """The --hostile server in its own process (`otlp`: tracing to that endpoint), once /health answers."""
+    """The --hostile server in its own process (`otlp`: tracing to that endpoint at that ratio), once /health
+    answers."""
     import httpx
 
     with socket_port() as port:
         pass
-    extra = ["--otlp", otlp[0]] if otlp else []
+    extra = ["--otlp", otlp[0], "--sample-ratio", otlp[1]] if otlp else []
     server = subprocess.Popen([sys.executable, __file__, "--hostile-server", str(port), *extra],
                               start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -573,22 +575,18 @@ def start_scripted(*otlp: str) -> tuple[subprocess.Popen, str]:
     return server, base
 
 
-def bench_tracing(n: int, levels: list[int], rounds: int) -> dict:
-    """--tracing: two servers of the --hostile setup, one tracing every request (sample_ratio 1) to an OTLP/HTTP
-    receiver in this process that decodes each export, one not; clean traffic at each level, the two alternated for
-    `rounds` rounds; the p50 over all rounds, traced vs not."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+def otlp_receiver(port: int, spans) -> None:
+    """Internal (--tracing, its own process, so decoding does not load the benchmark's client): an OTLP/HTTP
+    receiver that decodes each export with opentelemetry-proto and counts its spans into `spans` (a shared int)."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-    received = {"spans": 0}
 
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's name
             req = ExportTraceServiceRequest()
             req.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
-            received["spans"] += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            spans.value += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -596,10 +594,22 @@ def bench_tracing(n: int, levels: list[int], rounds: int) -> dict:
         def log_message(self, *args):
             pass
 
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    HTTPServer(("127.0.0.1", port), Receiver).serve_forever()
+
+
+def bench_tracing(n: int, levels: list[int], rounds: int, ratio: float) -> dict:
+    """--tracing: two servers of the --hostile setup, one tracing `ratio` of its requests to an OTLP/HTTP
+    receiver (`otlp_receiver`, its own process), one not; clean traffic at each level, the two alternated for
+    `rounds` rounds; the p50 over all rounds, traced vs not."""
+    import multiprocessing
+
+    with socket_port() as port:
+        pass
+    received = multiprocessing.Value("q", 0)
+    receiver = multiprocessing.Process(target=otlp_receiver, args=(port, received), daemon=True)
+    receiver.start()
     off, off_base = start_scripted()
-    on, on_base = start_scripted(f"http://127.0.0.1:{receiver.server_port}/v1/traces")
+    on, on_base = start_scripted(f"http://127.0.0.1:{port}/v1/traces", str(ratio))
     lat: dict = {(name, c): [] for name in ("off", "on") for c in levels}
     try:
         for base in (off_base, on_base):
@@ -612,16 +622,16 @@ def bench_tracing(n: int, levels: list[int], rounds: int) -> dict:
         for server in (off, on):
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
-        receiver.shutdown()
+        receiver.terminate()
     rows = [{"concurrency": c, "off_p50_s": statistics.median(lat["off", c]),
              "on_p50_s": statistics.median(lat["on", c]), "rounds": rounds} for c in levels]
-    print(f"tracing on vs off (scripted engine, 16 tokens x 10 ms; {n} requests per run, {rounds} rounds; "
-          f"{received['spans']} spans received):")
+    print(f"tracing on (sample_ratio {ratio}) vs off (scripted engine, 16 tokens x 10 ms; {n} requests per run, "
+          f"{rounds} rounds; {received.value} spans received):")
     for r in rows:
         r["ratio"] = r["on_p50_s"] / r["off_p50_s"]
         print(f"  c={r['concurrency']:<3} p50 off {r['off_p50_s'] * 1000:.1f} ms, on {r['on_p50_s'] * 1000:.1f} ms "
               f"= {r['ratio']:.3f}x (goal <= 1.02x)")
-    return {"rows": rows, "spans_received": received["spans"]}
+    return {"rows": rows, "spans_received": received.value}
 
 
 def bench_hostile(n: int, conc: int) -> dict:
@@ -686,7 +696,8 @@ def main() -> None:
     ap.add_argument("--hostile-requests", type=int, default=160)
     ap.add_argument("--hostile-server", type=int, help=argparse.SUPPRESS)  # internal: the server of --hostile
     ap.add_argument("--otlp", help=argparse.SUPPRESS)  # internal: that server's OTLP endpoint (--tracing)
-    ap.add_argument("--tracing", action="store_true", help="the guarded API tracing every request vs not (see above)")
+    ap.add_argument("--tracing", action="store_true", help="the guarded API tracing its requests vs not (see above)")
+    ap.add_argument("--sample-ratio", type=float, default=1.0, help="with --tracing: the traced server's sample_ratio")
     ap.add_argument("--replicas", type=int, help="N replicas behind nginx vs one replica (see above)")
     ap.add_argument("--engine", choices=["vllm", "hf", "scripted"], default="vllm",
                     help="with --replicas: the replicas' engine (scripted: a fixed-cost stand-in, see above)")
@@ -697,13 +708,13 @@ def main() -> None:
     benchrecord.add_argument(ap)
     args = ap.parse_args()
     if args.hostile_server:
-        hostile_server(args.hostile_server, args.otlp)
+        hostile_server(args.hostile_server, args.otlp, args.sample_ratio)
         return
     if args.tracing:
         levels = [int(x) for x in (args.levels if args.levels != "1,8,32" else "8,32").split(",")]
-        result = bench_tracing(args.hostile_requests, levels, args.rounds)
+        result = bench_tracing(args.hostile_requests, levels, args.rounds, args.sample_ratio)
         benchrecord.write("serve-tracing", settings={"requests": args.hostile_requests, "levels": levels,
-                                                     "rounds": args.rounds, "sample_ratio": 1.0,
+                                                     "rounds": args.rounds, "sample_ratio": args.sample_ratio,
                                                      "engine": "scripted, 16 tokens x 10 ms"},
                           figures={"p50": result["rows"], "spans_received": result["spans_received"]},
                           ratios={f"p50_on_vs_off_c{r['concurrency']}": r["ratio"] for r in result["rows"]},
