@@ -140,9 +140,14 @@ def test_one_trace_per_request_children_in_order_traceparent_continued_no_text(t
         raw = c.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                      json={"model": "tiny", "prompt": "Say hi", "max_tokens": 8})
         assert raw.status_code == 200 and not any(h.lower().startswith("trace") for h in raw.headers)
+        anthropic = c.post("/v1/messages", headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+                           json={"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+        assert anthropic.status_code == 200
         flush(c)
     traces = receiver.traces()
-    assert len(traces) == 2
+    assert len(traces) == 3
+    messages = next(spans for spans in traces.values() if any(s["name"] == "POST /v1/messages" for s in spans))
+    assert [s["name"] for s in tree(messages)[1]] == CHILDREN  # the other APIs ride the same traced path
     root, children = tree(traces[trace_id])  # the client's trace, continued
     assert root["parent"] == parent and root["name"] == "POST /v1/chat/completions"
     assert [s["name"] for s in children] == CHILDREN
@@ -158,7 +163,7 @@ def test_one_trace_per_request_children_in_order_traceparent_continued_no_text(t
     assert 0 < engine["attrs"]["gen_ai.server.time_to_first_token"] and "llmstack.decode_s" in engine["attrs"]
     dump = repr(receiver.spans)
     assert KEY not in dump and "Paris" not in dump and "France" not in dump and "example.com" not in dump
-    other = next(spans for t, spans in traces.items() if t != trace_id)
+    other = next(spans for t, spans in traces.items() if t != trace_id and spans is not messages)
     root2, children2 = tree(other)
     assert root2["name"] == "POST /v1/completions" and root2["parent"] == ""
     assert root2["attrs"]["gen_ai.operation.name"] == "text_completion"
