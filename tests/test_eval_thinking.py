@@ -167,18 +167,20 @@ def test_budget_curve_and_report(tiny_model, tmp_path):
     tok.chat_template = thinking.chat_template(tok)
     tok.save_pretrained(thinker)
     suite = load_suite("reasoning")
-    curves = {}
+    curves, mains = {}, {}
     for name, folder in (("plain", tiny_model), ("thinker", thinker)):
         target = Target(model=folder, thinking="budget:4", batch_size=2)
-        main = evaluate(target, suite, limit=2, samples_dir=tmp_path / name)
-        curves[name] = budget.curve(target, suite, [0, 4], main, limit=2, identity_name="llmstack",
+        mains[name] = evaluate(target, suite, limit=2, samples_dir=tmp_path / name)
+        curves[name] = budget.curve(target, suite, [0, 4], mains[name], limit=2, identity_name="llmstack",
                                     samples_dir=tmp_path / name)
     assert curves["plain"][0]["gsm8k_chat"] is curves["plain"][4]["gsm8k_chat"]  # scored once
     assert curves["thinker"][0]["gsm8k_chat"]["tokens"]["thinking"] == [0, 0]
     assert all(3 <= t <= 5 for t in curves["thinker"][4]["gsm8k_chat"]["tokens"]["thinking"])
-    lines = budget.markdown(curves)
-    rows = [line for line in lines if line.startswith("| thinker | gsm8k_chat |") or line.startswith("| plain |")]
-    assert len(rows) == 4 and "## Thinking budget" in lines
+    assert curves["thinker"][4]["gsm8k_chat"] is mains["thinker"]["gsm8k_chat"]  # the eval's own mode: reused
+    lines = budget.markdown(curves, mains, "budget:4")
+    rows = [line for line in lines if line.startswith(("| thinker | gsm8k_chat |", "| plain | gsm8k_chat |"))]
+    assert len(rows) == 6 and "## Thinking budget" in lines
+    assert [r.split(" | ")[2] for r in rows[3:]] == ["`budget:4`", "0", "4"]
     assert any("`plain`'s chat template has no thinking" in line for line in lines)
     assert not any("`thinker`'s chat template has no thinking" in line for line in lines)
     png = budget.plot(curves, tmp_path / "thinking_budget.png")

@@ -61,23 +61,27 @@ def spent_markdown(scores: dict[str, dict[str, Any]], thinking: str) -> list[str
     return lines + [""]
 
 
-def markdown(curves: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
-    """The report's table: one row per stage, task and budget."""
+def markdown(curves: dict[str, dict[int, dict[str, Any]]], main: dict[str, dict[str, Any]] | None = None,
+             thinking: str = "on") -> list[str]:
+    """The report's table: one row per stage, task and budget, after the row of the eval's own mode (`main`: the
+    stages' scores in it) for comparison."""
     lines = ["## Thinking budget", "",
              "Generation tasks scored with thinking capped at each budget (tokens; 0 = `off`, an empty thinking "
-             "block), on the answer alone; tokens are means per item.", "",
-             "| stage | task | budget | score [95% CI] | thinking tokens | answer tokens |",
+             f"block) and in the eval's own mode (`{thinking}`), on the answer alone; tokens are means per item.", "",
+             "| stage | task | thinking | score [95% CI] | thinking tokens | answer tokens |",
              "|---|---|---|---|---|---|"]
     notes = []
     for stage, per_budget in curves.items():
-        for budget, results in per_budget.items():
-            for task, r in results.items():
-                v, ci, tok = r.get("score"), r.get("ci95"), r.get("tokens") or {}
-                cell = "–" if v is None else f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-                lines.append(f"| {stage} | {task} | {budget} | {cell} | {tok.get('thinking_mean', '–')} | "
-                             f"{tok.get('answer_mean', '–')} |")
-                if not (r.get("thinking") or {}).get("template_thinks") and stage not in notes:
-                    notes.append(stage)
+        rows = [(f"`{thinking}`", t, r) for t, r in (main or {}).get(stage, {}).items()
+                if any(t in res for res in per_budget.values())]
+        rows += [(str(budget), t, r) for budget, results in per_budget.items() for t, r in results.items()]
+        for label, task, r in rows:
+            v, ci, tok = r.get("score"), r.get("ci95"), r.get("tokens") or {}
+            cell = "–" if v is None else f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            lines.append(f"| {stage} | {task} | {label} | {cell} | {tok.get('thinking_mean', '–')} | "
+                         f"{tok.get('answer_mean', '–')} |")
+            if not (r.get("thinking") or {}).get("template_thinks") and stage not in notes:
+                notes.append(stage)
     lines.append("")
     for stage in notes:
         lines += [f"`{stage}`'s chat template has no thinking: on, off and every budget are the same evaluation "

@@ -103,7 +103,8 @@ def run(ctx: StageContext) -> StageResult:
     section += budgets.spent_markdown(scores, spec.thinking)
     if curves:
         budget_chart = budgets.plot(curves, ctx.dir / "thinking_budget.png")
-        section += budgets.markdown(curves) + [f"![score vs thinking budget]({budget_chart.name})", ""]
+        section += budgets.markdown(curves, scores, spec.thinking) + [
+            f"![score vs thinking budget]({budget_chart.name})", ""]
     if recovery:
         section += _recovery_table(recovery)
     for name, r in rob.items():
