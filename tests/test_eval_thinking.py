@@ -216,3 +216,21 @@ def test_grpo_rewards_read_the_answer_not_the_thinking(reasoning_tokenizer):
     plain = AutoTokenizer.from_pretrained(reasoning_tokenizer)
     plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert not thinking.parse_completions(plain)
+
+
+def test_an_adapter_is_evaluated_with_the_template_it_trained_with(tiny_model, tmp_path):
+    """A LoRA stage saves its tokenizer (with the reasoning template) beside the adapter; eval renders with that one,
+    not the base model's template, so the adapter's thinking is what gets evaluated."""
+    from transformers import AutoTokenizer
+
+    from conftest import make_lora
+    from llmstack.eval.run import Target, evaluate
+    from llmstack.train import thinking
+
+    adapter = make_lora(tiny_model, tmp_path / "adapter", seed=3)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = thinking.chat_template(tok)
+    tok.save_pretrained(adapter)
+    result = evaluate(Target(model=tiny_model, adapter=adapter, thinking="budget:2", batch_size=1), "reasoning",
+                      limit=1)["gsm8k_chat"]
+    assert result["thinking"]["template_thinks"] and 1 <= result["tokens"]["thinking"][0] <= 3

