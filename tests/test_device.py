@@ -3,6 +3,7 @@ trainer's precision flags and the serving dtype of 16-bit, INT4 and INT8 folders
 fp16-only GPU — and the stages that ask it instead of deciding for themselves."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,11 +69,11 @@ def test_eval_backends_load_where_the_policy_says(monkeypatch):
 
     seen = {}
 
-    class Fake:
+    class Fake:  # an lm-eval model class: built from its args, with a tokenizer (here one without a chat template)
         @staticmethod
         def create_from_arg_obj(args):
             seen.update(args)
-            return "lm"
+            return SimpleNamespace(tokenizer=None)
 
     monkeypatch.setattr(registry, "get_model", lambda name: Fake)
     monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda: T4))
