@@ -163,6 +163,42 @@ def test_forced_tool_calls_through_vllm_structured_outputs(client):
     assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls") and r2.usage.prompt_tokens > 0
 
 
+def test_responses_and_messages_apis_on_vllm(server, client):
+    """/v1/responses and /v1/messages ride the same request path on the real engine: greedy answers equal chat's for
+    the same turn (official openai and anthropic clients, streamed and not), and a forced function call is decoded
+    under its schema by vLLM's structured outputs through both."""
+    import anthropic
+
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0)
+    text = chat.choices[0].message.content
+    r = client.responses.create(model="tiny", input="Who are you?", max_output_tokens=10, temperature=0)
+    assert r.status == "incomplete" and r.output_text == text and r.usage.output_tokens == 10
+    deltas = [e.delta for e in client.responses.create(model="tiny", input="Who are you?", max_output_tokens=10,
+                                                       temperature=0, stream=True)
+              if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == text
+    tool = {"type": "function", "name": "set_unit", "strict": True, "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"],
+        "additionalProperties": False}}
+    called = client.responses.create(model="tiny", input="Who are you?", tools=[tool], tool_choice="required",
+                                     max_output_tokens=60, temperature=1.0)
+    calls = [item for item in called.output if item.type == "function_call"]
+    assert calls and all(c.name == "set_unit" and json.loads(c.arguments)["unit"] in ("C", "F") for c in calls)
+
+    # anthropic 2.x's create() has no sampling parameters; the Messages API still takes temperature in the body
+    ant = anthropic.Anthropic(api_key=KEY, base_url=server["base"], max_retries=0, timeout=60)
+    m = ant.messages.create(model="tiny", max_tokens=10, messages=MESSAGES, extra_body={"temperature": 0})
+    assert m.stop_reason == "max_tokens" and m.content[0].text == text and m.usage.output_tokens == 10
+    with ant.messages.stream(model="tiny", max_tokens=10, messages=MESSAGES,
+                             extra_body={"temperature": 0}) as stream:
+        assert "".join(stream.text_stream) == text
+    used = ant.messages.create(model="tiny", max_tokens=60, messages=MESSAGES,
+                               tools=[{"name": "set_unit", "input_schema": tool["parameters"]}],
+                               tool_choice={"type": "any"})
+    blocks = [b for b in used.content if b.type == "tool_use"]
+    assert used.stop_reason == "tool_use" and blocks and all(b.input["unit"] in ("C", "F") for b in blocks)
+
+
 def test_nested_model_parameters_and_hostile_schemas_on_vllm(client):
     """Issue 31 on vLLM: a forced call whose parameters use `$defs`/`$ref` (pydantic's nested models) was a 500
     ("Cannot find field $defs"); an integer `minimum: -1e30` and a self-referencing schema were 500 `engine_error`.
