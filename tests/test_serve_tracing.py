@@ -2,10 +2,12 @@
 real receiver, through the real app with the SmolLM2 tokenizer and a ScriptedEngine, called by the official openai
 client: one trace per request with its child spans in order, the client's traceparent continued, model / tokens /
 status attributes, a stream's span covering the whole stream, refusals (401, the input rails' 400) traced with their
-status, no text unless include_text, sampling 0 sends nothing, a dead collector costs requests nothing."""
+status, no text unless include_text, sampling 0 sends nothing, a dead collector costs requests nothing, and the spans
+are built and exported by a child process (tracing_export.py), which the server's shutdown ends."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -117,7 +119,7 @@ def client(c: TestClient, key: str = KEY) -> openai.OpenAI:
 
 
 def flush(c: TestClient) -> None:
-    assert c.app.state.ref["server"].tracing.provider.force_flush()
+    assert c.app.state.ref["server"].tracing.flush()
 
 
 def tree(spans: list[dict]) -> tuple[dict, list[dict]]:
@@ -235,6 +237,28 @@ def test_a_dead_collector_costs_requests_nothing(tok, monkeypatch):
             r = oc.chat.completions.create(model="tiny", messages=USER)
             times.append(time.perf_counter() - t)
             assert r.choices[0].finish_reason == "stop"
-        exporters = [t for t in threading.enumerate() if "Otel" in t.name]
-        assert exporters and all(t is not threading.main_thread() for t in exporters)  # the SDK's own thread
+        pipe = c.app.state.ref["server"].tracing.pipe
+        assert pipe.proc.poll() is None and pipe.proc.pid != os.getpid()  # the exporter is its own process
     assert sorted(times)[5] < 0.5, times
+    assert pipe.proc.returncode is not None  # the server's shutdown ended it (within the export timeout)
+
+
+def test_a_dead_export_process_or_a_full_queue_costs_requests_nothing(tok, receiver, monkeypatch):
+    """The export child killed: requests still answer and spans are dropped, not queued without end; a collector that
+    falls behind: the queue keeps its size and counts what it dropped."""
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "3")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # nothing leaves on its own during the test
+    with serve(tok, {"otlp_endpoint": receiver.url}) as c:
+        pipe = c.app.state.ref["server"].tracing.pipe
+        for _ in range(5):
+            assert client(c).chat.completions.create(model="tiny", messages=USER).choices[0].finish_reason == "stop"
+        assert len(pipe.pending) == 3 and pipe.dropped == 2
+        assert c.app.state.ref["server"].tracing.flush()
+        assert len(receiver.traces()) == 3  # the three newest requests
+        pipe.proc.kill()
+        pipe.proc.wait()
+        for _ in range(3):
+            assert client(c).chat.completions.create(model="tiny", messages=USER).choices[0].finish_reason == "stop"
+        t = time.perf_counter()
+        assert not c.app.state.ref["server"].tracing.flush(timeout_s=5)
+        assert time.perf_counter() - t < 2 and not pipe.pending

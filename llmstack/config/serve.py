@@ -87,8 +87,8 @@ class TracingOptions(Strict):
     service_name: str = Field("llmstack", min_length=1, description="the resource's service.name")
     include_text: bool = Field(False, description="put the prompt and completion, after the rails, on the request "
                                "span; off: spans carry no request or answer text")
-    export_timeout_s: float = Field(5.0, gt=0, description="one export's HTTP timeout (in the exporter's own "
-                                    "thread: a slow collector delays spans, never requests)")
+    export_timeout_s: float = Field(5.0, gt=0, description="one export's HTTP timeout (in the export process: "
+                                    "a slow collector delays spans, never requests)")
 
 
 class ServeSpec(Strict):
