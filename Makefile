@@ -12,12 +12,13 @@ RSTAMP := $(VENV)/.llmstack-ray-installed
 DOCSTAMP := $(VENV)/.llmstack-docs-installed
 DVENV := .venv-ds
 DSTAMP := $(DVENV)/.llmstack-installed
+GSTAMP := $(VENV)/.llmstack-llamacpp-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: quickstart test docs setup system-deps clean-venv mlflow-server
+.PHONY: quickstart test docs setup gguf system-deps clean-venv mlflow-server
 
 # pip warns once per package about this machine's empty local index folders; hide those lines, keep pip's exit code.
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; exit $${PIPESTATUS[0]}
@@ -28,7 +29,7 @@ quickstart: $(STAMP) $(QSTAMP)
 
 # ruff first (the rule set is in pyproject.toml; zero findings), then the suite. pytest exits 5 when it collects no
 # tests: that is not a failure of the suite.
-test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) $(DOCSTAMP) system-deps
+test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) $(DOCSTAMP) $(GSTAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
@@ -98,6 +99,35 @@ $(DSTAMP): requirements/deepspeed.lock $(STAMP)
 	$(DVENV)/bin/python -m pip install -q --no-deps wheel==0.45.1 $(QUIET_PIP)
 	DS_BUILD_OPS=0 $(DVENV)/bin/python -m pip install -q --no-deps --no-build-isolation -r requirements/deepspeed.lock $(QUIET_PIP)
 	$(DVENV)/bin/python -c "import deepspeed, transformers; print('deepspeed env ok:', deepspeed.__version__)"
+	touch $@
+
+# llama.cpp, for GGUF export (`llmstack export gguf`, llmstack/quant/gguf.py): llama-cpp-python's sdist vendors
+# llama.cpp, so it is built here from the pinned sdist (sha256 checked) into the main environment, without LLaVA, for
+# this machine's CPU (GGML_NATIVE: AVX-512 where there is, AVX2 where not) and never through pip's wheel cache (a wheel
+# built on one CPU can crash on another). The converter it vendors (convert_hf_to_gguf.py with its conversion/ package
+# and gguf-py) goes to $(VENV)/share/llama.cpp, where the export runs it. The build takes minutes on 2 cores.
+# Without AMX: -march=native compiles ggml's AMX kernels in wherever the CPU advertises AMX, and ggml checks only that
+# the kernel grants tile permission; VMs that advertise AMX without enabling its state (as here) then die with SIGILL
+# in every quantized matmul. The AVX-512 (or AVX2) kernels run instead. -mno-* before -march=native wins.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMACPP_SDIST := build/llamacpp/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+gguf: $(GSTAMP)
+$(GSTAMP): $(STAMP)
+	mkdir -p build/llamacpp
+	test -f $(LLAMACPP_SDIST) || $(BIN)/python -m pip download -q --no-deps --no-binary :all: \
+	  llama-cpp-python==$(LLAMACPP_VERSION) -d build/llamacpp $(QUIET_PIP)
+	echo "$(LLAMACPP_SHA256)  $(LLAMACPP_SDIST)" | sha256sum -c --quiet -
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip install -q --no-deps --force-reinstall --no-cache-dir $(LLAMACPP_SDIST) $(QUIET_PIP)
+	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp
+	tar -xzf $(LLAMACPP_SDIST) -C $(VENV)/share/llama.cpp --strip-components=3 \
+	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/gguf-py \
+	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/LICENSE
+	$(BIN)/python -c "import llama_cpp; print('llama.cpp ok: llama-cpp-python', llama_cpp.__version__)"
 	touch $@
 
 # A local MLflow tracking + registry server (sqlite and artifacts under ~/.cache/llmstack/mlflow) on 127.0.0.1:5000.

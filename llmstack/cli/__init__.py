@@ -8,7 +8,7 @@ function; this file only puts them on the `llmstack` command. Errors a user can 
     serve.py     serve, serve-key              chat.py     chat
     models.py    models fetch|convert|list     registry.py registry …
     route.py     route show|set|rollback       monitor.py  monitor
-    adapters.py  adapters list|load|unload
+    adapters.py  adapters list|load|unload    export.py   export gguf
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 import typer
 
-from llmstack.cli import adapters, chat, curate, models, monitor, quantize, registry, route, run, serve, train
+from llmstack.cli import adapters, chat, curate, export, models, monitor, quantize, registry, route, run, serve, train
 from llmstack.cli import eval as eval_verbs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,6 +28,7 @@ app.command()(curate.curate)
 app.command()(train.train)
 app.add_typer(eval_verbs.eval_app, name="eval")
 app.command()(quantize.quantize)
+app.add_typer(export.export_app, name="export")
 app.command()(serve.serve)
 app.command("serve-key")(serve.serve_key)
 app.command()(chat.chat)
