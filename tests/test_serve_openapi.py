@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
 
 from test_serve_attack import ADMIN, ALICE, live, make_app
@@ -53,6 +54,11 @@ def test_generation_routes_have_bodies_answers_and_the_guards_errors(doc):
     assert {"model", "messages"} <= set(chat["required"]) and "tools" in chat["properties"]
     assert schemas["MessagesRequest"]["properties"]["max_tokens"]["type"] == "integer"
     assert set(schemas["OpenAIErrorDetail"]["required"]) == {"message", "type", "param", "code"}
+
+
+def test_the_document_is_valid_openapi_3_1(doc):
+    assert doc["openapi"].startswith("3.1")
+    schemathesis.openapi.from_dict(doc).validate()  # against the OpenAPI 3.1 meta-schema
 
 
 def test_every_route_is_documented_with_security_and_no_422(app, doc):
