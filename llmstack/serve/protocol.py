@@ -25,6 +25,9 @@ def _whole_number(value):
 
 
 Integer = Annotated[int, BeforeValidator(_whole_number)]
+# OpenAI's legacy function-calling fields, as the OpenAPI document marks them: read only to be refused with a 400
+LEGACY = {"deprecated": True, "description": "OpenAI's legacy function calling: refused with a 400 that points to "
+                                            "`tools` / `tool_calls`"}
 
 
 class _Loose(BaseModel):
@@ -80,7 +83,7 @@ class ChatMessage(_Loose):
     tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn: the call it answers
     name: str | None = None
-    function_call: dict | None = None  # the legacy form: refused with a pointer to `tool_calls`
+    function_call: dict | None = Field(None, json_schema_extra=LEGACY)  # refused with a pointer to `tool_calls`
     # An earlier assistant turn's thinking, as vLLM / DeepSeek clients send it back (`reasoning` is vLLM's newer
     # name): through the input rails like any text; on any other role a 400 (llmstack.serve.reasoning).
     reasoning_content: str | None = None
@@ -147,8 +150,8 @@ class ChatRequest(_Sampling):
     # The thinking budget of a reasoning model (tokens); 0: no thinking. vLLM calls its own `thinking_token_budget`.
     max_reasoning_tokens: Integer | None = Field(None, ge=0, le=INT64_MAX)
     # The legacy function-calling fields: refused with a 400 that points to `tools` (never silently ignored)
-    functions: list | None = None
-    function_call: str | dict | None = None
+    functions: list | None = Field(None, json_schema_extra=LEGACY)
+    function_call: str | dict | None = Field(None, json_schema_extra=LEGACY)
 
 
 class CompletionRequest(_Sampling):
