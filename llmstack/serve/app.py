@@ -6,7 +6,7 @@ Routes: GET /health (no key), /ready, /metrics, /docs, /openapi.json, /v1/models
 /v1/chat/completions, /v1/completions, /v1/responses (and GET / DELETE /v1/responses/{id}); POST /v1/messages is
 Anthropic's Messages API (serving_messages.py); the admin routes (admin key: routes, rollback, runtime adapters) are
 admin.py's. Every error body is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}, except on a route of
-ERROR_BODIES (/v1/messages: Anthropic's).
+ERROR_BODIES (/v1/messages: Anthropic's). The OpenAPI document of these routes is openapi.py's.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmstack.config.serve import GuardPolicy, KeyEntry, KeyFile, ServeSpec
@@ -29,6 +30,7 @@ from llmstack.serve.admin import add_admin_routes, audit_refused, write_refused
 from llmstack.serve.audit import AuditLog
 from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
 from llmstack.serve.metrics import ServeMetrics
+from llmstack.serve.openapi import install as install_openapi
 from llmstack.serve.protocol import APIError, validation_message
 from llmstack.serve.protocol_messages import error_body as messages_error_body
 from llmstack.serve.responses_store import ResponseStore
@@ -132,6 +134,13 @@ def error_response(path: str, err: APIError) -> JSONResponse:
     return err.response() if body is None else JSONResponse(body(err), status_code=err.status, headers=err.headers)
 
 
+def allowed_methods(app: FastAPI, path: str) -> str:
+    """The `Allow` header of a 405 (RFC 9110): the methods of every route whose path matches (FastAPI's routes take
+    no HEAD of their own)."""
+    return ", ".join(sorted({m for r in app.router.routes if isinstance(r, APIRoute) and r.path_regex.match(path)
+                             for m in r.methods}))
+
+
 def _store_errors(metrics: ServeMetrics, store: str, meanwhile: str):
     """The on_error hook of a shared store: count every failure (llmstack_store_errors_total{store}, which an alert
     watches), log at most one line per 10 s (an outage under load would otherwise write thousands a second)."""
@@ -204,7 +213,10 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        err = APIError(exc.status_code, str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method the path takes (Starlette names only the first route's)
+            headers["Allow"] = allowed_methods(app, request.url.path)
+        err = APIError(exc.status_code, str(exc.detail), headers=headers)
         audit_refused(ref["server"], request, err)
         return error_response(request.url.path, err)
 
@@ -290,4 +302,5 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
     async def messages(request: Request):
         return await generate(request, ref["server"], anthropic_messages)
 
+    install_openapi(app, engine.names[0])  # /openapi.json: every route above, described (openapi.py)
     return app

@@ -4,19 +4,35 @@ logprobs, usage and server-sent events in responses. Nothing here knows about en
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 # ------------------------------------------------------------------------------------------- request schemas
+# The wire's types are JSON's, as the OpenAPI document states them: `"stream": 0`, `"temperature": false` and
+# `"max_tokens": "16"` are the client's 400, not coerced (pydantic's strict mode) — an integer is any whole number
+# (`16.0`, as JSON Schema reads it), a number any integer or float.
+WIRE = ConfigDict(extra="ignore", strict=True)
+
+
+def _whole_number(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_whole_number)]
+# OpenAI's legacy function-calling fields, as the OpenAPI document marks them: read only to be refused with a 400
+LEGACY = {"deprecated": True, "description": "OpenAI's legacy function calling: refused with a 400 that points to "
+                                            "`tools` / `tool_calls`"}
+
+
 class _Loose(BaseModel):
     # OpenAI clients send fields we do not use (user, metadata, ...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
+    model_config = WIRE
 
 
 class ContentPart(_Loose):
@@ -67,7 +83,7 @@ class ChatMessage(_Loose):
     tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn: the call it answers
     name: str | None = None
-    function_call: dict | None = None  # the legacy form: refused with a pointer to `tool_calls`
+    function_call: dict | None = Field(None, json_schema_extra=LEGACY)  # refused with a pointer to `tool_calls`
     # An earlier assistant turn's thinking, as vLLM / DeepSeek clients send it back (`reasoning` is vLLM's newer
     # name): through the input rails like any text; on any other role a 400 (llmstack.serve.reasoning).
     reasoning_content: str | None = None
@@ -99,12 +115,12 @@ class StreamOptions(_Loose):
 class _Sampling(_Loose):
     model: str
     user: str | None = None  # the end user's id: keeps one user on one side of a canary split
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Integer | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
+    n: Integer = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # as vLLM's OpenAI layer: the engine takes int64
+    seed: Integer | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # as vLLM's OpenAI layer: the engine takes int64
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
@@ -123,26 +139,26 @@ class ChatTemplateKwargs(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Integer | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: Integer | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     chat_template_kwargs: ChatTemplateKwargs | None = None
     # The thinking budget of a reasoning model (tokens); 0: no thinking. vLLM calls its own `thinking_token_budget`.
-    max_reasoning_tokens: StrictInt | None = Field(None, ge=0, le=INT64_MAX)
+    max_reasoning_tokens: Integer | None = Field(None, ge=0, le=INT64_MAX)
     # The legacy function-calling fields: refused with a 400 that points to `tools` (never silently ignored)
-    functions: list | None = None
-    function_call: str | dict | None = None
+    functions: list | None = Field(None, json_schema_extra=LEGACY)
+    function_call: str | dict | None = Field(None, json_schema_extra=LEGACY)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Integer] | list[list[Integer]]
     # OpenAI's default for /v1/completions; 0 only with `echo` (score the prompt, generate nothing)
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0)
+    max_tokens: Integer | None = Field(16, ge=0)
+    logprobs: Integer | None = Field(None, ge=0)
     echo: bool = False  # the prompt comes back before the completion, with its tokens' logprobs if `logprobs` is set
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, Field, StrictBool, ValidationError
 
-from llmstack.serve.protocol import FUNCTION_NAME, APIError, ChatRequest, validation_message
+from llmstack.serve.protocol import FUNCTION_NAME, WIRE, APIError, ChatRequest, Integer, validation_message
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -42,7 +42,7 @@ def error_body(err: APIError) -> dict:
 
 class _Loose(BaseModel):
     # Fields this server does not use (cache_control, citations, service_tier, ...) are accepted and ignored.
-    model_config = ConfigDict(extra="ignore")
+    model_config = WIRE
 
 
 class TextBlock(_Loose):
@@ -85,7 +85,7 @@ class ToolChoice(_Loose):
 class ThinkingConfig(_Loose):
     # adaptive: the model's own default (a reasoning model thinks without a budget); between_tools is not served
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: StrictInt | None = Field(None, ge=1)
+    budget_tokens: Integer | None = Field(None, ge=1)
     display: Literal["summarized", "omitted"] | None = None  # omitted: no thinking block comes back
 
 
@@ -105,7 +105,7 @@ class Metadata(_Loose):
 
 class MessagesRequest(_Loose):
     model: str
-    max_tokens: StrictInt = Field(ge=1)
+    max_tokens: Integer = Field(ge=1)
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     tools: list[ToolSpec] | None = None
@@ -113,7 +113,7 @@ class MessagesRequest(_Loose):
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: StrictInt | None = None
+    top_k: Integer | None = None
     metadata: Metadata | None = None
     stream: StrictBool = False
     thinking: ThinkingConfig | None = None

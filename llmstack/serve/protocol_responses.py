@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, Tag
 
-from llmstack.serve.protocol import FUNCTION_NAME, _Loose
+from llmstack.serve.protocol import FUNCTION_NAME, Integer, _Loose
 
 
 class TextPart(_Loose):
@@ -104,7 +104,7 @@ class ResponsesRequest(_Loose):
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: Integer | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     text: TextConfig | None = None
