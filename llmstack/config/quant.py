@@ -5,6 +5,7 @@
       method: gptq           # gptq | awq | rtn (round-to-nearest: no calibration, seconds)
       group_size: 64         # must divide the hidden size (SmolLM2: 576 -> 64)
       serve_fallback: w8a8   # also export this scheme when the serving engine has no kernel for `scheme`
+      gguf: [q4_k_m]         # also GGUF files for llama.cpp / Ollama (llama.cpp's converter: llmstack/quant/gguf.py)
 
 The stage runs llm-compressor in its own environment (.venv-quant; see llmstack/quant/export.py for why).
 """
@@ -22,6 +23,11 @@ from llmstack.paths import cache_root
 
 Scheme = Literal["w4a16", "w8a8"]
 
+# GGUF types llama.cpp writes (as `llama-quantize` spells them, lower case) -> llama_ftype (llama.h). f32 / f16 / bf16
+# are its converter's own output types; the rest come from llama_model_quantize (llmstack/quant/gguf.py).
+GGUF_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q5_k_s": 16,
+                              "q5_0": 8, "q4_k_m": 15, "q4_k_s": 14, "q4_0": 2, "q3_k_m": 12, "q2_k": 10}
+
 # The stage's name in the run (runs/<recipe>/<run>/<name>/) and in eval.stages.
 STAGE_NAME: dict[str, str] = {"w4a16": "int4", "w8a8": "int8"}
 
@@ -35,6 +41,9 @@ class QuantizeSpec(Strict):
     max_calibration_length: int = Field(512, gt=0, description="tokens per calibration sample")
     serve_fallback: Scheme | None = Field(
         "w8a8", description="export this scheme too when the serving engine lacks a kernel for `scheme` (null: never)")
+    gguf: list[str] = Field(default_factory=list, description="also export GGUF files of these types with llama.cpp's "
+                            "own converter and quantizer, each with an Ollama Modelfile (q4_k_m, q8_0, f16, ...); "
+                            "needs `make gguf`")
 
     @property
     def stage_name(self) -> str:
@@ -42,6 +51,9 @@ class QuantizeSpec(Strict):
 
     @model_validator(mode="after")
     def _checks(self):
+        unknown = [t for t in self.gguf if t.lower() not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"gguf: unknown type {', '.join(unknown)}; choose from {', '.join(GGUF_TYPES)}")
         if self.serve_fallback == self.scheme:
             raise ValueError("serve_fallback is the same scheme as `scheme`; set another scheme or null")
         if self.scheme == "w8a8" and self.method == "awq":

@@ -28,10 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Type name (as `llama-quantize` spells it, lower case) -> llama_ftype (llama.h). f16 / bf16 / f32 are the converter's
-# own output types; the rest come from llama_model_quantize.
-TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q5_k_s": 16, "q5_0": 8, "q4_k_m": 15,
-         "q4_k_s": 14, "q4_0": 2, "q3_k_m": 12, "q2_k": 10}
+from llmstack.config.quant import GGUF_TYPES as TYPES
+
 CONVERTER_TYPES = ("f32", "f16", "bf16")
 
 
@@ -201,3 +199,17 @@ def _llama_cpp_version() -> str | None:
         return version("llama_cpp_python")
     except Exception:  # noqa: BLE001 - only a label in the record
         return None
+
+
+def answer_check(path: Path, question: str = "What is the capital of France?", max_tokens: int = 48) -> dict:
+    """The file's greedy answer to `question` through llama.cpp itself (its chat completion renders the GGUF's own
+    chat template), with llama.cpp's decode speed."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=512, verbose=False, seed=0)
+    t0 = time.perf_counter()
+    out = llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0)
+    seconds = time.perf_counter() - t0
+    tokens = out["usage"]["completion_tokens"]
+    return {"question": question, "text": out["choices"][0]["message"]["content"], "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None}

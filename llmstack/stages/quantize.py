@@ -60,6 +60,7 @@ def run(ctx: StageContext) -> StageResult:
         metrics[scheme] = {**info, "bytes": size, "size_vs_16bit": round(size / full16, 3), "answer": check}
         rows.append(f"| {scheme} | {method} | {size / 2**20:.1f} MiB | {size / full16:.2f}x | {info['seconds']:.0f} s "
                     f"| {check['text'][:60]!r} |")
+    gguf_rows = _gguf(ctx, model, full16, metrics) if spec.gguf else []
     serve = {"model": str(exports[serve_scheme]), "scheme": serve_scheme, "engine": "vllm", "dtype": dtype,
              "reason": why}
     if not can_serve and not spec.serve_fallback:
@@ -73,9 +74,29 @@ def run(ctx: StageContext) -> StageResult:
         f"what is not quantized (embedding, norms) and the scales are saved in bfloat16. "
         f"16-bit reference: the same weights at 2 bytes per parameter (bfloat16), {full16 / 2**20:.1f} MiB.", "",
         "| scheme | method | size | vs 16-bit | time | answer to 'What is the capital of France?' |",
-        "|---|---|---|---|---|---|", *rows, "",
+        "|---|---|---|---|---|---|", *rows, "", *gguf_rows,
         f"Served: **{serve['scheme']}** with the {serve['engine']} engine, dtype {serve['dtype']} — {serve['reason']}.",
         ""]))
     outputs = {scheme: out for scheme, out in exports.items()}
+    if spec.gguf:
+        outputs["gguf"] = ctx.dir / "gguf"
     outputs["serve"] = ctx.dir / "serve.json"
     return StageResult(outputs=outputs, metrics=metrics, model=exports[spec.scheme])
+
+
+def _gguf(ctx: StageContext, model, full16: int, metrics: dict) -> list[str]:
+    """`quantize.gguf`: GGUF files by llama.cpp's converter and quantizer (llmstack/quant/gguf.py) in <stage>/gguf,
+    each answering the check question through llama.cpp; the report's GGUF table."""
+    from llmstack.quant.gguf import answer_check as gguf_answer
+    from llmstack.quant.gguf import export_gguf
+
+    record = export_gguf(model, ctx.dir / "gguf", ctx.spec.gguf, name=ctx.recipe.name, force=True)
+    rows = []
+    for t, f in record["files"].items():
+        check = gguf_answer(ctx.dir / "gguf" / f["file"])
+        metrics.setdefault("gguf", {})[t] = {**f, "size_vs_16bit": round(f["bytes"] / full16, 3), "answer": check}
+        rows.append(f"| {t} | {f['bytes'] / 2**20:.1f} MiB | {f['bytes'] / full16:.2f}x | "
+                    f"{check['tokens_per_s']} tok/s | {check['text'][:60]!r} |")
+    return ["GGUF by llama.cpp's own converter and quantizer (with an Ollama Modelfile beside each file), answered "
+            "through llama.cpp:", "", "| type | size | vs 16-bit | llama.cpp decode | answer |",
+            "|---|---|---|---|---|", *rows, ""]
