@@ -288,3 +288,32 @@ def test_a_teacher_folder_with_another_tokenizer_is_a_recipe_error(tmp_path, tin
     (problem,) = info.value.problems
     assert problem.startswith(f"stages[0].teacher: the teacher at {foreign_teacher} has another tokenizer than "
                               "model.source (its tokenizer.json defines another vocabulary")
+
+
+def test_cli_validate_of_every_new_kind_prints_only_its_answer(tmp_path):
+    """`llmstack validate` checks each kind's args against its TRL class — importing trl.experimental's packages, whose
+    trainers pull in TRL's vLLM client — and still prints nothing but its answer."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    source = {"name": "kto_en_demo", "pypi": "llamafactory==0.9.5", "sdist": True,
+              "member": "llamafactory-0.9.5/data/kto_en_demo.json", "format": "kto"}
+    reward = [{"type": "format", "pattern": "[A-D]"}]
+    recipe = {"name": "kinds", "model": {"source": "smollm2-135m-instruct"}, "data": {"datasets": {
+        "fb": {"schema": "unpaired", "sources": [source]},
+        "chat": {"schema": "messages", "sources": [source]},
+        "prefs": {"schema": "preference", "sources": [{"name": "p", "path": str(tmp_path / "p.jsonl")}]}}},
+        "stages": [{"type": "orpo", "dataset": "prefs", "args": {"beta": 0.2}},
+                   {"type": "kto", "dataset": "fb", "args": {"desirable_weight": 1.0}},
+                   {"type": "rloo", "dataset": "chat", "rewards": reward, "args": {"num_generations": 4}},
+                   {"type": "online_dpo", "dataset": "chat", "rewards": reward, "args": {"max_new_tokens": 32}},
+                   {"type": "distill", "dataset": "chat", "teacher": "orpo", "args": {"beta": 0.5}}]}
+    path = tmp_path / "kinds.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, "-m", "llmstack", "validate", str(path)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert out == f"{path}: OK — kinds: smollm2-135m-instruct; orpo, kto, rloo, online_dpo, distill", out

@@ -237,22 +237,29 @@ def trl_config_class(stage_type: str):
     kernel is unaffected: it falls back to bitsandbytes' own CPU code either way)."""
     import importlib
     import os
+    import warnings
 
-    noisy = logging.getLogger("bitsandbytes")
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)
+    # An experimental package imports its trainer, and with it TRL's vLLM client: vLLM's import-time log lines and
+    # TRL's vLLM-version warnings concern generation, not the arguments being checked.
+    noisy = [logging.getLogger(n) for n in ("bitsandbytes", "vllm")]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
     name = stage_kind(stage_type).trl_config
     try:
-        if ":" in name:
-            module, cls = name.split(":")
-            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-            return getattr(importlib.import_module(module), cls)
-        import trl
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+            if ":" in name:
+                module, cls = name.split(":")
+                os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+                return getattr(importlib.import_module(module), cls)
+            import trl
 
-        # trl is a lazy module: the classes (and bitsandbytes) are imported on first attribute access
-        return getattr(trl, name)
+            # trl is a lazy module: the classes (and bitsandbytes) are imported on first attribute access
+            return getattr(trl, name)
     finally:
-        noisy.setLevel(level)
+        for logger, level in zip(noisy, levels):
+            logger.setLevel(level)
 
 
 # Keys llmstack sets itself from other parts of the recipe; a user setting them in `args` would be ignored or conflict.
