@@ -91,7 +91,8 @@ def test_kto_without_undesirable_rows_is_a_recipe_error(tmp_path, tiny_model, da
     with pytest.raises(RecipeError) as info:
         train(tmp_path, tiny_model, data, {"type": "kto", "dataset": "kto_good", "args": fast_args()})
     (problem,) = info.value.problems
-    assert problem.startswith("stages[0].dataset: data.datasets.kto_good has 16 desirable and 0 undesirable rows")
+    assert problem.startswith("stages[0].dataset: the curated train split of data.datasets.kto_good has 16 "
+                              "desirable and 0 undesirable rows; KTO needs both")
     assert "label: false" in problem and not (tmp_path / "runs" / "t" / "test" / "kto" / "model").exists()
 
 
@@ -317,3 +318,32 @@ def test_cli_validate_of_every_new_kind_prints_only_its_answer(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = " ".join((proc.stdout + proc.stderr).split())
     assert out == f"{path}: OK — kinds: smollm2-135m-instruct; orpo, kto, rloo, online_dpo, distill", out
+
+
+def test_llmstack_run_reports_a_one_label_kto_dataset_as_a_recipe_error(tmp_path, tiny_model):
+    """End to end: curation keeps the rows (they are valid), the kto stage refuses them before loading the model, and
+    `llmstack run` prints the problem the way `llmstack validate` prints one — no traceback."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    rows = tmp_path / "thumbs_up.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                                                     "content": a}], "label": True})
+                            + "\n" for q, a in QA))
+    recipe = {"name": "kto-one-label", "model": {"source": str(tiny_model)}, "data": {"datasets": {"fb": {
+        "schema": "unpaired", "decontaminate": {"enabled": False}, "filters": {"languages": None},
+        "sources": [{"name": "thumbs_up", "path": str(rows), "format": "kto"}]}}},
+        "stages": [{"type": "kto", "dataset": "fb", "args": {"max_steps": 1}}]}
+    path = tmp_path / "kto.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, "-m", "llmstack", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    assert ("stages[0].dataset: the curated train split of data.datasets.fb has 7 desirable and 0 undesirable "
+            "rows" in out), out  # 8 rows, 1 held out for validation
+    manifest = json.loads(next((tmp_path / "runs").rglob("manifest.json")).read_text())
+    assert manifest["stages"]["curate"]["status"] == "done" and manifest["stages"]["kto"]["status"] == "failed"

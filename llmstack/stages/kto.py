@@ -31,8 +31,8 @@ def check_labels(ctx: StageContext, train) -> dict[str, int]:
     if missing:
         raise setup.recipe_error(
             ctx, "dataset",
-            f"data.datasets.{ctx.spec.dataset} has {counts['desirable_rows']} desirable and "
-            f"{counts['undesirable_rows']} undesirable rows after curation; KTO needs both. Add a source with "
+            f"the curated train split of data.datasets.{ctx.spec.dataset} has {counts['desirable_rows']} desirable "
+            f"and {counts['undesirable_rows']} undesirable rows; KTO needs both. Add a source with "
             f"{missing[0]} rows (label: {'true' if missing[0] == 'desirable' else 'false'}), or train on the "
             f"desirable rows alone with an sft stage (a `messages` dataset of the same kto source)")
     return counts
