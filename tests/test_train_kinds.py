@@ -249,6 +249,24 @@ def test_a_teacher_with_another_tokenizer_is_refused_at_stage_start_too(tmp_path
     assert not (ctx.dir / "model").exists()
 
 
+def test_a_teacher_stage_is_found_in_this_run_or_its_manifest(tmp_path, tiny_model, teacher, data):
+    """`teacher: big` names an earlier stage: its model from this run (ctx.models), or, when only the distill stage
+    runs (`--only distill`), from that stage's manifest entry; a stage that never ran is an error saying so."""
+    from llmstack.runs import describe_outputs
+    from llmstack.stages.distill import teacher_folder
+
+    stages = [{"type": "sft", "dataset": "chat", "name": "big"},
+              {"type": "distill", "dataset": "chat", "teacher": "big"}]
+    recipe = make_recipe(tiny_model, {"chat": ("messages", data["chat"])}, stages)
+    ctx = make_ctx(recipe, tmp_path / "runs", "distill", tiny_model, {"chat": data["chat"]})
+    with pytest.raises(FileNotFoundError, match="no model from stage 'big'.*--only big"):
+        teacher_folder(ctx)
+    ctx.run.record("big", status="done", outputs=describe_outputs({"model": teacher}))
+    assert teacher_folder(ctx) == teacher
+    ctx.models["big"] = tmp_path / "from-this-run"
+    assert teacher_folder(ctx) == tmp_path / "from-this-run"
+
+
 # ---- recipe checks: no training -------------------------------------------------------------------------------------
 
 
