@@ -158,7 +158,26 @@ def recipe_reference() -> tuple[str, list[str]]:
         for model in order:
             out += model_section(model, seen_at[model][0] or "(top level)", seen_at)
             documented += [f"{model.__name__}.{name}" for name in model.model_fields]
+    out += stage_kinds_section()
     return "\n".join(out), documented
+
+
+def stage_kinds_section() -> list[str]:
+    """The training kinds a `stages[].type` takes, from their one registry (llmstack/config/kinds.py): the dataset
+    schema each trains on, the TRL config class its `args` go to, and the optional blocks it takes."""
+    from llmstack.config.kinds import STAGE_KINDS
+
+    lines = ["## Stage kinds {#stage-kinds}", "",
+             "The values of `stages[].type`. `args` are checked against the TRL config class named here; a kind "
+             "whose class is in `trl.experimental` may change with any TRL release (llmstack pins TRL).", "",
+             "| type | trains on (`data.datasets.<name>.schema`) | `args` go to | takes |", "|---|---|---|---|"]
+    for kind in STAGE_KINDS.values():
+        if not kind.training:
+            continue
+        takes = ", ".join(f"`{b}`" for b in ("rewards", "teacher") if getattr(kind, b)) or "—"
+        note = " (experimental upstream)" if kind.experimental else ""
+        lines.append(f"| `{kind.name}` | `{kind.dataset_schema}` | `{kind.trl_config_name}`{note} | {takes} |")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------ CLI reference

@@ -49,6 +49,18 @@ def test_openai_messages_kto_and_text():
     assert to_row({"body": "hello"}, "text", "text", {}, text_field="body") == {"text": "hello"}
 
 
+def test_kto_records_become_unpaired_rows_with_either_label():
+    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a"}]
+    for label in (True, False):
+        assert to_row({"messages": turns, "label": label}, "auto", "unpaired", {}) == {
+            "prompt": turns[:2], "completion": turns[2:], "label": label}
+    with pytest.raises(BadRow, match="label must be true or false"):
+        to_row({"messages": turns, "label": "yes"}, "kto", "unpaired", {})
+    with pytest.raises(BadRow, match="a messages record makes a messages row, but this dataset's schema is unpaired"):
+        to_row({"messages": turns}, "auto", "unpaired", {})  # no label: not KTO data
+
+
 @pytest.mark.parametrize("rec, reason", [
     ({"instruction": "x"}, r"missing field\(s\) output"),
     ({"instruction": "x", "output": 5}, "output must be a string, got int"),

@@ -116,9 +116,9 @@ def test_every_list_of_stage_kinds_derives_from_the_registry():
     from llmstack.config.train import StageSpec, trl_config_class
     from llmstack.pipeline import stage_function
 
-    assert training_kinds() == ["cpt", "sft", "dpo", "reward", "grpo"]
+    assert training_kinds() == ["cpt", "sft", "dpo", "reward", "grpo", "kto", "orpo", "rloo", "online_dpo", "distill"]
     assert StageSpec.model_json_schema()["properties"]["type"]["enum"] == training_kinds()
-    with pytest.raises(ValidationError, match=r"Input should be 'cpt', 'sft', 'dpo', 'reward' or 'grpo'"):
+    with pytest.raises(ValidationError, match=r"Input should be 'cpt', 'sft', .* 'online_dpo' or 'distill'"):
         StageSpec(type="sftt", dataset="chat")
     for name, kind in STAGE_KINDS.items():
         module, func = kind.run.split(":")
@@ -126,10 +126,15 @@ def test_every_list_of_stage_kinds_derives_from_the_registry():
         if kind.spec:
             module, cls = kind.spec.split(":")
             assert hasattr(importlib.import_module(module), cls), kind.spec
-        if kind.training:
+        if kind.training and kind.experimental:
+            module, cls = kind.trl_config.split(":")
+            assert module.startswith("trl.experimental.")
+            assert trl_config_class(name) is getattr(importlib.import_module(module), cls)
+        elif kind.training:
             assert trl_config_class(name) is getattr(trl, kind.trl_config)
     assert {k: v.dataset_schema for k, v in STAGE_KINDS.items() if v.training} == {
-        "cpt": "text", "sft": "messages", "dpo": "preference", "reward": "preference", "grpo": "messages"}
+        "cpt": "text", "sft": "messages", "dpo": "preference", "reward": "preference", "grpo": "messages",
+        "kto": "unpaired", "orpo": "preference", "rloo": "messages", "online_dpo": "messages", "distill": "messages"}
 
 
 SCRATCH_STAGE = '''

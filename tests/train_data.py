@@ -94,3 +94,36 @@ def make_ctx(recipe, runs: Path, stage: str, model: Path, datasets: dict[str, Pa
     return StageContext(recipe=recipe, recipe_path=recipe_path or runs / "recipe.yaml", run=run, name=stage,
                         dir=run.stage_dir(stage), spec=spec, model=model, models={"base": model},
                         datasets=dict(datasets))
+
+
+def unpaired_dataset(path: Path, n: int = 16, undesirable: bool = True) -> Path:
+    """KTO rows: each question once with its right answer (desirable) and, unless `undesirable` is off, once with a
+    BAD answer (undesirable)."""
+    rows = []
+    for i in range(n // 2):
+        q, a = QA[i % len(QA)]
+        prompt = [{"role": "user", "content": q}]
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": a}], "label": True})
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": BAD[i % len(BAD)]}],
+                     "label": not undesirable})
+    return _save(rows, rows[:4], path)
+
+
+def served_answer(folder: Path, question: str = "Who are you?", max_tokens: int = 8):
+    """Serve a stage's output folder the way `llmstack serve` does (transformers engine, the real app, the official
+    client) and ask one chat question; returns the completion."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
+    from llmstack.serve.app import build_app
+    from llmstack.serve.engines.hf import HfEngine
+    from llmstack.serve.guard import hash_key
+
+    key = "sk-train-test"
+    keys = KeyFile.model_validate({"keys": [{"id": "t", "sha256": hash_key(key)}]})
+    engine = HfEngine(folder, "trained", max_model_len=512)
+    with TestClient(build_app(engine, ServeSpec(engine="hf"), GuardPolicy(), keys)) as c:
+        client = openai.OpenAI(api_key=key, base_url="http://testserver/v1", http_client=c, max_retries=0)
+        return client.chat.completions.create(model="trained", messages=[{"role": "user", "content": question}],
+                                              max_tokens=max_tokens, temperature=0)

@@ -34,10 +34,16 @@ def load_recipe_or_exit(recipe: Path, check_trainer: bool = True):
     try:
         return load_recipe(recipe, check_trainer=check_trainer)
     except RecipeError as exc:
-        console.print(f"[bold red]{exc.path}: {len(exc.problems)} problem(s)[/]")
-        for line in exc.problems:
-            print(line)
-        raise typer.Exit(2) from None
+        recipe_error_exit(exc)
+
+
+def recipe_error_exit(exc) -> NoReturn:
+    """A RecipeError as `llmstack validate` prints it: the file, then one `yaml.path: message` line per problem (also
+    for what a stage finds only once it runs: a KTO dataset without undesirable rows, a teacher's tokenizer)."""
+    console.print(f"[bold red]{exc.path}: {len(exc.problems)} problem(s)[/]")
+    for line in exc.problems:
+        print(line)
+    raise typer.Exit(2) from None
 
 
 # ------------------------------------------------------------- admin calls to a running server (route, adapters)

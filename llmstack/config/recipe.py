@@ -21,6 +21,7 @@ from llmstack.config.eval import EvalSpec
 from llmstack.config.kinds import stage_kind
 from llmstack.config.quant import QuantizeSpec, group_size_problem
 from llmstack.config.serve import ServeSpec
+from llmstack.config.teacher import teacher_problem
 from llmstack.config.train import StageSpec, check_trainer_args
 
 
@@ -59,11 +60,17 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         if stage.id in seen or stage.id in ("base", "int4", "int8", "model", "curate", "eval", "serve", "report"):
             problems.append(f"{where}.name: stage name '{stage.id}' is taken; give this stage a unique `name`")
         for k, reward in enumerate(stage.rewards):
-            # grpo finds the reward model in the manifest entry of that stage, so it must run earlier in this recipe
+            # an online stage finds the reward model in the manifest entry of that stage, so it must run earlier
             earlier = [s.id for s in recipe.stages[:i] if s.type == "reward"]
             if reward.type == "reward_model" and reward.stage not in earlier:
                 problems.append(f"{where}.rewards[{k}].stage: '{reward.stage}' is not a reward stage before this one "
                                 f"(reward stages before it: {earlier or 'none'})")
+        if stage.teacher:
+            policies = [s.id for s in recipe.stages if s.type != "reward"]
+            problem = teacher_problem(stage.teacher, ["base", *(s for s in policies if s in seen)],
+                                      [s for s in policies if s not in seen and s != stage.id], recipe.model.source)
+            if problem:
+                problems.append(f"{where}.teacher: {problem}")
         seen.add(stage.id)
         if stage.dataset not in datasets:
             have = ", ".join(datasets) or "none"

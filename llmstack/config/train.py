@@ -83,7 +83,7 @@ class QloraSpec(LoraSpec):
 
 
 class RewardSpec(Strict):
-    """One reward function of a grpo stage. TRL sums them (weighted) into the reward advantages are computed from."""
+    """One reward function of an online stage (grpo, rloo, online_dpo). TRL sums them with their weights."""
 
     type: Literal["gsm8k_answer", "format", "reward_model", "python"] = Field(
         description="gsm8k_answer: 1 if the completion's final number equals the reference answer's (GSM8K '#### N' "
@@ -115,7 +115,8 @@ class RewardSpec(Strict):
 
 
 class StageSpec(Strict):
-    type: StageType
+    type: StageType = Field(description="the stage kind; the [stage kinds](#stage-kinds) at the end of this page "
+                                        "say what each trains on and which TRL class checks its `args`")
     name: str | None = Field(None, description="unique stage name; defaults to the type")
     dataset: str = Field(description="key of data.datasets this stage trains on")
     lora: LoraSpec | None = None
@@ -131,7 +132,13 @@ class StageSpec(Strict):
         description="user prompts answered greedily by the trained model; answers go into the report and metrics")
     rewards: list[RewardSpec] = Field(
         default_factory=list,
-        description="grpo only: the reward functions scoring each sampled completion (at least one)")
+        description="grpo, rloo and online_dpo: the reward functions scoring each sampled completion (at least one; "
+                    "online_dpo prefers the higher-scored of its two samples)")
+    teacher: str | None = Field(
+        None,
+        description="distill only: the model the student learns from on its own samples: the name of an earlier "
+                    "stage of this recipe (its output model) or a local model folder. It must share the student's "
+                    "tokenizer (the distillation loss compares next-token distributions over one vocabulary)")
     thinking: ThinkingSetting = Field(
         "auto",
         description="sft only: train on the assistant turns' thinking (`reasoning_content`). on: with llmstack's "
@@ -153,14 +160,25 @@ class StageSpec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _rewards_for_grpo(self):
-        if self.type == "grpo" and not self.rewards:
-            raise ValueError("a grpo stage needs `rewards` (e.g. [{type: gsm8k_answer}, {type: reward_model, "
-                             "stage: reward}])")
-        if self.type != "grpo" and self.rewards:
-            raise ValueError(f"`rewards` belongs to grpo stages; a {self.type} stage does not use it")
+    def _rewards_for_online_kinds(self):
+        takes = [k for k in training_kinds() if stage_kind(k).rewards]
+        if stage_kind(self.type).rewards and not self.rewards:
+            raise ValueError(f"a {self.type} stage needs `rewards` (e.g. [{{type: gsm8k_answer}}, "
+                             f"{{type: reward_model, stage: reward}}])")
+        if not stage_kind(self.type).rewards and self.rewards:
+            raise ValueError(f"`rewards` belongs to {', '.join(takes)} stages; a {self.type} stage does not use it")
         if self.rewards and "reward_weights" in self.args:
             raise ValueError("set each reward's `weight` instead of args.reward_weights")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_for_distill(self):
+        if stage_kind(self.type).teacher and not self.teacher:
+            raise ValueError(f"a {self.type} stage needs `teacher`: an earlier stage's name or a model folder")
+        if not stage_kind(self.type).teacher and self.teacher:
+            raise ValueError(f"`teacher` belongs to distill stages; remove it from this {self.type} stage")
+        if self.teacher and "teacher_model_name_or_path" in self.args:
+            raise ValueError("set `teacher` instead of args.teacher_model_name_or_path")
         return self
 
     @model_validator(mode="after")
@@ -210,22 +228,38 @@ def check_accumulation(config: Path, recipe_steps) -> None:
 
 def trl_config_class(stage_type: str):
     """TRL's config class for a stage type, as its registry entry names it (imported lazily: trl takes seconds to
-    import).
+    import): a name in `trl`, or "module:Class" (trl.experimental, whose import warning is silenced: the docs' method
+    table says which kinds are experimental upstream).
 
     Importing trl imports bitsandbytes, whose CPU backend logs "Failed to load CPU gemm_4bit_forward from
     kernels-community" on AVX512-BF16 machines without the optional `kernels` package: noise in front of
     `llmstack validate`'s answer, so that logger is quiet while trl is first imported (training that uses the
     kernel is unaffected: it falls back to bitsandbytes' own CPU code either way)."""
-    noisy = logging.getLogger("bitsandbytes")
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)
-    try:
-        import trl
+    import importlib
+    import os
+    import warnings
 
-        # trl is a lazy module: the classes (and bitsandbytes) are imported on first attribute access
-        return getattr(trl, stage_kind(stage_type).trl_config)
+    # An experimental package imports its trainer, and with it TRL's vLLM client: vLLM's import-time log lines and
+    # TRL's vLLM-version warnings concern generation, not the arguments being checked.
+    noisy = [logging.getLogger(n) for n in ("bitsandbytes", "vllm")]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
+    name = stage_kind(stage_type).trl_config
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+            if ":" in name:
+                module, cls = name.split(":")
+                os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+                return getattr(importlib.import_module(module), cls)
+            import trl
+
+            # trl is a lazy module: the classes (and bitsandbytes) are imported on first attribute access
+            return getattr(trl, name)
     finally:
-        noisy.setLevel(level)
+        for logger, level in zip(noisy, levels):
+            logger.setLevel(level)
 
 
 # Keys llmstack sets itself from other parts of the recipe; a user setting them in `args` would be ignored or conflict.
@@ -235,13 +269,14 @@ RESERVED_ARGS = {"output_dir"}
 def check_trainer_args(stage_type: str, args: dict[str, Any]) -> list[tuple[str, str]]:
     """Problems with `args` as (key, message) pairs: unknown names first, then TRL's own validation."""
     cls = trl_config_class(stage_type)
+    name = stage_kind(stage_type).trl_config_name
     known = [f.name for f in fields(cls) if f.init]
     problems = []
     for key in args:
         if key in RESERVED_ARGS:
             problems.append((key, "set by llmstack (the run directory decides it); remove it"))
         elif key not in known:
-            problems.append((key, f"not an argument of trl.{cls.__name__}{did_you_mean(key, known)}"))
+            problems.append((key, f"not an argument of {name}{did_you_mean(key, known)}"))
     problems += _type_problems(cls, args)
     if problems:
         return problems
@@ -250,7 +285,7 @@ def check_trainer_args(stage_type: str, args: dict[str, Any]) -> list[tuple[str,
             # The CPU-safe device defaults keep TRL's checks from failing on a machine without bf16/CUDA.
             cls(output_dir=tmp, **{"use_cpu": True, "bf16": False, **args})
         except Exception as exc:  # TRL/transformers raise ValueError, TypeError or ImportError here
-            problems.append(("", f"trl.{cls.__name__} rejected these arguments: {exc}"))
+            problems.append(("", f"{name} rejected these arguments: {exc}"))
     return problems
 
 

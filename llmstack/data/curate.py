@@ -255,6 +255,8 @@ def features(schema: str, tools: bool = False, thinking: bool = False, provenanc
         return Features({"messages": List(turn), **meta})
     if schema == "preference":
         return Features({"prompt": List(turn), "chosen": List(turn), "rejected": List(turn)})
+    if schema == "unpaired":
+        return Features({"prompt": List(turn), "completion": List(turn), "label": Value("bool")})
     return Features({"text": Value("string")})
 
 

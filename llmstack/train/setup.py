@@ -51,3 +51,12 @@ def eval_split(data, args):
         return None
     split = data.get("validation")
     return split if split is not None and len(split) else None
+
+
+def recipe_error(ctx, field: str, message: str):
+    """A RecipeError naming this stage's YAML path (`stages[i].<field>`), for what only the curated data or the loaded
+    models can show (a recipe check that could not run before curation); the caller raises it before any training."""
+    from llmstack.config.recipe import RecipeError
+
+    index = next(i for i, s in enumerate(ctx.recipe.stages) if s.id == ctx.name)
+    return RecipeError(ctx.recipe_path, [f"stages[{index}].{field}: {message}"])
