@@ -54,6 +54,24 @@ def smollm2() -> Path:
     return fetch("smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def small_random(smollm2, tmp_path_factory) -> Path:
+    """A random 2-layer Llama with SmolLM2's real tokenizer and chat template (~13 MB, seconds): a model llama.cpp's
+    converter knows the tokenizer of (the tiny model's generated BPE it does not). Read-only."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp("small") / "small-random"
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def make_lora(base: Path, out: Path, seed: int) -> Path:
     """A LoRA adapter with random non-zero weights, so serving it really is a different model from the base."""
     import torch

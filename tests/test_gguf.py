@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -16,23 +15,6 @@ from llmstack.quant.ollama import CHATML_TEMPLATE, parse_modelfile
 
 needs_llamacpp = pytest.mark.skipif(not (converter_dir() / "convert_hf_to_gguf.py").is_file(),
                                     reason="needs llama.cpp's converter and llama-cpp-python: run `make gguf`")
-
-
-@pytest.fixture(scope="module")
-def small_random(smollm2, tmp_path_factory) -> Path:
-    """A random 2-layer Llama with SmolLM2's real tokenizer and chat template (a tokenizer llama.cpp knows), ~13 MB."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    out = tmp_path_factory.mktemp("small") / "small-random"
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def test_bad_input_fails_before_work_and_leaves_nothing(tiny_model, tmp_path):

@@ -20,7 +20,7 @@ from llmstack.config.serve import ConfigError, ServeSpec
 def serve(
     config: Annotated[Path | None, typer.Option(help="server YAML, e.g. serve/server.yaml")] = None,
     model: Annotated[str | None, typer.Option(help="model folder or packaged name (overrides the YAML)")] = None,
-    engine: Annotated[str | None, typer.Option(help="vllm or hf")] = None,
+    engine: Annotated[str | None, typer.Option(help="vllm, hf or llamacpp (a GGUF file)")] = None,
     name: Annotated[str | None, typer.Option(help="the model name clients send")] = None,
     keys: Annotated[str | None, typer.Option(help="API key file (hashed keys)")] = None,
     guard: Annotated[str | None, typer.Option(help="guard policy YAML")] = None,

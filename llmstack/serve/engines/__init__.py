@@ -1,5 +1,5 @@
-"""The engines behind the API, one module each behind one protocol (base.py): vLLM (vllm.py) and transformers
-`generate` (hf.py)."""
+"""The engines behind the API, one module each behind one protocol (base.py): vLLM (vllm.py), transformers
+`generate` (hf.py) and llama.cpp (llamacpp.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def make_engine(spec, model: str | Path, served_name: str):
     if spec.engine == "vllm":
         return VllmEngine(model, served_name, spec.adapters, spec.max_model_len, spec.seed, spec.vllm,
                           grammar_budget_s=spec.grammar_budget_s)
+    if spec.engine == "llamacpp":
+        from llmstack.serve.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(model, served_name, spec.max_model_len, spec.seed)
     # vllm.dtype is chosen for vLLM's kernels (unset: the policy's). The device policy places the transformers engine:
     # on the GPU in the card's 16-bit dtype, on the CPU in float32 (bf16 is emulated on most CPUs, 4x slower on AVX2).
     from llmstack.device import policy

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from llmstack.serve.engines.base import Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer
+from llmstack.serve.engines.detok import stream_deltas
 
 log = logging.getLogger("llmstack.serve")
 
@@ -260,54 +261,16 @@ class HfEngine:
         eos = set(_eos_ids(self.model.generation_config, self.tokenizer))
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        ids: list[int] = []
-        text = sent = ""
-        pending_ids: list[int] = []  # tokens whose text is held back (a partial UTF-8 character)
-        pending_lps: list[dict] = []
-        finish = stopped_by = None
+
+        def rows(position: int, step: list[int]) -> list[dict]:
+            return [self._lp_row(step_logprobs[position + i], t, p.logprobs) for i, t in enumerate(step)]
+
         try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                # The end-of-turn token ends the text but is a generated token all the same: like vLLM (and OpenAI),
-                # count it and give its logprob. `echo` scoring (lm-eval) relies on one row per generated token.
-                end = next((i for i, t in enumerate(item) if t in eos), None)
-                step = item if end is None else item[:end + 1]
-                new = step if end is None else step[:-1]
-                if end is not None:
-                    finish = "stop"
-                if p.logprobs is not None:
-                    pending_lps += [self._lp_row(step_logprobs[len(ids) + i], t, p.logprobs)
-                                    for i, t in enumerate(step)]
-                ids += new
-                pending_ids += step
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                cut = _first_stop(text, p.stop)
-                if cut is not None:
-                    stopped_by = next(s for s in p.stop if s and text.find(s) == cut)
-                    text, finish = text[:cut], "stop"
-                    stop_flag.set()
-                if finish:
-                    break
-                # Hold back a trailing partial UTF-8 character until the next token completes it, and a tail that
-                # may be the start of a stop string (stop "\n\n" arriving as two "\n" tokens must not leak one).
-                if text.endswith("\ufffd"):
-                    continue
-                ready = text[:len(text) - _stop_prefix_len(text, p.stop)]
-                if len(ready) <= len(sent):
-                    continue
-                yield Delta(index=index, text=ready[len(sent):], token_ids=pending_ids,
-                            logprobs=pending_lps if p.logprobs is not None else None)
-                sent, pending_ids, pending_lps = ready, [], []
+            async for delta in stream_deltas(queue, self.tokenizer, p, eos, index, stop_flag, rows):
+                yield delta
         finally:
             stop_flag.set()  # client went away or we are done: let the thread finish its step and exit
             await asyncio.to_thread(thread.join)
-        yield Delta(index=index, text=text[len(sent):], token_ids=pending_ids,
-                    logprobs=pending_lps if p.logprobs is not None else None, finish_reason=finish or "length",
-                    stop_reason=stopped_by)
 
     def _lp_row(self, lp, token: int, k: int) -> dict:
         top = lp.topk(k) if k else None
@@ -327,16 +290,6 @@ def _eos_ids(generation_config, tokenizer) -> list[int]:
     eos = generation_config.eos_token_id if generation_config is not None else None
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
     return eos or [tokenizer.eos_token_id]
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that is the beginning of a stop string (0 if none)."""
-    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
 
 
 def _strip_lora(model) -> None:
