@@ -121,6 +121,9 @@ def test_the_429_is_openai_shaped_and_says_when_the_day_resets(tokenizer):
         # a worst case past the whole budget can never be admitted: a 400, not a 429 to retry forever
         big = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 60}, headers=H)
         assert big.status_code == 400 and big.json()["error"]["code"] == "budget_exceeds_limit"
+        # the next UTC day starts from zero
+        c.app.state.ref["server"].budgets.clock = lambda: midnight + 1
+        assert c.post("/v1/chat/completions", json=CHAT, headers=H).status_code == 200
 
 
 def test_windows_reset_at_utc_midnight_and_month_start():
