@@ -184,10 +184,23 @@ def test_n_reserves_every_choice_and_each_route_is_charged(tokenizer):
         ]
         assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
         usages = [in_out(a.json()["usage"]) for a in answers]
-        assert [u[1] for u in usages] == [8, 5, 6, 7]  # n=2 with this engine generates choice 0 only
+        # streamed, the Responses and Messages APIs report usage in their last event: charged alike
+        for route, body, last in (
+                ("/v1/responses", {"model": "tiny", "input": "hi", "max_output_tokens": 4}, "response.completed"),
+                ("/v1/messages", {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+                 "message_delta")):
+            with c.stream("POST", route, json={**body, "stream": True}, headers=H) as s:
+                events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+            done = next(e for e in reversed(events) if e.get("type") in (last, "response.incomplete"))  # cut: length
+            u = done.get("response", done)["usage"]
+            usages.append((u.get("input_tokens", 0), u["output_tokens"]))
+        if usages[-1][0] == 0:  # message_delta carries output tokens only: the input is message_start's
+            start = next(e for e in events if e.get("type") == "message_start")
+            usages[-1] = (start["message"]["usage"]["input_tokens"], usages[-1][1])
+        assert [u[1] for u in usages] == [8, 5, 6, 7, 4, 3]  # n=2 with this engine generates choice 0 only
         row = report(c)["rows"][0]
         assert (row["requests"], row["input_tokens"], row["output_tokens"]) == (
-            4, sum(u[0] for u in usages), sum(u[1] for u in usages))
+            6, sum(u[0] for u in usages), sum(u[1] for u in usages))
         assert spent(c)[0] == sum(map(sum, usages))
 
 
