@@ -95,6 +95,38 @@ def test_two_replicas_on_one_redis_never_spend_past_the_budget(tokenizer, redis_
         assert [(r["requests"], r["input_tokens"] + r["output_tokens"]) for r in rows] == [(len(ok), used)]
 
 
+def test_redis_scripts_count_each_charge_once(redis_url):
+    """A command resent after a lost reply counts once (reserve, settle); a reservation whose reply timed out but which
+    ran is settled against what it reserved, not kept."""
+    import asyncio
+
+    import redis
+
+    from llmstack.config.serve import KeyEntry
+    from llmstack.serve.budget import BudgetStore
+
+    policy = GuardPolicy.model_validate({"rate_limits": {"storage": redis_url}})
+    key = KeyEntry(id="once", sha256="0" * 64, budget={"tokens_per_day": 1000})
+    counter = f"llmstack:budget:once:{Window.at(time.time()).day}"
+
+    async def scenario():
+        budgets = BudgetStore(policy, ServeSpec().prices)
+        charge = await budgets.reserve(key, "tiny", "tiny", 10, 90)
+        await budgets.backend.reserve(charge.id, [counter, "m"], 100, 0, [-1] * 4, [60, 60])  # resent
+        reserved = int(redis.Redis.from_url(redis_url).hget(counter, "tokens"))
+        await budgets.settle(charge, 10, 5)
+        charge.settled = False
+        await budgets.settle(charge, 10, 5)  # resent
+        settled = int(redis.Redis.from_url(redis_url).hget(counter, "tokens"))
+        lost = await budgets.reserve(key, "tiny", "tiny", 10, 90)
+        lost.reserved = False  # as if the reply timed out after the script ran
+        await budgets.settle(lost, 10, 1)
+        await budgets.close()
+        return reserved, settled, int(redis.Redis.from_url(redis_url).hget(counter, "tokens"))
+
+    assert asyncio.run(scenario()) == (100, 15, 26)
+
+
 def test_the_429_is_openai_shaped_and_says_when_the_day_resets(tokenizer):
     prices = {"models": {"tiny": {"input_per_million": 1000, "output_per_million": 2000}}}
     with TestClient(make_app(tokenizer, {"usd_per_day": 0.1}, prices=prices)) as c:

@@ -72,7 +72,7 @@ class Charge:
     tokens: int  # reserved
     nusd: int  # reserved
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    reserved: bool = True  # False: the store was skipped (an outage under `allow`), nothing was reserved
+    reserved: bool = True  # False: the store did not confirm it (skipped or timed out: redis may still hold it)
     settled: bool = False
 
 
@@ -112,24 +112,26 @@ end
 redis.call('SET', KEYS[3], 'reserved', 'EX', ARGV[9])
 return {0, '0'}
 """
-# Settle: the counters move by (used - reserved) and the day's usage record grows, once per charge: a reserved charge
-# only while its marker is still there (deleted here), an unreserved one (an outage, a shadow) only if no marker was
-# set yet. One script, so the marker and the increments change together.
-# KEYS: the day and month counters, the charge's marker, the day's usage hash. ARGV: reserved (1/0), the counters'
-# deltas (tokens, nusd), the usage record's TTL, then pairs of (usage field, increment).
+# Settle: the counters move by what the request used and the day's usage record grows, once per charge. The charge's
+# marker says whether redis holds its reservation — also after a reserve whose reply timed out but which ran — so the
+# script, not the caller, picks the move: marker `reserved` -> (used - reserved); no marker -> (used); either way the
+# marker becomes `settled`, and a settled charge (a resent settle) moves nothing. One script: the marker and the
+# increments change together.
+# KEYS: the day and month counters, the charge's marker, the day's usage hash. ARGV: the counters' moves if reserved
+# (tokens, nusd), if not (tokens, nusd), the usage record's TTL, then pairs of (usage field, increment).
 SETTLE = """
-if ARGV[1] == '1' then
-  if redis.call('DEL', KEYS[3]) == 0 then return 0 end
-elseif not redis.call('SET', KEYS[3], 'settled', 'NX', 'EX', 172800) then
-  return 0
-end
+local state = redis.call('GET', KEYS[3])
+local d = {ARGV[3], ARGV[4]}
+if state == 'settled' then return 0 end
+if state == 'reserved' then d = {ARGV[1], ARGV[2]} end
+redis.call('SET', KEYS[3], 'settled', 'EX', 172800)
 for w = 1, 2 do
-  redis.call('HINCRBY', KEYS[w], 'tokens', ARGV[2])
-  redis.call('HINCRBY', KEYS[w], 'nusd', ARGV[3])
+  redis.call('HINCRBY', KEYS[w], 'tokens', d[1])
+  redis.call('HINCRBY', KEYS[w], 'nusd', d[2])
 end
-if #ARGV > 4 then
-  for i = 5, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
-  redis.call('EXPIRE', KEYS[4], ARGV[4])
+if #ARGV > 5 then
+  for i = 6, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
 end
 return 1
 """
@@ -172,13 +174,13 @@ class _RedisBackend:
                                           [tokens, nusd, *limits, *ttls, MARKER_TTL_S])
         return int(failed), int(used)
 
-    async def settle(self, charge_id: str, reserved: bool, counters: list[str], d_tokens: int, d_nusd: int,
-                     day: str, key_id: str, model: str, usage: tuple[int, int, int, int]) -> None:
+    async def settle(self, charge: Charge, counters: list[str], tokens: int, nusd: int,
+                     usage: tuple[int, int, int, int]) -> None:
         pairs = [x for metric, n in zip(METRICS, usage, strict=True)
-                 for x in (_usage_field(metric, key_id, model), n)] if usage[0] else []
-        await self._script(self.settle_script, [*counters, f"llmstack:budget:charge:{charge_id}",
-                                                f"llmstack:usage:{day}"],
-                           [int(reserved), d_tokens, d_nusd, USAGE_TTL_S, *pairs])
+                 for x in (_usage_field(metric, charge.key_id, charge.model), n)] if usage[0] else []
+        await self._script(self.settle_script, [*counters, f"llmstack:budget:charge:{charge.id}",
+                                                f"llmstack:usage:{charge.window.day}"],
+                           [tokens - charge.tokens, nusd - charge.nusd, tokens, nusd, USAGE_TTL_S, *pairs])
 
     async def read(self, days: list[str]) -> dict[str, dict[str, int]]:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -213,16 +215,18 @@ class _MemoryBackend:
             got[1] += nusd
         return 0, 0
 
-    async def settle(self, charge_id, reserved, counters, d_tokens, d_nusd, day, key_id, model, usage) -> None:
+    async def settle(self, charge: Charge, counters, tokens, nusd, usage) -> None:
+        if charge.reserved:
+            tokens, nusd = tokens - charge.tokens, nusd - charge.nusd
         for c in counters:
             got = self.counters.setdefault(c, [0, 0])
-            got[0] += d_tokens
-            got[1] += d_nusd
+            got[0] += tokens
+            got[1] += nusd
         if not usage[0]:
             return
-        fields = self.usage.setdefault(day, {})
+        fields = self.usage.setdefault(charge.window.day, {})
         for metric, n in zip(METRICS, usage, strict=True):
-            f = _usage_field(metric, key_id, model)
+            f = _usage_field(metric, charge.key_id, charge.model)
             fields[f] = fields.get(f, 0) + n
 
     async def read(self, days: list[str]) -> dict[str, dict[str, int]]:
@@ -307,14 +311,10 @@ class BudgetStore:
             return
         charge.settled = True
         nusd = cost_nusd(charge.price, n_in, n_out)
-        d_tokens, d_nusd = n_in + n_out, nusd
-        if charge.reserved:
-            d_tokens, d_nusd = d_tokens - charge.tokens, d_nusd - charge.nusd
         usage = (1, n_in, n_out, nusd) if count else (0, 0, 0, 0)
         w = charge.window
         counters = [_counter(charge.key_id, w.day), _counter(charge.key_id, w.month)]
-        if await self._store(lambda: self.backend.settle(charge.id, charge.reserved, counters, d_tokens, d_nusd, w.day,
-                                                         charge.key_id, charge.model, usage), False,
+        if await self._store(lambda: self.backend.settle(charge, counters, n_in + n_out, nusd, usage), False,
                              deny=False) is False:
             log.warning("the budget store missed the settlement of a %s request of key %s (%d + %d tokens)",
                         charge.model, charge.key_id, n_in, n_out)
