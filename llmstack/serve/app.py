@@ -28,6 +28,7 @@ from llmstack.config.serve import GuardPolicy, KeyEntry, KeyFile, ServeSpec
 from llmstack.monitor import TrafficProfile, compare, load_profile
 from llmstack.serve.admin import add_admin_routes, audit_refused, write_refused
 from llmstack.serve.audit import AuditLog
+from llmstack.serve.budget import BudgetStore
 from llmstack.serve.guard import KeyRing, RateLimiter, presented_key
 from llmstack.serve.metrics import ServeMetrics
 from llmstack.serve.openapi import install as install_openapi
@@ -182,7 +183,10 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
                                      limiter=limiter, metrics=metrics, audit=audit, router=router,
                                      traffic=TrafficProfile(), drift_reference=load_profile(spec.drift_reference)
                                      if spec.drift_reference else None,
-                                     responses=ResponseStore(spec.routes_store, spec.responses), tracing=tracing)
+                                     responses=ResponseStore(spec.routes_store, spec.responses), tracing=tracing,
+                                     budgets=BudgetStore(policy, spec.prices, on_store_error=_store_errors(
+                                         metrics, "budgets", "rate_limits.on_store_error: "
+                                         f"{policy.rate_limits.on_store_error}")))
         if not engine.ready:
             await engine.start()
         await srv.sync_adapters()  # the runtime adapters the store lists (a restart, or a replica joining)
@@ -192,6 +196,7 @@ def build_app(engine, spec: ServeSpec, policy: GuardPolicy | None = None, keys: 
         if syncing is not None:
             syncing.cancel()
         await engine.shutdown()
+        await srv.budgets.close()
         audit.flush()
         await anyio.to_thread.run_sync(tracing.shutdown)  # the last spans, exported off the event loop
 

@@ -71,10 +71,13 @@ class ServedRequest:
     plan: ToolPlan | None = None  # tools offered to the model (auto / required / named)
     thinking: Thinking | None = None  # a reasoning model's thinking: policy, budget (llmstack.serve.reasoning)
     stopped_by: dict[int, str] = field(default_factory=dict)  # per choice: the stop string that ended it
+    charge: Any = None  # budget.Charge: the worst case reserved against the key's spend budget
+    answered: bool = False  # the engine sent something: it read the prompt, which is charged
 
-    async def release(self, aborted: bool = False) -> None:
-        """Free what the request holds, once. An aborted request (client gone, engine error) takes its shadow with
-        it: nobody will compare that answer."""
+    async def release(self, aborted: bool = False, n_out: int = 0) -> None:
+        """Free what the request holds, once, and settle its budget reservation to what it used (`n_out` tokens
+        generated, and its prompt once the engine answered: a request it never answered is no usage). An aborted
+        request (client gone, engine error) takes its shadow with it: nobody will compare that answer."""
         if self.released:
             return
         self.released = True
@@ -83,6 +86,10 @@ class ServedRequest:
         self.srv.release_key_slot(self.key)
         if aborted and self.shadow is not None and not self.shadow.done():
             self.shadow.cancel()
+        if self.charge is not None:
+            with anyio.CancelScope(shield=True):  # a cancelled request settles too: never keep a reservation
+                await self.srv.budgets.settle(self.charge, len(self.prompt_ids) if self.answered else 0, n_out,
+                                              count=self.answered)
 
     def engine_stream(self):
         """The engine's deltas, under the thinking budget (reasoning.generate): closing it aborts the engine call."""
@@ -100,6 +107,7 @@ class ServedRequest:
     async def _run(self, ans: Answer) -> None:
         async with contextlib.aclosing(self.engine_stream()) as gen:
             async for deltas in gen:
+                self.answered = True
                 for d in deltas:
                     if ans.ttft is None and d.token_ids:
                         ans.ttft = time.perf_counter() - self.t0
@@ -162,7 +170,7 @@ class ServedRequest:
                     srv.metrics.version_errors.labels(req.model, audit["arm"]).inc()
                 audit.update(status=status, latency_s=round(time.perf_counter() - t0, 4), completion_tokens=ans.n_out)
                 srv.audit.write(audit, prompt=self.prompt_text)
-            await self.release(aborted=status != 200)
+            await self.release(aborted=status != 200, n_out=ans.n_out)
 
         self.endpoint.settle(self, ans)
         with srv.tracing.span("output_rails"):
@@ -227,6 +235,7 @@ class ServedRequest:
                 # A turn for the event loop per engine step. When the engine is ahead of this process, vLLM's output
                 # queue is never empty and sending does not suspend either (until the socket buffer fills), so nothing
                 # else — Starlette's disconnect listener, other requests — would run until this stream ended.
+                self.answered = True
                 await asyncio.sleep(0)
                 for d in deltas:
                     t_rails = time.perf_counter()
@@ -264,7 +273,7 @@ class ServedRequest:
             # leaving the engine request running and the slot taken.
             with anyio.CancelScope(shield=True):
                 await gen.aclose()
-                await self.release(aborted=out.status != 200)
+                await self.release(aborted=out.status != 200, n_out=out.n_out)
             srv.tracing.end_engine(engine_span, out.ttft, t0, out.n_out, rails_s)
             for r in out.rails:
                 audit["guard"] += sorted(r.decisions - set(audit["guard"]))

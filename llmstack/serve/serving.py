@@ -2,8 +2,9 @@
 vLLM's `entrypoints/openai/` (one `serving_*.py` per endpoint over shared plumbing):
 
 requests/min (429) -> parse (400) -> the endpoint's own checks (tools) -> model allowlist (404/403) -> canary/shadow
-pick -> caps (400) -> input rails + render (400 / redact) -> context and tokens/min (400 / 429) -> engine slot (bounded
-queue: 503) -> `ServedRequest.complete` (JSON) or `.stream` (SSE), each through the output rails -> audit + metrics.
+pick -> caps (400) -> input rails + render (400 / redact) -> context, tokens/min and spend budget (400 / 429) -> engine
+slot (bounded queue: 503) -> `ServedRequest.complete` (JSON) or `.stream` (SSE), each through the output rails ->
+audit + metrics; when the request ends, however it ends, its budget reservation is settled to what it used.
 
 An `Endpoint` (serving_chat.py, serving_completion.py, serving_responses.py, serving_messages.py) says what differs:
 its request schema, how its prompt is rendered, how its answer and stream chunks are shaped. An endpoint with a wire
@@ -21,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from llmstack.config.serve import KeyEntry, RequestCaps
-from llmstack.serve.admission import admit_request, admit_tokens, check_model, read_json
+from llmstack.serve.admission import admit_budget, admit_request, admit_tokens, check_model, read_json
 from llmstack.serve.engines import GenParams
 from llmstack.serve.protocol import APIError
 from llmstack.serve.reasoning import Thinking
@@ -167,6 +168,7 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
     rid = new_request_id(endpoint.id_prefix)
     audit = {"request_id": rid, "key_id": key.id, "route": endpoint.route, "guard": []}
     holding = False  # this request holds one of its key's concurrent places (released when it ends)
+    charge = None  # its reservation against the key's spend budget (settled when it ends: budget.py)
     handed_over = False  # a stream took over the key place and the engine slot: it releases them itself
     try:
         request.state.audit = audit  # the request's span (tracing.py) takes its model, tokens and status
@@ -199,12 +201,13 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
         n_prompt = len(prompt_ids)
         with srv.tracing.span("limits.tokens"):
             await admit_tokens(srv, key, audit, n_prompt, params, endpoint.prompt_param)
+            charge = await admit_budget(srv, key, audit, req.model, public, n_prompt, params)
 
         srv.metrics.tokens.labels("prompt").inc(n_prompt)
         audit["prompt_tokens"] = n_prompt
         await srv.in_worker(srv.traffic.observe, endpoint.user_text(req))  # the traffic served, for drift
         call = ServedRequest(srv=srv, endpoint=endpoint, rid=rid, req=req, params=params, prompt_ids=prompt_ids,
-                             prompt_text=prompt_text, audit=audit, t0=t0, key=key, thinking=thinking,
+                             prompt_text=prompt_text, audit=audit, t0=t0, key=key, thinking=thinking, charge=charge,
                              plan=plan if plan is not None and plan.mode != "none" else None)
         if call.plan is not None:
             audit["tools_offered"] = len(plan.tools)
@@ -231,6 +234,9 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
     finally:
         if holding and not handed_over:
             srv.release_key_slot(key)
+        if charge is not None and not handed_over:  # refused before the engine (a full queue): the reservation back
+            with anyio.CancelScope(shield=True):
+                await srv.budgets.settle(charge, 0, 0, count=False)
 
 
 class ClosingStreamingResponse(StreamingResponse):

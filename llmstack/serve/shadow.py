@@ -1,11 +1,14 @@
-"""Shadow traffic: a copy of a routed request run on the route's shadow version, charged to the operator's own budget;
-its answer goes to the audit log and metrics, never to the client (routing.py picks the versions)."""
+"""Shadow traffic: a copy of a routed request run on the route's shadow version, charged to the operator's own budget
+(never to the key's spend budget: its usage is recorded under the shadow budget's id); its answer goes to the audit
+log and metrics, never to the client (routing.py picks the versions)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+
+import anyio
 
 from llmstack.serve.engines import GenParams
 from llmstack.serve.guard import RateLimitStoreUnavailable
@@ -36,10 +39,11 @@ async def start_shadow(srv: Server, model: str, public: str, rid: str, prompt_id
 async def run_shadow(srv: Server, model: str, public: str, rid: str, prompt_ids: list[int], params: GenParams) -> None:
     """Run the same request on the shadow version; its answer goes to the audit log (and metrics), never to the
     client. It waits for a free engine slot like any request, and gives up rather than queue past the limit."""
-    t0, texts, n_out, status = time.perf_counter(), [""] * params.n, 0, 200
+    t0, texts, n_out, status, answered = time.perf_counter(), [""] * params.n, 0, 200, False
     try:
         async with srv.slot():
             async for deltas in srv.engine.generate(rid + "-shadow", prompt_ids, params, model):
+                answered = True
                 for d in deltas:
                     texts[d.index] += d.text
                     n_out += len(d.token_ids)
@@ -48,6 +52,9 @@ async def run_shadow(srv: Server, model: str, public: str, rid: str, prompt_ids:
     except Exception as exc:  # noqa: BLE001 - a failing shadow must never touch the live request
         log.warning("shadow %s failed: %s", model, exc)
         status = 500
+    finally:  # the operator's usage, never the key's budget: recorded under the shadow budget's id, cancelled too
+        with anyio.CancelScope(shield=True):
+            await srv.budgets.record(srv.shadow_budget.id, model, len(prompt_ids) if answered else 0, n_out)
     latency = time.perf_counter() - t0
     srv.metrics.routed.labels(public, model, "shadow").inc()
     if status == 200:

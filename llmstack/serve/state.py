@@ -43,6 +43,7 @@ class Server:
     traffic: Any = None  # llmstack.monitor.TrafficProfile: binned counts of live prompts (never the text)
     drift_reference: Any = None  # the training data's profile, when serve.drift_reference is set
     responses: Any = None  # responses_store.ResponseStore: the Responses API's stored responses
+    budgets: Any = None  # budget.BudgetStore: spend budgets per key and the usage records
     tracing: Tracing = field(default_factory=Tracing)  # OpenTelemetry spans (tracing.py); off unless configured
     background: set = field(default_factory=set)  # shadow generations in flight (kept referenced until done)
     slots: asyncio.Semaphore = field(init=False)
