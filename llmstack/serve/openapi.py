@@ -121,6 +121,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/admin/routes/{name}/rollback"): Operation(
         "rollbackRoute", "Roll a route back to its previous version (admin key)", (*ADMIN, 409),
         answer=answers.Routes, tags=("admin",)),
+    ("get", "/admin/usage"): Operation("getUsage", "Spend-budget usage per key, model and UTC day (admin key)", ADMIN,
+                                       answer=answers.UsageReport, tags=("admin",)),
     ("get", "/admin/adapters"): Operation("listAdapters", "LoRA adapters loaded at runtime (admin key)",
                                           (*GATE, 403), answer=answers.Adapters, tags=("admin",)),
     ("put", "/admin/adapters/{name}"): Operation(

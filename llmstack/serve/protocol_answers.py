@@ -185,6 +185,32 @@ class Adapters(_Open):
     adapters: dict[str, str] = Field(description="adapter name -> the folder it was loaded from")
 
 
+class UsageRow(_Open):
+    day: str = Field(description="UTC day, YYYY-MM-DD")
+    key: str = Field(description="the API key's id (never the key)")
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
+class UsageTotals(_Open):
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
+class UsageReport(_Open):
+    """GET /admin/usage: spend-budget usage per key, model and UTC day in a range of days, with totals."""
+
+    since: str
+    until: str
+    rows: list[UsageRow]
+    totals: UsageTotals
+
+
 class Routes(RootModel[dict[str, dict]]):
     """Every route by its public name: its primary model, canary (model and weight), shadow and earlier versions
     (what GET /admin/routes lists, and what a change or rollback answers)."""
