@@ -6,7 +6,8 @@ The API side (`ExportPipe`) keeps a bounded queue that a sender thread drains in
 SDK's BatchSpanProcessor settings: OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE
 are read the same way). A collector that is slow or down blocks only the child, then the sender thread on the full
 pipe; past the queue's size the oldest requests' spans are dropped and counted. A request only appends to a deque.
-The child exits, after exporting what it has, when its stdin closes — the server's shutdown, or the server dying.
+The child exits, after exporting what it has, when its stdin closes — the server's shutdown, or the server dying; it
+ignores SIGINT and SIGTERM, which a process group's signal would otherwise deliver before the server's last spans.
 
 Frames on the pipe: a 4-byte big-endian length, then a pickle of ("spans", [record, ...]) or ("flush", n); the child
 answers a flush with the line `n` on its stdout once everything before it was exported. Only the parent process
@@ -162,7 +163,10 @@ def main() -> None:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the server, which closes the pipe: then we end
+    # A Ctrl-C or a SIGTERM to the process group (systemd's default, `kill -- -PGID`) reaches the server too, which
+    # sends what it has queued and closes the pipe: this process ends at that end of input, with every span exported.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = json.loads(sys.argv[1])
     exporter = OTLPSpanExporter(endpoint=config["endpoint"], timeout=config["timeout"])
     resource = Resource.create({"service.name": config["service_name"]})
