@@ -145,18 +145,21 @@ def test_retrieve_delete_and_other_keys_get_404(tokenizer):
             client.responses.retrieve(unstored.id)
 
 
-def test_ttl_per_key_cap_and_size_cap(tokenizer, tmp_path):
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_ttl_per_key_cap_and_size_cap(tokenizer, tmp_path, where):
     routes = str(tmp_path / "routes.json")  # a file store: the responses go beside the routes file
-    _, c = scripted(tokenizer, "Stored.", spec={"routes_store": routes,
-                                                "responses": {"ttl_s": 60, "max_per_key": 2, "max_bytes": 2500}})
+    spec = {"responses": {"ttl_s": 60, "max_per_key": 2, "max_bytes": 2500}}
+    _, c = scripted(tokenizer, "Stored.", spec={**spec, "routes_store": routes} if where == "file" else spec)
     with c:
         client = client_for(c)
         store = c.app.state.ref["server"].responses
+        theirs = client_for(c, OTHER).responses.create(model="tiny", input="mine").id
         ids = [client.responses.create(model="tiny", input=f"hi {i}").id for i in range(3)]
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(ids[0])  # the key's oldest went first
+        assert client_for(c, OTHER).responses.retrieve(theirs).id == theirs  # another key's cap is its own
         assert client.responses.retrieve(ids[2]).output_text == "Stored."
-        assert (tmp_path / "routes.json.responses.json").is_file()
+        assert (tmp_path / "routes.json.responses.json").is_file() == (where == "file")
         big = client.responses.create(model="tiny", input="x" * 2000)
         assert big.store is False  # returned, not stored
         store.clock = lambda: 1e12  # long after: expired

@@ -28,11 +28,16 @@ class ResponseStoreUnavailable(Exception):
 
 class _DictBackend:
     """Records as one dict {id: record}: in memory, or in a JSON file (routing.FileStore: atomic replace under a
-    lock file, so replicas sharing the file never lose each other's write)."""
+    lock file, so replicas sharing the file never lose each other's write).
+
+    The dict keeps insertion order, which is creation order and (one TTL for all) expiry order: expired records are a
+    prefix, and a key's oldest record is the first of its own. In memory, an index of each key's ids in that order
+    makes a write O(1) amortised; the file is read and rewritten whole on every write anyway."""
 
     def __init__(self, path: str | None):
         self.file = FileStore(Path(path)) if path else None
         self.memory: dict[str, dict] = {}
+        self.owned: dict[str, dict[str, None]] = {}  # owner -> its ids, oldest first (memory only)
         self.lock = threading.Lock()
         self.errors = FileStore.errors if path else ()
 
@@ -41,17 +46,47 @@ class _DictBackend:
             return self.memory.get(rid)
         return (self.file.load() or {}).get(rid)
 
-    def update(self, change: Callable[[dict], None]) -> None:
-        if self.file is None:
-            with self.lock:
-                change(self.memory)
-            return
+    def put(self, record: dict, now: float, max_per_key: int) -> None:
+        if self.file is not None:
+            return self.file.update(lambda state: _put(state or {}, record, now, max_per_key))
+        with self.lock:
+            while self.memory:
+                oldest = next(iter(self.memory))
+                if self.memory[oldest]["expires_at"] > now:
+                    break
+                self._drop(oldest)
+            mine = self.owned.setdefault(record["owner"], {})
+            while len(mine) >= max_per_key:
+                self._drop(next(iter(mine)))
+            self.memory[record["id"]] = record
+            mine[record["id"]] = None
 
-        def apply(state: dict | None) -> dict:
-            state = state or {}
-            change(state)
-            return state
-        self.file.update(apply)
+    def delete(self, rid: str) -> None:
+        if self.file is not None:
+            return self.file.update(lambda state: {k: v for k, v in (state or {}).items() if k != rid})
+        with self.lock:
+            if rid in self.memory:
+                self._drop(rid)
+
+    def _drop(self, rid: str) -> None:
+        owner = self.memory.pop(rid)["owner"]
+        mine = self.owned.get(owner, {})
+        mine.pop(rid, None)
+        if not mine:
+            self.owned.pop(owner, None)
+
+
+def _put(state: dict, record: dict, now: float, max_per_key: int) -> dict:
+    """`record` added to a whole-file state: the expired prefix and the key's oldest records past its cap dropped."""
+    for rid in list(state):
+        if state[rid]["expires_at"] > now:
+            break
+        del state[rid]
+    mine = [rid for rid, rec in state.items() if rec["owner"] == record["owner"]]
+    for rid in mine[:max(0, len(mine) - max_per_key + 1)]:
+        del state[rid]
+    state[record["id"]] = record
+    return state
 
 
 class _RedisBackend:
@@ -114,16 +149,8 @@ class ResponseStore:
             return False
         if isinstance(self.backend, _RedisBackend):
             self._call(self.backend.put, record, opts.ttl_s, opts.max_per_key)
-            return True
-
-        def change(state: dict) -> None:
-            for rid in [r for r, rec in state.items() if rec["expires_at"] <= now]:
-                del state[rid]
-            mine = sorted((rec["created_at"], rid) for rid, rec in state.items() if rec["owner"] == record["owner"])
-            for _, rid in mine[:max(0, len(mine) - opts.max_per_key + 1)]:
-                del state[rid]
-            state[record["id"]] = record
-        self._call(self.backend.update, change)
+        else:
+            self._call(self.backend.put, record, now, opts.max_per_key)
         return True
 
     def delete(self, rid: str, owner: str) -> bool:
@@ -132,7 +159,7 @@ class ResponseStore:
         if isinstance(self.backend, _RedisBackend):
             self._call(self.backend.delete, rid, owner)
         else:
-            self._call(self.backend.update, lambda state: state.pop(rid, None))
+            self._call(self.backend.delete, rid)
         return True
 
     def history(self, rid: str, owner: str) -> list[dict]:
