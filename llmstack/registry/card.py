@@ -39,7 +39,8 @@ def write_run_card(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     path = run_dir / CARD_FILE
     card.save(path)
     final = final_model(manifest)
-    if final is not None and final.is_dir():
+    # the manifest's paths are relative to where the run ran: write only into a folder that is this run's own
+    if final is not None and final.is_dir() and final.resolve().is_relative_to(run_dir.resolve()):
         card.save(final / CARD_FILE)
     return path
 
