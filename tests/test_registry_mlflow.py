@@ -117,6 +117,12 @@ def test_register_gates_aliases_rollback_as_mlflow_sees_them(store, runs, mlflow
     assert json.loads(v1.tags["llmstack.eval"]) == scores and v1.tags["llmstack.eval_status"] == "done"
     assert v1.tags["llmstack.model_sha256"] == manifest["stages"]["model"]["outputs"]["model"]["sha256"]
     assert mlflow_client.get_model_version("tiny", "2").tags["llmstack.eval_status"] == "failed"
+    # each version carries its run's model card; the gate-failing run stopped before its report, so registering it
+    # built the card, and the card says the release is blocked
+    assert (fetched / "MODEL_CARD.md").read_bytes() == (runs["pass"] / "MODEL_CARD.md").read_bytes()
+    v2 = mlflow_client.get_model_version("tiny", "2")
+    card2 = Path(mlflow_client.download_artifacts(v2.run_id, "llmstack/MODEL_CARD.md", str(tmp_path / "v2")))
+    assert "**BLOCKED: a gate failed**" in card2.read_text()
 
     # a gate-failing version is refused and nothing moves on the server; the passing one is promoted
     bad = cli(store, "promote", "tiny:2", "--alias", "prod", "--require-gates")

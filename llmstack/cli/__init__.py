@@ -9,7 +9,7 @@ function; this file only puts them on the `llmstack` command. Errors a user can 
     models.py    models fetch|convert|list     registry.py registry …
     route.py     route show|set|rollback       monitor.py  monitor
     adapters.py  adapters list|load|unload    export.py   export gguf
-    usage.py     usage
+    usage.py     usage                         card.py     card
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import typer
 
 from llmstack.cli import (
     adapters,
+    card,
     chat,
     curate,
     export,
@@ -49,6 +50,7 @@ app.command("serve-key")(serve.serve_key)
 app.command()(chat.chat)
 app.add_typer(models.models_app, name="models")
 app.add_typer(registry.registry_app, name="registry")
+app.command()(card.card)
 app.add_typer(route.route_app, name="route")
 app.add_typer(adapters.adapters_app, name="adapters")
 app.command()(usage.usage)

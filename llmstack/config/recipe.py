@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from llmstack.config.base import Strict, format_errors
+from llmstack.config.card import CardSpec
 from llmstack.config.data import DataConfig
 from llmstack.config.eval import EvalSpec
 from llmstack.config.kinds import stage_kind
@@ -40,6 +41,8 @@ class Recipe(Strict):
     eval: EvalSpec | None = None
     quantize: QuantizeSpec | None = None
     serve: ServeSpec | None = None
+    card: CardSpec | None = Field(None, description="what the model card says that a run cannot measure: intended "
+                                  "and out-of-scope use, known limitations (MODEL_CARD.md, written by the report)")
 
 
 class RecipeError(Exception):

@@ -1,7 +1,8 @@
 """The model registry: named models, numbered versions, and movable aliases (`prod`, `canary`).
 
 Each version points at a run's manifest — so its data card, eval scores, quantization and hashes stay one click away —
-and at the model folder of the stage it was registered from. Aliases move by promotion; every move is kept in the
+and at the model folder of the stage it was registered from, and carries the run's model card (MODEL_CARD.md, built from
+the run folder when its report has not written one). Aliases move by promotion; every move is kept in the
 alias's history, so `rollback` puts the previous holder back in one command.
 
 Two stores keep the same entries, chosen by where the registry lives (`--store` or $LLMSTACK_REGISTRY):
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 from filelock import FileLock
 
 from llmstack.registry.base import MLFLOW_SCHEMES, RegistryError
+from llmstack.registry.card import CARD_FILE, write_run_card
 from llmstack.runs import now, sha256_file
 
 
@@ -105,6 +107,10 @@ class Registry:
             "quantization": {s: e.get("metrics", {}).get("serve") for s, e in stages.items() if s in ("int4", "int8")},
             "registered": now(),
         }
+        card = run_dir / CARD_FILE
+        if not card.exists():  # a run from before model cards, or one whose report stage has not run
+            write_run_card(run_dir)
+        record.update(model_card=str(card), model_card_sha256=sha256_file(card))
         name = name or Path(manifest.get("recipe", {}).get("path", run_dir.parent.name)).stem
         version = self.store.add_version(name, record)
         return self.get(f"{name}:{version}")

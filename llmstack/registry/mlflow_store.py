@@ -1,11 +1,11 @@
 """The registry kept in an MLflow tracking/registry server (`--store mlflow://HOST:PORT`), through MLflow's own client.
 
 What lands where, so the MLflow UI shows it without llmstack:
-  - register: one MLflow run per registration in the experiment `llmstack/<name>`, holding the run's manifest.json and
-    data cards as artifacts (under `llmstack/`) and its eval scores as metrics (`eval.<task>`); then a model version
-    whose source is that artifact folder (`runs:/<run id>/llmstack`) and whose tags carry the version record
-    (stage, model_path, hashes, eval_status, …; dicts as JSON). The weights stay where the run wrote them
-    (`model_path`): llmstack registers them, it does not upload gigabytes.
+  - register: one MLflow run per registration in the experiment `llmstack/<name>`, holding the run's manifest.json, its
+    model card (MODEL_CARD.md) and data cards as artifacts (under `llmstack/`) and its eval scores as metrics
+    (`eval.<task>`); then a model version whose source is that artifact folder (`runs:/<run id>/llmstack`) and whose
+    tags carry the version record (stage, model_path, hashes, eval_status, …; dicts as JSON). The weights stay where
+    the run wrote them (`model_path`): llmstack registers them, it does not upload gigabytes.
   - aliases: MLflow's registered-model aliases, so `models:/<name>@prod` resolves in any MLflow tool.
   - alias history: MLflow keeps none (setting an alias forgets the old holder), and rollback needs it. It is a
     registered-model tag per alias, `llmstack.alias_history.<alias>` (a JSON list, newest last): the history belongs to
@@ -112,6 +112,8 @@ class MlflowStore:
                              else self.client.create_experiment(f"llmstack/{name}"))
             run_id = self.client.create_run(experiment_id, run_name=f"{run_dir.parent.name}/{run_dir.name}").info.run_id
             self.client.log_artifact(run_id, record["manifest"], ARTIFACTS)
+            if record.get("model_card"):
+                self.client.log_artifact(run_id, record["model_card"], ARTIFACTS)
             cards = run_dir / "curate" / "cards"
             if cards.is_dir():
                 self.client.log_artifacts(run_id, str(cards), f"{ARTIFACTS}/data_cards")

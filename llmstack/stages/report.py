@@ -2,13 +2,15 @@
 
 It lists every stage with status and wall time, the output hashes, and then each stage's own section: a stage that
 has something to show (loss curves, an eval chart, a transcript) writes `section.md` (and its PNGs) into its own
-folder, and the report includes it in pipeline order with image links made relative to the run folder.
+folder, and the report includes it in pipeline order with image links made relative to the run folder. Beside it the
+report writes the model card, MODEL_CARD.md (llmstack/registry/card.py), also into the final model's folder.
 """
 
 from __future__ import annotations
 
 import re
 
+from llmstack.registry.card import write_run_card
 from llmstack.stage import StageContext, StageResult
 
 
@@ -39,4 +41,5 @@ def run(ctx: StageContext) -> StageResult:
             lines += ["", text.strip()]
     report = ctx.run.dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    return StageResult(outputs={"report": report})
+    card = write_run_card(ctx.run.dir, ctx.recipe)
+    return StageResult(outputs={"report": report, "model_card": card})
