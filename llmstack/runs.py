@@ -39,13 +39,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Written into a model folder after the stage that made it (the report's model card travels with the weights): not
+# part of what the stage made, so neither the manifest's hash of the folder nor any fingerprint over it moves.
+NOT_HASHED = {"MODEL_CARD.md"}
+
+
 def sha256_path(path: str | Path) -> str:
-    """Content hash of a file, or of a folder (relative names + file hashes, in sorted order)."""
+    """Content hash of a file, or of a folder (relative names + file hashes, in sorted order; a model card at the
+    folder's top is left out: NOT_HASHED)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and str(q.relative_to(path)) not in NOT_HASHED):
         h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
 

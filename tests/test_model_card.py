@@ -111,3 +111,14 @@ def test_card_verb_rebuilds_and_bad_card_block_is_named(runs, tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(bad, check_trainer=False)
     assert any(p.startswith("card.intended") for p in err.value.problems)
+
+
+def test_the_card_beside_the_weights_does_not_change_the_folders_hash(tmp_path):
+    from llmstack.runs import sha256_path
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    before = sha256_path(tmp_path)
+    (tmp_path / "MODEL_CARD.md").write_text("# card\n")
+    assert sha256_path(tmp_path) == before  # fingerprints and the manifest's hash stay as the stage left them
+    (tmp_path / "extra.json").write_text("{}")
+    assert sha256_path(tmp_path) != before
