@@ -103,9 +103,10 @@ $(DSTAMP): requirements/deepspeed.lock $(STAMP)
 
 # llama.cpp, for GGUF export (`llmstack export gguf`, llmstack/quant/gguf.py): llama-cpp-python's sdist vendors
 # llama.cpp, so it is built here from the pinned sdist (sha256 checked) into the main environment, without LLaVA, for
-# this machine's CPU (GGML_NATIVE: AVX-512 where there is, AVX2 where not) and never through pip's wheel cache (a wheel
-# built on one CPU can crash on another). The converter it vendors (convert_hf_to_gguf.py with its conversion/ package
-# and gguf-py) goes to $(VENV)/share/llama.cpp, where the export runs it. The build takes minutes on 2 cores.
+# this machine's CPU (GGML_NATIVE: AVX-512 where there is, AVX2 where not), never through pip's wheel cache (a wheel
+# built on one CPU can crash on another) but through our own, keyed by the CPU (below). The converter it vendors
+# (convert_hf_to_gguf.py with its conversion/ package and gguf-py) goes to $(VENV)/share/llama.cpp, where the export
+# runs it. The build takes minutes on 2 cores, once per machine kind.
 # Without AMX: -march=native compiles ggml's AMX kernels in wherever the CPU advertises AMX, and ggml checks only that
 # the kernel grants tile permission; VMs that advertise AMX without enabling its state (as here) then die with SIGILL
 # in every quantized matmul. The AVX-512 (or AVX2) kernels run instead. -mno-* before -march=native wins.
@@ -113,14 +114,23 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 LLAMACPP_SDIST := build/llamacpp/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+# The built wheel is kept per machine kind, like the models under ~/.cache/llmstack: keyed by the version, the CPU's
+# flags, the compiler and the build flags, so a fresh checkout on the same kind of machine skips the build and a wheel
+# is never used on a CPU it was not compiled for.
+LLAMACPP_KEY := $(shell { echo $(LLAMACPP_VERSION) $(NO_AMX); grep -m1 '^flags' /proc/cpuinfo; $(CC) --version 2>/dev/null \
+  | head -1; } | sha256sum | cut -c1-16)
+LLAMACPP_WHEELS := $(HOME)/.cache/llmstack/wheels/llama-cpp-python-$(LLAMACPP_KEY)
 gguf: $(GSTAMP)
 $(GSTAMP): $(STAMP)
 	mkdir -p build/llamacpp
 	test -f $(LLAMACPP_SDIST) || $(BIN)/python -m pip download -q --no-deps --no-binary :all: \
 	  llama-cpp-python==$(LLAMACPP_VERSION) -d build/llamacpp $(QUIET_PIP)
 	echo "$(LLAMACPP_SHA256)  $(LLAMACPP_SDIST)" | sha256sum -c --quiet -
-	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(BIN)/python -m pip install -q --no-deps --force-reinstall --no-cache-dir $(LLAMACPP_SDIST) $(QUIET_PIP)
+	ls $(LLAMACPP_WHEELS)/*.whl >/dev/null 2>&1 || { rm -rf $(LLAMACPP_WHEELS).partial; \
+	  CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMACPP_WHEELS).partial $(LLAMACPP_SDIST) $(QUIET_PIP); }
+	test -d $(LLAMACPP_WHEELS) || mv $(LLAMACPP_WHEELS).partial $(LLAMACPP_WHEELS)
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(LLAMACPP_WHEELS)/*.whl $(QUIET_PIP)
 	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp
 	tar -xzf $(LLAMACPP_SDIST) -C $(VENV)/share/llama.cpp --strip-components=3 \
 	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
