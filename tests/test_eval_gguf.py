@@ -2,7 +2,7 @@
 export of the `small_random` model scores what transformers scores on the same items (multiple choice by prompt
 logprobs, a generation task by llama.cpp's greedy answers), and a q4_k_m export gets a row and a recovery vs the
 16-bit model with its paired interval in the report. A recipe naming a GGUF that quantize does not write is refused
-at validation."""
+at validation; `llmstack eval --backend llamacpp` scores a GGUF file."""
 
 from __future__ import annotations
 
@@ -75,3 +75,17 @@ def test_a_gguf_stage_must_be_written_by_quantize(small_random, tmp_path):
                           name="eval", recipe=SimpleNamespace(stages=[], serve=None), run=None)
     with pytest.raises(ValueError, match="add q8_0 to quantize.gguf"):
         run(ctx)
+
+
+def test_cli_backend_llamacpp_scores_a_gguf_file(quant_dir, small_random):
+    from typer.testing import CliRunner
+
+    from llmstack.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "--backend", "llamacpp", "--model", str(quant_dir / "gguf" / "small-F32.gguf"),
+                              "--suite", "smoke", "--limit", "2", "--tasks", "arc_easy"])
+    assert res.exit_code == 0, res.output
+    assert "arc_easy" in res.output and "small-F32.gguf" in res.output
+    res = runner.invoke(app, ["eval", "--backend", "llamacpp", "--model", str(small_random)])
+    assert res.exit_code == 1 and "holds 0 .gguf files" in res.output and "Traceback" not in res.output

@@ -19,6 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmstack.eval.run import Target
+
+# The most context a GGUF is scored with: the suites' longest prompts (5-shot MMLU, gsm8k) fit; llama.cpp keeps this
+# many rows of logits for prompt logprobs (llmstack/serve/engines/llamacpp.py), so not a long model's whole context.
+GGUF_CONTEXT = 4096
+
 
 @dataclass
 class LocalServer:
@@ -35,6 +41,17 @@ def serve_gguf(gguf: str | Path, max_model_len: int = 2048, startup_s: float = 3
     engine = LlamaCppEngine(gguf, Path(gguf).stem, max_model_len=max_model_len)
     with serve_engine(engine, "llamacpp", startup_s) as server:
         yield server
+
+
+@contextlib.contextmanager
+def gguf_target(gguf: str | Path, max_length: int = GGUF_CONTEXT, tool_choice: str = "auto") -> Iterator[Target]:
+    """The eval target of a GGUF file: served as above for as long as the block runs, scored through lm-eval's
+    `server` backend. The export's folder holds the HF tokenizer (token ids for loglikelihood tasks) but no
+    config.json, so the context lm-eval cuts prompts to is given: pass the 16-bit model's, so both are cut alike."""
+    with serve_gguf(gguf, max_model_len=max_length) as server:
+        yield Target(model=Path(gguf).parent, backend="server", base_url=server.base_url,
+                     served_name=server.served_name, api_key=server.api_key, max_length=max_length,
+                     tool_choice=tool_choice)
 
 
 @contextlib.contextmanager

@@ -58,20 +58,10 @@ def _target(ctx, spec, name: str, served: dict[str, Path], backend: str) -> Iter
         raise ValueError(f"eval.stages: '{name}' is scored through a server, which renders its template with "
                          "thinking as the model has it: leave eval.thinking at `on` and eval.thinking_budgets unset "
                          "to evaluate a GGUF export")
-    from llmstack.serve.local import serve_gguf
+    from llmstack.serve.local import gguf_target
 
-    gguf = _gguf_file(ctx, name)
-    context = _gguf_context(ctx)
-    with serve_gguf(gguf, max_model_len=context) as server:
-        # the export's folder holds the HF tokenizer (token ids for loglikelihood tasks) but no config.json: the
-        # context lm-eval cuts prompts to is given
-        yield Target(model=gguf.parent, backend="server", base_url=server.base_url, served_name=server.served_name,
-                     api_key=server.api_key, max_length=context, tool_choice=spec.tool_choice)
-
-
-# The most context a GGUF is scored with: the suites' longest prompts (5-shot MMLU, gsm8k) fit; llama.cpp keeps this
-# many rows of logits for prompt logprobs (llmstack/serve/engines/llamacpp.py), so not a long model's whole context.
-GGUF_CONTEXT = 4096
+    with gguf_target(_gguf_file(ctx, name), _gguf_context(ctx), spec.tool_choice) as target:
+        yield target
 
 
 def _gguf_context(ctx) -> int:
@@ -79,6 +69,8 @@ def _gguf_context(ctx) -> int:
     prompts are cut the same way on both), at most GGUF_CONTEXT."""
     from lm_eval.models.utils import resolve_max_length
     from transformers import AutoConfig, AutoTokenizer
+
+    from llmstack.serve.local import GGUF_CONTEXT
 
     model, _ = resolve_folder(_stage_model(ctx, _reference(ctx)))
     length = resolve_max_length(AutoConfig.from_pretrained(str(model)), AutoTokenizer.from_pretrained(str(model)))
