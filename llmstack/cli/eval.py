@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +21,8 @@ def eval_main(
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="HF folder or packaged model name; `name=path` to label it; repeat to compare")] = None,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder applied to the (single) model")] = None,
-    backend: Annotated[str, typer.Option(help="hf | vllm | server")] = "hf",
+    backend: Annotated[str, typer.Option(help="hf | vllm | server | llamacpp (a GGUF file, served by llama.cpp "
+                                                  "behind the llmstack API in this process)")] = "hf",
     base_url: Annotated[str | None, typer.Option(help="server backend: e.g. http://127.0.0.1:8000")] = None,
     served_name: Annotated[str | None, typer.Option(help="server backend: the served model name")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="LLMSTACK_API_KEY", help="server backend: API key")] = None,
@@ -42,6 +44,9 @@ def eval_main(
         return
     from llmstack.config.eval_suites import EvalDataError, load_suite
 
+    if backend == "llamacpp" and (not model or adapter):
+        fail("--backend llamacpp: give the GGUF with --model FILE.gguf (an export folder holding one also works); "
+             "no --adapter (merge it, then export)")
     if not model and backend != "server":
         fail("give a model: --model PATH (or --backend server --base-url URL)")
     if limit is not None and limit <= 0:
@@ -62,24 +67,35 @@ def eval_main(
     scores, robust = {}, {}
     for item in model or [""]:
         label, _, src = item.rpartition("=") if "=" in item else ("", "", item)
-        try:
-            folder, adapter_dir = resolve_folder(resolve(src, fetch_missing=False)) if src else (None, None)
-        except (ModelSourceError, ValueError) as exc:
-            fail(str(exc))
-        target = Target(model=folder, adapter=adapter or adapter_dir, backend=backend, base_url=base_url,
-                        served_name=served_name, api_key=api_key, batch_size=batch_size, tool_choice=tool_choice)
         label = label or (Path(src).name if src else (served_name or "server"))
-        try:
-            scores[label] = evaluate(target, the_suite, limit=limit, identity_name=identity_name,
-                                     tasks=tasks.split(",") if tasks else None)
-            if kinds:
-                from llmstack.eval.robustness import robustness as run_robustness
+        with contextlib.ExitStack() as stack:
+            if backend == "llamacpp":
+                from llmstack.serve.engines.llamacpp import gguf_file
+                from llmstack.serve.local import gguf_target
 
-                robust[label] = run_robustness(target, the_suite, kinds, seed=seed, limit=limit,
-                                               tasks=list(scores[label]), identity_name=identity_name,
-                                               clean=scores[label])
-        except (EvalDataError, ValueError, ConnectionError) as exc:
-            fail(f"{label}: {exc}")
+                try:
+                    target = stack.enter_context(gguf_target(gguf_file(src), tool_choice=tool_choice))
+                except ValueError as exc:
+                    fail(str(exc))
+            else:
+                try:
+                    folder, adapter_dir = resolve_folder(resolve(src, fetch_missing=False)) if src else (None, None)
+                except (ModelSourceError, ValueError) as exc:
+                    fail(str(exc))
+                target = Target(model=folder, adapter=adapter or adapter_dir, backend=backend, base_url=base_url,
+                                served_name=served_name, api_key=api_key, batch_size=batch_size,
+                                tool_choice=tool_choice)
+            try:
+                scores[label] = evaluate(target, the_suite, limit=limit, identity_name=identity_name,
+                                         tasks=tasks.split(",") if tasks else None)
+                if kinds:
+                    from llmstack.eval.robustness import robustness as run_robustness
+
+                    robust[label] = run_robustness(target, the_suite, kinds, seed=seed, limit=limit,
+                                                   tasks=list(scores[label]), identity_name=identity_name,
+                                                   clean=scores[label])
+            except (EvalDataError, ValueError, ConnectionError) as exc:
+                fail(f"{label}: {exc}")
     _print_scores(scores, the_suite.name)
     for label, rob in robust.items():
         _print_robustness(label, rob, seed)

@@ -76,7 +76,8 @@ class JudgeSpec(Strict):
 class EvalSpec(Strict):
     suite: str = Field("smoke", description="a suite under eval_suites/suites/ (smoke, quick, core)")
     stages: list[str] = Field(default_factory=lambda: ["base"], min_length=1,
-                              description="'base', stage names, or 'int4'")
+                              description="'base', stage names, 'int4', or 'gguf-<type>' for a GGUF the quantize "
+                                          "stage wrote (quantize.gguf), scored through llama.cpp")
     limit: int | None = Field(None, gt=0, description="at most this many items per task (None: the suite's own size)")
     tasks: list[str] | None = Field(None, min_length=1, description="only these tasks of the suite (None: all)")
     backend: Literal["auto", "hf", "vllm"] = Field(

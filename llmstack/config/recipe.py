@@ -92,6 +92,7 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     if recipe.eval:
         policies = [s.id for s in recipe.stages if s.type != "reward"]  # a reward model scores, it does not answer
         allowed = ["base", *policies] + ([recipe.quantize.stage_name] if recipe.quantize else [])
+        allowed += [f"gguf-{t.lower()}" for t in (recipe.quantize.gguf if recipe.quantize else [])]
         for j, name in enumerate(recipe.eval.stages):
             if name not in allowed:
                 problems.append(f"eval.stages[{j}]: '{name}' is not a stage of this recipe (choose from {allowed})")

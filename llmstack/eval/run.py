@@ -48,6 +48,9 @@ class Target:
     batch_size: int = 8
     tool_choice: str = "auto"  # the tool_calls task: auto (the model decides) or required (a forced, constrained call)
     thinking: str = "on"  # a thinking template's mode for generation tasks: on | off | budget:N (eval.thinking)
+    # server: the served context, where the model folder has only a tokenizer (a GGUF export's); else read from its
+    # config as the hf backend does
+    max_length: int | None = None
 
 
 def resolve_folder(folder: Path) -> tuple[Path, Path | None]:
@@ -125,7 +128,7 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
 
         tok = AutoTokenizer.from_pretrained(str(target.model))
         adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
-        max_length = resolve_max_length(AutoConfig.from_pretrained(str(target.model)), tok)
+        max_length = target.max_length or resolve_max_length(AutoConfig.from_pretrained(str(target.model)), tok)
         return get_model("local-completions").create_from_arg_obj(
             {**args, "base_url": f"{base}/v1/completions", "tokenizer": str(target.model),
              "tokenizer_backend": "huggingface", "tokenized_requests": True, "add_bos_token": adds_bos,

@@ -1,11 +1,18 @@
 """Pipeline stage `eval`: score every stage named in eval.stages with lm-eval over the recipe's suite, compare them,
 chart them, report INT4 recovery, then apply the gates (a failed gate fails the run). The scoring itself is
-llmstack/eval/run.py, the comparison llmstack/eval/compare.py."""
+llmstack/eval/run.py, the comparison llmstack/eval/compare.py.
+
+A GGUF export (`quantize.gguf`) is named `gguf-<type>` in eval.stages and scored through llama.cpp: the file is served
+by our own API with the llamacpp engine on a loopback port of this process (llmstack/serve/local.py) and lm-eval
+scores it through the `server` backend — the same requests, chat template and prompt logprobs a user of the export
+gets. Its recovery vs the 16-bit model is reported like INT4's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,58 @@ from llmstack.eval.tasks import get_task
 from llmstack.stage import StageContext, StageResult
 
 log = logging.getLogger("llmstack")
+
+
+GGUF_PREFIX = "gguf-"
+
+
+def _gguf_file(ctx, name: str) -> Path:
+    """eval.stages' `gguf-<type>`: the quantize stage's GGUF of that type (<stage>/gguf/<name>-<TYPE>.gguf)."""
+    quant = ctx.models.get("int4") or ctx.models.get("int8") or ctx.models.get("quantize")
+    kind = name.removeprefix(GGUF_PREFIX)
+    files = sorted((Path(quant).parent / "gguf").glob(f"*-{kind.upper()}.gguf")) if quant else []
+    if len(files) != 1:
+        raise ValueError(f"eval.stages names '{name}', but the quantize stage wrote no {kind} GGUF: add {kind} to "
+                         f"quantize.gguf")
+    return files[0]
+
+
+@contextlib.contextmanager
+def _target(ctx, spec, name: str, served: dict[str, Path], backend: str) -> Iterator[Target]:
+    """What scores stage `name`: its folder in-process, or for a GGUF the llamacpp engine behind our API for as long
+    as the block runs."""
+    if not name.startswith(GGUF_PREFIX):
+        model, adapter = resolve_folder(served.get(name) or _stage_model(ctx, name))
+        yield Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size,
+                     tool_choice=spec.tool_choice, thinking=spec.thinking)
+        return
+    if spec.thinking != "on" or spec.thinking_budgets:
+        raise ValueError(f"eval.stages: '{name}' is scored through a server, which renders its template with "
+                         "thinking as the model has it: leave eval.thinking at `on` and eval.thinking_budgets unset "
+                         "to evaluate a GGUF export")
+    from llmstack.serve.local import gguf_target
+
+    with gguf_target(_gguf_file(ctx, name), _gguf_context(ctx), spec.tool_choice) as target:
+        yield target
+
+
+def _gguf_context(ctx) -> int:
+    """The context the GGUF is scored with: the 16-bit reference's as lm-eval's hf backend resolves it (so long
+    prompts are cut the same way on both), at most GGUF_CONTEXT."""
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmstack.serve.local import GGUF_CONTEXT
+
+    model, _ = resolve_folder(_stage_model(ctx, _reference(ctx)))
+    length = resolve_max_length(AutoConfig.from_pretrained(str(model)), AutoTokenizer.from_pretrained(str(model)))
+    return min(length, GGUF_CONTEXT)
+
+
+def _reference(ctx) -> str:
+    """The stage a quantized model was made from: the last trained one (a reward model does not answer), or base."""
+    trained = [s.id for s in ctx.recipe.stages if s.type not in ("reward",)]
+    return trained[-1] if trained else "base"
 
 
 def _stage_model(ctx, name: str) -> Path:
@@ -69,22 +128,22 @@ def run(ctx: StageContext) -> StageResult:
     rob: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[int, dict[str, Any]]] = {}
     served, served_why = _served_instead(ctx, spec.stages)
+    for name in (n for n in spec.stages if n.startswith(GGUF_PREFIX)):  # before any model loads
+        _gguf_file(ctx, name)
     for name in [*spec.stages, *served]:
-        model, adapter = resolve_folder(served.get(name) or _stage_model(ctx, name))
-        log.info("eval %s on suite %s (%s)", name, suite.name, backend)
-        target = Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size,
-                        tool_choice=spec.tool_choice, thinking=spec.thinking)
-        scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
-                                samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
-        if spec.thinking_budgets:
-            log.info("eval %s at thinking budgets %s", name, spec.thinking_budgets)
-            curves[name] = budgets.curve(target, suite, spec.thinking_budgets, scores[name], spec.limit,
-                                         spec.identity_name, ctx.dir / "samples" / name, tasks=spec.tasks)
-        if spec.robustness:
-            r = spec.robustness
-            rob[name] = robust.robustness(target, suite, r.perturbations, seed=r.seed, limit=spec.limit,
-                                          tasks=r.tasks or spec.tasks, identity_name=spec.identity_name,
-                                          clean=scores[name], samples_dir=ctx.dir / "samples" / f"{name}-perturbed")
+        with _target(ctx, spec, name, served, backend) as target:
+            log.info("eval %s on suite %s (%s)", name, suite.name, target.backend)
+            scores[name] = evaluate(target, suite, limit=spec.limit, identity_name=spec.identity_name,
+                                    samples_dir=ctx.dir / "samples" / name, tasks=spec.tasks)
+            if spec.thinking_budgets:
+                log.info("eval %s at thinking budgets %s", name, spec.thinking_budgets)
+                curves[name] = budgets.curve(target, suite, spec.thinking_budgets, scores[name], spec.limit,
+                                             spec.identity_name, ctx.dir / "samples" / name, tasks=spec.tasks)
+            if spec.robustness:
+                r = spec.robustness
+                rob[name] = robust.robustness(target, suite, r.perturbations, seed=r.seed, limit=spec.limit,
+                                              tasks=r.tasks or spec.tasks, identity_name=spec.identity_name,
+                                              clean=scores[name], samples_dir=ctx.dir / "samples" / f"{name}-perturbed")
     (ctx.dir / "scores.json").write_text(json.dumps(scores, indent=2))
     if rob:
         (ctx.dir / "robustness.json").write_text(json.dumps(rob, indent=2))
@@ -97,6 +156,7 @@ def run(ctx: StageContext) -> StageResult:
     problems = [v["message"] for v in verdicts if v["verdict"] == "fail"]
     undecided = [v["message"] for v in verdicts if v["verdict"] == "undecided"]
     recovery = quantization_recovery(ctx, scores)
+    gguf_recovery = {n: r for n in scores if n.startswith(GGUF_PREFIX) and (r := quantization_recovery(ctx, scores, n))}
     section = release.section(scores, verdicts, _has_gates(spec.gates), recovery, rob, judged)
     section += [f"## Evaluation (suite `{suite.name}`, backend `{backend}`)", "", markdown_table(scores), "",
                 f"![eval scores per stage]({chart.name})", ""] + ([served_why, ""] if served_why else [])
@@ -105,8 +165,8 @@ def run(ctx: StageContext) -> StageResult:
         budget_chart = budgets.plot(curves, ctx.dir / "thinking_budget.png")
         section += budgets.markdown(curves, scores, spec.thinking) + [
             f"![score vs thinking budget]({budget_chart.name})", ""]
-    if recovery:
-        section += _recovery_table(recovery)
+    for rec in [*([recovery] if recovery else []), *gguf_recovery.values()]:
+        section += _recovery_table(rec)
     for name, r in rob.items():
         section += [f"Robustness of `{name}` (seed {spec.robustness.seed}): clean vs perturbed on the same items; "
                     "consistency = the same answer on both:", "", *robust.markdown_table(r), ""]
@@ -127,6 +187,8 @@ def run(ctx: StageContext) -> StageResult:
         metrics["gates_undecided"] = undecided
     if recovery:
         metrics["recovery"] = recovery
+    if gguf_recovery:
+        metrics["recovery_gguf"] = gguf_recovery
     outputs = {"scores": ctx.dir / "scores.json", "chart": chart}
     if rob:
         outputs["robustness"] = ctx.dir / "robustness.json"
@@ -173,14 +235,14 @@ def _judge(ctx, spec, backend: str) -> dict[str, Any]:
     return result.summary
 
 
-def quantization_recovery(ctx, scores: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """Quality recovery of the quantized model: its score / the score of the model it was made from, per task and
-    averaged over tasks whose reference score is above zero (a ratio to zero says nothing)."""
-    quant = next((s for s in ("int4", "int8") if s in scores), None)
+def quantization_recovery(ctx, scores: dict[str, dict[str, Any]], quant: str | None = None) -> dict[str, Any] | None:
+    """Quality recovery of the quantized model (`quant`: by default the INT4/INT8 stage; or a `gguf-<type>`): its
+    score / the score of the model it was made from, per task and averaged over tasks whose reference score is above
+    zero (a ratio to zero says nothing)."""
+    quant = quant or next((s for s in ("int4", "int8") if s in scores), None)
     if quant is None:
         return None
-    trained = [s.id for s in ctx.recipe.stages if s.type not in ("reward",)]
-    source = trained[-1] if trained else "base"
+    source = _reference(ctx)
     if source not in scores:
         return None
     per_task, paired, needed = {}, {}, {}

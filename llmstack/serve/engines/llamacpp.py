@@ -6,8 +6,11 @@ The API renders chat templates itself and hands every engine token ids, so this 
 export writes beside the GGUF (the GGUF's own vocabulary has the same ids). One request generates at a time (a lock:
 one llama.cpp context), its n choices one after another; a token at a time in a thread, turned into deltas by
 detok.py as the transformers engine's are. JSON Schemas (response_format, forced tool calls) become llama.cpp
-grammars (llama-cpp-python's JSON-Schema-to-GBNF converter). Logprobs and LoRA adapters are not offered: a request
-asking for them is a 400.
+grammars (llama-cpp-python's JSON-Schema-to-GBNF converter). LoRA adapters are not offered (merge them first).
+
+Logprobs come from llama.cpp's own logits: the context keeps every evaluated position's logits (`logits_all`), so a
+generated token's row is the logits it was sampled from, and `prompt_logprobs` (`echo`, how lm-eval scores choices
+through a server) are the prompt's rows after one prefill — which generation then reuses from llama.cpp's prefix cache.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import numpy as np
 
 from llmstack.serve.engines.base import Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer
 from llmstack.serve.engines.detok import stream_deltas
@@ -75,8 +80,12 @@ class LlamaCppEngine:
     def _load(self):
         import llama_cpp
 
+        # logits_all: llama.cpp computes the output head at every prompt position, not only the last (prefill does
+        # the vocabulary projection once per prompt token; decoding is one token a step either way), and
+        # llama-cpp-python keeps them in an n_ctx x vocabulary float32 array (2048 x 49152 x 4 bytes = 384 MiB for
+        # SmolLM2). That is the price of logprobs and of scoring choices (`echo`) on this engine.
         llm = llama_cpp.Llama(str(self.path), n_ctx=self.max_model_len, n_threads=self.threads, seed=self.seed,
-                              verbose=False)
+                              logits_all=True, verbose=False)
         self.max_model_len = llm.n_ctx()
         log.info("llama.cpp serves %s (context %d, %d threads)", self.path.name, self.max_model_len, self.threads)
         return llm
@@ -97,23 +106,46 @@ class LlamaCppEngine:
                        model: str) -> AsyncIterator[list[Delta]]:
         if not self.ready:
             raise EngineUnavailable(f"engine is {self.state}")
-        if p.logprobs is not None or p.prompt_logprobs is not None:
-            raise EngineRejected("the llamacpp engine does not return logprobs: leave out logprobs / echo")
         self._running += 1
         try:
             grammar = await asyncio.to_thread(self._grammar, p)
             async with self._lock:
+                prompt_rows = None
+                if p.prompt_logprobs is not None:
+                    prompt_rows = await asyncio.to_thread(self._prompt_logprobs, prompt_ids, p.prompt_logprobs)
                 for index in range(p.n):
                     async for delta in self._one(prompt_ids, p, index, grammar):
+                        if prompt_rows is not None:
+                            delta.prompt_logprobs, prompt_rows = prompt_rows, None
                         yield [delta]
         finally:
             self._running -= 1
+
+    def _prompt_logprobs(self, prompt_ids: list[int], k: int) -> list[dict | None]:
+        """Every prompt token's logprob: one prefill from scratch, row i of the logits predicting token i + 1."""
+        self.llm.reset()
+        self.llm.eval(prompt_ids)
+        logits = self.llm.scores[:len(prompt_ids) - 1]
+        return [None, *(self._lp_row(row, t, k) for row, t in zip(logits, prompt_ids[1:]))]
+
+    def _lp_row(self, logits: np.ndarray, token: int, k: int) -> dict:
+        """The API's logprob row of `token` under one position's logits, with the top k (the transformers engine's
+        shape). log-softmax in float64 by hand: numpy has none, and torch is not needed for one vector."""
+        z = logits.astype(np.float64)
+        lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+        row = {"token": self.tokenizer.decode([token]), "logprob": float(lp[token]), "top": []}
+        if k:
+            top = np.argpartition(-lp, k - 1)[:k]
+            row["top"] = [{"token": self.tokenizer.decode([int(i)]), "logprob": float(lp[i])}
+                          for i in top[np.argsort(-lp[top])]]
+        return row
 
     async def _one(self, prompt_ids: list[int], p: GenParams, index: int, grammar) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop_flag = threading.Event()
         eos = self._eos
+        rows: list[dict] = []  # with p.logprobs: one per token sent, made in the thread before the token is queued
 
         def work():
             try:
@@ -125,6 +157,8 @@ class LlamaCppEngine:
                                                reset=True, grammar=grammar):
                     if p.ignore_eos and token in eos:
                         continue  # a benchmark's fixed length: llama.cpp samples on past the end of a turn
+                    if p.logprobs is not None:  # the logits the token was sampled from: the last evaluated position
+                        rows.append(self._lp_row(self.llm.scores[self.llm.n_tokens - 1], token, p.logprobs))
                     loop.call_soon_threadsafe(queue.put_nowait, [token])
                     made += 1
                     if made >= p.max_tokens or stop_flag.is_set() or (token in eos):
@@ -136,7 +170,8 @@ class LlamaCppEngine:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         try:
-            async for delta in stream_deltas(queue, self.tokenizer, p, eos, index, stop_flag):
+            async for delta in stream_deltas(queue, self.tokenizer, p, eos, index, stop_flag,
+                                             lambda position, step: rows[position:position + len(step)]):
                 yield delta
         finally:
             stop_flag.set()  # client went away or we are done: the thread stops after its current token
