@@ -146,3 +146,44 @@ def test_grpo_episodes_with_misbehaving_tools_are_counted_and_the_run_finishes(t
     for reason in ("raised", "timeout", "output_too_large", "printed", "bad_output"):
         assert failures[reason] >= 1, failures
     assert max(res.metrics["reward_per_step"]) > 0  # the `ok` episodes answered and the environment scored them
+
+
+# ---- shipped environments -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["llmstack.train.environments.calculator:Calculator",
+                                  "llmstack.train.environments.lookup:Lookup"])
+def test_shipped_environments_pass_the_recipe_checks(spec):
+    from llmstack.config.agents import check_environment
+
+    assert check_environment(spec) == spec
+
+
+def test_calculator_answers_arithmetic_and_counts_invalid_calls():
+    from llmstack.train.environments.calculator import Calculator
+
+    env = Calculator()
+    env.reset(answer="She pays 3 * 4 = 12 dollars.\n#### 12")
+    assert env.gold == 12
+    assert env.calculator(expression="3 * 4") == "3 * 4 = 12"
+    assert env.calculator(expression="__import__('os')").startswith("error:")
+    assert (env.calls, env.invalid) == (2, 1)
+
+
+def test_lookup_search_finds_each_answer_and_held_out_is_disjoint():
+    from llmstack.train.environments.lookup import Lookup, problems, search_corpus
+
+    train, held = problems("train"), problems("held_out")
+    assert len(held) == 6 and not {r["messages"][0]["content"] for r in train} & {
+        r["messages"][0]["content"] for r in held}
+    for row in train + held:
+        question, gold = row["messages"][0]["content"], row["messages"][1]["content"]
+        hits = " ".join(body for _, body in search_corpus(question))
+        assert gold.lower() in hits.lower(), (question, gold)
+    env = Lookup()
+    env.reset(answer="Otto Fenn")
+    assert env.get_reward() == 0.0
+    assert env.search(query='"NEAR( AND') != "no results"  # FTS5 query syntax is read as plain words, no error
+    assert env.search(query="!!! ???") == "no results" and env.invalid == 1
+    env.search(query="who built the Dunmere clock")
+    assert env.get_reward() == 1.0
