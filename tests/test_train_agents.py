@@ -187,3 +187,15 @@ def test_lookup_search_finds_each_answer_and_held_out_is_disjoint():
     assert env.search(query="!!! ???") == "no results" and env.invalid == 1
     env.search(query="who built the Dunmere clock")
     assert env.get_reward() == 1.0
+
+
+def test_the_agent_recipe_loads_with_the_calculator_environment():
+    from conftest import REPO
+    from llmstack.config.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "agent.yaml", check_trainer=False)
+    sft, grpo = recipe.stages
+    assert (sft.type, grpo.type) == ("sft", "grpo")
+    assert grpo.environment == "llmstack.train.environments.calculator:Calculator"
+    assert grpo.tool_limits.max_turns == 3 and [r.type for r in grpo.rewards] == ["gsm8k_answer"]
+    assert recipe.eval.stages == ["base", "sft", "grpo"]
