@@ -151,8 +151,8 @@ def test_grpo_episodes_with_misbehaving_tools_are_counted_and_the_run_finishes(t
 # ---- shipped environments -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["llmstack.train.environments.calculator:Calculator",
-                                  "llmstack.train.environments.lookup:Lookup"])
+@pytest.mark.parametrize("spec", ["llmstack.eval.environments.calculator:Calculator",
+                                  "llmstack.eval.environments.lookup:Lookup"])
 def test_shipped_environments_pass_the_recipe_checks(spec):
     from llmstack.config.agents import check_environment
 
@@ -160,7 +160,7 @@ def test_shipped_environments_pass_the_recipe_checks(spec):
 
 
 def test_calculator_answers_arithmetic_and_counts_invalid_calls():
-    from llmstack.train.environments.calculator import Calculator
+    from llmstack.eval.environments.calculator import Calculator
 
     env = Calculator()
     env.reset(answer="She pays 3 * 4 = 12 dollars.\n#### 12")
@@ -171,7 +171,7 @@ def test_calculator_answers_arithmetic_and_counts_invalid_calls():
 
 
 def test_lookup_search_finds_each_answer_and_held_out_is_disjoint():
-    from llmstack.train.environments.lookup import Lookup, problems, search_corpus
+    from llmstack.eval.environments.lookup import Lookup, problems, search_corpus
 
     train, held = problems("train"), problems("held_out")
     assert len(held) == 6 and not {r["messages"][0]["content"] for r in train} & {
@@ -196,6 +196,6 @@ def test_the_agent_recipe_loads_with_the_calculator_environment():
     recipe = load_recipe(REPO / "recipes" / "agent.yaml", check_trainer=False)
     sft, grpo = recipe.stages
     assert (sft.type, grpo.type) == ("sft", "grpo")
-    assert grpo.environment == "llmstack.train.environments.calculator:Calculator"
+    assert grpo.environment == "llmstack.eval.environments.calculator:Calculator"
     assert grpo.tool_limits.max_turns == 3 and [r.type for r in grpo.rewards] == ["gsm8k_answer"]
     assert recipe.eval.stages == ["base", "sft", "grpo"]

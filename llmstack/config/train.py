@@ -149,7 +149,7 @@ class StageSpec(Strict):
         None,
         description="grpo only: an environment class 'package.module:Class' (TRL's `environment_factory`): one "
                     "instance per rollout, `reset(**row)` before each episode, its public methods are tools, and an "
-                    "optional `get_reward()` scores the episode. Shipped: llmstack.train.environments")
+                    "optional `get_reward()` scores the episode. Shipped: llmstack.eval.environments")
     tool_limits: ToolLimits = Field(
         default_factory=ToolLimits,
         description="grpo with tools or an environment: per-episode limits; a tool that raises, hangs, prints, "

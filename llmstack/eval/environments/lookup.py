@@ -17,7 +17,7 @@ import sqlite3
 import threading
 from functools import lru_cache
 
-from llmstack.train.environments.lookup_corpus import DOCUMENTS, HELD_OUT, QUESTIONS
+from llmstack.eval.environments.lookup_corpus import DOCUMENTS, HELD_OUT, QUESTIONS
 
 MAX_RESULTS = 3
 
