@@ -40,6 +40,9 @@ def test_a_broken_call_is_an_invalid_call_not_a_crash():
     assert res["all"]["invalid_calls"] == 1.0 and res["score"] == 0.0
 
 
-def test_the_tiny_model_runs_episodes_in_process(tiny_model):
-    res = agent.score(problems("held_out")[:2], Lookup, agent.hf_generate(tiny_model, max_new_tokens=8))
-    assert res["n"] == 2 and 1 <= res["all"]["turns"] <= agent.MAX_TURNS and res["score"] in (0.0, 0.5, 1.0)
+def test_the_agent_suite_runs_the_tiny_model_through_the_evaluation(tiny_model, tmp_path):
+    from llmstack.eval.run import Target, evaluate
+
+    res = evaluate(Target(model=tiny_model), "agent", limit=2, samples_dir=tmp_path)["agent"]
+    assert res["metric"] == "success" and res["n"] == 2 and res["ci95"] is not None
+    assert 1 <= res["all"]["turns"] <= agent.MAX_TURNS and (tmp_path / "agent.jsonl").exists()

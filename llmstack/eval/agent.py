@@ -113,7 +113,12 @@ def hf_generate(model_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS) -> Genera
 
 
 def read_items() -> list[dict]:
-    return lookup.problems("held_out")
+    return [{"id": f"lookup-{i}", **row} for i, row in enumerate(lookup.problems("held_out"))]
+
+
+def item_text(doc: dict) -> str:
+    """What could leak into training: the question and its gold answer."""
+    return " ".join(m["content"] for m in doc["messages"])
 
 
 def evaluate_target(target, n: int | None, samples_dir: Path | None = None) -> dict[str, Any]:
