@@ -25,6 +25,7 @@ class StageKind:
     trl_config: str | None = None
     rewards: bool = False  # the stage takes `rewards:` (RewardSpec: reward functions scoring its own samples)
     teacher: bool = False  # the stage takes `teacher:` (an earlier stage or a model folder it learns from)
+    tools: bool = False  # the stage takes `tools:` / `environment:` / `tool_limits:` (TRL's multi-turn tool rollouts)
 
     @property
     def trl_config_name(self) -> str:
@@ -60,7 +61,8 @@ STAGE_KINDS: dict[str, StageKind] = {k.name: k for k in (
     _stage("sft", _TRAIN, dataset_schema="messages", trl_config="SFTConfig"),
     _stage("dpo", _TRAIN, dataset_schema="preference", trl_config="DPOConfig"),
     _stage("reward", _TRAIN, dataset_schema="preference", trl_config="RewardConfig"),
-    _stage("grpo", _TRAIN, dataset_schema="messages", trl_config="GRPOConfig", rewards=True),
+    _stage("grpo", _TRAIN, dataset_schema="messages", trl_config="GRPOConfig", rewards=True,
+           tools=True),
     _stage("kto", _TRAIN, dataset_schema="unpaired", trl_config="KTOConfig"),
     _stage("orpo", _TRAIN, dataset_schema="preference", trl_config="trl.experimental.orpo:ORPOConfig"),
     _stage("rloo", _TRAIN, dataset_schema="messages", trl_config="RLOOConfig", rewards=True),

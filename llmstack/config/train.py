@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     PlainValidator,
@@ -33,6 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llmstack.config.agents import ToolLimits, check_environment, check_tools
 from llmstack.config.base import Strict, did_you_mean
 from llmstack.config.kinds import stage_kind, training_kinds
 from llmstack.paths import ACCELERATE_DIR
@@ -139,6 +141,19 @@ class StageSpec(Strict):
         description="distill only: the model the student learns from on its own samples: the name of an earlier "
                     "stage of this recipe (its output model) or a local model folder. It must share the student's "
                     "tokenizer (the distillation loss compares next-token distributions over one vocabulary)")
+    tools: Annotated[list[str], AfterValidator(check_tools)] = Field(
+        default_factory=list,
+        description="grpo only: tool functions 'package.module:function' the model may call during its rollouts "
+                    "(TRL's `tools`); each needs type hints and a docstring with an `Args:` entry per argument")
+    environment: Annotated[str | None, AfterValidator(check_environment)] = Field(
+        None,
+        description="grpo only: an environment class 'package.module:Class' (TRL's `environment_factory`): one "
+                    "instance per rollout, `reset(**row)` before each episode, its public methods are tools, and an "
+                    "optional `get_reward()` scores the episode. Shipped: llmstack.eval.environments")
+    tool_limits: ToolLimits = Field(
+        default_factory=ToolLimits,
+        description="grpo with tools or an environment: per-episode limits; a tool that raises, hangs, prints, "
+                    "returns a non-JSON value or too much text ends its episode with a counted reason")
     thinking: ThinkingSetting = Field(
         "auto",
         description="sft only: train on the assistant turns' thinking (`reasoning_content`). on: with llmstack's "
@@ -162,9 +177,10 @@ class StageSpec(Strict):
     @model_validator(mode="after")
     def _rewards_for_online_kinds(self):
         takes = [k for k in training_kinds() if stage_kind(k).rewards]
-        if stage_kind(self.type).rewards and not self.rewards:
+        if stage_kind(self.type).rewards and not self.rewards and not _scores_itself(self.environment):
             raise ValueError(f"a {self.type} stage needs `rewards` (e.g. [{{type: gsm8k_answer}}, "
-                             f"{{type: reward_model, stage: reward}}])")
+                             f"{{type: reward_model, stage: reward}}]), or an `environment` "
+                             f"whose class scores its episodes (`get_reward`)")
         if not stage_kind(self.type).rewards and self.rewards:
             raise ValueError(f"`rewards` belongs to {', '.join(takes)} stages; a {self.type} stage does not use it")
         if self.rewards and "reward_weights" in self.args:
@@ -182,6 +198,18 @@ class StageSpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _tools_for_agent_kinds(self):
+        if (self.tools or self.environment) and not stage_kind(self.type).tools:
+            takes = [k for k in training_kinds() if stage_kind(k).tools]
+            raise ValueError(f"`tools` and `environment` belong to {', '.join(takes)} stages; a {self.type} stage "
+                             f"does not call tools")
+        if "tool_limits" in self.model_fields_set and not (self.tools or self.environment):
+            raise ValueError("`tool_limits` applies to a stage with `tools` or an `environment`; add one or remove it")
+        if "max_tool_calling_iterations" in self.args:
+            raise ValueError("set tool_limits.max_turns instead of args.max_tool_calling_iterations")
+        return self
+
+    @model_validator(mode="after")
     def _thinking_for_sft(self):
         if self.thinking != "auto" and self.type != "sft":
             raise ValueError(f"`thinking` belongs to sft stages; remove it from this {self.type} stage")
@@ -193,6 +221,13 @@ class StageSpec(Strict):
             path = launch_config_path(self.launch)  # raises with the list of shipped names
             check_accumulation(path, self.args.get("gradient_accumulation_steps", 1))
         return self
+
+
+def _scores_itself(environment: str | None) -> bool:
+    """An environment class (already checked importable) with a `get_reward` is a reward source of its own."""
+    from llmstack.config.agents import import_object
+
+    return environment is not None and callable(getattr(import_object(environment, "Class"), "get_reward", None))
 
 
 def launch_config_path(launch: str) -> Path:

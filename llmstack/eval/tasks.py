@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from llmstack.config.eval_suites import EvalDataError
+from llmstack.eval import agent, scorers, tool_calls
 from llmstack.eval import benchmarks as B
-from llmstack.eval import scorers, tool_calls
 from llmstack.paths import SUITES_DIR
 
 
@@ -161,5 +161,8 @@ for _task in (
     # Scored by llmstack, not lm-eval (llmstack/eval/tool_calls.py); its data is prepared on first use.
     TaskDef(tool_calls.TASK, tool_calls.PRIMARY, read=tool_calls.read_items, in_process=tool_calls.evaluate_target,
             item_text=tool_calls.item_text),
+    # Scored by llmstack (llmstack/eval/agent.py): held-out problems of a shipped environment as tool-loop episodes.
+    TaskDef(agent.TASK, agent.PRIMARY, read=agent.read_items, in_process=agent.evaluate_target,
+            item_text=agent.item_text),
 ):
     register(_task)

@@ -13,6 +13,12 @@ A model whose chat template thinks (an sft stage on thinking rows saved llmstack
 each completion into thinking and answer (llmstack/train/thinking.py `parse_completions`), and the rewards score the
 answer alone.
 
+Tools and environments (`tools:` / `environment:`, an agent stage): TRL's own multi-turn rollouts (its `tools` /
+`environment_factory`), with the recipe's tools and environment wrapped in one guarded environment class
+(llmstack/train/agents.py) that enforces `tool_limits` and counts the episodes a bad tool ended (metric
+`episode_failures`). The chat template is llmstack's one tool format (llmstack/tools.py), and TRL parses the calls with
+its response template.
+
 Generation: transformers `generate` by default (works on CPU). TRL's vLLM generation is `args.use_vllm: true`
 (`vllm_mode: colocate` on one GPU); it needs CUDA, so the stage refuses it on a CPU-only machine.
 """
@@ -23,7 +29,7 @@ import importlib
 from pathlib import Path
 
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import checkpoints, loading, report, rewards, setup, thinking
+from llmstack.train import agents, checkpoints, loading, report, rewards, setup, thinking
 
 # Small enough that a CPU step takes seconds on a tiny model and ~a minute on SmolLM2-135M; a GPU recipe raises them.
 GRPO_DEFAULTS = {
@@ -72,6 +78,17 @@ def reward_functions(ctx: StageContext) -> tuple[list, list, list[float]]:
     return funcs, tokenizers, weights
 
 
+def agent_setup(ctx: StageContext, tokenizer) -> dict:
+    """GRPOTrainer's `environment_factory` for an agent stage, with the tokenizer switched to the tool format (our
+    template renders the tool specs, calls and results; TRL's response template parses the calls back)."""
+    from llmstack import tools
+
+    tokenizer.chat_template = tools.template_for(tokenizer)
+    tokenizer.response_template = tools.response_template()
+    return {"environment_factory": agents.build_environment(ctx.spec.tools, ctx.spec.environment,
+                                                            ctx.spec.tool_limits)}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Stage
 # ---------------------------------------------------------------------------------------------------------------------
@@ -84,7 +101,8 @@ def run(ctx: StageContext) -> StageResult:
 
     # ---- load -----------------------------------------------------------------------------------------------------
     funcs, reward_tokenizers, weights = reward_functions(ctx)
-    args = setup.trainer_config(ctx, {**GRPO_DEFAULTS, "reward_weights": weights})
+    # no weights when the environment is the only reward source: TRL appends its get_reward with weight 1
+    args = setup.trainer_config(ctx, {**GRPO_DEFAULTS, "reward_weights": weights or None})
     if args.use_vllm and not torch.cuda.is_available():
         raise ValueError(f"stage {ctx.name}: args.use_vllm needs a CUDA GPU (TRL's vLLM generation); on this machine "
                          f"leave it false and generation runs through transformers")
@@ -94,6 +112,10 @@ def run(ctx: StageContext) -> StageResult:
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     columns = data["train"].column_names
     data = data.map(rewards.to_prompt, remove_columns=columns)
+    agent = {}
+    if ctx.spec.tools or ctx.spec.environment:
+        agent = agent_setup(ctx, tokenizer)
+        args.max_tool_calling_iterations = ctx.spec.tool_limits.max_turns
     model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
     # generate() stops at the end of the assistant turn only if the generation config says so
     model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
@@ -108,6 +130,7 @@ def run(ctx: StageContext) -> StageResult:
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers,
         peft_config=loading.peft_config(ctx.spec),
+        **agent,
     )
     output = trainer.train(resume_from_checkpoint=checkpoints.resume_checkpoint(ctx, trainer))
 
@@ -120,5 +143,9 @@ def run(ctx: StageContext) -> StageResult:
         vals = [h[f"rewards/{name}/mean"] for h in history if f"rewards/{name}/mean" in h]
         if vals:
             rewards_seen[f"reward_{name}_last"] = round(float(vals[-1]), 5)
+    if agent:
+        rewards_seen["episode_failures"] = agent["environment_factory"].failures.summary()
+        calls = [h["tools/call_frequency"] for h in history if "tools/call_frequency" in h]
+        rewards_seen["tool_calls_per_episode_last"] = round(float(calls[-1]), 5) if calls else None
     return report.finish(ctx, trainer, output, tokenizer, tokenizer.chat_template, extra_metrics=rewards_seen,
                          curve_keys=("reward", "reward_std", "loss"))
