@@ -67,8 +67,9 @@ class Messages(ChatCompletions):
         out = EventStream(call)
         async with contextlib.aclosing(lines) as chat:
             async for line in chat:
-                for event in out.feed(line):
-                    yield event
+                events = "".join(out.feed(line))  # one write for what one chat chunk becomes (often several events)
+                if events:
+                    yield events
 
 
 def stop(call: ServedRequest, finish: str | None) -> dict:

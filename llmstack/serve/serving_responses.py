@@ -253,22 +253,24 @@ class Responses(ChatCompletions):
         """Chat's stream (already through the output rails) as Responses' typed events, each with its
         sequence_number, the way the openai client's ResponseStream accumulates them."""
         stream = EventStream(self.skeleton(call))
+        # Each chat chunk becomes one write of all the events it makes (an item opening, a part opening and the
+        # delta are three events, one send): a Responses stream carries several times chat's events.
         async with contextlib.aclosing(lines) as chunks:
-            yield stream.event("response.created", response=stream.resp)
-            yield stream.event("response.in_progress", response=stream.resp)
+            yield (stream.event("response.created", response=stream.resp)
+                   + stream.event("response.in_progress", response=stream.resp))
             async for line in chunks:
-                for event in stream.feed(line):
-                    yield event
+                events = "".join(stream.feed(line))
+                if events:
+                    yield events
             if stream.failed:
                 return
-            for event in stream.close_all():
-                yield event
+            closing = "".join(stream.close_all())
             resp = stream.resp
             resp["status"], resp["incomplete_details"] = _status(stream.finish)
             resp.update(output=stream.output, usage=_usage(stream.usage))
             await self.keep(call, resp)
-            yield stream.event("response.completed" if resp["status"] == "completed" else "response.incomplete",
-                               response=resp)
+            yield closing + stream.event("response.completed" if resp["status"] == "completed"
+                                         else "response.incomplete", response=resp)
 
 
 def _retarget(exc: APIError, origins: list[dict]) -> APIError:
