@@ -181,7 +181,7 @@ def test_responses_and_messages_apis_on_vllm(server, client):
         "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"],
         "additionalProperties": False}}
     called = client.responses.create(model="tiny", input="Who are you?", tools=[tool], tool_choice="required",
-                                     max_output_tokens=60, temperature=1.0)
+                                     parallel_tool_calls=False, max_output_tokens=200, temperature=0)
     calls = [item for item in called.output if item.type == "function_call"]
     assert calls and all(c.name == "set_unit" and json.loads(c.arguments)["unit"] in ("C", "F") for c in calls)
 
@@ -192,9 +192,9 @@ def test_responses_and_messages_apis_on_vllm(server, client):
     with ant.messages.stream(model="tiny", max_tokens=10, messages=MESSAGES,
                              extra_body={"temperature": 0}) as stream:
         assert "".join(stream.text_stream) == text
-    used = ant.messages.create(model="tiny", max_tokens=60, messages=MESSAGES,
+    used = ant.messages.create(model="tiny", max_tokens=200, messages=MESSAGES, extra_body={"temperature": 0},
                                tools=[{"name": "set_unit", "input_schema": tool["parameters"]}],
-                               tool_choice={"type": "any"})
+                               tool_choice={"type": "any", "disable_parallel_tool_use": True})
     blocks = [b for b in used.content if b.type == "tool_use"]
     assert used.stop_reason == "tool_use" and blocks and all(b.input["unit"] in ("C", "F") for b in blocks)
 
