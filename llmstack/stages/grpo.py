@@ -29,7 +29,7 @@ import importlib
 from pathlib import Path
 
 from llmstack.stage import StageContext, StageResult
-from llmstack.train import agents, checkpoints, loading, report, rewards, setup, thinking
+from llmstack.train import agents, checkpoints, loading, report, rewards, setup
 
 # Small enough that a CPU step takes seconds on a tiny model and ~a minute on SmolLM2-135M; a GPU recipe raises them.
 GRPO_DEFAULTS = {
@@ -95,30 +95,18 @@ def agent_setup(ctx: StageContext, tokenizer) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    import torch
-    from datasets import load_from_disk
     from trl import GRPOTrainer
 
     # ---- load -----------------------------------------------------------------------------------------------------
     funcs, reward_tokenizers, weights = reward_functions(ctx)
     # no weights when the environment is the only reward source: TRL appends its get_reward with weight 1
     args = setup.trainer_config(ctx, {**GRPO_DEFAULTS, "reward_weights": weights or None})
-    if args.use_vllm and not torch.cuda.is_available():
-        raise ValueError(f"stage {ctx.name}: args.use_vllm needs a CUDA GPU (TRL's vLLM generation); on this machine "
-                         f"leave it false and generation runs through transformers")
-    tokenizer = loading.load_tokenizer(ctx.model)
-    # a model trained on thinking (the sft stage saved the reasoning template): rewards read the answer only
-    thinking.parse_completions(tokenizer)
-    data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
-    columns = data["train"].column_names
-    data = data.map(rewards.to_prompt, remove_columns=columns)
+    tokenizer, data = rewards.prompt_rows(ctx, args)  # rewards read the answer, not a reasoning model's thinking
     agent = {}
     if ctx.spec.tools or ctx.spec.environment:
         agent = agent_setup(ctx, tokenizer)
         args.max_tool_calling_iterations = ctx.spec.tool_limits.max_turns
-    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
-    # generate() stops at the end of the assistant turn only if the generation config says so
-    model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    model = rewards.policy_model(ctx, tokenizer)
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = GRPOTrainer(
@@ -136,13 +124,7 @@ def run(ctx: StageContext) -> StageResult:
 
     # ---- save + report (with the reward curve in the metrics) ------------------------------------------------------
     history = trainer.state.log_history
-    per_step = [round(float(h["reward"]), 5) for h in history if "reward" in h]
-    rewards_seen = {"reward_first": per_step[0] if per_step else None,
-                    "reward_last": per_step[-1] if per_step else None, "reward_per_step": per_step}
-    for name in trainer.reward_func_names:
-        vals = [h[f"rewards/{name}/mean"] for h in history if f"rewards/{name}/mean" in h]
-        if vals:
-            rewards_seen[f"reward_{name}_last"] = round(float(vals[-1]), 5)
+    rewards_seen = rewards.reward_curve(trainer)
     if agent:
         rewards_seen["episode_failures"] = agent["environment_factory"].failures.summary()
         calls = [h["tools/call_frequency"] for h in history if "tools/call_frequency" in h]

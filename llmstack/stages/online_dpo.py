@@ -18,7 +18,7 @@ import os
 
 from llmstack.stage import StageContext, StageResult
 from llmstack.stages.grpo import reward_functions
-from llmstack.train import checkpoints, loading, report, rewards, setup, thinking
+from llmstack.train import checkpoints, loading, report, rewards, setup
 
 ONLINE_DPO_DEFAULTS = {
     "max_new_tokens": 128,
@@ -30,8 +30,6 @@ ONLINE_DPO_DEFAULTS = {
 
 
 def run(ctx: StageContext) -> StageResult:
-    import torch
-    from datasets import load_from_disk
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # experimental upstream: said in the docs, not per run
     from trl.experimental.online_dpo import OnlineDPOTrainer
@@ -39,15 +37,8 @@ def run(ctx: StageContext) -> StageResult:
     # ---- load: grpo's rewards and prompt rows -----------------------------------------------------------------------
     funcs, reward_tokenizers, weights = reward_functions(ctx)
     args = setup.trainer_config(ctx, {**ONLINE_DPO_DEFAULTS, "reward_weights": weights})
-    if args.use_vllm and not torch.cuda.is_available():
-        raise ValueError(f"stage {ctx.name}: args.use_vllm needs a CUDA GPU (TRL's vLLM generation); on this machine "
-                         f"leave it false and generation runs through transformers")
-    tokenizer = loading.load_tokenizer(ctx.model)
-    thinking.parse_completions(tokenizer)
-    data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
-    data = data.map(rewards.to_prompt, remove_columns=data["train"].column_names)
-    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
-    model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    tokenizer, data = rewards.prompt_rows(ctx, args)
+    model = rewards.policy_model(ctx, tokenizer)
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = OnlineDPOTrainer(

@@ -21,6 +21,33 @@ def to_prompt(row: dict) -> dict:
     return {"prompt": msgs, "answer": ""}
 
 
+def prompt_rows(ctx, args):
+    """(tokenizer, prompt rows) of an online RL stage (grpo, rloo, online_dpo): the stage's dataset split into prompt
+    and reference answer, and a tokenizer whose thinking (a reasoning template) rewards do not see."""
+    import torch
+    from datasets import load_from_disk
+
+    from llmstack.train import loading, thinking
+
+    if args.use_vllm and not torch.cuda.is_available():
+        raise ValueError(f"stage {ctx.name}: args.use_vllm needs a CUDA GPU (TRL's vLLM generation); on this machine "
+                         f"leave it false and generation runs through transformers")
+    tokenizer = loading.load_tokenizer(ctx.model)
+    thinking.parse_completions(tokenizer)
+    data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
+    return tokenizer, data.map(to_prompt, remove_columns=data["train"].column_names)
+
+
+def policy_model(ctx, tokenizer):
+    """The model an online RL stage samples from and trains; generate() stops at the end of the assistant turn only
+    if the generation config says so."""
+    from llmstack.train import loading
+
+    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
+    model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Rule-based rewards (TRL's signature: prompts, completions, **dataset columns -> one float per completion)
 # ---------------------------------------------------------------------------------------------------------------------
