@@ -46,3 +46,58 @@ def test_the_agent_suite_runs_the_tiny_model_through_the_evaluation(tiny_model, 
     res = evaluate(Target(model=tiny_model), "agent", limit=2, samples_dir=tmp_path)["agent"]
     assert res["metric"] == "success" and res["n"] == 2 and res["ci95"] is not None
     assert 1 <= res["all"]["turns"] <= agent.MAX_TURNS and (tmp_path / "agent.jsonl").exists()
+
+
+def _calculating(right: bool):
+    """A fixed policy for the calculator environment: compute the gold number (or a wrong one) with one calculator
+    call, then answer with the tool's result — what a model that learnt the tool would do."""
+    from llmstack.eval.answers import final_number
+
+    golds = {}
+
+    def generate(messages, specs):
+        assert [s["function"]["name"] for s in specs] == ["calculator"]
+        if messages[-1]["role"] == "tool":
+            return "The answer is " + messages[-1]["content"].rsplit("=", 1)[-1].strip()
+        gold = golds[messages[-1]["content"]]
+        expression = f"{gold} * 2 / 2" if right else f"{gold} + 1"
+        return '<tool_call>\n' + json.dumps({"name": "calculator", "arguments": {"expression": expression}}) + \
+            '\n</tool_call>'
+
+    def remember(rows):
+        golds.update({r["messages"][0]["content"]: final_number(r["messages"][1]["content"]) for r in rows})
+        return generate
+
+    return remember
+
+
+def test_calculator_episodes_score_the_final_number():
+    from llmstack.eval.environments.calculator import Calculator
+    from llmstack.eval.task_data import ensure_prepared
+
+    ensure_prepared()
+    rows = agent.read_items("agent_calculator")[:5]
+    assert len(agent.read_items("agent_calculator")) == 50
+    assert all(r["id"].startswith("agent_calculator-") for r in rows)
+    good = agent.score(rows, Calculator, _calculating(True)(rows))
+    assert good["score"] == 1.0 and good["all"]["tool_calls"] == 1.0 and good["all"]["turns"] == 2.0
+    bad = agent.score(rows, Calculator, _calculating(False)(rows))
+    assert bad["score"] == 0.0 and bad["all"]["invalid_calls"] == 0
+
+
+def test_agent_episodes_through_a_live_server_with_the_official_client(tiny_model, tmp_path):
+    """The server path: the official openai client sends the environment's tools, the server decodes a forced call
+    on the first turn, the loop runs it and sends the history back (assistant tool_calls + tool turns with their
+    tool_call_id) — the server must accept every turn."""
+    from llmstack.eval.run import Target, evaluate
+    from llmstack.serve.engines import HfEngine
+    from llmstack.serve.local import serve_engine
+
+    with serve_engine(HfEngine(tiny_model, "tiny"), "hf") as server:
+        target = Target(backend="server", base_url=server.base_url, served_name=server.served_name,
+                        api_key=server.api_key, tool_choice="required")
+        res = evaluate(target, "agent", tasks=["agent", "agent_calculator"], limit=3, samples_dir=tmp_path)
+    for task in ("agent", "agent_calculator"):
+        assert res[task]["n"] == 3 and res[task]["ci95"] is not None
+        episodes = [json.loads(line) for line in (tmp_path / f"{task}.jsonl").read_text().splitlines()]
+        assert all(e["tool_calls"] >= 1 and e["turns"] >= 2 and e["refused"] == [] for e in episodes), episodes

@@ -36,8 +36,10 @@ def eval_main(
         help="also score seeded perturbations of the same items: typos,casing,whitespace,shuffle,prefix (or all)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="robustness: perturbation seed")] = 0,
-    tool_choice: Annotated[str, typer.Option(help="tool_calls task: auto | required (a forced, schema-constrained "
-                                                  "call)")] = "auto",
+    tool_choice: Annotated[
+        str, typer.Option(help="tool_calls and agent tasks: auto | required (a forced, schema-constrained call; "
+                               "agent: on the first turn)"),
+    ] = "auto",
 ):
     """Score one or more models on a suite and print a table (rows: tasks, columns: models)."""
     if ctx.invoked_subcommand is not None:

@@ -1,12 +1,19 @@
-"""The `agent` eval task: a shipped environment's held-out problems run through the model in-process, as episodes of
-the same tool loop GRPO trains in (generate, parse the `<tool_call>` blocks with llmstack.tools.parse_calls, call the
-environment's tools, render the results with the model's tool template, generate again, up to MAX_TURNS).
+"""The `agent` eval tasks: a shipped environment's held-out problems run through the model as episodes of the same
+tool loop GRPO trains in — generate, take the calls, run them on the environment's tools, hand the results back,
+generate again, up to MAX_TURNS — in-process or through a live OpenAI-compatible server (`llmstack serve`).
+
+Two tasks, one per shipped environment (ENVIRONMENTS): `agent` (lookup: questions answerable only by searching a local
+corpus) and `agent_calculator` (held-out GSM8K word problems with a calculator tool).
 
 Per episode: `success` (the environment's judgement: its `get_reward()` when it has one, else the final answer's
 number against the gold `#### N`, as grpo's gsm8k_answer reward), `tool_calls`, `invalid_calls` (an unknown tool or
 bad arguments, plus the calls the environment's tools rejected: its `invalid` count) and `turns`. The task reports
-the success rate with its Wilson interval (llmstack/eval/stats.py) and the means of the others. Its items are the
-lookup environment's held-out questions (self-contained: no data to prepare).
+the success rate with its Wilson interval (llmstack/eval/stats.py) and the means of the others.
+
+In-process, the model's text is parsed for `<tool_call>` blocks with llmstack.tools.parse_calls (the rendering
+training used). Through a server, the official `openai` client sends the tools and reads the message's `tool_calls`
+— the client-side tool loop an application runs — so the server's own call parsing, constrained decoding and guard
+are part of what is scored; `tool_choice: required` (the target's) forces a call on an episode's first turn.
 
 A hand-written loop rather than TRL's: TRL's lives inside GRPOTrainer's rollout, and scoring must not need a trainer.
 """
@@ -15,19 +22,49 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmstack import tools as T
 from llmstack.eval.answers import final_number, same_number
-from llmstack.eval.environments import lookup
+from llmstack.eval.environments import calculator, lookup
+
+log = logging.getLogger("llmstack")
 
 TASK = "agent"
 PRIMARY = "success"
 MAX_TURNS = 4
 MAX_NEW_TOKENS = 128
-Generate = Callable[[list[dict], list[dict]], str]  # (messages, tool specs) -> the assistant's text
+
+
+@dataclass(frozen=True)
+class Environment:
+    factory: Callable[[], Any]  # a fresh environment per episode
+    held_out: Callable[[], list[dict]]  # its held-out problems as `messages` rows (question, gold answer)
+
+
+# task name -> the environment its episodes run in
+ENVIRONMENTS: dict[str, Environment] = {
+    "agent": Environment(lookup.Lookup, lambda: lookup.problems("held_out")),
+    "agent_calculator": Environment(calculator.Calculator, lambda: calculator.problems("held_out")),
+}
+
+
+@dataclass
+class Turn:
+    """One model turn of an episode: the assistant message to append to the history, and its calls as
+    {"name", "arguments": dict | raw text, "id"} (arguments that are not a JSON object stay text: an invalid call)."""
+
+    message: dict
+    calls: list[dict]
+    text: str  # what the final answer is read from
+    refused: str | None = None  # the server's error when it refused the turn
+
+
+Step = Callable[[list[dict], list[dict], bool], Turn]  # (messages, tool specs, first turn) -> the model's turn
 
 
 def tool_specs(env) -> dict[str, tuple[Callable, dict]]:
@@ -39,7 +76,23 @@ def tool_specs(env) -> dict[str, tuple[Callable, dict]]:
             if n not in ("reset", "get_reward") and not n.startswith("_")}
 
 
-def run_episode(env, row: dict, generate: Generate, max_turns: int = MAX_TURNS) -> dict[str, Any]:
+def text_step(generate: Callable[[list[dict], list[dict]], str]) -> Step:
+    """A Step over a model that writes text ((messages, tool specs) -> the assistant's text): calls parsed from it."""
+
+    def step(messages: list[dict], specs: list[dict], first: bool) -> Turn:
+        text = generate(messages, specs)
+        content, parsed = T.parse_calls(text, specs)
+        calls = [{**c, "id": f"call_{len(messages)}_{i}"} for i, c in enumerate(parsed)]
+        message = {"role": "assistant", "content": content or ""}
+        if calls:
+            message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+        return Turn(message, calls, text)
+
+    return step
+
+
+def run_episode(env, row: dict, step: Step, max_turns: int = MAX_TURNS) -> dict[str, Any]:
     """One problem through the loop: the episode's record and its final text."""
     messages, gold = row["messages"][:-1], row["messages"][-1]["content"]
     env.reset(answer=gold)
@@ -47,38 +100,47 @@ def run_episode(env, row: dict, generate: Generate, max_turns: int = MAX_TURNS) 
     schemas = [s for _, s in specs.values()]
     calls = invalid = turns = 0
     text = ""
+    refused = []
     while turns < max_turns:
         turns += 1
-        text = generate(messages, schemas)
-        content, parsed = T.parse_calls(text, schemas)
-        if not parsed:
+        turn = step(messages, schemas, turns == 1)
+        text = turn.text
+        if turn.refused:
+            refused.append(turn.refused)
+        if not turn.calls:
             break
-        messages = messages + [{"role": "assistant", "content": content or "",
-                                "tool_calls": [{"type": "function", "function": c} for c in parsed]}]
-        for call in parsed:
+        messages = messages + [turn.message]
+        for call in turn.calls:
             calls += 1
             try:
+                if not isinstance(call["arguments"], dict):
+                    raise T.ToolCallError(f"arguments of '{call['name']}' are not a JSON object")
                 T.check_call(call, schemas)
                 result = str(specs[call["name"]][0](**call["arguments"]))
             except Exception as exc:  # noqa: BLE001 - a bad call is the model's mistake, recorded, never a crash
                 invalid += 1
                 result = f"error: {exc}"
-            messages = messages + [{"role": "tool", "name": call["name"], "content": result}]
+            messages = messages + [{"role": "tool", "tool_call_id": call["id"], "name": call["name"],
+                                    "content": result}]
     if callable(getattr(env, "get_reward", None)):
         success = float(env.get_reward())
     else:
         success = float(same_number(final_number(gold), final_number(text or "")))
     # the environment counts the calls its tools rejected (a malformed expression, a search that found nothing)
     invalid += getattr(env, "invalid", 0)
-    return {"success": success, "tool_calls": calls, "invalid_calls": invalid, "turns": turns, "final": text}
+    return {"success": success, "tool_calls": calls, "invalid_calls": invalid, "turns": turns, "final": text,
+            "refused": refused}
 
 
-def score(rows: list[dict], env_factory: Callable, generate: Generate, samples: Path | None = None) -> dict[str, Any]:
+def score(rows: list[dict], env_factory: Callable, step: Step | Callable[[list[dict], list[dict]], str],
+          samples: Path | None = None) -> dict[str, Any]:
     """Every row an episode in a fresh environment: {"score", "metric", "n", "all", "ci95", "items"} as
-    llmstack.eval.run reports a task."""
+    llmstack.eval.run reports a task. `step` may also be a plain text generator ((messages, specs) -> text)."""
     from llmstack.eval.stats import wilson
 
-    episodes = [run_episode(env_factory(), row, generate) for row in rows]
+    if len(inspect.signature(step).parameters) == 2:
+        step = text_step(step)
+    episodes = [run_episode(env_factory(), row, step) for row in rows]
     if samples is not None:
         samples.parent.mkdir(parents=True, exist_ok=True)
         samples.write_text("".join(json.dumps({"doc": r, **e}, ensure_ascii=False) + "\n"
@@ -91,7 +153,7 @@ def score(rows: list[dict], env_factory: Callable, generate: Generate, samples: 
             "ci95": [round(x, 4) for x in wilson(sum(wins), n)] if n else None, "items": wins}
 
 
-def hf_generate(model_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS) -> Generate:
+def hf_step(model_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS) -> Step:
     """Greedy generation from a model folder with its tool template (the rendering training used)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,11 +171,61 @@ def hf_generate(model_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS) -> Genera
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id)
         return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    return generate
+    return text_step(generate)
 
 
-def read_items() -> list[dict]:
-    return [{"id": f"lookup-{i}", **row} for i, row in enumerate(lookup.problems("held_out"))]
+def server_step(target, max_new_tokens: int = MAX_NEW_TOKENS) -> Step:
+    """Turns from a live OpenAI-compatible server with the official client, greedy, one call per turn. The history
+    goes back in the wire shape (arguments as JSON text, tool turns answering a `tool_call_id`). A turn the server
+    refuses ends the episode as a turn without calls, the refusal logged."""
+    import openai
+
+    client = openai.OpenAI(base_url=target.base_url.rstrip("/") + "/v1", api_key=target.api_key or "none",
+                           max_retries=2, timeout=600)
+
+    def wire(m: dict) -> dict:
+        if not m.get("tool_calls"):
+            return m
+        return {**m, "tool_calls": [{**c, "function": {**c["function"],
+                                                       "arguments": _as_text(c["function"]["arguments"])}}
+                                    for c in m["tool_calls"]]}
+
+    def step(messages: list[dict], specs: list[dict], first: bool) -> Turn:
+        try:
+            r = client.chat.completions.create(
+                model=target.served_name, messages=[wire(m) for m in messages], tools=specs, temperature=0,
+                tool_choice=target.tool_choice if first else "auto", max_tokens=max_new_tokens,
+                parallel_tool_calls=False)
+        except openai.BadRequestError as exc:
+            log.warning("agent: the server refused a turn: %s", exc.message)
+            return Turn({"role": "assistant", "content": ""}, [], "", refused=exc.message)
+        m = r.choices[0].message
+        calls = [{"id": c.id, "name": c.function.name, "arguments": _as_object(c.function.arguments)}
+                 for c in m.tool_calls or []]
+        message = {"role": "assistant", "content": m.content or ""}
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                     for c in m.tool_calls]
+        return Turn(message, calls, m.content or "")
+
+    return step
+
+
+def _as_text(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def _as_object(arguments: str) -> dict | str:
+    try:
+        value = json.loads(arguments)
+    except (TypeError, ValueError):
+        return arguments
+    return value if isinstance(value, dict) else arguments
+
+
+def read_items(task: str = TASK) -> list[dict]:
+    return [{"id": f"{task}-{i}", **row} for i, row in enumerate(ENVIRONMENTS[task].held_out())]
 
 
 def item_text(doc: dict) -> str:
@@ -121,9 +233,14 @@ def item_text(doc: dict) -> str:
     return " ".join(m["content"] for m in doc["messages"])
 
 
-def evaluate_target(target, n: int | None, samples_dir: Path | None = None) -> dict[str, Any]:
-    """Score a llmstack.eval.run.Target's model folder (in-process) on the first `n` held-out problems."""
-    if target.backend == "server" or target.adapter is not None:
-        raise ValueError("the agent task runs a merged model folder in-process; use the hf backend")
-    rows = read_items()[:n] if n else read_items()
-    return score(rows, lookup.Lookup, hf_generate(target.model), samples_dir / f"{TASK}.jsonl" if samples_dir else None)
+def evaluate_target(target, n: int | None, samples_dir: Path | None = None, task: str = TASK) -> dict[str, Any]:
+    """Score a llmstack.eval.run.Target on the first `n` held-out problems of the task's environment: a merged model
+    folder in-process, or a live server (backend `server`) through the official client."""
+    if target.backend == "server":
+        step = server_step(target)
+    elif target.adapter is not None:
+        raise ValueError(f"the {task} task runs a merged model folder in-process; merge the adapter or serve it")
+    else:
+        step = hf_step(target.model)
+    rows = read_items(task)[:n] if n else read_items(task)
+    return score(rows, ENVIRONMENTS[task].factory, step, samples_dir / f"{task}.jsonl" if samples_dir else None)

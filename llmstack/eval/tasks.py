@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -161,8 +162,10 @@ for _task in (
     # Scored by llmstack, not lm-eval (llmstack/eval/tool_calls.py); its data is prepared on first use.
     TaskDef(tool_calls.TASK, tool_calls.PRIMARY, read=tool_calls.read_items, in_process=tool_calls.evaluate_target,
             item_text=tool_calls.item_text),
-    # Scored by llmstack (llmstack/eval/agent.py): held-out problems of a shipped environment as tool-loop episodes.
-    TaskDef(agent.TASK, agent.PRIMARY, read=agent.read_items, in_process=agent.evaluate_target,
-            item_text=agent.item_text),
+    # Scored by llmstack (llmstack/eval/agent.py): held-out problems of a shipped environment as tool-loop episodes,
+    # one task per environment (agent: lookup; agent_calculator: GSM8K with a calculator).
+    *(TaskDef(name, agent.PRIMARY, read=partial(agent.read_items, name),
+              in_process=partial(agent.evaluate_target, task=name), item_text=agent.item_text)
+      for name in agent.ENVIRONMENTS),
 ):
     register(_task)
