@@ -64,7 +64,9 @@ class Turn:
     refused: str | None = None  # the server's error when it refused the turn
 
 
-Step = Callable[[list[dict], list[dict], bool], Turn]  # (messages, tool specs, first turn) -> the model's turn
+# One round of turns for a batch of episodes: ([(messages, tool specs)], first turn) -> their turns, in order. The
+# episodes run in lockstep, so a model generates a round as one batch.
+Step = Callable[[list[tuple[list[dict], list[dict]]], bool], list[Turn]]
 
 
 def tool_specs(env) -> dict[str, tuple[Callable, dict]]:
@@ -76,71 +78,108 @@ def tool_specs(env) -> dict[str, tuple[Callable, dict]]:
             if n not in ("reset", "get_reward") and not n.startswith("_")}
 
 
-def text_step(generate: Callable[[list[dict], list[dict]], str]) -> Step:
-    """A Step over a model that writes text ((messages, tool specs) -> the assistant's text): calls parsed from it."""
+def _turn(messages: list[dict], content: str | None, calls: list[dict], text: str) -> Turn:
+    """The Turn of an in-process answer: its calls get ids, as a server's would."""
+    calls = [{**c, "id": f"call_{len(messages)}_{i}"} for i, c in enumerate(calls)]
+    message = {"role": "assistant", "content": content or ""}
+    if calls:
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+    return Turn(message, calls, text)
 
-    def step(messages: list[dict], specs: list[dict], first: bool) -> Turn:
-        text = generate(messages, specs)
-        content, parsed = T.parse_calls(text, specs)
-        calls = [{**c, "id": f"call_{len(messages)}_{i}"} for i, c in enumerate(parsed)]
-        message = {"role": "assistant", "content": content or ""}
-        if calls:
-            message["tool_calls"] = [{"id": c["id"], "type": "function",
-                                      "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
-        return Turn(message, calls, text)
+
+def text_step(generate: Callable[[list[dict], list[dict]], str]) -> Step:
+    """A Step over a policy that writes text ((messages, tool specs) -> the assistant's text), one episode at a time:
+    its calls are parsed from the text."""
+
+    def step(batch: list[tuple[list[dict], list[dict]]], first: bool) -> list[Turn]:
+        turns = []
+        for messages, specs in batch:
+            text = generate(messages, specs)
+            content, calls = T.parse_calls(text, specs)
+            turns.append(_turn(messages, content, calls, text))
+        return turns
 
     return step
 
 
-def run_episode(env, row: dict, step: Step, max_turns: int = MAX_TURNS) -> dict[str, Any]:
-    """One problem through the loop: the episode's record and its final text."""
-    messages, gold = row["messages"][:-1], row["messages"][-1]["content"]
-    env.reset(answer=gold)
-    specs = tool_specs(env)
-    schemas = [s for _, s in specs.values()]
-    calls = invalid = turns = 0
-    text = ""
-    refused = []
-    while turns < max_turns:
-        turns += 1
-        turn = step(messages, schemas, turns == 1)
-        text = turn.text
-        if turn.refused:
-            refused.append(turn.refused)
+@dataclass
+class _Episode:
+    env: Any
+    messages: list[dict]
+    gold: str
+    specs: dict[str, tuple[Callable, dict]]
+    calls: int = 0
+    invalid: int = 0
+    turns: int = 0
+    text: str = ""
+    done: bool = False
+
+    @property
+    def schemas(self) -> list[dict]:
+        return [s for _, s in self.specs.values()]
+
+    def take(self, turn: Turn) -> None:
+        """Apply one model turn: no calls ends the episode; else each call runs on the environment's tools."""
+        self.turns += 1
+        self.text = turn.text
         if not turn.calls:
-            break
-        messages = messages + [turn.message]
+            self.done = True
+            return
+        self.messages = self.messages + [turn.message]
         for call in turn.calls:
-            calls += 1
+            self.calls += 1
             try:
                 if not isinstance(call["arguments"], dict):
                     raise T.ToolCallError(f"arguments of '{call['name']}' are not a JSON object")
-                T.check_call(call, schemas)
-                result = str(specs[call["name"]][0](**call["arguments"]))
+                T.check_call(call, self.schemas)
+                result = str(self.specs[call["name"]][0](**call["arguments"]))
             except Exception as exc:  # noqa: BLE001 - a bad call is the model's mistake, recorded, never a crash
-                invalid += 1
+                self.invalid += 1
                 result = f"error: {exc}"
-            messages = messages + [{"role": "tool", "tool_call_id": call["id"], "name": call["name"],
-                                    "content": result}]
-    if callable(getattr(env, "get_reward", None)):
-        success = float(env.get_reward())
-    else:
-        success = float(same_number(final_number(gold), final_number(text or "")))
-    # the environment counts the calls its tools rejected (a malformed expression, a search that found nothing)
-    invalid += getattr(env, "invalid", 0)
-    return {"success": success, "tool_calls": calls, "invalid_calls": invalid, "turns": turns, "final": text,
-            "refused": refused}
+            self.messages = self.messages + [{"role": "tool", "tool_call_id": call["id"], "name": call["name"],
+                                              "content": result}]
+
+
+def run_episodes(envs: list, rows: list[dict], step: Step, max_turns: int = MAX_TURNS) -> list[dict[str, Any]]:
+    """Every problem through the loop, the episodes in lockstep (one round of turns at a time): each episode's record
+    and its final text."""
+    episodes = []
+    for env, row in zip(envs, rows):
+        messages, gold = row["messages"][:-1], row["messages"][-1]["content"]
+        env.reset(answer=gold)
+        episodes.append(_Episode(env, messages, gold, tool_specs(env)))
+    refused: dict[int, list[str]] = {i: [] for i in range(len(episodes))}
+    for round_ in range(max_turns):
+        active = [i for i, e in enumerate(episodes) if not e.done]
+        if not active:
+            break
+        for i, turn in zip(active, step([(episodes[i].messages, episodes[i].schemas) for i in active], round_ == 0)):
+            episodes[i].take(turn)
+            if turn.refused:
+                refused[i].append(turn.refused)
+    records = []
+    for i, e in enumerate(episodes):
+        if callable(getattr(e.env, "get_reward", None)):
+            success = float(e.env.get_reward())
+        else:
+            success = float(same_number(final_number(e.gold), final_number(e.text or "")))
+        # the environment counts the calls its tools rejected (a malformed expression, a search that found nothing)
+        invalid = e.invalid + getattr(e.env, "invalid", 0)
+        records.append({"success": success, "tool_calls": e.calls, "invalid_calls": invalid, "turns": e.turns,
+                        "final": e.text, "refused": refused[i]})
+    return records
 
 
 def score(rows: list[dict], env_factory: Callable, step: Step | Callable[[list[dict], list[dict]], str],
           samples: Path | None = None) -> dict[str, Any]:
     """Every row an episode in a fresh environment: {"score", "metric", "n", "all", "ci95", "items"} as
-    llmstack.eval.run reports a task. `step` may also be a plain text generator ((messages, specs) -> text)."""
+    llmstack.eval.run reports a task. `step` may also be a text policy ((messages, specs) -> text)."""
     from llmstack.eval.stats import wilson
 
-    if len(inspect.signature(step).parameters) == 2:
+    if "first" not in inspect.signature(step).parameters:
         step = text_step(step)
-    episodes = [run_episode(env_factory(), row, step) for row in rows]
+    episodes = run_episodes([env_factory() for _ in rows], rows, step)
     if samples is not None:
         samples.parent.mkdir(parents=True, exist_ok=True)
         samples.write_text("".join(json.dumps({"doc": r, **e}, ensure_ascii=False) + "\n"
@@ -153,31 +192,32 @@ def score(rows: list[dict], env_factory: Callable, step: Step | Callable[[list[d
             "ci95": [round(x, 4) for x in wilson(sum(wins), n)] if n else None, "items": wins}
 
 
-def hf_step(model_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS) -> Step:
-    """Greedy generation from a model folder with its tool template (the rendering training used)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def hf_step(target, max_new_tokens: int = MAX_NEW_TOKENS) -> Step:
+    """Greedy turns from a model folder (+ LoRA adapter) in-process, with its tool template (the rendering training
+    used): the tool_calls task's batched transformers answerer, one batch per round."""
+    from llmstack.eval.tool_calls import hf_answerer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    template = T.template_for(tok)
+    answer, warm = hf_answerer(target.model, target.adapter, batch_size=target.batch_size,
+                               max_new_tokens=max_new_tokens)
 
-    def generate(messages: list[dict], specs: list[dict]) -> str:
-        prompt = tok.apply_chat_template(messages, tools=specs or None, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    def step(batch: list[tuple[list[dict], list[dict]]], first: bool) -> list[Turn]:
+        warm([{"messages": m, "tools": t} for m, t in batch])
+        turns = []
+        for messages, specs in batch:
+            a = answer(messages, specs)
+            turns.append(_turn(messages, a["content"], a["calls"], a["text"]))
+        return turns
 
-    return text_step(generate)
+    return step
 
 
 def server_step(target, max_new_tokens: int = MAX_NEW_TOKENS) -> Step:
-    """Turns from a live OpenAI-compatible server with the official client, greedy, one call per turn. The history
-    goes back in the wire shape (arguments as JSON text, tool turns answering a `tool_call_id`). A turn the server
-    refuses ends the episode as a turn without calls, the refusal logged."""
+    """Turns from a live OpenAI-compatible server with the official client, greedy, one call per turn, a round's
+    requests `target.batch_size` at a time. The history goes back in the wire shape (arguments as JSON text, tool
+    turns answering a `tool_call_id`). A turn the server refuses ends its episode as a turn without calls, the refusal
+    recorded."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import openai
 
     client = openai.OpenAI(base_url=target.base_url.rstrip("/") + "/v1", api_key=target.api_key or "none",
@@ -190,7 +230,7 @@ def server_step(target, max_new_tokens: int = MAX_NEW_TOKENS) -> Step:
                                                        "arguments": _as_text(c["function"]["arguments"])}}
                                     for c in m["tool_calls"]]}
 
-    def step(messages: list[dict], specs: list[dict], first: bool) -> Turn:
+    def one(messages: list[dict], specs: list[dict], first: bool) -> Turn:
         try:
             r = client.chat.completions.create(
                 model=target.served_name, messages=[wire(m) for m in messages], tools=specs, temperature=0,
@@ -208,6 +248,10 @@ def server_step(target, max_new_tokens: int = MAX_NEW_TOKENS) -> Step:
                                       "function": {"name": c.function.name, "arguments": c.function.arguments}}
                                      for c in m.tool_calls]
         return Turn(message, calls, m.content or "")
+
+    def step(batch: list[tuple[list[dict], list[dict]]], first: bool) -> list[Turn]:
+        with ThreadPoolExecutor(max(1, min(target.batch_size, len(batch)))) as pool:
+            return list(pool.map(lambda b: one(b[0], b[1], first), batch))
 
     return step
 
@@ -234,13 +278,8 @@ def item_text(doc: dict) -> str:
 
 
 def evaluate_target(target, n: int | None, samples_dir: Path | None = None, task: str = TASK) -> dict[str, Any]:
-    """Score a llmstack.eval.run.Target on the first `n` held-out problems of the task's environment: a merged model
-    folder in-process, or a live server (backend `server`) through the official client."""
-    if target.backend == "server":
-        step = server_step(target)
-    elif target.adapter is not None:
-        raise ValueError(f"the {task} task runs a merged model folder in-process; merge the adapter or serve it")
-    else:
-        step = hf_step(target.model)
+    """Score a llmstack.eval.run.Target on the first `n` held-out problems of the task's environment: a model folder
+    (+ adapter) in-process, or a live server (backend `server`) through the official client."""
+    step = server_step(target) if target.backend == "server" else hf_step(target)
     rows = read_items(task)[:n] if n else read_items(task)
     return score(rows, ENVIRONMENTS[task].factory, step, samples_dir / f"{task}.jsonl" if samples_dir else None)
