@@ -145,6 +145,24 @@ def test_unreachable_ray_address_is_a_one_line_error_in_seconds(tiny_model, tmp_
     assert time.monotonic() - t0 < 15
 
 
+@pytest.mark.slow
+def test_ray_shards_on_a_local_cluster_merge_into_one_output(tiny_model, tmp_path):
+    """Two shards as Ray tasks on a real `ray start --head` cluster, merged; a rerun generates nothing again."""
+    pytest.importorskip("ray", reason="ray is not installed (requirements/ray.lock)")
+    from llmstack.testing import local_ray_cluster
+
+    rows = [{"id": f"r{i}", "prompt": f"Prompt {i}"} for i in range(6)]
+    inp, out = write_input(tmp_path / "in.jsonl", good=rows, bad=BAD[:1]), tmp_path / "out.jsonl"
+    s = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, n=1, seed=0)
+    with local_ray_cluster(2, str(Path(__file__).resolve().parent.parent)) as (address, _):
+        first = generate_on_ray(job(tiny_model, inp, out, sampling=s, shards=2), address)
+        again = generate_on_ray(job(tiny_model, inp, out, sampling=s, shards=2), address)
+    assert first["generated"] == len(rows) and first["merged"] == len(rows) and first["quarantined"] == 1
+    assert again["generated"] == 0 and again["merged"] == 0 and again["already_done"] == len(rows)
+    assert sorted(r["id"] for r in read(out)) == sorted(r["id"] for r in rows)
+    assert [q["line"] for q in read(quarantine_path(out))] == [len(rows) + 1]
+
+
 def test_cli_generates_and_rejects_bad_options(tiny_model, tmp_path):
     from llmstack.cli import app
 

@@ -36,6 +36,8 @@ def generate(model: Annotated[str, typer.Argument(help="model folder or packaged
                                                             "$SLURM_ARRAY_TASK_ID)")] = 0,
              ray: Annotated[str | None, typer.Option(help="run all --shards as Ray tasks on this cluster (HOST:PORT "
                                                           "or auto) and merge them into OUT")] = None,
+             gpus_per_shard: Annotated[float, typer.Option(min=0, help="with --ray: GPUs each shard's task asks "
+                                                                      "Ray for")] = 0,
              max_model_len: Annotated[int | None, typer.Option(min=1, help="context length (default: the "
                                                                           "model's)")] = None):
     """Generate answers for every row of a dataset, resumably, with vLLM's offline engine or transformers."""
@@ -63,7 +65,7 @@ def generate(model: Annotated[str, typer.Argument(help="model folder or packaged
     job = GenerateJob(model=folder, input=input, out=out, engine=engine, batch_size=batch_size, shards=shards,
                       shard=shard, max_model_len=max_model_len, sampling=sampling)
     try:
-        summary = generate_on_ray(job, ray) if ray else run_generate(job)
+        summary = generate_on_ray(job, ray, gpus_per_shard) if ray else run_generate(job)
     except (InputError, GenerateError) as exc:
         fail(exc)
     print(json.dumps(summary))

@@ -22,6 +22,8 @@ class Sampling(Strict):
     seed: StrictInt | None = Field(None, ge=0, lt=2**31, description="the row's seed (output j uses seed + j on the "
                                                                        "transformers engine; vLLM seeds the request)")
     stop: list[StrictStr] | None = Field(None, max_length=16, description="stop strings (a string alone is one)")
+    ignore_eos: bool | None = Field(None, description="generate exactly max_tokens, past the end-of-turn token "
+                                                      "(benchmarks)")
 
     @field_validator("stop", mode="before")
     @classmethod

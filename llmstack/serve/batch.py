@@ -72,7 +72,7 @@ def generate(job: GenerateJob) -> dict:
     todo: list[tuple[Row, list[int]]] = []
     for row in work.rows:
         try:
-            todo.append((row, _prompt_ids(tok, row)))
+            todo.append((row, prompt_ids(tok, row)))
         except APIError as exc:  # a message that spells the model's special tokens (a forged turn)
             work.quarantined.append({"line": row.line, "id": row.id, "reason": exc.message,
                                      "row": row.row.model_dump(exclude_none=True)})
@@ -101,7 +101,7 @@ def generate(job: GenerateJob) -> dict:
             "completion_tokens": tokens, "out": str(out), "quarantine": str(quarantine_path(out))}
 
 
-def _prompt_ids(tok, row: Row) -> list[int]:
+def prompt_ids(tok, row: Row) -> list[int]:
     if row.row.messages is not None:
         from llmstack.serve.serving_chat import encode_chat
 
@@ -161,7 +161,8 @@ class VllmBatch:
         from vllm import SamplingParams
 
         params = [SamplingParams(n=s["n"], max_tokens=s["max_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                                 seed=s["seed"], stop=s["stop"] or None) for _, s in items]
+                                 seed=s["seed"], stop=s["stop"] or None, ignore_eos=s["ignore_eos"])
+                  for _, s in items]
         results = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in items], params, use_tqdm=False)
         return [[{"text": o.text, "finish_reason": o.finish_reason, "tokens": len(o.token_ids)}
                  for o in sorted(r.outputs, key=lambda o: o.index)] for r in results]
@@ -186,7 +187,7 @@ class HfBatch:
 
     async def _one(self, i: int, ids: list[int], s: dict) -> list[dict]:
         p = GenParams(max_tokens=s["max_tokens"], temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"],
-                      n=s["n"], stop=s["stop"])
+                      n=s["n"], stop=s["stop"], ignore_eos=s["ignore_eos"])
         outs = [{"text": "", "finish_reason": None, "tokens": 0} for _ in range(s["n"])]
         async for deltas in self.engine.generate(f"batch-{i}", ids, p, "batch"):
             for d in deltas:
@@ -204,9 +205,10 @@ class HfBatch:
 # ------------------------------------------------------------------------------------------------------- Ray
 
 
-def generate_on_ray(job: GenerateJob, address: str) -> dict:
+def generate_on_ray(job: GenerateJob, address: str, gpus_per_shard: float = 0) -> dict:
     """Run the job's `shards` shards as Ray tasks on the cluster at `address` (each needs llmstack installed and the
-    input, model and output folder on a filesystem every node shares), then merge the shard outputs into job.out."""
+    input, model and output folder on a filesystem every node shares), then merge the shard outputs into job.out.
+    Each task asks Ray for one CPU and `gpus_per_shard` GPUs (Ray sets CUDA_VISIBLE_DEVICES for the engine)."""
     from llmstack.cluster import START_HINT, ray_unreachable
 
     try:
@@ -222,7 +224,7 @@ def generate_on_ray(job: GenerateJob, address: str) -> dict:
     except (ConnectionError, RuntimeError) as exc:
         raise GenerateError(f"--ray '{address}': no Ray cluster there ({exc}). {START_HINT}") from None
     try:
-        task = ray.remote(num_cpus=1, max_retries=0)(generate)
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_shard, max_retries=0)(generate)
         refs = [task.remote(replace(job, shard=i, out=shard_path(job.out, i, job.shards))) for i in range(job.shards)]
         try:
             counts = ray.get(refs)

@@ -88,6 +88,7 @@ def resolve_sampling(defaults: Sampling, row: Sampling, key: str) -> dict:
     if row.seed is None:
         out["seed"] = ((defaults.seed or 0) + shard_of(key, 2**31)) % 2**31
     out["stop"] = out.get("stop") or []
+    out["ignore_eos"] = bool(out.get("ignore_eos"))
     return out
 
 
