@@ -80,6 +80,28 @@ def test_chat_and_completion_rows_with_overrides_and_quarantine(tiny_model, toke
     assert quarantined[0]["row"] == "{not json" and quarantined[0]["id"] is None
 
 
+def test_a_conversation_the_chat_template_refuses_is_quarantined(tiny_model, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "strict"
+    shutil.copytree(tiny_model, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+                         "{{ raise_exception('the system message must come first') }}{% endif %}"
+                         "{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}assistant: ")
+    tok.save_pretrained(model)
+    late_system = [*CHAT, {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    inp = write_input(tmp_path / "in.jsonl", good=[{"id": "ok", "messages": CHAT},
+                                                   {"id": "late", "messages": late_system}], bad=[])
+    out = tmp_path / "out.jsonl"
+    generate(job(model, inp, out))
+    assert [r["id"] for r in read(out)] == ["ok"]
+    [q] = read(quarantine_path(out))
+    assert q["id"] == "late" and "the system message must come first" in q["reason"]
+
+
 def test_resume_after_a_torn_write_generates_only_the_missing_rows(tiny_model, tmp_path):
     inp = write_input(tmp_path / "in.jsonl", bad=[])
     out = tmp_path / "out.jsonl"

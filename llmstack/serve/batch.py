@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 from llmstack.config.generate import Sampling
 from llmstack.config.serve import ServeSpec, VllmOptions
 from llmstack.serve.batch_rows import InputError, Row, done_ids, plan, shard_of  # noqa: F401 - InputError re-exported
@@ -75,9 +77,11 @@ def generate(job: GenerateJob) -> dict:
     for row in work.rows:
         try:
             todo.append((row, prompt_ids(tok, row)))
-        except APIError as exc:  # a message that spells the model's special tokens (a forged turn)
-            work.quarantined.append({"line": row.line, "id": row.id, "reason": exc.message,
-                                     "row": row.row.model_dump(exclude_none=True)})
+        except (APIError, ValueError, TemplateError) as exc:
+            # text spelling special tokens the template cannot keep apart (APIError), a model without a chat template
+            # (ValueError), a template refusing the conversation (raise_exception: roles out of order)
+            work.quarantined.append({"line": row.line, "id": row.id, "row": row.row.model_dump(exclude_none=True),
+                                     "reason": f"cannot render the prompt: {getattr(exc, 'message', None) or exc}"})
     engine = None
     if todo:
         engine = ENGINES[job.engine](job)
