@@ -10,6 +10,7 @@ function; this file only puts them on the `llmstack` command. Errors a user can 
     route.py     route show|set|rollback       monitor.py  monitor
     adapters.py  adapters list|load|unload    export.py   export gguf
     usage.py     usage                         card.py     card
+    generate.py  generate (batch generation over a dataset)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from llmstack.cli import (
     chat,
     curate,
     export,
+    generate,
     models,
     monitor,
     quantize,
@@ -48,6 +50,7 @@ app.add_typer(export.export_app, name="export")
 app.command()(serve.serve)
 app.command("serve-key")(serve.serve_key)
 app.command()(chat.chat)
+app.command()(generate.generate)
 app.add_typer(models.models_app, name="models")
 app.add_typer(registry.registry_app, name="registry")
 app.command()(card.card)

@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from llmstack.cluster import START_HINT, ray_unreachable
 from llmstack.config.data import ExecutorSpec
 
 
@@ -65,8 +66,8 @@ def _run_on_ray(steps: list, tasks: int, logging_dir: str, executor: ExecutorSpe
         try:
             ray.init(address=executor.address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError) as exc:
-            raise CurationError(f"data.executor.address '{executor.address}': no Ray cluster there ({exc}). Start "
-                                "one (`ray start --head` on the head node) or fix the address") from None
+            raise CurationError(f"data.executor.address '{executor.address}': no Ray cluster there ({exc}). "
+                                f"{START_HINT}") from None
     try:
         ray_executor = RayPipelineExecutor(steps, tasks=tasks, workers=tasks, logging_dir=logging_dir,
                                            skip_completed=False, cpus_per_task=executor.cpus_per_task,
@@ -80,17 +81,9 @@ def _run_on_ray(steps: list, tasks: int, logging_dir: str, executor: ExecutorSpe
 
 
 def _reachable(address: str) -> None:
-    """Fail in seconds on a HOST:PORT nobody listens on (ray.init keeps retrying such an address for minutes)."""
-    import socket
-
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as exc:
-        raise CurationError(f"data.executor.address '{address}': no Ray cluster there ({exc}). Start one "
-                            "(`ray start --head` on the head node) or fix the address") from None
+    problem = ray_unreachable(address)
+    if problem:
+        raise CurationError(f"data.executor.address '{address}': {problem}")
 
 
 def _check_completed(executor, tag: str, work: Path, where: str) -> None:

