@@ -159,10 +159,13 @@ def test_imatrix_calibration_must_exist_and_be_long_enough(tiny_model, tmp_path)
     (tmp_path / "short.txt").write_text("too short to cut into two chunks")
     with pytest.raises(GGUFError, match=r"short.txt is \d+ tokens; llama-imatrix needs at least 64"):
         export_gguf(tiny_model, out, ["q4_k_m"], calibration=tmp_path / "short.txt")
+    (tmp_path / "rows.arrow").write_bytes(b"\xff\x00")
+    with pytest.raises(GGUFError, match=r"rows.arrow is not a .jsonl or .txt file"):
+        export_gguf(tiny_model, out, ["q4_k_m"], calibration=tmp_path / "rows.arrow")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
     with pytest.raises(GGUFError, match=r"bad.jsonl:1: a calibration row needs `messages` or `text`"):
         export_gguf(tiny_model, out, ["q4_k_m"], calibration=tmp_path / "bad.jsonl")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl", "short.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl", "rows.arrow", "short.txt"]
 
 
 @needs_llamacpp

@@ -68,8 +68,9 @@ def calibration_text(source: Path, tokenizer_dir: Path, out: Path) -> int:
 
     from llmstack.quant.export import QuantizeError, render_jsonl
 
-    if not source.is_file():
-        raise ImatrixError(f"calibration file {source} does not exist")
+    if not source.is_file() or source.suffix not in (".jsonl", ".txt"):
+        raise ImatrixError(f"calibration file {source} is not a .jsonl or .txt file: give rows with `messages` or "
+                           "`text` (.jsonl) or plain text (.txt)")
     if source.suffix == ".jsonl":
         with tempfile.TemporaryDirectory(prefix="llmstack-imatrix-") as tmp:
             rendered = Path(tmp) / "rendered.jsonl"
@@ -80,7 +81,10 @@ def calibration_text(source: Path, tokenizer_dir: Path, out: Path) -> int:
             texts = [json.loads(line)["text"] for line in rendered.read_text().splitlines() if line.strip()]
         text = "\n".join(texts)
     else:
-        text = source.read_text()
+        try:
+            text = source.read_text()
+        except UnicodeDecodeError:
+            raise ImatrixError(f"calibration file {source} is not UTF-8 text") from None
     if not text.strip():
         raise ImatrixError(f"calibration file {source} is empty: give rows with `messages` or `text` (.jsonl) or "
                            "plain text (.txt)")
