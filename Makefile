@@ -13,6 +13,7 @@ DOCSTAMP := $(VENV)/.llmstack-docs-installed
 DVENV := .venv-ds
 DSTAMP := $(DVENV)/.llmstack-installed
 GSTAMP := $(VENV)/.llmstack-llamacpp-installed
+GTSTAMP := $(VENV)/.llmstack-llamacpp-tools-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -29,7 +30,7 @@ quickstart: $(STAMP) $(QSTAMP)
 
 # ruff first (the rule set is in pyproject.toml; zero findings), then the suite. pytest exits 5 when it collects no
 # tests: that is not a failure of the suite.
-test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) $(DOCSTAMP) $(GSTAMP) system-deps
+test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) $(DOCSTAMP) $(GSTAMP) $(GTSTAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
@@ -120,7 +121,7 @@ LLAMACPP_SDIST := build/llamacpp/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
 LLAMACPP_KEY := $(shell { echo $(LLAMACPP_VERSION) $(NO_AMX); grep -m1 '^flags' /proc/cpuinfo; $(CC) --version 2>/dev/null \
   | head -1; } | sha256sum | cut -c1-16)
 LLAMACPP_WHEELS := $(HOME)/.cache/llmstack/wheels/llama-cpp-python-$(LLAMACPP_KEY)
-gguf: $(GSTAMP)
+gguf: $(GSTAMP) $(GTSTAMP)
 $(GSTAMP): $(STAMP)
 	mkdir -p build/llamacpp
 	test -f $(LLAMACPP_SDIST) || $(BIN)/python -m pip download -q --no-deps --no-binary :all: \
@@ -138,6 +139,34 @@ $(GSTAMP): $(STAMP)
 	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/gguf-py \
 	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/LICENSE
 	$(BIN)/python -c "import llama_cpp; print('llama.cpp ok: llama-cpp-python', llama_cpp.__version__)"
+	touch $@
+
+# llama.cpp's llama-imatrix and llama-quantize (llmstack/quant/imatrix.py): an importance matrix for the k-quants and
+# IQ types is computed by the tool's own code, which the bindings do not have, so both programs are built with cmake
+# from the same vendored llama.cpp, for the same CPU with the same flags as the wheel (GGML_NATIVE, no AMX), static
+# (they need no libllama beside them), tools only (no server, examples, tests, network). Kept per machine kind under
+# the wheel's key like the wheel; installed to $(VENV)/share/llama.cpp/bin. A separate stamp, so an environment whose
+# wheel is installed gets the tools on its next `make gguf` without reinstalling the wheel.
+LLAMACPP_TOOLS := $(HOME)/.cache/llmstack/llama.cpp-tools-$(LLAMACPP_KEY)
+LLAMACPP_SRC := build/llamacpp/llama.cpp-$(LLAMACPP_VERSION)
+$(GTSTAMP): $(GSTAMP)
+	test -x $(LLAMACPP_TOOLS)/llama-quantize || { rm -rf $(LLAMACPP_SRC) $(LLAMACPP_TOOLS).partial && \
+	  { test -f $(LLAMACPP_SDIST) || $(BIN)/python -m pip download -q --no-deps --no-binary :all: \
+	    llama-cpp-python==$(LLAMACPP_VERSION) -d build/llamacpp; } && \
+	  echo "$(LLAMACPP_SHA256)  $(LLAMACPP_SDIST)" | sha256sum -c --quiet - && \
+	  mkdir -p $(LLAMACPP_SRC) && tar -xzf $(LLAMACPP_SDIST) -C $(LLAMACPP_SRC) --strip-components=3 \
+	    llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp && \
+	  CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP_SRC)/build -DCMAKE_BUILD_TYPE=Release \
+	    -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+	    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >/dev/null && \
+	  cmake --build $(LLAMACPP_SRC)/build --target llama-imatrix llama-quantize -j$$(nproc) >/dev/null && \
+	  mkdir -p $(LLAMACPP_TOOLS).partial && cp $(LLAMACPP_SRC)/build/bin/llama-imatrix \
+	    $(LLAMACPP_SRC)/build/bin/llama-quantize $(LLAMACPP_TOOLS).partial/ && \
+	  mv $(LLAMACPP_TOOLS).partial $(LLAMACPP_TOOLS) && rm -rf $(LLAMACPP_SRC); }
+	mkdir -p $(VENV)/share/llama.cpp/bin
+	cp $(LLAMACPP_TOOLS)/llama-imatrix $(LLAMACPP_TOOLS)/llama-quantize $(VENV)/share/llama.cpp/bin/
+	$(VENV)/share/llama.cpp/bin/llama-imatrix --version 2>&1 | grep -q '^version:'
+	echo "llama.cpp tools ok: $$(ls $(VENV)/share/llama.cpp/bin)"
 	touch $@
 
 # A local MLflow tracking + registry server (sqlite and artifacts under ~/.cache/llmstack/mlflow) on 127.0.0.1:5000.

@@ -220,12 +220,13 @@ def main() -> None:
     full16 = bytes_16bit(model)
 
     # ---- 1-2. quantize each method from the same calibration rows; size vs 16-bit
+    # the GGUF export computes its importance matrix on the same rows (as the quantize stage does), when there are any
     calib = args.out / "calibration.jsonl"
-    if "gptq" in methods or "awq" in methods:
-        if not (args.calibration_dataset / "dataset_dict.json").exists():
-            sys.exit(f"no curated dataset at {args.calibration_dataset}: run `llmstack run recipes/quickstart.yaml` "
-                     f"(its curate stage is enough) or pass --calibration-dataset")
+    if (args.calibration_dataset / "dataset_dict.json").exists():
         write_calibration(args.calibration_dataset, model, calib, args.samples, args.seed)
+    elif "gptq" in methods or "awq" in methods:
+        sys.exit(f"no curated dataset at {args.calibration_dataset}: run `llmstack run recipes/quickstart.yaml` "
+                 f"(its curate stage is enough) or pass --calibration-dataset")
     quant = results.setdefault("quantize", {})
     for method in methods:
         folder = args.out / method
@@ -243,10 +244,13 @@ def main() -> None:
     gguf, gguf_dir = results.setdefault("gguf", {}), args.out / "gguf"
     if gguf_types and not all(t in gguf and (gguf_dir / gguf[t]["file"]).exists() for t in gguf_types):
         print(f"[gguf] {', '.join(gguf_types)} ...", flush=True)
-        record = export_gguf(model, gguf_dir, gguf_types, name=model.name, force=True)
+        record = export_gguf(model, gguf_dir, gguf_types, name=model.name, force=True,
+                             calibration=calib if calib.exists() else None)
+        results["gguf_imatrix"] = record["imatrix"]
         for t, f in record["files"].items():
-            gguf[t] = {"file": f["file"], "bytes": f["bytes"], "size_vs_16bit": round(f["bytes"] / full16, 3)}
-            print(f"[gguf] {t}: {gguf[t]['size_vs_16bit']:.3f}x", flush=True)
+            gguf[t] = {"file": f["file"], "bytes": f["bytes"], "size_vs_16bit": round(f["bytes"] / full16, 3),
+                       "imatrix": f["imatrix"]}
+            print(f"[gguf] {t}: {gguf[t]['size_vs_16bit']:.3f}x{' (importance matrix)' * f['imatrix']}", flush=True)
         save(path, results)
 
     # ---- 3. the same items on the 16-bit model, each INT4 folder and each GGUF (through llama.cpp)
@@ -384,7 +388,8 @@ def gguf_markdown(results: dict, methods: list[str]) -> list[str]:
         mean, speed = (f"{r['mean']:.1%}" if r else ""), (f"{tps:.1f}" if tps else "")
         dec, int4_dec = c1.get(f"gguf {t}", {}).get("decode_tokens_per_s"), int4[1].get("decode_tokens_per_s")
         decode = (f"{dec:.1f}" + (f", {dec / int4_dec:.2f}x" if int4_dec else "")) if dec else ""
-        lines.append(f"| {t} | {g['size_vs_16bit']:.2f}x | {mean} | {speed} | {vs} | {decode} |")
+        label = f"{t}, importance matrix" if g.get("imatrix") else t
+        lines.append(f"| {label} | {g['size_vs_16bit']:.2f}x | {mean} | {speed} | {vs} | {decode} |")
     return lines
 
 

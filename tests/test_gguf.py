@@ -1,7 +1,8 @@
 """GGUF export (llmstack/quant/gguf.py) by llama.cpp's own converter and quantizer, read back by llama.cpp itself:
 greedy tokens of an f32 export equal transformers', the metadata carries the chat template and end-of-turn token, a
 quantized SmolLM2 still answers through llama.cpp's chat completion, the Ollama Modelfile parses back to what was
-meant. Bad input fails before any conversion and leaves nothing behind."""
+meant. Bad input fails before any conversion and leaves nothing behind. With calibration rows, llama.cpp's
+llama-imatrix computes an importance matrix that llama-quantize uses for the types it helps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 
 import pytest
 
+from llmstack.quant import imatrix
 from llmstack.quant.gguf import GGUFError, converter_dir, export_gguf
 from llmstack.quant.ollama import CHATML_TEMPLATE, parse_modelfile
 
@@ -114,3 +116,134 @@ def test_modelfile_parser_reads_ollamas_syntax():
                                      ("SYSTEM", "one line"), ("PARAMETER", "temperature 0.2")]
     with pytest.raises(ValueError, match="never ends"):
         parse_modelfile('TEMPLATE """open\n')
+
+
+needs_tools = pytest.mark.skipif(bool(imatrix.tools_missing()),
+                                 reason="needs llama.cpp's llama-imatrix and llama-quantize: run `make gguf`")
+
+
+def _chat_rows(path, n=40):
+    """Curated-style chat rows, varied enough that every weight's input channels see activations."""
+    topics = ["the tides", "bread", "prime numbers", "rivers", "the moon", "chess", "volcanoes", "tea", "bees",
+              "glass", "maps", "owls", "rain", "clocks"]
+    with path.open("w") as f:
+        for i in range(n):
+            topic = topics[i % len(topics)]
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"Question {i}: what should I know about {topic}?"},
+                {"role": "assistant", "content": f"{topic.capitalize()} are a fine subject; fact {i * 7 % 13} is that "
+                                                 f"{topic} change over {i + 2} seasons and years."}]}) + "\n")
+    return path
+
+
+def test_types_that_require_an_importance_matrix_fail_before_work(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with pytest.raises(GGUFError, match=r"quantizes iq1_s only with an importance matrix, and it is turned off"):
+        export_gguf(tiny_model, out, ["q8_0", "iq1_s"], imatrix_mode="off")
+    monkeypatch.setenv("LLMSTACK_LLAMA_CPP_BIN", str(tmp_path / "not-built"))
+    with pytest.raises(GGUFError, match=r"quantizes iq2_xs only .* llama-imatrix and llama-quantize are not built "
+                                        r"\(in .*not-built\): run `make gguf`"):
+        export_gguf(tiny_model, out, ["iq2_xs"], calibration=_chat_rows(tmp_path / "calib.jsonl"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.jsonl"]
+
+
+@needs_tools
+def test_imatrix_calibration_must_exist_and_be_long_enough(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(GGUFError, match=r"iq2_xs: llama.cpp quantizes these only with an importance matrix, computed "
+                                        r"on calibration text: give rows \(`--imatrix-data"):
+        export_gguf(tiny_model, out, ["iq2_xs"])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(GGUFError, match=r"empty.jsonl is empty"):
+        export_gguf(tiny_model, out, ["q4_k_m"], calibration=tmp_path / "empty.jsonl")
+    (tmp_path / "short.txt").write_text("too short to cut into two chunks")
+    with pytest.raises(GGUFError, match=r"short.txt is \d+ tokens; llama-imatrix needs at least 64"):
+        export_gguf(tiny_model, out, ["q4_k_m"], calibration=tmp_path / "short.txt")
+    (tmp_path / "rows.arrow").write_bytes(b"\xff\x00")
+    with pytest.raises(GGUFError, match=r"rows.arrow is not a .jsonl or .txt file"):
+        export_gguf(tiny_model, out, ["q4_k_m"], calibration=tmp_path / "rows.arrow")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(GGUFError, match=r"bad.jsonl:1: a calibration row needs `messages` or `text`"):
+        export_gguf(tiny_model, out, ["q4_k_m"], calibration=tmp_path / "bad.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl", "rows.arrow", "short.txt"]
+
+
+@needs_llamacpp
+@needs_tools
+def test_imatrix_is_computed_on_chat_rows_and_quantizes_the_types_it_helps(small_random, tmp_path):
+    """`llmstack export gguf --imatrix-data`: llama-imatrix measures the 16-bit file on the chat-rendered rows,
+    llama-quantize uses the matrix for q4_k_m and iq4_xs (not for q8_0, which has no use for it), the files carry it
+    in their metadata, their weights differ from a plain quantization's, and llama.cpp loads and runs them."""
+    import gguf
+    import llama_cpp
+    from typer.testing import CliRunner
+
+    from llmstack.cli import app
+
+    calib = _chat_rows(tmp_path / "calib.jsonl")
+    res = CliRunner().invoke(app, ["export", "gguf", str(small_random), str(tmp_path / "out"), "--type", "q4_k_m",
+                                   "--type", "iq4_xs", "--type", "q8_0", "--name", "small", "--imatrix-data",
+                                   str(calib)])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "out" / "gguf_export.json").read_text())
+    matrix = record["imatrix"]
+    assert (tmp_path / "out" / matrix["file"]).is_file() and matrix["file"] == "imatrix/small.imatrix.gguf"
+    assert matrix["calibration"] == str(calib) and matrix["chunks"] >= 2
+    assert matrix["tokens"] == matrix["chunks"] * matrix["chunk_tokens"] <= matrix["calibration_tokens"]
+    assert matrix["tensors"] == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    assert {t: f["imatrix"] for t, f in record["files"].items()} == {"q4_k_m": True, "iq4_xs": True, "q8_0": False}
+
+    plain = export_gguf(small_random, tmp_path / "plain", ["q4_k_m"], name="small")
+    assert plain["imatrix"] is None and plain["files"]["q4_k_m"]["imatrix"] is False
+
+    def weights(path):
+        reader = gguf.GGUFReader(path)
+        fields = {f.name: f for f in reader.fields.values()}
+        return fields, {t.name: bytes(t.data) for t in reader.tensors}
+
+    meta, with_matrix = weights(tmp_path / "out" / "small-Q4_K_M.gguf")
+    plain_meta, without = weights(tmp_path / "plain" / "small-Q4_K_M.gguf")
+    assert meta["quantize.imatrix.chunks_count"].contents() == matrix["chunks"]
+    assert "quantize.imatrix.chunks_count" not in plain_meta
+    changed = [n for n in with_matrix if with_matrix[n] != without[n]]
+    assert any(".ffn_down." in n for n in changed) and "token_embd.weight" not in changed, changed
+    for t in ("q4_k_m", "iq4_xs"):
+        llm = llama_cpp.Llama(str(tmp_path / "out" / record["files"][t]["file"]), n_ctx=256, verbose=False, seed=0)
+        tokens = llm.tokenize(b"<|im_start|>user\nHi<|im_end|>\n", add_bos=False, special=True)
+        got = []
+        for tok in llm.generate(tokens, temp=0.0, top_k=1):
+            got.append(tok)
+            if len(got) == 4:
+                break
+        assert len(got) == 4
+
+
+@needs_llamacpp
+@needs_tools
+def test_quantize_stage_computes_the_matrix_on_its_curated_calibration_rows(small_random, tmp_path):
+    """`quantize: {method: rtn, gguf: [q4_k_m]}`: no INT4 calibration file exists, so the stage samples the curated
+    rows itself (seeded, chat-rendered) and the GGUF table says the matrix was used and on how many chunks."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset, DatasetDict
+
+    from llmstack.config.quant import QuantizeSpec
+    from llmstack.quant.export import bytes_16bit
+    from llmstack.stages.quantize import _gguf
+
+    rows = [json.loads(line) for line in _chat_rows(tmp_path / "rows.jsonl").read_text().splitlines()]
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "curated"))
+    stage = tmp_path / "int4"
+    stage.mkdir()
+    ctx = SimpleNamespace(dir=stage, spec=QuantizeSpec(method="rtn", gguf=["q4_k_m"], calibration_samples=32),
+                          datasets={"chat": tmp_path / "curated"},
+                          recipe=SimpleNamespace(name="small", seed=0, stages=[SimpleNamespace(type="sft",
+                                                                                               dataset="chat")]))
+    metrics = {}
+    lines = _gguf(ctx, small_random, bytes_16bit(small_random), metrics, None)
+    assert len((stage / "calibration.jsonl").read_text().splitlines()) == 32
+    matrix = metrics["gguf_imatrix"]
+    assert matrix["calibration"] == str(stage / "calibration.jsonl") and matrix["chunks"] >= 2
+    assert metrics["gguf"]["q4_k_m"]["imatrix"] is True and metrics["gguf"]["q4_k_m"]["answer"]["tokens"] > 0
+    assert (f"q4_k_m with an importance matrix by llama-imatrix on {matrix['chunks']} chunks of "
+            f"{matrix['chunk_tokens']} calibration tokens") in lines[0]

@@ -147,6 +147,19 @@ def test_group_size_must_divide_the_local_models_sizes(tmp_path):
     parse_recipe(with_changes(model__source="org/not-here", quantize={"scheme": "w4a16", "group_size": 100}))
 
 
+def test_gguf_types_that_require_an_importance_matrix_are_checked_at_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMSTACK_LLAMA_CPP_BIN", str(tmp_path))  # the llama.cpp tools not built
+    raw = with_changes(quantize={"gguf": ["q4_k_m", "iq2_xs"]})
+    assert problems_of(raw) == [
+        f"quantize.gguf: llama.cpp quantizes iq2_xs only with an importance matrix, which its llama-imatrix computes, "
+        f"and llama-imatrix and llama-quantize are not built (in {tmp_path}): run `make gguf`"]
+    assert problems_of(with_changes(quantize={"gguf": ["iq1_m"], "gguf_imatrix": "off"})) == [
+        "quantize: gguf_imatrix: off, but llama.cpp quantizes iq1_m only with an importance matrix: set gguf_imatrix: "
+        "auto or choose another type (iq4_xs, q4_k_m, ...)"]
+    # the types it only helps go without it when the tools are missing
+    parse_recipe(with_changes(quantize={"gguf": ["q4_k_m", "iq4_xs"]}))
+
+
 def test_validate_is_torch_free():
     code = ("import sys; from llmstack.config.recipe import load_recipe; "
             "load_recipe('recipes/quickstart.yaml', check_trainer=False); "

@@ -20,7 +20,7 @@ from llmstack.config.card import CardSpec
 from llmstack.config.data import DataConfig
 from llmstack.config.eval import EvalSpec
 from llmstack.config.kinds import stage_kind
-from llmstack.config.quant import QuantizeSpec, group_size_problem
+from llmstack.config.quant import QuantizeSpec, group_size_problem, imatrix_tools_problem
 from llmstack.config.serve import ServeSpec
 from llmstack.config.teacher import teacher_problem
 from llmstack.config.train import StageSpec, check_trainer_args
@@ -100,6 +100,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         problem = group_size_problem(recipe.quantize, recipe.model.source)
         if problem:
             problems.append(f"quantize.group_size: {problem}")
+        problem = imatrix_tools_problem(recipe.quantize.gguf)
+        if problem:
+            problems.append(f"quantize.gguf: {problem}")
     if recipe.quantize and recipe.quantize.calibration_dataset:
         if recipe.quantize.calibration_dataset not in datasets:
             problems.append(f"quantize.calibration_dataset: '{recipe.quantize.calibration_dataset}' "

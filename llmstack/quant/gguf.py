@@ -5,7 +5,9 @@ Two steps, both llama.cpp's code (no GGUF writer of ours):
    with the chat template, bos/eos/pad ids and the tokenizer in the metadata. The Makefile puts the converter (and
    the gguf-py beside it) under `<env>/share/llama.cpp/` when it builds llama-cpp-python; it runs in this
    environment's Python (torch, transformers, gguf).
-2. `llama_model_quantize` (libllama, through llama-cpp-python's bindings) quantizes that file to each asked type.
+2. `llama_model_quantize` (libllama, through llama-cpp-python's bindings) quantizes that file to each asked type;
+   for the types an importance matrix helps, given calibration rows and the llama.cpp tools `make gguf` builds,
+   `llama-imatrix` computes one on the 16-bit file and `llama-quantize --imatrix` quantizes with it (imatrix.py).
 
 Every cause we can see before minutes of work is a `GGUFError` first: an unknown type name, a folder with an adapter
 only, a model llama.cpp's converter has no class for or whose tokenizer it cannot map (a `--vocab-only` pass of the
@@ -13,7 +15,7 @@ converter finds both in seconds). Files are written under `<out>.partial-<pid>/`
 the end, so a failed or killed export never leaves a folder that looks done.
 
 Beside each GGUF an Ollama Modelfile (ollama.py) and, for the folder, `gguf_export.json`: source, types, sizes,
-sha256s, the llama.cpp build.
+sha256s, the llama.cpp build, and the importance matrix (kept in `imatrix/`) with what it was computed on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import time
 from pathlib import Path
 
 from llmstack.config.quant import GGUF_TYPES as TYPES
+from llmstack.paths import llama_cpp_dir
+from llmstack.quant import imatrix
 
 CONVERTER_TYPES = ("f32", "f16", "bf16")
 # Copied beside the GGUF files: the HF tokenizer and generation settings, which `engine: llamacpp` renders chat
@@ -43,7 +47,7 @@ class GGUFError(Exception):
 
 def converter_dir() -> Path:
     """Where the Makefile put llama.cpp's converter for this environment."""
-    return Path(sys.prefix) / "share" / "llama.cpp"
+    return llama_cpp_dir()
 
 
 def check_types(types: list[str]) -> list[str]:
@@ -146,15 +150,20 @@ def _sha256(path: Path) -> str:
 
 
 def export_gguf(model: Path, out: Path, types: list[str], name: str | None = None, threads: int = 0,
-                force: bool = False) -> dict:
+                force: bool = False, calibration: Path | None = None, imatrix_mode: str = "auto") -> dict:
     """Convert `model` (HF folder) to GGUF files of `types` in the folder `out`, each with an Ollama Modelfile;
-    returns the export record (also written as out/gguf_export.json)."""
+    returns the export record (also written as out/gguf_export.json). `calibration` (.jsonl rows or .txt) is what an
+    importance matrix is computed on, for the types it helps unless `imatrix_mode` is "off"."""
     from llmstack.quant.ollama import write_modelfile
 
     types = check_types(types)
     config = check_source(model)
     if out.exists() and not force:
         raise GGUFError(f"{out} exists: choose another folder or pass --force to replace it")
+    try:
+        use_imatrix = imatrix.plan(types, imatrix_mode, calibration is not None)
+    except imatrix.ImatrixError as exc:
+        raise GGUFError(str(exc)) from None
     name = name or model.name
     work = out.parent / f"{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -163,6 +172,10 @@ def export_gguf(model: Path, out: Path, types: list[str], name: str | None = Non
     scratch = tempfile.TemporaryDirectory(prefix="llmstack-gguf-")
     try:
         source = _as_llama_cpp_reads_it(model, Path(scratch.name))
+        calib_text, calib_tokens = Path(scratch.name) / "calibration.txt", 0
+        if any(use_imatrix.values()):  # an empty or too short calibration file is said before the conversion
+            calib_tokens = _imatrix_step(imatrix.calibration_text, calibration, model, calib_text)
+            _imatrix_step(imatrix.chunk_tokens, calib_tokens, calibration)
         # architecture and tokenizer first, in seconds, before the weights take minutes
         _run_converter(source, work / "vocab.gguf", "f16", vocab_only=True, label=model)
         (work / "vocab.gguf").unlink()
@@ -170,20 +183,30 @@ def export_gguf(model: Path, out: Path, types: list[str], name: str | None = Non
         base = work / f"{name}-{base_type.upper()}.gguf"
         _run_converter(source, base, base_type, label=model)
         files = {base_type: base}
+        # in a folder of its own: a folder holding one model's .gguf is served as that file (engine: llamacpp)
+        matrix, measured = work / "imatrix" / f"{name}.imatrix.gguf", None
+        if any(use_imatrix.values()):
+            matrix.parent.mkdir()
+            measured = _imatrix_step(imatrix.compute, base, calib_text, calib_tokens, matrix, threads, calibration)
         for t in types:
             if t not in files:
                 files[t] = work / f"{name}-{t.upper()}.gguf"
-                _quantize(base, files[t], TYPES[t], threads)
+                if use_imatrix[t]:
+                    _imatrix_step(imatrix.quantize, base, files[t], t, matrix, threads)
+                else:
+                    _quantize(base, files[t], TYPES[t].ftype, threads)
         if base_type not in types:
             base.unlink()
             del files[base_type]
         record = {"source": str(model), "architecture": (config.get("architectures") or [None])[0],
                   "types": types, "files": {}, "seconds": round(time.perf_counter() - t0, 1),
-                  "llama_cpp_python": _llama_cpp_version()}
+                  "llama_cpp_python": _llama_cpp_version(),
+                  "imatrix": measured and {"file": f"imatrix/{matrix.name}", "calibration": str(calibration),
+                                           "calibration_tokens": calib_tokens, **measured}}
         for t, path in files.items():
             modelfile = write_modelfile(path, model)
             record["files"][t] = {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
-                                  "modelfile": modelfile.name}
+                                  "modelfile": modelfile.name, "imatrix": use_imatrix[t]}
         record["tokenizer_files"] = [f for f in TOKENIZER_FILES if (model / f).is_file()]
         for f in record["tokenizer_files"]:
             shutil.copyfile(model / f, work / f)
@@ -197,6 +220,13 @@ def export_gguf(model: Path, out: Path, types: list[str], name: str | None = Non
     finally:
         scratch.cleanup()
     return record
+
+
+def _imatrix_step(step, *args):
+    try:
+        return step(*args)
+    except imatrix.ImatrixError as exc:
+        raise GGUFError(str(exc)) from None
 
 
 def _llama_cpp_version() -> str | None:

@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> StageResult:
         metrics[scheme] = {**info, "bytes": size, "size_vs_16bit": round(size / full16, 3), "answer": check}
         rows.append(f"| {scheme} | {method} | {size / 2**20:.1f} MiB | {size / full16:.2f}x | {info['seconds']:.0f} s "
                     f"| {check['text'][:60]!r} |")
-    gguf_rows = _gguf(ctx, model, full16, metrics) if spec.gguf else []
+    gguf_rows = _gguf(ctx, model, full16, metrics, calib) if spec.gguf else []
     serve = {"model": str(exports[serve_scheme]), "scheme": serve_scheme, "engine": "vllm", "dtype": dtype,
              "reason": why}
     if not can_serve and not spec.serve_fallback:
@@ -84,19 +84,33 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, metrics=metrics, model=exports[spec.scheme])
 
 
-def _gguf(ctx: StageContext, model, full16: int, metrics: dict) -> list[str]:
+def _gguf(ctx: StageContext, model, full16: int, metrics: dict, calib) -> list[str]:
     """`quantize.gguf`: GGUF files by llama.cpp's converter and quantizer (llmstack/quant/gguf.py) in <stage>/gguf,
-    each answering the check question through llama.cpp; the report's GGUF table."""
+    each answering the check question through llama.cpp; the report's GGUF table. The importance matrix, for the
+    types it helps, is computed on the same calibration rows as the INT4 export (sampled here when `method` is rtn)."""
+    from llmstack.config.quant import GGUF_TYPES
     from llmstack.quant.gguf import answer_check as gguf_answer
     from llmstack.quant.gguf import export_gguf
 
-    record = export_gguf(model, ctx.dir / "gguf", ctx.spec.gguf, name=ctx.recipe.name, force=True)
+    spec = ctx.spec
+    name = _calibration_dataset(ctx)
+    if calib is None and spec.gguf_imatrix != "off" and name in ctx.datasets and any(
+            GGUF_TYPES[t.lower()].imatrix for t in spec.gguf):
+        calib = ctx.dir / "calibration.jsonl"
+        write_calibration(ctx.datasets[name], model, calib, spec.calibration_samples, ctx.recipe.seed)
+    record = export_gguf(model, ctx.dir / "gguf", spec.gguf, name=ctx.recipe.name, force=True, calibration=calib,
+                         imatrix_mode=spec.gguf_imatrix)
+    matrix = record["imatrix"]
+    metrics["gguf_imatrix"] = matrix
     rows = []
     for t, f in record["files"].items():
         check = gguf_answer(ctx.dir / "gguf" / f["file"])
         metrics.setdefault("gguf", {})[t] = {**f, "size_vs_16bit": round(f["bytes"] / full16, 3), "answer": check}
         rows.append(f"| {t} | {f['bytes'] / 2**20:.1f} MiB | {f['bytes'] / full16:.2f}x | "
                     f"{check['tokens_per_s']} tok/s | {check['text'][:60]!r} |")
-    return ["GGUF by llama.cpp's own converter and quantizer (with an Ollama Modelfile beside each file), answered "
-            "through llama.cpp:", "", "| type | size | vs 16-bit | llama.cpp decode | answer |",
+    used = [t for t, f in record["files"].items() if f["imatrix"]]
+    how = (f"; {', '.join(used)} with an importance matrix by llama-imatrix on {matrix['chunks']} chunks of "
+           f"{matrix['chunk_tokens']} calibration tokens" if matrix else "")
+    return [f"GGUF by llama.cpp's own converter and quantizer (with an Ollama Modelfile beside each file){how}, "
+            "answered through llama.cpp:", "", "| type | size | vs 16-bit | llama.cpp decode | answer |",
             "|---|---|---|---|---|", *rows, ""]
