@@ -78,8 +78,8 @@ def _run_converter(model: Path, outfile: Path, outtype: str, vocab_only: bool = 
     label = label or model
     script = converter_dir() / "convert_hf_to_gguf.py"
     if not script.is_file():
-        raise GGUFError(f"llama.cpp's converter is not installed ({script} is missing): run `make gguf` (part of "
-                        "`make setup`), which builds llama-cpp-python and puts its converter in the environment")
+        raise GGUFError(f"llama.cpp's converter is not installed ({script} is missing): run `make gguf` (`make test` "
+                        "runs it too), which builds llama-cpp-python and puts its converter in the environment")
     cmd = [sys.executable, str(script), str(model), "--outfile", str(outfile), "--outtype", outtype]
     if vocab_only:
         cmd.append("--vocab-only")
@@ -132,7 +132,7 @@ def _quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
     try:
         import llama_cpp
     except ImportError as exc:
-        raise GGUFError("llama-cpp-python is not installed: run `make gguf` (part of `make setup`)") from exc
+        raise GGUFError("llama-cpp-python is not installed: run `make gguf`") from exc
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
