@@ -61,7 +61,7 @@ def _run_on_ray(steps: list, tasks: int, logging_dir: str, executor: ExecutorSpe
 
     joined = not ray.is_initialized()
     if joined:
-        _reachable(executor.address)
+        reachable(executor.address)
         try:
             ray.init(address=executor.address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError) as exc:
@@ -79,8 +79,9 @@ def _run_on_ray(steps: list, tasks: int, logging_dir: str, executor: ExecutorSpe
     _check_completed(ray_executor, tag, work, "Ray")
 
 
-def _reachable(address: str) -> None:
-    """Fail in seconds on a HOST:PORT nobody listens on (ray.init keeps retrying such an address for minutes)."""
+def reachable(address: str, where: str = "data.executor.address") -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (ray.init keeps retrying such an address for minutes).
+    `where`: what the error names as the address's origin (the recipe key, or a CLI option)."""
     import socket
 
     if address == "auto":
@@ -89,7 +90,7 @@ def _reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as exc:
-        raise CurationError(f"data.executor.address '{address}': no Ray cluster there ({exc}). Start one "
+        raise CurationError(f"{where} '{address}': no Ray cluster there ({exc}). Start one "
                             "(`ray start --head` on the head node) or fix the address") from None
 
 
