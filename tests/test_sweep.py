@@ -190,3 +190,42 @@ def test_the_cli_stops_a_bad_sweep_or_storage_with_one_line_and_exit_2(tmp_path,
         assert out.returncode == 2 and "Traceback" not in text, text
         assert f"--storage {url}: cannot open the Optuna storage" in text and says in text
     assert not (runs / "tiny" / "sweep-tiny-base").exists()  # nothing ran
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    pytest.importorskip("ray", reason="ray is not installed (requirements/ray.lock; `make test` installs it)")
+    from llmstack.testing import local_ray_cluster
+
+    with local_ray_cluster(2, str(REPO)) as (address, _):
+        yield address
+
+
+def _window(run_dir: str) -> tuple[str, str]:
+    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    return manifest["created"], manifest["updated"]
+
+
+@pytest.mark.slow  # a Ray head, two workers importing torch, two trials: about 2 minutes on 2 cores
+def test_trials_run_in_parallel_as_ray_tasks_sharing_one_study(ray_cluster, tmp_path, tiny_model):
+    runs = tmp_path / "runs"
+    out = sweep_cli(write_recipe(tmp_path, tiny_model, n_trials=2, ray={"address": ray_cluster, "parallel": 2}), runs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    trials = study_of(runs).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    # two Ray worker processes ran them, at the same time, each reusing the driver's base run
+    assert len({t.user_attrs["pid"] for t in trials}) == 2
+    (a0, a1), (b0, b1) = (_window(t.user_attrs["run_dir"]) for t in trials)
+    assert a0 <= b1 and b0 <= a1
+    assert all(t.user_attrs["adopted"] == ["model", "curate"] for t in trials)
+
+
+def test_no_ray_cluster_at_the_address_is_a_one_line_error(tmp_path, tiny_model):
+    pytest.importorskip("ray", reason="ray is not installed (requirements/ray.lock; `make test` installs it)")
+    from llmstack.testing import free_port
+
+    port = free_port()
+    out = sweep_cli(write_recipe(tmp_path, tiny_model), tmp_path / "runs", "--ray", f"127.0.0.1:{port}")
+    assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr
+    assert f"--ray '127.0.0.1:{port}': no Ray cluster there" in out.stderr
+    assert not (tmp_path / "runs" / "tiny" / "sweep-tiny-base").exists()  # refused before any stage ran

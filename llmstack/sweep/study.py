@@ -170,8 +170,12 @@ def optimize(p: SweepPlan) -> Any:
     if finished(study) >= p.n_trials:
         log.info("sweep: %d trials already finished in %s", finished(study), p.storage_url)
         return study
-    donors = [str(d)] if (d := base_run(p)) else []
-    pool = _RayPool(p) if p.ray_address else _LocalPool()
+    pool = _RayPool(p) if p.ray_address else _LocalPool()  # a cluster out of reach fails before any stage runs
+    try:
+        donors = [str(d)] if (d := base_run(p)) else []
+    except SweepError:
+        pool.close()
+        raise
     deadline = time.monotonic() + p.timeout_s if p.timeout_s else None
     pending: dict[Any, Any] = {}
     try:
