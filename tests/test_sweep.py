@@ -102,7 +102,7 @@ def test_three_trials_reuse_the_base_runs_curation_and_write_a_runnable_best_rec
     lines = [json.loads(x) for x in (plan.dir / "trials.jsonl").read_text().splitlines()]
     assert [r["state"] for r in lines] == ["COMPLETE"] * 3 and lines[1]["reused"] == ["model", "curate"]
     imp = json.loads((plan.dir / "importances.json").read_text())
-    assert imp["importances"] is not None or imp["reason"]
+    assert set(imp["importances"]) == set(SPACE) and imp["trials"] == 3
     assert (plan.dir / "objective.png").stat().st_size > 1000
     assert "## Sweep: identity on `sft` (maximize)" in (plan.dir / "sweep.md").read_text()
 
@@ -163,10 +163,13 @@ def test_a_crashing_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, 
     (None, {"stage": "sft", "task": "arc_easy"},
      "sweep.objective.task: 'arc_easy' is not among the tasks eval scores (identity)"),
     (None, {"stage": "base", "task": "identity"}, "sweep.objective.stage: 'base' is not evaluated (eval.stages: sft)"),
+    (SPACE | {"enqueue": None}, None, "sweep.enqueue[0].stages[0].lora.r: 8 is outside its space ({'choice': [2, 4]"),
 ])
 def test_a_bad_space_or_objective_is_a_path_named_error_before_any_trial(tmp_path, tiny_model, space, objective,
                                                                          problem):
-    recipe = write_recipe(tmp_path, tiny_model, space)
+    enqueue = [{"stages[sft].args.learning_rate": 1.0e-3, "stages[0].lora.r": 8}] if "enqueue" in (space or {}) else []
+    recipe = write_recipe(tmp_path, tiny_model, {k: v for k, v in (space or SPACE).items() if k != "enqueue"},
+                          enqueue=enqueue)
     if objective:
         raw = yaml.safe_load(recipe.read_text())
         raw["sweep"]["objective"] = objective
@@ -174,6 +177,21 @@ def test_a_bad_space_or_objective_is_a_path_named_error_before_any_trial(tmp_pat
     with pytest.raises(RecipeError) as info:
         load_recipe(recipe)
     assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+def test_paths_name_stages_by_id_and_reach_data_mix_weights(tmp_path, tiny_model):
+    from llmstack.config.sweep import apply, resolve
+
+    space = {"stages[sft].lora.alpha": {"int": [4, 16], "step": 4}, "data.datasets.sft.sources[0].weight": {
+        "uniform": [0.5, 2.0]}}
+    recipe = write_recipe(tmp_path, tiny_model, space)
+    raw = yaml.safe_load(recipe.read_text())
+    assert load_recipe(recipe).sweep.space["stages[sft].lora.alpha"].int_ == (4, 16)
+    assert resolve("stages[sft].lora.alpha", raw) == ["stages", 0, "lora", "alpha"]
+    doc = apply(raw, {"stages[sft].lora.alpha": 12, "data.datasets.sft.sources[0].weight": 1.5})
+    assert "sweep" not in doc and doc["stages"][0]["lora"] == {"r": 4, "alpha": 12}
+    assert doc["data"]["datasets"]["sft"]["sources"][0]["weight"] == 1.5
+    assert raw["stages"][0]["lora"]["alpha"] == 8  # the recipe document itself is left as it was
 
 
 def test_the_cli_stops_a_bad_sweep_or_storage_with_one_line_and_exit_2(tmp_path, tiny_model):

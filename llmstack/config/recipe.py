@@ -142,7 +142,8 @@ def parse_recipe(raw: Any, path: str | Path = "<recipe>", check_trainer: bool = 
 def _sweep_problems(raw: dict[str, Any], recipe: Recipe, check_trainer: bool) -> list[str]:
     """A sweep whose every searched value makes a valid recipe (both ends of a range, each choice), and whose
     objective is a score the recipe's eval produces: checked here, so a bad space fails before any trial runs."""
-    sweep, problems = recipe.sweep, []
+    sweep = recipe.sweep
+    problems = sweep.enqueue_problems()
     for key, param in sweep.space.items():
         for value in param.probes():
             try:

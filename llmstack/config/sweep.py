@@ -113,6 +113,15 @@ class ParamSpec(Strict):
             raise ValueError("log: only for int (loguniform is the float on a log scale)")
         return self
 
+    def admits(self, value: Any) -> bool:
+        """Whether `value` is one this field's search could sample (an enqueued trial's must be)."""
+        if self.choice is not None:
+            return value in self.choice
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        low, high = self.loguniform or self.uniform or self.int_
+        return low <= value <= high and (self.int_ is None or float(value).is_integer())
+
     def probes(self) -> list[Any]:
         """Values the recipe is checked with before the sweep starts: both ends of a range, every choice."""
         if self.choice is not None:
@@ -156,14 +165,20 @@ class SweepSpec(Strict):
                               description="the Optuna study's name (None: the recipe's name)")
     ray: SweepRaySpec | None = Field(None, description="run trials in parallel as Ray tasks on a running cluster")
 
-    @model_validator(mode="after")
-    def _enqueued_are_in_the_space(self):
+    def enqueue_problems(self) -> list[str]:
+        """`sweep.enqueue[i]...: problem` lines: an enqueued trial gives each searched path a value its space admits."""
+        problems = []
         for i, params in enumerate(self.enqueue):
             missing, extra = set(self.space) - set(params), set(params) - set(self.space)
             if missing or extra:
-                raise ValueError(f"enqueue[{i}]: give a value for every path of `space` and nothing else "
-                                 f"(missing: {sorted(missing) or 'none'}; not in space: {sorted(extra) or 'none'})")
-        return self
+                problems.append(f"sweep.enqueue[{i}]: give a value for every path of `space` and nothing else "
+                                f"(missing: {sorted(missing) or 'none'}; not in space: {sorted(extra) or 'none'})")
+                continue
+            for path, value in params.items():
+                if not self.space[path].admits(value):
+                    space = self.space[path].model_dump(by_alias=True, exclude_defaults=True)
+                    problems.append(f"sweep.enqueue[{i}].{path}: {value!r} is outside its space ({space})")
+        return problems
 
 
 def resolve(path: str, raw: dict[str, Any]) -> list[str | int]:
