@@ -123,6 +123,7 @@ def recover(study, storage, enqueue: list[dict[str, Any]]) -> int:
             study.enqueue_trial(params)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in running:
+        # t._trial_id: the storage's id of a trial this process did not ask for (Optuna has no public handle)
         storage.set_trial_user_attr(t._trial_id, INTERRUPTED, "the sweep was stopped while this trial ran; its "
                                     "values were asked again")
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
