@@ -82,6 +82,9 @@ def test_three_trials_reuse_the_base_runs_curation_and_write_a_runnable_best_rec
         assert manifest["curate"]["reused_from"] == str(base)
         assert manifest["curate"]["result"]["datasets"]["sft"].startswith(str(base / "curate"))
         assert not (run / "curate").exists()
+        report = (run / "report.md").read_text()  # the trial's report says so, with curation's section from the base
+        assert "| curate | done (reused from `sweep-tiny-base`) |" in report
+        assert (base / "curate" / "section.md").read_text().strip() in report
         assert manifest["sft"]["status"] == "done" and manifest["eval"]["status"] == "done"
         # the trial ran its own values, and its score is the eval stage's, interval beside it
         trial_recipe = load_recipe(full["recipe"]["path"])
@@ -224,7 +227,7 @@ def _window(run_dir: str) -> tuple[str, str]:
     return manifest["created"], manifest["updated"]
 
 
-@pytest.mark.slow  # a Ray head, two workers importing torch, two trials: about 2 minutes on 2 cores
+@pytest.mark.slow  # a Ray head, two workers importing torch, two trials: 1 to 2 minutes on 2 busy cores
 def test_trials_run_in_parallel_as_ray_tasks_sharing_one_study(ray_cluster, tmp_path, tiny_model):
     runs = tmp_path / "runs"
     out = sweep_cli(write_recipe(tmp_path, tiny_model, n_trials=2, ray={"address": ray_cluster, "parallel": 2}), runs)
