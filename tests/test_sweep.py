@@ -153,6 +153,17 @@ def test_a_crashing_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, 
     assert good.state == TrialState.COMPLETE and good.params == {key: "all-linear"} and good.value is not None
 
 
+def test_no_trial_starts_once_the_time_budget_is_spent(tmp_path, tiny_model):
+    plan = make_plan(write_recipe(tmp_path, tiny_model), tmp_path / "runs", timeout_s=1e-6)
+    study = optimize(plan)
+    assert study.get_trials() == [] and plan.storage_url.endswith("runs/tiny/sweep-tiny.db")
+    assert not (tmp_path / "runs" / "tiny" / "sweep-tiny-base").exists()  # not even the shared stages ran
+    done = outputs.write(study, plan.dir, plan.raw, plan.recipe.sweep.objective)
+    assert done["best"] is None and "best_recipe" not in done["files"]
+    assert "No trial completed." in (plan.dir / "sweep.md").read_text()
+    assert json.loads((plan.dir / "importances.json").read_text())["reason"].startswith("0 complete trial(s)")
+
+
 @pytest.mark.parametrize("space, objective, problem", [
     ({"stages[sft].lorra.r": {"choice": [2]}}, None,
      "sweep.space.stages[sft].lorra.r = 2: stages[0].lorra: unknown key; did you mean 'lora'?"),

@@ -163,13 +163,17 @@ def base_run(p: SweepPlan) -> Path | None:
 
 
 def optimize(p: SweepPlan) -> Any:
-    """Run the sweep until n_trials have finished or the time budget is spent; returns the study."""
+    """Run the sweep until n_trials have finished or timeout_s has passed (no trial starts after it; running ones
+    finish); returns the study."""
     from optuna.trial import TrialState
 
+    deadline = time.monotonic() + p.timeout_s if p.timeout_s else None  # the budget includes the base run
     study, storage = open_study(p)
     recover(study, storage, p.recipe.sweep.enqueue)
     if finished(study) >= p.n_trials:
         log.info("sweep: %d trials already finished in %s", finished(study), p.storage_url)
+        return study
+    if deadline is not None and time.monotonic() >= deadline:
         return study
     pool = _RayPool(p) if p.ray_address else _LocalPool()  # a cluster out of reach fails before any stage runs
     try:
@@ -177,7 +181,6 @@ def optimize(p: SweepPlan) -> Any:
     except SweepError:
         pool.close()
         raise
-    deadline = time.monotonic() + p.timeout_s if p.timeout_s else None
     pending: dict[Any, Any] = {}
     try:
         while True:
