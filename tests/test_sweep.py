@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import yaml
 from optuna.trial import TrialState
 
@@ -120,9 +121,13 @@ def test_a_killed_sweep_resumes_and_asks_the_interrupted_trial_again(tmp_path, t
             time.sleep(0.2)
             if not (runs / "tiny" / "sweep-tiny.db").exists():
                 continue
-            states = [t.state for t in study_of(runs).get_trials()]
-            if TrialState.COMPLETE in states and TrialState.RUNNING in states:
-                break  # a trial has finished and the next one is running: kill the sweep now
+            try:
+                trials = study_of(runs).get_trials()
+            except (KeyError, sqlalchemy.exc.OperationalError):  # the sweep is still creating its study
+                continue
+            if TrialState.COMPLETE in [t.state for t in trials] and trials[-1].state == TrialState.RUNNING \
+                    and len(trials[-1].params) == len(SPACE):
+                break  # a trial has finished and the next one has its values and runs: kill the sweep now
         assert proc.poll() is None, proc.stdout.read()
         proc.send_signal(signal.SIGKILL)
     finally:
