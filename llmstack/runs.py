@@ -151,3 +151,27 @@ class Run:
 
 def describe_outputs(outputs: dict[str, Path]) -> dict[str, dict[str, str]]:
     return {k: {"path": str(p), "sha256": sha256_path(p)} for k, p in outputs.items()}
+
+
+def adopt_fresh(run: Run, donors: list[Path], chain: dict[str, str]) -> list[str]:
+    """Seed `run` with the finished entries of other runs of the same recipe (their run folders, `donors`) whose
+    fingerprint matches `chain` (pipeline.fingerprints: stage -> fingerprint, in plan order) and whose outputs still
+    exist; returns the stages adopted. A fingerprint hashes a stage's config and everything upstream of it, so a match
+    means the same inputs made the same outputs: the pipeline then reuses the entry instead of re-running the stage,
+    and its result paths keep pointing into the donor's folder (a sweep's trials share its base run's curation)."""
+    adopted = []
+    for stage, fingerprint in chain.items():
+        if stage == "report" or run.is_fresh(stage, fingerprint):
+            continue
+        for donor in donors:
+            path = Path(donor) / "manifest.json"
+            if Path(donor).resolve() == run.dir.resolve() or not path.exists():
+                continue
+            other = Run(Path(donor), json.loads(path.read_text()))
+            if other.is_fresh(stage, fingerprint):
+                run.manifest["stages"][stage] = {**other.entry(stage), "reused_from": str(other.dir)}
+                adopted.append(stage)
+                break
+    if adopted:
+        run.save()
+    return adopted

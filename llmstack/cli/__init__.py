@@ -11,6 +11,7 @@ function; this file only puts them on the `llmstack` command. Errors a user can 
     adapters.py  adapters list|load|unload    export.py   export gguf
     usage.py     usage                         card.py     card
     generate.py  generate (batch generation over a dataset)
+    sweep.py     sweep
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from llmstack.cli import (
     route,
     run,
     serve,
+    sweep,
     train,
     usage,
 )
@@ -42,6 +44,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="One YAML recipe from data curation to a guarded OpenAI-compatible endpoint.")
 app.command()(run.validate)
 app.command()(run.run)
+app.command()(sweep.sweep)
 app.command()(curate.curate)
 app.command()(train.train)
 app.add_typer(eval_verbs.eval_app, name="eval")

@@ -19,9 +19,11 @@ from llmstack.config.base import Strict, format_errors
 from llmstack.config.card import CardSpec
 from llmstack.config.data import DataConfig
 from llmstack.config.eval import EvalSpec
+from llmstack.config.eval_suites import load_suite
 from llmstack.config.kinds import stage_kind
 from llmstack.config.quant import QuantizeSpec, group_size_problem, imatrix_tools_problem
 from llmstack.config.serve import ServeSpec
+from llmstack.config.sweep import SweepSpec, apply
 from llmstack.config.teacher import teacher_problem
 from llmstack.config.train import StageSpec, check_trainer_args
 
@@ -43,6 +45,8 @@ class Recipe(Strict):
     serve: ServeSpec | None = None
     card: CardSpec | None = Field(None, description="what the model card says that a run cannot measure: intended "
                                   "and out-of-scope use, known limitations (MODEL_CARD.md, written by the report)")
+    sweep: SweepSpec | None = Field(None, description="a hyperparameter search over this recipe's fields "
+                                    "(`llmstack sweep`); `llmstack run` ignores it")
 
 
 class RecipeError(Exception):
@@ -131,7 +135,41 @@ def parse_recipe(raw: Any, path: str | Path = "<recipe>", check_trainer: bool = 
         problems += _trainer_arg_checks(recipe)
     if problems:
         raise RecipeError(path, problems)
+    if recipe.sweep:
+        problems = _sweep_problems(raw, recipe, check_trainer)
+        if problems:
+            raise RecipeError(path, problems)
     return recipe
+
+
+def _sweep_problems(raw: dict[str, Any], recipe: Recipe, check_trainer: bool) -> list[str]:
+    """A sweep whose every searched value makes a valid recipe (both ends of a range, each choice), and whose
+    objective is a score the recipe's eval produces: checked here, so a bad space fails before any trial runs."""
+    sweep = recipe.sweep
+    problems = sweep.enqueue_problems()
+    for key, param in sweep.space.items():
+        for value in param.probes():
+            try:
+                parse_recipe(apply(raw, {key: value}), check_trainer=check_trainer)
+            except (ValueError, KeyError) as exc:
+                problems.append(f"sweep.space.{key}: {exc.args[0] if exc.args else exc}")
+                break
+            except RecipeError as exc:
+                problems += [f"sweep.space.{key} = {value!r}: {p}" for p in exc.problems]
+                break
+    objective = sweep.objective
+    if recipe.eval is None:
+        problems.append("sweep.objective: the recipe has no `eval:` block, so no trial would be scored; add one "
+                        f"that evaluates '{objective.stage}'")
+        return problems
+    if objective.stage not in recipe.eval.stages:
+        problems.append(f"sweep.objective.stage: '{objective.stage}' is not evaluated (eval.stages: "
+                        f"{', '.join(recipe.eval.stages)}); add it there or choose one of those")
+    tasks = recipe.eval.tasks or [t.name for t in load_suite(recipe.eval.suite).tasks]
+    if objective.task not in tasks:
+        problems.append(f"sweep.objective.task: '{objective.task}' is not among the tasks eval scores "
+                        f"({', '.join(tasks)}); add it to eval.tasks or choose one of those")
+    return problems
 
 
 def load_recipe(path: str | Path, check_trainer: bool = True) -> Recipe:
