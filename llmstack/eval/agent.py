@@ -24,7 +24,7 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,7 @@ class _Episode:
     turns: int = 0
     text: str = ""
     done: bool = False
+    refused: list[str] = field(default_factory=list)  # the server's errors for the turns it refused
 
     @property
     def schemas(self) -> list[dict]:
@@ -123,6 +124,8 @@ class _Episode:
         """Apply one model turn: no calls ends the episode; else each call runs on the environment's tools."""
         self.turns += 1
         self.text = turn.text
+        if turn.refused:
+            self.refused.append(turn.refused)
         if not turn.calls:
             self.done = True
             return
@@ -130,15 +133,23 @@ class _Episode:
         for call in turn.calls:
             self.calls += 1
             try:
-                if not isinstance(call["arguments"], dict):
-                    raise T.ToolCallError(f"arguments of '{call['name']}' are not a JSON object")
-                T.check_call(call, self.schemas)
+                T.check_call(call, self.schemas)  # arguments that are not a JSON object included
                 result = str(self.specs[call["name"]][0](**call["arguments"]))
             except Exception as exc:  # noqa: BLE001 - a bad call is the model's mistake, recorded, never a crash
                 self.invalid += 1
                 result = f"error: {exc}"
             self.messages = self.messages + [{"role": "tool", "tool_call_id": call["id"], "name": call["name"],
                                               "content": result}]
+
+    def record(self) -> dict[str, Any]:
+        if callable(getattr(self.env, "get_reward", None)):
+            success = float(self.env.get_reward())
+        else:
+            success = float(same_number(final_number(self.gold), final_number(self.text or "")))
+        # the environment counts the calls its tools rejected (a malformed expression, a search that found nothing)
+        invalid = self.invalid + getattr(self.env, "invalid", 0)
+        return {"success": success, "tool_calls": self.calls, "invalid_calls": invalid, "turns": self.turns,
+                "final": self.text, "refused": self.refused}
 
 
 def run_episodes(envs: list, rows: list[dict], step: Step, max_turns: int = MAX_TURNS) -> list[dict[str, Any]]:
@@ -149,26 +160,13 @@ def run_episodes(envs: list, rows: list[dict], step: Step, max_turns: int = MAX_
         messages, gold = row["messages"][:-1], row["messages"][-1]["content"]
         env.reset(answer=gold)
         episodes.append(_Episode(env, messages, gold, tool_specs(env)))
-    refused: dict[int, list[str]] = {i: [] for i in range(len(episodes))}
     for round_ in range(max_turns):
-        active = [i for i, e in enumerate(episodes) if not e.done]
+        active = [e for e in episodes if not e.done]
         if not active:
             break
-        for i, turn in zip(active, step([(episodes[i].messages, episodes[i].schemas) for i in active], round_ == 0)):
-            episodes[i].take(turn)
-            if turn.refused:
-                refused[i].append(turn.refused)
-    records = []
-    for i, e in enumerate(episodes):
-        if callable(getattr(e.env, "get_reward", None)):
-            success = float(e.env.get_reward())
-        else:
-            success = float(same_number(final_number(e.gold), final_number(e.text or "")))
-        # the environment counts the calls its tools rejected (a malformed expression, a search that found nothing)
-        invalid = e.invalid + getattr(e.env, "invalid", 0)
-        records.append({"success": success, "tool_calls": e.calls, "invalid_calls": invalid, "turns": e.turns,
-                        "final": e.text, "refused": refused[i]})
-    return records
+        for episode, turn in zip(active, step([(e.messages, e.schemas) for e in active], round_ == 0)):
+            episode.take(turn)
+    return [e.record() for e in episodes]
 
 
 def score(rows: list[dict], env_factory: Callable, step: Step | Callable[[list[dict], list[dict]], str],
