@@ -72,12 +72,14 @@ def _submit_slurm(r, recipe: Path, runs_dir: Path, run_id: str, dry_run: bool) -
 
     from llmstack.data.curate import slurm_jobs
     from llmstack.pipeline import run_recipe, stage_context
+    from llmstack.stages.curate import answer_locally
 
     run = run_recipe(r, recipe, runs_dir, run_id=run_id, only=["model"])  # the tokenizer the token filter uses
     ctx = stage_context(r, recipe, run, "curate")
     collect = shlex.join([sys.executable, "-m", "llmstack", "curate", str(recipe.resolve()), "--run-id", run_id,
                           "--runs-dir", str(runs_dir.resolve()), "--slurm-collect"])
-    submit, *jobs = slurm_jobs(r, ctx.dir, ctx.model, collect, Path.cwd().resolve())
+    # a teacher source is answered here, before the jobs are written (their pass 1 reads its samples)
+    submit, *jobs = slurm_jobs(r, ctx.dir, ctx.model, collect, Path.cwd().resolve(), answer_locally=answer_locally)
     for job in jobs:
         console.print(f"job script: {job}")
     if dry_run:

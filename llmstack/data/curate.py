@@ -39,7 +39,7 @@ from llmstack.data.formats import has_tools
 from llmstack.data.readers import OrderedReader, SourceReader, iter_docs, jsonl_writer, read_jsonl
 from llmstack.data.sources import describe, fetch_source
 from llmstack.data.stats import ThinkingStats, ToolStats
-from llmstack.data.teacher import fetch_teacher
+from llmstack.data.teacher import LocalAnswerer, fetch_teacher
 from llmstack.data.thinking import has_thinking
 
 log = logging.getLogger("llmstack")
@@ -54,9 +54,11 @@ FROM_SLURM_ENV = "LLMSTACK_CURATE_FROM_SLURM"
 
 
 def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | None,
-            eval_items: Iterable[tuple[str, str, str]] | None, fresh: bool, preload: bool):
+            eval_items: Iterable[tuple[str, str, str]] | None, fresh: bool, preload: bool,
+            answer_locally: LocalAnswerer | None = None):
     """Pass 1 and pass 2 of one dataset as datatrove pipelines (whichever executor runs them), plus what the rest of
-    the stage needs. `fresh`: clear the dataset's earlier work, quarantine and output first."""
+    the stage needs. `fresh`: clear the dataset's earlier work, quarantine and output first. `answer_locally`: what
+    runs a local teacher source (teacher.py)."""
     from llmstack.data import filters as F
     from llmstack.data.decontam import DecontaminationFilter, NGramIndex
     from llmstack.data.dedup import DedupSignatures, ExactDedupFilter, NearDedupFilter
@@ -69,8 +71,8 @@ def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
     fspec = spec.filters
 
     log.info("curate %s: fetching %d source(s)", name, len(spec.sources))
-    fetched = [fetch_teacher(s, stage_dir / "teacher" / name / s.name, fspec.max_chars) if s.teacher else
-               fetch_source(s) for s in spec.sources]
+    fetched = [fetch_teacher(s, stage_dir / "teacher" / name / s.name, fspec.max_chars, answer_locally)
+               if s.teacher else fetch_source(s) for s in spec.sources]
 
     # ---- pass 1: read, adapt, clean, filter (parallel over tasks)
     q = lambda step: jsonl_writer(quarantine / step)  # noqa: E731
@@ -122,8 +124,10 @@ def _passes(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | Non
 
 def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Path | None, seed: int,
                    eval_items: Iterable[tuple[str, str, str]] | None = None, eval_suites: list[str] | None = None,
-                   workers: int = 1, executor: ExecutorSpec | None = None) -> dict:
-    """Curate one dataset. Returns the card dict (also written as cards/<name>.json)."""
+                   workers: int = 1, executor: ExecutorSpec | None = None,
+                   answer_locally: LocalAnswerer | None = None) -> dict:
+    """Curate one dataset. Returns the card dict (also written as cards/<name>.json). `answer_locally` runs a local
+    teacher source's batch (the curate stage passes llmstack.serve's batch engine; teacher.py says why)."""
     executor = executor or ExecutorSpec()
     from_slurm = executor.type == "slurm"
     if from_slurm and not os.environ.get(FROM_SLURM_ENV):
@@ -131,7 +135,8 @@ def curate_dataset(name: str, spec: DatasetSpec, stage_dir: Path, tokenizer: Pat
                             "(add --dry-run to only write their scripts); their last job records the curated "
                             "datasets, and `llmstack run` then goes on from them")
     pass1, pass2, work, quarantine, fetched, index = _passes(name, spec, stage_dir, tokenizer, eval_items,
-                                                             fresh=not from_slurm, preload=not from_slurm)
+                                                             fresh=not from_slurm, preload=not from_slurm,
+                                                             answer_locally=answer_locally)
     log.info("curate %s: pass 1 (read, clean, filter, decontaminate, signatures) on %d task(s), %s executor", name,
              workers, executor.type)
     execute(pass1, work, "pass1", workers, executor)
@@ -321,20 +326,23 @@ def eval_items_for(suites: list[str]) -> list[tuple[str, str, str]] | None:
     return [item for s in suites for item in eval_texts(s)]
 
 
-def curate_recipe(recipe, stage_dir: Path, tokenizer: Path | None, only: list[str] | None = None) -> dict[str, dict]:
+def curate_recipe(recipe, stage_dir: Path, tokenizer: Path | None, only: list[str] | None = None,
+                  answer_locally: LocalAnswerer | None = None) -> dict[str, dict]:
     cards = {}
     for name, spec in recipe.data.datasets.items():
         if only and name not in only:
             continue
         suites = suites_for(recipe, spec) if spec.decontaminate.enabled else []
         cards[name] = curate_dataset(name, spec, stage_dir, tokenizer, recipe.seed, eval_items_for(suites), suites,
-                                     workers=recipe.data.workers, executor=recipe.data.executor)
+                                     workers=recipe.data.workers, executor=recipe.data.executor,
+                                     answer_locally=answer_locally)
         if recipe.data.cards_dir:
             publish_card(stage_dir / "cards", Path(recipe.data.cards_dir) / recipe.name, name)
     return cards
 
 
-def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, workdir: Path) -> list[Path]:
+def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, workdir: Path,
+               answer_locally: LocalAnswerer | None = None) -> list[Path]:
     """Write the Slurm jobs that curate the recipe's datasets on datatrove's SlurmPipelineExecutor: per dataset,
     pass 1 as an array job of `data.workers` tasks, pass 2 (one task) after it; after all of them one job that runs
     `collect` in `workdir` (`llmstack curate --slurm-collect`: checks every task completed, then mixes, splits, writes
@@ -361,7 +369,7 @@ def slurm_jobs(recipe, stage_dir: Path, tokenizer: Path | None, collect: str, wo
     for name, spec in recipe.data.datasets.items():
         suites = suites_for(recipe, spec) if spec.decontaminate.enabled else []
         pass1, pass2, work, *_ = _passes(name, spec, stage_dir, tokenizer, eval_items_for(suites), fresh=True,
-                                         preload=False)
+                                         preload=False, answer_locally=answer_locally)
         after = None
         for tag, steps, tasks in (("pass1", pass1, recipe.data.workers), ("pass2", pass2, 1)):
             sx = SlurmPipelineExecutor(steps, tasks=tasks, job_name=f"curate-{name}-{tag}",

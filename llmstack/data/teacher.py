@@ -1,17 +1,25 @@
-"""Teacher sources (distillation, s1 / OpenThoughts style): answers with thinking from a model behind an
-OpenAI-compatible endpoint, to the prompts of another source, kept where a verifier accepts them.
+"""Teacher sources (distillation, s1 / OpenThoughts style): answers with thinking from a teacher model, to the prompts
+of another source, kept where a verifier accepts them. The teacher is a model behind an OpenAI-compatible endpoint, or
+a local model folder that `llmstack generate`'s offline batch engine runs.
 
-    <curate stage dir>/teacher/<dataset>/<source>/answers.jsonl   every answer the endpoint gave, keyed by request
+    <curate stage dir>/teacher/<dataset>/<source>/answers.jsonl   every answer the teacher gave, keyed by request
     <curate stage dir>/teacher/<dataset>/<source>/samples.jsonl   this run's samples as `messages` records
+    <curate stage dir>/teacher/<dataset>/<source>/generate.*.jsonl  a local teacher's batch in flight (its input and
+                                                                    output; removed once the answers are cached)
 
 Each prompt is asked `k` times, sample j with `seed: seed + j` and the recipe's temperature/top_p/max_tokens. The
 answer's trace is its `reasoning_content` (vLLM, DeepSeek, llmstack's own server; `reasoning` in newer vLLM) or an
 inline `<think>` block; formats/thinking.py turn either into the row's `reasoning_content`. Every sample is written,
-with a `metadata` record of the teacher (endpoint host, model), the prompt id, the sampling settings and the
-verifier's verdict; curation quarantines the rejected ones ("verifier rejected") and keeps the metadata of the others.
-Answers are cached by request (endpoint, model, messages, sampling, seed), so a re-run asks only for what changed.
-The official `openai` client does the HTTP: its timeout and bounded retries with backoff; what still fails is a
-SourceError naming the endpoint.
+with a `metadata` record of the teacher (endpoint host and model, or model folder and engine), the prompt id, the
+sampling settings and the verifier's verdict; curation quarantines the rejected ones ("verifier rejected") and keeps
+the metadata of the others. Answers are cached by request (endpoint or folder, model, messages, sampling, seed), so a
+re-run asks only for what changed.
+
+An endpoint is asked through the official `openai` client: its timeout and bounded retries with backoff; what still
+fails is a SourceError naming the endpoint. A local teacher's requests are written as one `llmstack generate` input
+(one row per request, its id the cache key, its sampling and seed its own) and handed to `answer_locally`, which the
+curate stage passes in: it runs the batch engine, which lives in llmstack.serve, a layer this one does not import.
+The batch engine resumes by row id, so a curation killed mid-batch generates only the rest when it runs again.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llmstack.config.data import SourceSpec, TeacherSpec
+from llmstack.config.generate import InputRow, Sampling
 from llmstack.data.sources import BadRecord, FetchedSource, SourceError, fetch_source, iter_records
 from llmstack.data.thinking import CLOSE, FIELD, OPEN, split_inline
 from llmstack.data.turns import BadRow
@@ -35,8 +45,13 @@ log = logging.getLogger("llmstack")
 
 REJECTED = "verifier rejected"
 
+# What the curate stage passes in to run a local teacher: (model folder, engine, generate input JSONL, output JSONL)
+# -> the run's summary (llmstack.serve.batch.generate's: counts, and the path of its quarantine file).
+LocalAnswerer = Callable[[Path, str, Path, Path], dict]
 
-def fetch_teacher(spec: SourceSpec, folder: Path, max_chars: int) -> FetchedSource:
+
+def fetch_teacher(spec: SourceSpec, folder: Path, max_chars: int,
+                  answer_locally: LocalAnswerer | None = None) -> FetchedSource:
     """Ask the teacher for what the cache lacks, verify every sample, write samples.jsonl; the source's one file."""
     t = spec.teacher
     folder.mkdir(parents=True, exist_ok=True)
@@ -44,10 +59,13 @@ def fetch_teacher(spec: SourceSpec, folder: Path, max_chars: int) -> FetchedSour
     cache_path = folder / "answers.jsonl"
     cache = _load_cache(cache_path)
     asks = [[_request(t, p["messages"], j) for j in range(t.k)] for p in prompts]  # per prompt, per sample
-    todo = {key: req for reqs in asks for req in reqs if (key := _key(t, req)) not in cache}
+    where = _teacher_id(t)
+    todo = {key: req for reqs in asks for req in reqs if (key := _key(where, req)) not in cache}
     log.info("teacher %s: %d prompts x %d samples, %d cached, asking %s for %d", spec.name, len(prompts), t.k,
-             len(prompts) * t.k - len(todo), t.host, len(todo))
-    if todo:
+             len(prompts) * t.k - len(todo), t.model if t.local else t.host, len(todo))
+    if todo and t.local:
+        _generate_all(t, todo, cache, cache_path, folder, answer_locally)
+    elif todo:
         _ask_all(t, todo, cache, cache_path)
     verify = verifier(t)
     out = folder / "samples.jsonl"
@@ -55,14 +73,15 @@ def fetch_teacher(spec: SourceSpec, folder: Path, max_chars: int) -> FetchedSour
               "rejected": 0}
     with open(out, "w") as f:
         for p, reqs in zip(prompts, asks):
-            answers = [cache[_key(t, req)] for req in reqs]
+            answers = [cache[_key(where, req)] for req in reqs]
             verdicts = verify(p, [_answer_text(a) for a in answers])
             for j, (req, answer, verdict) in enumerate(zip(reqs, answers, verdicts)):
                 counts["accepted" if verdict["accepted"] else "rejected"] += 1
                 f.write(json.dumps(_record(t, p, j, req, answer, verdict), ensure_ascii=False) + "\n")
     log.info("teacher %s: %d accepted, %d rejected by the %s verifier", spec.name, counts["accepted"],
              counts["rejected"], t.verifier)
-    details = {"host": t.host, "model": t.model, "prompts_source": t.prompts.name, "k": t.k, "seed": t.seed,
+    teacher = {"model": t.model, "engine": t.engine or "auto"} if t.local else {"host": t.host, "model": t.model}
+    details = {**teacher, "prompts_source": t.prompts.name, "k": t.k, "seed": t.seed,
                "sampling": _sampling(t), "verifier": t.function if t.verifier == "python" else t.verifier, **counts}
     return FetchedSource(spec, [("samples.jsonl", out)], {"samples.jsonl": sha256_file(out)}, details=details)
 
@@ -98,8 +117,20 @@ def _request(t: TeacherSpec, messages: list[dict], j: int) -> dict:
     return {"model": t.model, "messages": messages, **_sampling(t), "seed": t.seed + j}
 
 
-def _key(t: TeacherSpec, req: dict) -> str:
-    return hashlib.sha256(json.dumps([t.base_url, req], sort_keys=True).encode()).hexdigest()
+def _teacher_id(t: TeacherSpec) -> list:
+    """Who answers, as the cache key sees it: the endpoint, or for a model folder the name, size and modification
+    time of each of its files, so a folder whose weights were rewritten (a stage trained again) is asked again."""
+    if not t.local:
+        return [t.base_url]
+    folder = Path(t.model).expanduser()
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"teacher {t.model}: not a model folder any more (no config.json there)")
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return [None, hashlib.sha256(json.dumps(files).encode()).hexdigest()]
+
+
+def _key(where: list, req: dict) -> str:
+    return hashlib.sha256(json.dumps([*where, req], sort_keys=True).encode()).hexdigest()
 
 
 def _load_cache(path: Path) -> dict[str, dict]:
@@ -136,6 +167,43 @@ def _ask_all(t: TeacherSpec, todo: dict[str, dict], cache: dict, cache_path: Pat
             cache[k] = answer
             f.write(json.dumps({"key": k, "answer": answer}, ensure_ascii=False) + "\n")
             f.flush()
+
+
+def _generate_all(t: TeacherSpec, todo: dict[str, dict], cache: dict, cache_path: Path, folder: Path,
+                  answer_locally: LocalAnswerer | None) -> None:
+    """Answer every request in `todo` with the local teacher: one batch-engine run over a generate input whose row
+    ids are the cache keys; the outputs are appended to the cache in an endpoint answer's shape."""
+    if answer_locally is None:
+        raise SourceError(f"teacher {t.model}: a local teacher (a model folder, no base_url) is generated by the "
+                          "batch engine, which this caller did not pass in; curate through `llmstack run` or "
+                          "`llmstack curate`, or give the teacher a base_url")
+    rows, out = folder / "generate.in.jsonl", folder / "generate.out.jsonl"
+    with open(rows, "w", encoding="utf-8") as f:
+        for key, req in todo.items():
+            sampling = Sampling(temperature=req["temperature"], top_p=req["top_p"], max_tokens=req["max_tokens"],
+                                seed=req["seed"])
+            row = InputRow(id=key, messages=req["messages"], sampling=sampling)
+            f.write(row.model_dump_json(exclude_none=True) + "\n")
+    summary = answer_locally(Path(t.model).expanduser(), t.engine or "auto", rows, out)
+    records = {}
+    for line in out.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec["id"] in todo:
+            records[rec["id"]] = rec
+    missing = len(todo) - len(records)
+    if missing:
+        raise SourceError(f"teacher {t.model}: the batch engine answered {len(records)} of {len(todo)} requests; "
+                          f"why the others were not: {summary.get('quarantine')}")
+    with open(cache_path, "a", encoding="utf-8") as f:
+        for key in todo:
+            rec = records[key]
+            answer = {"content": rec["outputs"][0]["text"], FIELD: None,
+                      "finish_reason": rec["outputs"][0]["finish_reason"], "engine": rec["engine"]}
+            cache[key] = answer
+            f.write(json.dumps({"key": key, "answer": answer}, ensure_ascii=False) + "\n")
+    for path in (rows, out, Path(summary["quarantine"]) if summary.get("quarantine") else None):
+        if path is not None:
+            path.unlink(missing_ok=True)  # every answer is in the cache now
 
 
 def _ask(client, t: TeacherSpec, req: dict) -> dict:
@@ -178,7 +246,8 @@ def _record(t: TeacherSpec, prompt: dict, j: int, req: dict, answer: dict, verdi
     turn = {"role": "assistant", "content": _inline(answer["content"])}
     if answer.get(FIELD) is not None:
         turn[FIELD] = answer[FIELD]
-    meta = {"teacher": {"host": t.host, "model": t.model}, "prompt_id": prompt["id"], "sample": j,
+    teacher = {"model": t.model, "engine": answer.get("engine")} if t.local else {"host": t.host, "model": t.model}
+    meta = {"teacher": teacher, "prompt_id": prompt["id"], "sample": j,
             "sampling": {**_sampling(t), "seed": req["seed"]}, "finish_reason": answer.get("finish_reason"),
             "verdict": verdict}
     return {"messages": prompt["messages"] + [turn], "metadata": meta}

@@ -214,6 +214,15 @@ class HfBatch:
 ENGINES = {"vllm": VllmBatch, "hf": HfBatch}
 
 
+def pick_engine(engine: str) -> str:
+    """`auto`: vLLM's offline engine where vLLM is installed, else transformers; any other name as it is."""
+    if engine != "auto":
+        return engine
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
 # ------------------------------------------------------------------------------------------------------- Ray
 
 
