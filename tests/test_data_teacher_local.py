@@ -165,3 +165,23 @@ def test_local_and_endpoint_teacher_settings_are_recipe_errors_that_name_the_fie
         "base_url": "http://127.0.0.1:8000/v1", "model": "Qwen/Qwen3-8B", "prompts": {"name": "p", "path": "p.jsonl"},
         "verifier": "gsm8k"}}]})
     assert spec.sources[0].origin == ("teacher", "Qwen/Qwen3-8B @ 127.0.0.1:8000")
+
+
+@pytest.mark.parametrize("executor, args", [("local", []), (
+    "{type: slurm, partition: cpu}", ["--slurm", "--dry-run"])])
+def test_llmstack_curate_passes_the_batch_engine_down(tiny_model, prompts, tmp_path, executor, args):
+    """`llmstack curate` (the curate stage) answers a local teacher; `--slurm` does before it writes the jobs."""
+    from typer.testing import CliRunner
+
+    from llmstack.cli import app
+
+    teacher = (f"{{model: {tiny_model}, engine: hf, id_field: id, prompts: {{name: p, path: {prompts}}}, k: 2, "
+               "max_tokens: 6, verifier: python, function: 'len_verifier:even_length'}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {{source: {tiny_model}}}\ndata:\n  cards_dir: null\n  executor: {executor}\n"
+                      "  datasets:\n    distill:\n      schema: messages\n      filters: {languages: null}\n"
+                      f"      sources: [{{name: distill, teacher: {teacher}}}]\n")
+    res = CliRunner().invoke(app, ["curate", str(recipe), "--runs-dir", str(tmp_path / "runs"), *args])
+    assert res.exit_code == 0, res.output
+    recs = samples(tmp_path / "runs" / "r" / "default" / "curate")
+    assert len(recs) == 6 and {r["metadata"]["teacher"]["engine"] for r in recs} == {"hf"}
