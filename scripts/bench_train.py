@@ -5,8 +5,9 @@
     .venv/bin/python scripts/bench_train.py --data runs/quickstart/default/curate/sft --lora
 
 "TRL defaults" is SFTConfig with only the run's size set (max_steps, batch, max_length): bf16=True,
-gradient_checkpointing=True, no packing. "llmstack" is what the sft stage uses: device defaults (on CPU: fp32, no
-checkpointing; on CUDA bf16 + Liger kernels + PyTorch's varlen flash attention, llmstack/train/attention.py), bfd
+gradient_checkpointing=True, no packing. "llmstack" is what the sft stage uses: the device policy's defaults (on a CPU
+with AVX512-BF16/AMX: bf16 base weights under LoRA, float32 weights + bf16 autocast without; on other CPUs float32;
+no checkpointing; on CUDA bf16 + Liger kernels + PyTorch's varlen flash attention, llmstack/train/attention.py), bfd
 packing with per-document attention, assistant-only loss. On CUDA a third row runs the llmstack path on SDPA with
 transformers' block-diagonal mask, to show what the varlen kernel is worth. Tokens are real (non-padding) tokens
 seen by the model; the first step (warm-up) is excluded from the timing. On CUDA it also prints MFU (6·N·tokens/s over
@@ -129,11 +130,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lora", action="store_true", help="LoRA r=16 all-linear on both paths")
     p.add_argument("--candidates", action="store_true",
-                   help="also time what might lift MFU further (CUDA): bf16 weights, torch.compile, and bf16 weights "
-                        "at twice the micro-batch")
+                   help="also time the alternatives: on CPU float32 without and with bf16 autocast; everywhere bf16 "
+                        "weights, torch.compile, and bf16 weights at twice the micro-batch")
     benchrecord.add_argument(p)
     a = p.parse_args()
 
+    from llmstack.device import Capabilities, policy
     from llmstack.models import resolve
     from llmstack.stages.sft import SFT_DEFAULTS
     from llmstack.train.loading import load_tokenizer
@@ -160,11 +162,22 @@ def main() -> None:
     trl_tok = load_tokenizer(model_dir)
     ours_tok = load_tokenizer(model_dir)
     ours_tok.chat_template = training_chat_template(ours_tok)
-    ours = {**device_defaults(), **SFT_DEFAULTS, **liger_defaults(), **size}  # the run's size wins over SFT_DEFAULTS
+    weights = policy().train_weights("auto", adapter=a.lora)  # what the sft stage loads under model.dtype: auto
+    ours = {**device_defaults(weights), **SFT_DEFAULTS, **liger_defaults(), **size}  # the run's size wins
+    caps = Capabilities.detect()
+    print(f"device policy: weights {weights}, trainer {device_defaults(weights)} (cpu_bf16 {caps.cpu_bf16}, "
+          f"avx512 {caps.avx512}, cuda {caps.cuda})")
     rows = [run("TRL SFTTrainer defaults", model_dir, data, trl_tok, size, a.lora),
-            run("llmstack sft", model_dir, data, ours_tok, ours, a.lora, varlen=True)]
+            run("llmstack sft", model_dir, data, ours_tok, ours, a.lora, varlen=True, dtype=weights)]
     if rows[1]["attention"] != "sdpa":  # show what the varlen kernel is worth: the same path on SDPA + block mask
         rows.append(run("llmstack sft, SDPA", model_dir, data, ours_tok, ours, a.lora))
+    if a.candidates and not torch.cuda.is_available():
+        # the CPU's alternatives to the policy's choice: float32 without autocast (the CPU default before the policy
+        # measured bf16) and bf16 autocast over float32 weights
+        rows.append(run("candidate: float32, no autocast", model_dir, data, ours_tok, {**ours, "bf16": False},
+                        a.lora, varlen=True))
+        rows.append(run("candidate: float32 weights, bf16 autocast", model_dir, data, ours_tok,
+                        {**ours, "bf16": caps.cpu_bf16}, a.lora, varlen=True))
     if a.candidates:
         # Not defaults yet: measured first (the 50% MFU goal). bf16 weights drop the fp32 master copy that bf16
         # autocast re-casts every step (and halve AdamW's state), at the price of bf16 rounding in the update (the
@@ -194,7 +207,9 @@ def main() -> None:
         ("-cuda" if torch.cuda.is_available() else "")
     benchrecord.write(name, settings={"model": model_dir.name, "data": a.data or "synthetic chat rows",
                                       "steps": a.steps, "batch": a.batch, "max_length": a.max_length,
-                                      "lora": a.lora, "device": device},
+                                      "lora": a.lora, "device": device,
+                                      "policy": {"weights": weights, "trainer": device_defaults(weights),
+                                                 "cpu_bf16": caps.cpu_bf16, "avx512": caps.avx512}},
                       figures={"paths": [{c: r.get(c) for c in cols} for r in rows]},
                       ratios={"llmstack_vs_trl_defaults_tokens_per_s": ratio},
                       goals={"llmstack_vs_trl_defaults_tokens_per_s": ">= 1.5x"}, results=a.results_dir)

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 ENV_DIR = "LLMSTACK_BENCH_RESULTS"  # where records go instead (a test, or a read-only checkout)
-CPU_FLAGS = ("avx512f", "avx512_bf16", "avx2")  # the ones that decide vLLM's CPU kernels and bf16 speed
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx2")  # the ones that decide vLLM's CPU kernels and bf16 speed
 
 
 def results_dir(override: str | Path | None = None) -> Path:

@@ -10,6 +10,7 @@ import pytest
 from llmstack.device import Capabilities, policy
 
 CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="x86_64", avx512=True)
+BF16_CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="x86_64", avx512=True, cpu_bf16=True)
 AVX2_CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="x86_64", avx512=False)
 ARM_CPU = Capabilities(cuda=False, bf16=False, vllm=True, machine="aarch64")
 H100 = Capabilities(cuda=True, bf16=True, vllm=True, machine="x86_64")
@@ -19,15 +20,36 @@ T4 = Capabilities(cuda=True, bf16=False, vllm=True, machine="x86_64")
 
 @pytest.mark.parametrize("caps, device, dtype, backend, trainer", [
     (CPU, "cpu", "float32", "hf", {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}),
+    (BF16_CPU, "cpu", "bfloat16", "hf", {"use_cpu": True, "bf16": True, "fp16": False,
+                                         "gradient_checkpointing": False}),
     (H100, "cuda", "bfloat16", "vllm", {"use_cpu": False, "bf16": True, "fp16": False,
                                         "gradient_checkpointing": False}),
     (H100_NO_VLLM, "cuda", "bfloat16", "hf", {"use_cpu": False, "bf16": True, "fp16": False,
                                               "gradient_checkpointing": False}),
     (T4, "cuda", "float16", "vllm", {"use_cpu": False, "bf16": False, "fp16": True, "gradient_checkpointing": False}),
-], ids=["cpu", "cuda-bf16", "cuda-bf16-no-vllm", "cuda-fp16"])
+], ids=["cpu", "cpu-bf16", "cuda-bf16", "cuda-bf16-no-vllm", "cuda-fp16"])
 def test_the_decision_per_machine(caps, device, dtype, backend, trainer):
     p = policy(caps)
     assert (p.device, p.dtype, p.eval_backend, p.trainer_defaults()) == (device, dtype, backend, trainer)
+
+
+def test_training_precision_per_machine():
+    """model.dtype auto: a bf16 base under LoRA only where the CPU multiplies bf16 natively (the adapters stay float32,
+    no autocast over bf16 weights); float32 weights under bf16 autocast for full-parameter training there; float32
+    on other CPUs; float32 weights under autocast on CUDA. A recipe's explicit dtype is taken as written."""
+    bf16 = policy(BF16_CPU)
+    assert bf16.train_weights("auto", adapter=True) == "bfloat16"
+    assert bf16.trainer_defaults("bfloat16")["bf16"] is False
+    assert bf16.train_weights("auto", adapter=False) == "float32"
+    assert bf16.trainer_defaults("float32")["bf16"] is True
+    assert bf16.train_weights("auto", adapter=True, quantized=True) == "float32"  # QLoRA: 4-bit base, rest float32
+    for caps in (CPU, AVX2_CPU, ARM_CPU):  # bf16 emulated: float32 and no autocast
+        p = policy(caps)
+        assert p.train_weights("auto", adapter=True) == "float32" and p.trainer_defaults("float32")["bf16"] is False
+    for caps in (H100, T4):
+        assert policy(caps).train_weights("auto", adapter=True) == "float32"
+    for requested in ("float32", "bfloat16", "float16"):
+        assert bf16.train_weights(requested, adapter=True) == requested == policy(CPU).train_weights(requested)
 
 
 def test_serving_dtypes_per_machine_and_scheme():
@@ -86,13 +108,15 @@ def test_eval_backends_load_where_the_policy_says(monkeypatch):
 
 def test_quantization_calibrates_on_the_gpu_in_its_dtype():
     assert policy(CPU).quant_calibration() == ("cpu", "float32")  # unchanged on the CPU
+    assert policy(BF16_CPU).quant_calibration() == ("cpu", "float32")  # calibration stays float32 on every CPU
     assert policy(H100).quant_calibration() == ("cuda", "bfloat16")
     assert policy(T4).quant_calibration() == ("cuda", "float16")
 
 
 def test_the_hf_serving_engine_follows_the_policy(monkeypatch, tiny_model):
     """The transformers engine loaded on the CPU in float32 whatever the machine; now: the GPU in its 16-bit dtype."""
-    assert policy(CPU).hf_engine("bfloat16") == ("cpu", "float32")  # bf16 is emulated on AVX2 CPUs
+    assert policy(CPU).hf_engine("bfloat16") == ("cpu", "float32")  # bf16 is emulated on CPUs without it
+    assert policy(BF16_CPU).hf_engine("bfloat16") == ("cpu", "bfloat16")  # native bf16: measured faster
     assert policy(H100).hf_engine("bfloat16") == ("cuda", "bfloat16")
     assert policy(T4).hf_engine("bfloat16") == ("cuda", "float16")  # no bf16 on that card
     assert policy(H100).hf_engine("float16") == ("cuda", "bfloat16")  # the card's 16-bit dtype

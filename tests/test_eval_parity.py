@@ -57,7 +57,8 @@ def _loglikelihoods(samples, task: str) -> list[float]:
 @pytest.fixture(scope="module")
 def in_process(smollm2, tmp_path_factory):
     samples = tmp_path_factory.mktemp("hf")
-    return evaluate(Target(model=smollm2), "smoke", tasks=["arc_easy", "identity"], samples_dir=samples), samples
+    return (evaluate(Target(model=smollm2, dtype="float32"), "smoke", tasks=["arc_easy", "identity"],
+                     samples_dir=samples), samples)
 
 
 @pytest.fixture(scope="module")

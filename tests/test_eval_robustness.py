@@ -52,7 +52,7 @@ def test_compare_on_planted_items():
 @pytest.fixture(scope="module")
 def rob(tiny_model, tmp_path_factory):
     samples = tmp_path_factory.mktemp("rob")
-    return robustness(Target(model=tiny_model), "smoke", kinds=["shuffle", "typos", "prefix"],
+    return robustness(Target(model=tiny_model, dtype="float32"), "smoke", kinds=["shuffle", "typos", "prefix"],
                       tasks=["arc_easy", "winogrande", "refusal"], samples_dir=samples), samples
 
 

@@ -20,7 +20,8 @@ def smoke_samples(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def smoke_scores(tiny_model, smoke_samples):
-    return evaluate(Target(model=tiny_model), "smoke", samples_dir=smoke_samples)
+    # float32, as the tiny server's engine: the parity test compares the two
+    return evaluate(Target(model=tiny_model, dtype="float32"), "smoke", samples_dir=smoke_samples)
 
 
 def test_smoke_scores_are_fractions_with_exact_counts(smoke_scores):

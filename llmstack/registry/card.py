@@ -170,7 +170,8 @@ def _procedure(manifest: dict[str, Any], stages: dict[str, Any], dtype: str | No
              f"Seed {manifest.get('seed', NOT_RECORDED)}; host `{host.get('platform') or NOT_RECORDED}` with "
              f"{host.get('cpus') or NOT_RECORDED} CPUs; torch `{versions.get('torch') or NOT_RECORDED}`, transformers "
              f"`{versions.get('transformers') or NOT_RECORDED}`, TRL `{versions.get('trl') or NOT_RECORDED}`; the base "
-             f"model loaded in {dtype or NOT_RECORDED} (the recipe's `model.dtype`).", "",
+             f"model's `model.dtype`: {dtype or NOT_RECORDED} (`auto`: the device policy's; each stage's precision "
+             "is in the table).", "",
              "| stage | kind | status | steps | train loss (first → last) | wall time (s) | processes | device | "
              "precision |", "|---|---|---|---:|---|---:|---:|---|---|"]
     for name, e in stages.items():
@@ -179,7 +180,7 @@ def _procedure(manifest: dict[str, Any], stages: dict[str, Any], dtype: str | No
         m = e.get("metrics") or {}
         loss = (f"{m['first_loss']:.3f} → {m['last_loss']:.3f}" if m.get("first_loss") is not None
                 and m.get("last_loss") is not None else "")
-        # a quantization stage records its device and dtype per scheme (metrics["w4a16"]); training stages do not
+        # a training stage records its device and precision; a quantization stage its own per scheme (metrics["w4a16"])
         quant = next((v for v in m.values() if isinstance(v, dict) and "scheme" in v and "device" in v), {})
         wall = f"{e['wall_s']:.1f}" if e.get("wall_s") is not None else NOT_RECORDED
         device = m.get("device") or quant.get("device") or NOT_RECORDED

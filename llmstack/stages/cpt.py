@@ -28,7 +28,7 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = loading.load_tokenizer(ctx.model)
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     templates.check_single_bos(tokenizer, data["train"][0][args.dataset_text_field])
-    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir,
+    model = loading.load_model(ctx.model, loading.weights_dtype(ctx), qlora=ctx.spec.qlora, scratch=ctx.dir,
                                attention=loading.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------

@@ -67,9 +67,9 @@ def run(ctx: StageContext) -> StageResult:
                          f"leave it false and generation runs through transformers")
     data = load_from_disk(str(ctx.datasets[ctx.spec.dataset]))
     data = data.map(rewards.to_prompt, remove_columns=data["train"].column_names).remove_columns("answer")
-    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
+    model = loading.load_model(ctx.model, loading.weights_dtype(ctx), qlora=ctx.spec.qlora, scratch=ctx.dir)
     model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
-    teacher = loading.load_model(teacher_dir, ctx.recipe.model.dtype, scratch=ctx.dir).eval()
+    teacher = loading.load_model(teacher_dir, loading.weights_dtype(ctx), scratch=ctx.dir).eval()
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = DistillationTrainer(

@@ -52,7 +52,8 @@ def _target(ctx, spec, name: str, served: dict[str, Path], backend: str) -> Iter
     if not name.startswith(GGUF_PREFIX):
         model, adapter = resolve_folder(served.get(name) or _stage_model(ctx, name))
         yield Target(model=model, adapter=adapter, backend=backend, batch_size=spec.batch_size,
-                     tool_choice=spec.tool_choice, thinking=spec.thinking)
+                     tool_choice=spec.tool_choice, thinking=spec.thinking,
+                     dtype=None if spec.dtype == "auto" else spec.dtype)
         return
     if spec.thinking != "on" or spec.thinking_budgets:
         raise ValueError(f"eval.stages: '{name}' is scored through a server, which renders its template with "

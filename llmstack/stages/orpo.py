@@ -32,7 +32,7 @@ def run(ctx: StageContext) -> StageResult:
     first = data["train"][0]
     templates.check_single_bos(tokenizer, tokenizer.apply_chat_template(first["prompt"] + first["chosen"],
                                                                         tokenize=False))
-    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
+    model = loading.load_model(ctx.model, loading.weights_dtype(ctx), qlora=ctx.spec.qlora, scratch=ctx.dir)
 
     # ---- train ----------------------------------------------------------------------------------------------------
     trainer = ORPOTrainer(

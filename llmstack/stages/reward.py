@@ -31,9 +31,9 @@ def load_reward_base(ctx: StageContext):
     folder = Path(ctx.model)
     if (folder / "adapter_config.json").exists():
         # loading.load_model builds a causal LM; a score head needs a folder on disk, so merge the adapter into one.
-        folder = loading.merged_copy(folder, ctx.dir, ctx.recipe.model.dtype)
+        folder = loading.merged_copy(folder, ctx.dir, loading.save_dtype(ctx))
     return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
-                                                              dtype=loading.torch_dtype(ctx.recipe.model.dtype))
+                                                              dtype=loading.torch_dtype(loading.weights_dtype(ctx)))
 
 
 def run(ctx: StageContext) -> StageResult:

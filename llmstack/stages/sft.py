@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> StageResult:
     first = data["train"][0]
     rendered = tokenizer.apply_chat_template(first["messages"], tools=first.get("tools") or None, tokenize=False)
     templates.check_single_bos(tokenizer, rendered)
-    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir,
+    model = loading.load_model(ctx.model, loading.weights_dtype(ctx), qlora=ctx.spec.qlora, scratch=ctx.dir,
                                attention=loading.packed_attention(args))
 
     # ---- train ----------------------------------------------------------------------------------------------------

@@ -57,6 +57,22 @@ def packed_attention(args) -> str | None:
     return attention.register() if padding_free and attention.available() else None
 
 
+def weights_dtype(ctx) -> str:
+    """The dtype this training stage loads its model in: the recipe's `model.dtype`, or the device policy's choice
+    for `auto` (llmstack/device.py: bf16 base weights under LoRA where the CPU has bf16, else float32)."""
+    from llmstack.device import policy
+
+    spec = ctx.spec
+    return policy().train_weights(ctx.recipe.model.dtype, adapter=getattr(spec, "lora", None) is not None,
+                                  quantized=getattr(spec, "qlora", None) is not None)
+
+
+def save_dtype(ctx) -> str:
+    """The dtype merged models are written in: float32 under `model.dtype: auto` (what the stages before the policy
+    wrote, and what every later stage, the eval and the quantizer read without loss), else the recipe's."""
+    return "float32" if ctx.recipe.model.dtype == "auto" else ctx.recipe.model.dtype
+
+
 def load_model(folder: Path, dtype: str, qlora=None, attention: str | None = None, scratch: Path | None = None):
     """The stage's starting model. A folder holding only an adapter (from a stage with lora.merge: false) is loaded
     onto its base and merged in memory, so every stage trains a plain model; under QLoRA the merge goes to disk first

@@ -12,6 +12,24 @@ from llmstack.train.loading import whole_model_here
 from llmstack.train.save import save_model
 
 
+def precision(trainer) -> str:
+    """What the stage trained in, as the device policy set it: the weights' dtype (by parameter count), the trainable
+    parameters' where they differ (LoRA adapters in float32 over a bf16 base), and the autocast dtype if any."""
+    counts: dict[str, int] = {}
+    trainable = set()
+    for p in trainer.model.parameters():
+        name = str(p.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + p.numel()
+        if p.requires_grad:
+            trainable.add(name)
+    weights = max(counts, key=counts.get) if counts else "unknown"
+    out = f"{weights} weights"
+    if trainable and trainable != {weights}:
+        out += f", {'/'.join(sorted(trainable))} trainable"
+    autocast = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else None
+    return out + (f", {autocast} autocast" if autocast else "")
+
+
 def metrics_from(trainer, train_output) -> dict[str, Any]:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
@@ -30,6 +48,8 @@ def metrics_from(trainer, train_output) -> dict[str, Any]:
         "distributed": str(trainer.accelerator.distributed_type).split(".")[-1],
         # what the processes really accumulated (under DeepSpeed: its config's value, which accelerate prefers)
         "gradient_accumulation_steps": trainer.accelerator.gradient_accumulation_steps,
+        "device": trainer.args.device.type,
+        "dtype": precision(trainer),
     }
     if getattr(trainer, "llmstack_resumed_from", None) is not None:
         m["resumed_from_step"] = trainer.llmstack_resumed_from  # this run continued a killed or crashed one

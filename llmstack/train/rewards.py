@@ -43,7 +43,7 @@ def policy_model(ctx, tokenizer):
     if the generation config says so."""
     from llmstack.train import loading
 
-    model = loading.load_model(ctx.model, ctx.recipe.model.dtype, qlora=ctx.spec.qlora, scratch=ctx.dir)
+    model = loading.load_model(ctx.model, loading.weights_dtype(ctx), qlora=ctx.spec.qlora, scratch=ctx.dir)
     model.generation_config.eos_token_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
     return model
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmstack.train.loading import merge_adapter
+from llmstack.train.loading import merge_adapter, save_dtype
 
 
 def save_model(trainer, ctx, tokenizer, chat_template: str | None) -> Path:
@@ -22,7 +22,7 @@ def save_model(trainer, ctx, tokenizer, chat_template: str | None) -> Path:
         target = ctx.dir / "adapter" if adapter.merge else out
         trainer.save_model(str(target))
         if adapter.merge and trainer.accelerator.is_main_process:
-            merge_adapter(target, out, ctx.recipe.model.dtype)
+            merge_adapter(target, out, save_dtype(ctx))
         elif trainer.accelerator.is_main_process:
             # A stacked adapter names its base: this stage's input model (loaded and merged by the next stage).
             cfg_file = out / "adapter_config.json"

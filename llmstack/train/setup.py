@@ -9,11 +9,12 @@ from typing import Any
 from llmstack.device import policy
 
 
-def device_defaults() -> dict[str, Any]:
-    """TRL defaults to bf16=True and gradient_checkpointing=True. Both are wrong for small models: on an AVX2 CPU bf16
-    is emulated (≈4x slower) and checkpointing costs ≈1.7x; on an H100 the two together cost ≈8x for a 1.1B model
-    that fits in memory anyway. The device policy (llmstack/device.py) chooses; the recipe's `args` still win."""
-    return policy().trainer_defaults()
+def device_defaults(weights: str = "float32") -> dict[str, Any]:
+    """TRL defaults to bf16=True and gradient_checkpointing=True. Both are wrong for small models: on a CPU without
+    native bf16 it is emulated (≈4x slower), over bf16 weights autocast only adds casts, and checkpointing costs ≈1.7x;
+    on an H100 the two together cost ≈8x for a 1.1B model that fits in memory anyway. The device policy
+    (llmstack/device.py) chooses, for weights loaded in `weights`; the recipe's `args` still win."""
+    return policy().trainer_defaults(weights)
 
 
 def liger_defaults() -> dict[str, Any]:
@@ -41,7 +42,9 @@ def trainer_config(ctx, stage_defaults: dict[str, Any]):
     from llmstack.config.train import trl_config_class
 
     spec = ctx.spec
-    kwargs = {**common_defaults(ctx), **device_defaults(), **stage_defaults, **spec.args}
+    from llmstack.train.loading import weights_dtype
+
+    kwargs = {**common_defaults(ctx), **device_defaults(weights_dtype(ctx)), **stage_defaults, **spec.args}
     return trl_config_class(spec.type)(output_dir=str(ctx.dir), **kwargs)
 
 

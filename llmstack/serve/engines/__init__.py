@@ -31,7 +31,7 @@ def make_engine(spec, model: str | Path, served_name: str):
 
         return LlamaCppEngine(model, served_name, spec.max_model_len, spec.seed)
     # vllm.dtype is chosen for vLLM's kernels (unset: the policy's). The device policy places the transformers engine:
-    # on the GPU in the card's 16-bit dtype, on the CPU in float32 (bf16 is emulated on most CPUs, 4x slower on AVX2).
+    # on the GPU in the card's 16-bit dtype, on a CPU in bf16 where it is native, else float32 (emulated: 4x slower).
     from llmstack.device import policy
 
     requested = vllm_dtype(spec.vllm)
