@@ -1,7 +1,9 @@
 """`llmstack sweep`: an Optuna study over a tiny recipe's SFT learning rate and LoRA rank, in a real SQLite storage.
 Trials are real recipe runs that reuse the base run's curation; a killed sweep resumes; a crashing trial fails with
 its reason and the sweep goes on; a bad space or objective is a path-named recipe error before any trial; an
-unreachable storage is a one-line error; on a local Ray cluster trials run in parallel."""
+unreachable storage is a one-line error; on a local Ray cluster trials run in parallel. With a median pruner on the
+sft stage's eval_loss, the trial that trails is pruned at the evaluation judged, before its eval stage, in this
+process and on Ray; a pruner on a stage that does not evaluate is a path-named recipe error."""
 
 from __future__ import annotations
 
@@ -336,16 +338,20 @@ def test_the_watched_stage_stops_at_the_evaluation_after_the_prune_marker(tmp_pa
     assert not (other.dir / "sft" / "intermediate.jsonl").exists()
 
 
-def test_a_median_pruner_stops_the_trial_whose_eval_loss_trails_and_the_others_complete(tmp_path, tiny_model):
-    lr = "stages[sft].args.learning_rate"
-    recipe = evaluating(write_recipe(
-        tmp_path, tiny_model, {lr: {"loguniform": [1.0e-6, 1.0e-1]}}, n_trials=4,
+LR = "stages[sft].args.learning_rate"
+
+
+def pruned_sweep(tmp_path: Path, tiny_model: Path, **sweep) -> Path:
+    """Four trials of the evaluating tiny recipe under a median pruner; the second's rate is far too small."""
+    return evaluating(write_recipe(
+        tmp_path, tiny_model, {LR: {"loguniform": [1.0e-6, 1.0e-1]}}, n_trials=4,
         pruner={"kind": "median", "stage": "sft", "n_startup_trials": 1},
         # a random tiny model: its eval_loss falls faster the larger the rate in this range; 1e-6 barely moves it
-        enqueue=[{lr: 1.0e-2}, {lr: 1.0e-6}, {lr: 2.0e-2}, {lr: 4.0e-2}]), eval_steps=1, max_steps=3)
-    plan = make_plan(recipe, tmp_path / "runs")
-    study = optimize(plan)
-    trials = study_of(tmp_path / "runs").get_trials()
+        enqueue=[{LR: 1.0e-2}, {LR: 1.0e-6}, {LR: 2.0e-2}, {LR: 4.0e-2}], **sweep), eval_steps=1, max_steps=3)
+
+
+def check_pruned(trials: list) -> None:
+    """The trial with the tiny rate was pruned at its first evaluation, before its eval stage; the others completed."""
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE,
                                          TrialState.COMPLETE]
     bad = trials[1]
@@ -360,7 +366,21 @@ def test_a_median_pruner_stops_the_trial_whose_eval_loss_trails_and_the_others_c
     assert (run / "sft" / "PRUNE").exists()
     good = trials[0]
     assert len(good.intermediate_values) == 3 and good.value is not None
+
+
+def test_a_median_pruner_stops_the_trial_whose_eval_loss_trails_and_the_others_complete(tmp_path, tiny_model):
+    plan = make_plan(pruned_sweep(tmp_path, tiny_model), tmp_path / "runs")
+    study = optimize(plan)
+    check_pruned(study_of(tmp_path / "runs").get_trials())
     done = outputs.write(study, plan.dir, plan.raw, plan.recipe.sweep.objective)
     row = done["rows"][1]
     assert row["state"] == "PRUNED" and row["value"] is None and row["error"].startswith("pruned at step")
     assert "| 1 | PRUNED |" in (plan.dir / "sweep.md").read_text()
+
+
+@pytest.mark.slow  # a Ray head, two workers importing torch, four trials one after another
+def test_a_trial_on_ray_is_pruned_through_the_shared_runs_folder(ray_cluster, tmp_path, tiny_model):
+    runs = tmp_path / "runs"
+    out = sweep_cli(pruned_sweep(tmp_path, tiny_model, ray={"address": ray_cluster, "parallel": 1}), runs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    check_pruned(study_of(runs).get_trials())  # the driver read the Ray task's values from the runs folder
