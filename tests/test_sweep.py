@@ -313,6 +313,16 @@ def test_a_pruner_on_a_stage_that_does_not_evaluate_is_a_path_named_error(tmp_pa
         assert "set stages[sft].args.eval_strategy: steps and eval_steps: N" in info.value.problems[0]
 
 
+def test_a_pruner_on_a_stage_every_trial_shares_is_refused_before_any_stage_runs(tmp_path, tiny_model):
+    from llmstack.sweep.study import SweepError
+
+    recipe = evaluating(write_recipe(tmp_path, tiny_model, {"eval.limit": {"choice": [1, 2]}},
+                                     pruner={"kind": "median", "stage": "sft"}))
+    with pytest.raises(SweepError, match="sweep.pruner.stage: 'sft' is the same in every trial"):
+        optimize(make_plan(recipe, tmp_path / "runs"))
+    assert not (tmp_path / "runs" / "tiny" / "sweep-tiny-base").exists()
+
+
 def test_the_watched_stage_stops_at_the_evaluation_after_the_prune_marker(tmp_path, tiny_model):
     from llmstack.pipeline import run_recipe
     from llmstack.runs import Run

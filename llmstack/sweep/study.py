@@ -147,10 +147,9 @@ def finished(study) -> int:
                or (t.state == TrialState.FAIL and INTERRUPTED not in t.user_attrs))
 
 
-def base_run(p: SweepPlan) -> Path | None:
-    """Run, once, every stage no searched value changes (the model, curation, stages before the first searched
-    one): found by fingerprint, comparing the recipe with every probe value of every path. Trials adopt these
-    stages from this run instead of re-running them. None when the first stage already changes."""
+def shared_stages(p: SweepPlan) -> list[str]:
+    """The stages no searched value changes (the model, curation, stages before the first searched one), found by
+    fingerprint, comparing the recipe with every probe value of every path."""
     names = [s.name for s in plan(p.recipe)]
     base = fingerprints(p.recipe)
     first = len(names) - 1  # the report always runs
@@ -158,13 +157,25 @@ def base_run(p: SweepPlan) -> Path | None:
         for value in param.probes():
             other = fingerprints(parse_recipe(apply(p.raw, {key: value}), check_trainer=False))
             first = min([first] + [i for i, n in enumerate(names) if other.get(n) != base.get(n)])
-    if first == 0:
+    return names[:first]
+
+
+def base_run(p: SweepPlan) -> Path | None:
+    """Run, once, the stages every trial shares; trials adopt them from this run instead of re-running them. None
+    when the first stage already changes. A pruner watching a shared stage would judge no trial: refused first."""
+    shared = shared_stages(p)
+    pruner = p.recipe.sweep.pruner
+    if pruner.kind != "none" and pruner.stage in shared:
+        raise SweepError(f"sweep.pruner.stage: '{pruner.stage}' is the same in every trial (no searched value changes "
+                         "it), so it runs once, before the trials, and would judge none; watch a stage that a "
+                         "searched value changes")
+    if not shared:
         return None
-    log.info("sweep: shared stages %s run once, in %s", ", ".join(names[:first]), p.run_id("base"))
+    log.info("sweep: shared stages %s run once, in %s", ", ".join(shared), p.run_id("base"))
     try:
-        return run_recipe(p.recipe, p.recipe_path, p.runs_root, run_id=p.run_id("base"), only=names[:first]).dir
+        return run_recipe(p.recipe, p.recipe_path, p.runs_root, run_id=p.run_id("base"), only=shared).dir
     except Exception as exc:
-        raise SweepError(f"the stages every trial shares ({', '.join(names[:first])}) failed: "
+        raise SweepError(f"the stages every trial shares ({', '.join(shared)}) failed: "
                          f"{type(exc).__name__}: {exc}") from None
 
 
