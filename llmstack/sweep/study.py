@@ -13,9 +13,10 @@ are asked again; it does not count toward n_trials. Only one sweep of a study ma
 Pruning (`sweep.pruner`): the objective exists only once a trial's eval stage has run, so the pruner judges a trial
 on what its watched training stage measures while it trains: its evaluation metric (eval_loss) every eval_steps.
 The trial's stage writes each value into its folder, the driver reports them to Optuna (`trial.report(value, step)`,
-step = training step) and writes a PRUNE marker when the pruner says so; the stage stops at its next evaluation and
-the trial is told PRUNED (llmstack/sweep/pruning.py, llmstack/train/pruning.py). Pruned trials count toward
-n_trials. The objective task's score of every model the eval scores is kept as the `steps` user attr.
+step = training step) and writes a PRUNE marker when the pruner says so; the stage, which waits for the driver to
+have read each value, stops at the evaluation judged and the trial is told PRUNED (llmstack/sweep/pruning.py,
+llmstack/train/pruning.py). Pruned trials count toward n_trials. The objective task's score of every model the eval
+scores is kept as the `steps` user attr.
 """
 
 from __future__ import annotations
