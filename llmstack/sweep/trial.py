@@ -69,7 +69,7 @@ def run_trial(raw: dict[str, Any], values: dict[str, Any], runs_root: str, run_i
     from llmstack.config.sweep import apply
     from llmstack.pipeline import fingerprints, run_recipe
     from llmstack.runs import Run, adopt_fresh
-    from llmstack.train.pruning import REQUEST
+    from llmstack.train.pruning import MARKER, REQUEST
 
     if cwd:
         os.chdir(cwd)
@@ -91,8 +91,11 @@ def run_trial(raw: dict[str, Any], values: dict[str, Any], runs_root: str, run_i
             run.manifest, sweep["stage"], sweep["task"], recipe.eval.stages)
     except RecipeError as exc:
         outcome.error = f"RecipeError: {'; '.join(exc.problems)}"
-    except Exception as exc:  # the trial failed; the sweep records why and goes on
+    except Exception as exc:  # the trial failed (or its pruner stopped it); the sweep records why and goes on
         outcome.error = f"{type(exc).__name__}: {exc}"
-        log.warning("trial %s failed: %s\n%s", run_id, outcome.error, traceback.format_exc(limit=3))
+        if pruning and (Path(outcome.run_dir) / pruning["stage"] / MARKER).exists():
+            log.info("trial %s: stopped by the sweep's pruner (%s)", run_id, outcome.error)
+        else:
+            log.warning("trial %s failed: %s\n%s", run_id, outcome.error, traceback.format_exc(limit=3))
     outcome.wall_s = round(time.perf_counter() - t0, 2)
     return outcome.to_dict()
