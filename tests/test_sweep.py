@@ -394,3 +394,23 @@ def test_a_trial_on_ray_is_pruned_through_the_shared_runs_folder(ray_cluster, tm
     out = sweep_cli(pruned_sweep(tmp_path, tiny_model, ray={"address": ray_cluster, "parallel": 1}), runs)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     check_pruned(study_of(runs).get_trials())  # the driver read the Ray task's values from the runs folder
+
+
+@pytest.mark.parametrize("spec, cls, attrs", [
+    ({}, "NopPruner", {}),
+    ({"kind": "median", "stage": "sft", "n_warmup_steps": 4}, "MedianPruner",
+     {"_n_startup_trials": 5, "_n_warmup_steps": 4}),
+    ({"kind": "percentile", "stage": "sft", "percentile": 25, "n_startup_trials": 2}, "PercentilePruner",
+     {"_percentile": 25, "_n_startup_trials": 2}),
+    ({"kind": "hyperband", "stage": "sft", "n_warmup_steps": 4, "reduction_factor": 2}, "HyperbandPruner",
+     {"_min_resource": 4, "_reduction_factor": 2}),
+    ({"kind": "successive_halving", "stage": "sft"}, "SuccessiveHalvingPruner",
+     {"_min_resource": None, "_reduction_factor": 3}),
+])
+def test_each_pruner_kind_is_its_optuna_pruner_with_the_recipes_settings(spec, cls, attrs):
+    from llmstack.config.sweep import PrunerSpec
+    from llmstack.sweep.pruning import make_pruner
+
+    pruner = make_pruner(PrunerSpec.model_validate(spec))
+    assert type(pruner).__name__ == cls
+    assert {k: getattr(pruner, k) for k in attrs} == attrs
