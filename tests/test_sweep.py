@@ -1,7 +1,9 @@
 """`llmstack sweep`: an Optuna study over a tiny recipe's SFT learning rate and LoRA rank, in a real SQLite storage.
 Trials are real recipe runs that reuse the base run's curation; a killed sweep resumes; a crashing trial fails with
 its reason and the sweep goes on; a bad space or objective is a path-named recipe error before any trial; an
-unreachable storage is a one-line error; on a local Ray cluster trials run in parallel."""
+unreachable storage is a one-line error; on a local Ray cluster trials run in parallel. With a median pruner on the
+sft stage's eval_loss, the trial that trails is pruned at the evaluation judged, before its eval stage, in this
+process and on Ray; a pruner on a stage that does not evaluate is a path-named recipe error."""
 
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ def test_three_trials_reuse_the_base_runs_curation_and_write_a_runnable_best_rec
         assert t.value == manifest["eval"]["metrics"]["sft"]["identity"]
         scores = json.loads((run / "eval" / "scores.json").read_text())["sft"]["identity"]
         assert t.user_attrs["ci95"] == scores["ci95"] and t.user_attrs["n"] == 2
-        assert t.intermediate_values == {0: t.value}
+        # no pruner: nothing reported during training; the eval's score of each model is kept as `steps`
+        assert t.intermediate_values == {} and t.user_attrs["steps"] == {"sft": t.value}
     # curation's wall clock is spent once: the trials' manifests carry the base run's own entry
     assert {json.loads((Path(t.user_attrs["run_dir"]) / "manifest.json").read_text())["stages"]["curate"]["started"]
             for t in trials} == {base_manifest["curate"]["started"]}
@@ -268,3 +271,146 @@ def test_no_ray_cluster_at_the_address_is_a_one_line_error(tmp_path, tiny_model)
     assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr
     assert f"--ray '127.0.0.1:{port}': no Ray cluster there" in out.stderr
     assert not (tmp_path / "runs" / "tiny" / "sweep-tiny-base").exists()  # refused before any stage ran
+
+
+def evaluating(recipe: Path, eval_steps: int = 1, max_steps: int = 8) -> Path:
+    """The tiny recipe's sft stage evaluating on the validation split every `eval_steps` (what a pruner watches)."""
+    words = ["apple", "river", "stone", "cloud", "maple", "tiger", "piano", "glass", "ocean", "candle", "forest",
+             "silver"]
+    (recipe.parent / "rows.jsonl").write_text("".join(  # distinct rows: the near-duplicate filter keeps them all
+        json.dumps({"instruction": f"What is a {w}?", "output": f"A {w} is a {w}; every {w} is one."}) + "\n"
+        for w in words))
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["datasets"]["sft"]["validation_fraction"] = 0.25
+    raw["stages"][0]["args"] |= {"eval_strategy": "steps", "eval_steps": eval_steps, "max_steps": max_steps,
+                                 "per_device_eval_batch_size": 2, "save_strategy": "no"}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return recipe
+
+
+@pytest.mark.parametrize("pruner, args, problem", [
+    ({"kind": "median", "stage": "dpo"}, {}, "sweep.pruner.stage: no training stage 'dpo' (stages: sft)"),
+    ({"kind": "median", "stage": "sft"}, {"eval_strategy": "no"},
+     "sweep.pruner.stage: 'sft' does not evaluate while it trains"),
+    ({"kind": "median", "stage": "sft"}, {"eval_strategy": "steps"},
+     "sweep.pruner.stage: 'sft' does not evaluate while it trains (args.eval_strategy: steps, args.eval_steps: None)"),
+    ({"kind": "median"}, {}, "sweep.pruner: stage: give the id of the training stage"),
+    ({"kind": "median", "stage": "sft", "percentile": 25}, {}, "sweep.pruner: percentile: only for kind: percentile"),
+    ({"kind": "median", "stage": "sft", "metric": "eval_mean_token_accuracy"}, {},
+     "sweep.pruner: direction: 'eval_mean_token_accuracy' is not a loss"),
+    ({"kind": "medain", "stage": "sft"}, {}, "sweep.pruner.kind: "),
+])
+def test_a_pruner_on_a_stage_that_does_not_evaluate_is_a_path_named_error(tmp_path, tiny_model, pruner, args,
+                                                                          problem):
+    recipe = write_recipe(tmp_path, tiny_model, pruner=pruner)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["stages"][0]["args"] |= args
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe)
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+    if "does not evaluate" in problem:
+        assert "set stages[sft].args.eval_strategy: steps and eval_steps: N" in info.value.problems[0]
+
+
+def test_a_pruner_on_a_stage_every_trial_shares_is_refused_before_any_stage_runs(tmp_path, tiny_model):
+    from llmstack.sweep.study import SweepError
+
+    recipe = evaluating(write_recipe(tmp_path, tiny_model, {"eval.limit": {"choice": [1, 2]}},
+                                     pruner={"kind": "median", "stage": "sft"}))
+    with pytest.raises(SweepError, match="sweep.pruner.stage: 'sft' is the same in every trial"):
+        optimize(make_plan(recipe, tmp_path / "runs"))
+    assert not (tmp_path / "runs" / "tiny" / "sweep-tiny-base").exists()
+
+
+def test_the_watched_stage_stops_at_the_evaluation_after_the_prune_marker(tmp_path, tiny_model):
+    from llmstack.pipeline import run_recipe
+    from llmstack.runs import Run
+
+    recipe_path = evaluating(write_recipe(tmp_path, tiny_model), eval_steps=2, max_steps=6)
+    recipe = load_recipe(recipe_path)
+    run = Run.open(tmp_path / "runs", "tiny", "trial")
+    (run.dir / "pruning.json").write_text(json.dumps({"stage": "sft", "metric": "eval_loss"}))
+    run.stage_dir("sft").joinpath("PRUNE").write_text("{}")  # the driver's verdict, already there
+    with pytest.raises(Exception, match="pruned by the sweep at step 2 \\(eval_loss"):
+        run_recipe(recipe, recipe_path, tmp_path / "runs", run_id="trial")
+    manifest = json.loads((run.dir / "manifest.json").read_text())["stages"]
+    assert manifest["sft"]["status"] == "failed" and manifest["sft"]["error"].startswith("TrialPruned")
+    assert "eval" not in manifest or manifest["eval"]["status"] != "done"
+    lines = [json.loads(x) for x in (run.dir / "sft" / "intermediate.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2] and lines[0]["value"] > 0  # the first evaluation, then it stopped
+
+    # a run whose pruning request names another stage trains its sft stage to the end, writing nothing
+    other = Run.open(tmp_path / "runs", "tiny", "other")
+    (other.dir / "pruning.json").write_text(json.dumps({"stage": "dpo", "metric": "eval_loss"}))
+    run_recipe(recipe, recipe_path, tmp_path / "runs", run_id="other", only=["model", "curate", "sft"])
+    assert json.loads(other.manifest_path.read_text())["stages"]["sft"]["status"] == "done"
+    assert not (other.dir / "sft" / "intermediate.jsonl").exists()
+
+
+LR = "stages[sft].args.learning_rate"
+
+
+def pruned_sweep(tmp_path: Path, tiny_model: Path, **sweep) -> Path:
+    """Four trials of the evaluating tiny recipe under a median pruner; the second's rate is far too small."""
+    return evaluating(write_recipe(
+        tmp_path, tiny_model, {LR: {"loguniform": [1.0e-6, 1.0e-1]}}, n_trials=4,
+        pruner={"kind": "median", "stage": "sft", "n_startup_trials": 1},
+        # a random tiny model: its eval_loss falls faster the larger the rate in this range; 1e-6 barely moves it
+        enqueue=[{LR: 1.0e-2}, {LR: 1.0e-6}, {LR: 2.0e-2}, {LR: 4.0e-2}], **sweep), eval_steps=1, max_steps=3)
+
+
+def check_pruned(trials: list) -> None:
+    """The trial with the tiny rate was pruned at its first evaluation, before its eval stage; the others completed."""
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE,
+                                         TrialState.COMPLETE]
+    bad = trials[1]
+    run = Path(bad.user_attrs["run_dir"])
+    lines = [json.loads(x) for x in (run / "sft" / "intermediate.jsonl").read_text().splitlines()]
+    # the pruner saw its eval_loss (sign as logged: the objective maximizes, eval_loss is minimized: negated)
+    assert lines and {x["step"]: -x["value"] for x in lines} == pytest.approx(bad.intermediate_values)
+    # judged at its first evaluation, and stopped there: the stage waits for the driver's verdict on each value
+    assert bad.user_attrs["pruned_at"] == lines[-1]["step"] == 1
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    assert manifest["sft"]["status"] == "failed" and "eval" not in manifest  # it never reached its eval stage
+    assert (run / "sft" / "PRUNE").exists()
+    good = trials[0]
+    assert len(good.intermediate_values) == 3 and good.value is not None
+
+
+def test_a_median_pruner_stops_the_trial_whose_eval_loss_trails_and_the_others_complete(tmp_path, tiny_model):
+    plan = make_plan(pruned_sweep(tmp_path, tiny_model), tmp_path / "runs")
+    study = optimize(plan)
+    check_pruned(study_of(tmp_path / "runs").get_trials())
+    done = outputs.write(study, plan.dir, plan.raw, plan.recipe.sweep.objective)
+    row = done["rows"][1]
+    assert row["state"] == "PRUNED" and row["value"] is None and row["error"].startswith("pruned at step")
+    assert "| 1 | PRUNED |" in (plan.dir / "sweep.md").read_text()
+
+
+@pytest.mark.slow  # a Ray head, two workers importing torch, four trials one after another
+def test_a_trial_on_ray_is_pruned_through_the_shared_runs_folder(ray_cluster, tmp_path, tiny_model):
+    runs = tmp_path / "runs"
+    out = sweep_cli(pruned_sweep(tmp_path, tiny_model, ray={"address": ray_cluster, "parallel": 1}), runs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    check_pruned(study_of(runs).get_trials())  # the driver read the Ray task's values from the runs folder
+
+
+@pytest.mark.parametrize("spec, cls, attrs", [
+    ({}, "NopPruner", {}),
+    ({"kind": "median", "stage": "sft", "n_warmup_steps": 4}, "MedianPruner",
+     {"_n_startup_trials": 5, "_n_warmup_steps": 4}),
+    ({"kind": "percentile", "stage": "sft", "percentile": 25, "n_startup_trials": 2}, "PercentilePruner",
+     {"_percentile": 25, "_n_startup_trials": 2}),
+    ({"kind": "hyperband", "stage": "sft", "n_warmup_steps": 4, "reduction_factor": 2}, "HyperbandPruner",
+     {"_min_resource": 4, "_reduction_factor": 2}),
+    ({"kind": "successive_halving", "stage": "sft"}, "SuccessiveHalvingPruner",
+     {"_min_resource": None, "_reduction_factor": 3}),
+])
+def test_each_pruner_kind_is_its_optuna_pruner_with_the_recipes_settings(spec, cls, attrs):
+    from llmstack.config.sweep import PrunerSpec
+    from llmstack.sweep.pruning import make_pruner
+
+    pruner = make_pruner(PrunerSpec.model_validate(spec))
+    assert type(pruner).__name__ == cls
+    assert {k: getattr(pruner, k) for k in attrs} == attrs

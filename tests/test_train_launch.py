@@ -89,6 +89,30 @@ def test_two_process_cpu_launch_trains_and_saves_one_model(tmp_path, tiny_model)
     assert again.manifest["stages"]["sft"]["fingerprint"] == entry["fingerprint"]
 
 
+def test_a_sweep_pruned_two_process_stage_stops_every_rank_at_the_same_evaluation(tmp_path, tiny_model):
+    """The PRUNE verdict is rank 0's, broadcast: both ranks raise at the same evaluation (no rank left waiting in a
+    collective), rank 0 alone writes the intermediate values, and the stage is recorded as pruned."""
+    recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["stages"][0]["args"] |= {"eval_strategy": "steps", "eval_steps": 2, "max_steps": 6,
+                                 "per_device_eval_batch_size": 2}
+    recipe.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "runs" / "launch" / "default"
+    (run_dir / "pruning.json").write_text(json.dumps({"stage": "sft", "metric": "eval_loss"}))
+    (run_dir / "sft").mkdir()
+    (run_dir / "sft" / "PRUNE").write_text("{}")  # the sweep driver's verdict
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft",
+           "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode != 0
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]
+    assert entry["status"] == "failed" and "pruned by the sweep at step 2" in entry["error"], entry
+    lines = [json.loads(x) for x in (run_dir / "sft" / "intermediate.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2]  # one line: rank 0's, at the first evaluation
+    assert (proc.stdout + proc.stderr).count("error: pruned by the sweep at step 2") == 2  # each rank stopped there
+
+
 def _two_nodes(tmp_path: Path, recipe: Path, runs_dirs: list[Path]) -> tuple[list[int], list[str]]:
     """Two "nodes" on this machine: two `accelerate launch --num_machines 2 --machine_rank 0|1` commands that meet at
     127.0.0.1:PORT (torch's static rendezvous, gloo), one CPU process each, exactly as scripts/slurm/train.sbatch runs

@@ -161,6 +161,7 @@ def _sweep_problems(raw: dict[str, Any], recipe: Recipe, check_trainer: bool) ->
             except RecipeError as exc:
                 problems += [f"sweep.space.{key} = {value!r}: {p}" for p in exc.problems]
                 break
+    problems += _pruner_problems(recipe)
     objective = sweep.objective
     if recipe.eval is None:
         problems.append("sweep.objective: the recipe has no `eval:` block, so no trial would be scored; add one "
@@ -174,6 +175,25 @@ def _sweep_problems(raw: dict[str, Any], recipe: Recipe, check_trainer: bool) ->
         problems.append(f"sweep.objective.task: '{objective.task}' is not among the tasks eval scores "
                         f"({', '.join(tasks)}); add it to eval.tasks or choose one of those")
     return problems
+
+
+def _pruner_problems(recipe: Recipe) -> list[str]:
+    """A pruner's stage is a training stage of this recipe that evaluates on the validation split every eval_steps:
+    its evaluations are what the pruner judges a trial on."""
+    pruner = recipe.sweep.pruner
+    if pruner.kind == "none":
+        return []
+    ids = [s.id for s in recipe.stages]
+    if pruner.stage not in ids:
+        return [f"sweep.pruner.stage: no training stage '{pruner.stage}' (stages: {', '.join(ids) or 'none'})"]
+    index = ids.index(pruner.stage)
+    args = recipe.stages[index].args
+    strategy = str(args.get("eval_strategy", "no"))
+    if strategy == "no" or (strategy == "steps" and not args.get("eval_steps")):
+        return [f"sweep.pruner.stage: '{pruner.stage}' does not evaluate while it trains (args.eval_strategy: "
+                f"{strategy}, args.eval_steps: {args.get('eval_steps')}), so the pruner would have nothing to judge; "
+                f"set stages[{pruner.stage}].args.eval_strategy: steps and eval_steps: N"]
+    return []
 
 
 def load_recipe(path: str | Path, check_trainer: bool = True) -> Recipe:

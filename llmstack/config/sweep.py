@@ -8,6 +8,10 @@ paths it addresses them by.
       objective: {stage: sft, task: identity, direction: maximize}
       n_trials: 4
       enqueue: [{stages[sft].args.learning_rate: 5.0e-4, stages[sft].lora.r: 16}]   # tried first: the shipped values
+      pruner: {kind: median, stage: sft, n_startup_trials: 1}   # stop a trial whose sft eval_loss trails the others
+
+The pruner judges a trial on the evaluations its training stage makes while it trains (`eval_strategy: steps`), not
+on the objective, which exists only once the trial's eval stage has run (llmstack/sweep/pruning.py).
 
 A path is the one `llmstack validate` prints for a problem (`stages[1].lora.r`); a stage may also be named by its id
 (`stages[sft]`). Whether a path and its values make a valid recipe is checked against the recipe itself
@@ -145,6 +149,53 @@ class ObjectiveSpec(Strict):
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
+class PrunerSpec(Strict):
+    """Stop a trial early on its training stage's evaluations (its `eval_loss` every `eval_steps`)."""
+
+    kind: Literal["none", "median", "percentile", "hyperband", "successive_halving"] = Field(
+        "none", description="the Optuna pruner (optuna.pruners.MedianPruner, PercentilePruner, HyperbandPruner, "
+        "SuccessiveHalvingPruner); none: every trial runs to its eval")
+    stage: str | None = Field(None, description="the id of the training stage whose evaluations judge a trial (e.g. "
+                              "sft); it needs args.eval_strategy: steps and args.eval_steps")
+    metric: str = Field("eval_loss", description="the logged evaluation metric reported to the pruner (eval_loss, or "
+                        "another eval_* value the stage's trainer logs)")
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="whether a lower or higher metric is better; default minimize for a *loss metric "
+        "(required for any other). Reported to Optuna negated when it differs from the objective's direction")
+    n_startup_trials: int | None = Field(None, ge=0, description="median / percentile: prune nothing until this "
+                                         "many trials have completed (default 5)")
+    n_warmup_steps: int = Field(0, ge=0, description="prune no trial before this training step (hyperband / "
+                                "successive_halving: their minimum resource, in steps)")
+    percentile: float | None = Field(None, gt=0, lt=100, description="percentile only: prune a trial whose best "
+                                     "value so far is worse than this percentile of the completed trials' at the "
+                                     "same step (50: the median)")
+    reduction_factor: int | None = Field(None, ge=2, description="hyperband / successive_halving: keep 1 in this "
+                                         "many trials at each rung (default 3)")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self):
+        problems = []
+        if self.kind != "none" and not self.stage:
+            problems.append("stage: give the id of the training stage whose evaluations judge a trial (e.g. sft)")
+        if self.percentile is not None and self.kind != "percentile":
+            problems.append("percentile: only for kind: percentile")
+        if self.kind == "percentile" and self.percentile is None:
+            problems.append("percentile: kind percentile needs it (e.g. 25: prune below the best quarter)")
+        if self.n_startup_trials is not None and self.kind not in ("median", "percentile"):
+            problems.append("n_startup_trials: only for kind median or percentile")
+        if self.reduction_factor is not None and self.kind not in ("hyperband", "successive_halving"):
+            problems.append("reduction_factor: only for kind hyperband or successive_halving")
+        if self.kind != "none" and self.metric_direction is None:
+            problems.append(f"direction: '{self.metric}' is not a loss; say whether it is minimize or maximize")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def metric_direction(self) -> str | None:
+        return self.direction or ("minimize" if self.metric.endswith("loss") else None)
+
+
 class SweepRaySpec(Strict):
     address: str = Field("auto", description="a running Ray cluster: auto (the one this machine belongs to) or "
                          "HOST:PORT of its head")
@@ -164,6 +215,8 @@ class SweepSpec(Strict):
     study: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                               description="the Optuna study's name (None: the recipe's name)")
     ray: SweepRaySpec | None = Field(None, description="run trials in parallel as Ray tasks on a running cluster")
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec, description="stop trials early on their training "
+                               "stage's evaluations (kind: none, the default, runs every trial to its eval)")
 
     def enqueue_problems(self) -> list[str]:
         """`sweep.enqueue[i]...: problem` lines: an enqueued trial gives each searched path a value its space admits."""

@@ -2,7 +2,7 @@
 or already-finished sweep writes the same files:
 
     trials.jsonl        one line per trial: number, state, objective value and its 95% interval, values, run folder,
-                        stages reused from the base run, the failure reason
+                        stages reused from the base run, the failure reason, where a pruned trial was stopped
     best_recipe.yaml    the recipe with the best trial's values, without its sweep block: `llmstack run` runs it
     importances.json    Optuna's parameter importances (from 2 complete trials on), or why there are none
     objective.png       the objective per trial with its interval, and the best so far
@@ -24,11 +24,19 @@ def trial_rows(study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "ci95": a.get("ci95"),
+        # a pruned trial's Optuna value is its last intermediate value (the pruner's metric), not the objective
+        value = t.value if t.state.name == "COMPLETE" else None
+        rows.append({"number": t.number, "state": t.state.name, "value": value, "ci95": a.get("ci95"),
                      "n": a.get("n"), "params": t.params, "run_dir": a.get("run_dir"), "reused": a.get("adopted"),
                      "wall_s": a.get("wall_s"), "steps": a.get("steps"),
-                     "error": a.get("error") or a.get("interrupted")})
+                     "error": a.get("error") or a.get("interrupted") or _pruned_note(a)})
     return rows
+
+
+def _pruned_note(attrs: dict[str, Any]) -> str | None:
+    if attrs.get("pruned_at") is None:
+        return None
+    return f"pruned at step {attrs['pruned_at']} (stopped at step {attrs['last_step']}, {fmt(attrs['last_value'])})"
 
 
 def best_trial(study):

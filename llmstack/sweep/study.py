@@ -10,10 +10,13 @@ in parallel on a cluster, and neither a journal storage nor a database reachable
 Resume: `load_if_exists`. A trial a killed sweep left RUNNING is marked FAIL (user attr `interrupted`) and its values
 are asked again; it does not count toward n_trials. Only one sweep of a study may run at a time.
 
-Pruning: none. A trial's score exists only once its eval stage has scored the trial's models, together, at the end
-of its run; nothing earlier measures the objective, so a pruner would have nothing to stop a trial on. The score of
-every model the eval scores is still reported as the trial's intermediate values (eval.stages order), so the
-dashboard shows how the objective stage compares with the ones before it.
+Pruning (`sweep.pruner`): the objective exists only once a trial's eval stage has run, so the pruner judges a trial
+on what its watched training stage measures while it trains: its evaluation metric (eval_loss) every eval_steps.
+The trial's stage writes each value into its folder, the driver reports them to Optuna (`trial.report(value, step)`,
+step = training step) and writes a PRUNE marker when the pruner says so; the stage, which waits for the driver to
+have read each value, stops at the evaluation judged and the trial is told PRUNED (llmstack/sweep/pruning.py,
+llmstack/train/pruning.py). Pruned trials count toward n_trials. The objective task's score of every model the eval
+scores is kept as the `steps` user attr.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 from llmstack.config.recipe import Recipe, parse_recipe
 from llmstack.config.sweep import apply
 from llmstack.pipeline import fingerprints, plan, run_recipe
+from llmstack.sweep.pruning import POLL_S, Watch, make_pruner, request, watching
 from llmstack.sweep.trial import run_trial
 
 log = logging.getLogger("llmstack")
@@ -93,7 +97,8 @@ def default_storage(runs_root: Path, recipe_name: str, study: str) -> str:
 
 
 def open_study(p: SweepPlan):
-    """The study in its storage (created, or loaded to resume), with a TPE sampler seeded from the recipe's seed."""
+    """The study in its storage (created, or loaded to resume), with a TPE sampler seeded from the recipe's seed and
+    the recipe's pruner."""
     import optuna
 
     try:
@@ -110,7 +115,8 @@ def open_study(p: SweepPlan):
     # random start. TPE models the space after n_startup_trials random ones: at most half of a small sweep.
     sampler = optuna.samplers.TPESampler(seed=p.recipe.seed + len(study.trials),
                                          n_startup_trials=max(1, min(10, p.n_trials // 2)))
-    return optuna.load_study(study_name=p.study_name, storage=storage, sampler=sampler), storage
+    return optuna.load_study(study_name=p.study_name, storage=storage, sampler=sampler,
+                             pruner=make_pruner(p.recipe.sweep.pruner)), storage
 
 
 def recover(study, storage, enqueue: list[dict[str, Any]]) -> int:
@@ -134,17 +140,17 @@ def recover(study, storage, enqueue: list[dict[str, Any]]) -> int:
 
 
 def finished(study) -> int:
-    """Trials that count toward n_trials: complete, or failed with a reason of their own (not interrupted)."""
+    """Trials that count toward n_trials: complete, pruned, or failed with a reason of their own (not interrupted)."""
     from optuna.trial import TrialState
 
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and INTERRUPTED not in t.user_attrs))
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and INTERRUPTED not in t.user_attrs))
 
 
-def base_run(p: SweepPlan) -> Path | None:
-    """Run, once, every stage no searched value changes (the model, curation, stages before the first searched
-    one): found by fingerprint, comparing the recipe with every probe value of every path. Trials adopt these
-    stages from this run instead of re-running them. None when the first stage already changes."""
+def shared_stages(p: SweepPlan) -> list[str]:
+    """The stages no searched value changes (the model, curation, stages before the first searched one), found by
+    fingerprint, comparing the recipe with every probe value of every path."""
     names = [s.name for s in plan(p.recipe)]
     base = fingerprints(p.recipe)
     first = len(names) - 1  # the report always runs
@@ -152,13 +158,25 @@ def base_run(p: SweepPlan) -> Path | None:
         for value in param.probes():
             other = fingerprints(parse_recipe(apply(p.raw, {key: value}), check_trainer=False))
             first = min([first] + [i for i, n in enumerate(names) if other.get(n) != base.get(n)])
-    if first == 0:
+    return names[:first]
+
+
+def base_run(p: SweepPlan) -> Path | None:
+    """Run, once, the stages every trial shares; trials adopt them from this run instead of re-running them. None
+    when the first stage already changes. A pruner watching a shared stage would judge no trial: refused first."""
+    shared = shared_stages(p)
+    pruner = p.recipe.sweep.pruner
+    if pruner.kind != "none" and pruner.stage in shared:
+        raise SweepError(f"sweep.pruner.stage: '{pruner.stage}' is the same in every trial (no searched value changes "
+                         "it), so it runs once, before the trials, and would judge none; watch a stage that a "
+                         "searched value changes")
+    if not shared:
         return None
-    log.info("sweep: shared stages %s run once, in %s", ", ".join(names[:first]), p.run_id("base"))
+    log.info("sweep: shared stages %s run once, in %s", ", ".join(shared), p.run_id("base"))
     try:
-        return run_recipe(p.recipe, p.recipe_path, p.runs_root, run_id=p.run_id("base"), only=names[:first]).dir
+        return run_recipe(p.recipe, p.recipe_path, p.runs_root, run_id=p.run_id("base"), only=shared).dir
     except Exception as exc:
-        raise SweepError(f"the stages every trial shares ({', '.join(names[:first])}) failed: "
+        raise SweepError(f"the stages every trial shares ({', '.join(shared)}) failed: "
                          f"{type(exc).__name__}: {exc}") from None
 
 
@@ -182,6 +200,10 @@ def optimize(p: SweepPlan) -> Any:
         pool.close()
         raise
     pending: dict[Any, Any] = {}
+    watches: dict[Any, Watch | None] = {}
+    sweep = p.recipe.sweep
+    pruning = request(sweep.pruner)
+    negate = sweep.pruner.metric_direction != sweep.objective.direction
     try:
         while True:
             in_time = deadline is None or time.monotonic() < deadline
@@ -190,21 +212,29 @@ def optimize(p: SweepPlan) -> Any:
                 values = {k: spec.suggest(trial, k) for k, spec in p.recipe.sweep.space.items()}
                 run_id = p.run_id(f"t{trial.number}")
                 args = (p.raw, values, str(p.runs_root), run_id, str(p.dir / "trials" / f"{run_id}.yaml"), donors,
-                        os.getcwd())
-                pending[pool.submit(args)] = trial
+                        os.getcwd(), pruning)
+                watch = Watch(trial, p.runs_root / p.recipe.name / run_id / pruning["stage"], negate) \
+                    if pruning else None
+                handle = pool.submit(args, watch)
+                pending[handle], watches[handle] = trial, watch
             if not pending:
                 return study
-            handle, outcome = pool.next_done(list(pending))
-            trial = pending.pop(handle)
+            handle, outcome = pool.next_done(list(pending), [w for w in watches.values() if w])
+            trial, watch = pending.pop(handle), watches.pop(handle)
             for attr in ("run_dir", "ci95", "n", "adopted", "wall_s", "pid"):
                 trial.set_user_attr(attr, outcome[attr])
+            if outcome["error"] and watch is not None and watch.pruned_at is not None:
+                # the stage stopped on the marker (or a crash came after it): pruned, not failed
+                for attr, value in watch.attrs().items():
+                    trial.set_user_attr(attr, value)
+                study.tell(trial, state=TrialState.PRUNED)
+                log.info("trial %d: pruned at step %d", trial.number, watch.pruned_at)
+                continue
             if outcome["error"]:
                 trial.set_user_attr("error", outcome["error"])
                 study.tell(trial, state=TrialState.FAIL)
                 log.warning("trial %d failed: %s", trial.number, outcome["error"])
                 continue
-            for step, (_stage, score) in enumerate(outcome["steps"]):
-                trial.report(score, step)
             trial.set_user_attr("steps", dict(outcome["steps"]))
             study.tell(trial, outcome["value"])
             log.info("trial %d: %s = %.4f", trial.number, p.recipe.sweep.objective.task, outcome["value"])
@@ -213,19 +243,20 @@ def optimize(p: SweepPlan) -> Any:
 
 
 class _LocalPool:
-    """Trials one after another in this process."""
+    """Trials one after another in this process; a trial's intermediate values are read on a thread while it runs."""
 
     parallel = 1
 
     def __init__(self):
         self._done: dict[int, dict[str, Any]] = {}
 
-    def submit(self, args: tuple) -> int:
+    def submit(self, args: tuple, watch: Watch | None) -> int:
         handle = len(self._done)
-        self._done[handle] = run_trial(*args)
+        with watching(watch):
+            self._done[handle] = run_trial(*args)
         return handle
 
-    def next_done(self, handles: list[int]) -> tuple[int, dict[str, Any]]:
+    def next_done(self, handles: list[int], watches: list[Watch]) -> tuple[int, dict[str, Any]]:
         return handles[0], self._done.pop(handles[0])
 
     def close(self) -> None:
@@ -259,13 +290,18 @@ class _RayPool:
                                  "--head` on the head node) or fix the address") from None
         self._task = ray.remote(num_cpus=1, max_retries=0)(run_trial)
 
-    def submit(self, args: tuple):
+    def submit(self, args: tuple, watch: Watch | None):
         return self._task.remote(*args)
 
-    def next_done(self, handles: list) -> tuple[Any, dict[str, Any]]:
+    def next_done(self, handles: list, watches: list[Watch]) -> tuple[Any, dict[str, Any]]:
+        """The next trial to finish; the running trials' intermediate values are read while waiting for it."""
         import ray
 
-        done, _ = ray.wait(handles, num_returns=1)
+        done: list = []
+        while not done:
+            done, _ = ray.wait(handles, num_returns=1, timeout=POLL_S if watches else None)
+            for watch in watches:
+                watch.poll()
         try:
             return done[0], ray.get(done[0])
         except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory): the trial failed

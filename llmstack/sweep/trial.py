@@ -31,7 +31,7 @@ class TrialOutcome:
     value: float | None = None
     ci95: list[float] | None = None
     n: int | None = None
-    # the objective task's score of every model eval scored, in eval.stages order (the study's intermediate values)
+    # the objective task's score of every model eval scored, in eval.stages order (the trial's `steps` user attr)
     steps: list[tuple[str, float]] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
     error: str | None = None
@@ -59,14 +59,17 @@ def objective_score(manifest: dict[str, Any], stage: str, task: str,
 
 
 def run_trial(raw: dict[str, Any], values: dict[str, Any], runs_root: str, run_id: str, recipe_file: str,
-              donors: list[str], cwd: str | None = None) -> dict[str, Any]:
+              donors: list[str], cwd: str | None = None, pruning: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one trial; returns TrialOutcome.to_dict() (plain data: it crosses a Ray task boundary). `recipe_file`:
     where the trial's recipe is written (the run manifest records it, `llmstack run` can re-run it). `cwd`: the
-    directory the recipe's relative paths are read from (a Ray worker starts elsewhere)."""
+    directory the recipe's relative paths are read from (a Ray worker starts elsewhere). `pruning`: the sweep
+    pruner's {stage, metric}, written to the run folder as pruning.json for the watched stage to find
+    (llmstack/train/pruning.py)."""
     from llmstack.config.recipe import RecipeError, load_recipe
     from llmstack.config.sweep import apply
     from llmstack.pipeline import fingerprints, run_recipe
     from llmstack.runs import Run, adopt_fresh
+    from llmstack.train.pruning import MARKER, REQUEST
 
     if cwd:
         os.chdir(cwd)
@@ -79,6 +82,8 @@ def run_trial(raw: dict[str, Any], values: dict[str, Any], runs_root: str, run_i
         recipe = load_recipe(path)
         outcome.adopted = adopt_fresh(Run.open(runs_root, recipe.name, run_id), [Path(d) for d in donors],
                                       fingerprints(recipe))
+        if pruning:
+            (Path(outcome.run_dir) / REQUEST).write_text(json.dumps(pruning))
         log.info("trial %s: %s (reusing %s)", run_id, values, ", ".join(outcome.adopted) or "nothing")
         run = run_recipe(recipe, path, Path(runs_root), run_id=run_id)
         sweep = raw["sweep"]["objective"]
@@ -86,8 +91,11 @@ def run_trial(raw: dict[str, Any], values: dict[str, Any], runs_root: str, run_i
             run.manifest, sweep["stage"], sweep["task"], recipe.eval.stages)
     except RecipeError as exc:
         outcome.error = f"RecipeError: {'; '.join(exc.problems)}"
-    except Exception as exc:  # the trial failed; the sweep records why and goes on
+    except Exception as exc:  # the trial failed (or its pruner stopped it); the sweep records why and goes on
         outcome.error = f"{type(exc).__name__}: {exc}"
-        log.warning("trial %s failed: %s\n%s", run_id, outcome.error, traceback.format_exc(limit=3))
+        if pruning and (Path(outcome.run_dir) / pruning["stage"] / MARKER).exists():
+            log.info("trial %s: stopped by the sweep's pruner (%s)", run_id, outcome.error)
+        else:
+            log.warning("trial %s failed: %s\n%s", run_id, outcome.error, traceback.format_exc(limit=3))
     outcome.wall_s = round(time.perf_counter() - t0, 2)
     return outcome.to_dict()

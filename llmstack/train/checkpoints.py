@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from llmstack.runs import sha256_json
+from llmstack.train import pruning
 
 log = logging.getLogger("llmstack")
 
@@ -104,7 +105,10 @@ def check_shared_folder(accelerator, folder: Path, patience_s: float = 10.0) -> 
 def resume_checkpoint(ctx, trainer) -> str | None:
     """The last checkpoint in the stage folder if it was written for these same inputs, else None (and stale
     checkpoints are removed, so a changed recipe never resumes from another run's state). The trainer's own
-    resume restores model, optimizer, scheduler and RNG state and skips the batches already seen: same data order."""
+    resume restores model, optimizer, scheduler and RNG state and skips the batches already seen: same data order.
+    Every training stage calls this last before `trainer.train`, so it is also where a sweep trial's stage gets its
+    pruning callback (llmstack/train/pruning.py)."""
+    pruning.install(ctx, trainer)
     check_sharding(trainer)
     check_shared_folder(trainer.accelerator, ctx.dir)
     identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
