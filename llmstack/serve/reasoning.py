@@ -169,14 +169,32 @@ class ThinkSplit:
         self.reasoning_start: int | None = None
         self.content_start: int | None = None
         self.closed_at: int | None = None  # raw offset just past `</think>`
-        self.reasoning = ""
-        self.content = ""
+        # the parts returned so far, joined when read (`+=` on an attribute copies the whole text on every delta)
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
 
     @property
     def thinking(self) -> bool:
         return self.state in ("lead", "think")
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        if not final and not self.held and text:  # most deltas: plainly inside one part, nothing to look for
+            if self.state == "answer":
+                self.seen += len(text)
+                self._content.append(text)
+                return "", text
+            if self.state == "think" and "<" not in text[-len(CLOSE):] and text[-1] != "\n" and CLOSE not in text:
+                self.seen += len(text)
+                self._reasoning.append(text)
+                return text, ""
         pending, start = self.held + text, self.seen - len(self.held)
         self.seen += len(text)
         self.held, pos, reasoning, content = "", 0, "", ""
@@ -212,8 +230,8 @@ class ThinkSplit:
             else:
                 content += pending[pos:]
                 break
-        self.reasoning += reasoning
-        self.content += content
+        self._reasoning.append(reasoning)
+        self._content.append(content)
         return reasoning, content
 
     def is_thinking_row(self, start: int) -> bool:

@@ -282,8 +282,9 @@ class ServedRequest:
                          ttft_s=round(out.ttft, 4) if out.ttft else None, stream=True)
             if self.thinking is not None:
                 audit["reasoning_tokens"] = out.reasoning_tokens
-            srv.audit.write(audit, prompt=self.prompt_text, completion=out.sent,
-                            reasoning=out.sent_reasoning if out.thought_rails is not None else None)
+            srv.audit.write(audit, prompt=self.prompt_text, completion=["".join(p) for p in out.sent],
+                            reasoning=["".join(p) for p in out.sent_reasoning] if out.thought_rails is not None
+                            else None)
 
     def _finish_metrics(self, n_out: int, ttft: float | None) -> None:
         self.srv.metrics.tokens.labels("completion").inc(n_out)
@@ -307,7 +308,7 @@ class StreamedAnswer:
         self.rails = [call.srv.output_rails.stream() for _ in range(n)]
         self.raw_len = [0] * n
         self.held_rows: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
-        self.sent = [""] * n
+        self.sent: list[list[str]] = [[] for _ in range(n)]  # per choice the parts sent, joined for the audit line
         self.n_out, self.ttft, self.status, self.done = 0, None, 200, False
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.tool_stream = ToolStream(call.plan, n, call.audit) if call.plan is not None else None
@@ -319,7 +320,7 @@ class StreamedAnswer:
             self.thought_rails = [rails.stream() for _ in range(n)]
         self.held_thought: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
         self.thought_done = [False] * n
-        self.sent_reasoning = [""] * n
+        self.sent_reasoning: list[list[str]] = [[] for _ in range(n)]
         self.reasoning_tokens = 0
 
     def chunk(self, index: int, text: str | None = None, finish: str | None = None, lp: list[dict] | None = None,
@@ -357,13 +358,17 @@ class StreamedAnswer:
             if split.thinking:  # the tokens of the closing tag count as thinking
                 self.reasoning_tokens += len(d.token_ids)
             thought, text = split.feed(d.text, final=final)
-            n_thought = sum(1 for r in rows if split.is_thinking_row(r[0]))
-            yield from self._thought(i, thought, rows[:n_thought], final)
+            thought_rows = []
+            if rows:
+                n_thought = sum(1 for r in rows if split.is_thinking_row(r[0]))
+                thought_rows, rows = rows[:n_thought], split.channel(rows[n_thought:], thinking=False)
+            yield from self._thought(i, thought, thought_rows, final)
             if self.done:
                 return
-            rows = split.channel(rows[n_thought:], thinking=False)
-        self.held_rows[i] += rows
         rail = self.rails[i]
+        if not text and not final and not rows and not self.held_rows[i] and not rail.pending:
+            return  # nothing new and nothing waiting (a reasoning model's answer while it thinks): no event
+        self.held_rows[i] += rows
         v = rail.feed(text, final=final)
         if v.blocked:
             yield from self._blocked(v)
@@ -371,7 +376,7 @@ class StreamedAnswer:
         ready = [r for r in self.held_rows[i] if r[1] <= rail.consumed]
         self.held_rows[i] = self.held_rows[i][len(ready):]
         rows = call.srv.output_rails.scrub(ready, rail.redacted)
-        self.sent[i] += v.text
+        self.sent[i].append(v.text)
         if self.tool_stream is not None:
             for kwargs in self.tool_stream.feed(i, v.text, rows, d.finish_reason):
                 yield self.chunk(i, **kwargs)
@@ -397,13 +402,16 @@ class StreamedAnswer:
         if v.blocked:
             yield from self._blocked(v)
             return
-        held = split.channel(self.held_thought[i], thinking=True)
-        n_ready = len(held) if closed else next((k for k, r in enumerate(held) if r[1] > rail.consumed), len(held))
-        self.held_thought[i] = self.held_thought[i][n_ready:]
-        if self.call.thinking.policy == "rail":
-            out_rows = self.call.srv.output_rails.scrub(held[:n_ready], rail.redacted)
-        else:
-            out_rows = [row for _, _, row in held[:n_ready]]
-        self.sent_reasoning[i] += v.text
+        out_rows = []
+        if self.held_thought[i]:
+            held = split.channel(self.held_thought[i], thinking=True)
+            n_ready = len(held) if closed else next((k for k, r in enumerate(held) if r[1] > rail.consumed),
+                                                    len(held))
+            self.held_thought[i] = self.held_thought[i][n_ready:]
+            if self.call.thinking.policy == "rail":
+                out_rows = self.call.srv.output_rails.scrub(held[:n_ready], rail.redacted)
+            else:
+                out_rows = [row for _, _, row in held[:n_ready]]
+        self.sent_reasoning[i].append(v.text)
         if v.text or out_rows:
             yield self.chunk(i, reasoning=v.text, lp=out_rows)
