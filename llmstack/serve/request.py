@@ -43,11 +43,14 @@ class Answer:
     splits: list[ThinkSplit] | None = None  # a reasoning model's: each choice's thinking and answer
     reasoning: list[str | None] = field(default_factory=list)  # each choice's thinking as the policy lets it out
     reasoning_tokens: int = 0
+    delta_tokens: list[list[tuple[int, int]]] = field(default_factory=list)  # a reasoning model's, per choice:
+    # (raw start, tokens) of each delta, which tells the thinking's tokens once the output is split
 
     @classmethod
     def empty(cls, n: int, thinking: Thinking | None = None) -> Answer:
         return cls([""] * n, [[] for _ in range(n)], [None] * n, reasoning=[None] * n,
-                   splits=[ThinkSplit(thinking.opens) for _ in range(n)] if thinking is not None else None)
+                   splits=[ThinkSplit(thinking.opens) for _ in range(n)] if thinking is not None else None,
+                   delta_tokens=[[] for _ in range(n)])
 
 
 @dataclass
@@ -121,12 +124,13 @@ class ServedRequest:
                     if d.stop_reason:
                         self.stopped_by[d.index] = d.stop_reason
                     if ans.splits is not None:
-                        split = ans.splits[d.index]
-                        if split.thinking:  # the tokens of the closing tag count as thinking
-                            ans.reasoning_tokens += len(d.token_ids)
-                        split.feed(d.text)
-        for split in ans.splits or []:
-            split.feed("", final=True)  # unclosed thinking at the end (a length cut) is all thinking
+                        ans.delta_tokens[d.index].append((start, len(d.token_ids)))
+        # The whole output split at once (ThinkSplit's split does not depend on how its text was cut); unclosed
+        # thinking at the end (a length cut) is all thinking. Its tokens are those of the deltas that began inside it,
+        # the closing tag's included, as a stream counts them.
+        for i, split in enumerate(ans.splits or []):
+            split.feed(ans.texts[i], final=True)
+            ans.reasoning_tokens += sum(n for start, n in ans.delta_tokens[i] if split.is_thinking_row(start))
 
     async def complete(self, request: Request):
         """The whole answer as one JSON body; a client that hangs up first aborts the engine request."""
