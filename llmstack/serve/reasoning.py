@@ -164,6 +164,7 @@ class ThinkSplit:
     def __init__(self, opens: bool):
         self.opens = opens
         self.state = "lead" if opens else "answer_lead"
+        self.thinking = opens  # the state is lead or think (an attribute: read on every delta)
         self.seen = 0  # raw characters fed
         self.held = ""  # the raw tail held back (it ends at `seen`)
         self.reasoning_start: int | None = None
@@ -180,10 +181,6 @@ class ThinkSplit:
     @property
     def content(self) -> str:
         return "".join(self._content)
-
-    @property
-    def thinking(self) -> bool:
-        return self.state in ("lead", "think")
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         if not final and not self.held and text:  # most deltas: plainly inside one part, nothing to look for
@@ -230,6 +227,7 @@ class ThinkSplit:
             else:
                 content += pending[pos:]
                 break
+        self.thinking = self.state in ("lead", "think")
         self._reasoning.append(reasoning)
         self._content.append(content)
         return reasoning, content

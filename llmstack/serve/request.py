@@ -390,22 +390,22 @@ class StreamedAnswer:
         if d.finish_reason:
             yield self.chunk(i, finish=d.finish_reason)
 
-    def _thought(self, i: int, thought: str, rows: list[tuple[int, int, dict]], final: bool) -> Iterator[str]:
+    def _thought(self, i: int, thought: str, rows: list[tuple[int, int, dict]], final: bool) -> list[str]:
         """A piece of choice i's thinking, through its own rail, as a reasoning delta with its logprobs rows; when
-        thinking has closed, the rest the rail held. Under `hide` nothing goes out."""
+        thinking has closed, the rest the rail held. Under `hide` nothing goes out. (A list, not a generator like
+        `lines`: it runs on every delta of the thinking and gives at most one event.)"""
         split = self.splits[i]
         if self.thought_rails is None or self.thought_done[i]:
-            return
+            return []
         closed = final or not split.thinking
         self.held_thought[i] += rows
         if not thought and not closed and not rows:
-            return
+            return []
         rail = self.thought_rails[i]
         v = rail.feed(thought, final=closed)
         self.thought_done[i] = closed
         if v.blocked:
-            yield from self._blocked(v)
-            return
+            return list(self._blocked(v))
         out_rows = []
         if self.held_thought[i]:
             held = split.channel(self.held_thought[i], thinking=True)
@@ -417,5 +417,4 @@ class StreamedAnswer:
             else:
                 out_rows = [row for _, _, row in held[:n_ready]]
         self.sent_reasoning[i].append(v.text)
-        if v.text or out_rows:
-            yield self.chunk(i, reasoning=v.text, lp=out_rows)
+        return [self.chunk(i, reasoning=v.text, lp=out_rows)] if v.text or out_rows else []
