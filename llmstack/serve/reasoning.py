@@ -159,7 +159,9 @@ class ThinkSplit:
     Thinking is the text before `</think>` without its surrounding newlines; the answer is what follows, without the
     template's blank line. A tail that may still be (the start of) the closing tag, or newlines before it, is held
     back until it is known. Both parts are contiguous slices of the raw output (`reasoning_start`, `content_start`),
-    which is how logprobs rows, in raw offsets, are told apart and placed on each part (`channel`)."""
+    which is how logprobs rows, in raw offsets, are told apart and placed on each part (`channel`). The split does
+    not depend on how the text is cut into deltas (tests/test_serve_reasoning_split.py): a non-streamed answer is
+    fed in one piece."""
 
     def __init__(self, opens: bool):
         self.opens = opens

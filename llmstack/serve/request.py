@@ -50,7 +50,7 @@ class Answer:
     def empty(cls, n: int, thinking: Thinking | None = None) -> Answer:
         return cls([""] * n, [[] for _ in range(n)], [None] * n, reasoning=[None] * n,
                    splits=[ThinkSplit(thinking.opens) for _ in range(n)] if thinking is not None else None,
-                   delta_tokens=[[] for _ in range(n)])
+                   delta_tokens=[[] for _ in range(n)] if thinking is not None else [])
 
 
 @dataclass
