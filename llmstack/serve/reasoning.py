@@ -159,24 +159,41 @@ class ThinkSplit:
     Thinking is the text before `</think>` without its surrounding newlines; the answer is what follows, without the
     template's blank line. A tail that may still be (the start of) the closing tag, or newlines before it, is held
     back until it is known. Both parts are contiguous slices of the raw output (`reasoning_start`, `content_start`),
-    which is how logprobs rows, in raw offsets, are told apart and placed on each part (`channel`)."""
+    which is how logprobs rows, in raw offsets, are told apart and placed on each part (`channel`). The split does
+    not depend on how the text is cut into deltas (tests/test_serve_reasoning_split.py): a non-streamed answer is
+    fed in one piece."""
 
     def __init__(self, opens: bool):
         self.opens = opens
         self.state = "lead" if opens else "answer_lead"
+        self.thinking = opens  # the state is lead or think (an attribute: read on every delta)
         self.seen = 0  # raw characters fed
         self.held = ""  # the raw tail held back (it ends at `seen`)
         self.reasoning_start: int | None = None
         self.content_start: int | None = None
         self.closed_at: int | None = None  # raw offset just past `</think>`
-        self.reasoning = ""
-        self.content = ""
+        # the parts returned so far, joined when read (`+=` on an attribute copies the whole text on every delta)
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
 
     @property
-    def thinking(self) -> bool:
-        return self.state in ("lead", "think")
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        if not final and not self.held and text:  # most deltas: plainly inside one part, nothing to look for
+            if self.state == "answer":
+                self.seen += len(text)
+                self._content.append(text)
+                return "", text
+            if self.state == "think" and "<" not in text[-len(CLOSE):] and text[-1] != "\n" and CLOSE not in text:
+                self.seen += len(text)
+                self._reasoning.append(text)
+                return text, ""
         pending, start = self.held + text, self.seen - len(self.held)
         self.seen += len(text)
         self.held, pos, reasoning, content = "", 0, "", ""
@@ -212,8 +229,9 @@ class ThinkSplit:
             else:
                 content += pending[pos:]
                 break
-        self.reasoning += reasoning
-        self.content += content
+        self.thinking = self.state in ("lead", "think")
+        self._reasoning.append(reasoning)
+        self._content.append(content)
         return reasoning, content
 
     def is_thinking_row(self, start: int) -> bool:

@@ -43,11 +43,14 @@ class Answer:
     splits: list[ThinkSplit] | None = None  # a reasoning model's: each choice's thinking and answer
     reasoning: list[str | None] = field(default_factory=list)  # each choice's thinking as the policy lets it out
     reasoning_tokens: int = 0
+    delta_tokens: list[list[tuple[int, int]]] = field(default_factory=list)  # a reasoning model's, per choice:
+    # (raw start, tokens) of each delta, which tells the thinking's tokens once the output is split
 
     @classmethod
     def empty(cls, n: int, thinking: Thinking | None = None) -> Answer:
         return cls([""] * n, [[] for _ in range(n)], [None] * n, reasoning=[None] * n,
-                   splits=[ThinkSplit(thinking.opens) for _ in range(n)] if thinking is not None else None)
+                   splits=[ThinkSplit(thinking.opens) for _ in range(n)] if thinking is not None else None,
+                   delta_tokens=[[] for _ in range(n)] if thinking is not None else [])
 
 
 @dataclass
@@ -121,12 +124,13 @@ class ServedRequest:
                     if d.stop_reason:
                         self.stopped_by[d.index] = d.stop_reason
                     if ans.splits is not None:
-                        split = ans.splits[d.index]
-                        if split.thinking:  # the tokens of the closing tag count as thinking
-                            ans.reasoning_tokens += len(d.token_ids)
-                        split.feed(d.text)
-        for split in ans.splits or []:
-            split.feed("", final=True)  # unclosed thinking at the end (a length cut) is all thinking
+                        ans.delta_tokens[d.index].append((start, len(d.token_ids)))
+        # The whole output split at once (ThinkSplit's split does not depend on how its text was cut); unclosed
+        # thinking at the end (a length cut) is all thinking. Its tokens are those of the deltas that began inside it,
+        # the closing tag's included, as a stream counts them.
+        for i, split in enumerate(ans.splits or []):
+            split.feed(ans.texts[i], final=True)
+            ans.reasoning_tokens += sum(n for start, n in ans.delta_tokens[i] if split.is_thinking_row(start))
 
     async def complete(self, request: Request):
         """The whole answer as one JSON body; a client that hangs up first aborts the engine request."""
@@ -282,8 +286,9 @@ class ServedRequest:
                          ttft_s=round(out.ttft, 4) if out.ttft else None, stream=True)
             if self.thinking is not None:
                 audit["reasoning_tokens"] = out.reasoning_tokens
-            srv.audit.write(audit, prompt=self.prompt_text, completion=out.sent,
-                            reasoning=out.sent_reasoning if out.thought_rails is not None else None)
+            srv.audit.write(audit, prompt=self.prompt_text, completion=["".join(p) for p in out.sent],
+                            reasoning=["".join(p) for p in out.sent_reasoning] if out.thought_rails is not None
+                            else None)
 
     def _finish_metrics(self, n_out: int, ttft: float | None) -> None:
         self.srv.metrics.tokens.labels("completion").inc(n_out)
@@ -307,7 +312,7 @@ class StreamedAnswer:
         self.rails = [call.srv.output_rails.stream() for _ in range(n)]
         self.raw_len = [0] * n
         self.held_rows: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
-        self.sent = [""] * n
+        self.sent: list[list[str]] = [[] for _ in range(n)]  # per choice the parts sent, joined for the audit line
         self.n_out, self.ttft, self.status, self.done = 0, None, 200, False
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.tool_stream = ToolStream(call.plan, n, call.audit) if call.plan is not None else None
@@ -319,7 +324,7 @@ class StreamedAnswer:
             self.thought_rails = [rails.stream() for _ in range(n)]
         self.held_thought: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
         self.thought_done = [False] * n
-        self.sent_reasoning = [""] * n
+        self.sent_reasoning: list[list[str]] = [[] for _ in range(n)]
         self.reasoning_tokens = 0
 
     def chunk(self, index: int, text: str | None = None, finish: str | None = None, lp: list[dict] | None = None,
@@ -357,13 +362,17 @@ class StreamedAnswer:
             if split.thinking:  # the tokens of the closing tag count as thinking
                 self.reasoning_tokens += len(d.token_ids)
             thought, text = split.feed(d.text, final=final)
-            n_thought = sum(1 for r in rows if split.is_thinking_row(r[0]))
-            yield from self._thought(i, thought, rows[:n_thought], final)
+            thought_rows = []
+            if rows:
+                n_thought = sum(1 for r in rows if split.is_thinking_row(r[0]))
+                thought_rows, rows = rows[:n_thought], split.channel(rows[n_thought:], thinking=False)
+            yield from self._thought(i, thought, thought_rows, final)
             if self.done:
                 return
-            rows = split.channel(rows[n_thought:], thinking=False)
-        self.held_rows[i] += rows
         rail = self.rails[i]
+        if not text and not final and not rows and not self.held_rows[i] and not rail.pending:
+            return  # nothing new and nothing waiting (a reasoning model's answer while it thinks): no event
+        self.held_rows[i] += rows
         v = rail.feed(text, final=final)
         if v.blocked:
             yield from self._blocked(v)
@@ -371,7 +380,7 @@ class StreamedAnswer:
         ready = [r for r in self.held_rows[i] if r[1] <= rail.consumed]
         self.held_rows[i] = self.held_rows[i][len(ready):]
         rows = call.srv.output_rails.scrub(ready, rail.redacted)
-        self.sent[i] += v.text
+        self.sent[i].append(v.text)
         if self.tool_stream is not None:
             for kwargs in self.tool_stream.feed(i, v.text, rows, d.finish_reason):
                 yield self.chunk(i, **kwargs)
@@ -381,29 +390,31 @@ class StreamedAnswer:
         if d.finish_reason:
             yield self.chunk(i, finish=d.finish_reason)
 
-    def _thought(self, i: int, thought: str, rows: list[tuple[int, int, dict]], final: bool) -> Iterator[str]:
+    def _thought(self, i: int, thought: str, rows: list[tuple[int, int, dict]], final: bool) -> list[str]:
         """A piece of choice i's thinking, through its own rail, as a reasoning delta with its logprobs rows; when
-        thinking has closed, the rest the rail held. Under `hide` nothing goes out."""
+        thinking has closed, the rest the rail held. Under `hide` nothing goes out. (A list, not a generator like
+        `lines`: it runs on every delta of the thinking and gives at most one event.)"""
         split = self.splits[i]
         if self.thought_rails is None or self.thought_done[i]:
-            return
+            return []
         closed = final or not split.thinking
         self.held_thought[i] += rows
         if not thought and not closed and not rows:
-            return
+            return []
         rail = self.thought_rails[i]
         v = rail.feed(thought, final=closed)
         self.thought_done[i] = closed
         if v.blocked:
-            yield from self._blocked(v)
-            return
-        held = split.channel(self.held_thought[i], thinking=True)
-        n_ready = len(held) if closed else next((k for k, r in enumerate(held) if r[1] > rail.consumed), len(held))
-        self.held_thought[i] = self.held_thought[i][n_ready:]
-        if self.call.thinking.policy == "rail":
-            out_rows = self.call.srv.output_rails.scrub(held[:n_ready], rail.redacted)
-        else:
-            out_rows = [row for _, _, row in held[:n_ready]]
-        self.sent_reasoning[i] += v.text
-        if v.text or out_rows:
-            yield self.chunk(i, reasoning=v.text, lp=out_rows)
+            return list(self._blocked(v))
+        out_rows = []
+        if self.held_thought[i]:
+            held = split.channel(self.held_thought[i], thinking=True)
+            n_ready = len(held) if closed else next((k for k, r in enumerate(held) if r[1] > rail.consumed),
+                                                    len(held))
+            self.held_thought[i] = self.held_thought[i][n_ready:]
+            if self.call.thinking.policy == "rail":
+                out_rows = self.call.srv.output_rails.scrub(held[:n_ready], rail.redacted)
+            else:
+                out_rows = [row for _, _, row in held[:n_ready]]
+        self.sent_reasoning[i].append(v.text)
+        return [self.chunk(i, reasoning=v.text, lp=out_rows)] if v.text or out_rows else []
