@@ -210,6 +210,16 @@ def test_stream_rail_redacts_pii_split_across_chunks():
     assert rail.feed("3 4567 now", final=True).text == "<PHONE> now"
 
 
+def test_an_empty_blocklist_term_is_a_config_error_not_a_block_on_everything():
+    from pydantic import ValidationError
+
+    for side in ("input", "output"):
+        for term in ("", "  ", "\n"):
+            with pytest.raises(ValidationError, match="empty or only whitespace"):
+                GuardPolicy.model_validate({side: {"blocklist": ["fine", term]}})
+    assert GuardPolicy.model_validate({"output": {"blocklist": ["secret plan"]}}).output.blocklist == ["secret plan"]
+
+
 # ------------------------------------------------------------------- output rails and the queue (scripted)
 
 

@@ -224,6 +224,15 @@ class RailPolicy(Strict):
     def _yaml_off(cls, v):
         return "off" if v is False else v  # YAML reads a bare `off` as false
 
+    @field_validator("blocklist")
+    @classmethod
+    def _no_empty_terms(cls, v: list[str]) -> list[str]:
+        for i, term in enumerate(v):
+            if not term.strip():
+                raise ValueError(f"term {i} ({term!r}) is empty or only whitespace: it would match, and block, every "
+                                 "text; remove it")
+        return v
+
 
 class InputRails(RailPolicy):
     exempt_roles: list[Literal["system", "developer", "user", "assistant", "tool"]] = Field(
