@@ -36,7 +36,8 @@ def trial_rows(study) -> list[dict[str, Any]]:
 def _pruned_note(attrs: dict[str, Any]) -> str | None:
     if attrs.get("pruned_at") is None:
         return None
-    return f"pruned at step {attrs['pruned_at']} (stopped at step {attrs['last_step']}, {fmt(attrs['last_value'])})"
+    return (f"pruned at step {attrs['pruned_at']}: the pruner's metric read {fmt(attrs['last_value'])} at its last "
+            f"evaluation (step {attrs['last_step']})")
 
 
 def best_trial(study):
