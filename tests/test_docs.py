@@ -100,14 +100,15 @@ def test_a_benchmark_record_says_what_was_measured_where(tmp_path, monkeypatch):
     rec = json.loads(first.read_text())
     assert first.parent == tmp_path and first.name.startswith("train-") and rec["source"] == "measured"
     assert rec["command"].endswith("scripts/bench_train.py --steps 4")
-    assert set(rec["machine"]["cpu_flags"]) == {"avx512f", "avx512_bf16", "avx2"}
+    assert set(rec["machine"]["cpu_flags"]) == {"avx512f", "avx512_bf16", "amx_bf16", "avx2"}
     assert len(rec["machine"]["load_avg"]) == 3 and rec["ratios"] == {"x": 2.0}
     assert rec["git_sha"] is None or re.fullmatch(r"[0-9a-f]{40}", rec["git_sha"])
     newer = dict(rec, when="2999-01-01T00:00:00+00:00", ratios={"x": 3.0})
     (tmp_path / "train-later.json").write_text(json.dumps(newer))
     assert benchrecord.latest()["train"]["ratios"] == {"x": 3.0}
-    cpu = benchrecord.cpu("model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f\n")
-    assert cpu == {"cpu_model": "Some CPU", "cpu_flags": {"avx512f": True, "avx512_bf16": False, "avx2": True}}
+    cpu = benchrecord.cpu("model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f amx_bf16\n")
+    assert cpu == {"cpu_model": "Some CPU",
+                   "cpu_flags": {"avx512f": True, "avx512_bf16": False, "amx_bf16": True, "avx2": True}}
 
 
 def test_the_seeded_records_are_readable_and_on_the_results_page():
