@@ -149,13 +149,13 @@ def test_llamafactory_kto_demo_curates_to_unpaired_rows_of_both_labels(tmp_path,
 
 
 def test_online_dpo_prefers_the_higher_reward_sample_and_serves(tmp_path, tiny_model, data):
-    args = {"max_steps": 12, "learning_rate": 2e-2, "per_device_train_batch_size": 8, "max_new_tokens": 16,
+    args = {"max_steps": 16, "learning_rate": 2e-2, "per_device_train_batch_size": 8, "max_new_tokens": 16,
             "max_length": 256, "report_to": []}
     ctx, res = train(tmp_path, tiny_model, data, {"type": "online_dpo", "dataset": "chat", "rewards": REWARD,
                                                   "args": args})
     per_step = res.metrics["score_per_step"]
     print("online_dpo scores", per_step, res.metrics.get("rewards_margins_last"))
-    assert len(per_step) == 12
+    assert len(per_step) == 16
     first, last = sum(per_step[:3]) / 3, sum(per_step[-3:]) / 3
     assert last > first + 0.1, per_step
     assert (ctx.dir / "objective_scores.png").exists()
