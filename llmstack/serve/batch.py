@@ -215,12 +215,13 @@ ENGINES = {"vllm": VllmBatch, "hf": HfBatch}
 
 
 def pick_engine(engine: str) -> str:
-    """`auto`: vLLM's offline engine where vLLM is installed, else transformers; any other name as it is."""
+    """`auto`: vLLM's offline engine where vLLM is installed (the device policy's capabilities say), else
+    transformers; any other name as it is."""
     if engine != "auto":
         return engine
-    import importlib.util
+    from llmstack.device import Capabilities
 
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return "vllm" if Capabilities.detect().vllm else "hf"
 
 
 # ------------------------------------------------------------------------------------------------------- Ray

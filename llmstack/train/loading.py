@@ -62,9 +62,8 @@ def weights_dtype(ctx) -> str:
     for `auto` (llmstack/device.py: bf16 base weights under LoRA where the CPU has bf16, else float32)."""
     from llmstack.device import policy
 
-    spec = ctx.spec
-    return policy().train_weights(ctx.recipe.model.dtype, adapter=getattr(spec, "lora", None) is not None,
-                                  quantized=getattr(spec, "qlora", None) is not None)
+    return policy().train_weights(ctx.recipe.model.dtype, adapter=ctx.spec.lora is not None,
+                                  quantized=ctx.spec.qlora is not None)
 
 
 def save_dtype(ctx) -> str:

@@ -7,6 +7,7 @@ import importlib.util
 from typing import Any
 
 from llmstack.device import policy
+from llmstack.train.loading import weights_dtype
 
 
 def device_defaults(weights: str = "float32") -> dict[str, Any]:
@@ -42,8 +43,6 @@ def trainer_config(ctx, stage_defaults: dict[str, Any]):
     from llmstack.config.train import trl_config_class
 
     spec = ctx.spec
-    from llmstack.train.loading import weights_dtype
-
     kwargs = {**common_defaults(ctx), **device_defaults(weights_dtype(ctx)), **stage_defaults, **spec.args}
     return trl_config_class(spec.type)(output_dir=str(ctx.dir), **kwargs)
 
