@@ -243,11 +243,6 @@ def ray_cluster():
         yield address
 
 
-def _window(run_dir: str) -> tuple[str, str]:
-    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
-    return manifest["created"], manifest["updated"]
-
-
 @pytest.mark.slow  # a Ray head, two workers importing torch, two trials: 1 to 2 minutes on 2 busy cores
 def test_trials_run_in_parallel_as_ray_tasks_sharing_one_study(ray_cluster, tmp_path, tiny_model):
     runs = tmp_path / "runs"
@@ -255,10 +250,11 @@ def test_trials_run_in_parallel_as_ray_tasks_sharing_one_study(ray_cluster, tmp_
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     trials = study_of(runs).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
-    # two Ray worker processes ran them, at the same time, each reusing the driver's base run
+    # two Ray worker processes ran them, both in flight at once (the second was asked for before either was told),
+    # each reusing the driver's base run. The runs' own clock windows are not compared: on two busy cores a cold worker
+    # can still be importing torch when the other's tiny trial has already finished.
     assert len({t.user_attrs["pid"] for t in trials}) == 2
-    (a0, a1), (b0, b1) = (_window(t.user_attrs["run_dir"]) for t in trials)
-    assert a0 <= b1 and b0 <= a1
+    assert max(t.datetime_start for t in trials) < min(t.datetime_complete for t in trials)
     assert all(t.user_attrs["adopted"] == ["model", "curate"] for t in trials)
 
 
