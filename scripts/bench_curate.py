@@ -4,6 +4,7 @@ decisions, on the same corpus, in the same run, at two corpus sizes; the two mus
     .venv/bin/python scripts/bench_curate.py                          # 8,000 and 32,000 docs; ours on 1 and 2 tasks
     .venv/bin/python scripts/bench_curate.py --sizes 2000 8000 --workers 2   # a quicker look
     .venv/bin/python scripts/bench_curate.py --executor ray --workers 2       # ours on the local executor vs on Ray
+    .venv/bin/python scripts/bench_curate.py --repeat 3       # three times over: each ratio's median and spread
 
 `--executor ray`: ours on datatrove's LocalPipelineExecutor vs its RayPipelineExecutor at the same worker count (no
 baseline), on a Ray cluster this script starts on this machine (`ray start --head`, stopped at the end) unless
@@ -35,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -291,6 +293,8 @@ def main() -> None:
     ap.add_argument("--executor", choices=["local", "ray"], default="local",
                     help="ray: ours on the local executor vs on Ray, same workers (no baseline)")
     ap.add_argument("--ray-address", help="a running Ray cluster (HOST:PORT); default: start one here for the run")
+    ap.add_argument("--repeat", type=int, default=1, help="run the whole comparison this many times; the record "
+                                                          "gives each ratio's median and spread")
     ap.add_argument("--one", choices=["ours", "baseline", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     benchrecord.add_argument(ap)
@@ -299,8 +303,37 @@ def main() -> None:
         return one(args.one, args.corpus, args.workers[0], args.ray_address)
     if args.executor == "ray":
         with ray_cluster(args.ray_address, max(args.workers)) as ray:
-            return compare(args, [(x, w) for w in args.workers for x in ("ours", "ray")], ray)
-    return compare(args, [("baseline", 1)] + [("ours", w) for w in args.workers], None)
+            return record(args, [compare(args, [(x, w) for w in args.workers for x in ("ours", "ray")], ray)
+                                 for _ in range(args.repeat)])
+    return record(args, [compare(args, [("baseline", 1)] + [("ours", w) for w in args.workers], None)
+                         for _ in range(args.repeat)])
+
+
+def record(args, repeats: list[tuple[list, list, dict]]) -> None:
+    """One record for all repeats: each repeat's runs and ratios, and with several repeats each ratio's median and
+    spread ((max - min) / median), which says whether a figure reproduces."""
+    rows, steady, ratios = repeats[-1] if len(repeats) == 1 else ([], [], {})
+    goals = {}
+    if len(repeats) > 1:
+        print(f"\nover {len(repeats)} repeats (median, spread = (max - min) / median):")
+        for name in repeats[0][2]:
+            values = sorted(r[2][name] for r in repeats)
+            median = statistics.median(values)
+            ratios[name], ratios[f"{name}_spread"] = median, (values[-1] - values[0]) / median
+            print(f"  {name}: {median:.2f}x  (runs {', '.join(f'{v:.2f}' for v in values)}; spread "
+                  f"{100 * ratios[f'{name}_spread']:.0f}%)")
+        rows = [dict(r, repeat=i) for i, rep in enumerate(repeats) for r in rep[0]]
+        steady = [dict(r, repeat=i) for i, rep in enumerate(repeats) for r in rep[1]]
+    for k in [k for k in ratios if k.startswith("ours_w2") and k.endswith("steady_state")]:
+        goals[k] = ">= 3x"
+        if len(repeats) > 1:
+            goals[f"{k}_spread"] = "<= 0.10"
+    benchrecord.write("curate-ray" if args.executor == "ray" else "curate",
+                      settings={"sizes": args.sizes, "workers": args.workers, "executor": args.executor,
+                                "repeat": args.repeat, "reference": "ours w1" if args.executor == "ray"
+                                else "baseline w1"},
+                      figures={"runs": rows, **({"steady_state": steady} if steady else {})}, ratios=ratios,
+                      goals=goals, results=args.results_dir)
 
 
 @contextlib.contextmanager
@@ -316,7 +349,7 @@ def ray_cluster(address: str | None, cpus: int):
         yield head, pid
 
 
-def compare(args, runs: list[tuple[str, int]], ray) -> None:
+def compare(args, runs: list[tuple[str, int]], ray) -> tuple[list, list, dict]:
     """Each (which, workers) run at each size, in a fresh process; the first run is the reference for speed-ups."""
     print(f"cpu cores: {os.cpu_count()} (other work on the box slows both sides: see each run's load average)")
     rows = []
@@ -374,12 +407,7 @@ def compare(args, runs: list[tuple[str, int]], ray) -> None:
                            "peak_memory_growth": z["peak_mib"] / a["peak_mib"]})
             if (which, workers) != first:
                 ratios[f"{which}_w{workers}_vs_{first[0]}_w{first[1]}_steady_state"] = b / extra
-    benchrecord.write("curate-ray" if args.executor == "ray" else "curate",
-                      settings={"sizes": args.sizes, "workers": args.workers, "executor": args.executor,
-                                "reference": f"{first[0]} w{first[1]}"},
-                      figures={"runs": rows, **({"steady_state": steady} if steady else {})}, ratios=ratios,
-                      goals={k: ">= 3x" for k in ratios if k.startswith("ours_w2") and k.endswith("steady_state")},
-                      results=args.results_dir)
+    return rows, steady, ratios
 
 
 if __name__ == "__main__":

@@ -463,7 +463,8 @@ def hostile_server(port: int, otlp: str | None = None, sample_ratio: float = 1.0
 def scripted_server(config: Path, max_tokens: int, delay: float) -> None:
     """Internal (--replicas --engine scripted): `llmstack serve --config` as it is (server YAML, keys, guard, routes
     and limits store, uvicorn with the guard's protocol settings), with the scripted engine in the model's place:
-    `max_tokens` pieces at `delay` seconds each, so every replica's model costs the same fixed time."""
+    `max_tokens` pieces at `delay` seconds each, so every replica's model costs the same fixed time. With no delay,
+    the zero-cost engine: one " word" per requested token, at once (scripts/bench_guard.py)."""
     import logging
 
     from llmstack.serve.engines import load_tokenizer
@@ -472,8 +473,8 @@ def scripted_server(config: Path, max_tokens: int, delay: float) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     spec = load_spec(config)
-    engine = ScriptedEngine(load_tokenizer(Path(spec.model)), " word" * max_tokens, chunk=5, delay=delay,
-                            names=[spec.served_model_name], max_model_len=2048)
+    engine = ScriptedEngine(load_tokenizer(Path(spec.model)), " word" * max_tokens if delay else None, chunk=5,
+                            delay=delay, names=[spec.served_model_name], max_model_len=2048)
     app, _ = build_from_spec(spec, Path(spec.model), engine=engine)
     run_server(app, spec)
 

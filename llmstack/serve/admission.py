@@ -16,7 +16,7 @@ from llmstack.serve.budget import Charge, Refusal, cost_nusd, usd
 from llmstack.serve.engines import GenParams
 from llmstack.serve.guard import KeyRing, RateLimitStoreUnavailable
 from llmstack.serve.protocol import APIError, parse_body, validation_message
-from llmstack.serve.state import Server
+from llmstack.serve.state import Server, set_body_bytes
 
 
 def _store_down(exc: RateLimitStoreUnavailable) -> APIError:
@@ -53,7 +53,8 @@ async def read_json(request: Request, srv: Server, schema: type[BaseModel]):
         srv.metrics.guard_blocks.labels("body_timeout").inc()
         raise APIError(408, f"the request body did not arrive within {caps.body_timeout_s:.0f} s",
                        code="request_timeout") from None
-    return await srv.in_worker(_validated, b"".join(chunks), schema, caps.max_json_depth)
+    set_body_bytes(size)  # the request's later body work runs inline when the body is small (Server.body_work)
+    return await srv.body_work(_validated, b"".join(chunks), schema, caps.max_json_depth)
 
 
 def _validated(body: bytes, schema: type[BaseModel], max_depth: int):

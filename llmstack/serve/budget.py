@@ -275,7 +275,8 @@ class BudgetStore:
         cfg = self.policy.rate_limits
         if time.monotonic() >= self._down_until:
             try:
-                return await asyncio.wait_for(call(), cfg.store_timeout_s)
+                async with asyncio.timeout(cfg.store_timeout_s):  # (wait_for would start a task per call)
+                    return await call()
             except (TimeoutError, OSError, *self.backend.errors) as exc:
                 self._down_until = time.monotonic() + cfg.store_retry_s
                 self.on_store_error(exc)

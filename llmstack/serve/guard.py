@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -85,7 +86,7 @@ class RateLimiter:
                "sliding-window-counter": strategies.SlidingWindowCounterRateLimiter}[cfg.strategy]
         self.limiter = cls(self.storage)
         self.defaults = cfg
-        self._parse = parse
+        self._parse = functools.lru_cache(maxsize=256)(parse)  # a few distinct limits, parsed twice per request
 
     def _limits(self, entry: KeyEntry):
         rpm = entry.requests_per_minute or self.defaults.requests_per_minute
@@ -102,7 +103,8 @@ class RateLimiter:
         cfg = self.defaults
         if time.monotonic() >= self._down_until:
             try:
-                return await asyncio.wait_for(call(), cfg.store_timeout_s)
+                async with asyncio.timeout(cfg.store_timeout_s):  # (wait_for would start a task per call)
+                    return await call()
             except (TimeoutError, StorageError, OSError) as exc:
                 self._down_until = time.monotonic() + cfg.store_retry_s
                 self.on_store_error(getattr(exc, "storage_error", None) or exc)  # redis's own error

@@ -210,6 +210,9 @@ def _keyword_tail(text: str) -> int:
     """A `password = ` (or api_key/secret/token) whose value has not arrived yet: the whole phrase is held, so the
     value is seen with its key (the key=value secret rule needs both)."""
     window = text[-64:]
+    folded = window.casefold()  # a plain test first (per streamed chunk); casefold folds as (?i) does (K, ſ)
+    if not any(k in folded for k in ("key", "secret", "token", "password")):
+        return 0
     m = _KEYWORD_TAIL.search(window)
     return len(window) - m.start() if m else 0
 

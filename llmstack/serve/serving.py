@@ -193,7 +193,7 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
 
         # ---- input rails, then the prompt tokens the engine will see (off the event loop)
         with srv.tracing.span("input_rails"):
-            prompt_ids, prompt_text = await srv.in_worker(endpoint.render, srv, req, input_guard(srv, audit), plan,
+            prompt_ids, prompt_text = await srv.body_work(endpoint.render, srv, req, input_guard(srv, audit), plan,
                                                           thinking)
         if thinking is not None:
             thinking.settle(prompt_text)
@@ -205,7 +205,7 @@ async def generate(request: Request, srv: Server, endpoint: Endpoint):
 
         srv.metrics.tokens.labels("prompt").inc(n_prompt)
         audit["prompt_tokens"] = n_prompt
-        await srv.in_worker(srv.traffic.observe, endpoint.user_text(req))  # the traffic served, for drift
+        await srv.body_work(srv.traffic.observe, endpoint.user_text(req))  # the traffic served, for drift
         call = ServedRequest(srv=srv, endpoint=endpoint, rid=rid, req=req, params=params, prompt_ids=prompt_ids,
                              prompt_text=prompt_text, audit=audit, t0=t0, key=key, thinking=thinking, charge=charge,
                              plan=plan if plan is not None and plan.mode != "none" else None)

@@ -38,8 +38,8 @@ class ChatCompletions(Endpoint):
     opens_with_role = True
 
     async def prepare(self, srv: Server, req) -> ToolPlan | None:
-        plan = await srv.in_worker(plan_tools, req, srv.policy.caps)  # in a worker: a request may carry many schemas
-        await srv.in_worker(check_history, req, srv.policy.caps.max_json_depth)  # parses earlier calls' arguments
+        plan = await srv.body_work(plan_tools, req, srv.policy.caps)  # in a worker: a request may carry many schemas
+        await srv.body_work(check_history, req, srv.policy.caps.max_json_depth)  # parses earlier calls' arguments
         return plan
 
     async def structured(self, srv: Server, req, plan: ToolPlan | None) -> tuple[dict | None, bool]:
@@ -53,7 +53,7 @@ class ChatCompletions(Endpoint):
             raise APIError(400, "response_format.json_schema is required for type json_schema",
                            param="response_format")
         schema = req.response_format.json_schema.schema_
-        await srv.in_worker(check_json_schema, schema, "response_format", srv.policy.caps.max_tool_schema_bytes)
+        await srv.body_work(check_json_schema, schema, "response_format", srv.policy.caps.max_tool_schema_bytes)
         return schema, False
 
     def max_tokens(self, req) -> int | None:

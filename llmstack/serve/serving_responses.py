@@ -26,7 +26,7 @@ from llmstack.serve.request import ServedRequest
 from llmstack.serve.responses_store import ResponseStoreUnavailable
 from llmstack.serve.responses_stream import EventStream, call_item, message_item
 from llmstack.serve.serving_chat import ChatCompletions
-from llmstack.serve.state import Server, new_request_id
+from llmstack.serve.state import Server, new_request_id, set_body_bytes
 
 log = logging.getLogger("llmstack.serve")
 
@@ -173,6 +173,7 @@ class Responses(ChatCompletions):
                 history = await srv.in_worker(srv.responses.history, req.previous_response_id, key.id)
             except ResponseStoreUnavailable as exc:
                 raise _store_down(srv, exc) from None
+            set_body_bytes(1 << 62)  # a stored conversation of any length joins the prompt: its work goes to a thread
         body, origins = chat_body(req, history)
         try:
             chat = TranslatedChat.model_validate(body)

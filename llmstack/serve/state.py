@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import threading
@@ -28,6 +29,15 @@ from llmstack.serve.routing import Router
 from llmstack.serve.tracing import Tracing
 
 log = logging.getLogger("llmstack.serve")
+
+# The size of the body the current request's task read (admission.read_json sets it; outside a request it is
+# unbounded, so work goes to a thread). Its work inline is well under a millisecond at this size.
+INLINE_BODY_BYTES = 4096
+_body_bytes: contextvars.ContextVar[int] = contextvars.ContextVar("llmstack_body_bytes", default=1 << 62)
+
+
+def set_body_bytes(n: int) -> None:
+    _body_bytes.set(n)
 
 
 @dataclass
@@ -99,6 +109,14 @@ class Server:
 
     async def in_worker(self, fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.workers)
+
+    async def body_work(self, fn, *args):
+        """CPU work that grows with the request's body (parsing it, checking its schemas, rendering and railing its
+        prompt): in a worker thread, so a large body never stalls the event loop, but inline for a body of at most
+        INLINE_BODY_BYTES, whose work takes less than handing it to a thread and back would."""
+        if _body_bytes.get() <= INLINE_BODY_BYTES:
+            return fn(*args)
+        return await self.in_worker(fn, *args)
 
     def take_key_slot(self, key: KeyEntry) -> None:
         """One of the key's concurrent places (rate_limits.max_concurrent, or the key's own): a key cannot hold
