@@ -353,3 +353,29 @@ def test_hf_engine_serves_lora_adapters_as_model_names(tiny_model, tmp_path):
     want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "lora") \
         .generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
     assert out["tiny-lora"] == tok.decode(want, skip_special_tokens=True) != out["tiny"]
+
+
+def test_a_small_bodys_work_runs_inline_and_a_large_ones_in_a_worker_thread(tokenizer, monkeypatch):
+    """Rendering (rails, template, tokens) of a body up to INLINE_BODY_BYTES runs on the event loop's thread, where a
+    thread handoff would cost more than the work; a larger body's goes to a worker, so it never stalls other clients."""
+    from llmstack.serve import serving_chat
+    from llmstack.serve.state import INLINE_BODY_BYTES
+
+    threads: list[str] = []
+    render = serving_chat.ChatCompletions.render
+
+    def spy(self, *args):
+        threads.append(threading.current_thread().name)
+        return render(self, *args)
+
+    monkeypatch.setattr(serving_chat.ChatCompletions, "render", spy)
+    app = build_app(ScriptedEngine(tokenizer, "fine", max_model_len=8192), ServeSpec(engine="hf", max_model_len=8192),
+                    policy(caps={"max_body_bytes": 64_000, "max_tokens": 64, "default_max_tokens": 8}), KEYS)
+    with TestClient(app) as client:
+        loop_thread = client.portal.call(lambda: threading.current_thread().name)
+        for words in (8, INLINE_BODY_BYTES // 5 + 100):  # a few words; then a body over the inline size
+            body = {**CHAT, "messages": [{"role": "user", "content": "word " * words}]}
+            assert len(json.dumps(body)) > INLINE_BODY_BYTES or words == 8
+            r = client.post("/v1/chat/completions", json=body, headers=H)
+            assert r.status_code == 200, r.text
+    assert threads[0] == loop_thread and threads[1] != loop_thread, (threads, loop_thread)
