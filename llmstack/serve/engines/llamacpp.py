@@ -58,6 +58,10 @@ class LlamaCppEngine:
         self.state = "starting"
         self.restarts = 0
         self._lock = asyncio.Lock()
+        # The llama.cpp context is one: every thread that touches it holds this. The asyncio lock above orders the
+        # requests, but a request cancelled while it waits for its thread to stop releases that lock early; this
+        # one makes the next request's thread wait for the last one's, so two never run in the context at once.
+        self._context = threading.Lock()
         self._running = 0
 
     @property
@@ -123,9 +127,10 @@ class LlamaCppEngine:
 
     def _prompt_logprobs(self, prompt_ids: list[int], k: int) -> list[dict | None]:
         """Every prompt token's logprob: one prefill from scratch, row i of the logits predicting token i + 1."""
-        self.llm.reset()
-        self.llm.eval(prompt_ids)
-        logits = self.llm.scores[:len(prompt_ids) - 1]
+        with self._context:
+            self.llm.reset()
+            self.llm.eval(prompt_ids)
+            logits = self.llm.scores[:len(prompt_ids) - 1].copy()
         return [None, *(self._lp_row(row, t, k) for row, t in zip(logits, prompt_ids[1:]))]
 
     def _lp_row(self, logits: np.ndarray, token: int, k: int) -> dict:
@@ -148,6 +153,10 @@ class LlamaCppEngine:
         rows: list[dict] = []  # with p.logprobs: one per token sent, made in the thread before the token is queued
 
         def work():
+            with self._context:
+                run()
+
+        def run():
             try:
                 self.llm.set_seed((p.seed if p.seed is not None else self.seed) + index)
                 made = 0
@@ -180,7 +189,11 @@ class LlamaCppEngine:
     async def shutdown(self) -> None:
         self.state = "stopped"
         if self.llm is not None:
-            await asyncio.to_thread(self.llm.close)
+            await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._context:
+            self.llm.close()
 
 
 def _generation_eos(folder: Path) -> list[int]:
