@@ -28,11 +28,12 @@ QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; exit $${PIP
 # The locks are installed with uv (`$(call UV_INSTALL,<venv python>,<args>)`): the same pinned files as pip installs,
 # --no-deps as with pip, in a fraction of pip's time (parallel downloads, wheels linked from uv's cache). uv reads no
 # pip configuration, so it is handed the indexes, find-links folders and constraints pip would use here
-# (scripts/pip_sources_for_uv.py). Unlike pip it does not compile every module's bytecode at install (most of a warm
-# install's time): Python writes the .pyc of each module on its first import instead. Every venv is still made by
+# (scripts/pip_sources_for_uv.py). --compile-bytecode: as pip does, every module's .pyc is written at install (most of
+# a warm install's time); without it each process would compile what it imports wherever Python may not write .pyc
+# files (PYTHONDONTWRITEBYTECODE, read-only checkouts), slowing every import of torch or vllm. Every venv is still made by
 # `python -m venv` and keeps its pip: llmstack and its users run `python -m pip` (model fetches), and the DeepSpeed and
 # llama.cpp builds below stay on pip.
-UV_INSTALL = $(UV) pip install -q --no-deps --python $(1) $$($(BIN)/python scripts/pip_sources_for_uv.py) $(2)
+UV_INSTALL = $(UV) pip install -q --no-deps --compile-bytecode --python $(1) $$($(BIN)/python scripts/pip_sources_for_uv.py) $(2)
 
 quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack models fetch smollm2-135m-instruct
