@@ -379,3 +379,23 @@ def test_a_small_bodys_work_runs_inline_and_a_large_ones_in_a_worker_thread(toke
             r = client.post("/v1/chat/completions", json=body, headers=H)
             assert r.status_code == 200, r.text
     assert threads[0] == loop_thread and threads[1] != loop_thread, (threads, loop_thread)
+
+
+def test_the_tokens_per_minute_window_does_not_grow_with_traffic():
+    """A moving window keeps one entry per token (each request's reservation inserts `cost` entries): its memory and
+    every request's time grow with the limit and the traffic. The default tokens/min window is a sliding-window
+    counter: two counters per key, however many tokens pass."""
+    def entries(token_strategy: str | None) -> tuple[int, int]:
+        limits = {"tokens_per_minute": 10_000_000, **({"token_strategy": token_strategy} if token_strategy else {})}
+        lim = RateLimiter(GuardPolicy.model_validate({"rate_limits": limits}))
+
+        async def traffic():
+            for _ in range(200):
+                assert await lim.admit_tokens(KEYS.keys[0], 1000) is None
+
+        asyncio.run(traffic())
+        return sum(len(v) for v in lim.storage.events.values()), len(lim.storage.storage)
+
+    events, counters = entries(None)
+    assert events == 0 and counters <= 2  # the default: this window's count (and the last one's, past a boundary)
+    assert entries("moving-window")[0] == 200 * 1000

@@ -187,7 +187,12 @@ class RateLimits(Strict):
     requests_per_minute: int = Field(60, gt=0, description="default per key; a key may override it")
     tokens_per_minute: int = Field(100_000, gt=0, description="prompt + max_tokens reserved per request; "
                                                               "a key may override it")
-    strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = "moving-window"
+    strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = Field(
+        "moving-window", description="the requests/min window (`limits`' strategies)")
+    token_strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = Field(
+        "sliding-window-counter", description="the tokens/min window. A moving window keeps one entry per token, so "
+                                              "its memory and each request's time grow with the limit and the "
+                                              "traffic; the sliding-window counter keeps two counters per key")
     shadow_tokens_per_minute: int = Field(100_000, gt=0, description="the operator's budget for shadow copies of "
                                                                      "requests (prompt + max_tokens x n); past it a "
                                                                      "request gets no shadow")

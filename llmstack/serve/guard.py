@@ -81,10 +81,11 @@ class RateLimiter:
         self.storage = storage_from_string("async+" + uri, **options)
         self.on_store_error = on_store_error or (lambda exc: None)
         self._down_until = 0.0  # monotonic time until which the storage is skipped after a failure
-        cls = {"moving-window": strategies.MovingWindowRateLimiter,
-               "fixed-window": strategies.FixedWindowRateLimiter,
-               "sliding-window-counter": strategies.SlidingWindowCounterRateLimiter}[cfg.strategy]
-        self.limiter = cls(self.storage)
+        kinds = {"moving-window": strategies.MovingWindowRateLimiter,
+                 "fixed-window": strategies.FixedWindowRateLimiter,
+                 "sliding-window-counter": strategies.SlidingWindowCounterRateLimiter}
+        self.limiter = kinds[cfg.strategy](self.storage)  # requests/min
+        self.token_limiter = kinds[cfg.token_strategy](self.storage)  # tokens/min
         self.defaults = cfg
         self._parse = functools.lru_cache(maxsize=256)(parse)  # a few distinct limits, parsed twice per request
 
@@ -126,8 +127,8 @@ class RateLimiter:
         until retry. A request larger than the whole budget can never fit: `never_fits` says so (a 400, not a 429
         that a client would retry forever)."""
         _, tpm = self._limits(entry)
-        if not await self._store(lambda: self.limiter.hit(tpm, "tpm", entry.id, cost=tokens), True):
-            return await self._retry_after(tpm, entry.id, "tpm")
+        if not await self._store(lambda: self.token_limiter.hit(tpm, "tpm", entry.id, cost=tokens), True):
+            return await self._retry_after(tpm, entry.id, "tpm", self.token_limiter)
         return None
 
     def never_fits(self, entry: KeyEntry, tokens: int) -> int | None:
@@ -135,6 +136,7 @@ class RateLimiter:
         _, tpm = self._limits(entry)
         return tpm.amount if tokens > tpm.amount else None
 
-    async def _retry_after(self, item, key_id: str, kind: str) -> float:
-        stats = await self._store(lambda: self.limiter.get_window_stats(item, kind, key_id), None)
+    async def _retry_after(self, item, key_id: str, kind: str, limiter=None) -> float:
+        limiter = limiter or self.limiter
+        stats = await self._store(lambda: limiter.get_window_stats(item, kind, key_id), None)
         return max(1.0, stats.reset_time - time.time()) if stats else 1.0
