@@ -18,9 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from scripts.pip_sources_for_uv import uv_arguments
-
 UV = Path(sys.prefix) / "bin" / "uv"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pip_sources_for_uv.py"
+
+
+def uv_arguments() -> list[str]:
+    """The script's arguments, from a process of its own: importing pip._internal here would turn setuptools'
+    distutils shim off for the rest of the test process (`_distutils_hack` steps aside once pip is imported), and
+    every later in-process `import setuptools` (vllm, trl's trainers) would then fail its own assertion."""
+    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, check=True)
+    return out.stdout.split()
 pytestmark = pytest.mark.skipif(not UV.exists(), reason="uv is not installed (requirements/uv.lock; `make` has it)")
 
 
