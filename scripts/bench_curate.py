@@ -303,13 +303,13 @@ def main() -> None:
         return one(args.one, args.corpus, args.workers[0], args.ray_address)
     if args.executor == "ray":
         with ray_cluster(args.ray_address, max(args.workers)) as ray:
-            return record(args, [compare(args, [(x, w) for w in args.workers for x in ("ours", "ray")], ray)
-                                 for _ in range(args.repeat)])
-    return record(args, [compare(args, [("baseline", 1)] + [("ours", w) for w in args.workers], None)
-                         for _ in range(args.repeat)])
+            runs = [(x, w) for w in args.workers for x in ("ours", "ray")]
+            return record(args, runs, [compare(args, runs, ray) for _ in range(args.repeat)])
+    runs = [("baseline", 1)] + [("ours", w) for w in args.workers]
+    return record(args, runs, [compare(args, runs, None) for _ in range(args.repeat)])
 
 
-def record(args, repeats: list[tuple[list, list, dict]]) -> None:
+def record(args, runs: list[tuple[str, int]], repeats: list[tuple[list, list, dict]]) -> None:
     """One record for all repeats: each repeat's runs and ratios, and with several repeats each ratio's median and
     spread ((max - min) / median), which says whether a figure reproduces."""
     rows, steady, ratios = repeats[-1] if len(repeats) == 1 else ([], [], {})
@@ -330,8 +330,7 @@ def record(args, repeats: list[tuple[list, list, dict]]) -> None:
             goals[f"{k}_spread"] = "<= 0.10"
     benchrecord.write("curate-ray" if args.executor == "ray" else "curate",
                       settings={"sizes": args.sizes, "workers": args.workers, "executor": args.executor,
-                                "repeat": args.repeat, "reference": "ours w1" if args.executor == "ray"
-                                else "baseline w1"},
+                                "repeat": args.repeat, "reference": f"{runs[0][0]} w{runs[0][1]}"},
                       figures={"runs": rows, **({"steady_state": steady} if steady else {})}, ratios=ratios,
                       goals=goals, results=args.results_dir)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchrecord  # noqa: E402
-from bench_serve import QUESTIONS, start_server  # noqa: E402
+from bench_serve import QUESTIONS, socket_port, start_server  # noqa: E402
 
 
 def bare_server(port: int, tokens: int) -> None:
@@ -67,13 +67,10 @@ def bare_server(port: int, tokens: int) -> None:
 
 
 def start_bare(tokens: int) -> tuple[subprocess.Popen, str]:
-    import socket
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket_port() as port:
+        pass
     proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port), "--max", str(tokens)])
     base = f"http://127.0.0.1:{port}"
     for _ in range(200):

@@ -119,7 +119,7 @@ class RateLimiter:
         counts too: refusing is work). None if admitted, else seconds until retry."""
         rpm, _ = self._limits(entry)
         if not await self._store(lambda: self.limiter.hit(rpm, "rpm", entry.id), True):
-            return await self._retry_after(rpm, entry.id, "rpm")
+            return await self._retry_after(self.limiter, rpm, entry.id, "rpm")
         return None
 
     async def admit_tokens(self, entry: KeyEntry, tokens: int) -> float | None:
@@ -128,7 +128,7 @@ class RateLimiter:
         that a client would retry forever)."""
         _, tpm = self._limits(entry)
         if not await self._store(lambda: self.token_limiter.hit(tpm, "tpm", entry.id, cost=tokens), True):
-            return await self._retry_after(tpm, entry.id, "tpm", self.token_limiter)
+            return await self._retry_after(self.token_limiter, tpm, entry.id, "tpm")
         return None
 
     def never_fits(self, entry: KeyEntry, tokens: int) -> int | None:
@@ -136,7 +136,6 @@ class RateLimiter:
         _, tpm = self._limits(entry)
         return tpm.amount if tokens > tpm.amount else None
 
-    async def _retry_after(self, item, key_id: str, kind: str, limiter=None) -> float:
-        limiter = limiter or self.limiter
+    async def _retry_after(self, limiter, item, key_id: str, kind: str) -> float:
         stats = await self._store(lambda: limiter.get_window_stats(item, kind, key_id), None)
         return max(1.0, stats.reset_time - time.time()) if stats else 1.0

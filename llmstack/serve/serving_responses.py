@@ -173,7 +173,7 @@ class Responses(ChatCompletions):
                 history = await srv.in_worker(srv.responses.history, req.previous_response_id, key.id)
             except ResponseStoreUnavailable as exc:
                 raise _store_down(srv, exc) from None
-            set_body_bytes(1 << 62)  # a stored conversation of any length joins the prompt: its work goes to a thread
+            set_body_bytes(None)  # a stored conversation of any length joins the prompt: its work goes to a thread
         body, origins = chat_body(req, history)
         try:
             chat = TranslatedChat.model_validate(body)

@@ -31,12 +31,13 @@ from llmstack.serve.tracing import Tracing
 log = logging.getLogger("llmstack.serve")
 
 # The size of the body the current request's task read (admission.read_json sets it; outside a request it is
-# unbounded, so work goes to a thread). Its work inline is well under a millisecond at this size.
+# unknown, so work goes to a thread). Its work inline is well under a millisecond at this size.
 INLINE_BODY_BYTES = 4096
-_body_bytes: contextvars.ContextVar[int] = contextvars.ContextVar("llmstack_body_bytes", default=1 << 62)
+_body_bytes: contextvars.ContextVar[int | None] = contextvars.ContextVar("llmstack_body_bytes", default=None)
 
 
-def set_body_bytes(n: int) -> None:
+def set_body_bytes(n: int | None) -> None:
+    """The size the current request's body work grows with; None: unknown (e.g. a stored history joins it)."""
     _body_bytes.set(n)
 
 
@@ -114,7 +115,8 @@ class Server:
         """CPU work that grows with the request's body (parsing it, checking its schemas, rendering and railing its
         prompt): in a worker thread, so a large body never stalls the event loop, but inline for a body of at most
         INLINE_BODY_BYTES, whose work takes less than handing it to a thread and back would."""
-        if _body_bytes.get() <= INLINE_BODY_BYTES:
+        size = _body_bytes.get()
+        if size is not None and size <= INLINE_BODY_BYTES:
             return fn(*args)
         return await self.in_worker(fn, *args)
 
