@@ -39,11 +39,14 @@ quickstart: $(STAMP) $(QSTAMP)
 	$(BIN)/llmstack models fetch smollm2-135m-instruct
 	$(BIN)/llmstack run recipes/quickstart.yaml
 
-# ruff first (the rule set is in pyproject.toml; zero findings), then the suite. pytest exits 5 when it collects no
-# tests: that is not a failure of the suite.
+# ruff first (the rule set is in pyproject.toml; zero findings), then the suite on TEST_WORKERS pytest-xdist workers
+# (0: in this one process), a test file at a time, longest first (tests/conftest.py says how). pytest exits 5 when it
+# collects no tests: that is not a failure of the suite.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(QSTAMP) $(MSTAMP) $(RSTAMP) $(DSTAMP) $(DOCSTAMP) $(GSTAMP) $(GTSTAMP) system-deps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc = 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 setup: $(STAMP) $(QSTAMP)
 

@@ -13,6 +13,23 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`): a test file is one unit of work, so
+# its module fixtures (an engine, a server, a curated set) are built once. The files go out longest first
+# (tests/durations.json, each file's seconds in a full run, written by scripts/test_durations.py), so that a long file
+# does not start last and leave one worker running alone at the end; a file the record lacks counts as DEFAULT_S.
+# (Not `--dist loadgroup`: pytest-xdist 3.8 marks a group by editing `Item._nodeid`, which pytest 9 no longer reads.)
+DEFAULT_S = 5.0
+
+
+def pytest_collection_modifyitems(config, items):
+    import json
+
+    if not hasattr(config, "workerinput"):
+        return  # one process: the files run in their own order
+    record = REPO / "tests" / "durations.json"
+    seconds = json.loads(record.read_text()) if record.exists() else {}
+    items.sort(key=lambda item: -seconds.get(item.path.name, DEFAULT_S))  # stable: a file's tests keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:

@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-console = Console(stderr=True)
+# soft_wrap: a message goes out as one line however narrow the terminal (rich would otherwise break it at the width,
+# 80 columns without a terminal, inside a path the user is meant to copy); the terminal wraps it for display.
+console = Console(stderr=True, soft_wrap=True)
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/quickstart.yaml")]
 RunIdOpt = Annotated[str, typer.Option(help="run folder name under runs/<recipe name>/")]
 RunsDirOpt = Annotated[Path, typer.Option(help="root of run folders")]
