@@ -24,6 +24,9 @@ sampled every 50 ms. The sha256 over the sorted hashes of the kept texts must be
 
 Read the last block it prints ("between ... docs"): the docs/s between the two sizes is the rate each side processes
 documents at once started (fixed start-up costs cancel), and CPU ms/doc is less disturbed by other load than docs/s.
+Every run is started with the same PYTHONHASHSEED (`--hash-seed`, default 0): with Python's per-process random string
+hashing, the baseline's CPU for the same 16,000 documents moved between runs by up to a fifth (its sets and dicts of
+strings and bytes), and with one seed it repeats; `--hash-seed random` measures as before.
 Other work on a shared machine moves absolute numbers by tens of percent; compare ratios from one run. It writes a
 JSON record under benchmarks/results/ (`curate`, or `curate-ray`: scripts/benchrecord.py); where the time goes per
 step, and what was tried, is on the docs' benchmarks page.
@@ -295,12 +298,16 @@ def main() -> None:
     ap.add_argument("--ray-address", help="a running Ray cluster (HOST:PORT); default: start one here for the run")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole comparison this many times; the record "
                                                           "gives each ratio's median and spread")
+    ap.add_argument("--hash-seed", default="0", help="PYTHONHASHSEED of every run (and of a Ray cluster started here): "
+                                                     "a number, or 'random' for Python's per-process default")
     ap.add_argument("--one", choices=["ours", "baseline", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     benchrecord.add_argument(ap)
     args = ap.parse_args()
     if args.one:
         return one(args.one, args.corpus, args.workers[0], args.ray_address)
+    if args.hash_seed != "random":
+        os.environ["PYTHONHASHSEED"] = str(int(args.hash_seed))  # inherited by every run and the Ray cluster
     if args.executor == "ray":
         with ray_cluster(args.ray_address, max(args.workers)) as ray:
             runs = [(x, w) for w in args.workers for x in ("ours", "ray")]
@@ -330,7 +337,8 @@ def record(args, runs: list[tuple[str, int]], repeats: list[tuple[list, list, di
             goals[f"{k}_spread"] = "<= 0.10"
     benchrecord.write("curate-ray" if args.executor == "ray" else "curate",
                       settings={"sizes": args.sizes, "workers": args.workers, "executor": args.executor,
-                                "repeat": args.repeat, "reference": f"{runs[0][0]} w{runs[0][1]}"},
+                                "repeat": args.repeat, "reference": f"{runs[0][0]} w{runs[0][1]}",
+                                "hash_seed": args.hash_seed},
                       figures={"runs": rows, **({"steady_state": steady} if steady else {})}, ratios=ratios,
                       goals=goals, results=args.results_dir)
 
