@@ -126,8 +126,8 @@ def test_a_killed_sweep_resumes_and_asks_the_interrupted_trial_again(tmp_path, t
                 continue
             try:
                 trials = study_of(runs).get_trials()
-            except (KeyError, sqlalchemy.exc.OperationalError):  # the sweep is still creating its study
-                continue
+            except (KeyError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+                continue  # the sweep is still creating its study (this reader and it both stamp a new schema)
             if TrialState.COMPLETE in [t.state for t in trials] and trials[-1].state == TrialState.RUNNING \
                     and len(trials[-1].params) == len(SPACE):
                 break  # a trial has finished and the next one has its values and runs: kill the sweep now

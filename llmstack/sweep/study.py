@@ -101,12 +101,23 @@ def open_study(p: SweepPlan):
     the recipe's pruner."""
     import optuna
 
-    try:
-        # a 60 s busy timeout: the dashboard may read the file while the driver writes it
-        kwargs = {"connect_args": {"timeout": 60}} if p.storage_url.startswith("sqlite") else {}
+    # a 60 s busy timeout: the dashboard may read the file while the driver writes it
+    kwargs = {"connect_args": {"timeout": 60}} if p.storage_url.startswith("sqlite") else {}
+
+    def connect():
         storage = optuna.storages.RDBStorage(p.storage_url, engine_kwargs=kwargs)
-        study = optuna.create_study(storage=storage, study_name=p.study_name, load_if_exists=True,
-                                    direction=p.recipe.sweep.objective.direction)
+        return storage, optuna.create_study(storage=storage, study_name=p.study_name, load_if_exists=True,
+                                            direction=p.recipe.sweep.objective.direction)
+
+    try:
+        try:
+            storage, study = connect()
+        except Exception as exc:
+            if type(exc).__name__ != "IntegrityError":
+                raise
+            # Another process opening a new storage at the same moment (a reader such as the dashboard) stamped its
+            # schema version first: the schema exists now, and opening again finds it.
+            storage, study = connect()
     except Exception as exc:  # SQLAlchemy's OperationalError, a missing DB driver (ModuleNotFoundError), a bad URL
         raise SweepError(f"--storage {p.storage_url}: cannot open the Optuna storage ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0]}). Give a URL SQLAlchemy can reach (sqlite:///path/in/an/"
