@@ -100,6 +100,7 @@ def open_study(p: SweepPlan):
     """The study in its storage (created, or loaded to resume), with a TPE sampler seeded from the recipe's seed and
     the recipe's pruner."""
     import optuna
+    from sqlalchemy.exc import IntegrityError  # optuna's RDB storage is SQLAlchemy's
 
     # a 60 s busy timeout: the dashboard may read the file while the driver writes it
     kwargs = {"connect_args": {"timeout": 60}} if p.storage_url.startswith("sqlite") else {}
@@ -112,9 +113,7 @@ def open_study(p: SweepPlan):
     try:
         try:
             storage, study = connect()
-        except Exception as exc:
-            if type(exc).__name__ != "IntegrityError":
-                raise
+        except IntegrityError:
             # Another process opening a new storage at the same moment (a reader such as the dashboard) stamped its
             # schema version first: the schema exists now, and opening again finds it.
             storage, study = connect()
