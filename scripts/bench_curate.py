@@ -289,6 +289,12 @@ def one(which: str, corpus: Path, workers: int, ray_address: str | None = None) 
                       "docs_per_s": round(n / wall, 1)}))
 
 
+def _hash_seed(value: str) -> str:
+    if value != "random" and not (value.isdigit() and int(value) <= 4294967295):
+        raise argparse.ArgumentTypeError(f"{value!r}: give 'random' or a number from 0 to 4294967295 (PYTHONHASHSEED)")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8000, 32000])
@@ -298,8 +304,9 @@ def main() -> None:
     ap.add_argument("--ray-address", help="a running Ray cluster (HOST:PORT); default: start one here for the run")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole comparison this many times; the record "
                                                           "gives each ratio's median and spread")
-    ap.add_argument("--hash-seed", default="0", help="PYTHONHASHSEED of every run (and of a Ray cluster started here): "
-                                                     "a number, or 'random' for Python's per-process default")
+    ap.add_argument("--hash-seed", default="0", type=_hash_seed,
+                    help="PYTHONHASHSEED of every run (and of a Ray cluster started here): a number, or 'random' for "
+                         "Python's per-process default")
     ap.add_argument("--one", choices=["ours", "baseline", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     benchrecord.add_argument(ap)
@@ -307,7 +314,7 @@ def main() -> None:
     if args.one:
         return one(args.one, args.corpus, args.workers[0], args.ray_address)
     if args.hash_seed != "random":
-        os.environ["PYTHONHASHSEED"] = str(int(args.hash_seed))  # inherited by every run and the Ray cluster
+        os.environ["PYTHONHASHSEED"] = args.hash_seed  # inherited by every run and the Ray cluster
     if args.executor == "ray":
         with ray_cluster(args.ray_address, max(args.workers)) as ray:
             runs = [(x, w) for w in args.workers for x in ("ours", "ray")]
