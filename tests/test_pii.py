@@ -147,3 +147,43 @@ def test_guard_does_not_import_datatrove():
     code = ("import sys, llmstack.serve.guard, llmstack.serve.rails; "
             "sys.exit(any(m.startswith('datatrove') for m in sys.modules))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_text_without_a_trigger_byte_is_never_searched_and_no_rule_could_have_matched_it():
+    """find_pii skips the RE2 search for text with none of `_TRIGGERS` and neither of `_TRIGGER_WORDS`: every rule's
+    match must hold one. Checked on every example above, on the key prefixes that have no digit, dash or underscore,
+    and on random text over an alphabet of letters, digits and the characters the patterns name (the implication,
+    rule by rule, on the raw regex search: also the matches a rule's checks would then reject)."""
+    import random
+
+    from llmstack import pii
+
+    # keys with no digit: only their prefix's dash or underscore, or the prefix itself, gives them away
+    trigger_free = ["AKIAABCDEFGHIJKLMNOP", "AIza" + "b" * 35, "key AKIAQWERTYUIOPASDFGH here", "sk-" + "q" * 24,
+                    "ghp_" + "Q" * 36, "xoxb-" + "q" * 12, "hf_" + "q" * 30]
+    for text in trigger_free:
+        assert find_pii(text) and pii._could_match(text.encode())
+    # raw matches (a rule's check may still reject them) that hold a single trigger: ":", "=", one digit repeated
+    for text in ["password: abcdefghijklmnopqrstuv", "secret=abcdefghijklmnopqrstuv", "n 0000000000000000",
+                 "n 9999999999999999"]:
+        assert any(rule.regex.search(text.encode()) for rule in pii.RULES) and pii._could_match(text.encode())
+    rng = random.Random(0)
+    alphabet = "aAkKiIzZsSxXoOhfgpuyrt " * 3 + "0123456789" * 2 + "@.:=-_+()[]'\"\n/"
+    seeds = [t for t, _ in FOUND] + LEFT_ALONE + trigger_free
+    kinds = Counter()
+    for n in range(20_000):
+        if n % 2:  # random text
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        else:  # an example with a few characters replaced, dropped or added
+            text = list(rng.choice(seeds))
+            for _ in range(rng.randint(1, 4)):
+                k = rng.randrange(len(text) + 1)
+                text[k:k + rng.randint(0, 1)] = rng.choice(alphabet) if rng.random() < 0.7 else ""
+            text = "".join(text)
+        buf = text.encode()
+        for rule in pii.RULES:
+            if rule.regex.search(buf) is not None:
+                kinds[rule.kind] += 1
+                assert pii._could_match(buf), (rule.kind, buf)
+    assert all(kinds[kind] > 50 for kind in KINDS), kinds  # the texts did reach every pattern
+    assert not pii._could_match(b" plain words, and (more) words!") and find_pii(" plain words, and more") == []

@@ -52,6 +52,47 @@ class SlowReader(Exception):
     """The client read nothing of its response for caps.write_timeout_s: it is dropped, its slots freed."""
 
 
+class WriteDeadline:
+    """No send of one response may wait longer than `timeout_s` for its client to read: the send in progress is
+    cancelled and raises SlowReader. What asyncio.timeout around each send would do, but with one timer per response
+    rather than one per send: a stream sends once per token, and a timer armed and cancelled per chunk cost more than
+    the rest of the chunk's sending. The timer wakes every `timeout_s`, or when the send under way turns `timeout_s`
+    old."""
+
+    def __init__(self, timeout_s: float):
+        self.loop, self.timeout_s = asyncio.get_running_loop(), timeout_s
+        self.since: float | None = None  # when the send under way began
+        self.sender: asyncio.Task | None = None  # the task it runs in (Starlette streams from a task of their own)
+        self.expired = False
+        self.handle = self.loop.call_later(timeout_s, self._check)
+
+    def _check(self) -> None:
+        since = self.since
+        if since is not None and self.loop.time() - since >= self.timeout_s:
+            self.expired = True
+            self.sender.cancel()
+        else:
+            self.handle = self.loop.call_at((self.loop.time() if since is None else since) + self.timeout_s,
+                                            self._check)
+
+    async def send(self, send, message) -> None:
+        self.sender = task = asyncio.current_task()
+        cancelling = task.cancelling()
+        self.since = self.loop.time()
+        try:
+            await send(message)
+        except asyncio.CancelledError:
+            # ours, and no one else's cancellation pending (as asyncio.timeout decides): the client is too slow
+            if self.expired and task.uncancel() <= cancelling:
+                raise SlowReader from None
+            raise
+        finally:
+            self.since = None
+
+    def close(self) -> None:
+        self.handle.cancel()
+
+
 class KeyGate:
     """ASGI middleware: every path but /health needs a valid key (docs and metrics included); bodies past the cap by
     Content-Length get 413 before they are read. Also counts requests and latency per route for /metrics.
@@ -70,19 +111,19 @@ class KeyGate:
         path, t0, status = scope["path"], time.perf_counter(), {"code": 500}
         route = path if path in ROUTES else "other"
 
+        deadline = WriteDeadline(srv.policy.caps.write_timeout_s)
+
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 srv.metrics.requests.labels(route, str(status["code"])).inc()
                 srv.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-            try:  # the transport waits while a client reads nothing: not forever. (asyncio's own timeout: this
-                # runs once per streamed chunk, and it costs a third of anyio.fail_after's cancel scope.)
-                async with asyncio.timeout(srv.policy.caps.write_timeout_s):
-                    await send(message)
-            except TimeoutError:
+            try:  # the transport waits while a client reads nothing: not forever
+                await deadline.send(send, message)
+            except SlowReader:
                 srv.metrics.guard_blocks.labels("slow_reader").inc()
-                raise SlowReader(path) from None
+                raise
 
         with srv.tracing.request(scope, status):  # a generation request's span: until its last byte went out
             try:
@@ -94,6 +135,8 @@ class KeyGate:
                 if not status.get("started"):
                     err = APIError(500, "internal error: the server failed on this request", code="internal_error")
                     await error_response(path, err)(scope, receive, send_wrapped)
+            finally:
+                deadline.close()
 
     async def _gate(self, scope, receive, send_wrapped, srv, path):
 

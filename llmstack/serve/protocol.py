@@ -221,8 +221,17 @@ def usage(prompt: int, completion: int, reasoning: int | None = None) -> dict:
     return out
 
 
+# json.dumps with any argument but the defaults builds a new encoder on every call; a stream encodes once per token.
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
+def to_json(obj) -> str:
+    """`json.dumps(obj, ensure_ascii=False)`, with one encoder for the process."""
+    return _ENCODER.encode(obj)
+
+
 def sse(obj: dict, event: str | None = None) -> str:
-    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return (f"event: {event}\n" if event else "") + f"data: {to_json(obj)}\n\n"
 
 
 # ------------------------------------------------------------------------------------------------ the body

@@ -102,19 +102,22 @@ def earlier_thinking(m) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- the budget
-async def generate(engine, rid: str, prompt_ids: list[int], params: GenParams, model: str,
-                   thinking: Thinking | None, closing_ids):
-    """The engine's deltas for one request, with the thinking budget applied: a first call of at most `budget`
-    tokens, then, per choice cut there, the server's closing tag (a delta of text without tokens: it is prompt, not
-    completion) and a second call that continues from the prompt, the tokens so far and the tag, with what is left
-    of max_tokens after both. `closing_ids()` tokenizes the tag. Closing this generator aborts the engine call in
-    flight."""
+def generate(engine, rid: str, prompt_ids: list[int], params: GenParams, model: str, thinking: Thinking | None,
+             closing_ids):
+    """The engine's deltas for one request, with the thinking budget applied (`_budgeted`); with no budget that
+    applies, the engine's own generator (a generator around it would cost a step per token). Closing the generator
+    returned aborts the engine call in flight."""
     budget = thinking.budget if thinking is not None and thinking.opens else None
     if budget is None or budget >= params.max_tokens:
-        async with contextlib.aclosing(engine.generate(rid, prompt_ids, params, model)) as gen:
-            async for deltas in gen:
-                yield deltas
-        return
+        return engine.generate(rid, prompt_ids, params, model)
+    return _budgeted(engine, rid, prompt_ids, params, model, budget, closing_ids)
+
+
+async def _budgeted(engine, rid: str, prompt_ids: list[int], params: GenParams, model: str, budget: int,
+                    closing_ids):
+    """A first call of at most `budget` tokens, then, per choice cut there, the server's closing tag (a delta of
+    text without tokens: it is prompt, not completion) and a second call that continues from the prompt, the tokens
+    so far and the tag, with what is left of max_tokens after both. `closing_ids()` tokenizes the tag."""
     n = params.n
     ids: list[list[int]] = [[] for _ in range(n)]
     texts, done, cut = [""] * n, [False] * n, [False] * n

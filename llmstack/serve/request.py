@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -21,12 +22,14 @@ from fastapi.responses import Response
 from llmstack.config.serve import KeyEntry
 from llmstack.serve import reasoning
 from llmstack.serve.engines import EngineRejected, EngineUnavailable, GenParams
-from llmstack.serve.protocol import APIError, sse, usage
+from llmstack.serve.protocol import APIError, sse, to_json, usage
 from llmstack.serve.rails import Rails
 from llmstack.serve.reasoning import Thinking, ThinkSplit
 from llmstack.serve.state import Server
 from llmstack.serve.tooling import ToolPlan, ToolStream
 
+# The longest a stream runs without giving the event loop a turn (`ServedRequest.stream`).
+TURN_EVERY_S = 0.002
 log = logging.getLogger("llmstack.serve")
 
 
@@ -231,16 +234,22 @@ class ServedRequest:
         out = StreamedAnswer(self)
         gen = self.engine_stream()
         engine_span, rails_s = srv.tracing.engine_span(), 0.0  # the rails run per delta: their time is summed
+        loop = asyncio.get_running_loop()
+        turn = loop.time()
         try:
             if self.endpoint.opens_with_role:
                 for i in range(params.n):
                     yield out.chunk(i, role=True)
             async for deltas in gen:
-                # A turn for the event loop per engine step. When the engine is ahead of this process, vLLM's output
-                # queue is never empty and sending does not suspend either (until the socket buffer fills), so nothing
-                # else — Starlette's disconnect listener, other requests — would run until this stream ended.
+                # A turn for the event loop at least every TURN_EVERY_S. When the engine is ahead of this process,
+                # vLLM's output queue is never empty and sending does not suspend either (until the socket buffer
+                # fills), so nothing else — Starlette's disconnect listener, other requests — would run until this
+                # stream ended. (Not a turn per step: that is a pass through the event loop, and a poll of its
+                # sockets, per token.)
                 self.answered = True
-                await asyncio.sleep(0)
+                if loop.time() - turn >= TURN_EVERY_S:
+                    await asyncio.sleep(0)
+                    turn = loop.time()
                 for d in deltas:
                     t_rails = time.perf_counter()
                     lines = list(out.lines(d))
@@ -329,12 +338,18 @@ class StreamedAnswer:
 
     def chunk(self, index: int, text: str | None = None, finish: str | None = None, lp: list[dict] | None = None,
               role: bool = False, calls: list[dict] | None = None, reasoning: str | None = None) -> str:
+        """The event of one choice's delta: `sse` of {id, object, created, model, choices: [delta] (, usage: null)},
+        the same text, with the part every chunk of this stream shares encoded once (`_frame`)."""
+        head, tail = self._frame
+        delta = self.call.endpoint.delta(index, text, finish, lp, role, calls, reasoning=reasoning)
+        return head + to_json(delta) + tail
+
+    @functools.cached_property
+    def _frame(self) -> tuple[str, str]:
         call = self.call
-        body = {"id": call.rid, "object": self.obj, "created": self.created, "model": call.req.model,
-                "choices": [call.endpoint.delta(index, text, finish, lp, role, calls, reasoning=reasoning)]}
-        if self.include_usage:
-            body["usage"] = None
-        return sse(body)
+        head = to_json({"id": call.rid, "object": self.obj, "created": self.created, "model": call.req.model})
+        return (f"data: {head[:-1]}, \"choices\": [", "]" + (", \"usage\": null" if self.include_usage else "")
+                + "}\n\n")
 
     def _blocked(self, v) -> Iterator[str]:
         self.status, self.done = 400, True
