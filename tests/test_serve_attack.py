@@ -22,7 +22,7 @@ from llmstack.config.serve import ConfigError, GuardPolicy, KeyFile, ServeSpec
 from llmstack.serve.app import build_app
 from llmstack.serve.audit import AuditLog
 from llmstack.serve.guard import hash_key
-from llmstack.serve.server import EXAMPLE_KEY, GuardedH11Protocol, check_example_key
+from llmstack.serve.server import EXAMPLE_KEY, GuardedHttpProtocol, check_example_key
 from llmstack.testing import ScriptedEngine
 
 ALICE, SLOW, ADMIN, CAROL, PAIR = "sk-test-alice", "sk-test-slow", "sk-test-admin", "sk-test-carol", "sk-test-pair"
@@ -77,7 +77,7 @@ def live(app, header_timeout: float = 10.0):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    protocol = type("TestProtocol", (GuardedH11Protocol,), {"header_timeout": header_timeout})
+    protocol = type("TestProtocol", (GuardedHttpProtocol,), {"header_timeout": header_timeout})
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="warning",
                                            timeout_keep_alive=5))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -313,6 +313,38 @@ def test_slowloris_headers_and_bodies_are_cut_off(tokenizer):
         s.settimeout(10)
         reply = s.recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply
+
+
+def test_headers_past_64_kib_get_a_400_and_the_connection_closes_whether_sent_at_once_or_trickled(tokenizer):
+    """httptools keeps a partial header in memory however long it grows: the protocol caps the request line and
+    headers at 64 KiB, counted over reads. A body far past 64 KiB is not headers (the 900 KB test above), and a
+    kept-alive connection's next request starts a fresh count."""
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n".encode()
+    with live(make_app(tokenizer)) as port:
+        for pieces in ([head + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n"],  # at once
+                       [head + b"X-Big: "] + [b"a" * 8_000] * 12):  # a header value in 8 KB reads, never ended
+            s = socket.create_connection(("127.0.0.1", port))
+            s.settimeout(10)
+            reply = b""
+            try:
+                for piece in pieces:
+                    s.sendall(piece)
+                    time.sleep(0.02)
+            except OSError:  # the server closed while this client was still sending
+                pass
+            with contextlib.suppress(OSError):
+                while chunk := s.recv(65536):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 400") and b"connection: close" in reply, reply[:200]
+            assert (b"Request headers longer than 65536 bytes." if len(pieces) > 1
+                    else b"Invalid HTTP request received.") in reply  # parsed whole: the parser's 400
+            s.close()
+        # 60 KB of headers is under the cap, twice on one kept-alive connection
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(2):
+            conn.request("GET", "/v1/models", headers={**H, "X-Big": "a" * 60_000})
+            r = conn.getresponse()
+            assert r.status == 200 and r.read()
 
 
 # ------------------------------------------------------------------------------- rails cover every field

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llmstack.config.serve import ConfigError, GuardPolicy, KeyFile, ServeSpec, load_yaml_model
 from llmstack.serve.guard import hash_key
@@ -80,17 +80,59 @@ def check_example_key(keys: KeyFile, host: str) -> None:
                           "the example entry, or bind to 127.0.0.1")
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline on request headers: uvicorn times out idle keep-alive connections
-    but not a client that sends its headers a byte at a time (slowloris), which would hold a connection forever.
-    The request line and headers must be complete within `header_timeout` of the connection opening (or of the
-    previous response, on a kept-alive connection). Bodies have their own deadline (caps.body_timeout_s)."""
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol on httptools (llhttp: the C parser, which costs a fraction of h11's pure-Python
+    framing per streamed chunk) with the limits uvicorn leaves out:
+
+    - a deadline on request headers: uvicorn times out idle keep-alive connections but not a client that sends its
+      headers a byte at a time (slowloris), which would hold a connection forever. The request line and headers must
+      be complete within `header_timeout` of the connection opening (or of the previous response, on a kept-alive
+      connection);
+    - at most `max_header_bytes` of request line and headers, or a 400 and the connection closes. Counted twice over:
+      the URL and each header as the parser hands them over (exact), and every read that ends with the headers still
+      incomplete (httptools keeps a header's partial name or value in memory until it ends, however long: this stops
+      one that never ends, holding at most one read past the cap). Bodies have their own cap and deadline
+      (caps.max_body_bytes, caps.body_timeout_s)."""
 
     header_timeout = 10.0
+    max_header_bytes = 64 * 1024
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._header_bytes = 0  # of the current request's URL and headers, as parsed
+        self._unparsed_reads: int | None = 0  # bytes of reads its headers did not end in; None once they ended
         self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        in_headers = self._unparsed_reads is not None
+        super().data_received(data)
+        if in_headers and self._unparsed_reads is not None and not self.transport.is_closing():
+            self._unparsed_reads += len(data)
+            if self._unparsed_reads > self.max_header_bytes:
+                self.send_400_response(f"Request headers longer than {self.max_header_bytes} bytes.")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = 0
+        if self._unparsed_reads is None:  # a next request on the connection (pipelined or kept alive)
+            self._unparsed_reads = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self.max_header_bytes:  # the parser stops; uvicorn answers 400 and closes
+            raise ValueError("request headers too long")
+
+    def on_headers_complete(self) -> None:
+        self._unparsed_reads = None
+        super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -113,6 +155,5 @@ def run_server(app, spec: ServeSpec) -> None:
     streams included, then stop the engine)."""
     import uvicorn
 
-    uvicorn.run(app, host=spec.host, port=spec.port, log_level="info", http=GuardedH11Protocol,
-                timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
-                timeout_graceful_shutdown=int(spec.drain_timeout_s) or None)
+    uvicorn.run(app, host=spec.host, port=spec.port, log_level="info", http=GuardedHttpProtocol,
+                timeout_keep_alive=5, timeout_graceful_shutdown=int(spec.drain_timeout_s) or None)
