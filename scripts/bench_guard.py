@@ -109,6 +109,28 @@ def measure(pid: int, base: str, key: str | None, tokens: int, n: int) -> dict:
     return {"cpu_ms": 1000 * cpu / n, "wall_p50_ms": 1000 * statistics.median(walls)}
 
 
+def systems(model: Path, work: Path, lengths: list[int], requests: int) -> list[dict]:
+    """(a) and (b) started, measured at each answer length (`requests` each) and stopped: a row per system and
+    length (scripts/bench_serve.py reports the guard's cost from these rows too)."""
+    guarded, gbase, key = start_server(model, work / "guarded", {}, engine="scripted", scripted=(max(lengths), 0.0))
+    bare, bbase = start_bare(max(lengths))
+    rows = []
+    try:
+        for tokens in lengths:
+            a = measure(guarded.pid, gbase, key, tokens, requests)
+            b = measure(bare.pid, bbase, None, tokens, requests)
+            rows += [{"system": "a_guarded_api", "tokens": tokens, **a}, {"system": "b_bare_server", "tokens": tokens,
+                                                                          **b}]
+            print(f"{tokens:4d} tokens: guarded {a['cpu_ms']:6.2f} CPU ms (p50 {a['wall_p50_ms']:6.2f} ms)   "
+                  f"bare {b['cpu_ms']:6.2f} CPU ms (p50 {b['wall_p50_ms']:6.2f} ms)   "
+                  f"guard's cost {a['cpu_ms'] - b['cpu_ms']:6.2f} ms", flush=True)
+    finally:
+        for p in (guarded, bare):
+            p.terminate()
+            p.wait(timeout=30)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template (a registry "
@@ -131,22 +153,7 @@ def main() -> None:
         from llmstack.models import resolve
 
         model = resolve(args.model)
-    guarded, gbase, key = start_server(model, work / "guarded", {}, engine="scripted", scripted=(max(lengths), 0.0))
-    bare, bbase = start_bare(max(lengths))
-    rows = []
-    try:
-        for tokens in lengths:
-            a = measure(guarded.pid, gbase, key, tokens, args.requests)
-            b = measure(bare.pid, bbase, None, tokens, args.requests)
-            rows += [{"system": "a_guarded_api", "tokens": tokens, **a}, {"system": "b_bare_server", "tokens": tokens,
-                                                                          **b}]
-            print(f"{tokens:4d} tokens: guarded {a['cpu_ms']:6.2f} CPU ms (p50 {a['wall_p50_ms']:6.2f} ms)   "
-                  f"bare {b['cpu_ms']:6.2f} CPU ms (p50 {b['wall_p50_ms']:6.2f} ms)   "
-                  f"guard's cost {a['cpu_ms'] - b['cpu_ms']:6.2f} ms", flush=True)
-    finally:
-        for p in (guarded, bare):
-            p.terminate()
-            p.wait(timeout=30)
+    rows = systems(model, work, lengths, args.requests)
     by = {(r["system"], r["tokens"]): r for r in rows}
     top = lengths[0]
     a, b = by[("a_guarded_api", top)], by[("b_bare_server", top)]
