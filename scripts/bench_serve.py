@@ -351,16 +351,14 @@ def bench_hf(model_dir: Path, prompt_ids: list[list[int]], levels: list[int], ma
     return out
 
 
-def guard_cost_ms(model: Path, max_tokens: int, n: int = 200) -> float:
+def guard_cost_ms(model: Path, work: Path, max_tokens: int, n: int = 200) -> float:
     """What the guarded API adds to each request, measured apart from the model so a loaded machine's noise does not
     swamp it: CPU ms of `llmstack serve` over the zero-cost engine per streamed request of `max_tokens` (key, parse,
     caps, rails, chat template, rate limits, queue slot, SSE, output rails, audit, metrics) minus a bare streaming
     server's, as scripts/bench_guard.py measures it (`n` requests each)."""
-    import tempfile
-
     import bench_guard  # it imports this module: imported here, once both are loaded
 
-    rows = bench_guard.systems(model, Path(tempfile.mkdtemp(prefix="bench_serve_guard_")), [max_tokens], n)
+    rows = bench_guard.systems(model, work / "guard", [max_tokens], n)
     cpu = {r["system"]: r["cpu_ms"] for r in rows}
     return cpu["a_guarded_api"] - cpu["b_bare_server"]
 
@@ -800,7 +798,7 @@ def main() -> None:
             print(fmt(row), flush=True)
 
     by = {(r["system"], r["concurrency"]): r for r in results}
-    ratios = {"guard_cost_ms": guard_cost_ms(model, args.max_tokens)}
+    ratios = {"guard_cost_ms": guard_cost_ms(model, work, args.max_tokens)}
     print(f"\nthe guard's own CPU cost per streamed request of {args.max_tokens} tokens (scripts/bench_guard.py's "
           f"measure): {ratios['guard_cost_ms']:.2f} ms")
     print("ratios (same run, same machine):")
@@ -819,13 +817,13 @@ def main() -> None:
     top = max(levels)
     a, b = by.get(("a_guarded_api", top)), by.get(("b_bare_vllm", top))
     if a and b and a["ttft_p50_s"] and b["ttft_p50_s"]:
-        ratios[f"burst_ttft_vs_bare_c{top}"] = a["ttft_p50_s"] / b["ttft_p50_s"]
+        burst = ratios[f"burst_ttft_vs_bare_c{top}"] = a["ttft_p50_s"] / b["ttft_p50_s"]
         print(f"  time to first content at a burst of {top}, guarded API vs the bare engine's first token: "
-              f"{a['ttft_p50_s'] / b['ttft_p50_s']:.2f}x (goal <= 1.10x)")
+              f"{burst:.2f}x (goal <= 1.10x)")
         if b.get("ttft_released_p50_s"):
-            ratios[f"burst_ttft_vs_bare_released_c{top}"] = a["ttft_p50_s"] / b["ttft_released_p50_s"]
+            share = ratios[f"burst_ttft_vs_bare_released_c{top}"] = a["ttft_p50_s"] / b["ttft_released_p50_s"]
             print(f"  ... vs the time the default output rails would release the bare engine's first text (its "
-                  f"first ended word): {a['ttft_p50_s'] / b['ttft_released_p50_s']:.2f}x (the API's own share)")
+                  f"first ended word): {share:.2f}x (the API's own share)")
     a, c1, cb = by.get(("a_guarded_api", top)), by.get(("c_transformers_generate", 1)), \
         by.get(("c_transformers_generate", top))
     if a and c1:
