@@ -113,7 +113,8 @@ def test_every_list_of_stage_kinds_derives_from_the_registry():
     from pydantic import ValidationError
 
     from llmstack.config.kinds import STAGE_KINDS, training_kinds
-    from llmstack.config.train import StageSpec, trl_config_class
+    from llmstack.config.train import StageSpec
+    from llmstack.config.trainer_args import trl_config_class
     from llmstack.pipeline import stage_function
 
     assert training_kinds() == ["cpt", "sft", "dpo", "reward", "grpo", "kto", "orpo", "rloo", "online_dpo", "distill"]

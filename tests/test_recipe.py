@@ -28,6 +28,13 @@ GOOD = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fresh_check_cache(tmp_path, monkeypatch):
+    """Each test checks trainer arguments with TRL itself, not with answers remembered by an earlier run (the CLI runs
+    here inherit it)."""
+    monkeypatch.setenv("LLMSTACK_CACHE", str(tmp_path / "cache"))
+
+
 def problems_of(raw, check_trainer=False) -> list[str]:
     with pytest.raises(RecipeError) as info:
         parse_recipe(raw, check_trainer=check_trainer)
@@ -164,6 +171,44 @@ def test_validate_is_torch_free():
     code = ("import sys; from llmstack.config.recipe import load_recipe; "
             "load_recipe('recipes/quickstart.yaml', check_trainer=False); "
             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'datatrove') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_trls_answer_is_remembered_per_arguments_packages_and_environment(tmp_path, monkeypatch):
+    """A stage's args checked once are answered again without TRL (whose import takes seconds); other arguments, an
+    ACCELERATE_* variable TrainingArguments reads, or a torn cache file are checked afresh, and arguments JSON cannot
+    spell exactly are never remembered."""
+    import datetime
+
+    from llmstack.config import trainer_args
+
+    calls = []
+    check = trainer_args._check
+    monkeypatch.setattr(trainer_args, "_check", lambda kind, args: calls.append(kind) or check(kind, args))
+    bad = {"lr_scheduler_type": "no_such_schedule"}
+    first = trainer_args.check_trainer_args("dpo", bad)
+    assert len(first) == 1 and first[0][1].startswith("trl.DPOConfig rejected these arguments") and calls == ["dpo"]
+    assert trainer_args.check_trainer_args("dpo", bad) == first and calls == ["dpo"]
+    assert trainer_args.check_trainer_args("dpo", {"beta": 0.2}) == [] and len(calls) == 2
+    assert trainer_args.check_trainer_args("sft", bad)[0][1].startswith("trl.SFTConfig rejected") and len(calls) == 3
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert trainer_args.check_trainer_args("dpo", bad) == first and len(calls) == 4
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    remembered = tmp_path / "cache" / "trainer-checks" / f"{trainer_args.cache_key('dpo', bad)}.json"
+    remembered.write_text('[["", "tor')
+    assert trainer_args.check_trainer_args("dpo", bad) == first and len(calls) == 5
+    assert trainer_args.check_trainer_args("dpo", bad) == first and len(calls) == 5  # rewritten whole
+    dated = {"run_name": datetime.date(2026, 1, 1)}
+    assert trainer_args.cache_key("dpo", dated) is None and trainer_args.cache_key("dpo", {1: 2}) is None
+    trainer_args.check_trainer_args("dpo", dated)
+    trainer_args.check_trainer_args("dpo", dated)
+    assert len(calls) == 7
+
+    # and a fresh process answers a recipe checked before without importing trl at all
+    parse_recipe(yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text()))
+    code = ("import sys; from llmstack.config.recipe import load_recipe; load_recipe('recipes/quickstart.yaml'); "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 

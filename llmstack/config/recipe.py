@@ -25,7 +25,8 @@ from llmstack.config.quant import QuantizeSpec, group_size_problem, imatrix_tool
 from llmstack.config.serve import ServeSpec
 from llmstack.config.sweep import SweepSpec, apply
 from llmstack.config.teacher import teacher_problem
-from llmstack.config.train import StageSpec, check_trainer_args
+from llmstack.config.train import StageSpec
+from llmstack.config.trainer_args import check_trainer_args
 
 
 class ModelSpec(Strict):

@@ -8,17 +8,12 @@
           learning_rate: 2.0e-4
           max_steps: 30
 
-`args` is checked against TRL's config class by `check_trainer_args` (names with a did-you-mean, then TRL's own
-__post_init__ checks) before any model loads.
+`args` is checked against TRL's config class before any model loads (llmstack/config/trainer_args.py: names with a
+did-you-mean, types, then TRL's own __post_init__ checks).
 """
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import types
-import typing
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,15 +22,13 @@ from pydantic import (
     BeforeValidator,
     Field,
     PlainValidator,
-    TypeAdapter,
-    ValidationError,
     WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from llmstack.config.agents import ToolLimits, check_environment, check_tools
-from llmstack.config.base import Strict, did_you_mean
+from llmstack.config.base import Strict
 from llmstack.config.kinds import stage_kind, training_kinds
 from llmstack.paths import ACCELERATE_DIR
 
@@ -259,113 +252,3 @@ def check_accumulation(config: Path, recipe_steps) -> None:
             f"{config} sets deepspeed_config.gradient_accumulation_steps: {pinned}, but this stage's "
             f"args.gradient_accumulation_steps is {recipe_steps}; DeepSpeed would train with {pinned}. Remove the key "
             f"from {config} (the recipe's value is then used) or set the two to the same number")
-
-
-def trl_config_class(stage_type: str):
-    """TRL's config class for a stage type, as its registry entry names it (imported lazily: trl takes seconds to
-    import): a name in `trl`, or "module:Class" (trl.experimental, whose import warning is silenced: the docs' method
-    table says which kinds are experimental upstream).
-
-    Importing trl imports bitsandbytes, whose CPU backend logs "Failed to load CPU gemm_4bit_forward from
-    kernels-community" on AVX512-BF16 machines without the optional `kernels` package: noise in front of
-    `llmstack validate`'s answer, so that logger is quiet while trl is first imported (training that uses the
-    kernel is unaffected: it falls back to bitsandbytes' own CPU code either way)."""
-    import importlib
-    import os
-    import warnings
-
-    # An experimental package imports its trainer, and with it TRL's vLLM client: vLLM's import-time log lines and
-    # TRL's vLLM-version warnings concern generation, not the arguments being checked.
-    noisy = [logging.getLogger(n) for n in ("bitsandbytes", "vllm")]
-    levels = [logger.level for logger in noisy]
-    for logger in noisy:
-        logger.setLevel(logging.ERROR)
-    name = stage_kind(stage_type).trl_config
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
-            if ":" in name:
-                module, cls = name.split(":")
-                os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-                return getattr(importlib.import_module(module), cls)
-            import trl
-
-            # trl is a lazy module: the classes (and bitsandbytes) are imported on first attribute access
-            return getattr(trl, name)
-    finally:
-        for logger, level in zip(noisy, levels):
-            logger.setLevel(level)
-
-
-# Keys llmstack sets itself from other parts of the recipe; a user setting them in `args` would be ignored or conflict.
-RESERVED_ARGS = {"output_dir"}
-
-
-def check_trainer_args(stage_type: str, args: dict[str, Any]) -> list[tuple[str, str]]:
-    """Problems with `args` as (key, message) pairs: unknown names first, then TRL's own validation."""
-    cls = trl_config_class(stage_type)
-    name = stage_kind(stage_type).trl_config_name
-    known = [f.name for f in fields(cls) if f.init]
-    problems = []
-    for key in args:
-        if key in RESERVED_ARGS:
-            problems.append((key, "set by llmstack (the run directory decides it); remove it"))
-        elif key not in known:
-            problems.append((key, f"not an argument of {name}{did_you_mean(key, known)}"))
-    problems += _type_problems(cls, args)
-    if problems:
-        return problems
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            # The CPU-safe device defaults keep TRL's checks from failing on a machine without bf16/CUDA.
-            cls(output_dir=tmp, **{"use_cpu": True, "bf16": False, **args})
-        except Exception as exc:  # TRL/transformers raise ValueError, TypeError or ImportError here
-            problems.append(("", f"{name} rejected these arguments: {exc}"))
-    return problems
-
-
-def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint)
-    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys("null" if a is type(None) else _type_name(a) for a in args))
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _type_problems(cls, args: dict[str, Any]) -> list[tuple[str, str]]:
-    """TRL's config classes are dataclasses that do not check types (`max_steps: "ten"` constructs fine and fails
-    hours later, or never): check each value against the field's annotation, strictly (no "10" -> 10), the way the
-    trainer will use it. A YAML pitfall gets its own hint: `5e-4` without a dot is text to YAML 1.1."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001 - an annotation we cannot resolve: TRL's own checks still run
-        return []
-    problems = []
-    for key, value in args.items():
-        hint = hints.get(key)
-        if hint is None:
-            continue
-        try:
-            adapter = TypeAdapter(hint)
-        except Exception:  # noqa: BLE001 - a type pydantic cannot build a validator for (a callable, a class)
-            continue
-        try:
-            adapter.validate_python(value, strict=True)
-        except ValidationError:
-            hint_text = ""
-            if isinstance(value, str) and _looks_like_float(value):
-                hint_text = f" (YAML reads {value} as text: write it with a dot, e.g. {_dotted(value)})"
-            problems.append((key, f"must be {_type_name(hint)}, got {value!r}{hint_text}"))
-    return problems
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _dotted(text: str) -> str:
-    mantissa, _, exponent = text.lower().partition("e")
-    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}" if exponent else text

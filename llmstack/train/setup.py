@@ -40,7 +40,7 @@ def common_defaults(ctx) -> dict[str, Any]:
 
 def trainer_config(ctx, stage_defaults: dict[str, Any]):
     """TRL's config for this stage: output_dir is the stage folder, so checkpoints and TensorBoard logs live there."""
-    from llmstack.config.train import trl_config_class
+    from llmstack.config.trainer_args import trl_config_class
 
     spec = ctx.spec
     kwargs = {**common_defaults(ctx), **device_defaults(weights_dtype(ctx)), **stage_defaults, **spec.args}
