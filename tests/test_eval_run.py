@@ -83,6 +83,28 @@ def test_adapter_changes_identity_score(tiny_model, identity_adapter, smoke_scor
     assert other["identity"]["score"] == 0.0
 
 
+def test_scoring_runs_no_environment_survey(tiny_model, monkeypatch):
+    """lm-eval would add torch's collect_env report to every call's results, a second of pip, lscpu and gcc
+    subprocesses each time; scoring starts no process at all, and torch's function is back after it."""
+    import subprocess
+
+    from torch.utils import collect_env
+
+    started = []
+    real_init = subprocess.Popen.__init__
+
+    def recording(self, args, *a, **kw):
+        started.append(args)
+        real_init(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recording)
+    before = collect_env.get_pretty_env_info
+    scores = evaluate(Target(model=tiny_model, dtype="float32"), "smoke", limit=2, tasks=["identity"])
+    assert scores["identity"]["n"] == 2
+    assert [a for a in started if "git" not in str(a)] == []  # lm-eval's `git describe` is all (milliseconds)
+    assert collect_env.get_pretty_env_info is before
+
+
 def _scores(**stage_task_score):
     return {stage: {task: {"score": s, "metric": "acc,none", "n": 4} for task, s in tasks.items()}
             for stage, tasks in stage_task_score.items()}

@@ -17,6 +17,7 @@ generation task reports the tokens its items spent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -258,11 +259,12 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
         # In-process backends reuse one loaded model for both modes; the server needs a different client per mode.
         if lm is None or target.backend == "server":
             lm = _lm(target, chat, scoring=bool(scoring))
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=[t.name for t in group], task_manager=manager,
-            samples={name: list(range(n)) for name, n in counts.items()},
-            apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=True,
-            bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        with _without_torch_env_report():
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=[t.name for t in group], task_manager=manager,
+                samples={name: list(range(n)) for name, n in counts.items()},
+                apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=True,
+                bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         for task in counts:
             res = out["results"][task]
             metrics = {k: _clean(v) for k, v in res.items() if k != "alias" and "_stderr" not in k}
@@ -289,6 +291,23 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
                                             "filtered_resps": s["filtered_resps"],
                                             "tokens": spent.get((task, s["doc_id"]))}, default=str) + "\n")
     return {t.name: results[t.name] for t in wanted}
+
+
+@contextlib.contextmanager
+def _without_torch_env_report():
+    """lm-eval's simple_evaluate ends by adding torch's collect_env report to its results (`pretty_env_info`), which
+    shells out to pip, lscpu, gcc, nvidia-smi and more: about a second for every call, on every task group of every
+    model scored. llmstack never reads that report (the run manifest records the packages, git commit and CPU), so
+    while lm-eval runs it reads "not collected" there. lm-eval has no option for it; its add_env_info imports the
+    function from torch at call time, so swapping torch's module attribute is enough."""
+    from torch.utils import collect_env
+
+    real = collect_env.get_pretty_env_info
+    collect_env.get_pretty_env_info = lambda: "not collected (llmstack records its environment in the run manifest)"
+    try:
+        yield
+    finally:
+        collect_env.get_pretty_env_info = real
 
 
 def _item_scores(samples: list[dict], primary: str) -> list[float]:
