@@ -258,6 +258,15 @@ def test_trials_run_in_parallel_as_ray_tasks_sharing_one_study(ray_cluster, tmp_
     assert all(t.user_attrs["adopted"] == ["model", "curate"] for t in trials)
 
 
+def test_the_sweep_driver_imports_no_torch():
+    """The driver plans, asks Optuna and reads the trials' pruning channel; torch and transformers (seconds to import)
+    are the trials' business, so a sweep the CLI refuses is refused at once."""
+    code = ("import sys; import llmstack.sweep.study, llmstack.sweep.pruning, llmstack.cli.sweep; "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_no_ray_cluster_at_the_address_is_a_one_line_error(tmp_path, tiny_model):
     pytest.importorskip("ray", reason="ray is not installed (requirements/ray.lock; `make test` installs it)")
     from llmstack.testing import free_port

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from llmstack.runs import sha256_json
-from llmstack.train import pruning
+from llmstack.train import pruning_callback
 
 log = logging.getLogger("llmstack")
 
@@ -107,8 +107,8 @@ def resume_checkpoint(ctx, trainer) -> str | None:
     checkpoints are removed, so a changed recipe never resumes from another run's state). The trainer's own
     resume restores model, optimizer, scheduler and RNG state and skips the batches already seen: same data order.
     Every training stage calls this last before `trainer.train`, so it is also where a sweep trial's stage gets its
-    pruning callback (llmstack/train/pruning.py)."""
-    pruning.install(ctx, trainer)
+    pruning callback (llmstack/train/pruning_callback.py)."""
+    pruning_callback.install(ctx, trainer)
     check_sharding(trainer)
     check_shared_folder(trainer.accelerator, ctx.dir)
     identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
