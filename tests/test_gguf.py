@@ -38,10 +38,24 @@ def test_bad_input_fails_before_work_and_leaves_nothing(tiny_model, tmp_path):
 
 
 @needs_llamacpp
-def test_unsupported_architecture_and_unknown_tokenizer_are_named(tiny_model, small_random, tmp_path):
-    # the tiny test model's BPE tokenizer is generated: llama.cpp's converter knows no pre-tokenizer for it
+def test_unsupported_architecture_and_unknown_tokenizer_are_named(tiny_model, small_random, tmp_path, monkeypatch):
+    from llmstack.quant import gguf
+
+    passes = []
+    converter = gguf._run_converter
+    monkeypatch.setattr(gguf, "_run_converter",
+                        lambda *a, **kw: passes.append(kw.get("vocab_only", False)) or converter(*a, **kw))
+    # the tiny test model's BPE tokenizer is generated: llama.cpp's converter knows no pre-tokenizer for it. A model
+    # this small goes straight to the whole conversion, which says so
     with pytest.raises(GGUFError, match="cannot map the tokenizer"):
         export_gguf(tiny_model, tmp_path / "a", ["q8_0"])
+    assert passes == [False]
+    # a large one is asked for its tokenizer first, in a vocab-only pass, and refused there for the same reason
+    monkeypatch.setattr(gguf, "VOCAB_FIRST_BYTES", 0)
+    with pytest.raises(GGUFError, match="cannot map the tokenizer"):
+        export_gguf(tiny_model, tmp_path / "c", ["q8_0"])
+    assert passes == [False, True]
+    monkeypatch.undo()
     odd = tmp_path / "odd"
     shutil.copytree(small_random, odd)
     config = json.loads((odd / "config.json").read_text())

@@ -72,6 +72,17 @@ def check_source(model: Path) -> dict:
     return json.loads((model / "config.json").read_text())
 
 
+# llama.cpp's converter converts every tensor before it reads the tokenizer, so a tokenizer it cannot map fails only
+# after the weights are done: minutes for a large model. There a vocab-only pass (seconds of work) says so first.
+# Below this size the whole conversion fails about as soon, and the extra pass would only cost its start-up (the
+# converter imports torch and transformers, several seconds).
+VOCAB_FIRST_BYTES = 2 * 2**30
+
+
+def _weight_bytes(model: Path) -> int:
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in model.glob(pattern))
+
+
 def _run_converter(model: Path, outfile: Path, outtype: str, vocab_only: bool = False, label: Path | None = None
                    ) -> None:
     """llama.cpp's converter on `model` (`label`: the folder to name in errors, when `model` is a staged copy)."""
@@ -176,9 +187,9 @@ def export_gguf(model: Path, out: Path, types: list[str], name: str | None = Non
         if any(use_imatrix.values()):  # an empty or too short calibration file is said before the conversion
             calib_tokens = _imatrix_step(imatrix.calibration_text, calibration, model, calib_text)
             _imatrix_step(imatrix.chunk_tokens, calib_tokens, calibration)
-        # architecture and tokenizer first, in seconds, before the weights take minutes
-        _run_converter(source, work / "vocab.gguf", "f16", vocab_only=True, label=model)
-        (work / "vocab.gguf").unlink()
+        if _weight_bytes(model) >= VOCAB_FIRST_BYTES:  # architecture and tokenizer first (see VOCAB_FIRST_BYTES)
+            _run_converter(source, work / "vocab.gguf", "f16", vocab_only=True, label=model)
+            (work / "vocab.gguf").unlink()
         base_type = next((t for t in types if t in CONVERTER_TYPES), "f16")
         base = work / f"{name}-{base_type.upper()}.gguf"
         _run_converter(source, base, base_type, label=model)
