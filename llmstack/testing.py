@@ -143,7 +143,13 @@ def local_ray_cluster(cpus: int, pythonpath: str):
                 os.killpg(head.pid, sig)
             except ProcessLookupError:
                 break
-            time.sleep(3)
+            deadline = time.monotonic() + 3  # the daemons' grace to exit before the next signal
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(head.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -45,7 +45,7 @@ def _wait(url: str, proc=None, timeout: float = 420) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(2)
+        time.sleep(0.5)
     raise TimeoutError(url)
 
 
