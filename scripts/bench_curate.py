@@ -20,7 +20,10 @@ what one writes first: one `Dataset.map`/`filter` per step, one row at a time, d
 simplify_text as they come, the tokenizer called per row, MinHash fed one shingle at a time, every 13-gram hashed.
 Each run is a fresh subprocess; wall and CPU seconds cover the pipeline call (imports inside it included); CPU is
 the run's process and its workers; peak memory is the proportional set size (PSS) summed over its process tree,
-sampled every 50 ms. The sha256 over the sorted hashes of the kept texts must be equal on every run of a size.
+sampled every SAMPLE_S (0.5 s): reading a process's PSS walks its page tables, 5-10 ms of CPU for a process that has
+imported torch, so sampling the three processes of a two-worker run every 50 ms took a third of a core from the
+run being measured (on 2 cores, from the two-worker run more than from the one-process baseline). The sha256 over
+the sorted hashes of the kept texts must be equal on every run of a size.
 
 Read the last block it prints ("between ... docs"): the docs/s between the two sizes is the rate each side processes
 documents at once started (fixed start-up costs cancel), and CPU ms/doc is less disturbed by other load than docs/s.
@@ -201,6 +204,20 @@ def baseline(corpus: Path, tok_path: Path, work: Path) -> tuple[int, Path]:
 # ---------------------------------------------------------------- measuring
 
 
+SAMPLE_S = 0.5  # between memory samples (see the module's docstring)
+
+
+def _pss(pid: int) -> int:
+    """A process's PSS: pages shared by forked workers are split between them, not counted once per process. From
+    /proc/PID/smaps_rollup, summed by the kernel: half the CPU of psutil's memory_full_info, which parses every
+    mapping of /proc/PID/smaps."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration, ValueError):  # gone, or not readable
+        return 0
+
+
 def _tree_rss(pid: int) -> int:
     import psutil
 
@@ -209,19 +226,13 @@ def _tree_rss(pid: int) -> int:
         procs = [p] + p.children(recursive=True)
     except psutil.NoSuchProcess:
         return 0
-    total = 0
-    for q in procs:
-        try:  # PSS: pages shared by forked workers are split between them, not counted once per process
-            total += q.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
-            pass
-    return total
+    return sum(_pss(q.pid) for q in procs)
 
 
 def _ray_workers_pss(pgid: int, found: dict) -> int:
     """PSS of a Ray cluster's worker processes: the raylet's children (`ray::...` once they run a task, idle workers
     included) but not its agents (DashboardAgent, RuntimeEnvAgent). The raylet is found by the process group `ray start`
-    left its daemons in (once: `found` keeps it, so the 50 ms sampler does not walk every process each time); the
+    left its daemons in (once: `found` keeps it, so the sampler does not walk every process each time); the
     workers themselves each get a process group of their own, so the group alone misses them."""
     import psutil
 
@@ -238,7 +249,7 @@ def _ray_workers_pss(pgid: int, found: dict) -> int:
         for w in found["raylet"].children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 if not w.name().endswith("Agent"):
-                    total += w.memory_full_info().pss
+                    total += _pss(w.pid)
     except psutil.NoSuchProcess:
         found.pop("raylet")
     return total
@@ -256,7 +267,7 @@ def measure(which: str, n: int, corpus: Path, workers: int, ray: tuple[str, int]
         peak = max(peak, _tree_rss(proc.pid))
         if which == "ray" and ray[1]:
             ray_peak = max(ray_peak, _ray_workers_pss(ray[1], raylet))
-        time.sleep(0.05)
+        time.sleep(SAMPLE_S)
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed (exit {proc.returncode})")
@@ -345,7 +356,7 @@ def record(args, runs: list[tuple[str, int]], repeats: list[tuple[list, list, di
     benchrecord.write("curate-ray" if args.executor == "ray" else "curate",
                       settings={"sizes": args.sizes, "workers": args.workers, "executor": args.executor,
                                 "repeat": args.repeat, "reference": f"{runs[0][0]} w{runs[0][1]}",
-                                "hash_seed": args.hash_seed},
+                                "hash_seed": args.hash_seed, "memory_sample_s": SAMPLE_S},
                       figures={"runs": rows, **({"steady_state": steady} if steady else {})}, ratios=ratios,
                       goals=goals, results=args.results_dir)
 
