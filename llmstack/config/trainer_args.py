@@ -11,6 +11,7 @@ mapping with non-text keys) are always checked afresh.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -46,7 +47,6 @@ def trl_config_class(stage_type: str):
     `llmstack validate`'s answer, so that logger is quiet while trl is first imported (training that uses the
     kernel is unaffected: it falls back to bitsandbytes' own CPU code either way)."""
     import importlib
-    import os
     import warnings
 
     # An experimental package imports its trainer, and with it TRL's vLLM client: vLLM's import-time log lines and
@@ -102,6 +102,14 @@ def cache_key(stage_type: str, args: dict[str, Any]) -> str | None:
     """The check's identity as a hex digest, or None where the arguments have no exact JSON spelling."""
     if not _plain(args):
         return None
+    identity = {"kind": stage_type, "config": stage_kind(stage_type).trl_config, "args": args,
+                "environment": {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT)}, **_installed()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+@functools.cache
+def _installed() -> dict[str, Any]:
+    """The key's parts that hold for the whole process (a sweep's check asks for the key once per value and stage)."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -110,12 +118,8 @@ def cache_key(stage_type: str, args: dict[str, Any]) -> str | None:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    identity = {
-        "kind": stage_type, "config": stage_kind(stage_type).trl_config, "args": args, "packages": versions,
-        "environment": {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT)},
-        "python": sys.version, "machine": platform.machine(),
-        "checker": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return {"packages": versions, "python": sys.version, "machine": platform.machine(),
+            "checker": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
 
 
 def _plain(value: Any) -> bool:
