@@ -688,6 +688,8 @@ def main() -> None:
                     "(vLLM's CPU engine computes on 1 thread; on a busy machine 2 OpenMP threads can crawl)")
     ap.add_argument("--hf-only", help=argparse.SUPPRESS)  # internal: (c) in a fresh process, see below
     ap.add_argument("--dtype", help="vLLM dtype for (a) and (b) (default: the server's shipped setting)")
+    ap.add_argument("--cpu-executor", choices=["auto", "uni", "mp"],
+                    help="vLLM-CPU's executor for (a) and (b) (default: the server's shipped setting, auto)")
     ap.add_argument("--hostile", action="store_true", help="the guard under a hostile mix (see above)")
     ap.add_argument("--hostile-requests", type=int, default=160)
     ap.add_argument("--hostile-server", type=int, help=argparse.SUPPRESS)  # internal: the server of --hostile
@@ -772,13 +774,15 @@ def main() -> None:
           f"{os.cpu_count()} CPUs", flush=True)
     from llmstack.config.serve import VllmOptions
 
-    vllm = {"dtype": args.dtype} if args.dtype else {}
+    vllm = {k: v for k, v in (("dtype", args.dtype), ("cpu_executor", args.cpu_executor)) if v}
     if args.replicas:
         return replicas_report(args, model, work, prompts, levels, vllm)
     from llmstack.serve.engines.base import vllm_dtype
+    from llmstack.serve.engines.vllm import executor_choice
 
     opts = VllmOptions(**vllm)
-    settings = {**opts.model_dump(), "dtype": vllm_dtype(opts)}
+    settings = {**opts.model_dump(), "dtype": vllm_dtype(opts),
+                "cpu_executor": executor_choice(opts, len(os.sched_getaffinity(0)))}
     print("engine settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())
           + f"; VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}", flush=True)
     results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip,

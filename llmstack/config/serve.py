@@ -50,6 +50,12 @@ class VllmOptions(Strict):
                                   "vLLM keeps (its default, 512, lets distinct client schemas grow the engine)")
     compact_json: bool = Field(True, description="structured (JSON) output without free whitespace, which small "
                                                  "models otherwise fill their token budget with")
+    cpu_executor: Literal["auto", "uni", "mp"] = Field(
+        "auto", description="where vLLM-CPU runs the model (ignored on GPUs). mp, vLLM's CPU default: in a worker "
+                            "process bound to every core but one, which its scheduler process keeps; uni: in the "
+                            "scheduler's own process, on every core; auto: uni where the process may use at most 4 "
+                            "cores (there the reserved core is a quarter of the machine or more), mp above. "
+                            "scripts/bench_vllm_cpu.py measures both")
 
 
 class ReasoningOptions(Strict):

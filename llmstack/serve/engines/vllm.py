@@ -243,4 +243,30 @@ def engine_kwargs(model: str, options: VllmOptions, max_model_len: int | None, s
                                    if options.compact_json else StructuredOutputsConfig()),
         model=model, tokenizer=model, dtype=vllm_dtype(options), enforce_eager=options.enforce_eager,
         max_model_len=max_model_len, seed=seed, gpu_memory_utilization=options.gpu_memory_utilization,
-        disable_log_stats=True)
+        disable_log_stats=True, **cpu_executor(options))
+
+
+UNI_MAX_CORES = 4  # `cpu_executor: auto` runs the model in the scheduler's process up to this many usable cores
+
+
+def cpu_executor(options: VllmOptions) -> dict:
+    """vLLM-CPU's executor per `vllm.cpu_executor` ({} leaves vLLM's choice). vLLM's CPU platform turns a
+    single-process ("uni") executor into its multiprocess one, whose worker is bound to all cores but the one it
+    reserves for the scheduler process (vllm/utils/ompmultiprocessing.py): on 2 cores the model gets one thread and
+    the scheduler's busy loop the other. The platform's rewrite only matches the string "uni"; handing vLLM the
+    executor class is its own documented alternative (`distributed_executor_backend: type[Executor]`), so the choice
+    holds. The engine core stays a process of its own either way."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or executor_choice(options, len(os.sched_getaffinity(0))) == "mp":
+        return {}
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    return {"distributed_executor_backend": UniProcExecutor}
+
+
+def executor_choice(options: VllmOptions, cores: int) -> str:
+    """"uni" or "mp" for a CPU engine on a process allowed `cores` cores."""
+    if options.cpu_executor != "auto":
+        return options.cpu_executor
+    return "uni" if cores <= UNI_MAX_CORES else "mp"
