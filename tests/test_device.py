@@ -151,6 +151,7 @@ def test_vllm_cpu_runs_the_model_in_the_engine_core_on_small_machines():
 
     assert [executor_choice(VllmOptions(), n) for n in (1, 2, UNI_MAX_CORES, UNI_MAX_CORES + 1, 64)] == \
         ["uni", "uni", "uni", "mp", "mp"]
+    assert executor_choice(VllmOptions(), 2, binding_set=True) == "mp"  # the user asked for vLLM's thread binding
     assert executor_choice(VllmOptions(cpu_executor="mp"), 2) == "mp"  # a server YAML's choice wins
     assert executor_choice(VllmOptions(cpu_executor="uni"), 64) == "uni"
     with pytest.raises(ValueError, match="cpu_executor"):

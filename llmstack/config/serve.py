@@ -53,8 +53,9 @@ class VllmOptions(Strict):
     cpu_executor: Literal["auto", "uni", "mp"] = Field(
         "auto", description="where vLLM-CPU runs the model (ignored on GPUs). mp, vLLM's CPU default: in a worker "
                             "process bound to every core but one, which its scheduler process keeps; uni: in the "
-                            "scheduler's own process, on every core; auto: uni where the process may use at most 4 "
-                            "cores (there the reserved core is a quarter of the machine or more), mp above. "
+                            "scheduler's own process, on every core, unbound (VLLM_CPU_OMP_THREADS_BIND does not "
+                            "apply); auto: uni where the process may use at most 4 cores (there the reserved core is "
+                            "a quarter of the machine or more) and VLLM_CPU_OMP_THREADS_BIND is unset, else mp. "
                             "scripts/bench_vllm_cpu.py measures both")
 
 

@@ -258,15 +258,19 @@ def cpu_executor(options: VllmOptions) -> dict:
     holds. The engine core stays a process of its own either way."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or executor_choice(options, len(os.sched_getaffinity(0))) == "mp":
+    if not current_platform.is_cpu():
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if executor_choice(options, cores, "VLLM_CPU_OMP_THREADS_BIND" in os.environ) == "mp":
         return {}
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
     return {"distributed_executor_backend": UniProcExecutor}
 
 
-def executor_choice(options: VllmOptions, cores: int) -> str:
-    """"uni" or "mp" for a CPU engine on a process allowed `cores` cores."""
+def executor_choice(options: VllmOptions, cores: int, binding_set: bool = False) -> str:
+    """"uni" or "mp" for a CPU engine on a process allowed `cores` cores. A VLLM_CPU_OMP_THREADS_BIND of the user's
+    (`binding_set`) asks for vLLM's thread binding, which only its multiprocess executor does."""
     if options.cpu_executor != "auto":
         return options.cpu_executor
-    return "uni" if cores <= UNI_MAX_CORES else "mp"
+    return "uni" if cores <= UNI_MAX_CORES and not binding_set else "mp"
