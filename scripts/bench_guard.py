@@ -8,11 +8,13 @@ request, for
       number of chunks of the same shape, with no key, no rails, no template, no audit — what any server streaming
       these bytes spends,
 
-both in their own processes, in one run, sequential requests from one client (this process). The guard's cost is
-(a) - (b) in CPU ms per request (goal: <= 5 ms for a 64-token streamed answer); printed beside it: the fixed part
-(a 1-token answer) and the per-token part, and each system's p50 wall latency seen by the client.
+both in their own processes, in one run, sequential requests from one client (this process), in --rounds rounds
+that alternate the two systems (a machine whose speed drifts by tens of percent within a minute then weighs on both
+alike). The guard's cost is (a) - (b) in CPU ms per request (goal: <= 5 ms for a 64-token streamed answer), with
+its range over the rounds; printed beside it: the fixed part (a 1-token answer) and the per-token part, and each
+system's p50 wall latency seen by the client.
 
-    .venv/bin/python scripts/bench_guard.py                      # 64 and 1 tokens, 200 requests each (~1 min)
+    .venv/bin/python scripts/bench_guard.py                      # 64 and 1 tokens, 400 requests each (~1 min)
     .venv/bin/python scripts/bench_guard.py --tokens 64,256 --requests 400
 
 CPU time rather than wall time: the client shares the machine's cores with the server, and CPU seconds of the
@@ -84,8 +86,8 @@ def start_bare(tokens: int) -> tuple[subprocess.Popen, str]:
 
 
 def measure(pid: int, base: str, key: str | None, tokens: int, n: int) -> dict:
-    """`n` sequential streamed requests of `tokens` tokens (after 5 not counted): server CPU ms per request, and the
-    client's p50 wall ms."""
+    """`n` sequential streamed requests of `tokens` tokens (after 5 not counted): the server's CPU seconds over them
+    and the client's wall seconds of each."""
     import httpx
     import psutil
 
@@ -106,24 +108,38 @@ def measure(pid: int, base: str, key: str | None, tokens: int, n: int) -> dict:
                 walls.append(time.perf_counter() - t0)
             assert chunks >= tokens, f"{chunks} chunks for {tokens} tokens"
         cpu = sum(proc.cpu_times()[:2]) - cpu0
-    return {"cpu_ms": 1000 * cpu / n, "wall_p50_ms": 1000 * statistics.median(walls)}
+    return {"cpu_s": cpu, "n": n, "walls": walls}
 
 
-def systems(model: Path, work: Path, lengths: list[int], requests: int) -> list[dict]:
-    """(a) and (b) started, measured at each answer length (`requests` each) and stopped: a row per system and
-    length (scripts/bench_serve.py reports the guard's cost from these rows too)."""
+def pooled(parts: list[dict]) -> dict:
+    """Rounds of one system pooled: server CPU ms per request, the client's p50 wall ms."""
+    n = sum(p["n"] for p in parts)
+    return {"cpu_ms": 1000 * sum(p["cpu_s"] for p in parts) / n,
+            "wall_p50_ms": 1000 * statistics.median(w for p in parts for w in p["walls"])}
+
+
+def systems(model: Path, work: Path, lengths: list[int], requests: int, rounds: int = 5) -> list[dict]:
+    """(a) and (b) started, measured at each answer length (`requests` each, in `rounds` rounds that alternate the
+    two systems, so that the machine's speed drifting during the run weighs on both alike) and stopped: a row per
+    system and length (scripts/bench_serve.py reports the guard's cost from these rows too)."""
     guarded, gbase, key = start_server(model, work / "guarded", {}, engine="scripted", scripted=(max(lengths), 0.0))
     bare, bbase = start_bare(max(lengths))
     rows = []
     try:
         for tokens in lengths:
-            a = measure(guarded.pid, gbase, key, tokens, requests)
-            b = measure(bare.pid, bbase, None, tokens, requests)
-            rows += [{"system": "a_guarded_api", "tokens": tokens, **a}, {"system": "b_bare_server", "tokens": tokens,
-                                                                          **b}]
+            per_round = max(1, requests // rounds)
+            parts = [(measure(guarded.pid, gbase, key, tokens, per_round), measure(bare.pid, bbase, None, tokens,
+                                                                                      per_round))
+                     for _ in range(rounds)]
+            a, b = pooled([x for x, _ in parts]), pooled([y for _, y in parts])
+            costs = [1000 * (x["cpu_s"] - y["cpu_s"]) / per_round for x, y in parts]
+            rows += [{"system": "a_guarded_api", "tokens": tokens, **a, "rounds": rounds},
+                     {"system": "b_bare_server", "tokens": tokens, **b, "rounds": rounds,
+                      "guard_cost_ms_per_round": [round(c, 3) for c in costs]}]
             print(f"{tokens:4d} tokens: guarded {a['cpu_ms']:6.2f} CPU ms (p50 {a['wall_p50_ms']:6.2f} ms)   "
                   f"bare {b['cpu_ms']:6.2f} CPU ms (p50 {b['wall_p50_ms']:6.2f} ms)   "
-                  f"guard's cost {a['cpu_ms'] - b['cpu_ms']:6.2f} ms", flush=True)
+                  f"guard's cost {a['cpu_ms'] - b['cpu_ms']:6.2f} ms (rounds {min(costs):.2f}-{max(costs):.2f})",
+                  flush=True)
     finally:
         for p in (guarded, bare):
             p.terminate()
@@ -136,7 +152,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template (a registry "
                                                                       "name, a path, or `tiny`)")
     ap.add_argument("--tokens", default="64,1", help="answer lengths, comma-separated (the first is the goal's)")
-    ap.add_argument("--requests", type=int, default=200, help="requests per system and length")
+    ap.add_argument("--requests", type=int, default=400, help="requests per system and length")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds alternating the two systems (the requests split "
+                    "evenly among them)")
     ap.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max", type=int, default=1024, help=argparse.SUPPRESS)
     benchrecord.add_argument(ap)
@@ -153,7 +171,7 @@ def main() -> None:
         from llmstack.models import resolve
 
         model = resolve(args.model)
-    rows = systems(model, work, lengths, args.requests)
+    rows = systems(model, work, lengths, args.requests, args.rounds)
     by = {(r["system"], r["tokens"]): r for r in rows}
     top = lengths[0]
     a, b = by[("a_guarded_api", top)], by[("b_bare_server", top)]
@@ -167,7 +185,8 @@ def main() -> None:
     if "guard_fixed_ms" in ratios:
         print(f"  of which fixed {ratios['guard_fixed_ms']:.2f} ms and {ratios['guard_per_token_us']:.1f} us a token")
     path = benchrecord.write("serve-guard", settings={"model": Path(model).name, "tokens": lengths,
-                                                      "requests": args.requests, "engine": "scripted, no delay"},
+                                                      "requests": args.requests, "rounds": args.rounds,
+                                                      "engine": "scripted, no delay"},
                              figures={"systems": rows}, ratios=ratios, goals={"guard_cost_ms": "<= 5"},
                              results=args.results_dir)
     print(f"wrote {path}")
