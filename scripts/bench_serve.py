@@ -781,9 +781,7 @@ def main() -> None:
     from llmstack.serve.engines.vllm import executor_choice
 
     opts = VllmOptions(**vllm)
-    settings = {**opts.model_dump(), "dtype": vllm_dtype(opts),
-                "cpu_executor": executor_choice(opts, len(os.sched_getaffinity(0)),
-                                               "VLLM_CPU_OMP_THREADS_BIND" in os.environ)}
+    settings = {**opts.model_dump(), "dtype": vllm_dtype(opts), "cpu_executor": executor_choice(opts)}
     print("engine settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())
           + f"; VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}", flush=True)
     results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ EXECUTORS = ("mp", "uni")
 
 async def measure(model: str, executor: str, conc: int, max_tokens: int) -> dict:
     """One engine with `executor`: its start, a warm-up, one request alone, then `conc` at once (in this process)."""
+    import psutil
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -49,7 +51,7 @@ async def measure(model: str, executor: str, conc: int, max_tokens: int) -> dict
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, 2048, 0)))
     start_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
-    serial = iter(range(10**6))
+    serial = itertools.count()
 
     async def one(prompt: str) -> dict:
         t, first, last = time.perf_counter(), None, None
@@ -66,7 +68,7 @@ async def measure(model: str, executor: str, conc: int, max_tokens: int) -> dict
         await burst(prompts[:4])  # warm-up, not counted
         wall1, single = await burst(prompts[:1])
         wall, rows = await burst(prompts)
-        children = [p.name() for p in __import__("psutil").Process().children(recursive=True)]
+        children = [p.name() for p in psutil.Process().children(recursive=True)]
     finally:
         llm.shutdown()
     return {"executor": executor, "start_s": start_s, "tok_s_c1": single[0]["tokens"] / wall1,
@@ -109,7 +111,9 @@ def main() -> None:
         from llmstack.models import resolve
 
         model = str(resolve(args.model))
-    cores = len(os.sched_getaffinity(0))
+    from llmstack.serve.engines.vllm import usable_cores
+
+    cores = usable_cores()
     print(f"model {model}; {args.concurrency} prompts x {args.max_tokens} tokens; {cores} usable cores", flush=True)
     runs: dict[str, list[dict]] = {e: [] for e in EXECUTORS}
     for r in range(args.rounds):

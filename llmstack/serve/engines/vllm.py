@@ -258,19 +258,25 @@ def cpu_executor(options: VllmOptions) -> dict:
     holds. The engine core stays a process of its own either way."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        return {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if executor_choice(options, cores, "VLLM_CPU_OMP_THREADS_BIND" in os.environ) == "mp":
+    if not current_platform.is_cpu() or executor_choice(options) == "mp":
         return {}
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
     return {"distributed_executor_backend": UniProcExecutor}
 
 
-def executor_choice(options: VllmOptions, cores: int, binding_set: bool = False) -> str:
-    """"uni" or "mp" for a CPU engine on a process allowed `cores` cores. A VLLM_CPU_OMP_THREADS_BIND of the user's
-    (`binding_set`) asks for vLLM's thread binding, which only its multiprocess executor does."""
+def executor_choice(options: VllmOptions, cores: int | None = None, binding_set: bool | None = None) -> str:
+    """"uni" or "mp" for a CPU engine on a process allowed `cores` cores (default: this process's). A
+    VLLM_CPU_OMP_THREADS_BIND of the user's (`binding_set`, default: whether this process has one) asks for vLLM's
+    thread binding, which only its multiprocess executor does."""
     if options.cpu_executor != "auto":
         return options.cpu_executor
+    cores = usable_cores() if cores is None else cores
+    if binding_set is None:
+        binding_set = "VLLM_CPU_OMP_THREADS_BIND" in os.environ
     return "uni" if cores <= UNI_MAX_CORES and not binding_set else "mp"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
