@@ -77,12 +77,13 @@ async def measure(model: str, executor: str, conc: int, max_tokens: int) -> dict
 
 
 def run_child(model: str, executor: str, args) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="bench_vllm_cpu_")) / "result.json"
-    cmd = [sys.executable, __file__, "--child", executor, "--model", model, "--concurrency", str(args.concurrency),
-           "--max-tokens", str(args.max_tokens), "--child-out", str(out)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not args.verbose else None,
-                   stderr=subprocess.DEVNULL if not args.verbose else None)
-    return json.loads(out.read_text())
+    quiet = None if args.verbose else subprocess.DEVNULL
+    with tempfile.TemporaryDirectory(prefix="bench_vllm_cpu_") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--child", executor, "--model", model, "--concurrency",
+               str(args.concurrency), "--max-tokens", str(args.max_tokens), "--child-out", str(out)]
+        subprocess.run(cmd, check=True, stdout=quiet, stderr=quiet)
+        return json.loads(out.read_text())
 
 
 def main() -> None:
