@@ -5,6 +5,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP's idle threads sleep at once instead of busy-waiting (libgomp's default) after each parallel region. The suite
+# runs two workers on two cores, and its tests start engines, servers, trainers and their clients side by side: there
+# the spinning threads take the cores the others wait for (scripts/bench_openmp.py: the `suite` workload). Set before
+# anything loads torch (libgomp reads it once) and inherited by every process a test starts. Not set by llmstack
+# itself: a vLLM engine alone on the machine is faster spinning (the same benchmark's `engine` workload).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
