@@ -1,6 +1,6 @@
 """OpenMP's idle threads spinning or sleeping: the same work with
   (spin)     libgomp's own default, what llmstack leaves in place: threads busy-wait ~300,000 spins after each parallel
-             region (GOMP_SPINCOUNT=300000 is exactly what libgomp does when nothing is set), and
+             region (GOMP_SPINCOUNT=300000: libgomp's own spin count when nothing is set), and
   (passive)  OMP_WAIT_POLICY=PASSIVE, idle threads sleep at once: what the test suite sets (tests/conftest.py),
 each workload in fresh processes, the two settings alternated for --rounds rounds. The workloads:
   suite   a fixed set of test files on two pytest-xdist workers, as `make test` runs them: engines, servers, trainers

@@ -9,8 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # runs two workers on two cores, and its tests start engines, servers, trainers and their clients side by side: there
 # the spinning threads take the cores the others wait for (scripts/bench_openmp.py: the `suite` workload). Set before
 # anything loads torch (libgomp reads it once) and inherited by every process a test starts. Not set by llmstack
-# itself: a vLLM engine alone on the machine is faster spinning (the same benchmark's `engine` workload).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# itself: a vLLM engine alone on the machine is faster spinning (the same benchmark's `engine` workload). Where you set
+# OpenMP's waiting yourself (OMP_WAIT_POLICY or GOMP_SPINCOUNT, as the benchmark's `spin` side does), yours stands.
+if "GOMP_SPINCOUNT" not in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
