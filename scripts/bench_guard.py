@@ -124,10 +124,9 @@ def systems(model: Path, work: Path, lengths: list[int], requests: int, rounds: 
     system and length (scripts/bench_serve.py reports the guard's cost from these rows too)."""
     guarded, gbase, key = start_server(model, work / "guarded", {}, engine="scripted", scripted=(max(lengths), 0.0))
     bare, bbase = start_bare(max(lengths))
-    rows = []
+    rows, per_round = [], max(1, requests // rounds)
     try:
         for tokens in lengths:
-            per_round = max(1, requests // rounds)
             parts = [(measure(guarded.pid, gbase, key, tokens, per_round), measure(bare.pid, bbase, None, tokens,
                                                                                       per_round))
                      for _ in range(rounds)]

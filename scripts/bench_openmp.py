@@ -55,27 +55,24 @@ def suite(setting: str, args) -> dict:
     return {"wall_s": wall, "cpu_s": children_cpu_s() - cpu0, "passed": done.returncode == 0, "summary": last}
 
 
-def child(kind: str, setting: str, args) -> dict:
-    """A measurement in a fresh process that loads libgomp under `setting`; its result comes back as JSON."""
+def child(cmd: list[str], setting: str) -> dict:
+    """A measurement in a fresh process that loads libgomp under `setting`; it writes its result as JSON to the
+    path given after --child-out."""
     with tempfile.TemporaryDirectory(prefix="bench_openmp_") as tmp:
         out = Path(tmp) / "result.json"
-        if kind == "engine":
-            cmd = [sys.executable, str(REPO / "scripts" / "bench_vllm_cpu.py"), "--child", "uni", "--model",
-                   args.model_path, "--concurrency", str(args.concurrency), "--max-tokens", "64",
-                   "--child-out", str(out)]
-        else:
-            cmd = [sys.executable, __file__, "--train-child", args.model_path, "--child-out", str(out)]
-        subprocess.run(cmd, check=True, env=environment(setting), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([*cmd, "--child-out", str(out)], check=True, env=environment(setting),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
 
 def engine(setting: str, args) -> dict:
-    res = child("engine", setting, args)
+    res = child([sys.executable, str(REPO / "scripts" / "bench_vllm_cpu.py"), "--child", "uni", "--model",
+                 args.model_path, "--concurrency", str(args.concurrency), "--max-tokens", "64"], setting)
     return {"tok_s_c1": res["tok_s_c1"], "tok_s": res["tok_s"], "ttft_p50_s": res["ttft_p50_s"]}
 
 
 def train(setting: str, args) -> dict:
-    return child("train", setting, args)
+    return child([sys.executable, __file__, "--train-child", args.model_path], setting)
 
 
 def train_child(model: str, out: Path, steps: int = 4) -> None:
@@ -111,7 +108,8 @@ def main() -> None:
     if args.model == "tiny":
         from llmstack.testing import build_tiny_model
 
-        args.model_path = str(build_tiny_model(Path(tempfile.mkdtemp(prefix="bench_openmp_")) / "tiny"))
+        work = tempfile.TemporaryDirectory(prefix="bench_openmp_")  # removed (weakref.finalize) when the run ends
+        args.model_path = str(build_tiny_model(Path(work.name) / "tiny"))
     else:
         from llmstack.models import resolve
 
