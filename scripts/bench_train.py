@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import benchrecord  # noqa: E402
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+
+# torch and transformers load in the functions that use them: `--help` answers without their ~7 s import
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -50,25 +50,31 @@ def synthetic_chat(n: int, seed: int = 0):
     return Dataset.from_list(rows)
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of every step after the first (the first pays for lazy init and allocator warm-up)."""
+def step_timer():
+    """A callback timing every step after the first (the first pays for lazy init and allocator warm-up): `.elapsed`
+    seconds over `.steps` steps."""
+    from transformers import TrainerCallback
 
-    def __init__(self):
-        self.t0 = None
-        self.elapsed = 0.0
-        self.steps = 0
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.t0 = None
+            self.elapsed = 0.0
+            self.steps = 0
 
-    def on_step_begin(self, args, state, control, **kw):
-        self.t0 = time.perf_counter()
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step > 1:
-            self.elapsed += time.perf_counter() - self.t0
-            self.steps += 1
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step > 1:
+                self.elapsed += time.perf_counter() - self.t0
+                self.steps += 1
+
+    return StepTimer()
 
 
 def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: bool, varlen: bool = False,
         dtype: str = "float32") -> dict:
+    import torch
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -79,7 +85,7 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
                          **args_kwargs)
         attention = packed_attention(args) if varlen else None
         model = load_model(model_dir, dtype, attention=attention)
-        timer = StepTimer()
+        timer = step_timer()
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                     task_type="CAUSAL_LM") if lora else None,
@@ -106,6 +112,7 @@ def run(label: str, model_dir: Path, data, tokenizer, args_kwargs: dict, lora: b
 def random_llama_1b(out: Path) -> Path:
     """The 1.1B Llama shape (TinyLlama: 22 layers, hidden 2048, GQA 32/4 heads), random init, with the test BPE
     tokenizer: no hub needed, and throughput does not depend on the weights."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmstack.testing import build_tiny_model
@@ -134,6 +141,8 @@ def main() -> None:
                         "weights, torch.compile, and bf16 weights at twice the micro-batch")
     benchrecord.add_argument(p)
     a = p.parse_args()
+
+    import torch
 
     from llmstack.device import Capabilities, policy
     from llmstack.models import resolve

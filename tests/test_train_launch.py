@@ -113,16 +113,16 @@ def test_a_sweep_pruned_two_process_stage_stops_every_rank_at_the_same_evaluatio
     assert (proc.stdout + proc.stderr).count("error: pruned by the sweep at step 2") == 2  # each rank stopped there
 
 
-def _two_nodes(tmp_path: Path, recipe: Path, runs_dirs: list[Path]) -> tuple[list[int], list[str]]:
+def _two_nodes(tmp_path: Path, recipe: Path, runs_dirs: list[Path], **env_extra: str) -> tuple[list[int], list[str]]:
     """Two "nodes" on this machine: two `accelerate launch --num_machines 2 --machine_rank 0|1` commands that meet at
     127.0.0.1:PORT (torch's static rendezvous, gloo), one CPU process each, exactly as scripts/slurm/train.sbatch runs
-    one per node; node r uses runs_dirs[r]. Returns (exit codes, logs)."""
+    one per node; node r uses runs_dirs[r] (and the environment plus `env_extra`). Returns (exit codes, logs)."""
     import os
 
     from llmstack.testing import free_port
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
     procs = []
     for rank in (0, 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -159,10 +159,12 @@ def test_two_node_rendezvous_trains_one_model(tmp_path, tiny_model):
 def test_nodes_without_a_shared_run_folder_are_refused_before_training(tmp_path, tiny_model):
     """Node 1 with its own copy of the run folder (its local disk, not the shared filesystem): it would resume from
     other checkpoints than rank 0, and rank 0's checkpoints would die with its node. Both nodes stop before step 1,
-    naming the rank that cannot see rank 0's folder and the fix."""
+    naming the rank that cannot see rank 0's folder and the fix. (Rank 1 gives up after one second, not the default
+    ten a slow NFS mount may need: on its own disk the file never comes.)"""
     recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
     shutil.copytree(tmp_path / "runs", tmp_path / "node1-disk")
-    codes, logs = _two_nodes(tmp_path, recipe, [tmp_path / "runs", tmp_path / "node1-disk"])
+    codes, logs = _two_nodes(tmp_path, recipe, [tmp_path / "runs", tmp_path / "node1-disk"],
+                             LLMSTACK_SHARED_FOLDER_WAIT_S="1")
     assert codes[0] != 0 and codes[1] != 0, "\n".join(x[-3000:] for x in logs)
     for log in logs:
         assert "rank 1 on" in log and "cannot see what rank 0 writes" in log and "shared filesystem" in log, log[-3000:]

@@ -62,18 +62,29 @@ def _plain_cpu_device(args) -> None:
         args.__dict__["_setup_devices"] = torch.device("cpu")
 
 
-def check_shared_folder(accelerator, folder: Path, patience_s: float = 10.0) -> None:
+SHARED_WAIT_ENV = "LLMSTACK_SHARED_FOLDER_WAIT_S"
+
+
+def check_shared_folder(accelerator, folder: Path, patience_s: float | None = None) -> None:
     """Every process must see the same stage folder: rank 0 alone writes the model, the checkpoints and the manifest,
     and each rank resumes from the checkpoints it finds there. Launched on several machines with `--runs-dir` on each
     node's own disk, the ranks would resume from different steps (their step counts part and the collectives hang) or
     lose rank 0's checkpoints with its node. Checked before training: rank 0 writes a fresh token into the folder and
-    every rank must read it back (retried for `patience_s`: NFS may show a new file late)."""
+    every rank must read it back, retried for `patience_s` (default: $LLMSTACK_SHARED_FOLDER_WAIT_S, else 10 s): NFS
+    may show a new file late (a mount with long attribute caching needs more)."""
     import secrets
     import socket
     import time
 
     if accelerator.num_processes == 1:
         return
+    if patience_s is None:
+        raw = os.environ.get(SHARED_WAIT_ENV, "10")
+        try:
+            patience_s = float(raw)
+        except ValueError:
+            raise RuntimeError(f"{SHARED_WAIT_ENV}={raw!r}: give the seconds a rank waits for rank 0's file, e.g. 30") \
+                from None
     from accelerate.utils import broadcast_object_list, gather_object
 
     token = [secrets.token_hex(16) if accelerator.is_main_process else None]
