@@ -93,14 +93,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
-    if args.model == "tiny":
-        from llmstack.testing import build_tiny_model
-
-        model = build_tiny_model(work / "tiny")
-    else:
-        from llmstack.models import resolve
-
-        model = resolve(args.model)
+    model = benchrecord.model(args.model, work)
     vllm = {"dtype": args.dtype} if args.dtype else {}
     chats = prompts_file(work / "in.jsonl", args.prompts, args.max_tokens)
     print(f"model {model}; {args.prompts} prompts x {args.max_tokens} tokens; server at concurrency "

@@ -162,14 +162,7 @@ def main() -> None:
         return bare_server(args.bare_server, args.max)
     lengths = [int(x) for x in args.tokens.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_guard_"))
-    if args.model == "tiny":
-        from llmstack.testing import build_tiny_model
-
-        model = build_tiny_model(work / "tiny")
-    else:
-        from llmstack.models import resolve
-
-        model = resolve(args.model)
+    model = benchrecord.model(args.model, work)
     rows = systems(model, work, lengths, args.requests, args.rounds)
     by = {(r["system"], r["tokens"]): r for r in rows}
     top = lengths[0]

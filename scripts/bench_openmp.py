@@ -105,15 +105,8 @@ def main() -> None:
     if args.train_child:
         return train_child(args.train_child, args.child_out)
 
-    if args.model == "tiny":
-        from llmstack.testing import build_tiny_model
-
-        work = tempfile.TemporaryDirectory(prefix="bench_openmp_")  # removed (weakref.finalize) when the run ends
-        args.model_path = str(build_tiny_model(Path(work.name) / "tiny"))
-    else:
-        from llmstack.models import resolve
-
-        args.model_path = str(resolve(args.model))
+    work = tempfile.TemporaryDirectory(prefix="bench_openmp_")  # removed (weakref.finalize) when the run ends
+    args.model_path = str(benchrecord.model(args.model, work.name))
     measure = {"suite": suite, "engine": engine, "train": train}
     runs = {w: {s: [] for s in SETTINGS} for w in args.workloads}
     for r in range(args.rounds):

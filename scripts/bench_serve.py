@@ -755,14 +755,7 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    if args.model == "tiny":
-        from llmstack.testing import build_tiny_model
-
-        model = build_tiny_model(work / "tiny")
-    else:
-        from llmstack.models import resolve
-
-        model = resolve(args.model)
+    model = benchrecord.model(args.model, work)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)

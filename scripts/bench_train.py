@@ -145,20 +145,15 @@ def main() -> None:
     import torch
 
     from llmstack.device import Capabilities, policy
-    from llmstack.models import resolve
     from llmstack.stages.sft import SFT_DEFAULTS
     from llmstack.train.loading import load_tokenizer
     from llmstack.train.setup import device_defaults, liger_defaults
     from llmstack.train.templates import training_chat_template
 
-    if a.model == "tiny":
-        from llmstack.testing import build_tiny_model
-
-        model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-    elif a.model == "llama-1.1b-random":
+    if a.model == "llama-1.1b-random":
         model_dir = random_llama_1b(Path(tempfile.gettempdir()) / "llmstack-llama-1.1b-random")
     else:
-        model_dir = resolve(a.model)
+        model_dir = benchrecord.model(a.model, tempfile.mkdtemp())
     if a.data:
         from datasets import load_from_disk
 

@@ -104,14 +104,7 @@ def main() -> None:
         args.child_out.write_text(json.dumps(result))
         return
 
-    if args.model == "tiny":
-        from llmstack.testing import build_tiny_model
-
-        model = str(build_tiny_model(Path(tempfile.mkdtemp(prefix="bench_vllm_cpu_")) / "tiny"))
-    else:
-        from llmstack.models import resolve
-
-        model = str(resolve(args.model))
+    model = str(benchrecord.model(args.model, tempfile.mkdtemp(prefix="bench_vllm_cpu_")))
     from llmstack.serve.engines.vllm import usable_cores
 
     cores = usable_cores()

@@ -94,6 +94,18 @@ def write(bench: str, *, settings: dict, figures: dict, ratios: dict | None = No
     return path
 
 
+def model(name: str, work: str | Path) -> Path:
+    """The model a benchmark runs: `tiny` builds the test suite's tiny random model under `work` (a smoke check of the
+    script in seconds), any other name is a packaged model or a folder (`llmstack.models.resolve`)."""
+    if name == "tiny":
+        from llmstack.testing import build_tiny_model
+
+        return build_tiny_model(Path(work) / "tiny")
+    from llmstack.models import resolve
+
+    return resolve(name)
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
