@@ -336,7 +336,8 @@ def test_the_watched_stage_stops_at_the_evaluation_after_the_prune_marker(tmp_pa
     recipe = load_recipe(recipe_path)
     run = Run.open(tmp_path / "runs", "tiny", "trial")
     (run.dir / "pruning.json").write_text(json.dumps({"stage": "sft", "metric": "eval_loss"}))
-    run.stage_dir("sft").joinpath("PRUNE").write_text("{}")  # the driver's verdict, already there
+    run.stage_dir("sft").joinpath("PRUNE").write_text("{}")  # the driver's verdict, already there,
+    run.stage_dir("sft").joinpath("intermediate.read").write_text("1000000")  # and what it read (no 10 s wait for it)
     with pytest.raises(Exception, match="pruned by the sweep at step 2 \\(eval_loss"):
         run_recipe(recipe, recipe_path, tmp_path / "runs", run_id="trial")
     manifest = json.loads((run.dir / "manifest.json").read_text())["stages"]
@@ -351,6 +352,26 @@ def test_the_watched_stage_stops_at_the_evaluation_after_the_prune_marker(tmp_pa
     run_recipe(recipe, recipe_path, tmp_path / "runs", run_id="other", only=["model", "curate", "sft"])
     assert json.loads(other.manifest_path.read_text())["stages"]["sft"]["status"] == "done"
     assert not (other.dir / "sft" / "intermediate.jsonl").exists()
+
+
+def test_a_stage_waits_for_the_driver_to_read_its_metric_and_no_longer(tmp_path, monkeypatch):
+    """At an evaluation rank 0 waits until the driver has read intermediate.jsonl up to what it appended; a driver
+    that does not answer delays the stage by ACK_S at most (its verdict then counts at a later evaluation)."""
+    from llmstack.train import pruning_callback
+
+    monkeypatch.setattr(pruning_callback, "ACK_S", 0.5)
+    callback = pruning_callback.PruningCallback(tmp_path, "eval_loss")
+    t0 = time.monotonic()
+    callback._await_driver(120)  # no driver at all
+    assert 0.5 <= time.monotonic() - t0 < 3
+    (tmp_path / "intermediate.read").write_text("80")  # read, but not up to this line yet
+    t0 = time.monotonic()
+    callback._await_driver(120)
+    assert 0.5 <= time.monotonic() - t0 < 3
+    (tmp_path / "intermediate.read").write_text("120")
+    t0 = time.monotonic()
+    callback._await_driver(120)
+    assert time.monotonic() - t0 < 0.4
 
 
 LR = "stages[sft].args.learning_rate"
