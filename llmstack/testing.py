@@ -96,20 +96,14 @@ def free_port() -> int:
 
 
 def wait_http(url: str, timeout: float = 120, proc=None) -> None:
-    """Wait until `url` answers any HTTP status; fail early if `proc` (the server being waited for) exits."""
-    import time
-    import urllib.request
+    """Wait until `url` answers 200; fail early if `proc` (the server being waited for) exits."""
+    from llmstack.serve.readiness import wait_ready
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
+    outcome = wait_ready(url, timeout=timeout, gone=(lambda: proc.poll() is not None) if proc is not None else None)
+    if outcome == "gone":
+        raise RuntimeError(f"server exited with {proc.returncode}")
+    if outcome == "timeout":
+        raise TimeoutError(url)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import benchrecord
 
+from llmstack.serve.readiness import wait_ready
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -75,7 +77,6 @@ def bench_judge(model: Path, limit: int | None, batch_size: int) -> dict:
     import sys
     import tempfile
 
-    import httpx
     import yaml
 
     from llmstack.eval.judge import compare, generate_answers, openai_judge, read_prompts
@@ -99,14 +100,9 @@ def bench_judge(model: Path, limit: int | None, batch_size: int) -> dict:
         proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(Path(tmp) / "server.yaml")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            for _ in range(600):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"llmstack serve exited with {proc.returncode}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
+            if wait_ready(f"http://127.0.0.1:{port}/health", timeout=300, poll_s=0.5,
+                          gone=lambda: proc.poll() is not None) == "gone":
+                raise RuntimeError(f"llmstack serve exited with {proc.returncode}")
             with Timer() as t:
                 # the answers against the same answers in another order: pairs of different texts, as two stages give
                 res = compare(prompts, answers, answers[1:] + answers[:1], openai_judge(f"http://127.0.0.1:{port}",

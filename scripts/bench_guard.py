@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchrecord  # noqa: E402
 from bench_serve import QUESTIONS, socket_port, start_server  # noqa: E402
 
+from llmstack.serve.readiness import wait_ready  # noqa: E402
+
 
 def bare_server(port: int, tokens: int) -> None:
     """Internal: (b), the bare streaming server."""
@@ -69,18 +71,13 @@ def bare_server(port: int, tokens: int) -> None:
 
 
 def start_bare(tokens: int) -> tuple[subprocess.Popen, str]:
-    import httpx
 
     with socket_port() as port:
         pass
     proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port), "--max", str(tokens)])
     base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    if wait_ready(base + "/health", timeout=60, poll_s=0.1, gone=lambda: proc.poll() is not None) == "ready":
+        return proc, base
     proc.kill()
     sys.exit("bare server not ready")
 

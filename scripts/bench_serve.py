@@ -66,6 +66,8 @@ from pathlib import Path
 
 import benchrecord
 
+from llmstack.serve.readiness import wait_ready
+
 QUESTIONS = [
     "Who are you?", "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis.",
     "Give me three tips for learning Python.", "What is 17 times 23?", "Summarize the plot of Hamlet.",
@@ -135,7 +137,6 @@ def start_server(model: Path, workdir: Path, vllm: dict, key: str | None = None,
     engine "scripted": the same server over the scripted engine, `scripted` = (tokens, seconds per token)."""
     import socket
 
-    import httpx
     import yaml
 
     from llmstack.serve.guard import hash_key, new_key
@@ -162,17 +163,12 @@ def start_server(model: Path, workdir: Path, vllm: dict, key: str | None = None,
            else [sys.executable, "-m", "llmstack", "serve", "--config", str(workdir / "server.yaml")])
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            sys.exit(f"server exited; see {workdir / 'server.log'}")
-        try:
-            if httpx.get(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=2).status_code == 200:
-                return proc, base, key
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    outcome = wait_ready(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=600,
+                         gone=lambda: proc.poll() is not None)
+    if outcome == "ready":
+        return proc, base, key
     proc.kill()
-    sys.exit("server not ready in 600 s")
+    sys.exit(f"server exited; see {workdir / 'server.log'}" if outcome == "gone" else "server not ready in 600 s")
 
 
 # ------------------------------------------------------------------------------------- --replicas: behind nginx
@@ -552,21 +548,15 @@ async def hostile_mix(base: str, n: int, conc: int, hostile_every: int | None, k
 def start_scripted(*otlp: str) -> tuple[subprocess.Popen, str]:
     """The --hostile server in its own process (`otlp`: tracing to that endpoint at that ratio), once /health
     answers."""
-    import httpx
-
     with socket_port() as port:
         pass
     extra = ["--otlp", otlp[0], "--sample-ratio", otlp[1]] if otlp else []
     server = subprocess.Popen([sys.executable, __file__, "--hostile-server", str(port), *extra],
                               start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    if wait_ready(base + "/health", timeout=120, poll_s=0.3, gone=lambda: server.poll() is not None) != "ready":
+        server.kill()
+        sys.exit("the scripted hostile server did not start")
     return server, base
 
 

@@ -14,12 +14,12 @@ import contextlib
 import secrets
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmstack.eval.run import Target
+from llmstack.serve.readiness import wait_ready
 
 # The most context a GGUF is scored with: the suites' longest prompts (5-shot MMLU, gsm8k) fit; llama.cpp keeps this
 # many rows of logits for prompt logprobs (llmstack/serve/engines/llamacpp.py), so not a long model's whole context.
@@ -56,7 +56,6 @@ def gguf_target(gguf: str | Path, max_length: int = GGUF_CONTEXT, tool_choice: s
 
 @contextlib.contextmanager
 def serve_engine(engine, kind: str, startup_s: float = 300) -> Iterator[LocalServer]:
-    import httpx
     import uvicorn
 
     from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
@@ -78,18 +77,12 @@ def serve_engine(engine, kind: str, startup_s: float = 300) -> Iterator[LocalSer
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + startup_s
-        while True:
-            if not thread.is_alive():
-                raise RuntimeError(f"the local {kind} server stopped while starting (see the log above)")
-            try:
-                if httpx.get(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"the local {kind} server was not ready within {startup_s:.0f} s")
-            time.sleep(0.2)
+        outcome = wait_ready(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=startup_s,
+                             gone=lambda: not thread.is_alive())
+        if outcome == "gone":
+            raise RuntimeError(f"the local {kind} server stopped while starting (see the log above)")
+        if outcome == "timeout":
+            raise TimeoutError(f"the local {kind} server was not ready within {startup_s:.0f} s")
         yield LocalServer(base_url=base, served_name=engine.names[0], api_key=key)
     finally:
         server.should_exit = True

@@ -26,6 +26,7 @@ import yaml
 
 from llmstack.serve.engines.base import vllm_dtype
 from llmstack.serve.guard import hash_key, new_key
+from llmstack.serve.readiness import wait_ready
 from llmstack.stage import StageContext, StageResult
 
 log = logging.getLogger("llmstack")
@@ -176,20 +177,13 @@ def _base_answer(ctx: StageContext, spec) -> str | None:
 
 
 def _wait_ready(proc, base: str, key: str, log_path: Path, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text()[-2000:]
-            raise RuntimeError(f"serve: the server exited with code {proc.returncode}; its log ends:\n{tail}")
-        try:
-            if httpx.get(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"serve: not ready after {timeout:.0f} s (see {log_path})")
+    outcome = wait_ready(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=timeout,
+                         gone=lambda: proc.poll() is not None)
+    if outcome == "gone":
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"serve: the server exited with code {proc.returncode}; its log ends:\n{tail}")
+    if outcome == "timeout":
+        raise RuntimeError(f"serve: not ready after {timeout:.0f} s (see {log_path})")
 
 
 def _cell(text: str) -> str:
