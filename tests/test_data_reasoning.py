@@ -15,6 +15,7 @@ import pytest
 from llmstack.config.data import DatasetSpec
 from llmstack.data.curate import curate_dataset
 from llmstack.data.formats import BadRow, strings, to_row
+from llmstack.serve.readiness import wait_ready
 
 U = {"role": "user", "content": "What is 2 + 2?"}
 
@@ -204,7 +205,6 @@ def teacher(tmp_path):
     """A tiny OpenAI-compatible server with canned chat.completions (the feature under test is the curation source,
     not a model): an even seed answers right, an odd seed wrong; the trace comes as `reasoning_content` for gsm-1
     and gsm-2 and as an inline <think> block for gsm-3. Every request body is recorded."""
-    import httpx
     import uvicorn
     from fastapi import FastAPI, Request
 
@@ -237,12 +237,8 @@ def teacher(tmp_path):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    assert wait_ready(f"http://127.0.0.1:{port}/health", timeout=30, poll_s=0.1,
+                      gone=lambda: not thread.is_alive()) == "ready"
     prompts = tmp_path / "gsm8k_train.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, q, a in QUESTIONS))
     yield {"url": f"http://127.0.0.1:{port}/v1", "seen": seen, "prompts": prompts}

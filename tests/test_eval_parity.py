@@ -15,13 +15,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
-import httpx
 import pytest
 import yaml
 
 from llmstack.eval.run import Target, evaluate, parity
+from llmstack.serve.readiness import wait_ready
 from llmstack.testing import stop_process_group
 
 pytestmark = pytest.mark.slow
@@ -36,17 +35,12 @@ def _free_port() -> int:
 
 
 def _wait(url: str, proc=None, timeout: float = 420) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
+    outcome = wait_ready(url, headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout, poll_s=0.5,
+                         gone=(lambda: proc.poll() is not None) if proc is not None else None)
+    if outcome == "gone":
+        raise RuntimeError(f"server exited with {proc.returncode}")
+    if outcome == "timeout":
+        raise TimeoutError(url)
 
 
 def _loglikelihoods(samples, task: str) -> list[float]:

@@ -11,6 +11,7 @@ from llmstack.config.eval_suites import load_suite
 from llmstack.eval.compare import EvalGateError, check_gates
 from llmstack.eval.run import Target, evaluate, resolve_folder
 from llmstack.eval.task_data import read_task
+from llmstack.serve.readiness import wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +240,7 @@ def tiny_server(tiny_model):
     """The llmstack server (guarded API, transformers engine) on the tiny model, in a thread of this process."""
     import socket
     import threading
-    import time
 
-    import httpx
     import uvicorn
 
     from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
@@ -259,12 +258,8 @@ def tiny_server(tiny_model):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    assert wait_ready(f"http://127.0.0.1:{port}/health", timeout=30, poll_s=0.1,
+                      gone=lambda: not thread.is_alive()) == "ready"
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(30)

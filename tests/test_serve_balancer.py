@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from llmstack.serve import readiness
 from llmstack.serve.guard import hash_key
 from llmstack.testing import free_port, nginx_balancer_conf
 
@@ -30,17 +31,11 @@ LIMIT = 6  # requests per minute of the limited key, for both replicas together
 
 
 def wait_ready(proc, url: str, log: Path, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, headers=A, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready in {timeout} s:\n{log.read_text()[-3000:]}")
+    outcome = readiness.wait_ready(url, headers=A, timeout=timeout, poll_s=0.5, gone=lambda: proc.poll() is not None)
+    if outcome == "gone":
+        raise RuntimeError(f"{url}: exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    if outcome == "timeout":
+        raise TimeoutError(f"{url} not ready in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def stop(proc):

@@ -23,6 +23,7 @@ import yaml
 from llmstack.config.serve import VllmOptions
 from llmstack.serve.engines.vllm import executor_choice
 from llmstack.serve.guard import hash_key
+from llmstack.serve.readiness import wait_ready
 from llmstack.testing import stop_process_group
 
 pytestmark = pytest.mark.slow
@@ -70,17 +71,10 @@ def server(tiny_model, adapter, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{(d / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/ready", headers=H, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
+    outcome = wait_ready(f"{base}/ready", headers=H, timeout=300, gone=lambda: proc.poll() is not None)
+    if outcome == "gone":
+        pytest.fail(f"server exited with {proc.returncode}:\n{(d / 'server.log').read_text()[-3000:]}")
+    if outcome == "timeout":
         proc.kill()
         pytest.fail(f"server not ready in 300 s:\n{(d / 'server.log').read_text()[-3000:]}")
     yield {"base": base, "proc": proc, "dir": d, "adapter": adapter}

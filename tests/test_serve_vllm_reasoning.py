@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 import yaml
 
 from llmstack.serve.guard import hash_key
+from llmstack.serve.readiness import wait_ready
 from llmstack.testing import free_port, stop_process_group
 from test_serve_reasoning import budget_equals_greedy
 
@@ -38,17 +37,11 @@ def server(tiny_thinking_model, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--config", str(d / "server.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{(d / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/ready", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
+    outcome = wait_ready(f"{base}/ready", headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
+                         gone=lambda: proc.poll() is not None)
+    if outcome == "gone":
+        pytest.fail(f"server exited with {proc.returncode}:\n{(d / 'server.log').read_text()[-3000:]}")
+    if outcome == "timeout":
         stop_process_group(proc)
         pytest.fail(f"server not ready in 300 s:\n{(d / 'server.log').read_text()[-3000:]}")
     yield base
