@@ -47,10 +47,12 @@ def openai_judge(base_url: str, model: str, api_key: str | None = None, max_toke
 
     url = base_url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # one client for every judgement: `httpx.post` would build a client, an SSL context (~30 ms of CPU) and a new
+    # connection per call
+    client = httpx.Client(headers=headers, timeout=timeout)
 
     def call(messages: list[dict[str, str]]) -> str:
-        r = httpx.post(url, json={"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens},
-                       headers=headers, timeout=timeout)
+        r = client.post(url, json={"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens})
         if r.status_code != 200:
             raise ValueError(f"judge at {url} answered {r.status_code}: {r.text[:300]}")
         return r.json()["choices"][0]["message"]["content"] or ""
