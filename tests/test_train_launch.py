@@ -281,3 +281,16 @@ def test_every_launch_runs_the_one_worker_entry(tmp_path):
         assert Path(args.config_file) == config and args.module and args.training_script == "llmstack.worker"
         assert args.training_script_args == ["r.yaml", "--stage", "sft", "--run-id", "default", "--runs-dir", "runs",
                                              *(["--handoff"] if handoff else [])]
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
+def test_a_bad_shared_folder_wait_is_refused_before_any_rank_waits(value, tmp_path, monkeypatch):
+    """LLMSTACK_SHARED_FOLDER_WAIT_S must be seconds: words, negatives and NaN (a wait that would never end) are
+    named with the fix, before the check's first collective."""
+    from types import SimpleNamespace
+
+    from llmstack.train.checkpoints import check_shared_folder
+
+    monkeypatch.setenv("LLMSTACK_SHARED_FOLDER_WAIT_S", value)
+    with pytest.raises(RuntimeError, match=f"LLMSTACK_SHARED_FOLDER_WAIT_S='{value}': give the seconds"):
+        check_shared_folder(SimpleNamespace(num_processes=2), tmp_path)
