@@ -95,11 +95,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 120, proc=None) -> None:
-    """Wait until `url` answers 200; fail early if `proc` (the server being waited for) exits."""
+def wait_http(url: str, timeout: float = 120, proc=None, headers: dict | None = None) -> None:
+    """Wait until `url` answers 200 (asked with `headers`); fail early if `proc` (the server being waited for)
+    exits."""
     from llmstack.serve.readiness import wait_ready
 
-    outcome = wait_ready(url, timeout=timeout, gone=(lambda: proc.poll() is not None) if proc is not None else None)
+    outcome = wait_ready(url, headers=headers, timeout=timeout,
+                         gone=(lambda: proc.poll() is not None) if proc is not None else None)
     if outcome == "gone":
         raise RuntimeError(f"server exited with {proc.returncode}")
     if outcome == "timeout":

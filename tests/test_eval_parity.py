@@ -20,8 +20,7 @@ import pytest
 import yaml
 
 from llmstack.eval.run import Target, evaluate, parity
-from llmstack.serve.readiness import wait_ready
-from llmstack.testing import stop_process_group
+from llmstack.testing import stop_process_group, wait_http
 
 pytestmark = pytest.mark.slow
 KEY = "sk-llmstack-eval-parity"
@@ -34,13 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(url: str, proc=None, timeout: float = 420) -> None:
-    outcome = wait_ready(url, headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout, poll_s=0.5,
-                         gone=(lambda: proc.poll() is not None) if proc is not None else None)
-    if outcome == "gone":
-        raise RuntimeError(f"server exited with {proc.returncode}")
-    if outcome == "timeout":
-        raise TimeoutError(url)
+def _wait(url: str, proc=None) -> None:
+    wait_http(url, timeout=420, proc=proc, headers={"Authorization": f"Bearer {KEY}"})
 
 
 def _loglikelihoods(samples, task: str) -> list[float]:

@@ -40,7 +40,6 @@ def test_ready_only_on_a_200_and_early_out_when_the_server_is_gone():
     assert time.monotonic() - t < 1  # the server's end is not waited out
 
 
-
 class _Ok(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's name
         self.send_response(200)

@@ -83,8 +83,8 @@ def check_shared_folder(accelerator, folder: Path, patience_s: float | None = No
         try:
             patience_s = float(raw)
         except ValueError:
-            patience_s = -1.0
-        if not 0 <= patience_s < float("inf"):  # NaN too: it would never end the wait
+            patience_s = float("nan")  # refused just below, as "nan" itself is
+        if not 0 <= patience_s < float("inf"):  # NaN: the deadline would never pass
             raise RuntimeError(f"{SHARED_WAIT_ENV}={raw!r}: give the seconds a rank waits for rank 0's file, e.g. 30")
     from accelerate.utils import broadcast_object_list, gather_object
 
