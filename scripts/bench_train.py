@@ -7,9 +7,10 @@
 "TRL defaults" is SFTConfig with only the run's size set (max_steps, batch, max_length): bf16=True,
 gradient_checkpointing=True, no packing. "llmstack" is what the sft stage uses: the device policy's defaults (on a CPU
 with AVX512-BF16/AMX: bf16 base weights under LoRA, float32 weights + bf16 autocast without; on other CPUs float32;
-no checkpointing; on CUDA bf16 + Liger kernels + PyTorch's varlen flash attention, llmstack/train/attention.py), bfd
-packing with per-document attention, assistant-only loss. On CUDA a third row runs the llmstack path on SDPA with
-transformers' block-diagonal mask, to show what the varlen kernel is worth. Tokens are real (non-padding) tokens
+no checkpointing; on CUDA bf16 + Liger kernels), bfd packing with per-document attention (llmstack/train/attention.py:
+PyTorch's varlen flash kernel on CUDA, SDPA per run of documents on the CPU), assistant-only loss. A third row runs the
+llmstack path on SDPA with transformers' block-diagonal mask over the whole row, to show what per-document attention
+is worth. Tokens are real (non-padding) tokens
 seen by the model; the first step (warm-up) is excluded from the timing. On CUDA it also prints MFU (6·N·tokens/s over
 the card's bf16 peak) and peak memory. Prints a table and the ratio, and writes a JSON record under benchmarks/results/
 (`train`, `train-lora`, `train-cuda`, ... : scripts/benchrecord.py); timings go there, never into tests.
@@ -173,7 +174,7 @@ def main() -> None:
           f"avx512 {caps.avx512}, cuda {caps.cuda})")
     rows = [run("TRL SFTTrainer defaults", model_dir, data, trl_tok, size, a.lora),
             run("llmstack sft", model_dir, data, ours_tok, ours, a.lora, varlen=True, dtype=weights)]
-    if rows[1]["attention"] != "sdpa":  # show what the varlen kernel is worth: the same path on SDPA + block mask
+    if rows[1]["attention"] != "sdpa":  # what per-document attention is worth: the same path on SDPA + block mask
         rows.append(run("llmstack sft, SDPA", model_dir, data, ours_tok, ours, a.lora))
     if a.candidates and not torch.cuda.is_available():
         # the CPU's alternatives to the policy's choice: float32 without autocast (the CPU default before the policy

@@ -1,6 +1,6 @@
 """The Python blocks of scripts/gpu_check.sh: each prints a markdown table (rows start with '|').
 
-    python3 scripts/gpu_stages.py kernel   # varlen attention kernel vs one SDPA call per document, forward + backward
+    python3 scripts/gpu_stages.py kernel   # varlen attention kernel vs the CPU kernel (SDPA per document), fwd + bwd
     python3 scripts/gpu_stages.py stages   # QLoRA sft and LoRA dpo through the real llmstack stages
     python3 scripts/gpu_stages.py grpo     # a GRPO stage (issue 10): LoRA, rule-based rewards, transformers generation
     python3 scripts/gpu_stages.py e2e      # one recipe through every stage with `llmstack run` (issue 16)
@@ -29,7 +29,7 @@ CUDA = torch.cuda.is_available()
 def kernel() -> None:
     from llmstack.train import attention
 
-    if not attention.available():
+    if not (CUDA and attention.available()):
         print("| skipped: no CUDA varlen kernel here |")
         return
     torch.manual_seed(0)
@@ -39,11 +39,11 @@ def kernel() -> None:
                for h in (32, 4, 4))
     g = torch.randn_like(q)
     res = {}
-    for name, kern in [("varlen", attention._varlen_kernel()), ("reference", attention.reference_kernel)]:
+    for name, kern in [("varlen", attention._varlen_kernel()), ("sdpa", attention.document_kernel)]:
         out = kern(q, k, v, cu, max(lens), 64 ** -0.5)
         res[name] = [out.float()] + [t.float() for t in torch.autograd.grad(out, (q, k, v), g)]
     print("| tensor | max abs diff | max abs value |")
-    for name, a, b in zip(["out", "dq", "dk", "dv"], res["varlen"], res["reference"]):
+    for name, a, b in zip(["out", "dq", "dk", "dv"], res["varlen"], res["sdpa"]):
         print(f"| {name} | {(a - b).abs().max().item():.3g} | {b.abs().max().item():.3g} |")
 
 

@@ -1,9 +1,10 @@
 """Per-document attention for packed batches (llmstack/train/attention.py).
 
-On CPU the registered attention runs its reference kernel (one SDPA call per document); on CUDA the same dispatch
-calls PyTorch's varlen flash kernel, which scripts/gpu_check.sh checks against SDPA on the GPU. Here we check the
-dispatch itself: boundaries from TRL's collator or from position_ids, the (batch, heads, seq, dim) reshapes, GQA,
-and the fallback for padded batches — against the ground truth of running each document on its own.
+On CPU the registered attention runs `document_kernel` (SDPA over runs of whole documents); on CUDA the same dispatch
+calls PyTorch's varlen flash kernel, which scripts/gpu_check.sh checks against `document_kernel` on the GPU. Here we
+check the dispatch (boundaries from TRL's collator or from position_ids, the (batch, heads, seq, dim) reshapes, GQA,
+the fallback for padded batches) against the ground truth of running each document on its own, and the CPU kernel's
+values and gradients against SDPA with the full block-diagonal mask.
 """
 
 import pytest
@@ -91,4 +92,40 @@ def test_sft_stage_uses_it_only_where_the_kernel_runs():
     packed = SFTConfig(output_dir="/tmp/x", packing=True, packing_strategy="bfd", use_cpu=True, bf16=False)
     unpacked = SFTConfig(output_dir="/tmp/x", packing=False, use_cpu=True, bf16=False)
     assert packed_attention(unpacked) is None
-    assert packed_attention(packed) == (attention.NAME if torch.cuda.is_available() else None)
+    assert packed_attention(packed) == attention.NAME  # on CUDA with torch >= 2.10, and on every CPU
+
+
+def test_runs_group_short_neighbours_and_leave_a_long_document_alone():
+    assert attention.runs([0, 7, 20, 25], run_tokens=128) == [[0, 7, 20, 25]]
+    assert attention.runs([0, 50, 100, 150, 400, 410], run_tokens=128) == [[0, 50, 100], [100, 150], [150, 400],
+                                                                           [400, 410]]
+    assert attention.runs([0, 300], run_tokens=128) == [[0, 300]]
+
+
+@pytest.mark.parametrize("lens", [[7, 13, 5], [40, 3, 90, 1, 200, 30, 30], [256], [1, 1, 1, 60]],
+                         ids=["short", "mixed", "one-long", "ones"])
+@pytest.mark.parametrize("run_tokens", [1, 16, 128, 4096])
+def test_document_kernel_equals_sdpa_with_the_block_diagonal_mask_values_and_gradients(lens, run_tokens):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    total, heads, kv_heads, dim = sum(lens), 4, 2, 16
+    q, k, v = (torch.randn(total, h, dim, requires_grad=True, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    doc = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+
+    def dense():
+        qq, kk, vv = (t.transpose(0, 1)[None] for t in (q, k, v))
+        kk, vv = kk.repeat_interleave(2, dim=1), vv.repeat_interleave(2, dim=1)
+        return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=0.3)[0].transpose(0, 1)
+
+    grad = torch.randn(total, heads, dim, dtype=torch.float64)
+    ours = attention.document_kernel(q, k, v, cu, max(lens), 0.3, run_tokens=run_tokens)
+    truth = dense()
+    torch.testing.assert_close(ours, truth)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(truth, (q, k, v), grad)):
+        torch.testing.assert_close(a, b)
+    if len(lens) > 1:  # the check can fail: one causal call over the whole row lets documents see each other
+        leaky = attention.document_kernel(q, k, v, torch.tensor([0, total], dtype=torch.int32), total, 0.3)
+        assert not torch.allclose(leaky, truth)

@@ -3,7 +3,7 @@
 Loss on assistant tokens only (TRL's `assistant_only_loss`, which needs {% generation %} markers in the chat template:
 a ChatML template without them is given an equivalent marked one for training, and the ORIGINAL is saved with the
 model), sequences packed best-fit-decreasing with per-document attention (TRL's `bfd` packing: position_ids restart
-at each document and transformers builds a block-diagonal mask from them), full / LoRA / QLoRA.
+at each document; llmstack/train/attention.py attends within each one), full / LoRA / QLoRA.
 
 A dataset with a `tools` column (tool-call conversations) trains with the tool-aware template (llmstack.tools) and
 saves THAT template with the model: its calls are assistant text, so assistant-only loss trains on them.

@@ -1,14 +1,22 @@
-"""Per-document attention for packed training batches, at flash-attention speed, registered with transformers.
+"""Per-document attention for packed training batches, registered with transformers.
 
 TRL's `bfd` packing puts several documents in one row with no padding ("padding-free") and marks where each starts:
 position_ids restart at 0 and its collator passes `cu_seq_lens_q/k` (cumulative document lengths) to the model. With
 transformers' "sdpa" attention those boundaries become a dense block-diagonal mask over the whole packed row: correct,
-but SDPA then runs its masked (memory-efficient) kernel over total² scores, most of them masked out. The flash
-attention "varlen" kernel instead attends within each document only. transformers reaches that kernel through the
-`flash-attn` package, which has no wheel for the GPU image's torch 2.11 / CUDA 13 and takes an hour to build; PyTorch
-ships the same kernel as `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10). Nothing in transformers, TRL or peft
-wires that one in, so this module registers it under the name "llmstack_varlen" (hand-written, ~40 lines, for that
-reason). Batches that are not packed (padding masks, decoding with a KV cache) go to transformers' own SDPA path.
+but SDPA then computes all total² scores, most of them masked out. Attending within each document only costs the sum
+of the documents' squares instead:
+
+- on CUDA, the flash attention "varlen" kernel. transformers reaches it through the `flash-attn` package, which has no
+  wheel for the GPU image's torch 2.11 / CUDA 13 and takes an hour to build; PyTorch ships the same kernel as
+  `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10);
+- elsewhere (the CPU), SDPA over runs of whole documents (`document_kernel`): a document longer than `RUN_TOKENS`
+  alone with `is_causal` (SDPA's fused causal kernel, no mask), shorter neighbours together under a block-diagonal
+  mask of their run only, so that a row of many short documents is a few calls rather than one per document.
+  PyTorch has no CPU varlen kernel, and flex_attention on the CPU compiles through inductor first.
+
+Nothing in transformers, TRL or peft wires either in, so this module registers them under the name "llmstack_varlen"
+(hand-written for that reason). Batches that are not packed (padding masks, decoding with a KV cache) go to
+transformers' own SDPA path. scripts/bench_train.py times the stage with and without it.
 """
 
 from __future__ import annotations
@@ -17,14 +25,19 @@ import functools
 import inspect
 
 NAME = "llmstack_varlen"
+# Documents shorter than this share one masked SDPA call with their neighbours: at SmolLM2's shapes on 2 CPU cores a
+# call costs about what 100-200 tokens of scores do, so grouping up to 128 tokens keeps rows of many short documents
+# from paying one call each, while a long document gets the causal kernel alone (scripts/bench_train.py).
+RUN_TOKENS = 128
 
 
 def available() -> bool:
-    """True where the varlen kernel runs: a CUDA device and a torch that ships torch.nn.attention.varlen."""
+    """True where a per-document kernel runs: on CUDA PyTorch's varlen flash kernel (torch >= 2.10); without CUDA
+    `document_kernel` (plain SDPA). A CUDA machine whose torch lacks the varlen kernel keeps transformers' SDPA."""
     import torch
 
     if not torch.cuda.is_available():
-        return False
+        return True
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
@@ -68,7 +81,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     k = key.transpose(1, 2).reshape(b * s, kv_heads, d)
     v = value.transpose(1, 2).reshape(b * s, kv_heads, d)
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-    kernel = _varlen_kernel() if q.is_cuda else reference_kernel
+    kernel = _varlen_kernel() if q.is_cuda else document_kernel
     out = kernel(q, k, v, cu, int(max_length_q), scaling)
     return out.view(b, s, h, d), None
 
@@ -110,16 +123,39 @@ def _varlen_kernel():
     return kernel
 
 
-def reference_kernel(q, k, v, cu, max_len, scale):
-    """The same computation one document at a time through SDPA: what the CPU tests check the dispatch against,
-    and the path on a machine without the CUDA kernel. (total, heads, dim) in and out."""
+def runs(cu: list[int], run_tokens: int = RUN_TOKENS) -> list[list[int]]:
+    """Document boundaries `cu` (cumulative, starting at 0) cut into runs of consecutive documents, each run its own
+    boundaries: a run takes the next document while it stays within `run_tokens` tokens; a longer document is a run
+    of its own."""
+    out = [[cu[0]]]
+    for end in cu[1:]:
+        if len(out[-1]) > 1 and end - out[-1][0] > run_tokens:
+            out.append([out[-1][-1]])
+        out[-1].append(end)
+    return out
+
+
+def document_kernel(q, k, v, cu, max_len, scale, run_tokens: int = RUN_TOKENS):
+    """Per-document causal attention through SDPA, one call per run of documents (`runs`): a run of one document
+    with is_causal, a run of several under its block-diagonal causal mask. (total, heads, dim) in and out; `max_len`
+    is unused (the varlen kernel's signature). Inputs go to SDPA as contiguous (1, heads, len, dim) blocks: the CPU's
+    fused kernel takes only those, and a strided or 3-d view falls back to a path ~3x slower."""
     import torch
     import torch.nn.functional as F
 
-    out = torch.empty_like(q)
     groups = q.shape[1] // k.shape[1]
-    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
-        ki, vi = ki.repeat_interleave(groups, dim=0), vi.repeat_interleave(groups, dim=0)
-        out[start:end] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1)
-    return out
+    outs = []
+    for bounds in runs(cu.tolist(), run_tokens):
+        start, end = bounds[0], bounds[-1]
+        qi, ki, vi = (t[start:end].transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
+        if groups > 1:
+            ki, vi = ki.repeat_interleave(groups, dim=1), vi.repeat_interleave(groups, dim=1)
+        if len(bounds) == 2:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        else:
+            doc = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=q.device),
+                                          torch.tensor(bounds, device=q.device).diff())
+            mask = (doc[:, None] == doc[None, :]).tril()
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)

@@ -49,8 +49,9 @@ def load_tokenizer(folder: Path):
 
 
 def packed_attention(args) -> str | None:
-    """The attention implementation for a padding-free packed stage: PyTorch's varlen flash kernel where it runs
-    (llmstack/train/attention.py), else None (transformers' SDPA with a block-diagonal mask: correct, slower)."""
+    """The attention implementation for a padding-free packed stage: per-document attention
+    (llmstack/train/attention.py: PyTorch's varlen flash kernel on CUDA, SDPA per run of documents on the CPU) where
+    it runs, else None (transformers' SDPA with a block-diagonal mask over the whole row: correct, slower)."""
     from llmstack.train import attention
 
     padding_free = args.padding_free or (args.packing and args.packing_strategy in {"bfd", "bfd_split"})
