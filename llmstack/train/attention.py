@@ -25,9 +25,9 @@ import functools
 import inspect
 
 NAME = "llmstack_varlen"
-# Documents shorter than this share one masked SDPA call with their neighbours: at SmolLM2's shapes on 2 CPU cores a
-# call costs about what 100-200 tokens of scores do, so grouping up to 128 tokens keeps rows of many short documents
-# from paying one call each, while a long document gets the causal kernel alone (scripts/bench_train.py).
+# Documents shorter than this share one masked SDPA call with their neighbours: each call has a fixed cost, which a
+# row of many short documents would otherwise pay per document, while the scores the mask throws away stay within a
+# block this long. A longer document gets the causal kernel alone.
 RUN_TOKENS = 128
 
 
@@ -139,7 +139,7 @@ def document_kernel(q, k, v, cu, max_len, scale, run_tokens: int = RUN_TOKENS):
     """Per-document causal attention through SDPA, one call per run of documents (`runs`): a run of one document
     with is_causal, a run of several under its block-diagonal causal mask. (total, heads, dim) in and out; `max_len`
     is unused (the varlen kernel's signature). Inputs go to SDPA as contiguous (1, heads, len, dim) blocks: the CPU's
-    fused kernel takes only those, and a strided or 3-d view falls back to a path ~3x slower."""
+    fused kernel takes only those, and a strided or 3-d view falls back to a much slower path."""
     import torch
     import torch.nn.functional as F
 
