@@ -71,7 +71,6 @@ def bare_server(port: int, tokens: int) -> None:
 
 
 def start_bare(tokens: int) -> tuple[subprocess.Popen, str]:
-
     with socket_port() as port:
         pass
     proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port), "--max", str(tokens)])
