@@ -2,7 +2,8 @@
 
 Order: model -> curate -> training stages (as listed) -> quantize -> eval -> serve -> report.
 A stage is a plain function `run(ctx: StageContext) -> StageResult` in its own module under llmstack/stages/, found
-through its registry entry (llmstack/config/kinds.py) by import string, so planning a recipe never imports torch.
+through its registry entry (llmstack/config/kinds.py) by import string, so planning a recipe never imports torch,
+and a stage's module (with its stack) is imported only by the process that runs it: a reused stage costs nothing.
 Fingerprints chain: each stage's fingerprint hashes its own config (and, for curate, the contents of its local source
 files) and the fingerprint of the stage before it, so changing anything upstream re-runs everything downstream.
 
@@ -13,6 +14,7 @@ stage with `launch:`) and is the one place that records a stage in the run manif
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -63,6 +65,25 @@ def stage_function(kind: str) -> Callable[[StageContext], StageResult] | None:
             return None
         raise
     return getattr(module, func)
+
+
+def stage_available(kind: str) -> bool:
+    """Whether the kind's module is in this version, found without importing it: a stage module imports its stack
+    (torch, transformers, peft: seconds), which only the process that runs the stage should pay, not a pipeline
+    that reuses it, launches it on other processes or stops before it."""
+    module_name = stage_kind(kind).run.split(":")[0]
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _deferred(kind: str) -> Callable[[StageContext], StageResult]:
+    """The kind's run function, imported when it is called (see stage_available): a launcher that runs the stage
+    elsewhere never calls it."""
+    def run(ctx: StageContext) -> StageResult:
+        return stage_function(kind)(ctx)
+    return run
 
 
 class StageUnavailable(Exception):
@@ -129,7 +150,7 @@ def run_stage(run: Run, step: PlannedStage, ctx: StageContext, fingerprint: str,
     """Run one stage through its launcher and record it in the manifest: running, then done (with its metrics, hashed
     outputs and result) or failed. The one manifest recorder: `llmstack run` and the launched worker's rank 0 both
     record through here."""
-    fn = stage_function(step.kind)
+    fn = _deferred(step.kind)
     log.info("stage %-8s running", step.name)
     run.record(step.name, kind=step.kind, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"),
                fingerprint=fingerprint)
@@ -167,11 +188,11 @@ def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str =
     for wanted in [force_from, *(only or [])]:
         if wanted and wanted not in names:
             raise ValueError(f"no stage named '{wanted}' in this recipe (stages: {', '.join(names)})")
-    functions = {s.kind: stage_function(s.kind) for s in steps}
+    available = {s.kind: stage_available(s.kind) for s in steps}
     # With `only`, stages after the last requested one are neither run nor required (`llmstack curate` runs
     # model + curate of a recipe whose training stages have not run yet).
     last = max(names.index(n) for n in only) if only else len(steps)
-    missing = [s.name for i, s in enumerate(steps) if functions[s.kind] is None and i <= last]
+    missing = [s.name for i, s in enumerate(steps) if not available[s.kind] and i <= last]
     if missing and not skip_unavailable:
         raise StageUnavailable(
             f"stage(s) {', '.join(missing)} are not implemented in this version of llmstack; "
@@ -187,11 +208,10 @@ def run_recipe(recipe: Recipe, recipe_path: Path, runs_root: Path, run_id: str =
     datasets: dict[str, Path] = {}
     chain = fingerprints(recipe, steps)
     for i, step in enumerate(steps):
-        fn = functions[step.kind]
         fingerprint = chain[step.name]
         if i > last and step.kind != "report":
             continue
-        if fn is None:
+        if not available[step.kind]:
             log.warning("stage %-8s not available in this version: skipped", step.name)
             run.record(step.name, status="unavailable")
             continue

@@ -113,6 +113,7 @@ def test_ray_address_with_no_cluster_is_a_one_line_error(tmp_path, tiny_model):
                       tmp_path / "runs")
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
     assert f"data.executor.address '127.0.0.1:{port}': no Ray cluster there" in proc.stdout + proc.stderr
+    assert "fetching" not in proc.stdout + proc.stderr  # refused before curation reads or tokenizes anything
 
 
 SLURM = "{type: slurm, partition: cpu, time: '00:30:00', cpus_per_task: 2, sbatch_args: {account: proj}}"

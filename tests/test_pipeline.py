@@ -11,6 +11,7 @@ import yaml
 
 from llmstack.config.recipe import load_recipe
 from llmstack.pipeline import run_recipe
+from llmstack.stage import StageResult
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -184,6 +185,48 @@ def test_a_new_stage_kind_is_one_module_and_one_entry(tmp_path, tiny_model, monk
     entry = run.manifest["stages"]["scratch"]
     assert entry["status"] == "done" and entry["kind"] == "scratch" and entry["metrics"] == {"rows": 3}
     assert (run.dir / "scratch" / "seen.txt").read_text() == f"{tiny_model}|{tmp_path / 'c'}|2"
+
+
+def test_a_stage_module_is_imported_only_by_the_process_that_runs_it(tmp_path, tiny_model, monkeypatch):
+    """A stage module imports its stack (torch, transformers, peft: seconds). Planning finds every kind's module
+    without importing it; a run that reuses the stage, or stops before it, never imports it; a kind whose module is
+    missing stops the run before any stage starts."""
+    import sys
+
+    from llmstack.config.kinds import STAGE_KINDS, StageKind
+    from llmstack.config.recipe import parse_recipe
+    from llmstack.pipeline import StageUnavailable
+
+    (tmp_path / "lazy_kind.py").write_text(SCRATCH_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for kind, module in (("lazy", "lazy_kind"), ("gone", "no_such_kind_module")):
+        monkeypatch.setitem(STAGE_KINDS, kind, StageKind(kind, f"{module}:run", "llmstack.config.train:StageSpec",
+                                                         dataset_schema="messages", trl_config="SFTConfig"))
+    import llmstack.stages.curate
+
+    monkeypatch.setattr(llmstack.stages.curate, "run", lambda ctx: StageResult(datasets={"chat": tmp_path / "c"}))
+    (tmp_path / "chat.jsonl").write_text("")
+    raw = {"name": "lazy", "model": {"source": str(tiny_model)},
+           "data": {"datasets": {"chat": {"schema": "messages", "sources": [{"name": "c", "path": "chat.jsonl"}]}}},
+           "stages": [{"type": "lazy", "dataset": "chat", "args": {"max_steps": 2}}]}
+    path = tmp_path / "lazy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    recipe = parse_recipe(raw)
+
+    monkeypatch.delitem(sys.modules, "lazy_kind", raising=False)
+    run_recipe(recipe, path, tmp_path / "runs", only=["model", "curate"])  # what `llmstack curate` runs
+    assert "lazy_kind" not in sys.modules
+    run = run_recipe(recipe, path, tmp_path / "runs")
+    assert "lazy_kind" in sys.modules and run.manifest["stages"]["lazy"]["status"] == "done"
+    del sys.modules["lazy_kind"]
+    again = run_recipe(recipe, path, tmp_path / "runs")
+    assert "lazy_kind" not in sys.modules  # reused: its module was never imported
+    assert again.manifest["stages"]["lazy"]["started"] == run.manifest["stages"]["lazy"]["started"]
+
+    gone = {**raw, "name": "gone", "stages": [{"type": "gone", "dataset": "chat", "args": {"max_steps": 2}}]}
+    with pytest.raises(StageUnavailable, match="stage.s. gone are not implemented"):
+        run_recipe(parse_recipe(gone), path, tmp_path / "runs")
+    assert not (tmp_path / "runs" / "gone").exists()  # refused before the first stage
 
 
 def test_the_launch_handoff_carries_the_whole_stage_result(tmp_path):

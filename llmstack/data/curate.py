@@ -34,7 +34,7 @@ from datatrove.data import Document
 
 from llmstack.config.data import DatasetSpec, ExecutorSpec
 from llmstack.data.card import build_card, publish_card
-from llmstack.data.executors import CurationError, execute
+from llmstack.data.executors import CurationError, execute, preflight
 from llmstack.data.formats import has_tools
 from llmstack.data.readers import OrderedReader, SourceReader, iter_docs, jsonl_writer, read_jsonl
 from llmstack.data.sources import describe, fetch_source
@@ -328,6 +328,7 @@ def eval_items_for(suites: list[str]) -> list[tuple[str, str, str]] | None:
 
 def curate_recipe(recipe, stage_dir: Path, tokenizer: Path | None, only: list[str] | None = None,
                   answer_locally: LocalAnswerer | None = None) -> dict[str, dict]:
+    preflight(recipe.data.executor)
     cards = {}
     for name, spec in recipe.data.datasets.items():
         if only and name not in only:

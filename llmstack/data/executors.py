@@ -49,15 +49,31 @@ def execute(steps: list, work: Path, tag: str, tasks: int, executor: ExecutorSpe
             logger.add(sys.stderr, level="WARNING")
 
 
-def _run_on_ray(steps: list, tasks: int, logging_dir: str, executor: ExecutorSpec, work: Path, tag: str) -> None:
-    """datatrove's RayPipelineExecutor on the cluster at `executor.address`. The workers unpickle the steps, so they
-    import llmstack (install it on every node), and read and write the stage folder: it must be on a filesystem
-    every node shares (on one machine it is)."""
+def preflight(executor: ExecutorSpec | None) -> None:
+    """What a Ray executor needs, checked before curation fetches, tokenizes or loads anything: ray installed and a
+    cluster answering at the address (unless this process already joined one). Failing here costs a second, not the
+    minutes of work before the first pass."""
+    if executor is None or executor.type != "ray":
+        return
+    _import_ray()
+    if not sys.modules["ray"].is_initialized():
+        _reachable(executor.address)
+
+
+def _import_ray():
     try:
         import ray
     except ImportError:
         raise CurationError("data.executor is ray, but ray is not installed: pip install -r requirements/ray.lock "
                             "(or `pip install llmstack[ray]`)") from None
+    return ray
+
+
+def _run_on_ray(steps: list, tasks: int, logging_dir: str, executor: ExecutorSpec, work: Path, tag: str) -> None:
+    """datatrove's RayPipelineExecutor on the cluster at `executor.address`. The workers unpickle the steps, so they
+    import llmstack (install it on every node), and read and write the stage folder: it must be on a filesystem
+    every node shares (on one machine it is)."""
+    ray = _import_ray()
     from datatrove.executor import RayPipelineExecutor
 
     joined = not ray.is_initialized()
