@@ -109,16 +109,35 @@ $(MSTAMP): requirements/mlflow.lock | $(UV)
 
 # The optional DeepSpeed environment (ZeRO-3: recipes/accelerate/zero3.yaml, cpu-zero3.yaml and its 2-process test).
 # A venv layered over .venv (a .pth file adds .venv's site-packages, so torch/transformers/accelerate are the main
-# env's) holding only DeepSpeed and the four small packages the main lock lacks: ≈24 MB, ≈14 s from PyPI. DeepSpeed is
+# env's) holding only DeepSpeed and the four small packages the main lock lacks: ≈24 MB, ≈15 s once the wheel is built. DeepSpeed is
 # an sdist that builds against the installed torch, hence --no-build-isolation and `wheel` first. Run a ZeRO-3 stage
 # with .venv-ds/bin/python (`accelerate launch` children inherit it). This one stays on pip: its time is DeepSpeed's
 # build, not the install, and the sdist is built as pip builds it here (no isolation, against the layered torch).
-$(DSTAMP): requirements/deepspeed.lock $(STAMP)
-	test -x $(DVENV)/bin/python || $(BIN)/python -m venv $(DVENV)
+# The one op DeepSpeed's CPU path loads, its shared-memory collectives (deepspeed.comm builds it as a launch starts), is
+# compiled into the wheel (DS_BUILD_SHM_COMM=1; no -march: it picks its kernels at run time). Left to DeepSpeed's
+# just-in-time build, a launch compiles it first (a minute on 2 cores, a compiler on every node) into
+# ~/.cache/torch_extensions, which every environment and checkout shares by name: two checkouts then rebuild it in turn.
+# The wheel is built once per machine, like llama.cpp's, keyed by the lock, torch's pin and the compiler.
+DS_KEY := $(shell { cat requirements/deepspeed.lock; grep -m1 '^torch==' requirements/main.lock; $(CC) --version \
+  2>/dev/null | head -1; } | sha256sum | cut -c1-16)
+DS_WHEELS := $(HOME)/.cache/llmstack/wheels/deepspeed-$(DS_KEY)
+DS_BUILT := $(DS_WHEELS)/.built
+$(DVENV)/bin/python: | $(STAMP)
+	$(BIN)/python -m venv $(DVENV)
 	echo "import site; site.addsitedir('$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")')" \
 	  > "$$($(DVENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llmstack-main-env.pth"
 	$(DVENV)/bin/python -m pip install -q --no-deps wheel==0.45.1 $(QUIET_PIP)
-	DS_BUILD_OPS=0 $(DVENV)/bin/python -m pip install -q --no-deps --no-build-isolation -r requirements/deepspeed.lock $(QUIET_PIP)
+# Order-only prerequisites: the wheel is the machine's, not this checkout's (a fresh checkout's files are all newer)
+$(DS_BUILT): | $(DVENV)/bin/python
+	rm -rf $(DS_WHEELS).partial
+	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(DVENV)/bin/python -m pip wheel -q --no-deps --no-cache-dir \
+	  --no-build-isolation -w $(DS_WHEELS).partial $$(grep -m1 '^deepspeed==' requirements/deepspeed.lock) $(QUIET_PIP)
+	rm -rf $(DS_WHEELS) && mv $(DS_WHEELS).partial $(DS_WHEELS) && touch $@
+$(DSTAMP): requirements/deepspeed.lock $(STAMP) $(DS_BUILT) | $(DVENV)/bin/python
+	$(DVENV)/bin/python -m pip install -q --no-deps --force-reinstall --find-links $(DS_WHEELS) \
+	  --only-binary deepspeed -r requirements/deepspeed.lock $(QUIET_PIP)
+	$(DVENV)/bin/python -c "from deepspeed.git_version_info import installed_ops as ops; \
+	  assert ops['deepspeed_shm_comm'], 'deepspeed was installed without its shm op'"
 	$(DVENV)/bin/python -c "import deepspeed, transformers; print('deepspeed env ok:', deepspeed.__version__)"
 	touch $@
 

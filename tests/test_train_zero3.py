@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO-3 launched for real: two CPU processes over gloo (DeepSpeed's CPU accelerator), from the optional
-DeepSpeed env (.venv-ds: `make .venv-ds/.llmstack-installed`, ≈14 s, layered over .venv). Parameters are partitioned
+DeepSpeed env (.venv-ds: `make .venv-ds/.llmstack-installed`, layered over .venv). Parameters are partitioned
 across the ranks; rank 0 alone merges the LoRA adapter and answers the probes, which under `zero3_init_flag` hung
 before (from_pretrained inside zero.Init is a collective call). Also: the recipe's gradient accumulation is what
-DeepSpeed trains with, and a launch config pinning another value is refused with both places named."""
+DeepSpeed trains with, and a launch config pinning another value is refused with both places named. DeepSpeed's
+shared-memory op comes compiled in the env's wheel: the launch builds nothing just in time."""
 
 import json
 import os
@@ -29,8 +30,10 @@ def test_two_process_zero3_lora_merges_probes_and_accumulates_as_the_recipe_says
            str(REPO / "recipes/accelerate/cpu-zero3.yaml"), "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft",
            "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(tmp_path / "jit")})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    jit = list((tmp_path / "jit").rglob("*.so"))
+    assert not jit, f"DeepSpeed compiled {jit} at launch: rebuild the env (rm .venv-ds/.llmstack-installed; make it)"
     run_dir = tmp_path / "runs" / "launch" / "default"
     entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]
     m = entry["metrics"]
