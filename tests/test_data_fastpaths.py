@@ -134,6 +134,43 @@ def test_token_counts_without_transformers_equal_the_transformers_tokenizer(smol
         assert TokenLengthFilter(str(folder), 1, None)._lengths(samples) == [len(ids) for ids in reference]
 
 
+def test_the_chat_tokenizer_is_autotokenizers_without_its_imports(smollm2, tiny_model, tmp_path):
+    """The token-length filter's chat tokenizer: for a folder whose tokenizer_config names the generic backend, the
+    class AutoTokenizer picks, loaded directly: the same chat renderings and ids, and a process that only tokenizes
+    (a curation worker) does not import AutoTokenizer's auto-model stack. Any other class goes through AutoTokenizer."""
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from llmstack.data.filters import load_tokenizer
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|im_start|> é 🙂"},
+            {"role": "assistant", "content": "Hello!"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "d",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    for folder in (smollm2, tiny_model):
+        ours, auto = load_tokenizer(str(folder)), AutoTokenizer.from_pretrained(folder)
+        assert type(ours) is type(auto) and ours.special_tokens_map == auto.special_tokens_map
+        for kw in ({}, {"add_generation_prompt": True}, {"tools": tools}):
+            assert ours.apply_chat_template(conv, tokenize=False, **kw) == auto.apply_chat_template(
+                conv, tokenize=False, **kw)
+        text = ours.apply_chat_template(conv, tokenize=False)
+        assert ours(text, add_special_tokens=False)["input_ids"] == auto(text, add_special_tokens=False)["input_ids"]
+
+    code = ("import sys; from llmstack.data.filters import load_tokenizer; load_tokenizer(sys.argv[1]); "
+            "print('transformers.models.auto.auto_factory' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True)
+    assert proc.stdout.split() == ["False"], proc.stdout + proc.stderr
+
+    llama = tmp_path / "llama-like"
+    shutil.copytree(tiny_model, llama)
+    config = json.loads((llama / "tokenizer_config.json").read_text())
+    (llama / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    assert type(load_tokenizer(str(llama))) is type(AutoTokenizer.from_pretrained(llama))
+
+
 def test_compiled_language_id_scores_bitwise_like_py3langid():
     import numpy as np
     from py3langid.langid import MODEL_FILE, LanguageIdentifier

@@ -140,17 +140,34 @@ class ThinkingLengthFilter(BaseFilter):
         return True
 
 
-@lru_cache(maxsize=2)
-def load_tokenizer(path: str):
-    # Loading takes seconds; every dataset of a recipe uses the same tokenizer.
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 # tokenizer classes whose transformers tokenizer runs tokenizer.json as it is, adding nothing to plain-text encoding
 PLAIN_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
                            "Qwen2Tokenizer", "Qwen2TokenizerFast"}
+
+# transformers' generic tokenizers backend (PreTrainedTokenizerFast is its other name), what transformers 5 saves for
+# most models: AutoTokenizer resolves these names to that class itself
+GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@lru_cache(maxsize=2)
+def load_tokenizer(path: str):
+    """The recipe's transformers tokenizer (for chat templates; every dataset of a recipe uses the same one). Where
+    tokenizer_config.json names the generic backend, that class is loaded directly: the same tokenizer AutoTokenizer
+    builds (tests/test_data_fastpaths.py compares them), without importing AutoTokenizer, which brings transformers'
+    auto-model machinery (generation, and scikit-learn through it): seconds in every process that only tokenizes
+    (`llmstack curate`, each Ray or Slurm curation task)."""
+    import transformers
+
+    if _tokenizer_class(Path(path)) in GENERIC_TOKENIZER_CLASSES:
+        return transformers.TokenizersBackend.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path)
 
 
 @lru_cache(maxsize=2)
@@ -163,14 +180,7 @@ def load_text_encoder(path: str):
     the chat template.
     """
     folder = Path(path)
-    config = folder / "tokenizer_config.json"
-    if not (folder / "tokenizer.json").is_file() or not config.is_file():
-        return None
-    try:
-        tokenizer_class = json.loads(config.read_text()).get("tokenizer_class")
-    except (OSError, ValueError):
-        return None
-    if tokenizer_class not in PLAIN_TOKENIZER_CLASSES:
+    if not (folder / "tokenizer.json").is_file() or _tokenizer_class(folder) not in PLAIN_TOKENIZER_CLASSES:
         return None
     from tokenizers import Tokenizer
 
