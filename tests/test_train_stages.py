@@ -248,6 +248,20 @@ def test_crashed_run_resumes_to_the_same_losses(tmp_path, tiny_model, data, monk
     ckpts = sorted(p.name for p in (tmp_path / "b" / "runs" / "t" / "test" / "sft").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
 
+    # checkpoints written by a launch of another process count are refused before the model loads
+    from llmstack.train import loading
+
+    launched = tmp_path / "b" / "runs" / "t" / "test" / "sft" / "resume-processes.txt"
+    assert launched.read_text() == "1"
+    launched.write_text("2")
+    loads = []
+    monkeypatch.setattr(loading, "load_model", lambda *a, **kw: loads.append(a))
+    with pytest.raises(RuntimeError, match="written by a launch of 2 processes; this one has 1"):
+        train(tmp_path / "b", tiny_model, data, stage)
+    assert loads == []
+    monkeypatch.undo()
+    launched.write_text("1")
+
     ctx_b, res = train(tmp_path / "b", tiny_model, data, stage)  # the pipeline re-runs a stage that is not done
     resumed = {h["step"]: h["loss"] for h in json.loads((ctx_b.dir / "log_history.json").read_text()) if "loss" in h}
     assert res.metrics["steps"] == 8

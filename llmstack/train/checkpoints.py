@@ -114,6 +114,38 @@ def check_shared_folder(accelerator, folder: Path, patience_s: float | None = No
                            "--runs-dir on every node (scripts/slurm/train.sbatch: RUNS_DIR)")
 
 
+def _resumable(ctx) -> tuple[str, Path | None, list[Path], bool]:
+    """(these inputs' identity, the last complete checkpoint, the cut-short ones, whether it was written for them)."""
+    identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
+                            "datasets": {k: str(v) for k, v in ctx.datasets.items()}, "seed": ctx.recipe.seed})
+    stamp = ctx.dir / "resume-inputs.sha256"
+    last, partial = last_complete_checkpoint(ctx.dir)
+    fresh = bool(last) and stamp.exists() and stamp.read_text().strip() == identity
+    return identity, last, partial, fresh
+
+
+def _refuse_other_process_count(ctx, last: Path | None, fresh: bool, processes: int) -> None:
+    launched = ctx.dir / "resume-processes.txt"
+    before = int(launched.read_text()) if fresh and launched.exists() else processes
+    if before != processes:
+        raise RuntimeError(
+            f"{last.name} in {ctx.dir} was written by a launch of {before} processes; this one has "
+            f"{processes}. Resumed so, the trainer would take another global batch and split the data between ranks "
+            "otherwise (examples seen twice or never). Launch again on as many processes "
+            f"(the same node count), or delete {ctx.dir}/checkpoint-* to train the stage again from step 0")
+
+
+def check_before_loading(ctx) -> None:
+    """What resume_checkpoint would refuse for the checkpoints alone, checked as the stage starts (setup.trainer_config,
+    every training stage's first call), before its model loads: a relaunch on another process count is refused in
+    seconds, not after minutes of loading weights. The count is accelerate's shared state, which the stage's TRL
+    config has just set up and the trainer's accelerator uses; resume_checkpoint checks again."""
+    from accelerate import PartialState
+
+    _, last, _, fresh = _resumable(ctx)
+    _refuse_other_process_count(ctx, last, fresh, PartialState().num_processes)
+
+
 def resume_checkpoint(ctx, trainer) -> str | None:
     """The last checkpoint in the stage folder if it was written for these same inputs, else None (and stale
     checkpoints are removed, so a changed recipe never resumes from another run's state). The trainer's own
@@ -123,21 +155,11 @@ def resume_checkpoint(ctx, trainer) -> str | None:
     pruning_callback.install(ctx, trainer)
     check_sharding(trainer)
     check_shared_folder(trainer.accelerator, ctx.dir)
-    identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
-                            "datasets": {k: str(v) for k, v in ctx.datasets.items()}, "seed": ctx.recipe.seed})
-    stamp = ctx.dir / "resume-inputs.sha256"
-    last, partial = last_complete_checkpoint(ctx.dir)
-    fresh = bool(last) and stamp.exists() and stamp.read_text().strip() == identity
+    identity, last, partial, fresh = _resumable(ctx)
     trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 touches the folder
     launched = ctx.dir / "resume-processes.txt"
     processes = trainer.accelerator.num_processes
-    before = int(launched.read_text()) if fresh and launched.exists() else processes
-    if before != processes:
-        raise RuntimeError(
-            f"{last.name} in {ctx.dir} was written by a launch of {before} processes; this one has "
-            f"{processes}. Resumed so, the trainer would take another global batch and split the data between ranks "
-            "otherwise (examples seen twice or never). Launch again on as many processes "
-            f"(the same node count), or delete {ctx.dir}/checkpoint-* to train the stage again from step 0")
+    _refuse_other_process_count(ctx, last, fresh, processes)
     if fresh:
         if trainer.accelerator.is_main_process:
             for cut in partial:  # a kill mid-save left it; the step is trained (and saved) again
@@ -151,7 +173,7 @@ def resume_checkpoint(ctx, trainer) -> str | None:
     if trainer.accelerator.is_main_process:
         for old in ctx.dir.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
-        stamp.write_text(identity)
+        (ctx.dir / "resume-inputs.sha256").write_text(identity)
         launched.write_text(str(processes))
     trainer.accelerator.wait_for_everyone()
     return None

@@ -39,12 +39,16 @@ def common_defaults(ctx) -> dict[str, Any]:
 
 
 def trainer_config(ctx, stage_defaults: dict[str, Any]):
-    """TRL's config for this stage: output_dir is the stage folder, so checkpoints and TensorBoard logs live there."""
+    """TRL's config for this stage: output_dir is the stage folder, so checkpoints and TensorBoard logs live there.
+    Every training stage calls this first: the checks that need no model run here (checkpoints.check_before_loading)."""
     from llmstack.config.trainer_args import trl_config_class
+    from llmstack.train.checkpoints import check_before_loading
 
     spec = ctx.spec
     kwargs = {**common_defaults(ctx), **device_defaults(weights_dtype(ctx)), **stage_defaults, **spec.args}
-    return trl_config_class(spec.type)(output_dir=str(ctx.dir), **kwargs)
+    args = trl_config_class(spec.type)(output_dir=str(ctx.dir), **kwargs)  # sets up accelerate's processes
+    check_before_loading(ctx)
+    return args
 
 
 def eval_split(data, args):
