@@ -55,8 +55,7 @@ def preflight(executor: ExecutorSpec | None) -> None:
     minutes of work before the first pass."""
     if executor is None or executor.type != "ray":
         return
-    _import_ray()
-    if not sys.modules["ray"].is_initialized():
+    if not _import_ray().is_initialized():
         _reachable(executor.address)
 
 
