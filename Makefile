@@ -109,10 +109,11 @@ $(MSTAMP): requirements/mlflow.lock | $(UV)
 
 # The optional DeepSpeed environment (ZeRO-3: recipes/accelerate/zero3.yaml, cpu-zero3.yaml and its 2-process test).
 # A venv layered over .venv (a .pth file adds .venv's site-packages, so torch/transformers/accelerate are the main
-# env's) holding only DeepSpeed and the four small packages the main lock lacks: ≈24 MB, ≈15 s once the wheel is built. DeepSpeed is
-# an sdist that builds against the installed torch, hence --no-build-isolation and `wheel` first. Run a ZeRO-3 stage
-# with .venv-ds/bin/python (`accelerate launch` children inherit it). This one stays on pip: its time is DeepSpeed's
-# build, not the install, and the sdist is built as pip builds it here (no isolation, against the layered torch).
+# env's) holding only DeepSpeed and the four small packages the main lock lacks: ≈24 MB, ≈15 s once the wheel is
+# built. DeepSpeed is an sdist that builds against the installed torch, hence --no-build-isolation and `wheel` first.
+# Run a ZeRO-3 stage with .venv-ds/bin/python (`accelerate launch` children inherit it). This one stays on pip: its
+# time is DeepSpeed's build, not the install, and the sdist is built as pip builds it here (no isolation, against the
+# layered torch).
 # The one op DeepSpeed's CPU path loads, its shared-memory collectives (deepspeed.comm builds it as a launch starts), is
 # compiled into the wheel (DS_BUILD_SHM_COMM=1; no -march: it picks its kernels at run time). Left to DeepSpeed's
 # just-in-time build, a launch compiles it first (a minute on 2 cores, a compiler on every node) into

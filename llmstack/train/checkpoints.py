@@ -114,18 +114,23 @@ def check_shared_folder(accelerator, folder: Path, patience_s: float | None = No
                            "--runs-dir on every node (scripts/slurm/train.sbatch: RUNS_DIR)")
 
 
+# In the stage folder, written by rank 0 when a stage starts from step 0: what its checkpoints were written for
+INPUTS_STAMP = "resume-inputs.sha256"  # the inputs' identity (_resumable)
+PROCESSES_STAMP = "resume-processes.txt"  # the launch's process count
+
+
 def _resumable(ctx) -> tuple[str, Path | None, list[Path], bool]:
     """(these inputs' identity, the last complete checkpoint, the cut-short ones, whether it was written for them)."""
     identity = sha256_json({"spec": ctx.spec.model_dump(mode="json"), "model": str(ctx.model),
                             "datasets": {k: str(v) for k, v in ctx.datasets.items()}, "seed": ctx.recipe.seed})
-    stamp = ctx.dir / "resume-inputs.sha256"
+    stamp = ctx.dir / INPUTS_STAMP
     last, partial = last_complete_checkpoint(ctx.dir)
     fresh = bool(last) and stamp.exists() and stamp.read_text().strip() == identity
     return identity, last, partial, fresh
 
 
 def _refuse_other_process_count(ctx, last: Path | None, fresh: bool, processes: int) -> None:
-    launched = ctx.dir / "resume-processes.txt"
+    launched = ctx.dir / PROCESSES_STAMP
     before = int(launched.read_text()) if fresh and launched.exists() else processes
     if before != processes:
         raise RuntimeError(
@@ -157,7 +162,6 @@ def resume_checkpoint(ctx, trainer) -> str | None:
     check_shared_folder(trainer.accelerator, ctx.dir)
     identity, last, partial, fresh = _resumable(ctx)
     trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 touches the folder
-    launched = ctx.dir / "resume-processes.txt"
     processes = trainer.accelerator.num_processes
     _refuse_other_process_count(ctx, last, fresh, processes)
     if fresh:
@@ -173,8 +177,8 @@ def resume_checkpoint(ctx, trainer) -> str | None:
     if trainer.accelerator.is_main_process:
         for old in ctx.dir.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
-        (ctx.dir / "resume-inputs.sha256").write_text(identity)
-        launched.write_text(str(processes))
+        (ctx.dir / INPUTS_STAMP).write_text(identity)
+        (ctx.dir / PROCESSES_STAMP).write_text(str(processes))
     trainer.accelerator.wait_for_everyone()
     return None
 
