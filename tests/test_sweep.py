@@ -218,6 +218,37 @@ def test_paths_name_stages_by_id_and_reach_data_mix_weights(tmp_path, tiny_model
     assert raw["stages"][0]["lora"]["alpha"] == 8  # the recipe document itself is left as it was
 
 
+def _open_at_once(url: str, barrier, results) -> None:
+    from llmstack.sweep.study import create_or_load
+
+    barrier.wait()
+    try:
+        create_or_load(url, "race", "minimize")
+        results.put("opened")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
+def test_processes_creating_one_new_storage_at_once_all_open_it(tmp_path):
+    """Six processes open the same new SQLite storage at the same instant, as the sweep driver and a dashboard (or the
+    resume test's poller) may: optuna creates the schema table by table, so the ones that come second hit `table ...
+    already exists` or the version stamp's UNIQUE constraint. Each opens the storage and the one study."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # optuna already imported here: the six start at once
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path}/race-{attempt}.db"
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(url, barrier, results)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for proc in procs:
+            proc.join(30)
+        assert outcomes == ["opened"] * 6, outcomes
+        assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["race"]
+
+
 def test_the_cli_stops_a_bad_sweep_or_storage_with_one_line_and_exit_2(tmp_path, tiny_model):
     runs = tmp_path / "runs"
     out = sweep_cli(write_recipe(tmp_path, tiny_model, {"stages[0].lorra.r": {"choice": [2]}}), runs)

@@ -96,27 +96,40 @@ def default_storage(runs_root: Path, recipe_name: str, study: str) -> str:
     return f"sqlite:///{path}"
 
 
+def _schema_race(exc: Exception) -> bool:
+    """Another process opening the same new storage at the same moment (a reader such as the dashboard): optuna
+    creates the schema table by table, then stamps its version, and whichever process comes second finds a table
+    (`table ... already exists`) or the stamp (a UNIQUE constraint) already there. Opening again finds the schema."""
+    from sqlalchemy.exc import IntegrityError, OperationalError  # optuna's RDB storage is SQLAlchemy's
+
+    return isinstance(exc, IntegrityError) or (isinstance(exc, OperationalError) and "already exists" in str(exc))
+
+
+def create_or_load(url: str, name: str, direction: str, attempts: int = 5):
+    """(storage, study) at `url`: the study created, or loaded to resume. A new storage that another process is
+    creating too is opened again (`_schema_race`) up to `attempts` times."""
+    import optuna
+
+    # a 60 s busy timeout: the dashboard may read the file while the driver writes it
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(1, attempts + 1):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            return storage, optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+                                                direction=direction)
+        except Exception as exc:
+            if attempt == attempts or not _schema_race(exc):
+                raise
+            time.sleep(0.05 * attempt)
+
+
 def open_study(p: SweepPlan):
     """The study in its storage (created, or loaded to resume), with a TPE sampler seeded from the recipe's seed and
     the recipe's pruner."""
     import optuna
-    from sqlalchemy.exc import IntegrityError  # optuna's RDB storage is SQLAlchemy's
-
-    # a 60 s busy timeout: the dashboard may read the file while the driver writes it
-    kwargs = {"connect_args": {"timeout": 60}} if p.storage_url.startswith("sqlite") else {}
-
-    def connect():
-        storage = optuna.storages.RDBStorage(p.storage_url, engine_kwargs=kwargs)
-        return storage, optuna.create_study(storage=storage, study_name=p.study_name, load_if_exists=True,
-                                            direction=p.recipe.sweep.objective.direction)
 
     try:
-        try:
-            storage, study = connect()
-        except IntegrityError:
-            # Another process opening a new storage at the same moment (a reader such as the dashboard) stamped its
-            # schema version first: the schema exists now, and opening again finds it.
-            storage, study = connect()
+        storage, study = create_or_load(p.storage_url, p.study_name, p.recipe.sweep.objective.direction)
     except Exception as exc:  # SQLAlchemy's OperationalError, a missing DB driver (ModuleNotFoundError), a bad URL
         raise SweepError(f"--storage {p.storage_url}: cannot open the Optuna storage ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0]}). Give a URL SQLAlchemy can reach (sqlite:///path/in/an/"
