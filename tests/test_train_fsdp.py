@@ -25,6 +25,7 @@ def test_an_fsdp_launch_on_the_cpu_is_refused_with_the_reason(tmp_path, tiny_mod
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode != 0
     assert "the launch config asks for FSDP, but accelerate runs these processes as MULTI_CPU" in proc.stderr
+    assert "Loading weights" not in proc.stderr  # refused before the model loads (transformers' progress bar)
     manifest = json.loads((tmp_path / "runs/launch/default/manifest.json").read_text())
     assert manifest["stages"]["sft"]["status"] != "done"
     assert not (tmp_path / "runs/launch/default/sft/model").exists()

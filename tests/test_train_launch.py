@@ -158,9 +158,9 @@ def test_two_node_rendezvous_trains_one_model(tmp_path, tiny_model):
 
 def test_nodes_without_a_shared_run_folder_are_refused_before_training(tmp_path, tiny_model):
     """Node 1 with its own copy of the run folder (its local disk, not the shared filesystem): it would resume from
-    other checkpoints than rank 0, and rank 0's checkpoints would die with its node. Both nodes stop before step 1,
-    naming the rank that cannot see rank 0's folder and the fix. (Rank 1 gives up after one second, not the default
-    ten a slow NFS mount may need: on its own disk the file never comes.)"""
+    other checkpoints than rank 0, and rank 0's checkpoints would die with its node. Both nodes stop before the model
+    loads, naming the rank that cannot see rank 0's folder and the fix. (Rank 1 gives up after one second, not the
+    default ten a slow NFS mount may need: on its own disk the file never comes.)"""
     recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
     shutil.copytree(tmp_path / "runs", tmp_path / "node1-disk")
     codes, logs = _two_nodes(tmp_path, recipe, [tmp_path / "runs", tmp_path / "node1-disk"],
@@ -169,6 +169,7 @@ def test_nodes_without_a_shared_run_folder_are_refused_before_training(tmp_path,
     for log in logs:
         assert "rank 1 on" in log and "cannot see what rank 0 writes" in log and "shared filesystem" in log, log[-3000:]
         assert "rank 0 on" not in log
+        assert "Loading weights" not in log  # checked before the model loads (transformers' progress bar)
     run_dir = tmp_path / "runs" / "launch" / "default"
     assert not list(run_dir.rglob("checkpoint-*")) and not (run_dir / "sft" / "model").exists()
 

@@ -14,16 +14,24 @@ from llmstack.train import pruning_callback
 log = logging.getLogger("llmstack")
 
 
+def _fsdp_asked() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _refuse_fsdp(got: str) -> None:
+    raise RuntimeError(f"the launch config asks for FSDP, but accelerate runs these processes as {got}: accelerate "
+                       "shards with FSDP only on GPUs (or other accelerators), not on the CPU. Launch with "
+                       "recipes/accelerate/cpu-ddp.yaml on a CPU, or fsdp2.yaml on GPUs")
+
+
 def check_sharding(trainer) -> None:
     """A launch config that asks for FSDP must get FSDP. accelerate (1.15) upgrades only GPU-like device types to
     FSDP: processes on the CPU (TRL's `use_cpu`) run plain data parallel (MULTI_CPU) with FSDP asked for, every
-    rank holding the whole model. That would train, but not what the config says: refuse with the reason."""
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    rank holding the whole model. That would train, but not what the config says: refuse with the reason. (Processes
+    on the CPU were already refused before loading, by check_before_loading; this is the trainer's own answer.)"""
     got = str(trainer.accelerator.distributed_type).split(".")[-1]
-    if asked and got != "FSDP":
-        raise RuntimeError(f"the launch config asks for FSDP, but accelerate runs these processes as {got}: accelerate "
-                           "shards with FSDP only on GPUs (or other accelerators), not on the CPU. Launch with "
-                           "recipes/accelerate/cpu-ddp.yaml on a CPU, or fsdp2.yaml on GPUs")
+    if _fsdp_asked() and got != "FSDP":
+        _refuse_fsdp(got)
     pinned = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")  # the launch config's deepspeed value
     steps = trainer.args.gradient_accumulation_steps
     if got == "DEEPSPEED" and pinned.isdigit() and int(pinned) != steps:
@@ -141,14 +149,21 @@ def _refuse_other_process_count(ctx, last: Path | None, fresh: bool, processes: 
 
 
 def check_before_loading(ctx) -> None:
-    """What resume_checkpoint would refuse for the checkpoints alone, checked as the stage starts (setup.trainer_config,
-    every training stage's first call), before its model loads: a relaunch on another process count is refused in
-    seconds, not after minutes of loading weights. The count is accelerate's shared state, which the stage's TRL
-    config has just set up and the trainer's accelerator uses; resume_checkpoint checks again."""
+    """The launch's checks that need no model, run as the stage starts (setup.trainer_config, every training stage's
+    first call), before its model loads: a launch that cannot train as asked is refused in seconds, not after
+    minutes of loading weights. They ask accelerate's shared state, which the stage's TRL config has just set up and
+    the trainer's accelerator uses:
+    - FSDP asked for processes on the CPU, where accelerate never shards with it (check_sharding);
+    - a run folder some rank cannot see (check_shared_folder: every rank takes part);
+    - checkpoints written by a launch of another process count (resume_checkpoint checks again)."""
     from accelerate import PartialState
 
+    state = PartialState()
+    if _fsdp_asked() and state.device.type == "cpu":
+        _refuse_fsdp(str(state.distributed_type).split(".")[-1])
+    check_shared_folder(state, ctx.dir)
     _, last, _, fresh = _resumable(ctx)
-    _refuse_other_process_count(ctx, last, fresh, PartialState().num_processes)
+    _refuse_other_process_count(ctx, last, fresh, state.num_processes)
 
 
 def resume_checkpoint(ctx, trainer) -> str | None:
@@ -158,8 +173,7 @@ def resume_checkpoint(ctx, trainer) -> str | None:
     Every training stage calls this last before `trainer.train`, so it is also where a sweep trial's stage gets its
     pruning callback (llmstack/train/pruning_callback.py)."""
     pruning_callback.install(ctx, trainer)
-    check_sharding(trainer)
-    check_shared_folder(trainer.accelerator, ctx.dir)
+    check_sharding(trainer)  # the run folder was checked before loading (check_before_loading)
     identity, last, partial, fresh = _resumable(ctx)
     trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 touches the folder
     processes = trainer.accelerator.num_processes
