@@ -19,11 +19,16 @@ PROMPT = "Question: What is the capital of France?\nAnswer: Paris"
 
 
 @pytest.fixture(scope="module")
-def client(tiny_model):
+def engine(tiny_model):
+    return HfEngine(tiny_model, "tiny", max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
     keys = KeyFile.model_validate({"keys": [{"id": "t", "sha256": hash_key(KEY), "models": ["*"]}]})
     policy = GuardPolicy.model_validate({"caps": {"max_logprobs": 3}, "input": {"blocklist": ["forbidden-word"]},
                                          "rate_limits": {"requests_per_minute": 10_000}})
-    app = build_app(HfEngine(tiny_model, "tiny", max_model_len=256), ServeSpec(engine="hf"), policy, keys)
+    app = build_app(engine, ServeSpec(engine="hf"), policy, keys)
     with TestClient(app) as c:
         yield c
 
@@ -70,6 +75,28 @@ def test_echo_returns_the_prompt_logprobs_of_a_forward_pass(client, reference):
     ctxlen = len(tok("Question: What is the capital of France?\nAnswer:")["input_ids"])
     [(ll, _)] = LocalCompletionsAPI.parse_logprobs(r.json(), ctxlens=[ctxlen])
     assert ll == pytest.approx(sum(want[ctxlen - 1:]), abs=1e-4)
+
+
+def test_each_prompt_token_passes_through_the_model_once(client, engine, reference):
+    """Scoring computes the prompt once: the logprobs come from a forward pass over the prompt but its last token, and
+    the generation continues from that pass's KV cache (its first step runs on the last token alone) — the answer
+    the same as without echo."""
+    ids, want, _ = reference
+    lengths = []
+
+    def count(module, args, kwargs):
+        lengths.append((kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[-1])
+
+    hook = engine.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        scored = _score(client, max_tokens=2, ignore_eos=True)
+    finally:
+        hook.remove()
+    assert scored.status_code == 200, scored.text
+    assert lengths == [len(ids) - 1, 1, 1], lengths  # the prompt but its last token, then one token a step
+    assert scored.json()["choices"][0]["logprobs"]["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-4)
+    plain = _score(client, max_tokens=2, ignore_eos=True, echo=False, logprobs=None)
+    assert scored.json()["choices"][0]["text"] == PROMPT + plain.json()["choices"][0]["text"]
 
 
 def test_echo_with_max_tokens_0_scores_the_prompt_only(client, reference):

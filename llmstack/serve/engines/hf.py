@@ -9,6 +9,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from llmstack.serve.engines.base import Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer
 from llmstack.serve.engines.detok import stream_deltas
@@ -87,26 +88,31 @@ class HfEngine:
         try:
             grammar = await self._compile(p) if p.json_schema is not None or p.json_object else None
             async with self._lock:
-                prompt_rows = None
+                prompt_rows, cache = None, None
                 if p.prompt_logprobs is not None:
-                    prompt_rows = await asyncio.to_thread(self._prompt_logprobs, prompt_ids, p.prompt_logprobs, model)
-                for index in range(p.n):
-                    async for delta in self._one(prompt_ids, p, model, index, grammar):
+                    prompt_rows, cache = await asyncio.to_thread(self._prompt_logprobs, prompt_ids,
+                                                                 p.prompt_logprobs, model)
+                for index in range(p.n):  # the first choice continues from the scored prompt's cache
+                    async for delta in self._one(prompt_ids, p, model, index, grammar, cache if index == 0 else None):
                         if prompt_rows is not None:
                             delta.prompt_logprobs, prompt_rows = prompt_rows, None
                         yield [delta]
         finally:
             self._running -= 1
 
-    def _prompt_logprobs(self, prompt_ids: list[int], k: int, model_name: str) -> list[dict | None]:
-        """Every prompt token's logprob under the model, from one forward pass (the engine's own model; `generate`
-        keeps only the last position's logits, so this is a second prefill — fine for the fallback engine)."""
+    def _prompt_logprobs(self, prompt_ids: list[int], k: int, model_name: str) -> tuple[list[dict | None], Any]:
+        """(every prompt token's logprob under the model, the KV cache of the prompt but its last token). One forward
+        pass over the prompt but its last token gives the logprobs of the tokens after the first; the generation then
+        continues from its cache (`_one`), so the prompt is computed once, as vLLM's prefill gives its prompt logprobs
+        (`generate` keeps only the last position's logits: scoring through it alone would take a second prefill)."""
         import torch
 
+        if len(prompt_ids) < 2:
+            return [None], None
         with self._adapter(model_name), torch.inference_mode():
-            logits = self.model(torch.tensor([prompt_ids], device=self.device)).logits[0, :-1]
-        lps = torch.log_softmax(logits.float(), dim=-1)
-        return [None, *(self._lp_row(lp, t, k) for lp, t in zip(lps, prompt_ids[1:]))]
+            out = self.model(torch.tensor([prompt_ids[:-1]], device=self.device), use_cache=True)
+        lps = torch.log_softmax(out.logits[0].float(), dim=-1)
+        return [None, *(self._lp_row(lp, t, k) for lp, t in zip(lps, prompt_ids[1:]))], out.past_key_values
 
     def _adapter(self, model_name: str):
         """Select the adapter a model name asks for; the base model's name runs with adapters switched off."""
@@ -205,7 +211,9 @@ class HfEngine:
             del self.adapters[name]
 
     async def _one(self, prompt_ids: list[int], p: GenParams, model_name: str, index: int,
-                   grammar=None) -> AsyncIterator[Delta]:
+                   grammar=None, cache=None) -> AsyncIterator[Delta]:
+        """One choice, generated in a thread and streamed; `cache`: the KV cache of the prompt but its last token
+        (`_prompt_logprobs`), which `generate` then continues from."""
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
@@ -252,7 +260,7 @@ class HfEngine:
                         max_new_tokens=p.max_tokens, min_new_tokens=p.max_tokens if p.ignore_eos else None,
                         do_sample=sample,
                         temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
-                        top_k=None, streamer=Streamer(),
+                        top_k=None, streamer=Streamer(), past_key_values=cache,
                         logits_processor=LogitsProcessorList(processors),
                         stopping_criteria=[StopWhenAsked()])
             except BaseException as exc:  # surface it to the awaiting request instead of losing it in the thread
