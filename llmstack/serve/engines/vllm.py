@@ -7,8 +7,11 @@ watchdog builds a new AsyncLLM in the same API process, so the HTTP side never r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ class VllmEngine:
         self._lora: dict[str, Any] = {}
         self.grammars = None  # JSON-Schema grammars checked to compile in time before vLLM sees them
         self.grammar_budget_s = grammar_budget_s
+        self.ipc = IpcFolder()
 
     @property
     def names(self) -> list[str]:
@@ -105,7 +109,8 @@ class VllmEngine:
         set_cpu_env(self.options)
         # Built in a thread: a start takes 45-80 s on CPU, and the API must keep answering (503 / health) meanwhile.
         # AsyncLLM starts its output handler on the loop at the first request.
-        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
+        with self.ipc.starting():
+            self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
         self.max_model_len = self.llm.model_config.max_model_len
         self._lora = {name: LoRARequest(lora_name=name, lora_int_id=i + 1, lora_path=str(path))
                       for i, (name, path) in enumerate(self.adapters.items())}
@@ -221,6 +226,37 @@ class VllmEngine:
         if self.llm is not None:
             await asyncio.to_thread(self.llm.shutdown)
             self.llm = None
+        self.ipc.remove()
+
+
+class IpcFolder:
+    """vLLM's API side and its engine core talk over ZeroMQ IPC sockets, files vLLM makes in VLLM_RPC_BASE_PATH (the
+    temp folder by default) as an engine starts and never removes: three per start, a restart after an engine death
+    too, so a host's /tmp fills with them. An engine here makes them in a folder of its own, removed when the engine
+    stops or starts again. The variable is set only while the engine starts (when vLLM names its sockets), so no
+    process started later inherits it. A VLLM_RPC_BASE_PATH of the user's stands (theirs to clean), and an engine
+    core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) has no sockets to place."""
+
+    def __init__(self):
+        self.path: str | None = None
+
+    @contextlib.contextmanager
+    def starting(self):
+        if "VLLM_RPC_BASE_PATH" in os.environ or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            yield
+            return
+        self.remove()  # an earlier start's sockets (the engine died and starts again)
+        self.path = tempfile.mkdtemp(prefix="llmstack-vllm-ipc-")
+        os.environ["VLLM_RPC_BASE_PATH"] = self.path
+        try:
+            yield
+        finally:
+            os.environ.pop("VLLM_RPC_BASE_PATH", None)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
 
 
 def set_cpu_env(options: VllmOptions) -> None:
