@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 from llmstack.runs import sha256_json
 from llmstack.train import pruning_callback
@@ -18,7 +19,12 @@ def _fsdp_asked() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def _refuse_fsdp(got: str) -> None:
+def _distributed(distributed_type) -> str:
+    """accelerate's DistributedType as the launch config names it (MULTI_CPU, FSDP, DEEPSPEED, ...)."""
+    return str(distributed_type).split(".")[-1]
+
+
+def _refuse_fsdp(got: str) -> NoReturn:
     raise RuntimeError(f"the launch config asks for FSDP, but accelerate runs these processes as {got}: accelerate "
                        "shards with FSDP only on GPUs (or other accelerators), not on the CPU. Launch with "
                        "recipes/accelerate/cpu-ddp.yaml on a CPU, or fsdp2.yaml on GPUs")
@@ -29,7 +35,7 @@ def check_sharding(trainer) -> None:
     FSDP: processes on the CPU (TRL's `use_cpu`) run plain data parallel (MULTI_CPU) with FSDP asked for, every
     rank holding the whole model. That would train, but not what the config says: refuse with the reason. (Processes
     on the CPU were already refused before loading, by check_before_loading; this is the trainer's own answer.)"""
-    got = str(trainer.accelerator.distributed_type).split(".")[-1]
+    got = _distributed(trainer.accelerator.distributed_type)
     if _fsdp_asked() and got != "FSDP":
         _refuse_fsdp(got)
     pinned = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")  # the launch config's deepspeed value
@@ -160,7 +166,7 @@ def check_before_loading(ctx) -> None:
 
     state = PartialState()
     if _fsdp_asked() and state.device.type == "cpu":
-        _refuse_fsdp(str(state.distributed_type).split(".")[-1])
+        _refuse_fsdp(_distributed(state.distributed_type))
     check_shared_folder(state, ctx.dir)
     _, last, _, fresh = _resumable(ctx)
     _refuse_other_process_count(ctx, last, fresh, state.num_processes)
