@@ -1,13 +1,19 @@
-"""vLLM-CPU's two executors (`serve.vllm.cpu_executor`) on this machine: the same chat prompts through the bare engine
-(AsyncLLM, no HTTP, no guard) with
+"""Two settings of vLLM-CPU on this machine, the same chat prompts through the bare engine (AsyncLLM, no HTTP, no
+guard), each in a fresh process of its own, alternated for --rounds rounds. --compare executor (default), the two
+executors (`serve.vllm.cpu_executor`):
   (mp)  vLLM's CPU default: the model in a worker process bound to every core but one, kept by the scheduler, and
-  (uni) the model in the scheduler's (engine core's) own process, on every core,
-each in a fresh process of its own, alternated for --rounds rounds. Prints per executor the engine's start time,
-tokens/s at concurrency 1 and --concurrency, the time to first token at that burst, whether the greedy answers agree,
-and the ratios uni vs mp (medians over the rounds); writes the record `vllm-cpu` (scripts/benchrecord.py). Every
-answer is exactly --max-tokens tokens (ignore_eos), greedy.
+  (uni) the model in the scheduler's (engine core's) own process, on every core;
+--compare compile (`serve.vllm.enforce_eager`), with the executor the server picks here:
+  (eager)    the shipped setting, and
+  (compiled) torch.compile with inductor, its caches in a folder new to this run, so the first compiled start
+             compiles from scratch (a new machine, or a new model) and the later ones find the cache (a restart).
+Prints per setting and round the engine's start time, tokens/s at concurrency 1 and --concurrency, the time to first
+token at that burst; then whether the greedy answers agree and the ratios of the second setting vs the first (medians
+over the rounds; for compile also the first and the last start); writes the record `vllm-cpu` (scripts/benchrecord.py).
+Every answer is exactly --max-tokens tokens (ignore_eos), greedy.
 
     .venv/bin/python scripts/bench_vllm_cpu.py                   # SmolLM2-135M-Instruct, 2 rounds (~5 min on 2 cores)
+    .venv/bin/python scripts/bench_vllm_cpu.py --compare compile --rounds 3   # eager vs compiled (~8 min)
     .venv/bin/python scripts/bench_vllm_cpu.py --model tiny --rounds 1 --max-tokens 16   # smoke check
 """
 
@@ -28,11 +34,12 @@ from pathlib import Path
 import benchrecord
 from bench_serve import QUESTIONS
 
-EXECUTORS = ("mp", "uni")
+SETTINGS = {"executor": {"mp": {"cpu_executor": "mp"}, "uni": {"cpu_executor": "uni"}},
+            "compile": {"eager": {"enforce_eager": True}, "compiled": {"enforce_eager": False}}}
 
 
-async def measure(model: str, executor: str, conc: int, max_tokens: int) -> dict:
-    """One engine with `executor`: its start, a warm-up, one request alone, then `conc` at once (in this process)."""
+async def measure(model: str, setting: str, conc: int, max_tokens: int) -> dict:
+    """One engine with `setting`: its start, a warm-up, one request alone, then `conc` at once (in this process)."""
     import psutil
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -42,7 +49,7 @@ async def measure(model: str, executor: str, conc: int, max_tokens: int) -> dict
     from llmstack.config.serve import VllmOptions
     from llmstack.serve.engines.vllm import engine_kwargs, set_cpu_env
 
-    options = VllmOptions(cpu_executor=executor)
+    options = VllmOptions(**next(c[setting] for c in SETTINGS.values() if setting in c))
     set_cpu_env(options)
     tok = AutoTokenizer.from_pretrained(model)
     prompts = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
@@ -71,29 +78,30 @@ async def measure(model: str, executor: str, conc: int, max_tokens: int) -> dict
         children = [p.name() for p in psutil.Process().children(recursive=True)]
     finally:
         llm.shutdown()
-    return {"executor": executor, "start_s": start_s, "tok_s_c1": single[0]["tokens"] / wall1,
+    return {"setting": setting, "start_s": start_s, "tok_s_c1": single[0]["tokens"] / wall1,
             "tok_s": sum(r["tokens"] for r in rows) / wall, "ttft_p50_s": statistics.median(r["ttft"] for r in rows),
             "engine_processes": children, "texts": [r["text"] for r in rows]}
 
 
-def run_child(model: str, executor: str, args) -> dict:
+def run_child(model: str, setting: str, args, env: dict) -> dict:
     quiet = None if args.verbose else subprocess.DEVNULL
     with tempfile.TemporaryDirectory(prefix="bench_vllm_cpu_") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--child", executor, "--model", model, "--concurrency",
+        cmd = [sys.executable, __file__, "--child", setting, "--model", model, "--concurrency",
                str(args.concurrency), "--max-tokens", str(args.max_tokens), "--child-out", str(out)]
-        subprocess.run(cmd, check=True, stdout=quiet, stderr=quiet)
+        subprocess.run(cmd, check=True, stdout=quiet, stderr=quiet, env={**os.environ, **env})
         return json.loads(out.read_text())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model folder, packaged name, or 'tiny'")
-    ap.add_argument("--rounds", type=int, default=2, help="engine starts per executor, alternated")
+    ap.add_argument("--compare", choices=SETTINGS, default="executor", help="what to compare (above)")
+    ap.add_argument("--rounds", type=int, default=2, help="engine starts per setting, alternated")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--verbose", action="store_true", help="show the engines' own logs")
-    ap.add_argument("--child", choices=EXECUTORS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=[k for c in SETTINGS.values() for k in c], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     benchrecord.add_argument(ap)
     args = ap.parse_args()
@@ -109,35 +117,45 @@ def main() -> None:
 
     cores = usable_cores()
     print(f"model {model}; {args.concurrency} prompts x {args.max_tokens} tokens; {cores} usable cores", flush=True)
-    runs: dict[str, list[dict]] = {e: [] for e in EXECUTORS}
+    first, second = settings = list(SETTINGS[args.compare])
+    env = {}
+    if args.compare == "compile":  # caches new to this run: the first compiled start is a cold one
+        caches = Path(tempfile.mkdtemp(prefix="bench_vllm_cpu_caches_"))
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "VLLM_CACHE_ROOT": str(caches / "vllm")}
+    runs: dict[str, list[dict]] = {s: [] for s in settings}
     for r in range(args.rounds):
-        for executor in EXECUTORS:
-            res = run_child(model, executor, args)
-            runs[executor].append(res)
-            print(f"  round {r + 1} {executor:3}: start {res['start_s']:5.1f} s  c1 {res['tok_s_c1']:6.1f} tok/s  "
+        for setting in settings:
+            res = run_child(model, setting, args, env)
+            runs[setting].append(res)
+            print(f"  round {r + 1} {setting:8}: start {res['start_s']:5.1f} s  c1 {res['tok_s_c1']:6.1f} tok/s  "
                   f"c{args.concurrency} {res['tok_s']:6.1f} tok/s  ttft p50 {res['ttft_p50_s']:.2f} s  "
                   f"processes {res['engine_processes']}", flush=True)
 
-    def med(executor: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[executor])
+    def med(setting: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[setting])
 
     keys = ("start_s", "tok_s_c1", "tok_s", "ttft_p50_s")
-    rows = [{"executor": e, **{k: round(med(e, k), 3) for k in keys}, "rounds": len(runs[e])} for e in EXECUTORS]
-    same_text = all(r["texts"] == runs["mp"][0]["texts"] for e in EXECUTORS for r in runs[e])
-    ratios = {f"uni_vs_mp_tok_s_c{args.concurrency}": med("uni", "tok_s") / med("mp", "tok_s"),
-              "uni_vs_mp_tok_s_c1": med("uni", "tok_s_c1") / med("mp", "tok_s_c1"),
-              "uni_vs_mp_start": med("uni", "start_s") / med("mp", "start_s"),
-              f"uni_vs_mp_ttft_c{args.concurrency}": med("uni", "ttft_p50_s") / med("mp", "ttft_p50_s")}
+    rows = [{"setting": s, **{k: round(med(s, k), 3) for k in keys}, "rounds": len(runs[s]),
+             "start_s_each": [round(r["start_s"], 3) for r in runs[s]]} for s in settings]
+    same_text = all(r["texts"] == runs[first][0]["texts"] for s in settings for r in runs[s])
+    vs = f"{second}_vs_{first}"
+    ratios = {f"{vs}_tok_s_c{args.concurrency}": med(second, "tok_s") / med(first, "tok_s"),
+              f"{vs}_tok_s_c1": med(second, "tok_s_c1") / med(first, "tok_s_c1"),
+              f"{vs}_start": med(second, "start_s") / med(first, "start_s"),
+              f"{vs}_ttft_c{args.concurrency}": med(second, "ttft_p50_s") / med(first, "ttft_p50_s")}
+    if args.compare == "compile":
+        ratios[f"{vs}_first_start"] = runs[second][0]["start_s"] / runs[first][0]["start_s"]
+        ratios[f"{vs}_last_start"] = runs[second][-1]["start_s"] / runs[first][-1]["start_s"]
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
-    print(f"greedy answers identical across executors and rounds: {same_text}")
-    benchrecord.write("vllm-cpu", results=args.results_dir,
-                      settings={"model": Path(model).name, "rounds": args.rounds, "concurrency": args.concurrency,
-                                "max_tokens": args.max_tokens, "usable_cores": cores},
-                      figures={"executors": rows, "greedy_answers_identical": same_text,
-                               "processes": {e: runs[e][0]["engine_processes"] for e in EXECUTORS}},
+    print(f"greedy answers identical across settings and rounds: {same_text}")
+    benchrecord.write("vllm-cpu" if args.compare == "executor" else "vllm-cpu-compile", results=args.results_dir,
+                      settings={"model": Path(model).name, "compare": args.compare, "rounds": args.rounds,
+                                "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                                "usable_cores": cores, "env": env},
+                      figures={"settings": rows, "greedy_answers_identical": same_text,
+                               "processes": {s: runs[s][0]["engine_processes"] for s in settings}},
                       ratios={k: round(v, 3) for k, v in ratios.items()})
-
 
 if __name__ == "__main__":
     main()

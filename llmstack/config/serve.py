@@ -31,15 +31,14 @@ class Route(Strict):
 
 
 class VllmOptions(Strict):
-    # Unset: the device policy's dtype (llmstack/device.py), measured with scripts/bench_serve.py (SmolLM2-135M, 32
-    # concurrent streams of 64 tokens, same run): on an x86 CPU with AVX-512 bf16 272 tok/s vs fp32 168 (bench_quant
-    # before: 146 vs 102); on an AVX2-only CPU (2026-12-02) bf16 17.9 vs fp32 69.9 (bf16 emulated), so float32 there;
-    # on CUDA the card's 16-bit dtype. Eager starts in 45-80 s instead of 160-210 s, and vLLM's CPU memory check fails
-    # without an explicit KV-cache size. The transformers engine stays float32 on a CPU whatever is set here.
+    # dtype unset: the device policy's (llmstack/device.py); `scripts/bench_serve.py --dtype` measures the other choice.
+    # Eager by default: on CPU a compiled engine serves faster but starts several times slower, most of all the first
+    # time (`scripts/bench_vllm_cpu.py --compare compile`). vLLM's CPU memory check fails without an explicit KV size.
     dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
-        None, description="vLLM's dtype; unset: the device policy's (bfloat16 on a GPU with bf16 and on x86 CPUs with "
-                          "AVX-512, float32 on AVX2-only CPUs, float16 on older GPUs)")
-    enforce_eager: bool = Field(True, description="skip torch.compile / graph capture (fast start on CPU)")
+        None, description="vLLM's dtype; unset: the device policy's (bfloat16 on a GPU with bf16 and on CPUs that "
+                          "multiply bf16 natively, float32 on other CPUs, float16 on older GPUs)")
+    enforce_eager: bool = Field(True, description="skip torch.compile / graph capture (fast start on CPU; false: "
+                                                  "compiled, faster tokens, slower start)")
     kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB of KV cache)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory vLLM may take (CUDA)")
     max_lora_rank: int = Field(64, gt=0)

@@ -266,6 +266,14 @@ def set_cpu_env(options: VllmOptions) -> None:
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     # xgrammar's compiled-grammar cache in the engine core: vLLM's default is 512 MB of distinct schemas
     os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", str(options.grammar_cache_mb))
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # With enforce_eager off, vLLM-CPU compiles the whole model with inductor (DYNAMO_TRACE_ONCE) and saves it as an
+        # AOT artifact that vllm 0.32 cannot load back on CPU ("'function' object has no attribute
+        # 'finalize_loading'"), so every start compiled from scratch. Without AOT artifacts inductor's own graph cache
+        # serves the starts after the first (scripts/bench_vllm_cpu.py --compare compile).
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
 def engine_kwargs(model: str, options: VllmOptions, max_model_len: int | None, seed: int) -> dict:
