@@ -3,6 +3,7 @@ trainer's precision flags and the serving dtype of 16-bit, INT4 and INT8 folders
 fp16-only GPU — and the stages that ask it instead of deciding for themselves."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -177,3 +178,23 @@ def test_the_hf_engine_serves_from_the_device_it_was_given(tiny_model):
     engine, deltas = asyncio.run(go())
     assert str(engine.model.device) == "cpu" and sum(len(d.token_ids) for d in deltas) >= 1
     assert len(deltas[0].prompt_logprobs) == 3 and deltas[0].prompt_logprobs[0] is None
+
+
+def test_a_compiled_cpu_engine_uses_inductors_cache_and_a_users_setting_stands(monkeypatch):
+    """vllm 0.32 cannot load back the AOT artifact of vLLM-CPU's whole-model compile, so every compiled start would
+    compile from scratch; on CPU the engine's environment turns AOT artifacts off (inductor's own cache serves later
+    starts: scripts/bench_vllm_cpu.py --compare compile). A user's own value is left alone."""
+    from llmstack.config.serve import VllmOptions
+    from llmstack.serve.engines.vllm import set_cpu_env
+
+    for name in ("VLLM_USE_AOT_COMPILE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST_IP", "VLLM_XGRAMMAR_CACHE_MB"):
+        monkeypatch.setenv(name, "")  # so that monkeypatch puts back what was there, or nothing
+        monkeypatch.delenv(name)
+    set_cpu_env(VllmOptions(enforce_eager=False))
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+    import vllm.envs
+
+    assert vllm.envs.VLLM_USE_AOT_COMPILE is False  # what vLLM reads from it
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    set_cpu_env(VllmOptions(enforce_eager=False))
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
