@@ -52,8 +52,8 @@ def identity_adapter(tiny_model, tmp_path_factory):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(0)  # before the adapter's random initialisation, so the adapter is the same in every run
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    torch.manual_seed(0)
     batch = []
     for doc in read_task("identity"):
         msgs = [{"role": "user", "content": doc["question"]}, {"role": "assistant", "content": "I am llmstack."}]
