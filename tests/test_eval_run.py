@@ -289,6 +289,41 @@ def test_scores_through_the_server_equal_in_process(tiny_model, tiny_server, smo
         assert resps[0] == resps[1], task
 
 
+def test_the_server_backend_keeps_its_concurrency_in_flight_and_scores_the_same(tiny_model, tmp_path):
+    """A batching server (vLLM) answers requests that arrive together in one batch: the server backend sends
+    `concurrency` at once (lm-eval's num_concurrent). An engine that counts the answers it is producing at once sees
+    one at a time under concurrency 1 and several under 4; the scores and answers are the same."""
+    from transformers import AutoTokenizer
+
+    from llmstack.serve.local import serve_engine
+    from llmstack.testing import ScriptedEngine
+
+    class Counting(ScriptedEngine):
+        now = peak = 0
+
+        async def generate(self, *args):
+            Counting.now += 1
+            Counting.peak = max(Counting.peak, Counting.now)
+            try:
+                async for deltas in super().generate(*args):
+                    yield deltas
+            finally:
+                Counting.now -= 1
+
+    engine = Counting(AutoTokenizer.from_pretrained(str(tiny_model)), "I am llmstack, an assistant.", delay=0.05)
+    results = {}
+    with serve_engine(engine, "hf") as server:
+        for concurrency in (1, 4):
+            Counting.peak = 0
+            target = Target(model=tiny_model, backend="server", base_url=server.base_url,
+                            served_name=server.served_name, api_key=server.api_key, concurrency=concurrency)
+            scores = evaluate(target, "smoke", tasks=["identity"], samples_dir=tmp_path / str(concurrency))
+            results[concurrency] = (Counting.peak, scores["identity"]["n"], scores["identity"]["items"],
+                                    (tmp_path / str(concurrency) / "identity.jsonl").read_text())
+    assert results[1][0] == 1 and results[4][0] >= 2
+    assert results[1][1:] == results[4][1:] and results[1][1] == 4 and sum(results[1][2]) == 4
+
+
 def test_server_backend_without_a_model_folder_refuses_scoring(tiny_server):
     target = Target(backend="server", base_url=tiny_server, served_name="tiny", api_key="sk-eval-tiny")
     with pytest.raises(ValueError, match=r"arc_easy score choices by loglikelihood.*--model"):

@@ -31,6 +31,8 @@ def eval_main(
     tasks: Annotated[str | None, typer.Option(help="only these tasks of the suite, comma-separated")] = None,
     identity_name: Annotated[str, typer.Option(help="name the identity task expects")] = "llmstack",
     batch_size: Annotated[int, typer.Option(help="hf backend batch size")] = 8,
+    concurrency: Annotated[int, typer.Option(help="server backend: requests in flight at once (1: one after "
+                                                  "another)")] = 8,
     dtype: Annotated[str, typer.Option(help="dtype to score in (hf, vllm backends): auto (the device policy's: "
                                        "bfloat16 on GPUs and CPUs with AVX512-BF16/AMX, else float32), float32, "
                                        "bfloat16, float16")] = "auto",
@@ -56,6 +58,8 @@ def eval_main(
         fail("give a model: --model PATH (or --backend server --base-url URL)")
     if limit is not None and limit <= 0:
         fail("--limit must be > 0")
+    if concurrency < 1:
+        fail("--concurrency must be >= 1")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         fail(f"--dtype must be auto, float32, bfloat16 or float16, not '{dtype}'")
     if tool_choice not in ("auto", "required"):
@@ -91,7 +95,8 @@ def eval_main(
                     fail(str(exc))
                 target = Target(model=folder, adapter=adapter or adapter_dir, backend=backend, base_url=base_url,
                                 served_name=served_name, api_key=api_key, batch_size=batch_size,
-                                tool_choice=tool_choice, dtype=None if dtype == "auto" else dtype)
+                                concurrency=concurrency, tool_choice=tool_choice,
+                                dtype=None if dtype == "auto" else dtype)
             try:
                 scores[label] = evaluate(target, the_suite, limit=limit, identity_name=identity_name,
                                          tasks=tasks.split(",") if tasks else None)

@@ -47,6 +47,9 @@ class Target:
     served_name: str | None = None  # server: the `model` field of requests
     api_key: str | None = None
     batch_size: int = 8
+    # server: requests in flight at once (lm-eval's num_concurrent), so a batching engine (vLLM) answers them together;
+    # 1: one after another. The results are the same either way: lm-eval puts them back in its own order.
+    concurrency: int = 8
     tool_choice: str = "auto"  # the tool_calls task: auto (the model decides) or required (a forced, constrained call)
     thinking: str = "on"  # a thinking template's mode for generation tasks: on | off | budget:N (eval.thinking)
     dtype: str | None = None  # the dtype models are scored in (hf, vllm); None: the device policy's (eval.dtype auto)
@@ -105,7 +108,8 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
             raise ValueError(f"thinking '{target.thinking}' is evaluated in-process (backend hf or vllm): a server "
                              "renders its own template, with the thinking it was started with")
         base = target.base_url.rstrip("/").removesuffix("/v1")
-        args = {"model": target.served_name or "default", "num_concurrent": 1, "max_retries": 2, "timeout": 300}
+        args = {"model": target.served_name or "default", "num_concurrent": target.concurrency, "max_retries": 2,
+                "timeout": 300}
         if target.api_key:
             import os
 

@@ -47,11 +47,12 @@ def serve_gguf(gguf: str | Path, max_model_len: int = 2048, startup_s: float = 3
 def gguf_target(gguf: str | Path, max_length: int = GGUF_CONTEXT, tool_choice: str = "auto") -> Iterator[Target]:
     """The eval target of a GGUF file: served as above for as long as the block runs, scored through lm-eval's
     `server` backend. The export's folder holds the HF tokenizer (token ids for loglikelihood tasks) but no
-    config.json, so the context lm-eval cuts prompts to is given: pass the 16-bit model's, so both are cut alike."""
+    config.json, so the context lm-eval cuts prompts to is given: pass the 16-bit model's, so both are cut alike.
+    One request at a time: llama.cpp answers one after another, and queued requests would only wait in the API."""
     with serve_gguf(gguf, max_model_len=max_length) as server:
         yield Target(model=Path(gguf).parent, backend="server", base_url=server.base_url,
                      served_name=server.served_name, api_key=server.api_key, max_length=max_length,
-                     tool_choice=tool_choice)
+                     tool_choice=tool_choice, concurrency=1)
 
 
 @contextlib.contextmanager
