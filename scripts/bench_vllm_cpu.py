@@ -47,7 +47,7 @@ async def measure(model: str, setting: str, conc: int, max_tokens: int) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from llmstack.config.serve import VllmOptions
-    from llmstack.serve.engines.vllm import engine_kwargs, set_cpu_env
+    from llmstack.serve.engines.vllm import IpcFolder, engine_kwargs, set_cpu_env
 
     options = VllmOptions(**next(c[setting] for c in SETTINGS.values() if setting in c))
     set_cpu_env(options)
@@ -55,7 +55,9 @@ async def measure(model: str, setting: str, conc: int, max_tokens: int) -> dict:
     prompts = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
                                        tokenize=False, add_generation_prompt=True) for i in range(conc)]
     t0 = time.perf_counter()
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, 2048, 0)))
+    ipc = IpcFolder()  # the engine's sockets in a folder of its own, removed below, as the server does
+    with ipc.starting():
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, 2048, 0)))
     start_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
     serial = itertools.count()
@@ -78,6 +80,7 @@ async def measure(model: str, setting: str, conc: int, max_tokens: int) -> dict:
         children = [p.name() for p in psutil.Process().children(recursive=True)]
     finally:
         llm.shutdown()
+        ipc.remove()
     return {"setting": setting, "start_s": start_s, "tok_s_c1": single[0]["tokens"] / wall1,
             "tok_s": sum(r["tokens"] for r in rows) / wall, "ttft_p50_s": statistics.median(r["ttft"] for r in rows),
             "engine_processes": children, "texts": [r["text"] for r in rows]}
