@@ -9,7 +9,8 @@ executors (`serve.vllm.cpu_executor`):
              compiles from scratch (a new machine, or a new model) and the later ones find the cache (a restart).
 Prints per setting and round the engine's start time, tokens/s at concurrency 1 and --concurrency, the time to first
 token at that burst; then whether the greedy answers agree and the ratios of the second setting vs the first (medians
-over the rounds; for compile also the first and the last start); writes the record `vllm-cpu` (scripts/benchrecord.py).
+over the rounds; for compile also the first and the last start); writes the record `vllm-cpu` or `vllm-cpu-compile`
+(scripts/benchrecord.py).
 Every answer is exactly --max-tokens tokens (ignore_eos), greedy.
 
     .venv/bin/python scripts/bench_vllm_cpu.py                   # SmolLM2-135M-Instruct, 2 rounds (~5 min on 2 cores)
@@ -24,6 +25,7 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,13 +128,17 @@ def main() -> None:
         caches = Path(tempfile.mkdtemp(prefix="bench_vllm_cpu_caches_"))
         env = {"TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "VLLM_CACHE_ROOT": str(caches / "vllm")}
     runs: dict[str, list[dict]] = {s: [] for s in settings}
-    for r in range(args.rounds):
-        for setting in settings:
-            res = run_child(model, setting, args, env)
-            runs[setting].append(res)
-            print(f"  round {r + 1} {setting:8}: start {res['start_s']:5.1f} s  c1 {res['tok_s_c1']:6.1f} tok/s  "
-                  f"c{args.concurrency} {res['tok_s']:6.1f} tok/s  ttft p50 {res['ttft_p50_s']:.2f} s  "
-                  f"processes {res['engine_processes']}", flush=True)
+    try:
+        for r in range(args.rounds):
+            for setting in settings:
+                res = run_child(model, setting, args, env)
+                runs[setting].append(res)
+                print(f"  round {r + 1} {setting:8}: start {res['start_s']:5.1f} s  c1 {res['tok_s_c1']:6.1f} tok/s"
+                      f"  c{args.concurrency} {res['tok_s']:6.1f} tok/s  ttft p50 {res['ttft_p50_s']:.2f} s  "
+                      f"processes {res['engine_processes']}", flush=True)
+    finally:
+        if env:
+            shutil.rmtree(caches, ignore_errors=True)
 
     def med(setting: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[setting])
