@@ -123,7 +123,7 @@ def main() -> None:
     cores = usable_cores()
     print(f"model {model}; {args.concurrency} prompts x {args.max_tokens} tokens; {cores} usable cores", flush=True)
     first, second = settings = list(SETTINGS[args.compare])
-    env = {}
+    caches, env = None, {}
     if args.compare == "compile":  # caches new to this run: the first compiled start is a cold one
         caches = Path(tempfile.mkdtemp(prefix="bench_vllm_cpu_caches_"))
         env = {"TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "VLLM_CACHE_ROOT": str(caches / "vllm")}
@@ -137,7 +137,7 @@ def main() -> None:
                       f"  c{args.concurrency} {res['tok_s']:6.1f} tok/s  ttft p50 {res['ttft_p50_s']:.2f} s  "
                       f"processes {res['engine_processes']}", flush=True)
     finally:
-        if env:
+        if caches is not None:
             shutil.rmtree(caches, ignore_errors=True)
 
     def med(setting: str, key: str) -> float:
