@@ -761,10 +761,10 @@ def main() -> None:
     if args.replicas:
         return replicas_report(args, model, work, prompts, levels, vllm)
     from llmstack.serve.engines.base import vllm_dtype
-    from llmstack.serve.engines.vllm import executor_choice
+    from llmstack.vllm_env import executor_choice
 
     opts = VllmOptions(**vllm)
-    settings = {**opts.model_dump(), "dtype": vllm_dtype(opts), "cpu_executor": executor_choice(opts)}
+    settings = {**opts.model_dump(), "dtype": vllm_dtype(opts), "cpu_executor": executor_choice(opts.cpu_executor)}
     print("engine settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())
           + f"; VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}", flush=True)
     results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip,

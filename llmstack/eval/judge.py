@@ -149,14 +149,17 @@ def generate_answers(target, prompts: list[str], max_tokens: int = 128) -> list[
     same path the chat tasks take."""
     from lm_eval.api.instance import Instance
 
-    from llmstack.eval.run import _lm
+    from llmstack.eval.run import _close, _lm
 
     lm = _lm(target, chat=True, scoring=False)
-    reqs = [Instance("generate_until", doc={}, idx=0,
-                     arguments=(lm.apply_chat_template([{"role": "user", "content": p}]),
-                                {"until": [], "max_gen_toks": max_tokens, "do_sample": False}))
-            for p in prompts]
-    return [str(r).strip() for r in lm.generate_until(reqs)]
+    try:
+        reqs = [Instance("generate_until", doc={}, idx=0,
+                         arguments=(lm.apply_chat_template([{"role": "user", "content": p}]),
+                                    {"until": [], "max_gen_toks": max_tokens, "do_sample": False}))
+                for p in prompts]
+        return [str(r).strip() for r in lm.generate_until(reqs)]
+    finally:
+        _close(lm)
 
 
 def markdown(summary: dict[str, Any]) -> list[str]:

