@@ -48,10 +48,14 @@ class Accelerate:
 
     config: Path
 
-    def command(self, recipe: Path, stage: str, run_id: str, runs_dir: Path, handoff: bool = True) -> list[str]:
+    def command(self, recipe: Path, stage: str, run_id: str, runs_dir: Path, handoff: bool = True,
+                log_dir: Path | None = None) -> list[str]:
         """The launch command line. handoff: the launcher waits for the result (rank 0 writes result.json, the
-        manifest is left to the caller); without it the launched ranks record the stage themselves."""
+        manifest is left to the caller); without it the launched ranks record the stage themselves. log_dir: where
+        torch's elastic agent keeps its per-rank folders (a failed rank's error.json); without it, a new
+        `torchelastic_*` folder in /tmp at every multi-process launch, never removed."""
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(self.config),
+                *(["--log_dir", str(log_dir)] if log_dir else []),
                 "-m", WORKER, str(recipe), "--stage", stage, "--run-id", run_id, "--runs-dir", str(runs_dir),
                 *(["--handoff"] if handoff else [])]
 
@@ -59,7 +63,7 @@ class Accelerate:
         handoff = ctx.dir / HANDOFF
         handoff.unlink(missing_ok=True)
         cmd = self.command(Path(ctx.recipe_path).resolve(), ctx.name, ctx.run.dir.name,
-                           ctx.run.dir.parent.parent.resolve())
+                           ctx.run.dir.parent.parent.resolve(), log_dir=ctx.dir / "launch")
         log.info("launching: %s", " ".join(cmd))
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not handoff.exists():

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -92,33 +91,35 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
-    model = benchrecord.model(args.model, work)
-    vllm = {"dtype": args.dtype} if args.dtype else {}
-    chats = prompts_file(work / "in.jsonl", args.prompts, args.max_tokens)
-    print(f"model {model}; {args.prompts} prompts x {args.max_tokens} tokens; server at concurrency "
-          f"{args.concurrency}; {os.cpu_count()} CPUs", flush=True)
+    with benchrecord.work_folder("bench_generate_") as work:
+        model = benchrecord.model(args.model, work)
+        vllm = {"dtype": args.dtype} if args.dtype else {}
+        chats = prompts_file(work / "in.jsonl", args.prompts, args.max_tokens)
+        print(f"model {model}; {args.prompts} prompts x {args.max_tokens} tokens; server at concurrency "
+              f"{args.concurrency}; {os.cpu_count()} CPUs", flush=True)
 
-    proc, base, key = start_server(model, work / "server", vllm)
-    try:
-        asyncio.run(bench_server(base, key, chats[:8], args.concurrency, args.max_tokens))  # warm-up
-        server = asyncio.run(bench_server(base, key, chats, args.concurrency, args.max_tokens))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
-    print(f"  server  {server['tokens']} tokens in {server['wall_s']:.1f} s = {server['tok_s']:.1f} tok/s", flush=True)
-    offline = bench_offline(model, work / "in.jsonl", work / "out.jsonl", args.prompts, args.max_tokens, vllm)
-    print(f"  offline {offline['tokens']} tokens in {offline['wall_s']:.1f} s = {offline['tok_s']:.1f} tok/s")
-    ratio = offline["tok_s"] / server["tok_s"]
-    print(f"offline batch vs guarded server at concurrency {args.concurrency}: {ratio:.2f}x tokens/s (goal >= 1.5x)")
-    from llmstack.config.serve import VllmOptions
-    from llmstack.serve.engines.base import vllm_dtype
+        proc, base, key = start_server(model, work / "server", vllm)
+        try:
+            asyncio.run(bench_server(base, key, chats[:8], args.concurrency, args.max_tokens))  # warm-up
+            server = asyncio.run(bench_server(base, key, chats, args.concurrency, args.max_tokens))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+        print(f"  server  {server['tokens']} tokens in {server['wall_s']:.1f} s = {server['tok_s']:.1f} tok/s",
+              flush=True)
+        offline = bench_offline(model, work / "in.jsonl", work / "out.jsonl", args.prompts, args.max_tokens, vllm)
+        print(f"  offline {offline['tokens']} tokens in {offline['wall_s']:.1f} s = {offline['tok_s']:.1f} tok/s")
+        ratio = offline["tok_s"] / server["tok_s"]
+        print(f"offline batch vs guarded server at concurrency {args.concurrency}: {ratio:.2f}x tokens/s "
+              "(goal >= 1.5x)")
+        from llmstack.config.serve import VllmOptions
+        from llmstack.serve.engines.base import vllm_dtype
 
-    benchrecord.write("generate", settings={"model": str(model), "prompts": args.prompts,
-                                            "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-                                            "dtype": vllm_dtype(VllmOptions(**vllm))},
-                      figures={"systems": [offline, server]}, ratios={"offline_vs_server_tok_s": ratio},
-                      goals={"offline_vs_server_tok_s": ">= 1.5x"}, results=args.results_dir)
+        benchrecord.write("generate", settings={"model": str(model), "prompts": args.prompts,
+                                                "max_tokens": args.max_tokens, "concurrency": args.concurrency,
+                                                "dtype": vllm_dtype(VllmOptions(**vllm))},
+                          figures={"systems": [offline, server]}, ratios={"offline_vs_server_tok_s": ratio},
+                          goals={"offline_vs_server_tok_s": ">= 1.5x"}, results=args.results_dir)
 
 
 if __name__ == "__main__":

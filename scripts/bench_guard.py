@@ -29,7 +29,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -157,27 +156,28 @@ def main() -> None:
     if args.bare_server:
         return bare_server(args.bare_server, args.max)
     lengths = [int(x) for x in args.tokens.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="bench_guard_"))
-    model = benchrecord.model(args.model, work)
-    rows = systems(model, work, lengths, args.requests, args.rounds)
-    by = {(r["system"], r["tokens"]): r for r in rows}
-    top = lengths[0]
-    a, b = by[("a_guarded_api", top)], by[("b_bare_server", top)]
-    ratios = {"guard_cost_ms": a["cpu_ms"] - b["cpu_ms"], "guarded_vs_bare_cpu": a["cpu_ms"] / b["cpu_ms"]}
-    if 1 in lengths and top != 1:
-        a1, b1 = by[("a_guarded_api", 1)], by[("b_bare_server", 1)]
-        ratios["guard_fixed_ms"] = a1["cpu_ms"] - b1["cpu_ms"]
-        ratios["guard_per_token_us"] = 1000 * (ratios["guard_cost_ms"] - ratios["guard_fixed_ms"]) / (top - 1)
-    print(f"\nthe guard's own cost per streamed {top}-token request: {ratios['guard_cost_ms']:.2f} CPU ms "
-          f"(goal <= 5 ms); guarded / bare server CPU: {ratios['guarded_vs_bare_cpu']:.2f}x")
-    if "guard_fixed_ms" in ratios:
-        print(f"  of which fixed {ratios['guard_fixed_ms']:.2f} ms and {ratios['guard_per_token_us']:.1f} us a token")
-    path = benchrecord.write("serve-guard", settings={"model": Path(model).name, "tokens": lengths,
-                                                      "requests": args.requests, "rounds": args.rounds,
-                                                      "engine": "scripted, no delay"},
-                             figures={"systems": rows}, ratios=ratios, goals={"guard_cost_ms": "<= 5"},
-                             results=args.results_dir)
-    print(f"wrote {path}")
+    with benchrecord.work_folder("bench_guard_") as work:
+        model = benchrecord.model(args.model, work)
+        rows = systems(model, work, lengths, args.requests, args.rounds)
+        by = {(r["system"], r["tokens"]): r for r in rows}
+        top = lengths[0]
+        a, b = by[("a_guarded_api", top)], by[("b_bare_server", top)]
+        ratios = {"guard_cost_ms": a["cpu_ms"] - b["cpu_ms"], "guarded_vs_bare_cpu": a["cpu_ms"] / b["cpu_ms"]}
+        if 1 in lengths and top != 1:
+            a1, b1 = by[("a_guarded_api", 1)], by[("b_bare_server", 1)]
+            ratios["guard_fixed_ms"] = a1["cpu_ms"] - b1["cpu_ms"]
+            ratios["guard_per_token_us"] = 1000 * (ratios["guard_cost_ms"] - ratios["guard_fixed_ms"]) / (top - 1)
+        print(f"\nthe guard's own cost per streamed {top}-token request: {ratios['guard_cost_ms']:.2f} CPU ms "
+              f"(goal <= 5 ms); guarded / bare server CPU: {ratios['guarded_vs_bare_cpu']:.2f}x")
+        if "guard_fixed_ms" in ratios:
+            print(f"  of which fixed {ratios['guard_fixed_ms']:.2f} ms and {ratios['guard_per_token_us']:.1f} us "
+                  "a token")
+        path = benchrecord.write("serve-guard", settings={"model": Path(model).name, "tokens": lengths,
+                                                          "requests": args.requests, "rounds": args.rounds,
+                                                          "engine": "scripted, no delay"},
+                                 figures={"systems": rows}, ratios=ratios, goals={"guard_cost_ms": "<= 5"},
+                                 results=args.results_dir)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -744,95 +744,95 @@ def main() -> None:
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     levels = [int(x) for x in args.levels.split(",")]
     skip = set(args.skip.split(","))
-    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    model = benchrecord.model(args.model, work)
-    from transformers import AutoTokenizer
+    with benchrecord.work_folder("bench_serve_") as work:
+        model = benchrecord.model(args.model, work)
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model)
-    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    # the token ids the API itself makes (chat template rendered, then tokenized without extra specials)
-    prompt_ids = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                      add_special_tokens=False)["input_ids"] for m in prompts]
-    print(f"model {model}; {args.max_tokens} tokens per request; concurrency {levels}; "
-          f"{os.cpu_count()} CPUs", flush=True)
-    from llmstack.config.serve import VllmOptions
+        tok = AutoTokenizer.from_pretrained(model)
+        prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
+        # the token ids the API itself makes (chat template rendered, then tokenized without extra specials)
+        prompt_ids = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False)["input_ids"] for m in prompts]
+        print(f"model {model}; {args.max_tokens} tokens per request; concurrency {levels}; "
+              f"{os.cpu_count()} CPUs", flush=True)
+        from llmstack.config.serve import VllmOptions
 
-    vllm = {k: v for k, v in (("dtype", args.dtype), ("cpu_executor", args.cpu_executor)) if v}
-    if args.replicas:
-        return replicas_report(args, model, work, prompts, levels, vllm)
-    from llmstack.serve.engines.base import vllm_dtype
-    from llmstack.vllm_env import executor_choice
+        vllm = {k: v for k, v in (("dtype", args.dtype), ("cpu_executor", args.cpu_executor)) if v}
+        if args.replicas:
+            return replicas_report(args, model, work, prompts, levels, vllm)
+        from llmstack.serve.engines.base import vllm_dtype
+        from llmstack.vllm_env import executor_choice
 
-    opts = VllmOptions(**vllm)
-    settings = {**opts.model_dump(), "dtype": vllm_dtype(opts), "cpu_executor": executor_choice(opts.cpu_executor)}
-    print("engine settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())
-          + f"; VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}", flush=True)
-    results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip,
-                                                    vllm))
-    if "c" not in skip:
-        # In a fresh process: after vLLM ran here, torch's threading is no longer what a plain transformers
-        # program gets (generate measured >10x slower in-process), and that would flatter the ratios.
-        (work / "hf.json").write_text(json.dumps([str(model), prompt_ids]))
-        run = subprocess.run([sys.executable, __file__, "--hf-only", str(work / "hf.json"), "--levels", args.levels,
-                              "--max-tokens", str(args.max_tokens), "--hf-threads", str(args.hf_threads)],
-                             capture_output=True, text=True)
-        lines = [x for x in run.stdout.splitlines() if x.startswith("RESULTS ")]
-        if not lines:
-            sys.exit(f"transformers benchmark failed:\n{run.stderr[-3000:]}")
-        for row in json.loads(lines[-1][8:]):
-            results.append(row)
-            print(fmt(row), flush=True)
+        opts = VllmOptions(**vllm)
+        settings = {**opts.model_dump(), "dtype": vllm_dtype(opts), "cpu_executor": executor_choice(opts.cpu_executor)}
+        print("engine settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())
+              + f"; VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}", flush=True)
+        results: list[dict] = asyncio.run(bench_a_and_b(model, work, prompts, prompt_ids, levels, args.max_tokens, skip,
+                                                        vllm))
+        if "c" not in skip:
+            # In a fresh process: after vLLM ran here, torch's threading is no longer what a plain transformers
+            # program gets (generate measured >10x slower in-process), and that would flatter the ratios.
+            (work / "hf.json").write_text(json.dumps([str(model), prompt_ids]))
+            run = subprocess.run([sys.executable, __file__, "--hf-only", str(work / "hf.json"), "--levels", args.levels,
+                                  "--max-tokens", str(args.max_tokens), "--hf-threads", str(args.hf_threads)],
+                                 capture_output=True, text=True)
+            lines = [x for x in run.stdout.splitlines() if x.startswith("RESULTS ")]
+            if not lines:
+                sys.exit(f"transformers benchmark failed:\n{run.stderr[-3000:]}")
+            for row in json.loads(lines[-1][8:]):
+                results.append(row)
+                print(fmt(row), flush=True)
 
-    by = {(r["system"], r["concurrency"]): r for r in results}
-    ratios = {"guard_cost_ms": guard_cost_ms(model, work, args.max_tokens)}
-    print(f"\nthe guard's own CPU cost per streamed request of {args.max_tokens} tokens (scripts/bench_guard.py's "
-          f"measure): {ratios['guard_cost_ms']:.2f} ms")
-    print("ratios (same run, same machine):")
-    for conc in levels:
-        b = by.get(("b_bare_vllm", conc))
-        if b:
-            ratios[f"guard_cost_vs_engine_p50_c{conc}"] = ratios["guard_cost_ms"] / 1000 / b["p50_s"]
-            print(f"  guard cost / bare engine p50 latency, concurrency {conc}: "
-                  f"{100 * ratios['guard_cost_ms'] / 1000 / b['p50_s']:.2f}% (goal <= 5%)")
-    for conc in levels:
-        a, b = by.get(("a_guarded_api", conc)), by.get(("b_bare_vllm", conc))
-        if a and b:
-            ratios[f"guard_overhead_p50_c{conc}"] = a["p50_s"] / b["p50_s"] - 1
-            print(f"  end-to-end p50, guarded API vs bare engine, concurrency {conc}: "
-                  f"{100 * (a['p50_s'] / b['p50_s'] - 1):+.1f}% (noisy on a shared machine; goal <= +5%)")
-    top = max(levels)
-    a, b = by.get(("a_guarded_api", top)), by.get(("b_bare_vllm", top))
-    if a and b and a["ttft_p50_s"] and b["ttft_p50_s"]:
-        burst = ratios[f"burst_ttft_vs_bare_c{top}"] = a["ttft_p50_s"] / b["ttft_p50_s"]
-        print(f"  time to first content at a burst of {top}, guarded API vs the bare engine's first token: "
-              f"{burst:.2f}x (goal <= 1.10x)")
-        if b.get("ttft_released_p50_s"):
-            share = ratios[f"burst_ttft_vs_bare_released_c{top}"] = a["ttft_p50_s"] / b["ttft_released_p50_s"]
-            print(f"  ... vs the time the default output rails would release the bare engine's first text (its "
-                  f"first ended word): {share:.2f}x (the API's own share)")
-    a, c1, cb = by.get(("a_guarded_api", top)), by.get(("c_transformers_generate", 1)), \
-        by.get(("c_transformers_generate", top))
-    if a and c1:
-        ratios["api_vs_hf_one_at_a_time"] = a["tok_s"] / c1["tok_s"]
-        print(f"  guarded API at concurrency {top} vs transformers one request at a time: "
-              f"{a['tok_s'] / c1['tok_s']:.2f}x (goal >= 5x)")
-    if a and cb:
-        ratios["api_vs_hf_static_batch"] = a["tok_s"] / cb["tok_s"]
-        print(f"  guarded API at concurrency {top} vs transformers static batch of {top}: "
-              f"{a['tok_s'] / cb['tok_s']:.2f}x (goal >= 1.3x)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model), "max_tokens": args.max_tokens, "results": results,
-                               "ratios": ratios}, indent=2))
-    print(f"wrote {out}")
-    benchrecord.write("serve", settings={"model": Path(model).name, "max_tokens": args.max_tokens, "levels": levels,
-                                         "skip": sorted(skip - {""}), "engine_settings": settings,
-                                         "hf_threads": args.hf_threads},
-                      figures={"systems": results}, ratios=ratios,
-                      goals={"api_vs_hf_one_at_a_time": ">= 5x", "api_vs_hf_static_batch": ">= 1.3x",
-                             f"burst_ttft_vs_bare_c{max(levels)}": "<= 1.10x",
-                             **{k: "<= 5%" for k in ratios if k.startswith("guard_cost_vs_engine")}},
-                      results=args.results_dir)
+        by = {(r["system"], r["concurrency"]): r for r in results}
+        ratios = {"guard_cost_ms": guard_cost_ms(model, work, args.max_tokens)}
+        print(f"\nthe guard's own CPU cost per streamed request of {args.max_tokens} tokens (scripts/bench_guard.py's "
+              f"measure): {ratios['guard_cost_ms']:.2f} ms")
+        print("ratios (same run, same machine):")
+        for conc in levels:
+            b = by.get(("b_bare_vllm", conc))
+            if b:
+                ratios[f"guard_cost_vs_engine_p50_c{conc}"] = ratios["guard_cost_ms"] / 1000 / b["p50_s"]
+                print(f"  guard cost / bare engine p50 latency, concurrency {conc}: "
+                      f"{100 * ratios['guard_cost_ms'] / 1000 / b['p50_s']:.2f}% (goal <= 5%)")
+        for conc in levels:
+            a, b = by.get(("a_guarded_api", conc)), by.get(("b_bare_vllm", conc))
+            if a and b:
+                ratios[f"guard_overhead_p50_c{conc}"] = a["p50_s"] / b["p50_s"] - 1
+                print(f"  end-to-end p50, guarded API vs bare engine, concurrency {conc}: "
+                      f"{100 * (a['p50_s'] / b['p50_s'] - 1):+.1f}% (noisy on a shared machine; goal <= +5%)")
+        top = max(levels)
+        a, b = by.get(("a_guarded_api", top)), by.get(("b_bare_vllm", top))
+        if a and b and a["ttft_p50_s"] and b["ttft_p50_s"]:
+            burst = ratios[f"burst_ttft_vs_bare_c{top}"] = a["ttft_p50_s"] / b["ttft_p50_s"]
+            print(f"  time to first content at a burst of {top}, guarded API vs the bare engine's first token: "
+                  f"{burst:.2f}x (goal <= 1.10x)")
+            if b.get("ttft_released_p50_s"):
+                share = ratios[f"burst_ttft_vs_bare_released_c{top}"] = a["ttft_p50_s"] / b["ttft_released_p50_s"]
+                print(f"  ... vs the time the default output rails would release the bare engine's first text (its "
+                      f"first ended word): {share:.2f}x (the API's own share)")
+        a, c1, cb = by.get(("a_guarded_api", top)), by.get(("c_transformers_generate", 1)), \
+            by.get(("c_transformers_generate", top))
+        if a and c1:
+            ratios["api_vs_hf_one_at_a_time"] = a["tok_s"] / c1["tok_s"]
+            print(f"  guarded API at concurrency {top} vs transformers one request at a time: "
+                  f"{a['tok_s'] / c1['tok_s']:.2f}x (goal >= 5x)")
+        if a and cb:
+            ratios["api_vs_hf_static_batch"] = a["tok_s"] / cb["tok_s"]
+            print(f"  guarded API at concurrency {top} vs transformers static batch of {top}: "
+                  f"{a['tok_s'] / cb['tok_s']:.2f}x (goal >= 1.3x)")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": str(model), "max_tokens": args.max_tokens, "results": results,
+                                   "ratios": ratios}, indent=2))
+        print(f"wrote {out}")
+        benchrecord.write("serve", settings={"model": Path(model).name, "max_tokens": args.max_tokens, "levels": levels,
+                                             "skip": sorted(skip - {""}), "engine_settings": settings,
+                                             "hf_threads": args.hf_threads},
+                          figures={"systems": results}, ratios=ratios,
+                          goals={"api_vs_hf_one_at_a_time": ">= 5x", "api_vs_hf_static_batch": ">= 1.3x",
+                                 f"burst_ttft_vs_bare_c{max(levels)}": "<= 1.10x",
+                                 **{k: "<= 5%" for k in ratios if k.startswith("guard_cost_vs_engine")}},
+                          results=args.results_dir)
 
 
 def replicas_report(args, model: Path, work: Path, prompts, levels: list[int], vllm: dict) -> None:

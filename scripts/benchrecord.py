@@ -12,12 +12,15 @@ A record: {"bench", "when" (UTC, ISO 8601), "source" ("measured" or where a conv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +95,19 @@ def write(bench: str, *, settings: dict, figures: dict, ratios: dict | None = No
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"benchmark record: {path}")
     return path
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str):
+    """A temp folder for a run's servers, their logs and a staged model: removed when the run ends, kept when it fails
+    (its path printed), for the logs."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    except BaseException:
+        print(f"kept for its logs: {path}", file=sys.stderr)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def model(name: str, work: str | Path) -> Path:

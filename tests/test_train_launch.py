@@ -253,17 +253,19 @@ def test_pipeline_hands_a_stage_with_launch_to_accelerate(tmp_path, tiny_model):
     from llmstack.pipeline import stage_context, stage_function
     from llmstack.runs import Run
 
-    recipe_path = _recipe_with_done_inputs(tmp_path, tiny_model, {"launch": "cpu"})
+    recipe_path = _recipe_with_done_inputs(tmp_path, tiny_model, {"launch": "cpu-ddp"})
     recipe = load_recipe(recipe_path)
     run = Run.open(tmp_path / "runs", "launch", "default")
     ctx = stage_context(recipe, recipe_path, run, "sft")
     assert ctx.model == tiny_model and set(ctx.datasets) == {"chat"}
     launcher = launcher_for(ctx.spec)  # the pipeline's choice; the stage function itself never launches
-    assert launcher == Accelerate(REPO / "recipes/accelerate/cpu.yaml")
+    assert launcher == Accelerate(REPO / "recipes/accelerate/cpu-ddp.yaml")
     assert isinstance(launcher_for(recipe.model), InProcess)
     result = launcher.run(ctx, stage_function("sft"))
     assert result.model == ctx.dir / "model" and (result.model / "model.safetensors").exists()
-    assert result.metrics["steps"] == 3 and result.metrics["world_size"] == 1
+    # torch's elastic agent kept its per-rank folders in the stage's folder (without a log dir: a new /tmp folder)
+    assert [p for p in (ctx.dir / "launch").iterdir() if p.is_dir()]
+    assert result.metrics["steps"] == 3 and result.metrics["world_size"] == 2
     assert "sft" not in json.loads(run.manifest_path.read_text())["stages"]  # the children left the manifest alone
 
 
@@ -276,10 +278,12 @@ def test_every_launch_runs_the_one_worker_entry(tmp_path):
 
     config = REPO / "recipes/accelerate/cpu-ddp.yaml"
     for handoff in (True, False):
-        cmd = Accelerate(config).command(Path("r.yaml"), "sft", "default", Path("runs"), handoff=handoff)
+        cmd = Accelerate(config).command(Path("r.yaml"), "sft", "default", Path("runs"), handoff=handoff,
+                                         log_dir=Path("runs/x/default/sft/launch"))
         assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
         args = launch_command_parser().parse_args(cmd[3:])
         assert Path(args.config_file) == config and args.module and args.training_script == "llmstack.worker"
+        assert args.log_dir == "runs/x/default/sft/launch"
         assert args.training_script_args == ["r.yaml", "--stage", "sft", "--run-id", "default", "--runs-dir", "runs",
                                              *(["--handoff"] if handoff else [])]
 

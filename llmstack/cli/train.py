@@ -45,7 +45,7 @@ def train(recipe: RecipeArg,
     # launched ranks then record the stage themselves (rank 0, through the pipeline's recorder).
     from llmstack.pipeline import run_through
 
-    run_through(r, recipe, runs_dir, run_id, stage, including=False)
-    cmd = launcher.command(recipe, stage, run_id, runs_dir, handoff=False)
+    run = run_through(r, recipe, runs_dir, run_id, stage, including=False)
+    cmd = launcher.command(recipe, stage, run_id, runs_dir, handoff=False, log_dir=run.stage_dir(stage) / "launch")
     console.print(" ".join(cmd))
     raise typer.Exit(subprocess.run(cmd).returncode)
