@@ -128,13 +128,17 @@ def test_where_vllm_serves_the_fallback_the_release_gates_judge_it(tiny_model, t
 
 VLLM_PROBE = '''
 import sys, json
-from llmstack.vllm_env import cpu_executor, set_cpu_env
-if __name__ == "__main__":
+from llmstack.vllm_env import EngineCoreEnv, cpu_executor, set_cpu_env
+if __name__ == "__main__":  # started as the offline batch engine starts one (llmstack/serve/batch.py)
     set_cpu_env()
     from vllm import LLM, SamplingParams
-    llm = LLM(model=sys.argv[1], dtype=sys.argv[2], enforce_eager=True, max_model_len=256, **cpu_executor())
+    core = EngineCoreEnv()
+    with core.starting(eager=True):
+        llm = LLM(model=sys.argv[1], dtype=sys.argv[2], enforce_eager=True, max_model_len=256, **cpu_executor())
     out = llm.generate(["hello world"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     print("PROBE " + json.dumps(out[0].outputs[0].token_ids))
+    llm.llm_engine.engine_core.shutdown()
+    core.remove()
 '''
 
 
@@ -150,7 +154,6 @@ print("HAS_WNA16", hasattr(torch.ops._C, "cpu_gemm_wna16"))
 def test_vllm_serves_w4a16_on_this_cpu_with_the_dtype_we_choose(tiny_w4, tmp_path):
     """The serving choice in vllm_kernel_for is a measured fact, not a guess: where it says yes, vLLM really generates
     with it; where it says no (an x86 CPU without AVX-512), the kernels vLLM loads here really lack the INT4 op."""
-    import os
     import subprocess
     import sys
 
@@ -162,10 +165,8 @@ def test_vllm_serves_w4a16_on_this_cpu_with_the_dtype_we_choose(tiny_w4, tmp_pat
         return
     script = tmp_path / "probe.py"
     script.write_text(VLLM_PROBE)
-    # the files vLLM leaves when an engine stops (IPC sockets, its rendezvous file) in this test's folder, not /tmp
-    env = {**os.environ, "VLLM_RPC_BASE_PATH": str(tmp_path), "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(script), str(out), dtype], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path, env=env)
+                          timeout=600, cwd=tmp_path)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     assert len(json.loads(lines[0][6:])) == 8
