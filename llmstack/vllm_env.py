@@ -26,6 +26,9 @@ def set_cpu_env(kv_cache_gb: float = 1.0, grammar_cache_mb: int | None = None) -
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
+SOCKET_PATH_MAX = 107  # sockaddr_un.sun_path on Linux, less its closing NUL
+
+
 class EngineCoreEnv:
     """What a vLLM engine core process starts with that this process must not keep. The variables are set only while
     the engine starts (when vLLM names its sockets and spawns the engine core, which keeps the environment it started
@@ -57,8 +60,12 @@ class EngineCoreEnv:
 
             self.remove()  # an earlier start's files (the engine died and starts again)
             self.path = tempfile.mkdtemp(prefix=self.PREFIX)
-            env = {"VLLM_RPC_BASE_PATH": self.path, "TMPDIR": self.path,
+            env = {"TMPDIR": self.path,
                    "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()}
+            # vLLM names a socket <folder>/<uuid4>; a Unix socket's path holds at most 107 bytes. Under a temp folder
+            # deep enough to break that, the sockets stay where vLLM puts them (the temp folder itself).
+            if len(os.fsencode(self.path)) + 1 + 36 <= SOCKET_PATH_MAX:
+                env["VLLM_RPC_BASE_PATH"] = self.path
         if eager and _on_cpu():
             env.setdefault("TORCHDYNAMO_DISABLE", os.environ.get("TORCHDYNAMO_DISABLE") or "1")
         saved = {name: os.environ.get(name) for name in env}

@@ -198,3 +198,46 @@ def test_a_compiled_cpu_engine_uses_inductors_cache_and_a_users_setting_stands(m
     monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
     set_cpu_env()
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
+
+
+def test_an_engine_cores_files_go_to_a_folder_of_its_own_only_while_it_starts(tmp_path, monkeypatch):
+    """EngineCoreEnv: the engine core's temp folder and vLLM's socket folder are set while an engine starts and put
+    back after; inductor's cache stays where it was; an eager CPU engine core starts without torch.compile. Under a
+    temp folder too deep for a Unix socket path the sockets stay where vLLM puts them, the rest still moves."""
+    import tempfile
+
+    import vllm.platforms  # noqa: F401 - its import sets variables of its own; an engine's start comes after it
+
+    from llmstack.vllm_env import EngineCoreEnv
+
+    for name in ("VLLM_RPC_BASE_PATH", "TMPDIR", "TORCHINDUCTOR_CACHE_DIR", "TORCHDYNAMO_DISABLE",
+                 "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    before = dict(os.environ)
+    short = tempfile.mkdtemp(prefix="ecenv-")  # pytest's tmp_path is already too deep for a socket path
+    monkeypatch.setattr(tempfile, "tempdir", short)
+    core = EngineCoreEnv()
+    with core.starting(eager=True):
+        seen = dict(os.environ)
+    assert dict(os.environ) == before  # nothing stays for processes started later
+    assert seen["TMPDIR"] == seen["VLLM_RPC_BASE_PATH"] == core.path and os.path.isdir(core.path)
+    assert os.path.dirname(core.path) == short and seen["TORCHINDUCTOR_CACHE_DIR"].startswith(short)
+    assert seen["TORCHDYNAMO_DISABLE"] == "1"  # this machine is a CPU
+    with core.starting(eager=False):  # a restart: the earlier folder goes; compiled engines keep torch.compile
+        again = dict(os.environ)
+    assert not os.path.exists(seen["TMPDIR"]) and "TORCHDYNAMO_DISABLE" not in again
+    core.remove()
+    assert not os.path.exists(again["TMPDIR"]) and core.path is None
+    os.rmdir(short)
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with core.starting(eager=True):
+        seen = dict(os.environ)
+    assert seen["TMPDIR"] == core.path and "VLLM_RPC_BASE_PATH" not in seen
+    core.remove()
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))  # the user's own: theirs, and nothing moves
+    with core.starting(eager=True):
+        seen = dict(os.environ)
+    assert core.path is None and seen["VLLM_RPC_BASE_PATH"] == str(tmp_path) and "TMPDIR" not in seen
