@@ -68,8 +68,8 @@ async def measure(model: str, setting: str, conc: int, max_tokens: int) -> dict:
     prompts = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
                                        tokenize=False, add_generation_prompt=True) for i in range(conc)]
     t0 = time.perf_counter()
-    ipc = EngineCoreEnv()  # as the server starts its engine; the engine's files in a folder removed below
-    with ipc.starting(options.enforce_eager):
+    core_env = EngineCoreEnv()  # as the server starts its engine; the engine's files in a folder removed below
+    with core_env.starting(options.enforce_eager):
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, 2048, 0)))
     start_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
@@ -105,7 +105,7 @@ async def measure(model: str, setting: str, conc: int, max_tokens: int) -> dict:
         children = [p.name() for p in psutil.Process().children(recursive=True)]
     finally:
         llm.shutdown()
-        ipc.remove()
+        core_env.remove()
     return {"setting": setting, "start_s": start_s, "tok_s_c1": single[0]["tokens"] / wall1,
             "tok_s": sum(r["tokens"] for r in rows) / wall, "ttft_p50_s": statistics.median(r["ttft"] for r in rows),
             "logprobs_first_s": logprobs_first_s, "logprobs_next_s": logprobs_next_s, "logprobs": logprobs,

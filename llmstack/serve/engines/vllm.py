@@ -37,7 +37,7 @@ class VllmEngine:
         self._lora: dict[str, Any] = {}
         self.grammars = None  # JSON-Schema grammars checked to compile in time before vLLM sees them
         self.grammar_budget_s = grammar_budget_s
-        self.ipc = EngineCoreEnv()
+        self.core_env = EngineCoreEnv()
 
     @property
     def names(self) -> list[str]:
@@ -106,7 +106,7 @@ class VllmEngine:
         set_cpu_env(self.options.kv_cache_gb, self.options.grammar_cache_mb)
         # Built in a thread: a start takes 45-80 s on CPU, and the API must keep answering (503 / health) meanwhile.
         # AsyncLLM starts its output handler on the loop at the first request.
-        with self.ipc.starting(self.options.enforce_eager):
+        with self.core_env.starting(self.options.enforce_eager):
             self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
         self.max_model_len = self.llm.model_config.max_model_len
         self._lora = {name: LoRARequest(lora_name=name, lora_int_id=i + 1, lora_path=str(path))
@@ -223,7 +223,7 @@ class VllmEngine:
         if self.llm is not None:
             await asyncio.to_thread(self.llm.shutdown)
             self.llm = None
-        self.ipc.remove()
+        self.core_env.remove()
 
 
 def engine_kwargs(model: str, options: VllmOptions, max_model_len: int | None, seed: int) -> dict:
