@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -153,8 +154,9 @@ def main() -> None:
 
     if a.model == "llama-1.1b-random":
         model_dir = random_llama_1b(Path(tempfile.gettempdir()) / "llmstack-llama-1.1b-random")
-    else:
-        model_dir = benchrecord.model(a.model, tempfile.mkdtemp())
+    else:  # a named model is staged in a temp folder (the tiny one is built there), removed when the run ends
+        staging = tempfile.mkdtemp(prefix="bench_train_")
+        model_dir = benchrecord.model(a.model, staging)
     if a.data:
         from datasets import load_from_disk
 
@@ -225,6 +227,8 @@ def main() -> None:
                       figures={"paths": [{c: r.get(c) for c in cols} for r in rows]},
                       ratios=ratios,
                       goals={"llmstack_vs_trl_defaults_tokens_per_s": ">= 1.5x"}, results=a.results_dir)
+    if a.model != "llama-1.1b-random":  # that one is kept in the temp folder for the GPU check's other blocks
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":
