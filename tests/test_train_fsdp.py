@@ -21,7 +21,8 @@ def test_an_fsdp_launch_on_the_cpu_is_refused_with_the_reason(tmp_path, tiny_mod
     config.update(num_processes=2, mixed_precision="no")
     (tmp_path / "cpu-fsdp2.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "cpu-fsdp2.yaml"),
-           "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(tmp_path / "runs")]
+           "--log_dir", str(tmp_path / "launch"), "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft",
+           "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode != 0
     assert "the launch config asks for FSDP, but accelerate runs these processes as MULTI_CPU" in proc.stderr

@@ -26,8 +26,8 @@ def _setup(root: Path, tiny_model: Path) -> tuple[list[str], Path]:
     raw["stages"][0]["args"].update(max_steps=16, save_steps=2, learning_rate=5e-4)
     recipe.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft",
-           "--runs-dir", str(root / "runs")]
+           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "--log_dir", str(root / "launch"),
+           "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(root / "runs")]
     return cmd, root / "runs" / "launch" / "default"
 
 

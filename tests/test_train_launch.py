@@ -65,8 +65,8 @@ def _recipe_with_done_inputs(tmp_path: Path, model: Path, stage_extra: dict | No
 def test_two_process_cpu_launch_trains_and_saves_one_model(tmp_path, tiny_model):
     recipe = _recipe_with_done_inputs(tmp_path, tiny_model)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft",
-           "--runs-dir", str(tmp_path / "runs")]
+           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "--log_dir", str(tmp_path / "launch"),
+           "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "launch" / "default"
@@ -102,8 +102,8 @@ def test_a_sweep_pruned_two_process_stage_stops_every_rank_at_the_same_evaluatio
     (run_dir / "sft").mkdir()
     (run_dir / "sft" / "PRUNE").write_text("{}")  # the sweep driver's verdict
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft",
-           "--runs-dir", str(tmp_path / "runs")]
+           str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "--log_dir", str(tmp_path / "launch"),
+           "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode != 0
     entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]
@@ -126,7 +126,8 @@ def _two_nodes(tmp_path: Path, recipe: Path, runs_dirs: list[Path], **env_extra:
     procs = []
     for rank in (0, 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "--num_machines", "2", "--num_processes", "2",
+               str(REPO / "recipes/accelerate/cpu-ddp.yaml"), "--log_dir", str(tmp_path / f"launch{rank}"),
+               "--num_machines", "2", "--num_processes", "2",
                "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(runs_dirs[rank])]
         log = open(tmp_path / f"node{rank}.log", "w")

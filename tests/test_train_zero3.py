@@ -27,8 +27,8 @@ def test_two_process_zero3_lora_merges_probes_and_accumulates_as_the_recipe_says
     raw["stages"][0]["args"]["gradient_accumulation_steps"] = 2  # the shipped config leaves it to the recipe
     recipe.write_text(yaml.safe_dump(raw))
     cmd = [str(DS_PYTHON), "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu-zero3.yaml"), "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft",
-           "--runs-dir", str(tmp_path / "runs")]
+           str(REPO / "recipes/accelerate/cpu-zero3.yaml"), "--log_dir", str(tmp_path / "launch"),
+           "-m", "llmstack.cli.launch", str(recipe), "--stage", "sft", "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(tmp_path / "jit")})
     assert proc.returncode == 0, proc.stderr[-3000:]
