@@ -66,8 +66,8 @@ class EngineCoreEnv:
             # deep enough to break that, the sockets stay where vLLM puts them (the temp folder itself).
             if len(os.fsencode(self.path)) + 1 + 36 <= SOCKET_PATH_MAX:
                 env["VLLM_RPC_BASE_PATH"] = self.path
-        if eager and _on_cpu():
-            env.setdefault("TORCHDYNAMO_DISABLE", os.environ.get("TORCHDYNAMO_DISABLE") or "1")
+        if eager and not os.environ.get("TORCHDYNAMO_DISABLE") and _on_cpu():  # a user's value stands
+            env["TORCHDYNAMO_DISABLE"] = "1"
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
         try:

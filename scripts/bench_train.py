@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -143,6 +142,12 @@ def main() -> None:
                         "weights, torch.compile, and bf16 weights at twice the micro-batch")
     benchrecord.add_argument(p)
     a = p.parse_args()
+    # a named model is staged in a temp folder (the tiny one is built there), removed when the run ends
+    with benchrecord.work_folder("bench_train_") as staging:
+        bench(a, staging)
+
+
+def bench(a: argparse.Namespace, staging: Path) -> None:
 
     import torch
 
@@ -154,8 +159,7 @@ def main() -> None:
 
     if a.model == "llama-1.1b-random":
         model_dir = random_llama_1b(Path(tempfile.gettempdir()) / "llmstack-llama-1.1b-random")
-    else:  # a named model is staged in a temp folder (the tiny one is built there), removed when the run ends
-        staging = tempfile.mkdtemp(prefix="bench_train_")
+    else:
         model_dir = benchrecord.model(a.model, staging)
     if a.data:
         from datasets import load_from_disk
@@ -227,8 +231,6 @@ def main() -> None:
                       figures={"paths": [{c: r.get(c) for c in cols} for r in rows]},
                       ratios=ratios,
                       goals={"llmstack_vs_trl_defaults_tokens_per_s": ">= 1.5x"}, results=a.results_dir)
-    if a.model != "llama-1.1b-random":  # that one is kept in the temp folder for the GPU check's other blocks
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":
