@@ -60,7 +60,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -427,9 +426,9 @@ def rail_cost_per_kb() -> dict:
     return out
 
 
-def hostile_server(port: int, otlp: str | None = None, sample_ratio: float = 1.0) -> None:
-    """Internal: the guarded API over the scripted engine, under uvicorn with the guard's protocol settings (with
-    `otlp`, tracing `sample_ratio` of the requests to that OTLP/HTTP endpoint)."""
+def hostile_server(port: int, model: Path, otlp: str | None = None, sample_ratio: float = 1.0) -> None:
+    """Internal: the guarded API over the scripted engine with `model`'s tokenizer, under uvicorn with the guard's
+    protocol settings (with `otlp`, tracing `sample_ratio` of the requests to that OTLP/HTTP endpoint)."""
     import logging
 
     from llmstack.config.serve import GuardPolicy, KeyFile, ServeSpec
@@ -437,10 +436,9 @@ def hostile_server(port: int, otlp: str | None = None, sample_ratio: float = 1.0
     from llmstack.serve.engines import load_tokenizer
     from llmstack.serve.guard import hash_key
     from llmstack.serve.server import run_server
-    from llmstack.testing import ScriptedEngine, build_tiny_model
+    from llmstack.testing import ScriptedEngine
 
     logging.basicConfig(level=logging.WARNING)
-    model = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     engine = ScriptedEngine(load_tokenizer(model), " word" * 16, chunk=5, delay=0.01, max_model_len=512)
     keys = KeyFile.model_validate({"keys": [{"id": "bench", "sha256": hash_key("sk-bench")}]})
     policy = GuardPolicy.model_validate({"rate_limits": {"requests_per_minute": 1_000_000,
@@ -545,13 +543,14 @@ async def hostile_mix(base: str, n: int, conc: int, hostile_every: int | None, k
             "hostile_requests": len(bad_status)}
 
 
-def start_scripted(*otlp: str) -> tuple[subprocess.Popen, str]:
-    """The --hostile server in its own process (`otlp`: tracing to that endpoint at that ratio), once /health
-    answers."""
+def start_scripted(model: Path, *otlp: str) -> tuple[subprocess.Popen, str]:
+    """The --hostile server in its own process over `model`'s tokenizer (`otlp`: tracing to that endpoint at that
+    ratio), once /health answers. The model is the caller's (the server is killed: it could not remove one of its
+    own)."""
     with socket_port() as port:
         pass
     extra = ["--otlp", otlp[0], "--sample-ratio", otlp[1]] if otlp else []
-    server = subprocess.Popen([sys.executable, __file__, "--hostile-server", str(port), *extra],
+    server = subprocess.Popen([sys.executable, __file__, "--hostile-server", str(port), "--model", str(model), *extra],
                               start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     if wait_ready(base + "/health", timeout=120, poll_s=0.3, gone=lambda: server.poll() is not None) != "ready":
@@ -582,7 +581,7 @@ def otlp_receiver(port: int, spans) -> None:
     HTTPServer(("127.0.0.1", port), Receiver).serve_forever()
 
 
-def bench_tracing(n: int, levels: list[int], rounds: int, ratio: float) -> dict:
+def bench_tracing(model: Path, n: int, levels: list[int], rounds: int, ratio: float) -> dict:
     """--tracing: two servers of the --hostile setup, one tracing `ratio` of its requests to an OTLP/HTTP
     receiver (`otlp_receiver`, its own process), one not; clean traffic at each level, the two alternated for
     `rounds` rounds; the p50 over all rounds, traced vs not."""
@@ -593,8 +592,8 @@ def bench_tracing(n: int, levels: list[int], rounds: int, ratio: float) -> dict:
     received = multiprocessing.Value("q", 0)
     receiver = multiprocessing.Process(target=otlp_receiver, args=(port, received), daemon=True)
     receiver.start()
-    off, off_base = start_scripted()
-    on, on_base = start_scripted(f"http://127.0.0.1:{port}/v1/traces", str(ratio))
+    off, off_base = start_scripted(model)
+    on, on_base = start_scripted(model, f"http://127.0.0.1:{port}/v1/traces", str(ratio))
     lat: dict = {(name, c): [] for name in ("off", "on") for c in levels}
     try:
         for base in (off_base, on_base):
@@ -619,8 +618,8 @@ def bench_tracing(n: int, levels: list[int], rounds: int, ratio: float) -> dict:
     return {"rows": rows, "spans_received": received.value}
 
 
-def bench_hostile(n: int, conc: int) -> dict:
-    server, base = start_scripted()
+def bench_hostile(model: Path, n: int, conc: int) -> dict:
+    server, base = start_scripted(model)
     try:
         asyncio.run(hostile_mix(base, 16, conc, None))  # warm-up
         clean = asyncio.run(hostile_mix(base, n, conc, None))
@@ -696,11 +695,13 @@ def main() -> None:
     benchrecord.add_argument(ap)
     args = ap.parse_args()
     if args.hostile_server:
-        hostile_server(args.hostile_server, args.otlp, args.sample_ratio)
+        hostile_server(args.hostile_server, Path(args.model), args.otlp, args.sample_ratio)
         return
     if args.tracing:
         levels = [int(x) for x in (args.levels if args.levels != "1,8,32" else "8,32").split(",")]
-        result = bench_tracing(args.hostile_requests, levels, args.rounds, args.sample_ratio)
+        with benchrecord.work_folder("bench_serve_tracing_") as work:  # the servers' tokenizer: the tiny model's
+            result = bench_tracing(benchrecord.model("tiny", work), args.hostile_requests, levels, args.rounds,
+                                   args.sample_ratio)
         benchrecord.write("serve-tracing", settings={"requests": args.hostile_requests, "levels": levels,
                                                      "rounds": args.rounds, "sample_ratio": args.sample_ratio,
                                                      "engine": "scripted, 16 tokens x 10 ms"},
@@ -713,7 +714,8 @@ def main() -> None:
         scripted_server(Path(args.scripted_server), args.max_tokens, args.token_delay)
         return
     if args.hostile:
-        result = bench_hostile(args.hostile_requests, 8)
+        with benchrecord.work_folder("bench_serve_hostile_") as work:  # the server's tokenizer: the tiny model's
+            result = bench_hostile(benchrecord.model("tiny", work), args.hostile_requests, 8)
         out = Path(args.out).with_name("serve_hostile.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
