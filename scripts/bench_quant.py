@@ -60,15 +60,17 @@ PROMPTS = [
 # vLLM spawns workers: the engine runs in its own script under __main__, one process per model, so each measurement
 # starts from a fresh engine and one model's memory is gone before the next loads.
 VLLM_THROUGHPUT = r'''
-import json, os, sys, time
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-if __name__ == "__main__":
+import json, sys, time
+from llmstack.vllm_env import EngineCoreEnv, cpu_executor, set_cpu_env
+if __name__ == "__main__":  # started as the offline batch engine starts one (llmstack/serve/batch.py)
+    set_cpu_env()
     from vllm import LLM, SamplingParams
     model, dtype, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
     prompts = json.loads(sys.argv[4])
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=512, seed=0)
+    core = EngineCoreEnv()
+    with core.starting(eager=True):
+        llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=512, seed=0, **cpu_executor())
     start = time.perf_counter() - t0
     chats = [[{"role": "user", "content": p}] for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -92,6 +94,8 @@ if __name__ == "__main__":
     print("BENCH " + json.dumps({"start_s": round(start, 1), "seconds": round(seconds, 2), "tokens": tokens,
                                  "tokens_per_s": round(tokens / seconds, 2), **extra,
                                  "first": outs[0].outputs[0].text[:80]}))
+    llm.llm_engine.engine_core.shutdown()
+    core.remove()
 '''
 
 # llama.cpp on a GGUF, at concurrency 1 (the way llama-cpp-python and the llamacpp engine run): the same chat prompts

@@ -742,8 +742,9 @@ def main() -> None:
         rows = bench_hf(Path(model), prompt_ids, [int(x) for x in args.levels.split(",")], args.max_tokens)
         print("RESULTS " + json.dumps(rows))
         return
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    from llmstack.vllm_env import set_cpu_env
+
+    set_cpu_env()  # what the server sets before its engine starts (KV cache, loopback, no AOT artifacts on CPU)
     levels = [int(x) for x in args.levels.split(",")]
     skip = set(args.skip.split(","))
     with benchrecord.work_folder("bench_serve_") as work:
