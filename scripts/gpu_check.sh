@@ -27,7 +27,9 @@ STEPS=${STEPS:-6}
 BLOCKS=${BLOCKS:-"kernel sft lora stages grpo"}  # a subset reruns only those blocks; "mfu" (not in the default
 # set) times the MFU candidates next to the sft block's paths: BLOCKS=mfu bash scripts/gpu_check.sh
 want() { [[ " $BLOCKS " == *" $1 "* ]]; }
-if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then MODEL=tiny; SIZE="--batch 2 --max-length 256"; STEPS=2; else
+# a rehearsal's benchmark records (the tiny model's timings on this CPU) go to a temp folder, not benchmarks/results/
+if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then MODEL=tiny; SIZE="--batch 2 --max-length 256"; STEPS=2
+  REHEARSAL_RECORDS=$(mktemp -d); trap 'rm -rf "$REHEARSAL_RECORDS"' EXIT; export LLMSTACK_BENCH_RESULTS=$REHEARSAL_RECORDS; else
   MODEL=llama-1.1b-random; SIZE="--batch 8 --max-length 2048"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; fi
 $PY -c "import torch, transformers, trl, peft; from llmstack.train import attention
 import importlib.util as u; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__,
