@@ -89,9 +89,6 @@ def main() -> None:
     ap.add_argument("--dtype", help="vLLM dtype for both (default: the server's shipped setting)")
     benchrecord.add_argument(ap)
     args = ap.parse_args()
-    from llmstack.vllm_env import set_cpu_env
-
-    set_cpu_env()  # what the server sets before its engine starts (KV cache, loopback, no AOT artifacts on CPU)
     with benchrecord.work_folder("bench_generate_") as work:
         model = benchrecord.model(args.model, work)
         vllm = {"dtype": args.dtype} if args.dtype else {}

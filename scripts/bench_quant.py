@@ -73,29 +73,31 @@ if __name__ == "__main__":  # started as the offline batch engine starts one (ll
         llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=512, seed=0, **cpu_executor())
     start = time.perf_counter() - t0
     chats = [[{"role": "user", "content": p}] for p in prompts]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    llm.chat(chats[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up, not timed
-    t0 = time.perf_counter()
-    extra = {}
-    if sys.argv[5:] == ["c1"]:  # concurrency 1: one prompt after another, as llama.cpp serves them
-        outs = [llm.chat([c], params, use_tqdm=False)[0] for c in chats]
-        seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()  # the prefill and first token alone, to give decoding's own rate
-        one = SamplingParams(max_tokens=1, temperature=0)
-        for c in chats:
-            llm.chat([c], one, use_tqdm=False)
-        first = time.perf_counter() - t1
-        decoded = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
-        extra = {"prefill_s": round(first, 2), "decode_tokens_per_s": round(decoded / (seconds - first), 2)}
-    else:
-        outs = llm.chat(chats, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0 if not extra else seconds
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    print("BENCH " + json.dumps({"start_s": round(start, 1), "seconds": round(seconds, 2), "tokens": tokens,
-                                 "tokens_per_s": round(tokens / seconds, 2), **extra,
-                                 "first": outs[0].outputs[0].text[:80]}))
-    llm.llm_engine.engine_core.shutdown()
-    core.remove()
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        llm.chat(chats[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up, not timed
+        t0 = time.perf_counter()
+        extra = {}
+        if sys.argv[5:] == ["c1"]:  # concurrency 1: one prompt after another, as llama.cpp serves them
+            outs = [llm.chat([c], params, use_tqdm=False)[0] for c in chats]
+            seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()  # the prefill and first token alone, to give decoding's own rate
+            one = SamplingParams(max_tokens=1, temperature=0)
+            for c in chats:
+                llm.chat([c], one, use_tqdm=False)
+            first = time.perf_counter() - t1
+            decoded = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
+            extra = {"prefill_s": round(first, 2), "decode_tokens_per_s": round(decoded / (seconds - first), 2)}
+        else:
+            outs = llm.chat(chats, params, use_tqdm=False)
+        seconds = time.perf_counter() - t0 if not extra else seconds
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        print("BENCH " + json.dumps({"start_s": round(start, 1), "seconds": round(seconds, 2), "tokens": tokens,
+                                     "tokens_per_s": round(tokens / seconds, 2), **extra,
+                                     "first": outs[0].outputs[0].text[:80]}))
+    finally:  # the engine stopped and its folder removed whatever happened
+        llm.llm_engine.engine_core.shutdown()
+        core.remove()
 '''
 
 # llama.cpp on a GGUF, at concurrency 1 (the way llama-cpp-python and the llamacpp engine run): the same chat prompts

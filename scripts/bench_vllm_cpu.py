@@ -135,9 +135,6 @@ def main() -> None:
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     benchrecord.add_argument(ap)
     args = ap.parse_args()
-    from llmstack.vllm_env import set_cpu_env
-
-    set_cpu_env()  # what the server sets before its engine starts (KV cache, loopback, no AOT artifacts on CPU)
     if args.child:
         result = asyncio.run(measure(args.model, args.child, args.concurrency, args.max_tokens))
         args.child_out.write_text(json.dumps(result))
