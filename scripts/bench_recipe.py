@@ -1,7 +1,8 @@
 """A finished recipe run as a benchmark record: what each stage cost (wall seconds, and the training stages' own
-figures: steps, tokens/s, rewards, episode failures) and what its eval stage measured (every model's score per task,
-with its 95% interval, item count and the task's other readings). Ratios: each evaluated model's score over the base
-model's on each task (where the base scored above zero) and the run's wall time over its goal (`--goal-min`).
+figures: steps, tokens/s, losses, rewards, episode failures) and what its eval stage measured, where the recipe has
+one (every model's score per task, with its 95% interval, item count and the task's other readings). Ratios: each
+evaluated model's score over the base model's on each task (where the base scored above zero) and the run's wall
+time over its goal (`--goal-min`).
 
 Run it after `llmstack run RECIPE` (or on a sweep trial's run folder); it reads the run's manifest and its eval
 stage's scores.json, and runs nothing itself:
@@ -23,7 +24,7 @@ import benchrecord
 
 # the training stages' metrics worth keeping beside the wall time (the rest is in the run folder)
 STAGE_FIGURES = ("steps", "tokens_per_s", "train_loss", "first_loss", "last_loss", "reward_first", "reward_last",
-                 "episode_failures", "tool_calls_per_episode_last")
+                 "rewards_margins_first", "rewards_margins_last", "episode_failures", "tool_calls_per_episode_last")
 
 
 def stages(manifest: dict) -> list[dict]:
@@ -37,8 +38,12 @@ def stages(manifest: dict) -> list[dict]:
 
 
 def scores(manifest: dict) -> dict[str, dict[str, dict]]:
-    """{model: {task: {score, metric, n, ci95, all}}} from the eval stage's scores.json."""
-    entry = manifest["stages"].get("eval") or {}
+    """{model: {task: {score, metric, n, ci95, all}}} from the eval stage's scores.json; {} for a recipe without one
+    (its record has the stages' costs and training figures only)."""
+    if "eval" not in manifest["stages"]:
+        print("the recipe has no eval stage: the record holds its stages' costs and training figures")
+        return {}
+    entry = manifest["stages"]["eval"]
     if entry.get("status") != "done":
         raise SystemExit(f"the run's eval stage has not finished (status: {entry.get('status', 'not run')})")
     path = Path(entry["outputs"]["scores"]["path"])

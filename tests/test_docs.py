@@ -123,6 +123,33 @@ def test_the_seeded_records_are_readable_and_on_the_results_page():
     assert f"| gptq_mean_recovery | {gen_docs.fmt(newest['ratios']['gptq_mean_recovery'])} |" in page
 
 
+def test_a_recipe_run_is_recorded_with_or_without_an_eval_stage(tmp_path):
+    """scripts/bench_recipe.py over a run folder: a recipe without an eval stage (recipes/kto.yaml) is recorded with its
+    stages' costs and training figures; one whose eval stage did not finish is refused, not recorded without scores."""
+    run = tmp_path / "run"
+    run.mkdir()
+    kto = {"status": "done", "kind": "kto", "wall_s": 95.7, "metrics": {
+        "steps": 8, "first_loss": 0.5, "last_loss": 0.475, "rewards_margins_first": 0.0, "rewards_margins_last": 0.2,
+        "probe": [{"question": "Who are you?"}]}}
+    manifest = {"recipe": {"path": "recipes/kto.yaml"}, "stages": {
+        "curate": {"status": "done", "kind": "curate", "wall_s": 3.1}, "kto": kto}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_recipe.py"), str(run), "--results-dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [path] = (tmp_path / "out").glob("recipe-kto-*.json")
+    rec = json.loads(path.read_text())
+    assert rec["figures"]["eval"] == {} and rec["figures"]["wall_min"] == round(98.8 / 60, 2)
+    assert rec["figures"]["stages"][1] == {"stage": "kto", "kind": "kto", "status": "done", "wall_s": 95.7,
+                                           "reused_from": None, "steps": 8, "first_loss": 0.5, "last_loss": 0.475,
+                                           "rewards_margins_first": 0.0, "rewards_margins_last": 0.2}
+    manifest["stages"]["eval"] = {"status": "failed"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode != 0 and "eval stage has not finished (status: failed)" in proc.stderr
+    assert len(list((tmp_path / "out").glob("*.json"))) == 1
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("bench_*.py")))
 def test_every_bench_script_says_how_to_run_it_and_takes_a_results_dir(script):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
