@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# The training GPU check for one H100/H200 (see ../shared/gpu/README.md): a numerical check of the varlen attention
-# kernel, SFT full and LoRA (each: TRL defaults vs the llmstack path vs the llmstack path on SDPA; tokens/s, MFU, peak
-# memory), then QLoRA and DPO steps through the real llmstack stages, then a GRPO step (issue 10).
-# The GPU machine has no registry and no pydantic: first, here, `echo /.whl/ >> .git/info/exclude &&
-# ../shared/gpu/fetch_wheels.sh pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5`
-# (the versions of requirements/main.lock),
-# then run this script there with `.whl` carried along:   bash scripts/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
+# The training GPU check for one H100/H200 (docs/gpus.md): a numerical check of the varlen attention kernel, SFT full
+# and LoRA (each: TRL defaults vs the llmstack path vs the llmstack path on SDPA; tokens/s, MFU, peak memory), then
+# QLoRA and DPO steps through the real llmstack stages, then a GRPO step.
+# A GPU machine without a package index (torch and CUDA installed, no trl, datasets, pydantic...): first, on a machine
+# with one, `bash scripts/fetch_gpu_wheels.sh` (for BLOCKS=e2e: `bash scripts/fetch_gpu_wheels.sh e2e`), then run this
+# script there with `.whl` carried along:   bash scripts/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
 # Model: the 1.1B Llama shape (TinyLlama) with random weights: throughput does not depend on them, and no hub is needed.
 # GPU_CHECK_DRY=1 runs every block on this CPU with the tiny model (a rehearsal: catches errors before device time).
-# BLOCKS=e2e (issue 16; not in the default set): one recipe through every stage on the GPU with `llmstack run`
-# (curate -> sft full -> sft LoRA -> dpo -> int4 GPTQ -> eval -> serve with the hf engine -> report), ≈5 min on an H200
-# (estimated: never run on a GPU yet). Its wheels differ (llm-compressor, lm-eval): `scripts/fetch_e2e_wheels.sh` here
-# first, then `BLOCKS=e2e bash scripts/gpu_check.sh` there with .whl carried. Rehearsal: GPU_CHECK_DRY=1 BLOCKS=e2e.
+# BLOCKS=e2e (not in the default set): one recipe through every stage on the GPU with `llmstack run` (curate -> sft
+# full -> sft LoRA -> dpo -> int4 GPTQ -> eval -> serve with the hf engine -> report), sized for minutes on an H200
+# (never run on a GPU yet). Its wheels differ (llm-compressor, lm-eval): `bash scripts/fetch_gpu_wheels.sh e2e` first,
+# then `BLOCKS=e2e bash scripts/gpu_check.sh` there with .whl carried. Rehearsal: GPU_CHECK_DRY=1 BLOCKS=e2e.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${GPU_CHECK_DRY:-0}" = 1 ] && [ -z "${PY:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi  # rehearsal: the project env
@@ -19,7 +18,7 @@ PY=${PY:-python3}
 NEED="trl, datasets, bitsandbytes"; [[ " ${BLOCKS:-} " == *" e2e "* ]] && NEED="trl, datasets, llmcompressor, lm_eval"
 if [ "${GPU_CHECK_DRY:-0}" != 1 ] && ! $PY -c "import $NEED" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed: run ../shared/gpu/fetch_wheels.sh (with pydantic, see above; for BLOCKS=e2e: scripts/fetch_e2e_wheels.sh) here first and carry .whl"; exit 1; }
+    || { echo "wheel install failed: run bash scripts/fetch_gpu_wheels.sh (for BLOCKS=e2e: bash scripts/fetch_gpu_wheels.sh e2e) where a package index is reachable, and carry .whl"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
@@ -54,5 +53,5 @@ want e2e && echo "== e2e (issue 16): curate -> sft full -> sft LoRA -> dpo -> in
 # the quantization interpreter: the GPU machine's own python (no vLLM there); the rehearsal's .venv-quant
 QPY=${LLMSTACK_QUANT_PYTHON:-$PY}; [ "${GPU_CHECK_DRY:-0}" = 1 ] && QPY=${LLMSTACK_QUANT_PYTHON:-.venv-quant/bin/python}
 want e2e && { { $PY -c "import lm_eval" && $QPY -c "import llmcompressor"; } 2>/dev/null \
-  || echo "Error: e2e needs lm-eval ($PY) and llm-compressor ($QPY): run scripts/fetch_e2e_wheels.sh here and carry .whl"; }
+  || echo "Error: e2e needs lm-eval ($PY) and llm-compressor ($QPY): run bash scripts/fetch_gpu_wheels.sh e2e where a package index is reachable, and carry .whl"; }
 want e2e && timeout 540 $PY scripts/gpu_stages.py e2e 2>&1 | grep "^|\|Error"

@@ -93,6 +93,20 @@ def test_docs_describe_the_product_not_its_history():
     assert len((REPO / "README.md").read_text().splitlines()) <= 200
 
 
+def test_nothing_a_user_reads_points_outside_the_repository():
+    """Recipes, the package, the scripts and the docs name files a clone has: not this project's development machine
+    (its ../shared folder or /work paths)."""
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout: nothing to list")
+    outside = re.compile(r"\.\./shared|(^|[\s\"'`(=])/work/", re.M)  # /work/ begins a path, not inside one
+    this_test = Path(__file__).relative_to(REPO).as_posix()
+    texts = (".py", ".yaml", ".yml", ".md", ".sh", ".toml", ".cfg")
+    found = [f for f in tracked if f != this_test and f.endswith(texts) and (REPO / f).is_file()
+             and outside.search((REPO / f).read_text(errors="replace"))]
+    assert not found, found
+
+
 def test_a_benchmark_record_says_what_was_measured_where(tmp_path, monkeypatch):
     monkeypatch.setenv(benchrecord.ENV_DIR, str(tmp_path))
     first = benchrecord.write("train", settings={"steps": 4}, figures={"paths": [{"path": "a", "tokens_per_s": 1.0}]},

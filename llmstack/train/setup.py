@@ -20,8 +20,9 @@ def device_defaults(weights: str = "float32") -> dict[str, Any]:
 
 def liger_defaults() -> dict[str, Any]:
     """For the sft and cpt stages on CUDA: Liger's fused kernels (RMSNorm, SwiGLU, RoPE, linear + cross-entropy without
-    materialising the logits) are worth ~1.4x and half the memory on an H100 (../shared/gpu/README.md). Only where
-    liger-kernel is installed, and not for the preference/RL trainers, whose Liger losses are separate code paths."""
+    materialising the logits) cut a step's time and memory on GPUs (the sft path docs/gpus.md measured uses them).
+    Only where liger-kernel is installed, and not for the preference/RL trainers, whose Liger losses are separate code
+    paths."""
     import torch
 
     return {"use_liger_kernel": torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None}
