@@ -46,10 +46,10 @@ want lora && timeout 180 $PY scripts/bench_train.py --model $MODEL --steps "$STE
 want stages && echo "== QLoRA sft and LoRA dpo through the llmstack stages (1.1B) =="
 want stages && timeout 180 $PY scripts/gpu_stages.py stages 2>&1 | grep "^|\|Error"
 
-want grpo && echo "== GRPO (issue 10): LoRA r=16 on the 1.1B, rule-based rewards, transformers generation (no vLLM on this machine) =="
+want grpo && echo "== GRPO: LoRA r=16 on the 1.1B, rule-based rewards, transformers generation (no vLLM on this machine) =="
 want grpo && timeout 180 $PY scripts/gpu_stages.py grpo 2>&1 | grep "^|\|Error"
 
-want e2e && echo "== e2e (issue 16): curate -> sft full -> sft LoRA -> dpo -> int4 GPTQ -> eval -> serve (hf engine) -> report =="
+want e2e && echo "== e2e: curate -> sft full -> sft LoRA -> dpo -> int4 GPTQ -> eval -> serve (hf engine) -> report =="
 # the quantization interpreter: the GPU machine's own python (no vLLM there); the rehearsal's .venv-quant
 QPY=${LLMSTACK_QUANT_PYTHON:-$PY}; [ "${GPU_CHECK_DRY:-0}" = 1 ] && QPY=${LLMSTACK_QUANT_PYTHON:-.venv-quant/bin/python}
 want e2e && { { $PY -c "import lm_eval" && $QPY -c "import llmcompressor"; } 2>/dev/null \

@@ -2,8 +2,8 @@
 
     python3 scripts/gpu_stages.py kernel   # varlen attention kernel vs the CPU kernel (SDPA per document), fwd + bwd
     python3 scripts/gpu_stages.py stages   # QLoRA sft and LoRA dpo through the real llmstack stages
-    python3 scripts/gpu_stages.py grpo     # a GRPO stage (issue 10): LoRA, rule-based rewards, transformers generation
-    python3 scripts/gpu_stages.py e2e      # one recipe through every stage with `llmstack run` (issue 16)
+    python3 scripts/gpu_stages.py grpo     # a GRPO stage: LoRA, rule-based rewards, transformers generation
+    python3 scripts/gpu_stages.py e2e      # one recipe through every stage with `llmstack run`
 
 On CUDA they use the 1.1B Llama shape with random weights (scripts/bench_train.py builds it once per machine);
 GPU_CHECK_DRY=1 rehearses them on CPU with the tiny test model and small sizes.
