@@ -1,4 +1,4 @@
-"""What splitting a reasoning model's thinking from its answer costs the guarded API (issue 27's goal: <= 2% of p50).
+"""What splitting a reasoning model's thinking from its answer costs the guarded API (the goal: <= 2% of p50).
 
     .venv/bin/python scripts/bench_reasoning.py            # ~1 min, no model weights (a zero-cost scripted engine)
 
