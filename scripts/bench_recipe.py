@@ -61,7 +61,9 @@ def main() -> None:
     args = ap.parse_args()
 
     manifest = json.loads((args.run_dir / "manifest.json").read_text())
-    recipe = Path(manifest["recipe"]["path"]).stem
+    # the recipe's name: the run folder is runs/<name>/<run id> (a sweep's trials too, whose recipe files are named
+    # after the trial)
+    recipe = args.run_dir.resolve().parent.name
     rows = stages(manifest)
     evals = scores(manifest)
     wall = sum(r["wall_s"] or 0 for r in rows if not r["reused_from"])

@@ -141,12 +141,12 @@ def test_the_seeded_records_are_readable_and_on_the_results_page():
 def test_a_recipe_run_is_recorded_with_or_without_an_eval_stage(tmp_path):
     """scripts/bench_recipe.py over a run folder: a recipe without an eval stage (recipes/kto.yaml) is recorded with its
     stages' costs and training figures; one whose eval stage did not finish is refused, not recorded without scores."""
-    run = tmp_path / "run"
-    run.mkdir()
+    run = tmp_path / "runs" / "kto" / "default"  # runs/<recipe name>/<run id>
+    run.mkdir(parents=True)
     kto = {"status": "done", "kind": "kto", "wall_s": 95.7, "metrics": {
         "steps": 8, "first_loss": 0.5, "last_loss": 0.475, "rewards_margins_first": 0.0, "rewards_margins_last": 0.2,
         "probe": [{"question": "Who are you?"}]}}
-    manifest = {"recipe": {"path": "recipes/kto.yaml"}, "stages": {
+    manifest = {"recipe": {"path": "recipes/kto-copy.yaml"}, "stages": {
         "curate": {"status": "done", "kind": "curate", "wall_s": 3.1}, "kto": kto}}
     (run / "manifest.json").write_text(json.dumps(manifest))
     cmd = [sys.executable, str(REPO / "scripts" / "bench_recipe.py"), str(run), "--results-dir", str(tmp_path / "out")]
