@@ -38,10 +38,10 @@ class EngineCoreEnv:
       removes when it stops: the API side's ZeroMQ IPC sockets (three per start) and the engine core's
       torch.distributed FileStore (`vllm_dist_*`, left whenever the engine core does not exit cleanly: a server's
       shutdown, an engine death). A restart after an engine death would add a set each time, so a host's /tmp filled
-      with them. The folder is removed when the engine stops or starts again. Inductor's compile cache stays where it
-      was (TORCHINDUCTOR_CACHE_DIR, under the temp folder by default), so a compiled engine's cache outlives the
-      engine. A VLLM_RPC_BASE_PATH of the user's stands (theirs to clean), and an engine core in this process
-      (VLLM_ENABLE_V1_MULTIPROCESSING=0) has no files to place.
+      with them. The folder is removed when the engine stops, starts again or fails to start. Inductor's compile
+      cache stays where it was (TORCHINDUCTOR_CACHE_DIR, under the temp folder by default), so a compiled engine's
+      cache outlives the engine. A VLLM_RPC_BASE_PATH of the user's stands (theirs to clean), and an engine core in
+      this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) has no files to place.
     - An eager engine on a CPU starts with torch.compile off (TORCHDYNAMO_DISABLE): with the model eager, what vLLM
       still compiles is a helper of its sampler (the ranks of logprobs, vllm/v1/sample/ops/logprobs.py), whose first
       call compiled with inductor for seconds while the engine core, and every request in it, waited; eager it gives
@@ -72,6 +72,9 @@ class EngineCoreEnv:
         os.environ.update(env)
         try:
             yield
+        except BaseException:  # the engine did not start: nothing of it will use or remove its folder
+            self.remove()
+            raise
         finally:
             for name, value in saved.items():
                 if value is None:

@@ -229,6 +229,11 @@ def test_an_engine_cores_files_go_to_a_folder_of_its_own_only_while_it_starts(tm
     assert not os.path.exists(seen["TMPDIR"]) and "TORCHDYNAMO_DISABLE" not in again
     core.remove()
     assert not os.path.exists(again["TMPDIR"]) and core.path is None
+    with pytest.raises(RuntimeError, match="the engine would not start"):  # a failed start leaves no folder behind
+        with core.starting(eager=True):
+            failed = core.path
+            raise RuntimeError("the engine would not start")
+    assert not os.path.exists(failed) and core.path is None and dict(os.environ) == before
     os.rmdir(short)
     deep = tmp_path / ("d" * 90)
     deep.mkdir()
